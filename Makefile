@@ -1,0 +1,47 @@
+# PI-RL for LeRobot. `make demo` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+OUT ?= outputs/demo
+
+# Python >= 3.12 (lerobot 0.6.1 needs it): $PYTHON if set, else python3.12 / python3 on PATH,
+# else the newest 3.12+ under pyenv (where these machines install it, off PATH).
+FIND_PYTHON = for c in "$$PYTHON" python3.12 python3; do \
+	  [ -n "$$c" ] && command -v "$$c" >/dev/null 2>&1 && "$$c" -c 'import sys; sys.exit(sys.version_info < (3, 12))' 2>/dev/null && { command -v "$$c"; exit 0; }; \
+	done; \
+	root=$$(pyenv root 2>/dev/null || echo "$$HOME/.pyenv"); \
+	for c in $$(ls -d "$$root"/versions/3.12*/bin/python3 2>/dev/null | sort -V -r) $$(ls -d "$$root"/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -V); do "$$c" -c '' && { echo "$$c"; exit 0; }; done; \
+	exit 1
+
+.PHONY: demo test venv sft clean help which-python
+
+which-python:
+	@$(FIND_PYTHON)
+
+help:
+	@echo "make demo   - set up .venv and run the main job (pirl-demo) on the built-in task -> $(OUT)"
+	@echo "make test   - set up .venv and run the test suite"
+	@echo "make sft    - record scripted demos and behaviour-clone the pi_rl policy (pirl-sft)"
+
+$(VENV)/.installed: pyproject.toml
+	@if [ ! -x $(PY) ]; then \
+	  py=$$( $(FIND_PYTHON) ) || { echo "error: Python >= 3.12 not found (set PYTHON=/path/to/python3.12)" >&2; exit 1; }; \
+	  echo "creating $(VENV) with $$py"; "$$py" -m venv $(VENV); \
+	fi
+	$(PY) -m pip install --upgrade pip >/dev/null
+	$(PY) -m pip install -e '.[test]'
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/pirl-demo --out $(OUT)
+
+sft: $(VENV)/.installed
+	$(VENV)/bin/pirl-sft --out outputs/sft
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf outputs .pytest_cache

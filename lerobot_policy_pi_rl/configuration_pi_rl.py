@@ -1,0 +1,239 @@
+"""PiRLConfig: the ``pi_rl`` policy type (a flow-matching policy that PI-RL can fine-tune online).
+
+Registered with LeRobot's ``PreTrainedConfig`` draccus registry, so ``--policy.type=pi_rl`` works
+in ``lerobot-train`` / ``lerobot-eval`` once LeRobot has imported this plugin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from lerobot.configs import FeatureType, NormalizationMode, PreTrainedConfig
+from lerobot.optim import AdamWConfig, CosineDecayWithWarmupSchedulerConfig
+from lerobot.utils.constants import ACTION, OBS_STATE
+
+from lerobot_policy_pi_rl.samplers import NOISE_METHODS
+
+BACKBONES = ("mlp",)
+CRITIC_PLACEMENTS = ("prefix", "expert")
+
+
+class PiRLConfigError(ValueError):
+    """A user-facing configuration mistake; the message names the offending field."""
+
+
+@PreTrainedConfig.register_subclass("pi_rl")
+@dataclass
+class PiRLConfig(PreTrainedConfig):
+    """Configuration of the ``pi_rl`` flow-matching policy.
+
+    Action chunking
+        chunk_size: actions predicted per decision (H).
+        n_action_steps: actions executed per decision; only these positions count in the RL
+            log-prob (the paper executes 5 of a 50-step chunk).
+        max_action_dim: pad actions to this many dims inside the model (pi0 uses 32); ``None`` keeps
+            the dataset's action dim. Padded dims never count in the loss or the log-prob.
+
+    Sampler (see ``samplers.py``)
+        num_denoise_steps: K, denoise steps per chunk (paper: 4 for pi0, 3-5 for pi0.5).
+        noise_method: ``flow_ode`` (deterministic), ``flow_noise`` (learnable per-step noise, one-layer
+            MDP) or ``flow_sde`` (ODE-to-SDE conversion, two-layer MDP). Used for RL rollouts;
+            evaluation and deployment always run the deterministic ODE with the same K.
+        hybrid: Flow-SDE only: one randomly drawn denoise step per sample is stochastic, the others
+            are ODE steps (the paper's default, ~2x cheaper updates). Ignored by other methods.
+        noise_level: Flow-SDE noise level ``a`` (paper default 0.5).
+        noise_level_final: if set, ``a`` is annealed linearly to this value over
+            ``noise_anneal_updates`` PI-RL updates.
+        noise_anneal_updates: length of that anneal, in updates.
+        noise_std_min / noise_std_max: Flow-Noise bounds of the noise head's std (pi0: 0.08-0.16).
+
+    Critic
+        critic_placement: ``prefix`` (value from the observation / VLM prefix features, the paper's
+            pi0.5 choice) or ``expert`` (from the action-expert features, mean over action tokens and
+            over the K denoise steps, the paper's pi0 choice). The critic input is always detached.
+        critic_hidden_dims: widths of the value MLP.
+
+    What trains during RL (SFT trains the whole backbone)
+        rl_train_prefix: also train the observation encoder / VLM prefix (paper: frozen).
+        rl_train_expert: train the velocity network (the action expert).
+        The value head (PPO) and noise head (Flow-Noise) always train.
+
+    Small CPU backbone (``backbone="mlp"``)
+        hidden_dim / num_layers: width and depth of the velocity MLP.
+        expert_token_dim: per-action-token width of the expert features (hidden_dim is split into
+            ``chunk_size`` tokens of this width for the noise and value heads).
+        prefix_dim: width of the observation encoder output.
+        time_embed_dim: sinusoidal time-embedding width.
+        image_channels: conv widths of the optional image encoder.
+
+    Flow-matching SFT
+        time_beta_alpha / time_beta_beta: flow time t ~ Beta(alpha, beta) * 0.999 + 0.001 (openpi).
+        optimizer_*: AdamW preset used by ``lerobot-train``.
+    """
+
+    n_obs_steps: int = 1
+    normalization_mapping: dict[str, NormalizationMode] = field(
+        default_factory=lambda: {
+            "VISUAL": NormalizationMode.IDENTITY,
+            "STATE": NormalizationMode.MEAN_STD,
+            "ACTION": NormalizationMode.MEAN_STD,
+        }
+    )
+
+    backbone: str = "mlp"
+
+    chunk_size: int = 8
+    n_action_steps: int = 4
+    max_action_dim: int | None = None
+
+    num_denoise_steps: int = 4
+    noise_method: str = "flow_sde"
+    hybrid: bool = True
+    noise_level: float = 0.5
+    noise_level_final: float | None = None
+    noise_anneal_updates: int = 0
+    noise_std_min: float = 0.08
+    noise_std_max: float = 0.16
+
+    critic_placement: str = "prefix"
+    critic_hidden_dims: list[int] = field(default_factory=lambda: [256, 256, 128])
+
+    rl_train_prefix: bool = False
+    rl_train_expert: bool = True
+
+    hidden_dim: int = 256
+    num_layers: int = 3
+    expert_token_dim: int = 32
+    prefix_dim: int = 128
+    time_embed_dim: int = 32
+    image_channels: list[int] = field(default_factory=lambda: [16, 32, 32])
+
+    time_beta_alpha: float = 1.5
+    time_beta_beta: float = 1.0
+
+    optimizer_lr: float = 1e-3
+    optimizer_betas: tuple[float, float] = (0.9, 0.95)
+    optimizer_eps: float = 1e-8
+    optimizer_weight_decay: float = 1e-4
+    optimizer_grad_clip_norm: float = 1.0
+    scheduler_warmup_steps: int = 100
+    scheduler_decay_steps: int = 5000
+    scheduler_decay_lr: float = 1e-5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate()
+
+    def validate(self) -> None:
+        """Check every field a user can set; raise PiRLConfigError naming the field."""
+
+        def bad(name: str, why: str) -> PiRLConfigError:
+            return PiRLConfigError(f"policy.{name}: {why} (got {getattr(self, name)!r})")
+
+        if self.backbone not in BACKBONES:
+            raise bad("backbone", f"must be one of {BACKBONES}")
+        if self.noise_method not in NOISE_METHODS:
+            raise bad("noise_method", f"must be one of {NOISE_METHODS}")
+        if self.critic_placement not in CRITIC_PLACEMENTS:
+            raise bad("critic_placement", f"must be one of {CRITIC_PLACEMENTS}")
+        if self.num_denoise_steps < 1:
+            raise bad("num_denoise_steps", "the number of denoise steps K must be >= 1")
+        if self.chunk_size < 1:
+            raise bad("chunk_size", "must be >= 1")
+        if not 1 <= self.n_action_steps <= self.chunk_size:
+            raise bad("n_action_steps", f"must be between 1 and chunk_size={self.chunk_size}")
+        if self.n_obs_steps != 1:
+            raise bad("n_obs_steps", "only 1 observation step is supported")
+        if self.noise_level < 0 or (self.noise_level_final is not None and self.noise_level_final < 0):
+            raise bad("noise_level", "the Flow-SDE noise level a must be >= 0")
+        if not 0 < self.noise_std_min <= self.noise_std_max:
+            raise bad("noise_std_min", f"need 0 < noise_std_min <= noise_std_max={self.noise_std_max}")
+        if self.max_action_dim is not None and self.max_action_dim < 1:
+            raise bad("max_action_dim", "must be >= 1 or None")
+        for name in ("hidden_dim", "num_layers", "expert_token_dim", "prefix_dim", "time_embed_dim"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        if any(d < 1 for d in self.critic_hidden_dims):
+            raise bad("critic_hidden_dims", "every width must be >= 1")
+
+    def noise_level_at(self, update: int) -> float:
+        """Flow-SDE noise level ``a`` after ``update`` PI-RL updates (linear anneal when configured)."""
+        if self.noise_level_final is None or self.noise_anneal_updates <= 0:
+            return self.noise_level
+        frac = min(max(update, 0) / self.noise_anneal_updates, 1.0)
+        return self.noise_level + frac * (self.noise_level_final - self.noise_level)
+
+    # --- LeRobot's PreTrainedConfig contract -------------------------------------------------
+
+    def get_optimizer_preset(self) -> AdamWConfig:
+        return AdamWConfig(
+            lr=self.optimizer_lr,
+            betas=self.optimizer_betas,
+            eps=self.optimizer_eps,
+            weight_decay=self.optimizer_weight_decay,
+            grad_clip_norm=self.optimizer_grad_clip_norm,
+        )
+
+    def get_scheduler_preset(self) -> CosineDecayWithWarmupSchedulerConfig:
+        return CosineDecayWithWarmupSchedulerConfig(
+            peak_lr=self.optimizer_lr,
+            decay_lr=self.scheduler_decay_lr,
+            num_warmup_steps=self.scheduler_warmup_steps,
+            num_decay_steps=self.scheduler_decay_steps,
+        )
+
+    def validate_features(self) -> None:
+        """Called by ``make_policy`` once features are known: say which feature is missing or wrong."""
+        if self.action_feature is None:
+            raise PiRLConfigError(
+                f"policy.output_features: the pi_rl policy needs an '{ACTION}' feature of type ACTION; "
+                f"got {sorted((self.output_features or {}).keys())}"
+            )
+        if len(self.action_feature.shape) != 1:
+            raise PiRLConfigError(
+                f"policy.output_features['{ACTION}']: expected a 1-D action vector, got shape {self.action_feature.shape}"
+            )
+        if self.max_action_dim is not None and self.action_feature.shape[0] > self.max_action_dim:
+            raise PiRLConfigError(
+                f"policy.max_action_dim: {self.max_action_dim} is smaller than the action dim "
+                f"{self.action_feature.shape[0]}"
+            )
+        if self.robot_state_feature is None and not self.image_features:
+            raise PiRLConfigError(
+                f"policy.input_features: need '{OBS_STATE}' (STATE) and/or image features; "
+                f"got {sorted((self.input_features or {}).keys())}"
+            )
+        if self.robot_state_feature is not None and len(self.robot_state_feature.shape) != 1:
+            raise PiRLConfigError(
+                f"policy.input_features['{OBS_STATE}']: expected a 1-D state vector, got shape "
+                f"{self.robot_state_feature.shape}"
+            )
+        for key, ft in self.image_features.items():
+            if len(ft.shape) != 3:
+                raise PiRLConfigError(f"policy.input_features['{key}']: expected (C, H, W), got {ft.shape}")
+        for key, ft in (self.input_features or {}).items():
+            if ft.type not in (FeatureType.STATE, FeatureType.VISUAL):
+                raise PiRLConfigError(
+                    f"policy.input_features['{key}']: type {ft.type} is not supported by the {self.backbone} backbone"
+                )
+
+    @property
+    def action_dim(self) -> int:
+        return self.action_feature.shape[0]
+
+    @property
+    def model_action_dim(self) -> int:
+        """Action dim inside the model (padded to ``max_action_dim`` when set)."""
+        return self.max_action_dim or self.action_dim
+
+    @property
+    def observation_delta_indices(self) -> None:
+        return None
+
+    @property
+    def action_delta_indices(self) -> list[int]:
+        return list(range(self.chunk_size))
+
+    @property
+    def reward_delta_indices(self) -> None:
+        return None

@@ -1,0 +1,38 @@
+"""The two small heads PI-RL adds to any flow backbone: the Flow-Noise std head and the critic."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from lerobot_policy_pi_rl.backbones.mlp import mlp
+
+
+class NoiseHead(nn.Module):
+    """Per-element Flow-Noise std from the expert features of each action token.
+
+    tanh squashes the output into [std_min, std_max] (the paper's bounds), so the policy can
+    neither collapse nor blow up its exploration.
+    """
+
+    def __init__(self, expert_dim: int, action_dim: int, std_min: float, std_max: float):
+        super().__init__()
+        self.net = mlp([expert_dim, expert_dim, action_dim])
+        self.std_min, self.std_max = std_min, std_max
+
+    def forward(self, expert_features: Tensor) -> Tensor:
+        unit = 0.5 * (torch.tanh(self.net(expert_features)) + 1.0)
+        return self.std_min + (self.std_max - self.std_min) * unit
+
+
+class ValueHead(nn.Module):
+    """MLP critic V(o); its input is detached by the caller so the critic never shapes the actor."""
+
+    def __init__(self, in_dim: int, hidden_dims: list[int]):
+        super().__init__()
+        self.net = mlp([in_dim, *hidden_dims, 1])
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features).squeeze(-1)

@@ -1,0 +1,221 @@
+"""PiRLPolicy: a LeRobot ``PreTrainedPolicy`` whose action sampler PI-RL can fine-tune online.
+
+* ``forward(batch)`` is the flow-matching (SFT / behaviour-cloning) loss, so ``lerobot-train``
+  trains it like any LeRobot policy.
+* ``predict_action_chunk`` / ``select_action`` run the deterministic ODE sampler (evaluation and
+  deployment).
+* ``sample_chains`` (rollouts) and ``evaluate_chains`` (learner) run the stochastic PI-RL samplers
+  of ``samplers.py`` and return log-probs, entropies and values.
+
+All tensors here are in the normalised space the processors produce; the post-processor
+un-normalises executed actions.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from lerobot.policies.common.flow_matching import sample_time_beta
+from lerobot.policies.pretrained import PreTrainedPolicy
+from lerobot.utils.constants import ACTION
+
+from lerobot_policy_pi_rl.backbones import Prefix, make_backbone
+from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
+from lerobot_policy_pi_rl.heads import NoiseHead, ValueHead
+from lerobot_policy_pi_rl.samplers import (
+    ChainSample,
+    draw_sampling_noise,
+    evaluate_chain,
+    make_action_mask,
+    sample_chain,
+)
+
+
+@dataclass
+class PolicySample:
+    """One stochastic decision per batch row: the sampler's outputs plus the critic's value."""
+
+    chain: ChainSample
+    value: Tensor  # [B]
+    noise_level: Tensor  # [B] Flow-SDE ``a`` used (stored so the learner replays the same law)
+
+    @property
+    def actions(self) -> Tensor:
+        return self.chain.actions
+
+
+@dataclass
+class PolicyEvaluation:
+    log_prob: Tensor  # [B]
+    entropy: Tensor  # [B]
+    value: Tensor  # [B]
+
+
+class PiRLPolicy(PreTrainedPolicy):
+    config_class = PiRLConfig
+    name = "pi_rl"
+
+    def __init__(self, config: PiRLConfig, **kwargs):
+        # ``make_policy`` also passes dataset_stats / dataset_meta: normalisation lives in the
+        # processors (LeRobot >= 0.4 convention), so the model itself does not need them.
+        super().__init__(config)
+        config.validate_features()
+        self.config = config
+        self.backbone = make_backbone(config)
+        self.noise_head = NoiseHead(
+            self.backbone.expert_dim, config.model_action_dim, config.noise_std_min, config.noise_std_max
+        )
+        critic_in = self.backbone.prefix_dim if config.critic_placement == "prefix" else self.backbone.expert_dim
+        self.value_head = ValueHead(critic_in, list(config.critic_hidden_dims))
+        mask = make_action_mask(config.chunk_size, config.model_action_dim, config.n_action_steps, config.action_dim)
+        self.register_buffer("action_mask", mask, persistent=False)
+        self.reset()
+
+    # --- LeRobot PreTrainedPolicy API -------------------------------------------------------------
+
+    def get_optim_params(self) -> list[nn.Parameter]:
+        """Parameters trained by flow-matching SFT: the whole backbone (the heads are RL-only)."""
+        return list(self.backbone.parameters())
+
+    def reset(self) -> None:
+        self._action_queue: deque[Tensor] = deque(maxlen=self.config.n_action_steps)
+
+    def forward(self, batch: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        loss = self.flow_matching_loss(batch)
+        return loss, {"flow_matching_loss": loss.item()}
+
+    @torch.no_grad()
+    def predict_action_chunk(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
+        """Deterministic ODE chunk ``[B, H, action_dim]``; kwarg ``noise`` sets the initial x_1."""
+        c = self.config
+        batch_size = next(v for k, v in batch.items() if k.startswith("observation.")).shape[0]
+        noise = kwargs.get("noise")
+        if noise is None:
+            noise = torch.randn(batch_size, c.chunk_size, c.model_action_dim, device=self.action_mask.device)
+        no_step_noise = noise.new_zeros(batch_size, c.num_denoise_steps, *noise.shape[1:])
+        deterministic = torch.zeros(batch_size, c.num_denoise_steps, dtype=torch.bool, device=noise.device)
+        sample = self.sample_chains(batch, noise, no_step_noise, deterministic, noise_method="flow_ode")
+        return sample.actions[..., : c.action_dim]
+
+    @torch.no_grad()
+    def select_action(self, batch: dict[str, Tensor], **kwargs) -> Tensor:
+        if len(self._action_queue) == 0:
+            chunk = self.predict_action_chunk(batch, **kwargs)[:, : self.config.n_action_steps]
+            self._action_queue.extend(chunk.transpose(0, 1))
+        return self._action_queue.popleft()
+
+    # --- flow-matching loss (SFT, and the optional BC term of hybrid online+offline RL) -----------
+
+    def pad_actions(self, actions: Tensor) -> Tensor:
+        pad = self.config.model_action_dim - actions.shape[-1]
+        return nn.functional.pad(actions, (0, pad)) if pad > 0 else actions
+
+    def flow_matching_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """E_t,eps || v(x_t, t) - (eps - A) ||^2 over real action dims and non-padded chunk positions."""
+        if ACTION not in batch:
+            raise KeyError(f"the flow-matching loss needs '{ACTION}' in the batch; got {sorted(batch)}")
+        actions = self.pad_actions(batch[ACTION])
+        if actions.dim() != 3 or actions.shape[1] != self.config.chunk_size:
+            raise ValueError(
+                f"'{ACTION}' must be [batch, chunk_size={self.config.chunk_size}, dim]; got {tuple(actions.shape)}. "
+                "Load the dataset with delta_timestamps from policy.action_delta_indices."
+            )
+        batch_size = actions.shape[0]
+        noise = torch.randn_like(actions)
+        t = sample_time_beta(
+            batch_size, actions.device,
+            alpha=self.config.time_beta_alpha, beta=self.config.time_beta_beta, scale=0.999, offset=0.001,
+        )
+        x_t = t[:, None, None] * noise + (1.0 - t[:, None, None]) * actions
+        prefix = self.backbone.embed_prefix(batch)
+        velocity, _ = self.backbone.denoise_step(prefix, x_t, t, torch.arange(batch_size, device=actions.device))
+        err = (velocity - (noise - actions)) ** 2
+        mask = torch.zeros_like(err)
+        mask[..., : self.config.action_dim] = 1.0
+        if "action_is_pad" in batch:
+            mask = mask * (~batch["action_is_pad"]).unsqueeze(-1).to(err.dtype)
+        return (err * mask).sum() / mask.sum().clamp_min(1.0)
+
+    # --- PI-RL: stochastic rollouts and learner-side re-evaluation -------------------------------
+
+    def _denoise_fn(self, prefix: Prefix):
+        return lambda x_t, t, rows: self.backbone.denoise_step(prefix, x_t, t, rows)
+
+    def _run_sampler(self, prefix, initial_noise, step_noise, stochastic, noise_method, noise_level) -> ChainSample:
+        return sample_chain(
+            self._denoise_fn(prefix), initial_noise, step_noise, stochastic, self.action_mask,
+            noise_method=noise_method, num_steps=self.config.num_denoise_steps,
+            noise_level=noise_level, noise_std_fn=self.noise_head,
+        )
+
+    def _value(self, prefix: Prefix, expert_features: Tensor | None) -> Tensor:
+        """Critic on detached features: prefix features, or expert features averaged over the
+        action tokens and the K denoise steps (``expert_features`` is ``[B, K, H, E]``)."""
+        if self.config.critic_placement == "prefix":
+            return self.value_head(prefix.features.detach())
+        return self.value_head(expert_features.detach().mean(dim=2)).mean(dim=1)
+
+    def draw_noise(self, batch_size: int, generator: torch.Generator | None = None, device=None):
+        """(initial_noise, step_noise, stochastic) for ``batch_size`` decisions with this config."""
+        c = self.config
+        return draw_sampling_noise(
+            batch_size, c.chunk_size, c.model_action_dim, c.num_denoise_steps,
+            noise_method=c.noise_method, hybrid=c.hybrid, generator=generator,
+            device=device if device is not None else self.action_mask.device,
+        )
+
+    def sample_chains(
+        self,
+        batch: dict[str, Tensor],
+        initial_noise: Tensor,
+        step_noise: Tensor,
+        stochastic: Tensor,
+        noise_level: float | Tensor | None = None,
+        noise_method: str | None = None,
+    ) -> PolicySample:
+        """One stochastic decision per row, as a pure function of the given noise tensors."""
+        noise_method = noise_method or self.config.noise_method
+        batch_size = initial_noise.shape[0]
+        level = self.config.noise_level if noise_level is None else noise_level
+        level = torch.as_tensor(level, dtype=initial_noise.dtype, device=initial_noise.device).expand(batch_size)
+        prefix = self.backbone.embed_prefix(batch)
+        chain = self._run_sampler(prefix, initial_noise, step_noise, stochastic, noise_method, level)
+        return PolicySample(chain=chain, value=self._value(prefix, chain.expert_features), noise_level=level.clone())
+
+    def evaluate_chains(
+        self,
+        batch: dict[str, Tensor],
+        chain: Tensor,
+        stochastic: Tensor,
+        noise_level: Tensor | float | None = None,
+        noise_method: str | None = None,
+    ) -> PolicyEvaluation:
+        """Log-prob, entropy and value of stored chains under the current parameters (with grad)."""
+        noise_method = noise_method or self.config.noise_method
+        level = self.config.noise_level if noise_level is None else noise_level
+        prefix = self.backbone.embed_prefix(batch)
+        expert_critic = self.config.critic_placement == "expert"
+        ev = evaluate_chain(
+            self._denoise_fn(prefix), chain, stochastic, self.action_mask,
+            noise_method=noise_method, num_steps=self.config.num_denoise_steps,
+            noise_level=level, noise_std_fn=self.noise_head, all_steps=expert_critic,
+        )
+        return PolicyEvaluation(log_prob=ev.log_prob, entropy=ev.entropy, value=self._value(prefix, ev.expert_features))
+
+    def rl_actor_parameters(self) -> list[nn.Parameter]:
+        """What the PPO/GRPO actor loss trains (see PiRLConfig ``rl_train_*``)."""
+        params: list[nn.Parameter] = []
+        if self.config.rl_train_expert:
+            params += self.backbone.expert_parameters()
+        if self.config.rl_train_prefix:
+            params += self.backbone.prefix_parameters()
+        if self.config.noise_method == "flow_noise":
+            params += list(self.noise_head.parameters())
+        return params
+
+    def rl_critic_parameters(self) -> list[nn.Parameter]:
+        return list(self.value_head.parameters())

@@ -1,0 +1,67 @@
+"""Built-in CPU task(s) and a batched env interface for PI-RL rollouts.
+
+Importing this package registers the gymnasium id ``pirl/ReachGrasp-v0`` and the LeRobot env type
+``pirl_reach`` (``--env.type=pirl_reach``).
+
+Vector-env protocol, implemented by :class:`ReachGraspVecEnv` (numpy-batched built-in task) and
+:class:`GymVecAdapter` (any gymnasium env with a Box action space):
+
+Attributes
+    ``num_envs`` (int), ``action_dim`` (int), ``state_dim`` (int, width of ``agent_pos``),
+    ``max_steps`` (int | None, episode step limit), ``obs_type`` (``"state"`` or
+    ``"pixels_agent_pos"``), ``action_low`` / ``action_high`` (float32 [action_dim]),
+    ``task_description`` (str).
+``reset(seed=None | int | sequence, options=None) -> (obs, info)``
+    ``seed=s``: env ``i`` gets seed ``s + i``; a sequence gives env ``i`` seed ``seed[i]`` (equal seeds
+    give identical start states); ``None`` continues each env's generator.
+    ``options["reset_mask"]`` (bool [num_envs]) resets only some envs.
+``step(actions [num_envs, action_dim], active=None) -> (obs, reward, terminated, truncated, info)``
+    ``reward`` float32 [N], ``terminated`` / ``truncated`` bool [N]. Envs with ``active[i] == False``
+    are frozen (state unchanged, reward 0, not done). Same-step autoreset: a finished env is reset in
+    the same call, ``obs`` holds its new first observation and ``info["final_obs"]`` (full batch,
+    rows valid where ``info["done"]``) the terminal one. ``info["is_success"]`` bool [N].
+``obs``
+    dict of numpy arrays with a leading ``num_envs`` axis: ``"agent_pos"`` float32 [N, state_dim] and,
+    for ``obs_type="pixels_agent_pos"``, ``"pixels"`` uint8 [N, H, W, 3] (LeRobot's raw env keys).
+``close()``
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from lerobot_policy_pi_rl.envs.configs import PiRLReachEnvConfig
+from lerobot_policy_pi_rl.envs.gym_adapter import GymVecAdapter
+from lerobot_policy_pi_rl.envs.reach_grasp import (
+    GYM_ID,
+    TASK_DESCRIPTION,
+    ReachGraspEnv,
+    ReachGraspVecEnv,
+    register_gym_envs,
+    scripted_expert,
+)
+
+__all__ = [
+    "GYM_ID",
+    "TASK_DESCRIPTION",
+    "GymVecAdapter",
+    "PiRLReachEnvConfig",
+    "ReachGraspEnv",
+    "ReachGraspVecEnv",
+    "make_vec_env",
+    "scripted_expert",
+]
+
+BUILTIN_NAMES = ("pirl_reach", GYM_ID)
+
+register_gym_envs()
+
+
+def make_vec_env(name_or_gym_id: str, num_envs: int, **kwargs: Any) -> ReachGraspVecEnv | GymVecAdapter:
+    """Build a batched env: ``"pirl_reach"`` (or ``"pirl/ReachGrasp-v0"``) gives
+    :class:`ReachGraspVecEnv` (``kwargs`` are its constructor arguments); anything else is a gymnasium
+    id wrapped in :class:`GymVecAdapter` (``kwargs``: ``seed``, ``autoreset`` and ``gymnasium.make``
+    arguments)."""
+    if name_or_gym_id in BUILTIN_NAMES:
+        return ReachGraspVecEnv(num_envs, **kwargs)
+    return GymVecAdapter(name_or_gym_id, num_envs, **kwargs)

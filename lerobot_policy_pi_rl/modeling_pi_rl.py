@@ -206,6 +206,15 @@ class PiRLPolicy(PreTrainedPolicy):
         )
         return PolicyEvaluation(log_prob=ev.log_prob, entropy=ev.entropy, value=self._value(prefix, ev.expert_features))
 
+    @torch.no_grad()
+    def predict_value(self, batch: dict[str, Tensor], generator: torch.Generator | None = None) -> Tensor:
+        """V(o) ``[B]``. The expert-side critic reads the features of a freshly sampled chain."""
+        prefix = self.backbone.embed_prefix(batch)
+        if self.config.critic_placement == "prefix":
+            return self._value(prefix, None)
+        n = self.draw_noise(prefix.features.shape[0], generator=generator)
+        return self._value(prefix, self._run_sampler(prefix, *n, self.config.noise_method, self.config.noise_level).expert_features)
+
     def rl_actor_parameters(self) -> list[nn.Parameter]:
         """What the PPO/GRPO actor loss trains (see PiRLConfig ``rl_train_*``)."""
         params: list[nn.Parameter] = []

@@ -1,0 +1,405 @@
+"""PiRLAlgorithm: PPO and GRPO updates of a ``pi_rl`` flow policy over chunk-level macro-steps.
+
+Read ``update_on`` top to bottom: advantages -> minibatches -> re-evaluate the stored chains ->
+clipped surrogate + clipped Huber value loss (+ Flow-Noise entropy bonus, + optional BC term) ->
+per-group gradient clipping -> step. Diagnostics (approx KL, clip fraction, entropy, value loss,
+explained variance, grad norms) come back in LeRobot's ``TrainingStats``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lerobot.rl.algorithms.base import RLAlgorithm
+from lerobot.rl.algorithms.configs import RLAlgorithmConfig, TrainingStats
+
+from lerobot_policy_pi_rl.advantages import compute_gae, explained_variance, grpo_advantages, normalize_advantages
+from lerobot_policy_pi_rl.rollout import RolloutBatch
+
+ADVANTAGE_ESTIMATORS = ("ppo", "grpo")
+logger = logging.getLogger(__name__)
+
+
+class NonFiniteBatchError(ValueError):
+    """A rollout batch holds NaN/inf; the update is refused before anything reaches the optimizer."""
+
+
+@RLAlgorithmConfig.register_subclass("pi_rl")
+@dataclass
+class PiRLAlgorithmConfig(RLAlgorithmConfig):
+    """Hyperparameters of a PI-RL update. Defaults are the paper's (pi0 on LIBERO) where they transfer.
+
+    Advantages
+        advantage_estimator: ``ppo`` (GAE with a critic) or ``grpo`` (group-normalised episode
+            returns, no critic).
+        gamma / gae_lambda: discount and GAE lambda per macro-step (0.99 / 0.95).
+        normalize_advantages: normalise advantages over the batch (PPO).
+        grpo_group_size: G rollouts per reset state (8).
+        grpo_filter_low / grpo_filter_high: keep only groups whose mean success is in
+            [low, high] (0.1 / 0.9); set low=0, high=1 to keep all groups.
+
+    PPO
+        clip_eps: ratio clip range (0.2). value_clip: value clipped to +-this around the rollout
+        value (0.2). huber_delta: Huber delta of the value loss (10). value_coef: value loss weight (1).
+        entropy_coef: entropy bonus, Flow-Noise only (0.005). update_epochs: passes over the batch
+        per update (paper 4). num_minibatches: minibatches per epoch; optimizer steps per update =
+        update_epochs * num_minibatches (the paper's 48 for LIBERO; too many destabilises small
+        datasets, see docs). target_kl: stop the epoch loop early when approx KL exceeds it
+        (None = never).
+
+    Optimisation
+        actor_lr / critic_lr: separate learning rates (5e-6 / 1e-4). adam_betas (0.9, 0.95),
+        adam_eps (1e-8), weight_decay (0.01), max_grad_norm (1.0, applied to actor and critic
+        separately). lr_schedule: ``constant`` or ``cosine`` (to lr_min_ratio * lr over
+        total_updates).
+
+    Hybrid online + offline (off by default)
+        bc_coef: weight of a flow-matching BC loss on demonstration batches added to the actor loss.
+    """
+
+    advantage_estimator: str = "ppo"
+    gamma: float = 0.99
+    gae_lambda: float = 0.95
+    normalize_advantages: bool = True
+    grpo_group_size: int = 8
+    grpo_filter_low: float = 0.1
+    grpo_filter_high: float = 0.9
+
+    clip_eps: float = 0.2
+    value_clip: float = 0.2
+    huber_delta: float = 10.0
+    value_coef: float = 1.0
+    entropy_coef: float = 0.005
+    update_epochs: int = 4
+    num_minibatches: int = 4
+    target_kl: float | None = None
+
+    actor_lr: float = 5e-6
+    critic_lr: float = 1e-4
+    adam_betas: tuple[float, float] = (0.9, 0.95)
+    adam_eps: float = 1e-8
+    weight_decay: float = 0.01
+    max_grad_norm: float = 1.0
+    lr_schedule: str = "constant"
+    lr_min_ratio: float = 0.1
+    total_updates: int = 500
+
+    bc_coef: float = 0.0
+
+    def __post_init__(self) -> None:
+        def bad(name: str, why: str) -> ValueError:
+            return ValueError(f"algorithm.{name}: {why} (got {getattr(self, name)!r})")
+
+        if self.advantage_estimator not in ADVANTAGE_ESTIMATORS:
+            raise bad("advantage_estimator", f"must be one of {ADVANTAGE_ESTIMATORS}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise bad("lr_schedule", "must be 'constant' or 'cosine'")
+        for name in ("update_epochs", "num_minibatches", "grpo_group_size", "total_updates"):
+            if getattr(self, name) < 1:
+                raise bad(name, "must be >= 1")
+        for name in ("gamma", "gae_lambda"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise bad(name, "must be in [0, 1]")
+        for name in ("clip_eps", "max_grad_norm"):
+            if getattr(self, name) <= 0:
+                raise bad(name, "must be > 0")
+        for name in ("actor_lr", "critic_lr", "value_clip", "entropy_coef", "bc_coef"):
+            if getattr(self, name) < 0:
+                raise bad(name, "must be >= 0")
+
+    @classmethod
+    def from_policy_config(cls, policy_cfg: Any) -> PiRLAlgorithmConfig:
+        return cls()
+
+
+def disable_dropout(module: nn.Module) -> None:
+    """Dropout during RL makes the rollout and learner log-probs differ (ratio != 1): switch it off."""
+    for m in module.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def clipped_surrogate_loss(log_prob: Tensor, old_log_prob: Tensor, advantages: Tensor, clip_eps: float):
+    """PPO's clipped surrogate on the chunk log-prob; returns (loss, ratio, log_ratio)."""
+    log_ratio = log_prob - old_log_prob
+    ratio = log_ratio.exp()
+    loss = torch.max(-advantages * ratio, -advantages * ratio.clamp(1 - clip_eps, 1 + clip_eps)).mean()
+    return loss, ratio, log_ratio
+
+
+def clipped_value_loss(value: Tensor, old_value: Tensor, target: Tensor, clip: float, huber_delta: float) -> Tensor:
+    """Huber loss of the value and of the value clipped to +-clip around the rollout value; the max of the two."""
+    clipped = old_value + (value - old_value).clamp(-clip, clip)
+    huber = nn.functional.huber_loss
+    return torch.max(
+        huber(value, target, delta=huber_delta, reduction="none"),
+        huber(clipped, target, delta=huber_delta, reduction="none"),
+    ).mean()
+
+
+def _grad_norm_and_clip(params: list[nn.Parameter], max_norm: float) -> float:
+    params = [p for p in params if p.grad is not None]
+    if not params:
+        return 0.0
+    return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+
+class PiRLAlgorithm(RLAlgorithm):
+    config_class = PiRLAlgorithmConfig
+    name = "pi_rl"
+
+    def __init__(self, policy, config: PiRLAlgorithmConfig, demo_iterator: Iterator[dict[str, Tensor]] | None = None):
+        self.policy = policy
+        self.config = config
+        self.demo_iterator = demo_iterator
+        self.optimizers: dict[str, Optimizer] = {}
+        self._optimization_step = 0
+        self.num_updates = 0
+        disable_dropout(policy)
+        if config.bc_coef > 0 and demo_iterator is None:
+            raise ValueError("algorithm.bc_coef > 0 needs demonstration data (demo_iterator)")
+        self.make_optimizers_and_scheduler()
+
+    # --- optimisers ------------------------------------------------------------------------------
+
+    def make_optimizers_and_scheduler(self) -> dict[str, Optimizer]:
+        c = self.config
+
+        def adamw(params, lr):
+            return torch.optim.AdamW(params, lr=lr, betas=c.adam_betas, eps=c.adam_eps, weight_decay=c.weight_decay)
+
+        self.optimizers = {"actor": adamw(self.policy.rl_actor_parameters(), c.actor_lr)}
+        if c.advantage_estimator == "ppo":
+            self.optimizers["critic"] = adamw(self.policy.rl_critic_parameters(), c.critic_lr)
+        return self.optimizers
+
+    def get_optimizers(self) -> dict[str, Optimizer]:
+        return self.optimizers
+
+    def _set_learning_rates(self) -> None:
+        """Cosine decay per update (the paper: it curbs KL creep on long tasks)."""
+        c = self.config
+        scale = 1.0
+        if c.lr_schedule == "cosine":
+            frac = min(self.num_updates / c.total_updates, 1.0)
+            scale = c.lr_min_ratio + (1 - c.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
+        base = {"actor": c.actor_lr, "critic": c.critic_lr}
+        for name, opt in self.optimizers.items():
+            for group in opt.param_groups:
+                group["lr"] = base[name] * scale
+
+    # --- the update ------------------------------------------------------------------------------
+
+    def update(self, batch_iterator: Iterator[RolloutBatch]) -> TrainingStats:
+        """LeRobot's entry point: one on-policy batch -> one PI-RL update."""
+        return self.update_on(next(batch_iterator))
+
+    def compute_advantages(self, rollouts: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
+        """(advantages, returns, sample weight mask) ``[T, N]`` for the configured estimator."""
+        c = self.config
+        valid = rollouts.valid
+        if c.advantage_estimator == "ppo":
+            adv, ret = compute_gae(
+                rollouts.rewards, rollouts.values, rollouts.terminated, rollouts.truncated,
+                rollouts.bootstrap_values, valid, c.gamma, c.gae_lambda,
+            )
+            if c.normalize_advantages:
+                adv = normalize_advantages(adv, valid)
+            return adv, ret, valid
+        # GRPO: one advantage per episode, broadcast to its macro-steps
+        adv_ep, _, _ = grpo_advantages(rollouts.episode_returns, rollouts.group_ids)
+        _, group_success, _ = grpo_advantages(rollouts.episode_success.float(), rollouts.group_ids)
+        keep = (group_success >= c.grpo_filter_low) & (group_success <= c.grpo_filter_high)
+        mask = valid & keep.unsqueeze(0)
+        adv = torch.where(mask, adv_ep.unsqueeze(0).expand_as(valid), torch.zeros_like(rollouts.rewards))
+        return adv, torch.zeros_like(adv), mask
+
+    def update_on(self, rollouts: RolloutBatch) -> TrainingStats:
+        c = self.config
+        policy = self.policy
+        try:
+            rollouts.check_finite()
+        except NonFiniteBatchError as e:  # refuse the batch before anything reaches the optimizer
+            logger.warning("PI-RL update skipped: %s", e)
+            return TrainingStats(extra={"skipped": 1.0, "skipped_nonfinite": 1.0})
+
+        with torch.no_grad():
+            adv, ret, mask = self.compute_advantages(rollouts)
+        data = rollouts.flatten(mask)
+        data["advantages"], data["returns"] = adv[mask], ret[mask]
+        n = data["advantages"].shape[0]
+        stats = TrainingStats(extra={"samples": float(n), "num_updates": float(self.num_updates)})
+        if n == 0:  # e.g. GRPO with every group filtered out
+            stats.extra["skipped"] = 1.0
+            self.num_updates += 1
+            return stats
+
+        self._set_learning_rates()
+        policy.train()
+        mb_size = max(1, math.ceil(n / c.num_minibatches))
+        logs: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl",
+                                                          "clip_fraction", "bc_loss", "actor", "critic")}
+        stop = False
+        for _ in range(c.update_epochs):
+            perm = torch.randperm(n)
+            for start in range(0, n, mb_size):
+                idx = perm[start : start + mb_size]
+                mb = {k: v[idx] for k, v in data.items() if k != "observations"}
+                obs = {k: v[idx] for k, v in data["observations"].items()}
+                ev = policy.evaluate_chains(obs, mb["chains"], mb["stochastic"], mb["noise_level"])
+
+                # clipped surrogate on the chunk log-prob (float32)
+                policy_loss, ratio, log_ratio = clipped_surrogate_loss(
+                    ev.log_prob, mb["log_probs"], mb["advantages"], c.clip_eps
+                )
+                loss = policy_loss
+                with torch.no_grad():
+                    approx_kl = ((ratio - 1) - log_ratio).mean().item()
+                    clip_fraction = ((ratio - 1).abs() > c.clip_eps).float().mean().item()
+
+                # critic: Huber loss with the value clipped around the rollout value, max of the two
+                if c.advantage_estimator == "ppo":
+                    value_loss = clipped_value_loss(ev.value, mb["values"], mb["returns"], c.value_clip, c.huber_delta)
+                    loss = loss + c.value_coef * value_loss
+                    logs["value_loss"].append(value_loss.item())
+
+                # Flow-Noise entropy bonus (Flow-SDE's std is fixed by a: no gradient to gain)
+                entropy = ev.entropy.mean()
+                if policy.config.noise_method == "flow_noise" and c.entropy_coef > 0:
+                    loss = loss - c.entropy_coef * entropy
+
+                # hybrid online + offline: flow-matching BC on demonstrations
+                if c.bc_coef > 0:
+                    bc_loss = policy.flow_matching_loss(next(self.demo_iterator))
+                    loss = loss + c.bc_coef * bc_loss
+                    logs["bc_loss"].append(bc_loss.item())
+
+                for opt in self.optimizers.values():
+                    opt.zero_grad(set_to_none=True)
+                loss.backward()
+                logs["actor"].append(_grad_norm_and_clip(policy.rl_actor_parameters(), c.max_grad_norm))
+                if "critic" in self.optimizers:
+                    logs["critic"].append(_grad_norm_and_clip(policy.rl_critic_parameters(), c.max_grad_norm))
+                for opt in self.optimizers.values():
+                    opt.step()
+                self._optimization_step += 1
+
+                logs["policy_loss"].append(policy_loss.item())
+                logs["entropy"].append(entropy.item())
+                logs["approx_kl"].append(approx_kl)
+                logs["clip_fraction"].append(clip_fraction)
+                if c.target_kl is not None and approx_kl > c.target_kl:
+                    stop = True
+                    break
+            if stop:
+                break
+        policy.eval()
+        self.num_updates += 1
+
+        def mean(xs: list[float]) -> float:
+            return float(sum(xs) / len(xs)) if xs else float("nan")
+
+        stats.losses = {k: mean(logs[k]) for k in ("policy_loss", "value_loss", "bc_loss") if logs[k]}
+        stats.grad_norms = {k: mean(logs[k]) for k in ("actor", "critic") if logs[k]}
+        stats.extra.update(
+            approx_kl=mean(logs["approx_kl"]),
+            clip_fraction=mean(logs["clip_fraction"]),
+            entropy=mean(logs["entropy"]),
+            optimizer_steps=float(len(logs["policy_loss"])),
+            early_stopped=float(stop),
+            actor_lr=self.optimizers["actor"].param_groups[0]["lr"],
+        )
+        if c.advantage_estimator == "ppo":
+            stats.extra["explained_variance"] = explained_variance(data["values"], data["returns"])
+        return stats
+
+    # --- weights and checkpoints (LeRobot's RLAlgorithm contract) ---------------------------------
+
+    def get_weights(self) -> dict[str, Any]:
+        """The policy state dict pushed to actors (edges)."""
+        return {k: v.detach().cpu() for k, v in self.policy.state_dict().items()}
+
+    def load_weights(self, weights: dict[str, Any], device: str | torch.device = "cpu") -> None:
+        with torch.no_grad():
+            own = self.policy.state_dict()
+            for k, v in weights.items():
+                own[k].copy_(v.to(own[k].device))
+
+    def state_dict(self) -> dict[str, Tensor]:
+        """Algorithm-trained tensors beyond SFT: the value and noise heads, plus the update counter."""
+        out = {f"value_head.{k}": v for k, v in self.policy.value_head.state_dict().items()}
+        out.update({f"noise_head.{k}": v for k, v in self.policy.noise_head.state_dict().items()})
+        out["num_updates"] = torch.tensor(self.num_updates, dtype=torch.int64)
+        out["optimization_step"] = torch.tensor(self._optimization_step, dtype=torch.int64)
+        return out
+
+    def load_state_dict(self, state_dict: dict[str, Tensor], device: str | torch.device = "cpu") -> None:
+        """In place (``copy_``): optimisers keep referencing the same Parameter objects."""
+        heads = {"value_head": self.policy.value_head, "noise_head": self.policy.noise_head}
+        with torch.no_grad():
+            for prefix, module in heads.items():
+                own = module.state_dict()
+                for k, v in own.items():
+                    key = f"{prefix}.{k}"
+                    if key not in state_dict:
+                        raise KeyError(f"algorithm state is missing '{key}'")
+                    v.copy_(state_dict[key].to(v.device))
+        self.num_updates = int(state_dict.get("num_updates", torch.tensor(0)))
+        self._optimization_step = int(state_dict.get("optimization_step", torch.tensor(0)))
+
+
+
+# --- checkpoints: LeRobot layout plus the algorithm folder --------------------------------------
+
+def save_checkpoint(directory, algorithm: PiRLAlgorithm, preprocessor=None, postprocessor=None) -> None:
+    """``directory/{pretrained_model, algorithm, training_state}`` written to a temp dir then renamed
+    into place, so a crash never leaves a half-written checkpoint under the final name."""
+    import json
+    import shutil
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from lerobot.optim.optimizers import save_optimizer_state
+
+    directory = Path(directory)
+    tmp = directory.with_name(directory.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    algorithm.policy.save_pretrained(tmp / "pretrained_model")
+    for proc in (preprocessor, postprocessor):
+        if proc is not None:
+            proc.save_pretrained(tmp / "pretrained_model")
+    algorithm.save_pretrained(tmp / "algorithm")
+    (tmp / "training_state").mkdir(parents=True)
+    save_optimizer_state(algorithm.get_optimizers(), tmp / "training_state")
+    (tmp / "training_state" / "pirl_state.json").write_text(
+        json.dumps({"num_updates": algorithm.num_updates, "optimization_step": algorithm.optimization_step})
+    )
+    save_file({"torch_rng": torch.get_rng_state()}, str(tmp / "training_state" / "pirl_rng.safetensors"))
+    if directory.exists():
+        shutil.rmtree(directory)
+    tmp.rename(directory)
+
+
+def load_checkpoint(directory, algorithm: PiRLAlgorithm) -> None:
+    """Restore policy weights, algorithm tensors, optimizer states and the torch RNG in place."""
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from lerobot.optim.optimizers import load_optimizer_state
+
+    directory = Path(directory)
+    weights = load_file(str(directory / "pretrained_model" / "model.safetensors"))
+    algorithm.load_weights(weights)
+    algorithm.load_state_dict(load_file(str(directory / "algorithm" / "model.safetensors")))
+    load_optimizer_state(algorithm.get_optimizers(), directory / "training_state")
+    torch.set_rng_state(load_file(str(directory / "training_state" / "pirl_rng.safetensors"))["torch_rng"])

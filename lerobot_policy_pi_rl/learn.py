@@ -1,0 +1,121 @@
+"""The in-process PI-RL loop: stochastic rollouts -> update -> periodic deterministic evaluation.
+
+No network: this is what ``pirl-bench learn`` and the demo run, and what the learner service
+runs per batch once rollouts arrive from robots instead of from a local vector env.
+"""
+
+from __future__ import annotations
+
+import time
+from math import nan
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, PiRLAlgorithmConfig
+from lerobot_policy_pi_rl.envs.reach_grasp import ReachGraspVecEnv
+from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, evaluate_success
+
+
+@dataclass
+class LearnSettings:
+    """Loop settings (the algorithm's hyperparameters live in PiRLAlgorithmConfig).
+
+    iterations: PI-RL updates. num_envs: episodes collected per update (one per env).
+    eval_every: deterministic evaluation period, in updates. eval_episodes: episodes per evaluation.
+    eval_seed: reset seed of the (fixed) evaluation episodes, disjoint from training seeds.
+    target_success: stop early once a deterministic evaluation reaches it (None = run all).
+    time_limit_s: stop after this much wall time (None = no limit).
+    """
+
+    iterations: int = 200
+    num_envs: int = 256
+    eval_every: int = 20
+    eval_episodes: int = 200
+    eval_seed: int = 1_000_000
+    seed: int = 0
+    target_success: float | None = None
+    time_limit_s: float | None = None
+    env_kwargs: dict = field(default_factory=dict)
+
+
+@dataclass
+class LearnResult:
+    sft_success: float
+    final_success: float
+    best_success: float
+    env_steps: int
+    updates: int
+    wall_seconds: float
+    curve: list[tuple[int, float]]  # (env_steps, deterministic success)
+    history: list[dict]  # per-update diagnostics
+
+
+def run_pirl(
+    policy, preprocessor, postprocessor, algo_config: PiRLAlgorithmConfig, settings: LearnSettings,
+    progress: Callable[[str], None] | None = print,
+) -> LearnResult:
+    """Fine-tune ``policy`` in place with PI-RL on the built-in task."""
+    torch.manual_seed(settings.seed)
+    runner = PolicyRunner(policy, preprocessor, postprocessor)
+    algo = PiRLAlgorithm(policy, algo_config)
+    env = ReachGraspVecEnv(settings.num_envs, autoreset=False, **settings.env_kwargs)
+    eval_env = ReachGraspVecEnv(min(settings.eval_episodes, 500), autoreset=False, **settings.env_kwargs)
+    generator = torch.Generator().manual_seed(settings.seed)
+    grpo = algo_config.advantage_estimator == "grpo"
+    G = algo_config.grpo_group_size
+    if grpo and settings.num_envs % G:
+        raise ValueError(f"num_envs={settings.num_envs} must be a multiple of algorithm.grpo_group_size={G}")
+
+    def evaluate() -> float:
+        return evaluate_success(runner, eval_env, episodes=settings.eval_episodes, seed=settings.eval_seed)
+
+    start = time.monotonic()
+    sft_success = evaluate()
+    curve = [(0, sft_success)]
+    history: list[dict] = []
+    env_steps = 0
+    if progress:
+        progress(f"  update 0: deterministic success {sft_success:.3f} (SFT)")
+    for it in range(settings.iterations):
+        base = 10_000 * settings.seed + it * settings.num_envs
+        if grpo:  # G envs per group share one reset state
+            seeds = [base + g for g in range(settings.num_envs // G) for _ in range(G)]
+            groups = torch.arange(settings.num_envs) // G
+        else:
+            seeds, groups = base, None
+        level = policy.config.noise_level_at(it)
+        batch = collect_rollouts(runner, env, noise_level=level, seeds=seeds, group_ids=groups, generator=generator)
+        env_steps += batch.env_steps
+        stats = algo.update_on(batch)
+        row = {"update": it + 1, "env_steps": env_steps, "rollout_success": batch.success_rate,
+               "noise_level": level, **stats.to_log_dict()}
+        history.append(row)
+        last = it + 1 == settings.iterations
+        out_of_time = settings.time_limit_s is not None and time.monotonic() - start > settings.time_limit_s
+        if (it + 1) % settings.eval_every == 0 or last or out_of_time:
+            success = evaluate()
+            curve.append((env_steps, success))
+            row["eval_success"] = success
+            if progress:
+                progress(
+                    f"  update {it + 1}: deterministic success {success:.3f}  rollout success "
+                    f"{batch.success_rate:.3f}  approx_kl {row.get('approx_kl', nan):.4f}  clip_frac "
+                    f"{row.get('clip_fraction', nan):.3f}  expl_var {row.get('explained_variance', nan):.2f}  "
+                    f"[{time.monotonic() - start:.0f}s]"
+                )
+            if settings.target_success is not None and success >= settings.target_success:
+                break
+        if out_of_time:
+            break
+    return LearnResult(
+        sft_success=sft_success,
+        final_success=curve[-1][1],
+        best_success=max(s for _, s in curve),
+        env_steps=env_steps,
+        updates=len(history),
+        wall_seconds=time.monotonic() - start,
+        curve=curve,
+        history=history,
+    )

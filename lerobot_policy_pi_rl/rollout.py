@@ -1,0 +1,189 @@
+"""Chunk-level rollouts of a ``pi_rl`` policy on a vector env, and deterministic evaluation.
+
+A rollout runs every env for one episode (``autoreset=False``): at each macro-step the policy
+samples one chunk per env from the observation at the decision time, the first
+``n_action_steps`` actions are executed, and the env rewards are summed into the macro-step
+reward. An env that finishes mid-chunk is frozen (the env's ``active`` mask) and its later
+macro-steps are marked invalid. The executed actions are exactly the sampled chain's actions.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from lerobot.envs.utils import preprocess_observation
+from lerobot.utils.constants import ACTION
+
+
+@dataclass
+class RolloutBatch:
+    """One batch of on-policy data, time-major ``[T, N, ...]`` (T macro-steps, N envs)."""
+
+    observations: dict[str, Tensor]  # normalised policy inputs [T, N, ...]
+    chains: Tensor  # [T, N, K + 1, H, D]
+    stochastic: Tensor  # [T, N, K] bool
+    noise_level: Tensor  # [T, N]
+    log_probs: Tensor  # [T, N]
+    values: Tensor  # [T, N]
+    rewards: Tensor  # [T, N] macro-step reward (sum over the executed chunk)
+    terminated: Tensor  # [T, N] bool
+    truncated: Tensor  # [T, N] bool
+    valid: Tensor  # [T, N] bool
+    bootstrap_values: Tensor  # [T, N] V(o_{t+1}) at each env's last valid step when it did not terminate
+    episode_returns: Tensor  # [N]
+    episode_success: Tensor  # [N] bool
+    group_ids: Tensor  # [N] (GRPO groups: same reset state)
+    env_steps: int = 0  # environment steps executed
+    info: dict = field(default_factory=dict)
+
+    def check_finite(self) -> None:
+        """Refuse NaN/inf anywhere the update reads, naming the field."""
+        from lerobot_policy_pi_rl.algorithm import NonFiniteBatchError
+
+        tensors = {f"observations[{k}]": v for k, v in self.observations.items()}
+        tensors.update({f.name: getattr(self, f.name) for f in fields(self)
+                        if isinstance(getattr(self, f.name), Tensor) and getattr(self, f.name).is_floating_point()})
+        for name, t in tensors.items():
+            if not torch.isfinite(t).all():
+                bad = int((~torch.isfinite(t)).sum())
+                raise NonFiniteBatchError(f"rollout batch field '{name}' has {bad} non-finite value(s); update skipped")
+
+    def flatten(self, mask: Tensor) -> dict:
+        """Samples where ``mask`` ``[T, N]`` is True, as ``[M, ...]`` tensors."""
+        out = {k: getattr(self, k)[mask] for k in ("chains", "stochastic", "noise_level", "log_probs", "values")}
+        out["observations"] = {k: v[mask] for k, v in self.observations.items()}
+        return out
+
+    @property
+    def success_rate(self) -> float:
+        return float(self.episode_success.float().mean())
+
+
+class PolicyRunner:
+    """Runs a ``pi_rl`` policy on raw env observations: LeRobot preprocessing, the policy's own
+    processors (normalisation), and un-normalisation of the executed actions."""
+
+    def __init__(self, policy, preprocessor, postprocessor):
+        self.policy, self.pre, self.post = policy, preprocessor, postprocessor
+
+    def observe(self, raw_obs: dict[str, np.ndarray]) -> dict[str, Tensor]:
+        batch = preprocess_observation(raw_obs)
+        batch = self.pre(batch)
+        return {k: v for k, v in batch.items() if k.startswith("observation.") and isinstance(v, Tensor)}
+
+    def to_env_actions(self, normalised_chunk: Tensor) -> np.ndarray:
+        """``[N, H, D_model]`` normalised chunk -> ``[N, H, action_dim]`` env actions."""
+        real = normalised_chunk[..., : self.policy.config.action_dim]
+        return self.post(real).detach().cpu().numpy()
+
+
+def collect_rollouts(
+    runner: PolicyRunner,
+    env,
+    *,
+    deterministic: bool = False,
+    noise_level: float | None = None,
+    seeds: int | list[int] | None = None,
+    group_ids: Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> RolloutBatch:
+    """Run one episode in every env of ``env`` (created with ``autoreset=False``).
+
+    ``deterministic=True`` runs the ODE sampler (evaluation); otherwise the policy's configured
+    stochastic sampler. ``seeds`` is passed to ``env.reset`` (a list with repeats makes GRPO groups).
+    """
+    policy = runner.policy
+    cfg = policy.config
+    n = env.num_envs
+    horizon = math.ceil(env.max_steps / cfg.n_action_steps)
+    raw, _ = env.reset(seed=seeds)
+    alive = np.ones(n, dtype=bool)
+    ep_return = np.zeros(n, dtype=np.float32)
+    ep_success = np.zeros(n, dtype=bool)
+    steps: list[dict] = []
+    env_steps = 0
+    policy.eval()
+    with torch.no_grad():
+        for _ in range(horizon):
+            if not alive.any():
+                break
+            obs = runner.observe(raw)
+            initial, step_noise, stochastic = policy.draw_noise(n, generator=generator)
+            method = None
+            if deterministic:
+                step_noise, stochastic, method = torch.zeros_like(step_noise), torch.zeros_like(stochastic), "flow_ode"
+            sample = policy.sample_chains(obs, initial, step_noise, stochastic, noise_level=noise_level, noise_method=method)
+            actions = runner.to_env_actions(sample.actions)
+            valid = alive.copy()
+            reward = np.zeros(n, dtype=np.float32)
+            term = np.zeros(n, dtype=bool)
+            trunc = np.zeros(n, dtype=bool)
+            for j in range(cfg.n_action_steps):
+                if not alive.any():
+                    break
+                env_steps += int(alive.sum())
+                raw, r, te, tr, info = env.step(actions[:, j], active=alive)
+                reward += np.where(alive, r, 0.0).astype(np.float32)
+                ep_success |= alive & np.asarray(info.get("is_success", np.zeros(n, dtype=bool)), dtype=bool)
+                te, tr = te & alive, tr & alive
+                term |= te
+                trunc |= tr & ~te
+                alive &= ~(te | tr)
+            ep_return += reward
+            steps.append(dict(obs=obs, sample=sample, reward=reward, term=term, trunc=trunc, valid=valid))
+        # V(o) where an env stopped without terminating (time limit, or the horizon ran out)
+        bootstrap = policy.predict_value(runner.observe(raw), generator=generator)
+
+    T = len(steps)
+    stack = lambda xs: torch.stack(list(xs))  # noqa: E731
+    as_t = lambda key, dtype: torch.as_tensor(np.stack([s[key] for s in steps]), dtype=dtype)  # noqa: E731
+    valid = as_t("valid", torch.bool)
+    # each env's last valid step gets the bootstrap value of its final observation
+    last_valid = torch.zeros_like(valid)
+    last_idx = valid.long().cumsum(0).argmax(0)
+    last_valid[last_idx, torch.arange(n)] = True
+    batch = RolloutBatch(
+        observations={k: stack(s["obs"][k] for s in steps) for k in steps[0]["obs"]},
+        chains=stack(s["sample"].chain.chain for s in steps),
+        stochastic=stack(s["sample"].chain.stochastic for s in steps),
+        noise_level=stack(s["sample"].noise_level for s in steps),
+        log_probs=stack(s["sample"].chain.log_prob for s in steps),
+        values=stack(s["sample"].value for s in steps),
+        rewards=as_t("reward", torch.float32),
+        terminated=as_t("term", torch.bool),
+        truncated=as_t("trunc", torch.bool),
+        valid=valid,
+        bootstrap_values=torch.where(last_valid, bootstrap.unsqueeze(0).expand(T, n), torch.zeros(T, n)),
+        episode_returns=torch.as_tensor(ep_return),
+        episode_success=torch.as_tensor(ep_success),
+        group_ids=group_ids if group_ids is not None else torch.arange(n),
+        env_steps=env_steps,
+    )
+    # the horizon can end before max_steps only through ceil(); an env still alive is cut there
+    batch.truncated |= last_valid & ~batch.terminated & torch.as_tensor(alive).unsqueeze(0)
+    return batch
+
+
+def evaluate_success(runner: PolicyRunner, env, *, episodes: int, seed: int) -> float:
+    """Deterministic (ODE) success rate over ``episodes`` episodes, ``env.num_envs`` at a time.
+
+    The episodes (reset seeds) and the ODE's initial noise are both fixed by ``seed``, so the same
+    policy always gets the same score and two policies are compared on the same episodes.
+    """
+    done, successes, k = 0, 0.0, 0
+    generator = torch.Generator().manual_seed(seed)
+    while done < episodes:
+        batch = collect_rollouts(runner, env, deterministic=True, seeds=seed + k * env.num_envs, generator=generator)
+        take = min(env.num_envs, episodes - done)
+        successes += float(batch.episode_success[:take].float().sum())
+        done += take
+        k += 1
+    return successes / episodes
+
+
+__all__ = ["RolloutBatch", "PolicyRunner", "collect_rollouts", "evaluate_success", "ACTION"]

@@ -1,0 +1,1 @@
+"""Console entry points: pirl-sft, pirl-bench, pirl-demo."""

@@ -60,8 +60,9 @@ class PiRLConfig(PreTrainedConfig):
 
     Small CPU backbone (``backbone="mlp"``)
         hidden_dim / num_layers: width and depth of the velocity MLP.
-        expert_token_dim: per-action-token width of the expert features (hidden_dim is split into
-            ``chunk_size`` tokens of this width for the noise and value heads).
+        expert_token_dim: per-action-token width of the expert features: the velocity MLP's last
+            layer has ``chunk_size * expert_token_dim`` units, read as one feature vector per
+            action token by the velocity, noise and value heads.
         prefix_dim: width of the observation encoder output.
         time_embed_dim: sinusoidal time-embedding width.
         image_channels: conv widths of the optional image encoder.
@@ -144,8 +145,18 @@ class PiRLConfig(PreTrainedConfig):
             raise bad("n_action_steps", f"must be between 1 and chunk_size={self.chunk_size}")
         if self.n_obs_steps != 1:
             raise bad("n_obs_steps", "only 1 observation step is supported")
-        if self.noise_level < 0 or (self.noise_level_final is not None and self.noise_level_final < 0):
+        if self.noise_level < 0:
             raise bad("noise_level", "the Flow-SDE noise level a must be >= 0")
+        if self.noise_level_final is not None and self.noise_level_final < 0:
+            raise bad("noise_level_final", "the final Flow-SDE noise level must be >= 0")
+        if self.noise_anneal_updates < 0:
+            raise bad("noise_anneal_updates", "must be >= 0")
+        if not (self.rl_train_expert or self.rl_train_prefix or self.noise_method == "flow_noise"):
+            raise bad("rl_train_expert", "nothing would train during RL: enable rl_train_expert or rl_train_prefix")
+        if self.time_beta_alpha <= 0 or self.time_beta_beta <= 0:
+            raise bad("time_beta_alpha", "Beta parameters must be > 0")
+        if any(ch < 1 for ch in self.image_channels):
+            raise bad("image_channels", "every width must be >= 1")
         if not 0 < self.noise_std_min <= self.noise_std_max:
             raise bad("noise_std_min", f"need 0 < noise_std_min <= noise_std_max={self.noise_std_max}")
         if self.max_action_dim is not None and self.max_action_dim < 1:

@@ -25,6 +25,8 @@ class LearnSettings:
     iterations: PI-RL updates. num_envs: episodes collected per update (one per env).
     eval_every: deterministic evaluation period, in updates. eval_episodes: episodes per evaluation.
     eval_seed: reset seed of the (fixed) evaluation episodes, disjoint from training seeds.
+    seed: seeds torch and the training episodes ((seed + 1) * 10^9 + ...).
+    env_kwargs: passed to ReachGraspVecEnv (e.g. obs_type="pixels_agent_pos").
     target_success: stop early once a deterministic evaluation reaches it (None = run all).
     time_limit_s: stop after this much wall time (None = no limit).
     """
@@ -79,7 +81,8 @@ def run_pirl(
     if progress:
         progress(f"  update 0: deterministic success {sft_success:.3f} (SFT)")
     for it in range(settings.iterations):
-        base = 10_000 * settings.seed + it * settings.num_envs
+        # training reset seeds: disjoint across seeds and from the evaluation seeds (< 10^9)
+        base = (settings.seed + 1) * 10**9 + it * settings.num_envs
         if grpo:  # G envs per group share one reset state
             seeds = [base + g for g in range(settings.num_envs // G) for _ in range(G)]
             groups = torch.arange(settings.num_envs) // G

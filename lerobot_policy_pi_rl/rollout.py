@@ -39,6 +39,7 @@ class RolloutBatch:
     episode_success: Tensor  # [N] bool
     group_ids: Tensor  # [N] (GRPO groups: same reset state)
     env_steps: int = 0  # environment steps executed
+    # "final_observation": normalised obs [N, ...] each env ended on; "step_env_steps": [T, N]
     info: dict = field(default_factory=dict)
 
     def check_finite(self) -> None:
@@ -100,6 +101,8 @@ def collect_rollouts(
     policy = runner.policy
     cfg = policy.config
     n = env.num_envs
+    if not env.max_steps:
+        raise ValueError(f"{type(env).__name__} has no episode step limit (max_steps); PI-RL rollouts need one")
     horizon = math.ceil(env.max_steps / cfg.n_action_steps)
     raw, _ = env.reset(seed=seeds)
     alive = np.ones(n, dtype=bool)
@@ -120,6 +123,7 @@ def collect_rollouts(
             sample = policy.sample_chains(obs, initial, step_noise, stochastic, noise_level=noise_level, noise_method=method)
             actions = runner.to_env_actions(sample.actions)
             valid = alive.copy()
+            executed = np.zeros(n, dtype=np.int64)
             reward = np.zeros(n, dtype=np.float32)
             term = np.zeros(n, dtype=bool)
             trunc = np.zeros(n, dtype=bool)
@@ -127,6 +131,7 @@ def collect_rollouts(
                 if not alive.any():
                     break
                 env_steps += int(alive.sum())
+                executed += alive
                 raw, r, te, tr, info = env.step(actions[:, j], active=alive)
                 reward += np.where(alive, r, 0.0).astype(np.float32)
                 ep_success |= alive & np.asarray(info.get("is_success", np.zeros(n, dtype=bool)), dtype=bool)
@@ -135,9 +140,11 @@ def collect_rollouts(
                 trunc |= tr & ~te
                 alive &= ~(te | tr)
             ep_return += reward
-            steps.append(dict(obs=obs, sample=sample, reward=reward, term=term, trunc=trunc, valid=valid))
+            steps.append(dict(obs=obs, sample=sample, reward=reward, term=term, trunc=trunc, valid=valid,
+                              executed=executed))
         # V(o) where an env stopped without terminating (time limit, or the horizon ran out)
-        bootstrap = policy.predict_value(runner.observe(raw), generator=generator)
+        final_obs = runner.observe(raw)
+        bootstrap = policy.predict_value(final_obs, generator=generator)
 
     T = len(steps)
     stack = lambda xs: torch.stack(list(xs))  # noqa: E731
@@ -163,6 +170,7 @@ def collect_rollouts(
         episode_success=torch.as_tensor(ep_success),
         group_ids=group_ids if group_ids is not None else torch.arange(n),
         env_steps=env_steps,
+        info={"final_observation": final_obs, "step_env_steps": as_t("executed", torch.int64)},
     )
     # the horizon can end before max_steps only through ceil(); an env still alive is cut there
     batch.truncated |= last_valid & ~batch.terminated & torch.as_tensor(alive).unsqueeze(0)

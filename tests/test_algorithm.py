@@ -263,3 +263,18 @@ def test_grpo_filters_all_success_and_all_failure_groups():
     adv, _, mask = algo.compute_advantages(batch)
     assert not mask[:, :16].any() and mask[:, 16:].all()
     torch.testing.assert_close(adv[0, 16:], torch.tensor([1.0, -1.0] * 4), rtol=1e-4, atol=1e-4)
+
+
+def test_hybrid_bc_term_uses_demonstrations():
+    policy = make_policy()
+    with pytest.raises(ValueError, match="bc_coef"):
+        PiRLAlgorithm(policy, PiRLAlgorithmConfig(bc_coef=0.5))
+    g = torch.Generator().manual_seed(0)
+
+    def demos():
+        while True:
+            yield {"observation.state": torch.randn(8, STATE, generator=g), "action": torch.randn(8, 8, 3, generator=g)}
+
+    algo = PiRLAlgorithm(policy, PiRLAlgorithmConfig(bc_coef=0.5, actor_lr=1e-4), demo_iterator=demos())
+    stats = algo.update_on(make_batch(policy))
+    assert stats.losses["bc_loss"] > 0

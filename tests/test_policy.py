@@ -202,3 +202,10 @@ def test_noise_level_anneal():
     assert cfg.noise_level_at(0) == 0.8
     assert abs(cfg.noise_level_at(5) - 0.6) < 1e-9
     assert abs(cfg.noise_level_at(50) - 0.4) < 1e-9
+
+
+def test_nothing_to_train_in_rl_is_a_config_error():
+    with pytest.raises(PiRLConfigError, match="policy.rl_train_expert"):
+        make_config(rl_train_expert=False, noise_method="flow_sde")
+    with pytest.raises(PiRLConfigError, match="policy.noise_level_final"):
+        make_config(noise_level_final=-1.0)

@@ -49,9 +49,9 @@ class ImageEncoder(nn.Module):
 
 class MLPFlowBackbone(FlowBackbone):
     """Prefix: MLP over the state (+ a conv encoder per camera). Expert: an MLP over
-    (flattened x_t, time embedding, prefix) whose last hidden layer is split into one
-    ``expert_token_dim`` feature per action token; a shared linear map turns each token's
-    features into its velocity."""
+    (flattened x_t, time embedding, prefix) whose output layer of ``chunk_size * expert_token_dim``
+    units is read as one ``expert_token_dim`` feature vector per action token; a shared linear map
+    turns each token's features into its velocity."""
 
     def __init__(self, config):
         super().__init__()

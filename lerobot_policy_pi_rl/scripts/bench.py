@@ -86,7 +86,7 @@ def main() -> None:
     p.add_argument("--grpo", action="store_true", help="also run the critic-free GRPO variant")
     p.add_argument("--denoise-steps", nargs="+", type=int, default=[4], help="K values (ablation grid)")
     p.add_argument("--noise-levels", nargs="+", type=float, default=[0.5], help="Flow-SDE a values (ablation grid)")
-    p.add_argument("--iterations", type=int, default=200, help="PI-RL updates per run")
+    p.add_argument("--iterations", type=int, default=400, help="PI-RL updates per run")
     p.add_argument("--num-envs", type=int, default=256, help="episodes per update")
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--eval-episodes", type=int, default=200)

@@ -35,7 +35,8 @@ def builtin_task_algorithm_config(**overrides) -> PiRLAlgorithmConfig:
     The paper's actor lr (5e-6) is for a 300 M-parameter action expert; the 0.4 M-parameter MLP
     needs a larger one (3e-5 keeps the clip fraction around 0.1), its critic reads frozen prefix
     features and learns faster at 1e-3, and 2 epochs x 4 minibatches (8 optimizer steps per
-    update) stays stable with 256 episodes per update. Everything else is the paper's default.
+    update) stays stable with 256 episodes per update, and weight decay is off (0.01 in the paper
+    pulls the small MLP's SFT weights toward zero). Everything else is the paper's default.
     See BENCHMARKS.md for the runs that chose these.
     """
     defaults = dict(actor_lr=3e-5, critic_lr=1e-3, update_epochs=2, num_minibatches=4, weight_decay=0.0)
@@ -58,7 +59,7 @@ def sft_checkpoint(out: Path, *, seed: int, num_demos: int, steps: int, noise_st
         print(f"[sft] recording {num_demos} scripted demonstrations (seed {seed}) -> {out / 'data'}")
         record_demos(out / "data", num_demos, seed=seed, noise_std=noise_std)
     print(f"[sft] behaviour cloning pi_rl with lerobot's train() for {steps} steps -> {out / 'train'}")
-    settings = SFTSettings(num_demos=num_demos, steps=steps, seed=seed, policy_overrides=policy_overrides or {})
+    settings = SFTSettings(steps=steps, seed=seed, policy_overrides=policy_overrides or {})
     return train_sft(out / "data", out / "train", settings)
 
 

@@ -1,0 +1,1 @@
+"""Robot side: control loop, inference, rollout spool and uploader, policy subscriber, metrics."""

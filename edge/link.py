@@ -1,0 +1,283 @@
+"""The edge's connections to the learner: the rollout uploader and the policy subscriber.
+
+Both run in their own threads, reconnect with capped exponential backoff, and never block the
+control loop: a learner outage only means records wait in the spool and the robot keeps running
+the policy it has.
+"""
+
+from __future__ import annotations
+
+import collections
+import hashlib
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import grpc
+from safetensors.torch import load as load_safetensors
+
+from edge import metrics
+from edge.spool import Spool
+from pirl.security import auth_metadata, channel_credentials
+from pirl.v1 import pirl_pb2
+
+log = logging.getLogger(__name__)
+SERVICE = "/pirl.v1.Learner/"
+# Refusals that resending cannot fix: the record is dropped from the spool and counted.
+FINAL_REFUSALS = {
+    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
+    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+
+@dataclass
+class LearnerAddress:
+    address: str
+    robot_id: str
+    token: str
+    ca: str | None = None
+    client_cert: str | None = None
+    client_key: str | None = None
+
+    def channel(self) -> grpc.Channel:
+        options = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+        if self.ca:
+            creds = channel_credentials(self.ca, self.client_cert, self.client_key)
+            return grpc.secure_channel(self.address, creds, options=options)
+        return grpc.insecure_channel(self.address, options=options)
+
+    @property
+    def metadata(self):
+        return auth_metadata(self.token)
+
+
+class SyncClock:
+    """Time of the last successful exchange with the learner (for seconds_since_last_sync)."""
+
+    def __init__(self, robot_id: str):
+        self.robot_id = robot_id
+        self.last = time.monotonic()
+        self.learner_version = 0  # newest version the learner told us about
+        self.max_version_lag: int | None = None
+
+    def touch(self) -> None:
+        self.last = time.monotonic()
+
+    def update_metric(self) -> None:
+        metrics.SECONDS_SINCE_SYNC.labels(self.robot_id).set(time.monotonic() - self.last)
+
+
+def _stub(channel, name, kind):
+    ident = lambda x: x  # noqa: E731  raw bytes in and out; we (de)serialise ourselves
+    return getattr(channel, kind)(SERVICE + name, request_serializer=ident, response_deserializer=ident)
+
+
+class Backoff:
+    def __init__(self, first=0.2, cap=5.0):
+        self.first, self.cap, self.delay = first, cap, first
+
+    def reset(self):
+        self.delay = self.first
+
+    def wait(self, stop: threading.Event):
+        stop.wait(self.delay)
+        self.delay = min(self.cap, self.delay * 2)
+
+
+class Uploader:
+    """Streams spooled records to the learner; deletes each one when the learner acks it."""
+
+    def __init__(self, link: LearnerAddress, spool: Spool, clock: SyncClock, *, edge_version: str = "0.1.0",
+                 backend: str = "torch", window: int = 256):
+        self.link, self.spool, self.clock = link, spool, clock
+        self.edge_version, self.backend, self.window = edge_version, backend, window
+        self.stop_event = threading.Event()
+        self.sent = 0  # first sends only (not resends)
+        self.resent = 0
+        self.acked = 0
+        self.duplicates = 0
+        self.refused = collections.Counter()
+        self._sent_once: set[int] = set()
+        self._thread = threading.Thread(target=self._run, name="pirl-uploader", daemon=True)
+        self.learner_version = 0
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self.stop_event.set()
+        self._thread.join(timeout=10)
+
+    def _register(self, channel) -> pirl_pb2.RegisterResponse:
+        req = pirl_pb2.RegisterRequest(robot_id=self.link.robot_id, edge_version=self.edge_version, backend=self.backend)
+        raw = _stub(channel, "Register", "unary_unary")(req.SerializeToString(), metadata=self.link.metadata, timeout=10)
+        resp = pirl_pb2.RegisterResponse.FromString(raw)
+        self.clock.learner_version = max(self.clock.learner_version, resp.policy_version)
+        self.clock.max_version_lag = resp.max_version_lag
+        # anything below the learner's watermark was acked before (e.g. we crashed before deleting it)
+        for seq, _ in self.spool.pending():
+            if seq < resp.next_sequence:
+                self.spool.ack(seq)
+        return resp
+
+    def _run(self):
+        backoff = Backoff()
+        while not self.stop_event.is_set():
+            try:
+                with self.link.channel() as channel:
+                    resp = self._register(channel)
+                    self.learner_version = resp.policy_version
+                    self.clock.touch()
+                    backoff.reset()
+                    self._stream(channel)
+            except grpc.RpcError as e:
+                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
+                    log.error("learner refused our token: %s", e.details())
+                elif e.code() != grpc.StatusCode.UNAVAILABLE:
+                    log.warning("rollout stream ended: %s %s", e.code().name, e.details())
+                backoff.wait(self.stop_event)
+
+    def _stream(self, channel):
+        in_flight: collections.deque[int] = collections.deque()
+        cond = threading.Condition()
+        done = threading.Event()
+
+        def records():
+            last = -1
+            while not (self.stop_event.is_set() or done.is_set()):
+                batch = self.spool.pending(after=last, limit=64)
+                if not batch:
+                    self._update_spool_metrics()
+                    time.sleep(0.02)
+                    continue
+                for seq, payload in batch:
+                    last = seq
+                    if self._stale(seq, payload):
+                        continue
+                    with cond:
+                        while len(in_flight) >= self.window and not done.is_set():
+                            cond.wait(0.1)
+                        in_flight.append(seq)
+                    if seq in self._sent_once:
+                        self.resent += 1
+                    else:
+                        self._sent_once.add(seq)
+                        self.sent += 1
+                    metrics.RECORDS_SENT.labels(self.link.robot_id).inc()
+                    yield payload
+
+        call = _stub(channel, "StreamRollouts", "stream_stream")(records(), metadata=self.link.metadata)
+        try:
+            for raw in call:
+                ack = pirl_pb2.RolloutAck.FromString(raw)
+                with cond:
+                    if in_flight and in_flight[0] == ack.sequence:
+                        in_flight.popleft()
+                    else:
+                        try:
+                            in_flight.remove(ack.sequence)
+                        except ValueError:
+                            pass
+                    cond.notify_all()
+                self.spool.ack(ack.sequence)
+                self.acked += 1
+                if ack.status == pirl_pb2.RolloutAck.DUPLICATE:
+                    self.duplicates += 1
+                metrics.RECORDS_ACKED.labels(self.link.robot_id).inc()
+                self.clock.touch()
+            if self.stop_event.is_set():
+                return
+        except grpc.RpcError as e:
+            if e.code() in FINAL_REFUSALS and in_flight:
+                seq = in_flight[0]  # the learner processes a stream in order: the first unacked one
+                self.spool.ack(seq)
+                self.refused[e.code().name] += 1
+                metrics.RECORDS_REFUSED.labels(self.link.robot_id, e.code().name.lower()).inc()
+                log.error("learner refused record %d (%s): %s; dropped from the spool", seq, e.code().name, e.details())
+            raise
+        finally:
+            done.set()
+            call.cancel()
+
+    def _stale(self, seq: int, payload: bytes) -> bool:
+        """A record the learner would refuse for version lag is dropped here (counted, logged)."""
+        lag = self.clock.max_version_lag
+        if lag is None:
+            return False
+        version = pirl_pb2.RolloutRecord.FromString(payload).policy_version
+        if version >= self.clock.learner_version - lag:
+            return False
+        self.spool.ack(seq)
+        self.refused["stale_version"] += 1
+        metrics.RECORDS_REFUSED.labels(self.link.robot_id, "stale_version").inc()
+        log.warning("record %d (policy version %d) is older than the learner accepts (version %d, lag %d): dropped",
+                    seq, version, self.clock.learner_version, lag)
+        return True
+
+    def _update_spool_metrics(self):
+        s = self.spool.stats()
+        rid = self.link.robot_id
+        metrics.SPOOL_RECORDS.labels(rid).set(s["records"])
+        metrics.SPOOL_BYTES.labels(rid).set(s["bytes"])
+        metrics.SPOOL_OLDEST_AGE.labels(rid).set(s["oldest_age_s"])
+        self.clock.update_metric()
+
+
+class Subscriber:
+    """Receives new policy versions, checks their sha256, and hands them to the inference worker."""
+
+    def __init__(self, link: LearnerAddress, worker, clock: SyncClock):
+        self.link, self.worker, self.clock = link, worker, clock
+        self.stop_event = threading.Event()
+        self.received: list[tuple[int, float]] = []  # (version, publish -> loaded latency s)
+        self.rejected = 0
+        self._thread = threading.Thread(target=self._run, name="pirl-subscriber", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self.stop_event.set()
+        self._thread.join(timeout=10)
+
+    def _run(self):
+        backoff = Backoff()
+        while not self.stop_event.is_set():
+            try:
+                with self.link.channel() as channel:
+                    req = pirl_pb2.SubscribeRequest(robot_id=self.link.robot_id, have_version=self.worker.version)
+                    call = _stub(channel, "SubscribePolicy", "unary_stream")(req.SerializeToString(), metadata=self.link.metadata)
+                    for raw in call:
+                        backoff.reset()
+                        self.clock.touch()
+                        self._apply(pirl_pb2.PolicyUpdate.FromString(raw))
+                        if self.stop_event.is_set():
+                            call.cancel()
+                            return
+            except grpc.RpcError as e:
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
+                    log.warning("policy subscription ended: %s %s", e.code().name, e.details())
+                backoff.wait(self.stop_event)
+
+    def _apply(self, update: pirl_pb2.PolicyUpdate) -> None:
+        expected = {a.name: a for a in update.manifest.artifacts}.get("model.safetensors")
+        digest = hashlib.sha256(update.weights).hexdigest()
+        if expected is None or expected.sha256 != digest or expected.size_bytes != len(update.weights) \
+                or update.manifest.policy_version != update.version:
+            self.rejected += 1
+            metrics.SWAP_FAILURES.labels(self.link.robot_id).inc()
+            log.error("policy version %d rejected: weights do not match the manifest (sha256 %s)", update.version, digest)
+            return
+        try:
+            state = load_safetensors(update.weights)  # safetensors: no code execution on load
+        except Exception as e:  # a corrupt blob that still hashed right: refuse, keep serving
+            self.rejected += 1
+            metrics.SWAP_FAILURES.labels(self.link.robot_id).inc()
+            log.error("policy version %d rejected: %s", update.version, e)
+            return
+        self.clock.learner_version = max(self.clock.learner_version, update.version)
+        if self.worker.offer(update.version, state):
+            latency = max(0.0, time.time() - update.published_unix_s)
+            self.received.append((update.version, latency))
+            metrics.SYNC_LATENCY.labels(self.link.robot_id).observe(latency)

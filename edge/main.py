@@ -1,0 +1,146 @@
+"""pirl-edge: run a pi_rl policy on a robot or simulated env, record rollouts, sync with the learner.
+
+    pirl-edge --learner 127.0.0.1:50051 --robot-id robot-0 --tokens certs/tokens.json \\
+              --tls-ca certs/ca.pem --policy-path SFT/pretrained_model [--mode paced --control-hz 50]
+
+The control loop keeps running on the policy it has when the learner is unreachable; records wait
+in the on-disk spool (--spool-dir) and are uploaded when it comes back. New policy versions are
+hash-checked and swapped in at a chunk boundary. On SIGTERM / SIGINT (or when --duration or
+--episodes is reached) it stops controlling, uploads what is spooled (up to --drain-timeout
+seconds) and writes --stats-file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import threading
+import time
+from pathlib import Path
+
+from lerobot_policy_pi_rl.scripts.common import run_cli, write_json
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pirl-edge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--learner", required=True, help="learner address host:port")
+    p.add_argument("--robot-id", required=True)
+    p.add_argument("--tokens", required=True, help="JSON file {robot_id: token}; this robot's entry is used")
+    p.add_argument("--tls-ca", help="CA certificate that signed the learner's certificate (enables TLS)")
+    p.add_argument("--tls-client-cert", help="client certificate for mutual TLS")
+    p.add_argument("--tls-client-key", help="client private key for mutual TLS")
+    p.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback learner")
+    p.add_argument("--policy-path", required=True, help="initial policy (LeRobot pretrained_model dir): version 0")
+    p.add_argument("--noise-method", choices=["flow_sde", "flow_noise"], help="must match the learner's")
+    p.add_argument("--env", default="pirl_reach", help="'pirl_reach' (built-in task) or a gymnasium id")
+    p.add_argument("--mode", choices=["paced", "unpaced"], default="paced",
+                   help="paced: one env at --control-hz (a robot); unpaced: --num-envs sims flat out")
+    p.add_argument("--control-hz", type=float, default=50.0)
+    p.add_argument("--num-envs", type=int, default=64, help="unpaced mode only")
+    p.add_argument("--spool-dir", help="default: outputs/edge/<robot-id>/spool")
+    p.add_argument("--spool-max-records", type=int, default=100_000)
+    p.add_argument("--duration", type=float, help="seconds to run (default: until signalled)")
+    p.add_argument("--episodes", type=int, help="episodes to run (default: until signalled)")
+    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to upload the spool at exit")
+    p.add_argument("--stats-file", help="write a JSON summary here at exit")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
+    p.add_argument("--metrics-address", default="127.0.0.1")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def run(args) -> int:
+    import torch
+    from prometheus_client import start_http_server
+
+    from edge.control import LoopStats, PacedLoop, RecordWriter, UnpacedLoop
+    from edge.inference import InferenceWorker
+    from edge.link import LearnerAddress, Subscriber, SyncClock, Uploader
+    from edge.spool import Spool
+    from lerobot_policy_pi_rl.envs import make_vec_env
+    from lerobot_policy_pi_rl.sft import load_policy
+    from pirl.security import is_loopback, load_tokens
+
+    logging.getLogger().setLevel(logging.INFO)
+    torch.manual_seed(args.seed)
+    torch.set_num_threads(1)  # leave cores to the control loop and the other processes
+    tokens = load_tokens(args.tokens)
+    if args.robot_id not in tokens:
+        raise KeyError(f"--tokens has no entry for robot {args.robot_id!r}")
+    if not args.tls_ca and not is_loopback(args.learner) and not args.insecure:
+        raise ValueError(f"refusing plaintext to non-loopback learner {args.learner}: pass --tls-ca (or --insecure)")
+    link = LearnerAddress(args.learner, args.robot_id, tokens[args.robot_id], args.tls_ca,
+                          args.tls_client_cert, args.tls_client_key)
+
+    overrides = {"noise_method": args.noise_method} if args.noise_method else {}
+    policy, pre, post = load_policy(args.policy_path, **overrides)
+    num_envs = args.num_envs if args.mode == "unpaced" else 1
+    env = make_vec_env(args.env, num_envs, autoreset=False)
+    spool_dir = Path(args.spool_dir or f"outputs/edge/{args.robot_id}/spool")
+    spool = Spool(spool_dir, max_records=args.spool_max_records)
+    pending = spool.stats()["records"]
+    if pending:
+        logging.info("spool %s holds %d unacked records from an earlier run: they will be uploaded", spool_dir, pending)
+
+    stats = LoopStats()
+    worker = InferenceWorker(policy, pre, post, robot_id=args.robot_id, seed=args.seed)
+    writer = RecordWriter(spool, args.robot_id, stats)
+    clock = SyncClock(args.robot_id)
+    uploader = Uploader(link, spool, clock)
+    subscriber = Subscriber(link, worker, clock)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.metrics_address)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    worker.start()
+    uploader.start()
+    subscriber.start()
+    if args.mode == "paced":
+        loop = PacedLoop(env, worker, writer, robot_id=args.robot_id, control_hz=args.control_hz, seed=args.seed)
+    else:
+        loop = UnpacedLoop(env, worker, writer, robot_id=args.robot_id, seed=args.seed)
+    logging.info("%s control of %s started (%s)", args.mode, args.env, args.robot_id)
+    started = time.time()
+    loop.run(stop, duration_s=args.duration, max_episodes=args.episodes)
+    control_seconds = time.time() - started
+    worker.stop()  # finishes queued jobs first: every finished step is in the spool now
+
+    deadline = time.monotonic() + args.drain_timeout
+    while spool.stats()["records"] and time.monotonic() < deadline:
+        time.sleep(0.1)
+    left = spool.stats()["records"]
+    if left:
+        logging.warning("%d records still unacked after %.0fs: they stay in %s for the next run", left,
+                        args.drain_timeout, spool_dir)
+    uploader.stop()
+    subscriber.stop()
+    summary = {
+        "robot_id": args.robot_id, "mode": args.mode, "control_hz": args.control_hz, "control_seconds": control_seconds,
+        **stats.summary(),
+        "records_sent": uploader.sent, "records_resent": uploader.resent, "records_acked": uploader.acked,
+        "records_duplicate_acks": uploader.duplicates, "records_refused": dict(uploader.refused),
+        "records_left_in_spool": left, "policy_version": worker.version,
+        "policy_swaps": len(worker.swap_times), "versions_rejected": subscriber.rejected,
+        "sync_latencies_s": [lat for _, lat in subscriber.received],
+    }
+    if args.stats_file:
+        write_json(Path(args.stats_file), summary)
+    logging.info("edge %s done: %s", args.robot_id, json.dumps({k: v for k, v in summary.items()
+                                                                 if k != "sync_latencies_s"}))
+    spool.close()
+    return 0
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    if args.control_hz <= 0:
+        build_parser().error("--control-hz must be > 0")
+    run_cli(lambda: run(args))
+
+
+if __name__ == "__main__":
+    main()

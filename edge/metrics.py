@@ -1,0 +1,26 @@
+"""Edge Prometheus metrics (prefix pirl_edge_, base units, label robot_id / backend only)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+TICKS = Counter("pirl_edge_ticks_total", "Control ticks", ["robot_id"])
+DEADLINE_MISSES = Counter("pirl_edge_tick_deadline_misses_total", "Ticks that started late or had no action ready", ["robot_id"])
+CONTROL_RATE = Gauge("pirl_edge_control_rate_hz", "Achieved control rate over the last second", ["robot_id"])
+INFERENCE_LATENCY = Histogram(
+    "pirl_edge_inference_latency_seconds", "One chunk inference (prefix + K denoise steps)", ["robot_id", "backend"],
+    buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
+)
+POLICY_VERSION = Gauge("pirl_edge_policy_version", "Policy version the control loop runs", ["robot_id"])
+SECONDS_SINCE_SYNC = Gauge("pirl_edge_seconds_since_last_sync", "Seconds since the last successful learner contact", ["robot_id"])
+SYNC_LATENCY = Histogram(
+    "pirl_edge_sync_latency_seconds", "Publish-to-serving latency of a new policy version", ["robot_id"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+SPOOL_RECORDS = Gauge("pirl_edge_spool_records", "Rollout records waiting in the spool", ["robot_id"])
+SPOOL_BYTES = Gauge("pirl_edge_spool_bytes", "Bytes waiting in the spool", ["robot_id"])
+SPOOL_OLDEST_AGE = Gauge("pirl_edge_spool_oldest_record_age_seconds", "Age of the oldest unacked record", ["robot_id"])
+RECORDS_SENT = Counter("pirl_edge_records_sent_total", "Records sent to the learner (resends included)", ["robot_id"])
+RECORDS_ACKED = Counter("pirl_edge_records_acked_total", "Records acked by the learner", ["robot_id"])
+RECORDS_REFUSED = Counter("pirl_edge_records_refused_total", "Records not kept, by reason", ["robot_id", "reason"])
+BACKEND = Gauge("pirl_edge_backend_info", "Inference backend in use (1 for the active one)", ["robot_id", "backend"])
+SWAP_FAILURES = Counter("pirl_edge_swap_failures_total", "Policy versions refused (hash mismatch, load error)", ["robot_id"])
+SWAPS = Counter("pirl_edge_policy_swaps_total", "Policy versions swapped in", ["robot_id"])

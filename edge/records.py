@@ -1,0 +1,67 @@
+"""Building rollout records (pirl.v1.RolloutRecord) from what the control loop saw and sampled."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from pirl.codec import to_tensor_msg
+from pirl.v1 import pirl_pb2
+
+
+@dataclass
+class Decision:
+    """One sampled chunk, with what the learner needs to replay it (row ``i`` of a batch)."""
+
+    version: int
+    observation: dict[str, np.ndarray]  # normalised, per-sample (no batch dim)
+    chain: np.ndarray  # [K + 1, H, D] float32
+    stochastic: np.ndarray  # [K] bool
+    noise_level: float
+    log_prob: float
+    value: float
+    actions: np.ndarray  # [n_action_steps, action_dim] env actions (un-normalised)
+
+    @classmethod
+    def from_sample(cls, version: int, obs: dict[str, torch.Tensor], sample, env_actions: np.ndarray, i: int,
+                    n_action_steps: int) -> "Decision":
+        c = sample.chain
+        return cls(
+            version=version,
+            observation={k: v[i].detach().cpu().numpy().astype(np.float32) for k, v in obs.items()},
+            chain=c.chain[i].detach().cpu().numpy().astype(np.float32),
+            stochastic=c.stochastic[i].detach().cpu().numpy().astype(bool),
+            noise_level=float(sample.noise_level[i]),
+            log_prob=float(c.log_prob[i]),
+            value=float(sample.value[i]),
+            actions=env_actions[i, :n_action_steps],
+        )
+
+
+@dataclass
+class Outcome:
+    """What executing a decision's chunk produced."""
+
+    reward: float = 0.0
+    terminated: bool = False
+    truncated: bool = False
+    success: bool = False
+    env_steps: int = 0
+    final_observation: dict[str, np.ndarray] | None = field(default=None)
+
+
+def make_record(robot_id: str, seq: int, episode_id: str, step_index: int, d: Decision, o: Outcome) -> bytes:
+    rec = pirl_pb2.RolloutRecord(
+        robot_id=robot_id, episode_id=episode_id, sequence=seq, step_index=step_index, policy_version=d.version,
+        chain=to_tensor_msg(d.chain), stochastic=to_tensor_msg(d.stochastic), noise_level=d.noise_level,
+        log_prob=d.log_prob, value=d.value, reward=o.reward, terminated=o.terminated, truncated=o.truncated,
+        success=o.success, env_steps=o.env_steps,
+    )
+    for k, v in d.observation.items():
+        rec.observation[k].CopyFrom(to_tensor_msg(v))
+    if o.truncated and o.final_observation is not None:
+        for k, v in o.final_observation.items():
+            rec.final_observation[k].CopyFrom(to_tensor_msg(v))
+    return rec.SerializeToString()

@@ -1,0 +1,1 @@
+"""Cloud side: gRPC service, rollout store, update loop, publisher, checkpoints, metrics."""

@@ -1,0 +1,149 @@
+"""pirl-learner: serve pirl.v1.Learner, run PI-RL updates as rollouts arrive, publish every version.
+
+    pirl-learner --policy-path SFT/pretrained_model --tokens certs/tokens.json \\
+                 --tls-cert certs/server.pem --tls-key certs/server.key [--address 127.0.0.1:50051]
+    pirl-learner --output-dir outputs/learner --resume ...      # continue after a crash
+
+Refuses to listen on a non-loopback address without TLS unless --insecure is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from pathlib import Path
+
+from lerobot_policy_pi_rl.scripts.common import builtin_task_algorithm_config, run_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="pirl-learner", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--policy-path", help="SFT checkpoint (a LeRobot pretrained_model dir); not needed with --resume")
+    p.add_argument("--output-dir", default="outputs/learner", help="checkpoints/, status.json")
+    p.add_argument("--address", default="127.0.0.1:50051", help="host:port to listen on (port 0: any free port)")
+    p.add_argument("--port-file", help="write the bound port here once serving (for scripts and tests)")
+    p.add_argument("--tokens", required=True, help="JSON file {robot_id: token} of the robots allowed to connect")
+    p.add_argument("--tls-cert", help="server certificate (PEM)")
+    p.add_argument("--tls-key", help="server private key (PEM)")
+    p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
+    p.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
+    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last")
+    p.add_argument("--noise-method", choices=["flow_sde", "flow_noise"], help="override the policy's sampler")
+    p.add_argument("--episodes-per-update", type=int, default=64)
+    p.add_argument("--max-updates", type=int, default=0, help="stop updating after this many (0: never)")
+    p.add_argument("--max-version-lag", type=int, default=1, help="accept records this many versions old")
+    p.add_argument("--max-record-bytes", type=int, default=4 << 20)
+    p.add_argument("--algorithm-config", help="JSON of PiRLAlgorithmConfig fields (default: the built-in task preset)")
+    p.add_argument("--actor-lr", type=float, help="override algorithm.actor_lr")
+    p.add_argument("--eval-every", type=int, default=5, help="deterministic eval on the built-in task every N versions (0: off)")
+    p.add_argument("--eval-episodes", type=int, default=200)
+    p.add_argument("--target-success", type=float, help="stop updating once deterministic eval reaches this")
+    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
+    p.add_argument("--metrics-address", default="127.0.0.1")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def _algorithm_config(args):
+    overrides = {}
+    if args.algorithm_config:
+        path = Path(args.algorithm_config)
+        if not path.is_file():
+            raise FileNotFoundError(f"--algorithm-config: no such file {path}")
+        overrides = json.loads(path.read_text())
+        if not isinstance(overrides, dict):
+            raise ValueError(f"--algorithm-config: {path} must hold a JSON object of PiRLAlgorithmConfig fields")
+        overrides.pop("type", None)
+    if args.actor_lr is not None:
+        overrides["actor_lr"] = args.actor_lr
+    try:
+        return builtin_task_algorithm_config(**overrides)
+    except TypeError as e:
+        raise ValueError(f"--algorithm-config: {e}") from None
+
+
+def serve(args) -> int:
+    import torch
+    from prometheus_client import start_http_server
+
+    from learner.service import LearnerService, Publisher, build_server
+    from learner.store import PolicyShapes, RolloutStore
+    from learner.trainer import Trainer, TrainerSettings, make_evaluator
+    from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm
+    from lerobot_policy_pi_rl.sft import load_policy
+    from pirl.security import TokenAuthenticator, check_bind_allowed, load_tokens, server_credentials
+
+    logging.getLogger().setLevel(logging.INFO)
+    torch.manual_seed(args.seed)
+    out = Path(args.output_dir)
+    last = out / "checkpoints" / "last"
+    if (last / "learner_state.json").is_file() and not args.resume:
+        raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or use a new --output-dir")
+    if args.resume and (last / "pretrained_model").is_dir():
+        policy_path = last / "pretrained_model"
+    elif args.policy_path:
+        policy_path = Path(args.policy_path)
+    else:
+        raise ValueError("--policy-path is required (no checkpoint to resume from in --output-dir)")
+    tls = bool(args.tls_cert or args.tls_key)
+    if tls and not (args.tls_cert and args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    check_bind_allowed(args.address, tls=tls, insecure=args.insecure)
+    tokens = load_tokens(args.tokens)
+    creds = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if tls else None
+
+    overrides = {"noise_method": args.noise_method} if args.noise_method else {}
+    policy, pre, post = load_policy(policy_path, **overrides)
+    algo = PiRLAlgorithm(policy, _algorithm_config(args))
+    store = RolloutStore(PolicyShapes.from_policy(policy), max_version_lag=args.max_version_lag,
+                         max_record_bytes=args.max_record_bytes)
+    publisher = Publisher()
+    evaluator = make_evaluator(pre, post, args.eval_episodes) if args.eval_every else None
+    out.mkdir(parents=True, exist_ok=True)
+    trainer = Trainer(algo, store, publisher, out, TrainerSettings(
+        episodes_per_update=args.episodes_per_update, max_updates=args.max_updates, eval_every=args.eval_every,
+        eval_episodes=args.eval_episodes, target_success=args.target_success,
+    ), pre, post, evaluator)
+    if args.resume and not trainer.resume():
+        logging.info("--resume: no checkpoint in %s yet, starting from %s", out, policy_path)
+
+    service = LearnerService(store, publisher, TokenAuthenticator(tokens), max_record_bytes=args.max_record_bytes)
+    server, port, _ = build_server(service, args.address, credentials=creds,
+                                   max_message_bytes=2 * args.max_record_bytes)
+    if args.metrics_port:
+        start_http_server(args.metrics_port, addr=args.metrics_address)
+    trainer.start()
+    server.start()
+    host = args.address.rsplit(":", 1)[0]
+    logging.info("learner serving on %s:%d (%s) at policy version %d", host, port, "TLS" if tls else "plaintext",
+                 trainer.version)
+    if args.port_file:
+        tmp = Path(args.port_file + ".tmp")
+        tmp.write_text(str(port))
+        tmp.replace(args.port_file)
+
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    logging.info("shutting down")
+    service.stop()
+    server.stop(grace=2).wait()
+    trainer.stop()
+    return 0
+
+
+def main() -> None:
+    args = build_parser().parse_args()
+    for name in ("episodes_per_update", "eval_episodes"):
+        if getattr(args, name) < 1:
+            build_parser().error(f"--{name.replace('_', '-')} must be >= 1")
+    run_cli(lambda: serve(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,28 @@
+"""Learner Prometheus metrics (prefix pirl_learner_, base units, low-cardinality labels)."""
+
+from prometheus_client import Counter, Gauge, Histogram
+
+LEARNER_ACCEPTED = Counter("pirl_learner_rollouts_accepted_total", "Rollout records accepted", ["robot_id"])
+LEARNER_REJECTED = Counter("pirl_learner_rollouts_rejected_total", "Rollout records rejected, by reason", ["reason"])
+LEARNER_DUPLICATES = Counter("pirl_learner_rollouts_duplicate_total", "Resent records acked again as duplicates")
+LEARNER_CONNECTED = Gauge("pirl_learner_connected_robots", "Robots with an open rollout stream")
+LEARNER_VERSION = Gauge("pirl_learner_policy_version", "Current policy version")
+LEARNER_UPDATE_SECONDS = Histogram(
+    "pirl_learner_update_duration_seconds", "Wall time of one PI-RL update",
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+)
+LEARNER_PUBLISH_SECONDS = Histogram(
+    "pirl_learner_publish_duration_seconds", "Export + checkpoint + publish of a new version",
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+)
+LEARNER_EPISODES_PENDING = Gauge("pirl_learner_episodes_pending", "Complete episodes waiting for the next update")
+LEARNER_STALE_EPISODES = Counter("pirl_learner_stale_episodes_total", "Episodes dropped for policy-version lag")
+PPO_APPROX_KL = Gauge("pirl_learner_approx_kl", "Approximate KL of the last update")
+PPO_CLIP_FRACTION = Gauge("pirl_learner_clip_fraction", "Clip fraction of the last update")
+PPO_ENTROPY = Gauge("pirl_learner_entropy", "Mean per-element sampler entropy (Flow-Noise)")
+PPO_VALUE_LOSS = Gauge("pirl_learner_value_loss", "Critic loss of the last update")
+PPO_EXPLAINED_VARIANCE = Gauge("pirl_learner_explained_variance", "Explained variance of the critic")
+PPO_POLICY_LOSS = Gauge("pirl_learner_policy_loss", "Clipped surrogate loss of the last update")
+ROLLOUT_SUCCESS = Gauge("pirl_learner_rollout_success_ratio", "Success rate of the episodes in the last batch")
+EPISODE_RETURN = Gauge("pirl_learner_episode_return", "Mean episode return of the last batch")
+EVAL_SUCCESS = Gauge("pirl_learner_eval_success_ratio", "Deterministic-evaluation success of the current version")

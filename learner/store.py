@@ -1,0 +1,318 @@
+"""Rollout store: validation of incoming records, idempotent acks, episode assembly, batches.
+
+Thread-safe: gRPC handler threads add records while the update thread takes batches.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import numpy as np
+import torch
+
+from lerobot_policy_pi_rl.rollout import RolloutBatch
+from pirl.codec import WireError, from_tensor_msg, spec_msg
+from pirl.v1 import pirl_pb2
+
+
+class RecordError(Exception):
+    """A record the learner refuses; ``code`` is the gRPC status the stream is ended with."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str):
+        super().__init__(message)
+        self.code, self.reason, self.message = code, reason, message
+
+
+@dataclass(frozen=True)
+class PolicyShapes:
+    """What every record must look like for the current policy."""
+
+    observation: dict[str, tuple[int, ...]]
+    chain: tuple[int, ...]  # (K + 1, H, D)
+    num_steps: int
+    noise_method: str
+    n_action_steps: int
+
+    @classmethod
+    def from_policy(cls, policy) -> "PolicyShapes":
+        c = policy.config
+        obs = {k: tuple(ft.shape) for k, ft in sorted(c.input_features.items())}
+        chain = (c.num_denoise_steps + 1, c.chunk_size, c.model_action_dim)
+        return cls(obs, chain, c.num_denoise_steps, c.noise_method, c.n_action_steps)
+
+    def to_msg(self) -> pirl_pb2.PolicySpec:
+        spec = pirl_pb2.PolicySpec(
+            chain=spec_msg("float32", self.chain), stochastic=spec_msg("bool", (self.num_steps,)),
+            noise_method=self.noise_method, n_action_steps=self.n_action_steps,
+        )
+        for k, shape in self.observation.items():
+            spec.observation[k].CopyFrom(spec_msg("float32", shape))
+        return spec
+
+
+@dataclass
+class Step:
+    """One validated macro-step, as arrays."""
+
+    seq: int
+    step_index: int
+    version: int
+    observation: dict[str, np.ndarray]
+    chain: np.ndarray
+    stochastic: np.ndarray
+    noise_level: float
+    log_prob: float
+    value: float
+    reward: float
+    terminated: bool
+    truncated: bool
+    success: bool
+    env_steps: int
+    final_observation: dict[str, np.ndarray] | None
+
+
+def decode_record(rec: pirl_pb2.RolloutRecord, shapes: PolicyShapes, max_bytes: int) -> Step:
+    """Check shapes, dtypes and finiteness; raise RecordError(INVALID_ARGUMENT) naming the field."""
+
+    def bad(what: str) -> RecordError:
+        return RecordError(grpc.StatusCode.INVALID_ARGUMENT, "invalid", f"record seq={rec.sequence}: {what}")
+
+    if rec.sequence < 0:
+        raise bad("sequence must be >= 0")
+    if not rec.episode_id:
+        raise bad("episode_id is empty")
+    if rec.step_index < 0 or rec.env_steps < 0:
+        raise bad("step_index and env_steps must be >= 0")
+
+    def obs_map(m, name) -> dict[str, np.ndarray]:
+        if set(m.keys()) != set(shapes.observation):
+            raise bad(f"{name} keys {sorted(m.keys())} != expected {sorted(shapes.observation)}")
+        out = {}
+        for k, shape in shapes.observation.items():
+            try:
+                arr = from_tensor_msg(m[k], expect_dtype="float32", expect_shape=shape, max_bytes=max_bytes)
+            except WireError as e:
+                raise bad(f"{name}['{k}']: {e}") from None
+            if not np.isfinite(arr).all():
+                raise bad(f"{name}['{k}'] has non-finite values")
+            out[k] = arr
+        return out
+
+    obs = obs_map(rec.observation, "observation")
+    try:
+        chain = from_tensor_msg(rec.chain, expect_dtype="float32", expect_shape=shapes.chain, max_bytes=max_bytes)
+        stochastic = from_tensor_msg(rec.stochastic, expect_dtype="bool", expect_shape=(shapes.num_steps,))
+    except WireError as e:
+        raise bad(str(e)) from None
+    if not np.isfinite(chain).all():
+        raise bad("chain has non-finite values")
+    for name in ("noise_level", "log_prob", "value", "reward"):
+        if not math.isfinite(getattr(rec, name)):
+            raise bad(f"{name} is not finite ({getattr(rec, name)})")
+    if rec.terminated and rec.truncated:
+        raise bad("terminated and truncated are both set")
+    final = None
+    if rec.truncated:
+        final = obs_map(rec.final_observation, "final_observation")
+    elif len(rec.final_observation):
+        raise bad("final_observation is only allowed on a truncated step")
+    return Step(
+        seq=rec.sequence, step_index=rec.step_index, version=rec.policy_version, observation=obs, chain=chain,
+        stochastic=stochastic.astype(bool), noise_level=rec.noise_level, log_prob=rec.log_prob, value=rec.value,
+        reward=rec.reward, terminated=rec.terminated, truncated=rec.truncated, success=rec.success,
+        env_steps=rec.env_steps, final_observation=final,
+    )
+
+
+class AckedSequences:
+    """Acked sequence numbers of one robot: a contiguous low watermark plus a sparse set above it."""
+
+    def __init__(self, below: int = 0, above: set[int] | None = None):
+        self.below = below  # every seq < below is acked
+        self.above = set(above or ())
+        self._compact()
+
+    def __contains__(self, seq: int) -> bool:
+        return seq < self.below or seq in self.above
+
+    def add(self, seq: int) -> None:
+        self.above.add(seq)
+        self._compact()
+
+    def _compact(self) -> None:
+        while self.below in self.above:
+            self.above.discard(self.below)
+            self.below += 1
+
+    def to_json(self) -> dict:
+        return {"below": self.below, "above": sorted(self.above)}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "AckedSequences":
+        return cls(int(d["below"]), {int(x) for x in d["above"]})
+
+
+@dataclass
+class Episode:
+    robot_id: str
+    episode_id: str
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def done(self) -> bool:
+        return bool(self.steps) and (self.steps[-1].terminated or self.steps[-1].truncated)
+
+
+class RolloutStore:
+    """Accepts records exactly once per (robot id, sequence) and hands out complete episodes."""
+
+    def __init__(self, shapes: PolicyShapes, *, max_version_lag: int, max_record_bytes: int):
+        self.shapes = shapes
+        self.max_version_lag = max_version_lag
+        self.max_record_bytes = max_record_bytes
+        self.version = 0
+        self._lock = threading.Condition()
+        self._acked: dict[str, AckedSequences] = defaultdict(AckedSequences)
+        self._open: dict[tuple[str, str], Episode] = {}
+        self._complete: list[Episode] = []
+        self.counts = defaultdict(int)  # accepted, duplicate, rejected_<reason>, episodes, stale_episodes
+
+    # --- intake (gRPC threads) --------------------------------------------------------------------
+
+    def next_sequence(self, robot_id: str) -> int:
+        with self._lock:
+            return self._acked[robot_id].below
+
+    def add(self, robot_id: str, rec: pirl_pb2.RolloutRecord) -> int:
+        """Validate and store ``rec``; return ACCEPTED or DUPLICATE, or raise RecordError."""
+        if rec.robot_id != robot_id:
+            raise RecordError(grpc.StatusCode.PERMISSION_DENIED, "robot_mismatch",
+                              f"record robot_id {rec.robot_id!r} does not match the authenticated robot {robot_id!r}")
+        with self._lock:
+            if rec.sequence in self._acked[robot_id]:
+                self.counts["duplicate"] += 1
+                return pirl_pb2.RolloutAck.DUPLICATE
+            current = self.version
+        if rec.policy_version > current:
+            raise RecordError(grpc.StatusCode.INVALID_ARGUMENT, "future_version",
+                              f"record seq={rec.sequence} claims policy version {rec.policy_version} > current {current}")
+        if rec.policy_version < current - self.max_version_lag:
+            raise RecordError(grpc.StatusCode.FAILED_PRECONDITION, "stale_version",
+                              f"record seq={rec.sequence} is from policy version {rec.policy_version}; the learner is at "
+                              f"{current} and accepts a lag of {self.max_version_lag}")
+        step = decode_record(rec, self.shapes, self.max_record_bytes)
+        with self._lock:
+            acked = self._acked[robot_id]
+            if step.seq in acked:  # a concurrent resend won the race
+                self.counts["duplicate"] += 1
+                return pirl_pb2.RolloutAck.DUPLICATE
+            key = (robot_id, rec.episode_id)
+            ep = self._open.setdefault(key, Episode(robot_id, rec.episode_id))
+            ep.steps.append(step)
+            ep.steps.sort(key=lambda s: s.step_index)
+            if ep.done:
+                del self._open[key]
+                self._complete.append(ep)
+                self.counts["episodes"] += 1
+                self._lock.notify_all()
+            acked.add(step.seq)
+            self.counts["accepted"] += 1
+            return pirl_pb2.RolloutAck.ACCEPTED
+
+    def reject(self, reason: str) -> None:
+        with self._lock:
+            self.counts[f"rejected_{reason}"] += 1
+
+    # --- batches (update thread) ------------------------------------------------------------------
+
+    def wait_for_episodes(self, n: int, timeout: float) -> bool:
+        with self._lock:
+            return self._lock.wait_for(lambda: len(self._complete) >= n, timeout=timeout)
+
+    def take_episodes(self, n: int) -> list[Episode]:
+        """Up to ``n`` complete episodes whose every step is within the allowed version lag."""
+        with self._lock:
+            fresh, stale = [], []
+            for ep in self._complete:
+                ok = min(s.version for s in ep.steps) >= self.version - self.max_version_lag
+                (fresh if ok else stale).append(ep)
+            self.counts["stale_episodes"] += len(stale)
+            take, self._complete = fresh[:n], fresh[n:]
+            # unfinished episodes that can no longer complete within the lag: forget them
+            oldest = self.version - self.max_version_lag
+            for key in [k for k, ep in self._open.items() if ep.steps[-1].version < oldest]:
+                del self._open[key]
+                self.counts["stale_episodes"] += 1
+            return take
+
+    def set_version(self, version: int) -> None:
+        with self._lock:
+            self.version = version
+
+    def pending_episodes(self) -> int:
+        with self._lock:
+            return len(self._complete)
+
+    # --- persistence (checkpoints) ----------------------------------------------------------------
+
+    def state(self) -> dict:
+        with self._lock:
+            return {"acked": {r: a.to_json() for r, a in self._acked.items()}, "counts": dict(self.counts)}
+
+    def load_state(self, state: dict) -> None:
+        with self._lock:
+            self._acked = defaultdict(AckedSequences, {r: AckedSequences.from_json(a) for r, a in state["acked"].items()})
+            self.counts = defaultdict(int, state.get("counts", {}))
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(self.state()))
+
+
+def episodes_to_batch(episodes: list[Episode], policy) -> RolloutBatch:
+    """Time-major RolloutBatch (padded with invalid steps) from complete episodes."""
+    n = len(episodes)
+    T = max(len(ep.steps) for ep in episodes)
+    K1, H, D = episodes[0].steps[0].chain.shape
+    obs_keys = list(episodes[0].steps[0].observation)
+    obs = {k: torch.zeros(T, n, *episodes[0].steps[0].observation[k].shape) for k in obs_keys}
+    chains = torch.zeros(T, n, K1, H, D)
+    stochastic = torch.zeros(T, n, K1 - 1, dtype=torch.bool)
+    f = {name: torch.zeros(T, n) for name in ("noise_level", "log_prob", "value", "reward", "bootstrap")}
+    b = {name: torch.zeros(T, n, dtype=torch.bool) for name in ("terminated", "truncated", "valid")}
+    returns, success = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
+    final_obs: dict[str, list] = {k: [] for k in obs_keys}
+    final_at: list[tuple[int, int]] = []
+    env_steps = 0
+    for j, ep in enumerate(episodes):
+        for t, s in enumerate(ep.steps):
+            for k in obs_keys:
+                obs[k][t, j] = torch.from_numpy(s.observation[k])
+            chains[t, j] = torch.from_numpy(s.chain)
+            stochastic[t, j] = torch.from_numpy(s.stochastic)
+            f["noise_level"][t, j], f["log_prob"][t, j], f["value"][t, j] = s.noise_level, s.log_prob, s.value
+            f["reward"][t, j] = s.reward
+            b["terminated"][t, j], b["truncated"][t, j], b["valid"][t, j] = s.terminated, s.truncated, True
+            returns[j] += s.reward
+            success[j] |= s.success
+            env_steps += s.env_steps
+            if s.truncated:
+                for k in obs_keys:
+                    final_obs[k].append(torch.from_numpy(s.final_observation[k]))
+                final_at.append((t, j))
+    if final_at:  # bootstrap V(final observation) of truncated episodes with the current critic
+        with torch.no_grad():
+            v = policy.predict_value({k: torch.stack(vs) for k, vs in final_obs.items()})
+        for (t, j), value in zip(final_at, v.tolist(), strict=True):
+            f["bootstrap"][t, j] = value
+    return RolloutBatch(
+        observations=obs, chains=chains, stochastic=stochastic, noise_level=f["noise_level"],
+        log_probs=f["log_prob"], values=f["value"], rewards=f["reward"], terminated=b["terminated"],
+        truncated=b["truncated"], valid=b["valid"], bootstrap_values=f["bootstrap"], episode_returns=returns,
+        episode_success=success, group_ids=torch.arange(n), env_steps=env_steps,
+    )

@@ -115,10 +115,10 @@ class Uploader:
         resp = pirl_pb2.RegisterResponse.FromString(raw)
         self.clock.learner_version = max(self.clock.learner_version, resp.policy_version)
         self.clock.max_version_lag = resp.max_version_lag
-        # anything below the learner's watermark was acked before (e.g. we crashed before deleting it)
-        for seq, _ in self.spool.pending():
-            if seq < resp.next_sequence:
-                self.spool.ack(seq)
+        # anything below the learner's watermark was acked before (e.g. we crashed before deleting it),
+        # and our numbering must never go back below it (e.g. a wiped spool directory)
+        self.spool.ack_upto(resp.next_sequence - 1)
+        self.spool.advance_sequence(resp.next_sequence)
         return resp
 
     def _run(self):

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-updates", type=int, default=0, help="stop updating after this many (0: never)")
     p.add_argument("--max-version-lag", type=int, default=1, help="accept records this many versions old")
     p.add_argument("--max-record-bytes", type=int, default=4 << 20)
+    p.add_argument("--wal-fsync", action="store_true",
+                   help="fsync every accepted record before acking it (power-loss safe, slower)")
     p.add_argument("--algorithm-config", help="JSON of PiRLAlgorithmConfig fields (default: the built-in task preset)")
     p.add_argument("--actor-lr", type=float, help="override algorithm.actor_lr")
     p.add_argument("--eval-every", type=int, default=5, help="deterministic eval on the built-in task every N versions (0: off)")
@@ -73,6 +75,7 @@ def serve(args) -> int:
     from learner.service import LearnerService, Publisher, build_server
     from learner.store import PolicyShapes, RolloutStore
     from learner.trainer import Trainer, TrainerSettings, make_evaluator
+    from learner.wal import RecordLog
     from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm
     from lerobot_policy_pi_rl.sft import load_policy
     from pirl.security import TokenAuthenticator, check_bind_allowed, load_tokens, server_credentials
@@ -99,8 +102,9 @@ def serve(args) -> int:
     overrides = {"noise_method": args.noise_method} if args.noise_method else {}
     policy, pre, post = load_policy(policy_path, **overrides)
     algo = PiRLAlgorithm(policy, _algorithm_config(args))
+    wal = RecordLog(out / "wal", fsync=args.wal_fsync)
     store = RolloutStore(PolicyShapes.from_policy(policy), max_version_lag=args.max_version_lag,
-                         max_record_bytes=args.max_record_bytes)
+                         max_record_bytes=args.max_record_bytes, wal=wal)
     publisher = Publisher()
     evaluator = make_evaluator(pre, post, args.eval_episodes) if args.eval_every else None
     out.mkdir(parents=True, exist_ok=True)
@@ -113,7 +117,7 @@ def serve(args) -> int:
 
     service = LearnerService(store, publisher, TokenAuthenticator(tokens), max_record_bytes=args.max_record_bytes)
     server, port, _ = build_server(service, args.address, credentials=creds,
-                                   max_message_bytes=2 * args.max_record_bytes)
+                                   max_message_bytes=2 * args.max_record_bytes, workers=2 * len(tokens) + 8)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
     trainer.start()

@@ -77,6 +77,7 @@ class LearnerService:
             msg.ParseFromString(data)
         except DecodeError as e:
             metrics.LEARNER_REJECTED.labels(reason="malformed").inc()
+            self.store.reject("malformed")
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {cls.__name__} protobuf: {e}")
         return msg
 
@@ -119,7 +120,7 @@ class LearnerService:
                                   f"record of {len(data)} bytes exceeds the limit of {self.max_record_bytes}")
                 rec = self._parse(pirl_pb2.RolloutRecord, data, context)
                 try:
-                    status = self.store.add(robot_id, rec)
+                    status = self.store.add(robot_id, rec, data)
                 except RecordError as e:
                     metrics.LEARNER_REJECTED.labels(reason=e.reason).inc()
                     self.store.reject(e.reason)
@@ -174,7 +175,10 @@ def build_server(service: LearnerService, address: str, *, credentials: grpc.Ser
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", 256 * 1024 * 1024),
     ]
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options)
+    # every robot holds two long-lived streams (rollouts, policy subscription), each on a pool thread;
+    # past maximum_concurrent_rpcs a call fails fast with RESOURCE_EXHAUSTED instead of queueing
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options,
+                         maximum_concurrent_rpcs=workers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     health_servicer = health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

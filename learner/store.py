@@ -75,6 +75,7 @@ class Step:
     success: bool
     env_steps: int
     final_observation: dict[str, np.ndarray] | None
+    raw: bytes = b""  # the record as received (kept for the write-ahead log / checkpoint)
 
 
 def decode_record(rec: pirl_pb2.RolloutRecord, shapes: PolicyShapes, max_bytes: int) -> Step:
@@ -107,9 +108,12 @@ def decode_record(rec: pirl_pb2.RolloutRecord, shapes: PolicyShapes, max_bytes: 
     obs = obs_map(rec.observation, "observation")
     try:
         chain = from_tensor_msg(rec.chain, expect_dtype="float32", expect_shape=shapes.chain, max_bytes=max_bytes)
+    except WireError as e:
+        raise bad(f"chain: {e}") from None
+    try:
         stochastic = from_tensor_msg(rec.stochastic, expect_dtype="bool", expect_shape=(shapes.num_steps,))
     except WireError as e:
-        raise bad(str(e)) from None
+        raise bad(f"stochastic: {e}") from None
     if not np.isfinite(chain).all():
         raise bad("chain has non-finite values")
     for name in ("noise_level", "log_prob", "value", "reward"):
@@ -135,15 +139,16 @@ class AckedSequences:
 
     def __init__(self, below: int = 0, above: set[int] | None = None):
         self.below = below  # every seq < below is acked
-        self.above = set(above or ())
+        self.above = {s for s in (above or ()) if s >= below}
         self._compact()
 
     def __contains__(self, seq: int) -> bool:
         return seq < self.below or seq in self.above
 
     def add(self, seq: int) -> None:
-        self.above.add(seq)
-        self._compact()
+        if seq >= self.below:
+            self.above.add(seq)
+            self._compact()
 
     def _compact(self) -> None:
         while self.below in self.above:
@@ -172,8 +177,9 @@ class Episode:
 class RolloutStore:
     """Accepts records exactly once per (robot id, sequence) and hands out complete episodes."""
 
-    def __init__(self, shapes: PolicyShapes, *, max_version_lag: int, max_record_bytes: int):
+    def __init__(self, shapes: PolicyShapes, *, max_version_lag: int, max_record_bytes: int, wal=None):
         self.shapes = shapes
+        self.wal = wal  # learner.wal.RecordLog: every accepted record is logged before its ack
         self.max_version_lag = max_version_lag
         self.max_record_bytes = max_record_bytes
         self.version = 0
@@ -189,11 +195,16 @@ class RolloutStore:
         with self._lock:
             return self._acked[robot_id].below
 
-    def add(self, robot_id: str, rec: pirl_pb2.RolloutRecord) -> int:
-        """Validate and store ``rec``; return ACCEPTED or DUPLICATE, or raise RecordError."""
+    def add(self, robot_id: str, rec: pirl_pb2.RolloutRecord, raw: bytes = b"") -> int:
+        """Validate and store ``rec`` (``raw``: its bytes, for the write-ahead log); return ACCEPTED or
+        DUPLICATE, or raise RecordError."""
         if rec.robot_id != robot_id:
             raise RecordError(grpc.StatusCode.PERMISSION_DENIED, "robot_mismatch",
                               f"record robot_id {rec.robot_id!r} does not match the authenticated robot {robot_id!r}")
+        if rec.sequence < 0 or rec.policy_version < 0:
+            raise RecordError(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
+                              f"record seq={rec.sequence}: sequence and policy_version must be >= 0 "
+                              f"(policy_version={rec.policy_version})")
         with self._lock:
             if rec.sequence in self._acked[robot_id]:
                 self.counts["duplicate"] += 1
@@ -207,23 +218,47 @@ class RolloutStore:
                               f"record seq={rec.sequence} is from policy version {rec.policy_version}; the learner is at "
                               f"{current} and accepts a lag of {self.max_version_lag}")
         step = decode_record(rec, self.shapes, self.max_record_bytes)
+        step.raw = raw or rec.SerializeToString()
         with self._lock:
-            acked = self._acked[robot_id]
-            if step.seq in acked:  # a concurrent resend won the race
+            if step.seq in self._acked[robot_id]:  # a concurrent resend won the race
                 self.counts["duplicate"] += 1
                 return pirl_pb2.RolloutAck.DUPLICATE
-            key = (robot_id, rec.episode_id)
-            ep = self._open.setdefault(key, Episode(robot_id, rec.episode_id))
-            ep.steps.append(step)
-            ep.steps.sort(key=lambda s: s.step_index)
-            if ep.done:
-                del self._open[key]
-                self._complete.append(ep)
-                self.counts["episodes"] += 1
-                self._lock.notify_all()
-            acked.add(step.seq)
+            if self.wal is not None:
+                self.wal.append(robot_id, step.raw)
+            self._insert(robot_id, rec.episode_id, step)
             self.counts["accepted"] += 1
             return pirl_pb2.RolloutAck.ACCEPTED
+
+    def restore(self, robot_id: str, raw: bytes, *, pending: bool) -> bool:
+        """Re-insert a record after a restart (it was validated when it arrived).
+
+        ``pending=True``: a checkpoint's not-yet-used record (acked in that checkpoint's state).
+        ``pending=False``: a write-ahead-log entry, skipped when the checkpoint already counts it as
+        acked (it was accepted before the snapshot: either pending, or used by an update).
+        """
+        rec = pirl_pb2.RolloutRecord.FromString(raw)
+        step = decode_record(rec, self.shapes, self.max_record_bytes)
+        step.raw = raw
+        with self._lock:
+            if not pending:
+                if step.seq in self._acked[robot_id]:
+                    return False
+                self.counts["accepted"] += 1  # accepted after the checkpoint's counts were taken
+            self._insert(robot_id, rec.episode_id, step)
+            return True
+
+    def _insert(self, robot_id: str, episode_id: str, step: Step) -> None:
+        """Add a step to its episode and ack its sequence (caller holds the lock)."""
+        key = (robot_id, episode_id)
+        ep = self._open.setdefault(key, Episode(robot_id, episode_id))
+        ep.steps.append(step)
+        ep.steps.sort(key=lambda s: s.step_index)
+        if ep.done:
+            del self._open[key]
+            self._complete.append(ep)
+            self.counts["episodes"] += 1
+            self._lock.notify_all()
+        self._acked[robot_id].add(step.seq)
 
     def reject(self, reason: str) -> None:
         with self._lock:
@@ -264,6 +299,16 @@ class RolloutStore:
     def state(self) -> dict:
         with self._lock:
             return {"acked": {r: a.to_json() for r, a in self._acked.items()}, "counts": dict(self.counts)}
+
+    def checkpoint_snapshot(self, version: int) -> tuple[dict, list[tuple[str, bytes]]]:
+        """(state, records not yet used by an update) for checkpoint ``version``; atomically with the
+        snapshot, the write-ahead log moves on to segment ``version``."""
+        with self._lock:
+            state = {"acked": {r: a.to_json() for r, a in self._acked.items()}, "counts": dict(self.counts)}
+            pending = [(ep.robot_id, s.raw) for ep in [*self._open.values(), *self._complete] for s in ep.steps]
+            if self.wal is not None:
+                self.wal.start_segment(version)
+            return state, pending
 
     def load_state(self, state: dict) -> None:
         with self._lock:

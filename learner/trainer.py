@@ -19,6 +19,7 @@ from safetensors.torch import save as safetensors_bytes
 from learner import metrics
 from learner.service import Publisher
 from learner.store import RolloutStore, episodes_to_batch
+from learner.wal import read_entries, write_entries
 from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, load_checkpoint, save_checkpoint
 from pirl.v1 import pirl_pb2
 
@@ -71,8 +72,10 @@ class Trainer:
     def save(self) -> None:
         """checkpoints/<version>/ written atomically, then ``last`` re-pointed atomically."""
         ckpt = self.checkpoints_dir / f"{self.version:06d}"
+        store_state, pending = self.store.checkpoint_snapshot(self.version)
         save_checkpoint(ckpt, self.algo, self.pre, self.post)
-        state = {"version": self.version, "env_steps": self.env_steps, "store": self.store.state(),
+        write_entries(ckpt / "pending_records.log", pending)  # accepted, not yet used by an update
+        state = {"version": self.version, "env_steps": self.env_steps, "store": store_state,
                  "eval_curve": self.eval_curve}
         tmp = ckpt / "learner_state.json.tmp"
         tmp.write_text(json.dumps(state))
@@ -82,6 +85,8 @@ class Trainer:
             link_tmp.unlink()
         link_tmp.symlink_to(ckpt.name)
         os.replace(link_tmp, self.checkpoints_dir / "last")
+        if self.store.wal is not None:  # records before this checkpoint are in it now
+            self.store.wal.drop_before(self.version)
         old = sorted(p for p in self.checkpoints_dir.iterdir() if p.name.isdigit())[: -self.settings.keep_checkpoints]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
@@ -97,6 +102,12 @@ class Trainer:
         self.eval_curve = [tuple(x) for x in state.get("eval_curve", [])]
         self.store.load_state(state["store"])
         self.store.set_version(self.version)
+        restored = sum(self.store.restore(r, raw, pending=True) for r, raw in read_entries(last / "pending_records.log"))
+        replayed = 0
+        if self.store.wal is not None:
+            replayed = sum(self.store.restore(r, raw, pending=False) for r, raw in self.store.wal.replay(self.version))
+            self.store.wal.start_segment(max(self.version, *self.store.wal.segments()))
+        log.info("restored %d pending records from the checkpoint and %d from the write-ahead log", restored, replayed)
         log.info("resumed from %s at policy version %d", last.resolve(), self.version)
         return True
 
@@ -116,6 +127,7 @@ class Trainer:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=60)
+        self._write_status()
 
     def _run(self) -> None:
         s = self.settings
@@ -188,9 +200,9 @@ class Trainer:
         self._write_status()
 
     def _write_status(self) -> None:
-        counts = self.store.state()["counts"]
+        store_state = self.store.state()
         status = {"version": self.version, "env_steps": self.env_steps, "eval_curve": self.eval_curve,
-                  "counts": counts, "updates": self.algo.num_updates, "history_tail": self.history[-3:],
+                  "counts": store_state["counts"], "acked": store_state["acked"], "updates": self.algo.num_updates, "history_tail": self.history[-3:],
                   "done": self.done.is_set()}
         tmp = self.output_dir / "status.json.tmp"
         tmp.write_text(json.dumps(status))

@@ -13,7 +13,7 @@ FIND_PYTHON = for c in "$$PYTHON" python3.12 python3; do \
 	for c in $$(ls -d "$$root"/versions/3.12*/bin/python3 2>/dev/null | sort -V -r) $$(ls -d "$$root"/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -V); do "$$c" -c '' && { echo "$$c"; exit 0; }; done; \
 	exit 1
 
-.PHONY: demo test venv sft clean help which-python
+.PHONY: demo test venv sft proto certs clean help which-python
 
 which-python:
 	@$(FIND_PYTHON)
@@ -22,6 +22,8 @@ help:
 	@echo "make demo   - set up .venv and run the main job (pirl-demo) on the built-in task -> $(OUT)"
 	@echo "make test   - set up .venv and run the test suite"
 	@echo "make sft    - record scripted demos and behaviour-clone the pi_rl policy (pirl-sft)"
+	@echo "make proto  - regenerate proto/pirl/v1/*_pb2*.py from proto/pirl/v1/pirl.proto"
+	@echo "make certs  - a local CA, learner and robot certificates and tokens in certs/ (pirl-certs)"
 
 $(VENV)/.installed: pyproject.toml
 	@if [ ! -x $(PY) ]; then \
@@ -39,6 +41,12 @@ demo: $(VENV)/.installed
 
 sft: $(VENV)/.installed
 	$(VENV)/bin/pirl-sft --out outputs/sft
+
+proto: $(VENV)/.installed
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/pirl/v1/pirl.proto
+
+certs: $(VENV)/.installed
+	$(VENV)/bin/pirl-certs --out certs --robots robot-0 robot-1
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q

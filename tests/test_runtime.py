@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -136,10 +137,23 @@ def assert_every_record_accepted_once(c: Cluster, status: dict):
 
 def test_two_edges_one_learner_several_versions(cluster):
     c = cluster
-    c.learner("--max-updates", "3")
-    c.edge("robot-0", "paced", "--control-hz", "50")
+    ports = free_port(), free_port()
+    c.learner("--max-updates", "3", "--metrics-port", str(ports[0]))
+    c.edge("robot-0", "paced", "--control-hz", "50", "--metrics-port", str(ports[1]))
     c.edge("robot-1", "unpaced")
     c.wait_version(3)
+    time.sleep(1.0)
+    learner_metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=10).read().decode()
+    edge_metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/metrics", timeout=10).read().decode()
+    for name in ("pirl_learner_policy_version 3.0", 'pirl_learner_rollouts_accepted_total{robot_id="robot-0"}',
+                 "pirl_learner_update_duration_seconds_bucket", "pirl_learner_approx_kl",
+                 "pirl_learner_clip_fraction", "pirl_learner_explained_variance", "pirl_learner_connected_robots"):
+        assert name in learner_metrics, name
+    for name in ('pirl_edge_ticks_total{robot_id="robot-0"}', "pirl_edge_tick_deadline_misses_total",
+                 "pirl_edge_inference_latency_seconds_bucket", "pirl_edge_policy_version",
+                 "pirl_edge_seconds_since_last_sync", "pirl_edge_spool_records", "pirl_edge_spool_oldest_record_age_seconds",
+                 'pirl_edge_backend_info{backend="torch",robot_id="robot-0"} 1.0', "pirl_edge_control_rate_hz"):
+        assert name in edge_metrics, name
     for robot in ROBOTS:
         assert c.stop(robot) == 0
     c.stop("learner")
@@ -179,3 +193,26 @@ def test_learner_kill9_resume_and_edge_kill9_lose_nothing(cluster):
     # robot-0 kept its control loop running through the learner outage
     assert paced["ticks"] >= 0.5 * paced["control_seconds"] * 50
     assert "resumed from" in (c.dir / "learner.log").read_text()
+
+
+def test_learner_refuses_plaintext_on_a_public_address(setup):
+    root, ckpt, pki = setup
+    res = subprocess.run([str(BIN / "pirl-learner"), "--policy-path", str(ckpt), "--tokens", str(pki["tokens"]),
+                          "--address", "0.0.0.0:0", "--output-dir", str(root / "refuse")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2
+    assert res.stderr.startswith("error:") and "--insecure" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_edge_refuses_unknown_robot_cleanly(setup):
+    root, ckpt, pki = setup
+    res = subprocess.run([str(BIN / "pirl-edge"), "--learner", "127.0.0.1:1", "--robot-id", "robot-9",
+                          "--tokens", str(pki["tokens"]), "--policy-path", str(ckpt)],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 2 and "robot-9" in res.stderr and "Traceback" not in res.stderr
+
+
+@pytest.mark.parametrize("cmd", ["pirl-edge", "pirl-learner", "pirl-certs", "pirl-demo", "pirl-bench", "pirl-sft"])
+def test_console_scripts_have_help(cmd):
+    res = subprocess.run([str(BIN / cmd), "--help"], capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0 and "usage:" in res.stdout

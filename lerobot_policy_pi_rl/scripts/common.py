@@ -18,6 +18,9 @@ def run_cli(main: Callable[[], int | None]) -> None:
     """Run ``main``; a user mistake prints one clear line (no traceback) and exits 2."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(message)s")
+    # LeRobot probes torchcodec (video decoding) at import and logs a multi-page traceback when its
+    # FFmpeg libraries are missing; our datasets store images, so its pyav fallback is fine: quiet it.
+    logging.getLogger("lerobot.utils.import_utils").setLevel(logging.ERROR)
     try:
         sys.exit(main() or 0)
     except USER_ERRORS as e:

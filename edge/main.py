@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-envs", type=int, default=64, help="unpaced mode only")
     p.add_argument("--spool-dir", help="default: outputs/edge/<robot-id>/spool")
     p.add_argument("--spool-max-records", type=int, default=100_000)
+    p.add_argument("--spool-fsync", choices=["on", "off"],
+                   help="fsync every spooled record (default: on in paced mode, off in unpaced simulation, "
+                        "where records survive an edge crash but not a power loss)")
     p.add_argument("--duration", type=float, help="seconds to run (default: until signalled)")
     p.add_argument("--episodes", type=int, help="episodes to run (default: until signalled)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to upload the spool at exit")
@@ -79,7 +82,8 @@ def run(args) -> int:
     num_envs = args.num_envs if args.mode == "unpaced" else 1
     env = make_vec_env(args.env, num_envs, autoreset=False)
     spool_dir = Path(args.spool_dir or f"outputs/edge/{args.robot_id}/spool")
-    spool = Spool(spool_dir, max_records=args.spool_max_records)
+    fsync = (args.spool_fsync or ("on" if args.mode == "paced" else "off")) == "on"
+    spool = Spool(spool_dir, max_records=args.spool_max_records, fsync=fsync)
     pending = spool.stats()["records"]
     if pending:
         logging.info("spool %s holds %d unacked records from an earlier run: they will be uploaded", spool_dir, pending)

@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import signal
-import sys
 import threading
 from pathlib import Path
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from concurrent import futures
 
 import grpc
@@ -64,7 +63,7 @@ class Publisher:
 
 class LearnerService:
     def __init__(self, store: RolloutStore, publisher: Publisher, auth: TokenAuthenticator, *,
-                 max_record_bytes: int, edge_seen: dict | None = None):
+                 max_record_bytes: int):
         self.store, self.publisher, self.auth = store, publisher, auth
         self.max_record_bytes = max_record_bytes
         self._stop = threading.Event()
@@ -189,6 +188,3 @@ def build_server(service: LearnerService, address: str, *, credentials: grpc.Ser
     health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer
 
-
-def now() -> float:
-    return time.time()

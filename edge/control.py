@@ -87,6 +87,7 @@ class PacedLoop:
         self.stats = writer.stats
         self._ready: Decision | None = None
         self._waiting = False
+        self.current_rate = 0.0  # ticks in the last second
         self._lock = threading.Lock()
 
     # decisions arrive on the worker thread
@@ -138,7 +139,8 @@ class PacedLoop:
             rate_window.append(now)
             while rate_window and rate_window[0] < now - 1.0:
                 rate_window.pop(0)
-            metrics.CONTROL_RATE.labels(rid).set(len(rate_window))
+            self.current_rate = float(len(rate_window))
+            metrics.CONTROL_RATE.labels(rid).set(self.current_rate)
             missed = False
             if now - next_tick > self.late_after:
                 missed = True

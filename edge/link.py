@@ -281,3 +281,40 @@ class Subscriber:
             latency = max(0.0, time.time() - update.published_unix_s)
             self.received.append((update.version, latency))
             metrics.SYNC_LATENCY.labels(self.link.robot_id).observe(latency)
+
+
+class Heartbeat:
+    """Tells the learner every ``period`` seconds which version this robot runs and how full its spool is."""
+
+    def __init__(self, link: LearnerAddress, worker, spool: Spool, clock: SyncClock, rate_fn=None, period: float = 5.0):
+        self.link, self.worker, self.spool, self.clock = link, worker, spool, clock
+        self.rate_fn, self.period = rate_fn or (lambda: 0.0), period
+        self.stop_event = threading.Event()
+        self.sent = 0
+        self._thread = threading.Thread(target=self._run, name="pirl-heartbeat", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self.stop_event.set()
+        self._thread.join(timeout=10)
+
+    def _run(self):
+        with self.link.channel() as channel:
+            call = _stub(channel, "Heartbeat", "unary_unary")
+            while not self.stop_event.wait(self.period):
+                req = pirl_pb2.HeartbeatRequest(
+                    robot_id=self.link.robot_id, policy_version=self.worker.version,
+                    spool_records=self.spool.stats()["records"], control_rate_hz=float(self.rate_fn()),
+                )
+                try:
+                    resp = pirl_pb2.HeartbeatResponse.FromString(
+                        call(req.SerializeToString(), metadata=self.link.metadata, timeout=5)
+                    )
+                except grpc.RpcError:
+                    continue  # the uploader and subscriber log connection problems
+                self.sent += 1
+                self.clock.touch()
+                self.clock.learner_version = max(self.clock.learner_version, resp.policy_version)
+            self.clock.update_metric()

@@ -103,8 +103,12 @@ class LearnerService:
         ).SerializeToString()
 
     def heartbeat(self, data: bytes, context) -> bytes:
-        self.auth.robot_for(context)
-        self._parse(pirl_pb2.HeartbeatRequest, data, context)
+        robot_id = self.auth.robot_for(context)
+        req = self._parse(pirl_pb2.HeartbeatRequest, data, context)
+        if req.robot_id and req.robot_id != robot_id:
+            context.abort(grpc.StatusCode.PERMISSION_DENIED,
+                          f"robot_id {req.robot_id!r} does not match the token's robot {robot_id!r}")
+        log.debug("heartbeat from %s: version %d, %d spooled", robot_id, req.policy_version, req.spool_records)
         return pirl_pb2.HeartbeatResponse(policy_version=self.store.version).SerializeToString()
 
     def stream_rollouts(self, request_iterator, context):

@@ -3,14 +3,25 @@
     pirl-bench learn --out DIR [--noise-method flow_sde flow_noise] [--seeds 0 1 2] [--grpo]
                      [--denoise-steps 4] [--noise-levels 0.5] [--iterations 200] ...
 
+    pirl-bench infer --out DIR [--batch 1] [--iterations 200] [--warmup 20] [--threads 1]
+                     [--policy-path PRETRAINED_DIR] [--noise-method flow_sde]
+
 ``learn``: in one process (no network) SFT from scripted demos (LeRobot's train loop), then PI-RL
 with periodic deterministic evaluation; writes DIR/learn.json and DIR/learn.png.
+
+``infer``: exports the sampler to ONNX (DIR/onnx) and times one chunk inference (one
+``sample_chains`` call: host numpy in, host numpy out) on every backend with the same inputs,
+interleaved call by call so background load hits all backends alike: PyTorch eager and ONNX
+Runtime CPU; with CUDA also PyTorch eager CUDA, ONNX Runtime CUDA, torch.compile and TensorRT
+(each skipped with a recorded reason when unavailable). Writes DIR/infer.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import itertools
+import os
 import platform
 import time
 from datetime import datetime, timezone
@@ -68,6 +79,300 @@ def _report(args, runs) -> dict:
     }
 
 
+# --- infer: one chunk's latency per inference backend ---------------------------------------------
+
+TORCH = "torch_eager"
+
+
+def _infer_policy(args):
+    """(policy, description): the checkpoint at --policy-path, or a fresh default pi_rl policy."""
+    import torch
+
+    if args.policy_path:
+        from lerobot_policy_pi_rl.sft import load_policy
+
+        policy, _, _ = load_policy(args.policy_path)
+        return policy, f"checkpoint {args.policy_path}"
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
+    from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
+    from lerobot_policy_pi_rl.sft import dataset_features
+
+    feats = dataset_features("state", 32)  # the built-in task: state 6, action 3
+    torch.manual_seed(args.seed)
+    cfg = PiRLConfig(
+        device="cpu", push_to_hub=False,
+        input_features={"observation.state": PolicyFeature(FeatureType.STATE, tuple(feats["observation.state"]["shape"]))},
+        output_features={"action": PolicyFeature(FeatureType.ACTION, tuple(feats["action"]["shape"]))},
+    )
+    policy = PiRLPolicy(cfg).eval()
+    return policy, (f"freshly initialised default pi_rl policy (seed {args.seed}) for the built-in task's shapes "
+                    f"(state {feats['observation.state']['shape'][0]}, action {feats['action']['shape'][0]}); no checkpoint")
+
+
+def _infer_inputs(policy, batch: int, seed: int) -> dict:
+    """Normalised observations and sampler noise (numpy), shared by every backend."""
+    import numpy as np
+    import torch
+
+    c = policy.config
+    g = torch.Generator().manual_seed(seed)
+    obs = {}
+    for key in sorted(c.input_features):
+        shape = (batch, *c.input_features[key].shape)
+        obs[key] = (torch.rand(shape, generator=g) if key in c.image_features else torch.randn(shape, generator=g)).numpy()
+    initial, steps, stochastic = policy.draw_noise(batch, generator=g, device="cpu")
+    return {"obs": obs, "initial_noise": initial.numpy(), "step_noise": steps.numpy(),
+            "stochastic": stochastic.numpy(), "noise_level": np.full((batch,), c.noise_level, dtype=np.float32)}
+
+
+def _torch_backend(policy, inp, noise_method, device: str):
+    import torch
+
+    def to(x, dtype=None):
+        return torch.from_numpy(x).to(device=device, dtype=dtype)
+
+    def run():
+        with torch.no_grad():
+            obs = {k: to(v) for k, v in inp["obs"].items()}
+            s = policy.sample_chains(obs, to(inp["initial_noise"]), to(inp["step_noise"]), to(inp["stochastic"]),
+                                     noise_level=to(inp["noise_level"]), noise_method=noise_method)
+            outs = (s.actions, s.chain.chain, s.chain.log_prob, s.value)
+            return dict(zip(("actions", "chain", "log_prob", "value"), (o.cpu().numpy() for o in outs), strict=True))
+
+    return run
+
+
+def _compile_backend(policy, inp, noise_method, mode: str):
+    import torch
+
+    from lerobot_policy_pi_rl.export import SamplerGraph
+
+    compiled = torch.compile(SamplerGraph(policy, noise_method), mode=mode)
+
+    def run():
+        with torch.no_grad():
+            args = [torch.from_numpy(inp["obs"][k]).cuda() for k in sorted(inp["obs"])]
+            args += [torch.from_numpy(inp[n]).cuda().float() for n in ("initial_noise", "step_noise", "stochastic", "noise_level")]
+            outs = compiled(*args)
+            return dict(zip(("actions", "chain", "log_prob", "value"), (o.cpu().numpy() for o in outs), strict=True))
+
+    return run
+
+
+def _tensorrt_backend(onnx_path: Path, feeds: dict):
+    """FP32 engine (TF32 off) built from the exported ONNX for exactly these input shapes."""
+    import tensorrt as trt
+    import torch
+
+    logger = trt.Logger(trt.Logger.ERROR)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # TensorRT < 10 needs it; >= 10 ignores it
+        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        raise RuntimeError("TensorRT ONNX parser: " + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
+    config = builder.create_builder_config()
+    config.clear_flag(trt.BuilderFlag.TF32)
+    profile = builder.create_optimization_profile()
+    for i in range(network.num_inputs):
+        name = network.get_input(i).name
+        shape = feeds[name].shape
+        profile.set_shape(name, shape, shape, shape)
+    config.add_optimization_profile(profile)
+    blob = builder.build_serialized_network(network, config)
+    if blob is None:
+        raise RuntimeError("TensorRT engine build failed")
+    engine = trt.Runtime(logger).deserialize_cuda_engine(blob)
+    ctx = engine.create_execution_context()
+    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+    in_bufs = {}
+    for n in inputs:
+        in_bufs[n] = torch.empty(feeds[n].shape, dtype=torch.float32, device="cuda")
+        ctx.set_input_shape(n, feeds[n].shape)
+        ctx.set_tensor_address(n, in_bufs[n].data_ptr())
+    out_bufs = {}
+    for n in names:
+        if n not in in_bufs:
+            out_bufs[n] = torch.empty(tuple(ctx.get_tensor_shape(n)), dtype=torch.float32, device="cuda")
+            ctx.set_tensor_address(n, out_bufs[n].data_ptr())
+    stream = torch.cuda.Stream()
+
+    def run():
+        with torch.cuda.stream(stream):
+            for n, buf in in_bufs.items():
+                buf.copy_(torch.from_numpy(feeds[n]))
+            if not ctx.execute_async_v3(stream.cuda_stream):
+                raise RuntimeError("TensorRT execute_async_v3 failed")
+            return {n: b.cpu().numpy() for n, b in out_bufs.items()}
+
+    return run, trt.__version__
+
+
+def _infer(args) -> int:
+    import copy
+
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from lerobot_policy_pi_rl.export import OnnxSampler, export_onnx
+
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    policy, source = _infer_policy(args)
+    c = policy.config
+    noise_method = args.noise_method or c.noise_method
+    print(f"[infer] policy: {source}")
+    print(f"[infer] exporting the {noise_method} sampler to {out / 'onnx'}")
+    started = time.perf_counter()
+    manifest = export_onnx(policy, out / "onnx", noise_method=noise_method, opset=args.opset)
+    export_seconds = time.perf_counter() - started
+    inp = _infer_inputs(policy, args.batch, args.seed)
+
+    backends, skipped, notes = {}, {}, {}
+    backends[TORCH] = _torch_backend(policy, inp, noise_method, "cpu")
+    ort_cpu = OnnxSampler(out / "onnx", threads=args.threads)
+    feeds = ort_cpu.feeds(inp["obs"], inp["initial_noise"], inp["step_noise"], inp["stochastic"], inp["noise_level"])
+    backends["onnxruntime_cpu"] = lambda: ort_cpu.run(inp["obs"], inp["initial_noise"], inp["step_noise"],
+                                                      inp["stochastic"], inp["noise_level"])
+    gpu_names = ["torch_eager_cuda", "onnxruntime_cuda", "torch_compile_cuda", "tensorrt"]
+    if not torch.cuda.is_available():
+        for name in gpu_names:
+            skipped[name] = "no CUDA device (torch.cuda.is_available() is False)"
+    else:
+        gpu_policy = copy.deepcopy(policy).to("cuda").eval()
+        candidates = {
+            "torch_eager_cuda": lambda: _torch_backend(gpu_policy, inp, noise_method, "cuda"),
+            "onnxruntime_cuda": lambda: _ort_cuda(out / "onnx", ort, inp),
+            "torch_compile_cuda": lambda: _compile_backend(gpu_policy, inp, noise_method, args.compile_mode),
+            "tensorrt": lambda: _trt(out / "onnx" / "model.onnx", feeds, notes),
+        }
+        for name, make in candidates.items():
+            try:
+                fn = make()
+                fn()  # first call: builds / compiles, and proves the backend runs
+                backends[name] = fn
+            except Exception as e:  # noqa: BLE001 - any failure is recorded as the skip reason
+                skipped[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0] if str(e).strip() else ''}"[:300]
+                print(f"[infer] skipping {name}: {skipped[name]}")
+
+    # parity: the same inputs through every backend, against PyTorch eager (CPU)
+    ref = backends[TORCH]()
+    parity = {}
+    for name, fn in backends.items():
+        got = fn()
+        parity[name] = {k: float(np.max(np.abs(got[k] - ref[k]))) for k in ("actions", "chain", "log_prob", "value")}
+
+    print(f"[infer] timing {len(backends)} backends, batch {args.batch}, {args.threads} thread(s): "
+          f"{args.warmup} warmup + {args.iterations} timed calls each, interleaved")
+    for _ in range(args.warmup):
+        for fn in backends.values():
+            fn()
+    times = {name: [] for name in backends}
+    gc.collect()
+    gc.disable()
+    try:
+        for _ in range(args.iterations):
+            for name, fn in backends.items():
+                t0 = time.perf_counter()
+                fn()
+                times[name].append((time.perf_counter() - t0) * 1e3)
+    finally:
+        gc.enable()
+
+    base = float(np.median(times[TORCH]))
+    results = {}
+    for name, ts in times.items():
+        med = float(np.median(ts))
+        results[name] = {"median_ms": round(med, 4), "p99_ms": round(float(np.percentile(ts, 99)), 4),
+                         "ratio_vs_torch": round(med / base, 4)}
+    report = {
+        "backends": results,
+        "parity_max_abs_err": parity["onnxruntime_cpu"]["actions"],
+        "parity_max_abs_err_by_backend": parity,
+        "skipped": skipped,
+        "machine": _machine(),
+        "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
+        "command": "pirl-bench " + " ".join(args.argv),
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "batch": args.batch,
+        "threads": args.threads,
+        "iterations": args.iterations,
+        "warmup": args.warmup,
+        "export_seconds": round(export_seconds, 3),
+        "artifact_bytes": {name: a["bytes"] for name, a in manifest["artifacts"].items()},
+        "policy": {
+            "source": source,
+            "noise_method": noise_method,
+            "num_denoise_steps": c.num_denoise_steps,
+            "chunk_size": c.chunk_size,
+            "action_dim": c.action_dim,
+            "model_action_dim": c.model_action_dim,
+            "parameters": sum(p.numel() for p in policy.parameters()),
+        },
+        "notes": {
+            "measured": "one chunk inference = one sample_chains call (prefix + K denoise steps + log-prob + value), "
+                        "host numpy inputs to host numpy outputs (GPU backends include the copies)",
+            "ratio_vs_torch": f"median_ms / median_ms of {TORCH} (PyTorch eager on CPU)",
+            "parity_max_abs_err": "max |actions(onnxruntime_cpu) - actions(torch_eager)| on the timed inputs",
+            "schedule": "backends called round-robin, one call each per iteration, garbage collector off",
+            "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
+            "onnx_opset": manifest["opset"],
+            "torch_compile_mode": args.compile_mode,
+            **notes,
+        },
+    }
+    write_json(out / "infer.json", report)
+    _print_table(results, skipped, report)
+    print(f"wrote {out / 'infer.json'}")
+    return 0
+
+
+def _ort_cuda(export_dir: Path, ort, inp: dict):
+    from lerobot_policy_pi_rl.export import OnnxSampler
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        raise RuntimeError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (CPU build; install onnxruntime-gpu)")
+    sampler = OnnxSampler(export_dir, providers=["cuda"])
+    if sampler.providers[0] != "CUDAExecutionProvider":
+        raise RuntimeError(f"CUDAExecutionProvider did not initialise (session providers {sampler.providers})")
+    return lambda: sampler.run(inp["obs"], inp["initial_noise"], inp["step_noise"], inp["stochastic"], inp["noise_level"])
+
+
+def _trt(onnx_path: Path, feeds: dict, notes: dict):
+    try:
+        import tensorrt  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        raise RuntimeError(f"import tensorrt failed ({type(e).__name__}: {e})") from None
+    fn, version = _tensorrt_backend(onnx_path, feeds)
+    notes["tensorrt"] = f"TensorRT {version}, FP32 engine (TF32 off), static shapes = the timed inputs"
+    return fn
+
+
+def _print_table(results: dict, skipped: dict, report: dict) -> None:
+    print(f"\n{'backend':<20}{'median_ms':>11}{'p99_ms':>11}{'x torch':>9}")
+    for name, r in results.items():
+        print(f"{name:<20}{r['median_ms']:>11.3f}{r['p99_ms']:>11.3f}{r['ratio_vs_torch']:>9.2f}")
+    for name, why in skipped.items():
+        print(f"{name:<20}  skipped: {why}")
+    print(f"parity (onnxruntime_cpu vs torch_eager actions): max abs err {report['parity_max_abs_err']:.2e}; "
+          f"export {report['export_seconds']:.2f}s; batch {report['batch']}, {report['threads']} thread(s)\n")
+
+
+def _machine() -> str:
+    import torch
+
+    m = f"{platform.machine()} {platform.processor() or ''} {_cpus()} CPUs, {platform.python_version()}".replace("  ", " ")
+    if torch.cuda.is_available():
+        m += f", {torch.cuda.get_device_name(0)}"
+    return m.strip()
+
+
 def _cpus() -> int:
     import os
 
@@ -95,8 +400,31 @@ def main() -> None:
     p.add_argument("--num-demos", type=int, default=10)
     p.add_argument("--demo-noise", type=float, default=0.1)
     p.add_argument("--sft-steps", type=int, default=2000)
+
+    p = sub.add_parser("infer", help="export to ONNX and time one chunk inference per backend; writes infer.json")
+    p.add_argument("--out", required=True, help="output directory (the export goes to OUT/onnx)")
+    p.add_argument("--policy-path", default=None,
+                   help="pretrained_model directory (default: a freshly initialised pi_rl policy for the built-in task)")
+    p.add_argument("--batch", type=int, default=1, help="decisions per inference call")
+    p.add_argument("--iterations", type=int, default=200, help="timed calls per backend")
+    p.add_argument("--warmup", type=int, default=20, help="untimed calls per backend first")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch and ONNX Runtime intra-op threads (1: comparable figures on a shared machine)")
+    p.add_argument("--noise-method", choices=["flow_sde", "flow_noise", "flow_ode"], default=None,
+                   help="sampler to time (default: the policy's configured one)")
+    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--compile-mode", default="default", help="torch.compile mode on GPU")
+    p.add_argument("--seed", type=int, default=0, help="policy init (without --policy-path) and inputs")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
+    if args.cmd == "infer":
+        for name in ("batch", "iterations", "threads"):
+            if getattr(args, name) < 1:
+                parser.error(f"--{name} must be >= 1")
+        if args.warmup < 0:
+            parser.error("--warmup must be >= 0")
+        run_cli(lambda: _infer(args))
+        return
     for name in ("iterations", "num_envs", "eval_every", "eval_episodes", "num_demos", "sft_steps"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -1,0 +1,454 @@
+"""ONNX export of the PI-RL sampler, and an ONNX Runtime sampler that serves it.
+
+The exported graph is the policy's own ``sample_chains`` traced through ``samplers.py`` (no second
+implementation of the sampler math): observations and every random tensor are graph inputs, so the
+ONNX model is the same pure function of (observation, noise) as the PyTorch policy, and a chain
+sampled by ONNX Runtime (or TensorRT, built from this file) can be re-evaluated by the learner in
+PyTorch with ``PiRLPolicy.evaluate_chains``.
+
+Graph signature (``SamplerGraph.forward`` / the ONNX model), all float32, ``B`` = the batch axis
+(named ``batch``, dynamic unless ``batch_size`` is given at export)::
+
+    inputs   obs__<feature key>  one per observation feature, in sorted key order, e.g.
+                                 obs__observation.state [B, S], obs__observation.image [B, C, H, W];
+                                 the NORMALISED policy inputs (what the pre-processor produces)
+             initial_noise       [B, H, D]     x_1 of the chain
+             step_noise          [B, K, H, D]  per-step Gaussian noise
+             stochastic          [B, K]        1.0 = stochastic step, 0.0 = ODE step (a float mask;
+                                               the graph converts it with ``> 0.5``)
+             noise_level         [B]           Flow-SDE ``a`` (ignored by flow_ode / flow_noise)
+    outputs  actions             [B, H, D]     normalised, padded chunk (real dims: [..., :action_dim])
+             chain               [B, K + 1, H, D]
+             log_prob            [B]
+             value               [B]
+
+``H`` = chunk size, ``K`` = denoise steps, ``D`` = the model's (possibly ``max_action_dim``-padded)
+action dim. Observation input names are ``"obs__" + feature key`` (the key's dots are kept; ONNX
+names may contain them), so a key can be recovered by stripping the prefix. The exporter drops
+inputs a noise method never reads (flow_ode: ``stochastic`` and ``noise_level``; flow_noise:
+``noise_level``); the manifest lists the model's actual inputs and the dropped ones under
+``unused_inputs``, and ``OnnxSampler.run`` accepts (and ignores) them either way.
+
+An export directory holds ``model.onnx`` (+ ``model.onnx.data`` when the model is over the 2 GB
+protobuf limit), ``model.safetensors`` and ``config.json`` (the policy, loadable by
+``PiRLPolicy.from_pretrained``) and ``manifest.json``: every artifact with its sha256 and size, the
+policy type / version, opset, noise method, K, chunk size, action dims and every input / output
+with dtype and shape. ``OnnxSampler`` refuses to load a directory whose files do not match it.
+
+The legacy TorchScript exporter is used (``dynamo=False``) with opset <= 20 (TensorRT 10.3 parses
+up to opset 20).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import tempfile
+import time
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from lerobot_policy_pi_rl.samplers import check_noise_method
+
+log = logging.getLogger(__name__)
+
+OBS_PREFIX = "obs__"
+NOISE_INPUTS = ("initial_noise", "step_noise", "stochastic", "noise_level")
+OUTPUTS = ("actions", "chain", "log_prob", "value")
+BATCH_AXIS = "batch"
+MANIFEST = "manifest.json"
+MODEL_FILE = "model.onnx"
+EXTERNAL_DATA_FILE = "model.onnx.data"
+MANIFEST_FORMAT = "pirl-onnx-sampler/1"
+MIN_OPSET, MAX_OPSET = 13, 20  # 20: the newest opset TensorRT 10.3's ONNX parser accepts
+# A protobuf message cannot exceed 2 GiB; keep the weights inline only well below that.
+MAX_INLINE_BYTES = 2**31 - 2**27
+
+_PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+}
+
+
+class ArtifactIntegrityError(ValueError):
+    """An exported artifact is missing or its sha256 does not match manifest.json."""
+
+
+def observation_keys(config) -> list[str]:
+    """The policy's observation feature keys, in the (sorted) order of the graph inputs."""
+    return sorted(config.input_features or {})
+
+
+def input_name(key: str) -> str:
+    """ONNX input name of observation feature ``key`` (``observation.state`` -> ``obs__observation.state``)."""
+    return OBS_PREFIX + key
+
+
+class SamplerGraph(nn.Module):
+    """``forward(*observations, initial_noise, step_noise, stochastic, noise_level)`` ->
+    ``(actions, chain, log_prob, value)``, by calling ``policy.sample_chains``.
+
+    Observations come first, one tensor per feature in ``observation_keys(policy.config)`` order.
+    ``stochastic`` is a float ``[B, K]`` mask (1.0 = stochastic step) so the graph has no bool
+    input; ``noise_level`` is ``[B]``. The noise method is fixed at construction (the policy's
+    configured one by default).
+    """
+
+    def __init__(self, policy, noise_method: str | None = None):
+        super().__init__()
+        self.policy = policy
+        self.noise_method = noise_method or policy.config.noise_method
+        check_noise_method(self.noise_method)
+        self.observation_keys = observation_keys(policy.config)
+
+    def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        n_obs = len(self.observation_keys)
+        if len(inputs) != n_obs + len(NOISE_INPUTS):
+            raise TypeError(
+                f"SamplerGraph takes {n_obs} observation tensors ({self.observation_keys}) then "
+                f"{', '.join(NOISE_INPUTS)}; got {len(inputs)} tensors"
+            )
+        obs = dict(zip(self.observation_keys, inputs[:n_obs], strict=True))
+        initial_noise, step_noise, stochastic, noise_level = inputs[n_obs:]
+        sample = self.policy.sample_chains(
+            obs, initial_noise, step_noise, stochastic > 0.5, noise_level=noise_level, noise_method=self.noise_method
+        )
+        return sample.actions, sample.chain.chain, sample.chain.log_prob, sample.value
+
+
+def example_inputs(policy, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
+    """Random inputs with the graph's signature (observations, then the noise tensors)."""
+    c = policy.config
+    device = policy.action_mask.device
+    g = generator if generator is not None else torch.Generator().manual_seed(0)
+    obs = []
+    for key in observation_keys(c):
+        shape = (batch_size, *c.input_features[key].shape)
+        obs.append(torch.randn(shape, generator=g).to(device))
+    k, h, d = c.num_denoise_steps, c.chunk_size, c.model_action_dim
+    initial = torch.randn(batch_size, h, d, generator=g).to(device)
+    steps = torch.randn(batch_size, k, h, d, generator=g).to(device)
+    stochastic = (torch.rand(batch_size, k, generator=g) > 0.5).float().to(device)
+    level = torch.full((batch_size,), float(c.noise_level), device=device)
+    return (*obs, initial, steps, stochastic, level)
+
+
+def io_spec(policy, batch_size: int | None = None) -> tuple[list[dict], list[dict]]:
+    """(inputs, outputs): name, dtype and shape of every graph input / output (``"batch"`` when dynamic)."""
+    c = policy.config
+    b = BATCH_AXIS if batch_size is None else batch_size
+    k, h, d = c.num_denoise_steps, c.chunk_size, c.model_action_dim
+    inputs = [
+        {"name": input_name(key), "feature": key, "dtype": "float32", "shape": [b, *c.input_features[key].shape]}
+        for key in observation_keys(c)
+    ]
+    inputs += [
+        {"name": "initial_noise", "dtype": "float32", "shape": [b, h, d]},
+        {"name": "step_noise", "dtype": "float32", "shape": [b, k, h, d]},
+        {"name": "stochastic", "dtype": "float32", "shape": [b, k]},
+        {"name": "noise_level", "dtype": "float32", "shape": [b]},
+    ]
+    outputs = [
+        {"name": "actions", "dtype": "float32", "shape": [b, h, d]},
+        {"name": "chain", "dtype": "float32", "shape": [b, k + 1, h, d]},
+        {"name": "log_prob", "dtype": "float32", "shape": [b]},
+        {"name": "value", "dtype": "float32", "shape": [b]},
+    ]
+    for spec in inputs + outputs:
+        spec["shape"] = [int(x) if not isinstance(x, str) else x for x in spec["shape"]]
+    return inputs, outputs
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _state_bytes(module: nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def export_onnx(
+    policy,
+    out_dir: str | Path,
+    *,
+    opset: int = 17,
+    batch_size: int | None = None,
+    noise_method: str | None = None,
+    version: int | str = 0,
+    external_data: bool | None = None,
+) -> dict:
+    """Export ``policy``'s sampler to ``out_dir``; return the manifest (also written as manifest.json).
+
+    Args:
+        policy: a ``PiRLPolicy`` (its device is used for tracing; it is left in its original mode).
+        out_dir: created if needed; model.onnx, model.safetensors, config.json, manifest.json are
+            (over)written, and a stale model.onnx.data is removed.
+        opset: ONNX opset, 13..20.
+        batch_size: ``None`` exports a dynamic batch axis; an int fixes it.
+        noise_method: sampler baked into the graph; the policy's configured one by default.
+        version: policy version recorded in the manifest (and the ONNX metadata).
+        external_data: store the weights in model.onnx.data. ``None`` (default) does so only when
+            they would not fit the 2 GB protobuf limit.
+    """
+    import onnx
+
+    c = policy.config
+    noise_method = noise_method or c.noise_method
+    check_noise_method(noise_method)
+    if not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}] (TensorRT 10.3 parses up to {MAX_OPSET}), got {opset}")
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1 or None (dynamic), got {batch_size}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / MANIFEST).unlink(missing_ok=True)  # a manifest exists only for a complete export
+
+    if external_data is None:
+        external_data = _state_bytes(policy) > MAX_INLINE_BYTES
+    graph = SamplerGraph(policy, noise_method)
+    inputs, outputs = io_spec(policy, batch_size)
+    in_names, out_names = [s["name"] for s in inputs], [s["name"] for s in outputs]
+    # batch 2 for a dynamic export: a traced size-1 dim could be specialised by broadcasting
+    args = example_inputs(policy, batch_size or 2)
+    dynamic_axes = None if batch_size is not None else {n: {0: BATCH_AXIS} for n in in_names + out_names}
+
+    was_training = policy.training
+    policy.eval()
+    started = time.perf_counter()
+    try:
+        with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp, torch.no_grad(), warnings.catch_warnings():
+            # Benign for this graph (tests vary every input against PyTorch): the tracer flags the
+            # Python shape check in sample_chain and ``torch.as_tensor`` on tensors that are already
+            # graph values; the legacy exporter is chosen on purpose (TensorRT-friendly graphs).
+            warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
+            warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
+            warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
+            raw = Path(tmp) / MODEL_FILE
+            torch.onnx.export(
+                graph, args, str(raw), dynamo=False, opset_version=opset, input_names=in_names,
+                output_names=out_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                export_params=True,
+            )
+            model = onnx.load(str(raw), load_external_data=True)
+        # the legacy exporter drops graph inputs the noise method never reads (flow_ode: stochastic
+        # and noise_level; flow_noise: noise_level): the manifest lists the model's real inputs
+        graph_inputs = {i.name for i in model.graph.input}
+        dropped = [s["name"] for s in inputs if s["name"] not in graph_inputs]
+        inputs = [s for s in inputs if s["name"] in graph_inputs]
+        model.producer_name = "lerobot_policy_pi_rl"
+        meta = {"policy_type": c.type, "version": str(version), "noise_method": noise_method,
+                "num_denoise_steps": str(c.num_denoise_steps), "chunk_size": str(c.chunk_size)}
+        for key, value in meta.items():
+            model.metadata_props.add(key=key, value=value)
+        if not external_data and model.ByteSize() > MAX_INLINE_BYTES:
+            external_data = True
+        data_path = out / EXTERNAL_DATA_FILE
+        data_path.unlink(missing_ok=True)
+        onnx.save_model(
+            model, str(out / MODEL_FILE), save_as_external_data=external_data,
+            all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE, size_threshold=1024,
+        )
+        del model
+        onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)
+    finally:
+        policy.train(was_training)
+    export_seconds = time.perf_counter() - started
+
+    policy.save_pretrained(out)  # config.json + model.safetensors
+    files = [MODEL_FILE] + ([EXTERNAL_DATA_FILE] if external_data else []) + ["model.safetensors", "config.json"]
+    manifest = {
+        "format": MANIFEST_FORMAT,
+        "policy_type": c.type,
+        "version": version,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "exporter": f"torch {torch.__version__} (legacy TorchScript, dynamo=False), onnx {onnx.__version__}",
+        "opset": opset,
+        "noise_method": noise_method,
+        "hybrid": bool(c.hybrid),
+        "noise_level": float(c.noise_level),
+        "num_denoise_steps": c.num_denoise_steps,
+        "chunk_size": c.chunk_size,
+        "n_action_steps": c.n_action_steps,
+        "action_dim": c.action_dim,
+        "model_action_dim": c.model_action_dim,
+        "critic_placement": c.critic_placement,
+        "batch_size": batch_size,
+        "external_data": external_data,
+        "observation_inputs": {key: input_name(key) for key in observation_keys(c)},
+        "inputs": inputs,
+        "unused_inputs": dropped,
+        "outputs": outputs,
+        "export_seconds": round(export_seconds, 3),
+        "artifacts": {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in files},
+    }
+    tmp_manifest = out / (MANIFEST + ".tmp")
+    tmp_manifest.write_text(json.dumps(manifest, indent=2))
+    tmp_manifest.replace(out / MANIFEST)
+    return manifest
+
+
+def load_manifest(path: str | Path) -> tuple[Path, dict]:
+    """(export directory, manifest) for an export directory or its model.onnx."""
+    path = Path(path)
+    root = path if path.is_dir() else path.parent
+    mpath = root / MANIFEST
+    if not mpath.is_file():
+        raise FileNotFoundError(f"no {MANIFEST} in {root}: not a pirl-export directory (export it with pirl-export)")
+    manifest = json.loads(mpath.read_text())
+    if manifest.get("format") != MANIFEST_FORMAT:
+        raise ValueError(f"{mpath}: unsupported manifest format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+    return root, manifest
+
+
+def verify_artifacts(root: str | Path, manifest: dict) -> None:
+    """Raise ArtifactIntegrityError unless every artifact listed in the manifest matches its sha256."""
+    root = Path(root)
+    for name, info in manifest["artifacts"].items():
+        file = root / name
+        if not file.is_file():
+            raise ArtifactIntegrityError(f"{file}: listed in {MANIFEST} but missing")
+        got = sha256_file(file)
+        if got != info["sha256"]:
+            raise ArtifactIntegrityError(
+                f"{file}: sha256 mismatch (manifest {info['sha256']}, file {got}): the artifact is corrupted "
+                "or was modified after export; refusing to load it (re-export with pirl-export)"
+            )
+
+
+def _resolve_providers(providers) -> list[str]:
+    import onnxruntime as ort
+
+    if providers is None:
+        return ["CPUExecutionProvider"]
+    if isinstance(providers, str):
+        providers = [providers]
+    available = set(ort.get_available_providers())
+    chosen = []
+    for p in providers:
+        name = _PROVIDER_ALIASES.get(p.lower(), p) if isinstance(p, str) else p
+        if name not in available:
+            log.warning("onnxruntime provider %s is not available (have %s); skipping it", name, sorted(available))
+            continue
+        if name not in chosen:
+            chosen.append(name)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")  # fallback for ops another provider does not take
+    return chosen
+
+
+class OnnxSampler:
+    """Run an exported sampler with ONNX Runtime.
+
+    ``path``: an export directory or its model.onnx. Every artifact's sha256 is checked against
+    manifest.json before the model is loaded (``ArtifactIntegrityError`` on mismatch).
+    ``providers``: ONNX Runtime providers (names or ``"cpu"``/``"cuda"``/``"tensorrt"``); CPU by
+    default, unavailable ones are skipped with a warning and CPU is always the last fallback.
+    ``threads``: intra-op threads (ONNX Runtime's default when None).
+    """
+
+    def __init__(self, path: str | Path, providers=None, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        self.root, self.manifest = load_manifest(path)
+        verify_artifacts(self.root, self.manifest)
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+        self.session = ort.InferenceSession(
+            str(self.root / MODEL_FILE), sess_options=opts, providers=_resolve_providers(providers)
+        )
+        self.providers = self.session.get_providers()
+        self.observation_keys = list(self.manifest["observation_inputs"])
+        self._input_shapes = {s["name"]: s["shape"] for s in self.manifest["inputs"]}
+
+    def _array(self, name: str, value) -> np.ndarray:
+        arr = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
+        want = self._input_shapes[name]
+        if arr.ndim != len(want) or any(not isinstance(w, str) and w != a for w, a in zip(want, arr.shape, strict=False)):
+            raise ValueError(f"input {name!r}: expected shape {want}, got {list(arr.shape)}")
+        return arr
+
+    def feeds(self, obs: dict, initial_noise, step_noise, stochastic, noise_level=None) -> dict[str, np.ndarray]:
+        """The ONNX Runtime input dict, validated against the manifest (also usable with other
+        runtimes of the same model). Inputs the graph does not read (``unused_inputs``) are left out."""
+        missing = [k for k in self.observation_keys if k not in obs]
+        if missing:
+            raise KeyError(f"observation is missing {missing}; the exported sampler takes {self.observation_keys}")
+        batch = np.shape(initial_noise)[0]
+        if noise_level is None:
+            noise_level = self.manifest["noise_level"]
+        level = np.asarray(noise_level, dtype=np.float32)
+        if level.ndim == 0:
+            level = np.full((batch,), float(level), dtype=np.float32)
+        raw = {input_name(k): obs[k] for k in self.observation_keys}
+        raw.update(initial_noise=initial_noise, step_noise=step_noise, stochastic=np.asarray(stochastic),
+                   noise_level=level)
+        feeds = {name: self._array(name, value) for name, value in raw.items() if name in self._input_shapes}
+        for name, arr in feeds.items():
+            if arr.shape[0] != batch:
+                raise ValueError(f"input {name!r} has batch {arr.shape[0]}, initial_noise has {batch}")
+        return feeds
+
+    def run(self, obs: dict, initial_noise, step_noise, stochastic, noise_level=None) -> dict[str, np.ndarray]:
+        """One batch of chunks: ``{"actions", "chain", "log_prob", "value"}`` (numpy float32).
+
+        ``obs`` maps feature keys (``"observation.state"``) to normalised arrays; ``stochastic`` may be
+        bool or float; ``noise_level`` a scalar or ``[B]`` (the manifest's default when None).
+        """
+        results = self.session.run(list(OUTPUTS), self.feeds(obs, initial_noise, step_noise, stochastic, noise_level))
+        return dict(zip(OUTPUTS, results, strict=True))
+
+
+def main() -> None:
+    from lerobot_policy_pi_rl.scripts.common import run_cli
+
+    parser = argparse.ArgumentParser(
+        prog="pirl-export",
+        description="Export a pi_rl policy's sampler to ONNX (+ weights and a sha256 manifest).",
+    )
+    parser.add_argument("--policy-path", required=True, help="a LeRobot pretrained_model directory")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--noise-method", choices=["flow_sde", "flow_noise", "flow_ode"], default=None,
+                        help="sampler baked into the graph (default: the policy's configured one)")
+    parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default 17)")
+    parser.add_argument("--batch-size", type=int, default=None, help="fix the batch axis (default: dynamic)")
+    parser.add_argument("--version", default="0", help="policy version recorded in the manifest")
+    args = parser.parse_args()
+
+    def _run() -> int:
+        from lerobot_policy_pi_rl.sft import load_policy
+
+        policy, _, _ = load_policy(args.policy_path)
+        version = int(args.version) if args.version.isdigit() else args.version
+        started = time.perf_counter()
+        manifest = export_onnx(policy, args.out, opset=args.opset, batch_size=args.batch_size,
+                               noise_method=args.noise_method, version=version)
+        total = time.perf_counter() - started
+        out = Path(args.out)
+        print(f"exported {manifest['policy_type']} v{manifest['version']} sampler ({manifest['noise_method']}, "
+              f"K={manifest['num_denoise_steps']}, chunk {manifest['chunk_size']}, opset {manifest['opset']}, "
+              f"batch {manifest['batch_size'] or 'dynamic'}) to {out}")
+        for name, info in manifest["artifacts"].items():
+            print(f"  {name:<20} {info['bytes']:>12,d} B  sha256 {info['sha256'][:16]}...")
+        print(f"  {MANIFEST}")
+        print(f"export took {manifest['export_seconds']:.2f}s (ONNX trace + check), {total:.2f}s in all")
+        return 0
+
+    run_cli(_run)
+
+
+if __name__ == "__main__":
+    main()

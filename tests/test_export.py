@@ -1,0 +1,241 @@
+"""ONNX export of the sampler: ONNX Runtime agrees with PyTorch, the learner can replay its chains,
+and the artifacts are integrity-checked.
+
+Tolerances (FP32): outputs agree within rtol 1e-5, atol 1e-5; the PPO ratio of an ONNX-sampled
+chain re-evaluated by PyTorch is 1 within 1e-4. Observed on CPU over these configs: actions and
+chains <= 4e-7 absolute, values <= 2e-8, log-probs <= 8e-6 absolute at |log_prob| up to ~50 (the
+sum of up to K * n_action_steps * action_dim Gaussian terms, so the absolute error grows with it;
+relative <= 1e-5), |ratio - 1| <= 8e-6.
+"""
+
+import json
+import shutil
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from lerobot.configs.types import FeatureType, PolicyFeature
+from lerobot.policies.factory import make_pre_post_processors
+from lerobot_policy_pi_rl import export
+from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
+from lerobot_policy_pi_rl.export import ArtifactIntegrityError, OnnxSampler, SamplerGraph, export_onnx
+from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
+
+STATE, ACTION_DIM = 6, 3
+RTOL = ATOL = 1e-5
+RATIO_TOL = 1e-4
+SMALL = {"hidden_dim": 32, "num_layers": 2, "expert_token_dim": 8, "prefix_dim": 16, "time_embed_dim": 8,
+         "critic_hidden_dims": [16], "image_channels": [4, 8]}
+
+# (id, config overrides, image feature?)
+CASES = [
+    ("flow_ode", {"noise_method": "flow_ode"}, False),
+    ("flow_noise_padded", {"noise_method": "flow_noise", "max_action_dim": 5, "critic_placement": "expert"}, False),
+    ("flow_sde_hybrid_image", {"noise_method": "flow_sde", "hybrid": True}, True),
+    ("flow_sde", {"noise_method": "flow_sde", "hybrid": False, "critic_placement": "expert"}, False),
+]
+
+
+def make_policy(overrides: dict, with_image: bool, seed: int = 0) -> PiRLPolicy:
+    torch.manual_seed(seed)
+    feats = {"observation.state": PolicyFeature(FeatureType.STATE, (STATE,))}
+    if with_image:
+        feats["observation.image"] = PolicyFeature(FeatureType.VISUAL, (3, 16, 16))
+    cfg = PiRLConfig(device="cpu", push_to_hub=False, input_features=feats,
+                     output_features={"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
+                     **SMALL, **overrides)
+    policy = PiRLPolicy(cfg)
+    with torch.no_grad():  # move off the init (the value head starts at exactly 0)
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy.eval()
+
+
+def random_inputs(policy: PiRLPolicy, batch_size: int, seed: int):
+    """Fresh normalised observations, noise, mask and per-sample noise levels."""
+    g = torch.Generator().manual_seed(seed)
+    obs = {"observation.state": torch.randn(batch_size, STATE, generator=g)}
+    for key, ft in policy.config.image_features.items():
+        obs[key] = torch.rand(batch_size, *ft.shape, generator=g)
+    initial, steps, stochastic = policy.draw_noise(batch_size, generator=g)
+    level = 0.2 + 0.8 * torch.rand(batch_size, generator=g)
+    return obs, initial, steps, stochastic, level
+
+
+def run_both(policy, sampler, batch_size, seed):
+    obs, initial, steps, stochastic, level = random_inputs(policy, batch_size, seed)
+    with torch.no_grad():
+        ref = policy.sample_chains(obs, initial, steps, stochastic, noise_level=level)
+    out = sampler.run({k: v.numpy() for k, v in obs.items()}, initial.numpy(), steps.numpy(),
+                      stochastic.numpy(), level.numpy())
+    return obs, stochastic, level, ref, out
+
+
+@pytest.fixture(scope="module", params=CASES, ids=[c[0] for c in CASES])
+def exported(request, tmp_path_factory):
+    name, overrides, with_image = request.param
+    policy = make_policy(overrides, with_image)
+    out = tmp_path_factory.mktemp(name)
+    manifest = export_onnx(policy, out, version=7)  # dynamic batch, traced at batch 2
+    return policy, out, manifest
+
+
+@pytest.mark.parametrize("batch_size,seed", [(5, 1), (1, 2)])
+def test_onnxruntime_matches_pytorch(exported, batch_size, seed):
+    """Every output agrees on fresh inputs, at batch sizes other than the traced one (dynamic axis)."""
+    policy, out, _ = exported
+    sampler = OnnxSampler(out)
+    _, stochastic, _, ref, got = run_both(policy, sampler, batch_size, seed)
+    expected = {"actions": ref.actions, "chain": ref.chain.chain, "log_prob": ref.chain.log_prob, "value": ref.value}
+    for key, want in expected.items():
+        assert got[key].shape == tuple(want.shape), key
+        torch.testing.assert_close(torch.from_numpy(got[key]), want, rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{k}: {m}")
+    c = policy.config
+    if c.noise_method == "flow_ode" or not stochastic.any():
+        assert np.all(got["log_prob"] == 0)
+    else:
+        assert np.all(np.abs(got["log_prob"]) > 0)
+    if c.max_action_dim:
+        assert got["actions"].shape[-1] == c.max_action_dim
+
+
+def test_learner_replays_onnx_chains(exported):
+    """A chain sampled by ONNX Runtime, re-evaluated by the learner in PyTorch: ratio 1."""
+    policy, out, _ = exported
+    sampler = OnnxSampler(out)
+    obs, stochastic, level, _, got = run_both(policy, sampler, 6, 3)
+    with torch.no_grad():
+        ev = policy.evaluate_chains(obs, torch.from_numpy(got["chain"]), stochastic, noise_level=level)
+    ratio = torch.exp(ev.log_prob - torch.from_numpy(got["log_prob"]))
+    torch.testing.assert_close(ratio, torch.ones_like(ratio), rtol=0, atol=RATIO_TOL)
+
+
+def test_noise_level_and_mask_are_live_inputs(exported):
+    """The stochastic mask and the per-sample noise level are graph inputs, not trace-time constants."""
+    policy, out, manifest = exported
+    if manifest["noise_method"] == "flow_ode":
+        pytest.skip("flow_ode reads neither the mask nor the noise level")
+    sampler = OnnxSampler(out)
+    obs, initial, steps, stochastic, level = random_inputs(policy, 4, 4)
+    o = {k: v.numpy() for k, v in obs.items()}
+    a = sampler.run(o, initial.numpy(), steps.numpy(), stochastic.numpy(), level.numpy())
+    ode = sampler.run(o, initial.numpy(), steps.numpy(), np.zeros_like(stochastic.numpy()), level.numpy())
+    assert np.all(ode["log_prob"] == 0) and not np.allclose(a["actions"], ode["actions"])
+    with torch.no_grad():
+        ref = policy.sample_chains(obs, initial, steps, torch.zeros_like(stochastic), noise_level=level)
+    torch.testing.assert_close(torch.from_numpy(ode["actions"]), ref.actions, rtol=RTOL, atol=ATOL)
+    if manifest["noise_method"] == "flow_sde":
+        b = sampler.run(o, initial.numpy(), steps.numpy(), stochastic.numpy(), 2 * level.numpy())
+        assert not np.allclose(a["actions"], b["actions"])
+
+
+def test_manifest_lists_every_artifact(exported):
+    policy, out, manifest = exported
+    on_disk = json.loads((out / "manifest.json").read_text())
+    assert on_disk == manifest
+    files = {p.name for p in out.iterdir() if p.is_file() and p.name != "manifest.json"}
+    assert set(manifest["artifacts"]) == files >= {"model.onnx", "model.safetensors", "config.json"}
+    for name, info in manifest["artifacts"].items():
+        assert info["sha256"] == export.sha256_file(out / name)
+        assert info["bytes"] == (out / name).stat().st_size
+    c = policy.config
+    assert manifest["policy_type"] == "pi_rl" and manifest["version"] == 7
+    assert manifest["noise_method"] == c.noise_method and manifest["num_denoise_steps"] == c.num_denoise_steps
+    assert manifest["chunk_size"] == c.chunk_size and manifest["action_dim"] == ACTION_DIM
+    assert manifest["model_action_dim"] == c.model_action_dim and manifest["external_data"] is False
+    sess = OnnxSampler(out).session
+    assert [(i.name, i.shape) for i in sess.get_inputs()] == [(s["name"], s["shape"]) for s in manifest["inputs"]]
+    assert [(o.name, o.shape) for o in sess.get_outputs()] == [(s["name"], s["shape"]) for s in manifest["outputs"]]
+    assert all(s["dtype"] == "float32" for s in manifest["inputs"] + manifest["outputs"])
+    obs_names = [f"obs__{k}" for k in sorted(c.input_features)]
+    assert [s["name"] for s in manifest["inputs"]][: len(obs_names)] == obs_names
+    assert manifest["observation_inputs"] == {k: f"obs__{k}" for k in sorted(c.input_features)}
+
+
+def test_saved_opset_at_most_20(exported):
+    _, out, manifest = exported
+    model = onnx.load(str(out / "model.onnx"))
+    opsets = {o.domain: o.version for o in model.opset_import}
+    assert opsets.get("", opsets.get("ai.onnx")) == manifest["opset"] == 17
+    assert all(v <= 20 for v in opsets.values())
+    meta = {p.key: p.value for p in model.metadata_props}
+    assert meta["policy_type"] == "pi_rl" and meta["version"] == "7"
+
+
+@pytest.mark.parametrize("artifact", ["model.onnx", "model.safetensors"])
+def test_corrupted_artifact_is_refused(exported, tmp_path, artifact):
+    _, out, _ = exported
+    bad = tmp_path / "bad"
+    shutil.copytree(out, bad)
+    data = bytearray((bad / artifact).read_bytes())
+    data[len(data) // 2] ^= 0x01
+    (bad / artifact).write_bytes(bytes(data))
+    with pytest.raises(ArtifactIntegrityError, match=f"{artifact}: sha256 mismatch"):
+        OnnxSampler(bad)
+    (bad / artifact).unlink()
+    with pytest.raises(ArtifactIntegrityError, match="missing"):
+        OnnxSampler(bad / "model.onnx")
+    (bad / "manifest.json").unlink()
+    with pytest.raises(FileNotFoundError, match="manifest.json"):
+        OnnxSampler(bad)
+
+
+def test_static_batch_and_external_data(tmp_path):
+    policy = make_policy({"noise_method": "flow_sde"}, False)
+    manifest = export_onnx(policy, tmp_path, batch_size=3, external_data=True, opset=20)
+    assert manifest["external_data"] and "model.onnx.data" in manifest["artifacts"]
+    assert manifest["inputs"][0]["shape"] == [3, STATE] and manifest["opset"] == 20
+    sampler = OnnxSampler(tmp_path)
+    _, _, _, ref, got = run_both(policy, sampler, 3, 5)
+    torch.testing.assert_close(torch.from_numpy(got["chain"]), ref.chain.chain, rtol=RTOL, atol=ATOL)
+    with pytest.raises(ValueError, match="expected shape"):
+        run_both(policy, sampler, 4, 5)
+
+
+def test_graph_module_and_bad_arguments(tmp_path):
+    policy = make_policy({"noise_method": "flow_noise"}, False)
+    graph = SamplerGraph(policy)
+    assert graph.noise_method == "flow_noise" and graph.observation_keys == ["observation.state"]
+    args = export.example_inputs(policy, 2)
+    with torch.no_grad():
+        _actions, chain, _log_prob, _value = graph(*args)
+    assert chain.shape == (2, policy.config.num_denoise_steps + 1, policy.config.chunk_size, ACTION_DIM)
+    with pytest.raises(TypeError, match="observation tensors"):
+        graph(*args[1:])
+    with pytest.raises(ValueError, match="opset"):
+        export_onnx(policy, tmp_path, opset=21)
+    with pytest.raises(ValueError, match="noise_method"):
+        export_onnx(policy, tmp_path, noise_method="flow_magic")
+    manifest = export_onnx(policy, tmp_path, noise_method="flow_ode")
+    assert manifest["noise_method"] == "flow_ode"
+    assert set(manifest["unused_inputs"]) == {"stochastic", "noise_level"}
+    with pytest.raises(KeyError, match="observation.state"):
+        OnnxSampler(tmp_path).run({}, *[a.numpy() for a in args[1:]])
+
+
+def test_cli_exports_a_pretrained_dir(tmp_path, monkeypatch, capsys):
+    policy = make_policy({"noise_method": "flow_sde"}, False)
+    stats = {"observation.state": {"mean": torch.zeros(STATE), "std": torch.ones(STATE)},
+             "action": {"mean": torch.zeros(ACTION_DIM), "std": torch.ones(ACTION_DIM)}}
+    pre, post = make_pre_post_processors(policy.config, dataset_stats=stats)
+    ckpt = tmp_path / "pretrained_model"
+    for obj in (policy, pre, post):
+        obj.save_pretrained(ckpt)
+    out = tmp_path / "onnx"
+    monkeypatch.setattr(sys, "argv", ["pirl-export", "--policy-path", str(ckpt), "--out", str(out),
+                                      "--noise-method", "flow_noise", "--version", "3"])
+    with pytest.raises(SystemExit) as exc:
+        export.main()
+    assert exc.value.code == 0
+    printed = capsys.readouterr().out
+    assert "model.onnx" in printed and "export took" in printed
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["noise_method"] == "flow_noise" and manifest["version"] == 3
+    monkeypatch.setattr(sys, "argv", ["pirl-export", "--policy-path", str(tmp_path / "nope"), "--out", str(out)])
+    with pytest.raises(SystemExit) as exc:
+        export.main()
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err

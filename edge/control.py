@@ -214,7 +214,7 @@ class UnpacedLoop:
             version, runner = self.worker.version, self.worker.active_runner
             t0 = time.perf_counter()
             batch = collect_rollouts(runner, self.env, seeds=(self.seed + 1) * 10**9 + b * self.env.num_envs,
-                                     generator=generator)
+                                     generator=generator, noise_level=runner.policy.config.noise_level_at(version))
             metrics.INFERENCE_LATENCY.labels(self.robot_id, self.worker.backend).observe(
                 (time.perf_counter() - t0) / max(1, batch.chains.shape[0])
             )

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from edge import metrics
+from edge.backends import OnnxRuntimeBackend, TorchBackend, make_backend
 from edge.records import Decision
 from lerobot_policy_pi_rl.rollout import PolicyRunner
 
@@ -28,9 +29,14 @@ log = logging.getLogger(__name__)
 class InferenceWorker:
     def __init__(self, policy, preprocessor, postprocessor, *, robot_id: str, version: int = 0,
                  backend: str = "torch", seed: int = 0):
-        self.robot_id, self.backend = robot_id, backend
+        self.robot_id = robot_id
         self._active = PolicyRunner(policy, preprocessor, postprocessor)
         self._spare = PolicyRunner(copy.deepcopy(policy), preprocessor, postprocessor)
+        self._active_backend = make_backend(backend, self._active.policy, version)
+        self.backend = self._active_backend.name  # what actually runs (after any fallback)
+        self._spare_backend = (
+            OnnxRuntimeBackend(self._spare.policy) if self.backend == "onnxruntime" else TorchBackend(self._spare.policy)
+        )
         self.version = version
         self._pending: int | None = None  # version loaded into the spare, waiting for a boundary
         self._swap_lock = threading.Lock()
@@ -40,7 +46,7 @@ class InferenceWorker:
         self._stop = threading.Event()
         self.swap_times: dict[int, float] = {}  # version -> time.time() it started serving
         metrics.POLICY_VERSION.labels(robot_id).set(version)
-        metrics.BACKEND.labels(robot_id, backend).set(1)
+        metrics.BACKEND.labels(robot_id, self.backend).set(1)
 
     @property
     def policy(self):
@@ -76,7 +82,8 @@ class InferenceWorker:
                 return False
             try:
                 self._spare.policy.load_state_dict(state_dict, strict=True)
-            except (RuntimeError, KeyError) as e:
+                self._spare_backend.prepare(version)  # e.g. re-export + new ONNX Runtime session
+            except Exception as e:  # noqa: BLE001  a version that cannot be served is refused, not fatal
                 metrics.SWAP_FAILURES.labels(self.robot_id).inc()
                 log.error("policy version %d refused: %s", version, e)
                 return False
@@ -89,6 +96,7 @@ class InferenceWorker:
             if self._pending is None:
                 return
             self._active, self._spare = self._spare, self._active
+            self._active_backend, self._spare_backend = self._spare_backend, self._active_backend
             self.version, self._pending = self._pending, None
         self.swap_times[self.version] = time.time()
         metrics.POLICY_VERSION.labels(self.robot_id).set(self.version)
@@ -100,14 +108,16 @@ class InferenceWorker:
     def decide(self, raw_obs: dict[str, np.ndarray], n_action_steps: int | None = None) -> list[Decision]:
         """Sample one chunk per row of ``raw_obs`` with the active policy (any thread)."""
         self.swap_if_pending()
-        runner = self._active
+        runner, backend = self._active, self._active_backend
         n_exec = n_action_steps or runner.policy.config.n_action_steps
         start = time.perf_counter()
         with torch.no_grad():
             obs = runner.observe(raw_obs)
             batch = next(iter(obs.values())).shape[0]
             noise = runner.policy.draw_noise(batch, generator=self._generator)
-            sample = runner.policy.sample_chains(obs, *noise)
+            # the learner's version counts its updates: follow its noise-level anneal
+            level = torch.full((batch,), float(runner.policy.config.noise_level_at(self.version)))
+            sample = backend.sample(obs, *noise, level)
             actions = runner.to_env_actions(sample.actions)
         metrics.INFERENCE_LATENCY.labels(self.robot_id, self.backend).observe(time.perf_counter() - start)
         return [Decision.from_sample(self.version, obs, sample, actions, i, n_exec) for i in range(batch)]

@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback learner")
     p.add_argument("--policy-path", required=True, help="initial policy (LeRobot pretrained_model dir): version 0")
     p.add_argument("--noise-method", choices=["flow_sde", "flow_noise"], help="must match the learner's")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto",
+                   help="inference backend of the paced loop; auto and tensorrt fall back (logged) to what "
+                        "loads; the unpaced simulation loop samples with PyTorch")
     p.add_argument("--env", default="pirl_reach", help="'pirl_reach' (built-in task) or a gymnasium id")
     p.add_argument("--mode", choices=["paced", "unpaced"], default="paced",
                    help="paced: one env at --control-hz (a robot); unpaced: --num-envs sims flat out")
@@ -93,10 +96,11 @@ def run(args) -> int:
         logging.info("spool %s holds %d unacked records from an earlier run: they will be uploaded", spool_dir, pending)
 
     stats = LoopStats()
-    worker = InferenceWorker(policy, pre, post, robot_id=args.robot_id, seed=args.seed)
+    worker = InferenceWorker(policy, pre, post, robot_id=args.robot_id, seed=args.seed, backend=args.backend)
+    logging.info("inference backend: %s", worker.backend)
     writer = RecordWriter(spool, args.robot_id, stats)
     clock = SyncClock(args.robot_id)
-    uploader = Uploader(link, spool, clock)
+    uploader = Uploader(link, spool, clock, backend=worker.backend)
     subscriber = Subscriber(link, worker, clock)
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
@@ -130,7 +134,8 @@ def run(args) -> int:
     subscriber.stop()
     heartbeat.stop()
     summary = {
-        "robot_id": args.robot_id, "mode": args.mode, "control_hz": args.control_hz, "control_seconds": control_seconds,
+        "robot_id": args.robot_id, "mode": args.mode, "backend": worker.backend, "control_hz": args.control_hz,
+        "control_seconds": control_seconds,
         **stats.summary(),
         "records_sent": uploader.sent, "records_resent": uploader.resent, "records_acked": uploader.acked,
         "records_duplicate_acks": uploader.duplicates, "records_refused": dict(uploader.refused),

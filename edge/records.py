@@ -27,14 +27,14 @@ class Decision:
     @classmethod
     def from_sample(cls, version: int, obs: dict[str, torch.Tensor], sample, env_actions: np.ndarray, i: int,
                     n_action_steps: int) -> "Decision":
-        c = sample.chain
+        """Row ``i`` of ``sample`` (an ``edge.backends.Sampled``)."""
         return cls(
             version=version,
             observation={k: v[i].detach().cpu().numpy().astype(np.float32) for k, v in obs.items()},
-            chain=c.chain[i].detach().cpu().numpy().astype(np.float32),
-            stochastic=c.stochastic[i].detach().cpu().numpy().astype(bool),
+            chain=sample.chain[i].detach().cpu().numpy().astype(np.float32),
+            stochastic=sample.stochastic[i].detach().cpu().numpy().astype(bool),
             noise_level=float(sample.noise_level[i]),
-            log_prob=float(c.log_prob[i]),
+            log_prob=float(sample.log_prob[i]),
             value=float(sample.value[i]),
             actions=env_actions[i, :n_action_steps],
         )

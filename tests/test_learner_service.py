@@ -22,6 +22,7 @@ import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from safetensors.torch import load as load_safetensors
 
+from edge.backends import TorchBackend
 from edge.records import Decision, Outcome, make_record
 from learner.service import LearnerService, Publisher, build_server
 from learner.store import PolicyShapes, RolloutStore
@@ -58,7 +59,8 @@ def decision(policy) -> Decision:
     """One real sampled chunk, as an edge would record it (policy version 0)."""
     obs = {OBS_KEY: torch.randn(1, STATE, generator=torch.Generator().manual_seed(0))}
     with torch.no_grad():
-        sample = policy.sample_chains(obs, *policy.draw_noise(1, generator=torch.Generator().manual_seed(1)))
+        noise = policy.draw_noise(1, generator=torch.Generator().manual_seed(1))
+        sample = TorchBackend(policy).sample(obs, *noise, torch.full((1,), policy.config.noise_level))
     actions = sample.actions.detach().cpu().numpy()
     return Decision.from_sample(0, obs, sample, actions, 0, policy.config.n_action_steps)
 

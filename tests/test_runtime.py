@@ -139,7 +139,7 @@ def test_two_edges_one_learner_several_versions(cluster):
     c = cluster
     ports = free_port(), free_port()
     c.learner("--max-updates", "3", "--metrics-port", str(ports[0]))
-    c.edge("robot-0", "paced", "--control-hz", "50", "--metrics-port", str(ports[1]))
+    c.edge("robot-0", "paced", "--control-hz", "50", "--metrics-port", str(ports[1]), "--backend", "onnxruntime")
     c.edge("robot-1", "unpaced")
     c.wait_version(3)
     time.sleep(1.0)
@@ -152,7 +152,7 @@ def test_two_edges_one_learner_several_versions(cluster):
     for name in ('pirl_edge_ticks_total{robot_id="robot-0"}', "pirl_edge_tick_deadline_misses_total",
                  "pirl_edge_inference_latency_seconds_bucket", "pirl_edge_policy_version",
                  "pirl_edge_seconds_since_last_sync", "pirl_edge_spool_records", "pirl_edge_spool_oldest_record_age_seconds",
-                 'pirl_edge_backend_info{backend="torch",robot_id="robot-0"} 1.0', "pirl_edge_control_rate_hz"):
+                 'pirl_edge_backend_info{backend="onnxruntime",robot_id="robot-0"} 1.0', "pirl_edge_control_rate_hz"):
         assert name in edge_metrics, name
     for robot in ROBOTS:
         assert c.stop(robot) == 0
@@ -162,7 +162,7 @@ def test_two_edges_one_learner_several_versions(cluster):
     assert_every_record_accepted_once(c, status)
     assert status["counts"].get("duplicate", 0) == 0
     paced = c.edge_stats("robot-0")
-    assert paced["policy_version"] >= 1 and paced["ticks"] > 0
+    assert paced["policy_version"] >= 1 and paced["ticks"] > 0 and paced["backend"] == "onnxruntime"
     assert c.edge_stats("robot-1")["policy_swaps"] >= 1
 
 

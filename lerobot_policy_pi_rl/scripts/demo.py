@@ -123,6 +123,7 @@ def _run(args) -> int:
         common = ["--learner", address, "--tokens", str(pki["tokens"]), "--tls-ca", str(pki["ca_cert"]),
                   "--policy-path", str(ckpt), "--drain-timeout", "60"]
         procs.start("robot-0", [_bin("pirl-edge"), *common, "--robot-id", "robot-0", "--mode", "paced",
+                                "--backend", args.backend,
                                 "--control-hz", str(args.control_hz), "--spool-dir", str(out / "edges/robot-0/spool"),
                                 "--stats-file", str(out / "edges/robot-0/stats.json"), "--seed", str(args.seed + 1)])
         procs.start("robot-1", [_bin("pirl-edge"), *common, "--robot-id", "robot-1", "--mode", "unpaced",
@@ -175,6 +176,7 @@ def _run(args) -> int:
         "rollouts_accepted": counts.get("accepted", 0),
         "duplicates": counts.get("duplicate", 0),
         "rollouts_left_in_spools": sum(e["records_left_in_spool"] for e in edges.values()),
+        "paced_backend": paced["backend"],
         "deadline_miss_ratio": paced["deadline_miss_ratio"],
         "paced_ticks": paced["ticks"],
         "paced_policy_swaps": paced["policy_swaps"],
@@ -196,7 +198,7 @@ def _run(args) -> int:
         ("paced edge (robot-0) control rate p50 / p99",
          f"{report['control_rate_hz_p50']:.1f} / {report['control_rate_hz_p99']:.1f} Hz"),
         ("paced edge deadline misses", f"{report['deadline_miss_ratio']:.4%} of {report['paced_ticks']} ticks, "
-                                       f"{report['paced_policy_swaps']} policy swaps"),
+                                       f"{report['paced_policy_swaps']} policy swaps ({report['paced_backend']})"),
         ("sync latency p50 / p99 (publish -> loaded on edge)",
          f"{report['sync_latency_p50_s'] * 1e3:.0f} / {report['sync_latency_p99_s'] * 1e3:.0f} ms"),
         ("wall time", f"{report['wall_seconds']:.0f} s"),
@@ -226,6 +228,8 @@ def main() -> None:
     p.add_argument("--actor-lr", type=float, default=5e-5)
     p.add_argument("--num-envs", type=int, default=128, help="envs of the unpaced simulated edge")
     p.add_argument("--control-hz", type=float, default=50.0, help="rate of the paced edge")
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto",
+                   help="inference backend of the paced edge (auto: ONNX Runtime when it loads)")
     p.add_argument("--num-demos", type=int, default=10)
     p.add_argument("--sft-steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)

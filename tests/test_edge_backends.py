@@ -1,0 +1,61 @@
+"""Edge inference backends: ONNX Runtime and torch sample the same chunks; swaps re-export."""
+
+import numpy as np
+import pytest
+import torch
+
+from edge.backends import OnnxRuntimeBackend, TorchBackend, make_backend
+from edge.inference import InferenceWorker
+from lerobot.configs.types import FeatureType, PolicyFeature
+from lerobot.policies.factory import make_pre_post_processors
+from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
+from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
+
+
+def policy_and_processors(seed=0):
+    torch.manual_seed(seed)
+    cfg = PiRLConfig(device="cpu", input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
+                     output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))})
+    stats = {"observation.state": {"mean": torch.zeros(6), "std": torch.ones(6)},
+             "action": {"mean": torch.zeros(3), "std": torch.ones(3)}}
+    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
+    return PiRLPolicy(cfg).eval(), pre, post
+
+
+def test_onnxruntime_backend_matches_torch(tmp_path):
+    policy, _, _ = policy_and_processors()
+    ort = OnnxRuntimeBackend(policy, tmp_path)
+    ort.prepare(0)
+    obs = {"observation.state": torch.randn(4, 6)}
+    noise = policy.draw_noise(4, generator=torch.Generator().manual_seed(0))
+    level = torch.full((4,), 0.5)
+    with torch.no_grad():
+        a, b = TorchBackend(policy).sample(obs, *noise, level), ort.sample(obs, *noise, level)
+    for name in ("actions", "chain", "log_prob", "value"):
+        torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-5)
+    assert torch.equal(a.stochastic, b.stochastic)
+
+
+def test_unknown_backend_is_an_error_and_tensorrt_falls_back(caplog):
+    policy, _, _ = policy_and_processors()
+    with pytest.raises(ValueError, match="--backend"):
+        make_backend("cuda-magic", policy)
+    assert make_backend("tensorrt", policy).name == "onnxruntime"
+    assert "not built yet" in caplog.text
+
+
+def test_worker_swaps_onnx_sessions_at_chunk_boundaries():
+    policy, pre, post = policy_and_processors()
+    worker = InferenceWorker(policy, pre, post, robot_id="t", backend="onnxruntime")
+    assert worker.backend == "onnxruntime"
+    raw = {"agent_pos": np.zeros((1, 6), np.float32)}
+    before = worker.decide(raw)[0]
+    new_weights = {k: v + 0.05 for k, v in policy.state_dict().items()}
+    assert worker.offer(1, new_weights)
+    assert worker.version == 0  # nothing changes until the next decision (a chunk boundary)
+    after = worker.decide(raw)[0]
+    assert worker.version == 1 and after.version == 1 and before.version == 0
+    assert not np.allclose(before.value, after.value)
+    # a version that does not fit the policy is refused and the active one keeps serving
+    assert not worker.offer(2, {"bogus": torch.zeros(1)})
+    assert worker.decide(raw)[0].version == 1

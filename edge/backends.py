@@ -39,7 +39,7 @@ class TorchBackend:
     def __init__(self, policy):
         self.policy = policy
 
-    def prepare(self, version: int) -> None:
+    def prepare(self, version: int, files: dict[str, bytes] | None = None) -> None:
         """Called after new weights are loaded into ``policy`` (off the control thread)."""
 
     def sample(self, obs, initial, step, stochastic, noise_level) -> Sampled:
@@ -57,12 +57,21 @@ class OnnxRuntimeBackend:
         self.workdir = Path(workdir or self._tmp.name)
         self.session = None
 
-    def prepare(self, version: int) -> None:
-        from lerobot_policy_pi_rl.export import OnnxSampler, export_onnx
+    def prepare(self, version: int, files: dict[str, bytes] | None = None) -> None:
+        """Load the learner's export of ``version`` when it came with the update (hash-checked by the
+        subscriber, and again against its own manifest by OnnxSampler), else export locally."""
+        from lerobot_policy_pi_rl.export import MODEL_FILE, OnnxSampler, export_onnx
 
         out = self.workdir / f"v{version:06d}"
-        export_onnx(self.policy, out, version=version)
-        self.session = OnnxSampler(out, providers=self.providers, threads=1)
+        exported = {name.removeprefix("onnx/"): data for name, data in (files or {}).items() if name.startswith("onnx/")}
+        if MODEL_FILE in exported and "manifest.json" in exported:
+            out.mkdir(parents=True, exist_ok=True)
+            for name, data in exported.items():
+                (out / Path(name).name).write_bytes(data)  # file names only, never a path from the wire
+        else:
+            export_onnx(self.policy, out, version=version)
+        session = OnnxSampler(out, providers=self.providers, threads=1)
+        self.session = session
 
     def sample(self, obs, initial, step, stochastic, noise_level) -> Sampled:
         out = self.session.run({k: v.numpy() for k, v in obs.items()}, initial.numpy(), step.numpy(),

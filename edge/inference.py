@@ -71,7 +71,7 @@ class InferenceWorker:
 
     # --- weights ----------------------------------------------------------------------------------
 
-    def offer(self, version: int, state_dict: dict[str, torch.Tensor]) -> bool:
+    def offer(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, bytes] | None = None) -> bool:
         """Load ``state_dict`` into the spare (caller's thread); it serves from the next chunk on.
 
         Returns False (and counts a swap failure) when the weights do not fit the policy; the
@@ -82,7 +82,7 @@ class InferenceWorker:
                 return False
             try:
                 self._spare.policy.load_state_dict(state_dict, strict=True)
-                self._spare_backend.prepare(version)  # e.g. re-export + new ONNX Runtime session
+                self._spare_backend.prepare(version, files)  # e.g. a new ONNX Runtime session
             except Exception as e:  # noqa: BLE001  a version that cannot be served is refused, not fatal
                 metrics.SWAP_FAILURES.labels(self.robot_id).inc()
                 log.error("policy version %d refused: %s", version, e)

@@ -261,13 +261,16 @@ class Subscriber:
                 backoff.wait(self.stop_event)
 
     def _apply(self, update: pirl_pb2.PolicyUpdate) -> None:
-        expected = {a.name: a for a in update.manifest.artifacts}.get("model.safetensors")
-        digest = hashlib.sha256(update.weights).hexdigest()
-        if expected is None or expected.sha256 != digest or expected.size_bytes != len(update.weights) \
-                or update.manifest.policy_version != update.version:
+        listed = {a.name: a for a in update.manifest.artifacts}
+        blobs = {"model.safetensors": update.weights, **dict(update.files)}
+        bad = [name for name, data in blobs.items()
+               if name not in listed or listed[name].sha256 != hashlib.sha256(data).hexdigest()
+               or listed[name].size_bytes != len(data)]
+        if bad or "model.safetensors" not in listed or update.manifest.policy_version != update.version:
             self.rejected += 1
             metrics.SWAP_FAILURES.labels(self.link.robot_id).inc()
-            log.error("policy version %d rejected: weights do not match the manifest (sha256 %s)", update.version, digest)
+            log.error("policy version %d rejected: %s do not match the manifest", update.version,
+                      ", ".join(bad) or "manifest version / weights entry")
             return
         try:
             state = load_safetensors(update.weights)  # safetensors: no code execution on load
@@ -277,7 +280,7 @@ class Subscriber:
             log.error("policy version %d rejected: %s", update.version, e)
             return
         self.clock.learner_version = max(self.clock.learner_version, update.version)
-        if self.worker.offer(update.version, state):
+        if self.worker.offer(update.version, state, dict(update.files)):
             latency = max(0.0, time.time() - update.published_unix_s)
             self.received.append((update.version, latency))
             metrics.SYNC_LATENCY.labels(self.link.robot_id).observe(latency)

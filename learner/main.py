@@ -43,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-every", type=int, default=5, help="deterministic eval on the built-in task every N versions (0: off)")
     p.add_argument("--eval-episodes", type=int, default=200)
     p.add_argument("--target-success", type=float, help="stop updating once deterministic eval reaches this")
+    p.add_argument("--no-export-onnx", action="store_true",
+                   help="publish weights only (edges on ONNX Runtime then export each version themselves)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     p.add_argument("--metrics-address", default="127.0.0.1")
     p.add_argument("--seed", type=int, default=0)
@@ -109,7 +111,7 @@ def serve(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(algo, store, publisher, out, TrainerSettings(
         episodes_per_update=args.episodes_per_update, max_updates=args.max_updates, eval_every=args.eval_every,
-        eval_episodes=args.eval_episodes, target_success=args.target_success,
+        eval_episodes=args.eval_episodes, target_success=args.target_success, export_onnx=not args.no_export_onnx,
     ), pre, post, evaluator)
     if args.resume and not trainer.resume():
         logging.info("--resume: no checkpoint in %s yet, starting from %s", out, policy_path)

@@ -34,17 +34,29 @@ class TrainerSettings:
     eval_episodes: int = 200
     target_success: float | None = None  # stop updating once deterministic eval reaches it
     keep_checkpoints: int = 3
+    export_onnx: bool = True  # publish the ONNX export of every version (edges on ONNX Runtime load it)
 
 
-def policy_update_message(policy, version: int) -> pirl_pb2.PolicyUpdate:
-    """The weights as a safetensors blob and a manifest with their sha256."""
+def policy_update_message(policy, version: int, export_dir: Path | None = None) -> pirl_pb2.PolicyUpdate:
+    """The weights as a safetensors blob, the ONNX export of the sampler when ``export_dir`` is given
+    (written to ``export_dir/v<version>``, the learner's versioned artifact store), and a manifest
+    with the sha256 of every file."""
     blob = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()})
-    digest = hashlib.sha256(blob).hexdigest()
-    manifest = pirl_pb2.Manifest(
-        policy_version=version,
-        artifacts=[pirl_pb2.Artifact(name="model.safetensors", sha256=digest, size_bytes=len(blob))],
-    )
-    return pirl_pb2.PolicyUpdate(version=version, weights=blob, manifest=manifest, published_unix_s=time.time())
+    files: dict[str, bytes] = {}
+    if export_dir is not None:
+        from lerobot_policy_pi_rl.export import export_onnx
+
+        out = Path(export_dir) / f"v{version:06d}"
+        export_onnx(policy, out, version=version)
+        # every exported file (the ONNX graph embeds the weights: they are already 'weights' too, a
+        # duplicate that is cheap for the small backbone; large VLAs will want a refit-only path)
+        files = {f"onnx/{p.name}": p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
+    manifest = pirl_pb2.Manifest(policy_version=version, artifacts=[
+        pirl_pb2.Artifact(name=name, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+        for name, data in {"model.safetensors": blob, **files}.items()
+    ])
+    return pirl_pb2.PolicyUpdate(version=version, weights=blob, manifest=manifest, files=files,
+                                 published_unix_s=time.time())
 
 
 class Trainer:
@@ -115,7 +127,7 @@ class Trainer:
 
     def start(self) -> None:
         metrics.LEARNER_VERSION.set(self.version)
-        self.publisher.publish(policy_update_message(self.algo.policy, self.version))
+        self.publisher.publish(self._message())
         if not (self.checkpoints_dir / "last").exists():
             self.save()
         if self.evaluator is not None and not self.eval_curve and self.settings.eval_every:
@@ -152,6 +164,14 @@ class Trainer:
             self.done.set()
             self._write_status()
 
+    def _message(self) -> pirl_pb2.PolicyUpdate:
+        artifacts = self.output_dir / "artifacts" if self.settings.export_onnx else None
+        msg = policy_update_message(self.algo.policy, self.version, artifacts)
+        if artifacts is not None:  # keep the artifact store bounded like the checkpoints
+            for old in sorted(p for p in artifacts.iterdir() if p.name.startswith("v"))[: -self.settings.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        return msg
+
     def _reached_target(self) -> bool:
         t = self.settings.target_success
         return t is not None and bool(self.eval_curve) and self.eval_curve[-1][2] >= t
@@ -170,7 +190,7 @@ class Trainer:
         self.version += 1
         self.store.set_version(self.version)
         self.save()
-        self.publisher.publish(policy_update_message(self.algo.policy, self.version))
+        self.publisher.publish(self._message())
         metrics.LEARNER_PUBLISH_SECONDS.observe(time.monotonic() - publish_start)
         metrics.LEARNER_VERSION.set(self.version)
         d = stats.to_log_dict()

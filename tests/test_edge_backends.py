@@ -59,3 +59,22 @@ def test_worker_swaps_onnx_sessions_at_chunk_boundaries():
     # a version that does not fit the policy is refused and the active one keeps serving
     assert not worker.offer(2, {"bogus": torch.zeros(1)})
     assert worker.decide(raw)[0].version == 1
+
+
+def test_worker_loads_the_learners_onnx_export(tmp_path):
+    from learner.trainer import policy_update_message
+
+    policy, pre, post = policy_and_processors()
+    worker = InferenceWorker(policy, pre, post, robot_id="t", backend="onnxruntime")
+    newer, _, _ = policy_and_processors(seed=1)
+    msg = policy_update_message(newer, 1, tmp_path / "artifacts")
+    names = {a.name for a in msg.manifest.artifacts}
+    assert {"model.safetensors", "onnx/model.onnx", "onnx/manifest.json"} <= names
+    from safetensors.torch import load
+
+    assert worker.offer(1, load(msg.weights), dict(msg.files))
+    raw = {"agent_pos": np.ones((1, 6), np.float32)}
+    d = worker.decide(raw)[0]
+    with torch.no_grad():
+        expected = newer.predict_value({"observation.state": torch.ones(1, 6)})
+    assert d.version == 1 and abs(d.value - float(expected[0])) < 1e-5

@@ -165,16 +165,25 @@ class SubscribeRequest(_message.Message):
     def __init__(self, robot_id: _Optional[str] = ..., have_version: _Optional[int] = ...) -> None: ...
 
 class PolicyUpdate(_message.Message):
-    __slots__ = ("version", "weights", "manifest", "published_unix_s")
+    __slots__ = ("version", "weights", "manifest", "published_unix_s", "files")
+    class FilesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: bytes
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[bytes] = ...) -> None: ...
     VERSION_FIELD_NUMBER: _ClassVar[int]
     WEIGHTS_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
+    FILES_FIELD_NUMBER: _ClassVar[int]
     version: int
     weights: bytes
     manifest: Manifest
     published_unix_s: float
-    def __init__(self, version: _Optional[int] = ..., weights: _Optional[bytes] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., published_unix_s: _Optional[float] = ...) -> None: ...
+    files: _containers.ScalarMap[str, bytes]
+    def __init__(self, version: _Optional[int] = ..., weights: _Optional[bytes] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., published_unix_s: _Optional[float] = ..., files: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
 
 class Manifest(_message.Message):
     __slots__ = ("policy_version", "artifacts")

@@ -78,3 +78,28 @@ def test_worker_loads_the_learners_onnx_export(tmp_path):
     with torch.no_grad():
         expected = newer.predict_value({"observation.state": torch.ones(1, 6)})
     assert d.version == 1 and abs(d.value - float(expected[0])) < 1e-5
+
+
+def test_corrupted_artifact_is_refused_and_the_old_policy_keeps_serving(tmp_path):
+    from edge.link import LearnerAddress, Subscriber, SyncClock
+    from learner.trainer import policy_update_message
+
+    policy, pre, post = policy_and_processors()
+    worker = InferenceWorker(policy, pre, post, robot_id="t", backend="onnxruntime")
+    sub = Subscriber(LearnerAddress("127.0.0.1:1", "t", "token"), worker, SyncClock("t"))
+    newer, _, _ = policy_and_processors(seed=1)
+    raw = {"agent_pos": np.ones((1, 6), np.float32)}
+    good_value = worker.decide(raw)[0].value
+
+    bad_weights = policy_update_message(newer, 1, tmp_path / "a1")
+    bad_weights.weights = bad_weights.weights[:-1] + bytes([bad_weights.weights[-1] ^ 1])
+    bad_onnx = policy_update_message(newer, 2, tmp_path / "a2")
+    bad_onnx.files["onnx/model.onnx"] = b"not an onnx model"
+    for update in (bad_weights, bad_onnx):
+        sub._apply(update)
+    assert sub.rejected == 2
+    d = worker.decide(raw)[0]
+    assert d.version == 0 and d.value == good_value  # the old version still serves
+
+    sub._apply(policy_update_message(newer, 3, tmp_path / "a3"))
+    assert worker.decide(raw)[0].version == 3 and sub.rejected == 2

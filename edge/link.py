@@ -52,6 +52,12 @@ class LearnerAddress:
         return auth_metadata(self.token)
 
 
+def lowest_pending(spool: Spool) -> int:
+    """The oldest unacked sequence in the spool (or the next one to be allocated when it is empty)."""
+    first = spool.pending(limit=1)
+    return first[0][0] if first else spool.next_sequence
+
+
 class SyncClock:
     """Time of the last successful exchange with the learner (for seconds_since_last_sync)."""
 
@@ -110,7 +116,8 @@ class Uploader:
         self._thread.join(timeout=10)
 
     def _register(self, channel) -> pirl_pb2.RegisterResponse:
-        req = pirl_pb2.RegisterRequest(robot_id=self.link.robot_id, edge_version=self.edge_version, backend=self.backend)
+        req = pirl_pb2.RegisterRequest(robot_id=self.link.robot_id, edge_version=self.edge_version, backend=self.backend,
+                                       lowest_pending_sequence=lowest_pending(self.spool))
         raw = _stub(channel, "Register", "unary_unary")(req.SerializeToString(), metadata=self.link.metadata, timeout=10)
         resp = pirl_pb2.RegisterResponse.FromString(raw)
         self.clock.learner_version = max(self.clock.learner_version, resp.policy_version)
@@ -310,6 +317,7 @@ class Heartbeat:
                 req = pirl_pb2.HeartbeatRequest(
                     robot_id=self.link.robot_id, policy_version=self.worker.version,
                     spool_records=self.spool.stats()["records"], control_rate_hz=float(self.rate_fn()),
+                    lowest_pending_sequence=lowest_pending(self.spool),
                 )
                 try:
                     resp = pirl_pb2.HeartbeatResponse.FromString(

@@ -96,6 +96,7 @@ class LearnerService:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"robot_id {req.robot_id!r} does not match the token's robot {robot_id!r}")
         log.info("robot %s registered (backend %s, edge %s)", robot_id, req.backend, req.edge_version)
+        self.store.forget_below(robot_id, req.lowest_pending_sequence)
         return pirl_pb2.RegisterResponse(
             policy_version=self.store.version, next_sequence=self.store.next_sequence(robot_id),
             max_version_lag=self.store.max_version_lag, max_record_bytes=self.max_record_bytes,
@@ -109,6 +110,7 @@ class LearnerService:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"robot_id {req.robot_id!r} does not match the token's robot {robot_id!r}")
         log.debug("heartbeat from %s: version %d, %d spooled", robot_id, req.policy_version, req.spool_records)
+        self.store.forget_below(robot_id, req.lowest_pending_sequence)
         return pirl_pb2.HeartbeatResponse(policy_version=self.store.version).SerializeToString()
 
     def stream_rollouts(self, request_iterator, context):

@@ -260,6 +260,16 @@ class RolloutStore:
             self._lock.notify_all()
         self._acked[robot_id].add(step.seq)
 
+    def forget_below(self, robot_id: str, sequence: int) -> None:
+        """The robot will never send a sequence below ``sequence`` that we have not acked: treat the
+        gaps as closed, so the acked set stays a watermark instead of growing without bound."""
+        with self._lock:
+            acked = self._acked[robot_id]
+            if sequence > acked.below:
+                acked.below = sequence
+                acked.above = {s for s in acked.above if s >= sequence}
+                acked._compact()
+
     def reject(self, reason: str) -> None:
         with self._lock:
             self.counts[f"rejected_{reason}"] += 1

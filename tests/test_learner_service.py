@@ -444,3 +444,17 @@ def test_chain_error_names_the_field(learner):
     bad = record(learner, "robot-0", next(learner.bad_seq))
     bad.chain.CopyFrom(to_tensor_msg(np.zeros((1, 1, 1), np.float32)))
     refused(learner, "robot-0", [bad], SC.INVALID_ARGUMENT, "chain")
+
+
+def test_gaps_the_robot_will_never_fill_are_closed(learner):
+    """A robot reports its lowest pending sequence; the learner's acked set stays a watermark."""
+    store = learner.store
+    with store._lock:
+        store._acked["robot-gap"].add(0)
+        store._acked["robot-gap"].add(2)  # 1 was lost before it was spooled
+        store._acked["robot-gap"].add(3)
+    assert store.state()["acked"]["robot-gap"] == {"below": 1, "above": [2, 3]}
+    store.forget_below("robot-gap", 2)
+    assert store.state()["acked"]["robot-gap"] == {"below": 4, "above": []}
+    store.forget_below("robot-gap", 1)  # never moves back
+    assert store.state()["acked"]["robot-gap"] == {"below": 4, "above": []}

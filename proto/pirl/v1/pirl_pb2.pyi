@@ -18,14 +18,16 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., data: _Optional[bytes] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("robot_id", "edge_version", "backend")
+    __slots__ = ("robot_id", "edge_version", "backend", "lowest_pending_sequence")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     EDGE_VERSION_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
+    LOWEST_PENDING_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     edge_version: str
     backend: str
-    def __init__(self, robot_id: _Optional[str] = ..., edge_version: _Optional[str] = ..., backend: _Optional[str] = ...) -> None: ...
+    lowest_pending_sequence: int
+    def __init__(self, robot_id: _Optional[str] = ..., edge_version: _Optional[str] = ..., backend: _Optional[str] = ..., lowest_pending_sequence: _Optional[int] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
     __slots__ = ("policy_version", "next_sequence", "max_version_lag", "max_record_bytes", "spec")
@@ -71,16 +73,18 @@ class TensorSpec(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("robot_id", "policy_version", "spool_records", "control_rate_hz")
+    __slots__ = ("robot_id", "policy_version", "spool_records", "control_rate_hz", "lowest_pending_sequence")
     ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_VERSION_FIELD_NUMBER: _ClassVar[int]
     SPOOL_RECORDS_FIELD_NUMBER: _ClassVar[int]
     CONTROL_RATE_HZ_FIELD_NUMBER: _ClassVar[int]
+    LOWEST_PENDING_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     policy_version: int
     spool_records: int
     control_rate_hz: float
-    def __init__(self, robot_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., spool_records: _Optional[int] = ..., control_rate_hz: _Optional[float] = ...) -> None: ...
+    lowest_pending_sequence: int
+    def __init__(self, robot_id: _Optional[str] = ..., policy_version: _Optional[int] = ..., spool_records: _Optional[int] = ..., control_rate_hz: _Optional[float] = ..., lowest_pending_sequence: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
     __slots__ = ("policy_version",)

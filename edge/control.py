@@ -118,6 +118,8 @@ class PacedLoop:
         idx = 0
         outcome = Outcome()
         self._request(raw, None)
+        while self._waiting and not stop.is_set():  # the first chunk, before the first tick (start-up)
+            time.sleep(0.001)
         start = time.perf_counter()
         next_tick = start
         last_tick = None

@@ -80,11 +80,22 @@ def _stub(channel, name, kind):
 
 
 class Backoff:
-    def __init__(self, first=0.2, cap=5.0):
-        self.first, self.cap, self.delay = first, cap, first
+    """Capped exponential backoff; logs the first failure of each outage (not every retry)."""
+
+    def __init__(self, what: str, first=0.2, cap=5.0):
+        self.what, self.first, self.cap, self.delay = what, first, cap, first
+        self.failing = False
 
     def reset(self):
-        self.delay = self.first
+        if self.failing:
+            log.info("%s: connected again", self.what)
+        self.delay, self.failing = self.first, False
+
+    def failed(self, e: grpc.RpcError, stop: threading.Event):
+        if not self.failing:
+            log.warning("%s: %s %s; retrying every <= %.0fs", self.what, e.code().name, e.details(), self.cap)
+        self.failing = True
+        self.wait(stop)
 
     def wait(self, stop: threading.Event):
         stop.wait(self.delay)
@@ -129,7 +140,7 @@ class Uploader:
         return resp
 
     def _run(self):
-        backoff = Backoff()
+        backoff = Backoff(f"rollout upload to {self.link.address}")
         while not self.stop_event.is_set():
             try:
                 with self.link.channel() as channel:
@@ -143,7 +154,7 @@ class Uploader:
                     log.error("learner refused our token: %s", e.details())
                 elif e.code() != grpc.StatusCode.UNAVAILABLE:
                     log.warning("rollout stream ended: %s %s", e.code().name, e.details())
-                backoff.wait(self.stop_event)
+                backoff.failed(e, self.stop_event)
 
     def _stream(self, channel):
         in_flight: collections.deque[int] = collections.deque()
@@ -249,7 +260,7 @@ class Subscriber:
         self._thread.join(timeout=10)
 
     def _run(self):
-        backoff = Backoff()
+        backoff = Backoff(f"policy subscription to {self.link.address}")
         while not self.stop_event.is_set():
             try:
                 with self.link.channel() as channel:
@@ -265,7 +276,7 @@ class Subscriber:
             except grpc.RpcError as e:
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     log.warning("policy subscription ended: %s %s", e.code().name, e.details())
-                backoff.wait(self.stop_event)
+                backoff.failed(e, self.stop_event)
 
     def _apply(self, update: pirl_pb2.PolicyUpdate) -> None:
         listed = {a.name: a for a in update.manifest.artifacts}

@@ -8,8 +8,9 @@
 3. a learner process (`pirl-learner`, TLS on loopback) starting from the SFT checkpoint, and two edge
    processes (`pirl-edge`): robot-0 runs one env paced at 50 Hz (what a robot does; the control-rate
    and deadline figures come from it), robot-1 runs a vector of simulated envs flat out. In a
-   deployment the learner and the simulation farm are other machines; here they share 2 cores
-   with the paced robot, so they run at a lower CPU priority (nice 5 and 10);
+   deployment the learner and the simulation farm are other machines; here the paced robot gets
+   the first core to itself and the learner and simulation share the others, at a lower CPU
+   priority (nice 10 and 15);
 4. PI-RL until the learner's deterministic evaluation reaches --target (or --time-limit);
 5. the edges stop, upload what they spooled and report; a table is printed and OUT/demo.json and
    OUT/demo.png are written. Logs of every process are in OUT/logs.
@@ -49,11 +50,18 @@ class Procs:
     def __init__(self, logs: Path):
         self.logs, self.procs = logs, {}
 
-    def start(self, name: str, cmd: list[str], nice: int = 0) -> subprocess.Popen:
+    def start(self, name: str, cmd: list[str], nice: int = 0, cpus: set[int] | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+        def place():
+            if nice:
+                os.nice(nice)
+            if cpus:
+                os.sched_setaffinity(0, cpus)
+
         p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                             preexec_fn=(lambda: os.nice(nice)) if nice else None)
+                             preexec_fn=place)
         self.procs[name] = p
         return p
 
@@ -104,9 +112,14 @@ def _run(args) -> int:
     print("== 2/4 certificates and tokens", flush=True)
     for sub in ("certs", "learner", "edges", "logs"):
         shutil.rmtree(out / sub, ignore_errors=True)
+    (out / "learner.port").unlink(missing_ok=True)  # never read a previous run's port
     (out / "logs").mkdir(parents=True)
     pki = make_dev_pki(out / "certs", list(ROBOTS))
     procs = Procs(out / "logs")
+    # The robot gets a core of its own, as on real hardware; the learner and the simulation farm
+    # (other machines in a deployment) share the rest. With a single core everything shares it.
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    robot_cpus, farm_cpus = ({cores[0]}, set(cores[1:])) if len(cores) >= 2 else (None, None)
     try:
         print("== 3/4 learner + 2 edges over gRPC with TLS on loopback", flush=True)
         learner_dir = out / "learner"
@@ -116,8 +129,8 @@ def _run(args) -> int:
             "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]),
             "--episodes-per-update", str(args.episodes_per_update), "--eval-every", str(args.eval_every),
             "--eval-episodes", str(args.eval_episodes), "--target-success", str(args.target),
-            "--actor-lr", str(args.actor_lr), "--seed", str(args.seed),
-        ], nice=5)
+            "--actor-lr", str(args.actor_lr), "--seed", str(args.seed), "--max-version-lag", str(args.max_version_lag),
+        ], nice=10, cpus=farm_cpus)
         port = _wait_for(out / "learner.port", procs, "learner", timeout=120)
         address = f"127.0.0.1:{port}"
         common = ["--learner", address, "--tokens", str(pki["tokens"]), "--tls-ca", str(pki["ca_cert"]),
@@ -125,11 +138,12 @@ def _run(args) -> int:
         procs.start("robot-0", [_bin("pirl-edge"), *common, "--robot-id", "robot-0", "--mode", "paced",
                                 "--backend", args.backend,
                                 "--control-hz", str(args.control_hz), "--spool-dir", str(out / "edges/robot-0/spool"),
-                                "--stats-file", str(out / "edges/robot-0/stats.json"), "--seed", str(args.seed + 1)])
+                                "--stats-file", str(out / "edges/robot-0/stats.json"), "--seed", str(args.seed + 1)],
+                    cpus=robot_cpus)
         procs.start("robot-1", [_bin("pirl-edge"), *common, "--robot-id", "robot-1", "--mode", "unpaced",
                                 "--num-envs", str(args.num_envs), "--spool-dir", str(out / "edges/robot-1/spool"),
                                 "--stats-file", str(out / "edges/robot-1/stats.json"), "--seed", str(args.seed + 2)],
-                    nice=10)
+                    nice=15, cpus=farm_cpus)
         status_path = learner_dir / "status.json"
         last_print, status = 0.0, {}
         while True:
@@ -155,9 +169,8 @@ def _run(args) -> int:
         print("== 4/4 stopping edges (they upload what they spooled), then the learner", flush=True)
         for name in ROBOTS:
             procs.stop(name, timeout=120)
-        time.sleep(1.0)
+        procs.stop("learner", timeout=60)  # it writes its final status (counts after the drain) on exit
         status = json.loads(status_path.read_text())
-        procs.stop("learner", timeout=60)
     finally:
         procs.stop_all()
 
@@ -176,6 +189,8 @@ def _run(args) -> int:
         "rollouts_accepted": counts.get("accepted", 0),
         "duplicates": counts.get("duplicate", 0),
         "rollouts_left_in_spools": sum(e["records_left_in_spool"] for e in edges.values()),
+        # refused by the learner, or dropped by the edge as older than the learner's version lag
+        "rollouts_dropped": sum(sum(e["records_refused"].values()) for e in edges.values()),
         "paced_backend": paced["backend"],
         "deadline_miss_ratio": paced["deadline_miss_ratio"],
         "paced_ticks": paced["ticks"],
@@ -194,7 +209,8 @@ def _run(args) -> int:
         ("policy versions published", report["policy_versions"]),
         ("rollout records sent / accepted / duplicates",
          f"{report['rollouts_sent']} / {report['rollouts_accepted']} / {report['duplicates']}"),
-        ("records left in edge spools", report["rollouts_left_in_spools"]),
+        ("records dropped as too old / refused; left in spools",
+         f"{report['rollouts_dropped']}; {report['rollouts_left_in_spools']}"),
         ("paced edge (robot-0) control rate p50 / p99",
          f"{report['control_rate_hz_p50']:.1f} / {report['control_rate_hz_p99']:.1f} Hz"),
         ("paced edge deadline misses", f"{report['deadline_miss_ratio']:.4%} of {report['paced_ticks']} ticks, "
@@ -228,8 +244,9 @@ def main() -> None:
     p.add_argument("--actor-lr", type=float, default=5e-5)
     p.add_argument("--num-envs", type=int, default=128, help="envs of the unpaced simulated edge")
     p.add_argument("--control-hz", type=float, default=50.0, help="rate of the paced edge")
-    p.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="auto",
+    p.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="torch",
                    help="inference backend of the paced edge (auto: ONNX Runtime when it loads)")
+    p.add_argument("--max-version-lag", type=int, default=2, help="learner: accept records this many versions old")
     p.add_argument("--num-demos", type=int, default=10)
     p.add_argument("--sft-steps", type=int, default=2000)
     p.add_argument("--seed", type=int, default=0)

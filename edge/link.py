@@ -102,22 +102,14 @@ class Backoff:
         self.delay = min(self.cap, self.delay * 2)
 
 
-class Uploader:
-    """Streams spooled records to the learner; deletes each one when the learner acks it."""
+class _Background:
+    """A daemon thread running ``_run`` until ``stop()``."""
 
-    def __init__(self, link: LearnerAddress, spool: Spool, clock: SyncClock, *, edge_version: str = "0.1.0",
-                 backend: str = "torch", window: int = 256):
-        self.link, self.spool, self.clock = link, spool, clock
-        self.edge_version, self.backend, self.window = edge_version, backend, window
+    thread_name = "pirl-background"
+
+    def __init__(self):
         self.stop_event = threading.Event()
-        self.sent = 0  # first sends only (not resends)
-        self.resent = 0
-        self.acked = 0
-        self.duplicates = 0
-        self.refused = collections.Counter()
-        self._sent_once: set[int] = set()
-        self._thread = threading.Thread(target=self._run, name="pirl-uploader", daemon=True)
-        self.learner_version = 0
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
 
     def start(self):
         self._thread.start()
@@ -125,6 +117,28 @@ class Uploader:
     def stop(self):
         self.stop_event.set()
         self._thread.join(timeout=10)
+
+    def _run(self):
+        raise NotImplementedError
+
+
+class Uploader(_Background):
+    """Streams spooled records to the learner; deletes each one when the learner acks it."""
+
+    thread_name = "pirl-uploader"
+
+    def __init__(self, link: LearnerAddress, spool: Spool, clock: SyncClock, *, edge_version: str = "0.1.0",
+                 backend: str = "torch", window: int = 256):
+        super().__init__()
+        self.link, self.spool, self.clock = link, spool, clock
+        self.edge_version, self.backend, self.window = edge_version, backend, window
+        self.sent = 0  # first sends only (not resends)
+        self.resent = 0
+        self.acked = 0
+        self.duplicates = 0
+        self.refused = collections.Counter()
+        self._sent_once: set[int] = set()
+        self.learner_version = 0
 
     def _register(self, channel) -> pirl_pb2.RegisterResponse:
         req = pirl_pb2.RegisterRequest(robot_id=self.link.robot_id, edge_version=self.edge_version, backend=self.backend,
@@ -242,22 +256,16 @@ class Uploader:
         self.clock.update_metric()
 
 
-class Subscriber:
+class Subscriber(_Background):
     """Receives new policy versions, checks their sha256, and hands them to the inference worker."""
 
+    thread_name = "pirl-subscriber"
+
     def __init__(self, link: LearnerAddress, worker, clock: SyncClock):
+        super().__init__()
         self.link, self.worker, self.clock = link, worker, clock
-        self.stop_event = threading.Event()
         self.received: list[tuple[int, float]] = []  # (version, publish -> loaded latency s)
         self.rejected = 0
-        self._thread = threading.Thread(target=self._run, name="pirl-subscriber", daemon=True)
-
-    def start(self):
-        self._thread.start()
-
-    def stop(self):
-        self.stop_event.set()
-        self._thread.join(timeout=10)
 
     def _run(self):
         backoff = Backoff(f"policy subscription to {self.link.address}")
@@ -304,22 +312,16 @@ class Subscriber:
             metrics.SYNC_LATENCY.labels(self.link.robot_id).observe(latency)
 
 
-class Heartbeat:
+class Heartbeat(_Background):
     """Tells the learner every ``period`` seconds which version this robot runs and how full its spool is."""
 
+    thread_name = "pirl-heartbeat"
+
     def __init__(self, link: LearnerAddress, worker, spool: Spool, clock: SyncClock, rate_fn=None, period: float = 5.0):
+        super().__init__()
         self.link, self.worker, self.spool, self.clock = link, worker, spool, clock
         self.rate_fn, self.period = rate_fn or (lambda: 0.0), period
-        self.stop_event = threading.Event()
         self.sent = 0
-        self._thread = threading.Thread(target=self._run, name="pirl-heartbeat", daemon=True)
-
-    def start(self):
-        self._thread.start()
-
-    def stop(self):
-        self.stop_event.set()
-        self._thread.join(timeout=10)
 
     def _run(self):
         with self.link.channel() as channel:

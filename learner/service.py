@@ -89,12 +89,17 @@ class LearnerService:
 
     # --- RPCs -------------------------------------------------------------------------------------
 
-    def register(self, data: bytes, context) -> bytes:
+    def _request(self, cls, data: bytes, context):
+        """(authenticated robot id, parsed request); a request naming another robot is refused."""
         robot_id = self.auth.robot_for(context)
-        req = self._parse(pirl_pb2.RegisterRequest, data, context)
+        req = self._parse(cls, data, context)
         if req.robot_id and req.robot_id != robot_id:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"robot_id {req.robot_id!r} does not match the token's robot {robot_id!r}")
+        return robot_id, req
+
+    def register(self, data: bytes, context) -> bytes:
+        robot_id, req = self._request(pirl_pb2.RegisterRequest, data, context)
         log.info("robot %s registered (backend %s, edge %s)", robot_id, req.backend, req.edge_version)
         self.store.forget_below(robot_id, req.lowest_pending_sequence)
         return pirl_pb2.RegisterResponse(
@@ -104,11 +109,7 @@ class LearnerService:
         ).SerializeToString()
 
     def heartbeat(self, data: bytes, context) -> bytes:
-        robot_id = self.auth.robot_for(context)
-        req = self._parse(pirl_pb2.HeartbeatRequest, data, context)
-        if req.robot_id and req.robot_id != robot_id:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"robot_id {req.robot_id!r} does not match the token's robot {robot_id!r}")
+        robot_id, req = self._request(pirl_pb2.HeartbeatRequest, data, context)
         log.debug("heartbeat from %s: version %d, %d spooled", robot_id, req.policy_version, req.spool_records)
         self.store.forget_below(robot_id, req.lowest_pending_sequence)
         return pirl_pb2.HeartbeatResponse(policy_version=self.store.version).SerializeToString()
@@ -140,8 +141,7 @@ class LearnerService:
             self._robot_connected(robot_id, -1)
 
     def subscribe_policy(self, data: bytes, context):
-        robot_id = self.auth.robot_for(context)
-        req = self._parse(pirl_pb2.SubscribeRequest, data, context)
+        robot_id, req = self._request(pirl_pb2.SubscribeRequest, data, context)
         q = self.publisher.subscribe()
         try:
             while context.is_active() and not self._stop.is_set():

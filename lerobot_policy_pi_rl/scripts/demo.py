@@ -237,7 +237,7 @@ def main() -> None:
     p = argparse.ArgumentParser(prog="pirl-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="outputs/demo", help="output directory (a finished SFT checkpoint there is reused)")
     p.add_argument("--target", type=float, default=0.9, help="stop once deterministic success reaches this")
-    p.add_argument("--time-limit", type=float, default=480.0, help="cap on the whole run, seconds (SFT included)")
+    p.add_argument("--time-limit", type=float, default=540.0, help="cap on the whole run, seconds (SFT included)")
     p.add_argument("--episodes-per-update", type=int, default=128)
     p.add_argument("--eval-every", type=int, default=5, help="learner evaluation period, in policy versions")
     p.add_argument("--eval-episodes", type=int, default=200)

@@ -14,6 +14,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from lerobot_policy_pi_rl.envs.vector import active_mask, reset_targets
+
 __all__ = ["GymVecAdapter"]
 
 
@@ -98,19 +100,7 @@ class GymVecAdapter:
         ``seed[i]``, ``None`` continues each env's generator. ``options["reset_mask"]`` restricts
         the reset to some envs."""
         n = self.num_envs
-        mask = np.ones(n, dtype=bool)
-        if options and options.get("reset_mask") is not None:
-            mask = np.asarray(options["reset_mask"], dtype=bool).reshape(-1)
-            if mask.shape != (n,):
-                raise ValueError(f"reset_mask must have shape ({n},), got {mask.shape}")
-        if seed is None:
-            seeds: list[int | None] = [None] * n
-        elif isinstance(seed, (int, np.integer)):
-            seeds = [int(seed) + i for i in range(n)]
-        else:
-            seeds = [None if s is None else int(s) for s in seed]
-            if len(seeds) != n:
-                raise ValueError(f"got {len(seeds)} seeds for {n} envs")
+        mask, seeds = reset_targets(n, seed, options)
         for i in np.flatnonzero(mask):
             self._reset_one(int(i), seeds[i])
         return {"agent_pos": self._obs.copy()}, {"is_success": np.zeros(n, dtype=bool)}
@@ -123,12 +113,7 @@ class GymVecAdapter:
         if a.shape != (n, self.action_dim):
             raise ValueError(f"actions must have shape ({n}, {self.action_dim}), got {a.shape}")
         a = np.clip(a, self.action_low, self.action_high).astype(self.single_action_space.dtype)
-        if active is None:
-            m = np.ones(n, dtype=bool)
-        else:
-            m = np.asarray(active, dtype=bool).reshape(-1).copy()
-            if m.shape != (n,):
-                raise ValueError(f"active must have shape ({n},), got {m.shape}")
+        m = active_mask(n, active)
         if not self.autoreset:
             m &= ~self._done
 

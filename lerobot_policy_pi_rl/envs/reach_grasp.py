@@ -37,6 +37,8 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
+from lerobot_policy_pi_rl.envs.vector import active_mask, reset_targets
+
 __all__ = [
     "GYM_ID",
     "GYM_NAMESPACE",
@@ -240,21 +242,10 @@ class ReachGraspVecEnv:
         envs; other option keys are ignored. See the module docstring for the seed semantics.
         """
         n = self.num_envs
-        mask = np.ones(n, dtype=bool)
-        if options and options.get("reset_mask") is not None:
-            mask = np.asarray(options["reset_mask"], dtype=bool).reshape(-1)
-            if mask.shape != (n,):
-                raise ValueError(f"reset_mask must have shape ({n},), got {mask.shape}")
-        if seed is not None:
-            if isinstance(seed, (int, np.integer)):
-                seeds: list[int | None] = [int(seed) + i for i in range(n)]
-            else:
-                seeds = [None if s is None else int(s) for s in seed]
-                if len(seeds) != n:
-                    raise ValueError(f"got {len(seeds)} seeds for {n} envs")
-            for i in np.flatnonzero(mask):
-                if seeds[i] is not None:
-                    self._rngs[i] = np.random.default_rng(seeds[i])
+        mask, seeds = reset_targets(n, seed, options)
+        for i in np.flatnonzero(mask):
+            if seeds[i] is not None:
+                self._rngs[i] = np.random.default_rng(seeds[i])
         for i in np.flatnonzero(mask):
             self._reset_one(int(i))
         return self._obs(), {"is_success": np.zeros(n, dtype=bool)}
@@ -271,13 +262,7 @@ class ReachGraspVecEnv:
         if a.shape != (n, self.action_dim):
             raise ValueError(f"actions must have shape ({n}, {self.action_dim}), got {a.shape}")
         a = np.clip(np.nan_to_num(a, nan=0.0), -1.0, 1.0)
-        if active is None:
-            m = np.ones(n, dtype=bool)
-        else:
-            m = np.asarray(active, dtype=bool).reshape(-1)
-            if m.shape != (n,):
-                raise ValueError(f"active must have shape ({n},), got {m.shape}")
-            m = m.copy()
+        m = active_mask(n, active)
         if not self.autoreset:
             m &= ~self._done
 

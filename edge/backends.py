@@ -71,7 +71,17 @@ class OnnxRuntimeBackend:
         else:
             export_onnx(self.policy, out, version=version)
         session = OnnxSampler(out, providers=self.providers, threads=1)
+        self._warm_up(session)
         self.session = session
+
+    def _warm_up(self, session) -> None:
+        """Run the new session once here, off the control thread: ONNX Runtime finishes setting a
+        session up on its first run, which would otherwise land on the first chunk after a swap."""
+        c = self.policy.config
+        obs = {k: torch.zeros(1, *ft.shape) for k, ft in c.input_features.items()}
+        initial, step, stochastic = self.policy.draw_noise(1, generator=torch.Generator().manual_seed(0))
+        session.run({k: v.numpy() for k, v in obs.items()}, initial.numpy(), step.numpy(), stochastic.numpy(),
+                    torch.full((1,), float(c.noise_level)).numpy())
 
     def sample(self, obs, initial, step, stochastic, noise_level) -> Sampled:
         out = self.session.run({k: v.numpy() for k, v in obs.items()}, initial.numpy(), step.numpy(),

@@ -77,18 +77,22 @@ class InferenceWorker:
         Returns False (and counts a swap failure) when the weights do not fit the policy; the
         active policy keeps serving either way.
         """
+        # Hold the lock only to claim the spare: loading and preparing (an ONNX Runtime session can
+        # take 100 ms) happen outside it, so the worker's swap check at a chunk boundary never waits.
         with self._swap_lock:
             if version <= max(self.version, self._pending or -1):
                 return False
-            try:
-                self._spare.policy.load_state_dict(state_dict, strict=True)
-                self._spare_backend.prepare(version, files)  # e.g. a new ONNX Runtime session
-            except Exception as e:  # noqa: BLE001  a version that cannot be served is refused, not fatal
-                metrics.SWAP_FAILURES.labels(self.robot_id).inc()
-                log.error("policy version %d refused: %s", version, e)
-                return False
+            self._pending = None  # a loaded-but-unswapped older version is replaced by this one
+        try:
+            self._spare.policy.load_state_dict(state_dict, strict=True)
+            self._spare_backend.prepare(version, files)  # e.g. a new ONNX Runtime session
+        except Exception as e:  # noqa: BLE001  a version that cannot be served is refused, not fatal
+            metrics.SWAP_FAILURES.labels(self.robot_id).inc()
+            log.error("policy version %d refused: %s", version, e)
+            return False
+        with self._swap_lock:
             self._pending = version
-            return True
+        return True
 
     def swap_if_pending(self) -> None:
         """At a chunk boundary: make the spare active if a new version is loaded."""

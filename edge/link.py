@@ -138,7 +138,6 @@ class Uploader(_Background):
         self.duplicates = 0
         self.refused = collections.Counter()
         self._sent_once: set[int] = set()
-        self.learner_version = 0
 
     def _register(self, channel) -> pirl_pb2.RegisterResponse:
         req = pirl_pb2.RegisterRequest(robot_id=self.link.robot_id, edge_version=self.edge_version, backend=self.backend,
@@ -158,8 +157,7 @@ class Uploader(_Background):
         while not self.stop_event.is_set():
             try:
                 with self.link.channel() as channel:
-                    resp = self._register(channel)
-                    self.learner_version = resp.policy_version
+                    self._register(channel)  # records the learner's version and lag on the clock
                     self.clock.touch()
                     backoff.reset()
                     self._stream(channel)

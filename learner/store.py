@@ -5,12 +5,10 @@ Thread-safe: gRPC handler threads add records while the update thread takes batc
 
 from __future__ import annotations
 
-import json
 import math
 import threading
 from collections import defaultdict
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import grpc
 import numpy as np
@@ -306,15 +304,18 @@ class RolloutStore:
 
     # --- persistence (checkpoints) ----------------------------------------------------------------
 
+    def _state_locked(self) -> dict:
+        return {"acked": {r: a.to_json() for r, a in self._acked.items()}, "counts": dict(self.counts)}
+
     def state(self) -> dict:
         with self._lock:
-            return {"acked": {r: a.to_json() for r, a in self._acked.items()}, "counts": dict(self.counts)}
+            return self._state_locked()
 
     def checkpoint_snapshot(self, version: int) -> tuple[dict, list[tuple[str, bytes]]]:
         """(state, records not yet used by an update) for checkpoint ``version``; atomically with the
         snapshot, the write-ahead log moves on to segment ``version``."""
         with self._lock:
-            state = {"acked": {r: a.to_json() for r, a in self._acked.items()}, "counts": dict(self.counts)}
+            state = self._state_locked()
             pending = [(ep.robot_id, s.raw) for ep in [*self._open.values(), *self._complete] for s in ep.steps]
             if self.wal is not None:
                 self.wal.start_segment(version)
@@ -324,9 +325,6 @@ class RolloutStore:
         with self._lock:
             self._acked = defaultdict(AckedSequences, {r: AckedSequences.from_json(a) for r, a in state["acked"].items()})
             self.counts = defaultdict(int, state.get("counts", {}))
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(self.state()))
 
 
 def episodes_to_batch(episodes: list[Episode], policy) -> RolloutBatch:

@@ -28,21 +28,27 @@ _U32 = struct.Struct("<I")
 
 def _entries(data: bytes) -> Iterator[tuple[int, str, bytes]]:
     """(end offset, robot id, record) of every intact entry; stops at the first torn or bad one."""
+
+    def chunk(off: int) -> tuple[bytes, int] | None:
+        """The u32-length-prefixed bytes at ``off`` and the offset after them (None if torn); the
+        4 bytes that always follow (the next length, or the crc) must be there too."""
+        if off + 4 > len(data):
+            return None
+        (n,) = _U32.unpack_from(data, off)
+        end = off + 4 + n
+        return (data[off + 4 : end], end) if end + 4 <= len(data) else None
+
     off = 0
     while off + 4 <= len(data):
-        (n_robot,) = _U32.unpack_from(data, off)
         start = off
-        off += 4
-        if off + n_robot + 4 > len(data):
+        got = chunk(off)
+        if got is None:
             return
-        robot = data[off : off + n_robot]
-        off += n_robot
-        (n_rec,) = _U32.unpack_from(data, off)
-        off += 4
-        if off + n_rec + 4 > len(data):
+        robot, off = got
+        got = chunk(off)
+        if got is None:
             return
-        rec = data[off : off + n_rec]
-        off += n_rec
+        rec, off = got
         (crc,) = _U32.unpack_from(data, off)
         off += 4
         if zlib.crc32(robot + rec) != crc:

@@ -17,7 +17,6 @@ import torch
 from torch import Tensor
 
 from lerobot.envs.utils import preprocess_observation
-from lerobot.utils.constants import ACTION
 
 
 @dataclass
@@ -194,4 +193,4 @@ def evaluate_success(runner: PolicyRunner, env, *, episodes: int, seed: int) -> 
     return successes / episodes
 
 
-__all__ = ["RolloutBatch", "PolicyRunner", "collect_rollouts", "evaluate_success", "ACTION"]
+__all__ = ["RolloutBatch", "PolicyRunner", "collect_rollouts", "evaluate_success"]

@@ -47,6 +47,10 @@ class InferenceWorker:
         self.swap_times: dict[int, float] = {}  # version -> time.time() it started serving
         metrics.POLICY_VERSION.labels(robot_id).set(version)
         metrics.BACKEND.labels(robot_id, self.backend).set(1)
+        metrics.BACKEND_REQUESTED.labels(robot_id, backend).set(1)
+        fallbacks = metrics.BACKEND_FALLBACKS.labels(robot_id, backend)  # exported at 0 from the start
+        if backend != "auto" and backend != self.backend:
+            fallbacks.inc()
 
     @property
     def policy(self):

@@ -22,5 +22,10 @@ RECORDS_SENT = Counter("pirl_edge_records_sent_total", "Records sent to the lear
 RECORDS_ACKED = Counter("pirl_edge_records_acked_total", "Records acked by the learner", ["robot_id"])
 RECORDS_REFUSED = Counter("pirl_edge_records_refused_total", "Records not kept, by reason", ["robot_id", "reason"])
 BACKEND = Gauge("pirl_edge_backend_info", "Inference backend in use (1 for the active one)", ["robot_id", "backend"])
+BACKEND_REQUESTED = Gauge("pirl_edge_backend_requested_info", "Inference backend asked for with --backend (1 for it)",
+                          ["robot_id", "backend"])
+BACKEND_FALLBACKS = Counter("pirl_edge_backend_fallbacks_total",
+                            "A requested backend could not load and a slower one serves instead, by the backend that failed",
+                            ["robot_id", "backend"])
 SWAP_FAILURES = Counter("pirl_edge_swap_failures_total", "Policy versions refused (hash mismatch, load error)", ["robot_id"])
 SWAPS = Counter("pirl_edge_policy_swaps_total", "Policy versions swapped in", ["robot_id"])

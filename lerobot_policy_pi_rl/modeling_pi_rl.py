@@ -75,6 +75,18 @@ class PiRLPolicy(PreTrainedPolicy):
         self.register_buffer("action_mask", mask, persistent=False)
         self.reset()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_name_or_path, **kwargs):
+        """LeRobot's loader; a VLA backbone is rebuilt from the saved ``backbone_config`` (its weights
+        come from this checkpoint, so ``base_model_path`` is not fetched again)."""
+        from lerobot_policy_pi_rl.backbones.vla import LOADING_PI_RL_CHECKPOINT
+
+        token = LOADING_PI_RL_CHECKPOINT.set(True)
+        try:
+            return super().from_pretrained(pretrained_name_or_path, **kwargs)
+        finally:
+            LOADING_PI_RL_CHECKPOINT.reset(token)
+
     # --- LeRobot PreTrainedPolicy API -------------------------------------------------------------
 
     def get_optim_params(self) -> list[nn.Parameter]:

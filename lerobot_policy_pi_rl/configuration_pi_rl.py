@@ -72,7 +72,8 @@ class PiRLConfig(PreTrainedConfig):
             ``n_action_steps``, ``max_action_dim``, features and device come from this config.
         backbone_reduced: build the real modeling code at a reduced size for CPU tests and
             benchmarks (fields of ``backbones.reduced.ReducedSize``, ``{}`` for its defaults), with a
-            stand-in tokenizer; never combined with base weights.
+            stand-in tokenizer. With ``base_model_path`` (SmolVLA only) the checkpoint must be of
+            the same reduced size.
         tokenizer_name: tokenizer of the task instruction (VLA backbones); default: PaliGemma's for
             pi0 / pi05, the VLM's for SmolVLA, the stand-in one for reduced sizes.
 
@@ -240,8 +241,6 @@ class PiRLConfig(PreTrainedConfig):
         if self.backbone == "mlp" and (self.base_model_path or self.backbone_config or self.backbone_reduced is not None):
             raise bad("backbone", "base_model_path / backbone_config / backbone_reduced apply to the pi0, pi05 and "
                                   "smolvla backbones only")
-        if self.base_model_path and self.backbone_reduced is not None:
-            raise bad("backbone_reduced", "a reduced size cannot load base_model_path weights: drop one of them")
 
     def noise_level_at(self, update: int) -> float:
         """Flow-SDE noise level ``a`` after ``update`` PI-RL updates (linear anneal when configured)."""

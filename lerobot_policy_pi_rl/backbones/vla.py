@@ -63,6 +63,14 @@ class VLACache:
         return VLACache([pick(k) for k in self.keys], [pick(v) for v in self.values], pick(self.pad_masks),
                         None if self.state is None else pick(self.state))
 
+    @staticmethod
+    def cat(caches: list["VLACache"]) -> "VLACache":
+        layers = range(len(caches[0].keys))
+        return VLACache([torch.cat([c.keys[i] for c in caches]) for i in layers],
+                        [torch.cat([c.values[i] for c in caches]) for i in layers],
+                        torch.cat([c.pad_masks for c in caches]),
+                        None if caches[0].state is None else torch.cat([c.state for c in caches]))
+
     def detach(self) -> "VLACache":
         return VLACache([k.detach() for k in self.keys], [v.detach() for v in self.values], self.pad_masks,
                         None if self.state is None else self.state.detach())
@@ -119,15 +127,16 @@ class LeRobotVLABackbone(FlowBackbone):
         from lerobot.policies.factory import get_policy_class
 
         cls = get_policy_class(self.base_type)
+        path = base_model_path if not LOADING_PI_RL_CHECKPOINT.get() else None
         if self.reduced is not None:
-            return self._build_reduced(cls, base_cfg)
-        if base_model_path and not LOADING_PI_RL_CHECKPOINT.get():
-            log.info("loading %s weights from %s", self.base_type, base_model_path)
-            return cls.from_pretrained(base_model_path, config=base_cfg)
+            return self._build_reduced(cls, base_cfg, path)
+        if path:
+            log.info("loading %s weights from %s", self.base_type, path)
+            return cls.from_pretrained(path, config=base_cfg)
         return cls(base_cfg)
 
-    def _build_reduced(self, cls, base_cfg):
-        return cls(base_cfg)
+    def _build_reduced(self, cls, base_cfg, path: str | None):
+        return cls.from_pretrained(path, config=base_cfg) if path else cls(base_cfg)
 
     @property
     def vocab_size(self) -> int:
@@ -201,8 +210,13 @@ class PI0Backbone(LeRobotVLABackbone):
     base_type = "pi0"
     _state_in_suffix = True
 
-    def _build_reduced(self, cls, base_cfg):
+    def _build_reduced(self, cls, base_cfg, path):
         from lerobot_policy_pi_rl.backbones import reduced
+        from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfigError
+
+        if path:  # LeRobot's loader builds the 257k-token vocabulary before loading: sizes cannot match
+            raise PiRLConfigError(f"policy.base_model_path: a reduced {self.base_type} cannot load a checkpoint "
+                                  "(supported for smolvla only)")
 
         module = __import__(cls.__module__, fromlist=["_"])
         with reduced.reduced_paligemma(module, self.reduced):
@@ -352,7 +366,7 @@ def resolve_base_config(config, base_type: str, reduced=None):
 
     cls = base_config_class(base_type)
     fields: dict = {}
-    if config.base_model_path and not LOADING_PI_RL_CHECKPOINT.get() and reduced is None:
+    if config.base_model_path and not LOADING_PI_RL_CHECKPOINT.get():
         loaded = PreTrainedConfig.from_pretrained(config.base_model_path)
         if loaded.type != base_type:
             raise PiRLConfigError(

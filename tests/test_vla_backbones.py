@@ -267,3 +267,39 @@ def test_learner_validates_token_ids(tmp_path):
     bad[0] = policy.backbone.vocab_size
     with pytest.raises(RecordError, match="token ids outside"):
         decode_record(record(bad), shapes, 1 << 20)
+
+
+def test_pirl_init_wraps_a_lerobot_checkpoint_with_dataset_stats(tmp_path):
+    """pirl-init: a LeRobot SmolVLA checkpoint + a LeRobot dataset -> a pi_rl pretrained_model that
+    load_policy (the learner's and the edge's loader) reads back and samples from."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from lerobot_policy_pi_rl.sft import load_policy, record_demos
+
+    donor, _, _ = vla_policy("smolvla", seed=7)
+    donor.backbone.base.save_pretrained(tmp_path / "base")
+    record_demos(tmp_path / "data", 2, obs_type="pixels_agent_pos", image_size=IMAGE)
+    cmd = [str(Path(sys.executable).parent / "pirl-init"), "--out", str(tmp_path / "policy"), "--backbone", "smolvla",
+           "--base-model-path", str(tmp_path / "base"), "--dataset-repo-id", "local/pirl_reach",
+           "--dataset-root", str(tmp_path / "data"), "--reduced", "{}",
+           "--policy-overrides", '{"backbone_config": {"tokenizer_max_length": 16}, "n_action_steps": 2}']
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "trained by PI-RL" in out.stdout
+    policy, pre, post = load_policy(tmp_path / "policy")
+    assert policy.config.n_action_steps == 2 and policy.config.backbone == "smolvla"
+    for (n, a), b in zip(donor.backbone.base.state_dict().items(), policy.backbone.base.state_dict().values(),
+                         strict=True):
+        assert torch.equal(a, b), n
+    # normalisation stats came from the dataset, not a default
+    stats = pre.steps[-1].stats["observation.state"]["mean"]
+    assert float(np.abs(np.asarray(stats)).sum()) > 0
+    obs = observations(policy, pre, n=2)
+    with torch.no_grad():
+        s = policy.sample_chains(obs, *policy.draw_noise(2))
+    assert torch.isfinite(s.actions).all()
+
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 2 and "already holds a policy" in again.stderr

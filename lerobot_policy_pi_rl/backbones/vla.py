@@ -373,13 +373,23 @@ def resolve_base_config(config, base_type: str, reduced=None):
                 f"policy.base_model_path: {config.base_model_path} holds a '{loaded.type}' policy, "
                 f"but policy.backbone is '{base_type}'"
             )
+        if config.max_action_dim is not None and config.max_action_dim != loaded.max_action_dim:
+            raise PiRLConfigError(
+                f"policy.max_action_dim: {config.max_action_dim}, but the weights in {config.base_model_path} "
+                f"pad actions to {loaded.max_action_dim} (leave max_action_dim unset to use theirs)"
+            )
+        if loaded.chunk_size != config.chunk_size:
+            log.warning("policy.chunk_size=%d but %s was trained with chunks of %d", config.chunk_size,
+                        config.base_model_path, loaded.chunk_size)
         fields = {k: v for k, v in draccus.encode(loaded).items() if k not in OWNED_FIELDS}
-    fields.update(config.backbone_config or {})
-    if reduced is not None:
-        fields.update(_reduced_fields(base_type, reduced))
-    owned = sorted(set(fields) & set(OWNED_FIELDS))
+        fields["max_action_dim"] = loaded.max_action_dim
+    user = config.backbone_config or {}
+    owned = sorted(set(user) & set(OWNED_FIELDS))
     if owned:
         raise PiRLConfigError(f"policy.backbone_config: {owned} are set by the pi_rl config itself (policy.<field>)")
+    fields.update(user)
+    if reduced is not None:
+        fields.update(_reduced_fields(base_type, reduced))
     fields.update(chunk_size=config.chunk_size, n_action_steps=config.n_action_steps, device=config.device)
     if config.max_action_dim is not None:
         fields["max_action_dim"] = config.max_action_dim

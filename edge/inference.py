@@ -39,6 +39,9 @@ class InferenceWorker:
             OnnxRuntimeBackend(self._spare.policy) if self.backend == "onnxruntime" else TorchBackend(self._spare.policy)
         )
         self.version = version
+        # a trained-only update replaces these tensors; everything else must match the learner's
+        self.rl_state_names = set(policy.rl_state_names())
+        self.frozen_sha256 = policy.frozen_sha256()
         self._pending: int | None = None  # version loaded into the spare, waiting for a boundary
         self._swap_lock = threading.Lock()
         self._jobs: queue.Queue = queue.Queue()
@@ -76,9 +79,12 @@ class InferenceWorker:
 
     # --- weights ----------------------------------------------------------------------------------
 
-    def offer(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, bytes] | None = None) -> bool:
+    def offer(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, bytes] | None = None,
+              frozen_sha256: str | None = None) -> bool:
         """Load ``state_dict`` into the spare (caller's thread); it serves from the next chunk on.
 
+        ``frozen_sha256`` given: ``state_dict`` holds exactly the tensors PI-RL trains (a trained-only
+        update) and the rest of this robot's policy must hash to it. Otherwise it is a full state dict.
         Returns False (and counts a swap failure) when the weights do not fit the policy; the
         active policy keeps serving either way.
         """
@@ -89,7 +95,9 @@ class InferenceWorker:
                 return False
             self._pending = None  # a loaded-but-unswapped older version is replaced by this one
         try:
-            self._spare.policy.load_state_dict(state_dict, strict=True)
+            if frozen_sha256 is not None:
+                _check_trained_only(state_dict, self.rl_state_names, frozen_sha256, self.frozen_sha256)
+            self._spare.policy.load_state_dict(state_dict, strict=frozen_sha256 is None)
             self._spare_backend.prepare(version, files)  # e.g. a new ONNX Runtime session
         except Exception as e:  # noqa: BLE001  a version that cannot be served is refused, not fatal
             metrics.SWAP_FAILURES.labels(self.robot_id).inc()
@@ -154,3 +162,14 @@ class InferenceWorker:
                     after()
                 except Exception:
                     log.exception("persisting a rollout record failed")
+
+
+def _check_trained_only(state: dict, expected: set[str], frozen_sha256: str, own_frozen_sha256: str) -> None:
+    """A trained-only update fits only a robot with the same frozen weights and trained-tensor set."""
+    if frozen_sha256 != own_frozen_sha256:
+        raise ValueError(f"the update's frozen weights (sha256 {frozen_sha256[:12]}) are not this robot's "
+                         f"({own_frozen_sha256[:12]}): a different base model or SFT checkpoint")
+    if set(state) != expected:
+        missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
+        raise ValueError(f"the update does not hold exactly the trained tensors (missing {missing}, unexpected "
+                         f"{extra}): learner and robot disagree on what PI-RL trains (noise method?)")

@@ -304,7 +304,8 @@ class Subscriber(_Background):
             log.error("policy version %d rejected: %s", update.version, e)
             return
         self.clock.learner_version = max(self.clock.learner_version, update.version)
-        if self.worker.offer(update.version, state, dict(update.files)):
+        frozen = update.frozen_sha256 if update.trained_only else None
+        if self.worker.offer(update.version, state, dict(update.files), frozen_sha256=frozen):
             latency = max(0.0, time.time() - update.published_unix_s)
             self.received.append((update.version, latency))
             metrics.SYNC_LATENCY.labels(self.link.robot_id).observe(latency)

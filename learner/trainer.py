@@ -37,11 +37,13 @@ class TrainerSettings:
     export_onnx: bool = True  # publish the ONNX export of every version (edges on ONNX Runtime load it)
 
 
-def policy_update_message(policy, version: int, export_dir: Path | None = None) -> pirl_pb2.PolicyUpdate:
-    """The weights as a safetensors blob, the ONNX export of the sampler when ``export_dir`` is given
-    (written to ``export_dir/v<version>``, the learner's versioned artifact store), and a manifest
-    with the sha256 of every file."""
-    blob = safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in policy.state_dict().items()})
+def policy_update_message(policy, version: int, export_dir: Path | None = None,
+                          frozen_sha256: str | None = None) -> pirl_pb2.PolicyUpdate:
+    """The tensors PI-RL trains as a safetensors blob (``trained_only``: a VLA's frozen VLM never
+    travels; robots check their copy against ``frozen_sha256``, computed here when not given), the
+    ONNX export of the sampler when ``export_dir`` is given (written to ``export_dir/v<version>``,
+    the learner's versioned artifact store), and a manifest with the sha256 of every file."""
+    blob = safetensors_bytes(policy.rl_state_dict())
     files: dict[str, bytes] = {}
     if export_dir is not None:
         from lerobot_policy_pi_rl.export import export_onnx
@@ -56,7 +58,8 @@ def policy_update_message(policy, version: int, export_dir: Path | None = None) 
         for name, data in {"model.safetensors": blob, **files}.items()
     ])
     return pirl_pb2.PolicyUpdate(version=version, weights=blob, manifest=manifest, files=files,
-                                 published_unix_s=time.time())
+                                 published_unix_s=time.time(), trained_only=True,
+                                 frozen_sha256=frozen_sha256 or policy.frozen_sha256())
 
 
 class Trainer:
@@ -68,6 +71,7 @@ class Trainer:
         self.pre, self.post = preprocessor, postprocessor
         self.evaluator = evaluator  # callable(policy) -> success in [0, 1], or None
         self.version = 0
+        self.frozen_sha256 = algorithm.policy.frozen_sha256()  # what RL never changes: hashed once
         self.history: list[dict] = []
         self.eval_curve: list[tuple[int, int, float]] = []  # (version, env_steps, success)
         self.env_steps = 0
@@ -166,7 +170,7 @@ class Trainer:
 
     def _message(self) -> pirl_pb2.PolicyUpdate:
         artifacts = self.output_dir / "artifacts" if self.settings.export_onnx else None
-        msg = policy_update_message(self.algo.policy, self.version, artifacts)
+        msg = policy_update_message(self.algo.policy, self.version, artifacts, self.frozen_sha256)
         if artifacts is not None:  # keep the artifact store bounded like the checkpoints
             for old in sorted(p for p in artifacts.iterdir() if p.name.startswith("v"))[: -self.settings.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)

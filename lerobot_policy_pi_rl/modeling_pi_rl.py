@@ -253,3 +253,33 @@ class PiRLPolicy(PreTrainedPolicy):
 
     def rl_critic_parameters(self) -> list[nn.Parameter]:
         return list(self.value_head.parameters())
+
+    # --- what a policy version changes (the learner publishes only that) -------------------------
+
+    def rl_state_names(self) -> list[str]:
+        """State-dict names of the tensors PI-RL trains (actor and critic parameters), sorted."""
+        ids = {id(p) for p in self.rl_actor_parameters() + self.rl_critic_parameters()}
+        return sorted(n for n, p in self.named_parameters() if id(p) in ids)
+
+    def rl_state_dict(self) -> dict[str, Tensor]:
+        """The tensors PI-RL trains, detached on CPU: what one policy version changes."""
+        params = dict(self.named_parameters())
+        return {n: params[n].detach().cpu().contiguous() for n in self.rl_state_names()}
+
+    def frozen_sha256(self) -> str:
+        """sha256 over every state-dict tensor PI-RL does not train (name, dtype, shape, bytes).
+
+        A robot that applies a trained-only update checks its own frozen weights against the
+        learner's with this: a different base model would otherwise silently mix with new experts.
+        """
+        import hashlib
+
+        trained = set(self.rl_state_names())
+        h = hashlib.sha256()
+        for name, t in sorted(self.state_dict().items()):
+            if name in trained:
+                continue
+            t = t.detach().cpu().contiguous()
+            h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        return h.hexdigest()

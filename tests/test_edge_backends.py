@@ -1,5 +1,7 @@
 """Edge inference backends: ONNX Runtime and torch sample the same chunks; swaps re-export."""
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -20,6 +22,16 @@ def policy_and_processors(seed=0):
              "action": {"mean": torch.zeros(3), "std": torch.ones(3)}}
     pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
     return PiRLPolicy(cfg).eval(), pre, post
+
+
+def trained_copy(policy, seed=1):
+    """What the learner publishes after an update: the same frozen weights, new trained tensors."""
+    newer = copy.deepcopy(policy)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in newer.rl_actor_parameters() + newer.rl_critic_parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    return newer
 
 
 def test_onnxruntime_backend_matches_torch(tmp_path):
@@ -66,13 +78,14 @@ def test_worker_loads_the_learners_onnx_export(tmp_path):
 
     policy, pre, post = policy_and_processors()
     worker = InferenceWorker(policy, pre, post, robot_id="t", backend="onnxruntime")
-    newer, _, _ = policy_and_processors(seed=1)
+    newer = trained_copy(policy)
     msg = policy_update_message(newer, 1, tmp_path / "artifacts")
     names = {a.name for a in msg.manifest.artifacts}
     assert {"model.safetensors", "onnx/model.onnx", "onnx/manifest.json"} <= names
     from safetensors.torch import load
 
-    assert worker.offer(1, load(msg.weights), dict(msg.files))
+    assert msg.trained_only and msg.frozen_sha256 == worker.frozen_sha256
+    assert worker.offer(1, load(msg.weights), dict(msg.files), frozen_sha256=msg.frozen_sha256)
     raw = {"agent_pos": np.ones((1, 6), np.float32)}
     d = worker.decide(raw)[0]
     with torch.no_grad():
@@ -87,7 +100,7 @@ def test_corrupted_artifact_is_refused_and_the_old_policy_keeps_serving(tmp_path
     policy, pre, post = policy_and_processors()
     worker = InferenceWorker(policy, pre, post, robot_id="t", backend="onnxruntime")
     sub = Subscriber(LearnerAddress("127.0.0.1:1", "t", "token"), worker, SyncClock("t"))
-    newer, _, _ = policy_and_processors(seed=1)
+    newer = trained_copy(policy)
     raw = {"agent_pos": np.ones((1, 6), np.float32)}
     good_value = worker.decide(raw)[0].value
 
@@ -103,3 +116,41 @@ def test_corrupted_artifact_is_refused_and_the_old_policy_keeps_serving(tmp_path
 
     sub._apply(policy_update_message(newer, 3, tmp_path / "a3"))
     assert worker.decide(raw)[0].version == 3 and sub.rejected == 2
+
+
+def test_trained_only_updates_need_the_same_frozen_weights_and_trained_set(tmp_path):
+    """A version carries only what PI-RL trains; a robot whose frozen weights differ from the
+    learner's (another SFT checkpoint), or that trains other tensors (another noise method), refuses it."""
+    from safetensors.torch import load
+
+    from learner.trainer import policy_update_message
+
+    policy, pre, post = policy_and_processors()
+    worker = InferenceWorker(policy, pre, post, robot_id="t", backend="torch")
+    raw = {"agent_pos": np.ones((1, 6), np.float32)}
+    trained = set(policy.rl_state_names())
+    assert trained and all(n.startswith(("backbone.trunk.", "backbone.velocity_head.", "value_head.")) for n in trained)
+
+    # same frozen weights (the learner's copy of the SFT checkpoint), new trained tensors: accepted
+    learner_copy = copy.deepcopy(policy)
+    with torch.no_grad():
+        for p in learner_copy.rl_actor_parameters() + learner_copy.rl_critic_parameters():
+            p.add_(0.01)
+    msg = policy_update_message(learner_copy, 1)
+    assert set(load(msg.weights)) == trained  # the frozen prefix encoder does not travel
+    assert worker.offer(1, load(msg.weights), frozen_sha256=msg.frozen_sha256)
+    assert worker.decide(raw)[0].version == 1
+    state = worker.policy.state_dict()
+    for k, v in learner_copy.state_dict().items():
+        assert torch.equal(state[k], v), k
+
+    # a learner started from another checkpoint: its frozen weights differ
+    other, _, _ = policy_and_processors(seed=1)
+    msg = policy_update_message(other, 2)
+    assert not worker.offer(2, load(msg.weights), frozen_sha256=msg.frozen_sha256)
+    # the trained set differs (the learner trains the Flow-Noise head, this robot does not)
+    noisy = copy.deepcopy(learner_copy)
+    noisy.config.noise_method = "flow_noise"
+    msg = policy_update_message(noisy, 3, frozen_sha256=worker.frozen_sha256)
+    assert not worker.offer(3, load(msg.weights), frozen_sha256=msg.frozen_sha256)
+    assert worker.decide(raw)[0].version == 1  # version 1 keeps serving

@@ -395,7 +395,8 @@ def test_subscribe_first_sends_the_current_version(learner):
     assert art.sha256 == hashlib.sha256(upd.weights).hexdigest()
     assert upd.weights == learner.v0.weights and upd.published_unix_s > 0
     state = load_safetensors(upd.weights)
-    ref = learner.policy.state_dict()
+    ref = learner.policy.rl_state_dict()  # trained-only: the tensors PI-RL trains
+    assert upd.trained_only and upd.frozen_sha256 == learner.policy.frozen_sha256()
     assert state.keys() == ref.keys() and all(torch.equal(state[k], ref[k]) for k in ref)
 
 

@@ -169,7 +169,7 @@ class SubscribeRequest(_message.Message):
     def __init__(self, robot_id: _Optional[str] = ..., have_version: _Optional[int] = ...) -> None: ...
 
 class PolicyUpdate(_message.Message):
-    __slots__ = ("version", "weights", "manifest", "published_unix_s", "files")
+    __slots__ = ("version", "weights", "manifest", "published_unix_s", "files", "trained_only", "frozen_sha256")
     class FilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -182,12 +182,16 @@ class PolicyUpdate(_message.Message):
     MANIFEST_FIELD_NUMBER: _ClassVar[int]
     PUBLISHED_UNIX_S_FIELD_NUMBER: _ClassVar[int]
     FILES_FIELD_NUMBER: _ClassVar[int]
+    TRAINED_ONLY_FIELD_NUMBER: _ClassVar[int]
+    FROZEN_SHA256_FIELD_NUMBER: _ClassVar[int]
     version: int
     weights: bytes
     manifest: Manifest
     published_unix_s: float
     files: _containers.ScalarMap[str, bytes]
-    def __init__(self, version: _Optional[int] = ..., weights: _Optional[bytes] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., published_unix_s: _Optional[float] = ..., files: _Optional[_Mapping[str, bytes]] = ...) -> None: ...
+    trained_only: bool
+    frozen_sha256: str
+    def __init__(self, version: _Optional[int] = ..., weights: _Optional[bytes] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., published_unix_s: _Optional[float] = ..., files: _Optional[_Mapping[str, bytes]] = ..., trained_only: _Optional[bool] = ..., frozen_sha256: _Optional[str] = ...) -> None: ...
 
 class Manifest(_message.Message):
     __slots__ = ("policy_version", "artifacts")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import importlib
 import logging
 from dataclasses import dataclass
 
@@ -218,8 +219,7 @@ class PI0Backbone(LeRobotVLABackbone):
             raise PiRLConfigError(f"policy.base_model_path: a reduced {self.base_type} cannot load a checkpoint "
                                   "(supported for smolvla only)")
 
-        module = __import__(cls.__module__, fromlist=["_"])
-        with reduced.reduced_paligemma(module, self.reduced):
+        with reduced.reduced_paligemma(importlib.import_module(cls.__module__), self.reduced):
             policy = cls(base_cfg)
         reduced.finish_reduced_paligemma(policy.model.paligemma_with_expert, self.reduced)
         return policy

@@ -46,6 +46,7 @@ class InferenceWorker:
         self._spare_backend = self._active_backend.spare(self._spare.policy)
         # the last offered versions: how each was prepared (method, seconds, golden errors) or why refused
         self.prepare_log: collections.deque[dict] = collections.deque(maxlen=256)
+        self.refused = 0  # offered versions refused here (weights, backend prepare, golden-input check)
         self.version = version
         self._pending: int | None = None  # version loaded into the spare, waiting for a boundary
         self._swap_lock = threading.Lock()
@@ -111,6 +112,7 @@ class InferenceWorker:
                 entry["golden_max_abs_err"] = check_golden(backend, self._spare.policy)
         except Exception as e:  # noqa: BLE001  a version that cannot be served is refused, not fatal
             metrics.SWAP_FAILURES.labels(self.robot_id).inc()
+            self.refused += 1
             entry["refused"] = f"{type(e).__name__}: {e}"
             self.prepare_log.append(entry)
             log.error("policy version %d refused: %s", version, e)

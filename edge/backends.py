@@ -30,6 +30,7 @@ that input differ by less.
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -46,7 +47,7 @@ OUTPUTS = ("actions", "chain", "log_prob", "value")
 # CPU FP32 (ONNX Runtime CPU): the parity tests hold every output to 1e-5 (log-prob 8e-6 absolute
 # observed at |log_prob| ~ 50); the check keeps a 10x margin. GPU FP32 (ONNX Runtime CUDA, TensorRT
 # with TF32 off): other kernels and summation orders; design values, not measured here (no GPU).
-# TF32 (TensorRT with --trt tf32): 10-bit mantissa inner products. The log-prob sums up to
+# TF32 (TensorRTSettings.tf32): 10-bit mantissa inner products. The log-prob sums up to
 # K * H * D Gaussian terms, so its absolute tolerance is larger.
 GOLDEN_TOLERANCES = {
     "cpu_fp32": {"actions": (1e-4, 1e-4), "chain": (1e-4, 1e-4), "log_prob": (1e-4, 1e-3), "value": (1e-4, 1e-4)},
@@ -172,8 +173,8 @@ class ExportStore:
         return out
 
     def prune(self, keep: Path) -> None:
-        for old in self.workdir.glob("v*"):
-            if old.is_dir() and old != keep:
+        for old in self.workdir.iterdir():
+            if old.is_dir() and old != keep and re.fullmatch(r"v\d{6,}", old.name):
                 shutil.rmtree(old, ignore_errors=True)
 
 

@@ -34,6 +34,9 @@ def test_onnxruntime_backend_matches_torch(tmp_path):
     for name in ("actions", "chain", "log_prob", "value"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-5)
     assert torch.equal(a.stochastic, b.stochastic)
+    (tmp_path / "v-unrelated").mkdir()
+    ort.prepare(1)  # a newer version: the older export is deleted once the new session serves
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v-unrelated", "v000001"]
 
 
 def test_unknown_backend_is_an_error_and_tensorrt_falls_back(caplog, monkeypatch):

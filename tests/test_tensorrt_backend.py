@@ -27,7 +27,6 @@ import onnx
 import pytest
 import torch
 from prometheus_client import REGISTRY
-from safetensors.torch import load as load_safetensors
 
 from edge.backends import GoldenMismatch, choose_backend
 from edge.inference import InferenceWorker

@@ -58,7 +58,9 @@ class InferenceWorker:
         metrics.POLICY_VERSION.labels(robot_id).set(version)
         metrics.BACKEND.labels(robot_id, self.backend).set(1)
         metrics.BACKEND_REQUESTED.labels(robot_id, backend).set(1)
-        metrics.BACKEND_FALLBACKS.labels(robot_id, backend)  # exported at 0 from the start
+        # exported at 0 from the start: the requested backend, and what auto may count as failed
+        for name in {backend, *(("tensorrt", "onnxruntime") if backend == "auto" else ())}:
+            metrics.BACKEND_FALLBACKS.labels(robot_id, name)
         for f in self.fallbacks:
             if f.counted:
                 metrics.BACKEND_FALLBACKS.labels(robot_id, f.backend).inc()

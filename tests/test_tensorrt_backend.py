@@ -610,6 +610,11 @@ def test_learner_publishes_an_engine_and_the_edge_uses_it_only_when_the_key_matc
     policy.load_state_dict(shifted(policy, 0.05, 9))
     msg4 = policy_update_message(policy, 4, tmp_path / "learner", publisher)
     assert json.loads(msg4.files["onnx/manifest.json"])["tensorrt_engine"]["method"] == "refit"
+    # an engine the learner cannot build does not stop the version from being published
+    fake_trt.fail_parse, fake_trt.fail_refit = True, True
+    msg5 = policy_update_message(policy, 5, tmp_path / "learner", EnginePublisher(EngineManager(TensorRTSettings())))
+    assert "onnx/model.onnx" in msg5.files and "onnx/engine.plan" not in msg5.files
+    assert "tensorrt_engine" not in json.loads(msg5.files["onnx/manifest.json"])
 
 
 # --- fallback and metrics without TensorRT -----------------------------------------------------------

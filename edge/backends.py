@@ -1,16 +1,37 @@
 """Inference backends behind one interface: sample one chunk per row from normalised observations
 and explicit noise tensors (so every backend computes the same pure function).
 
+Interface: ``prepare(version, files)`` makes the backend serve ``version`` (called off the control
+thread, after the version's weights are in ``policy``); ``sample(obs, initial, step, stochastic,
+noise_level) -> Sampled``; ``spare(policy)`` a fresh, unprepared backend of the same kind and
+settings for the worker's spare slot; ``golden_tolerance`` (None for torch) the tolerances of the
+golden-input check.
+
 ``torch``: the policy's own ``sample_chains``. ``onnxruntime``: the sampler exported to ONNX
-(``lerobot_policy_pi_rl.export``) and run by ONNX Runtime; every new policy version is re-exported
-on the edge off the control thread (about half a second for the small MLP) and the session is
-built before the swap. ``auto`` picks ONNX Runtime when it loads and falls back to torch with a
-logged reason. (TensorRT is not built yet: asking for it falls back the same way.)
+(``lerobot_policy_pi_rl.export``), run by ONNX Runtime with its CUDA provider when that is
+available, else on CPU; each version is the learner's export when it came with the update, else
+exported on the edge off the control thread. ``tensorrt`` (``edge.tensorrt_backend``): an engine
+built, cached or refitted from the same export.
+
+``auto`` = TensorRT when ``tensorrt`` (with builder and ONNX parser) imports and a CUDA device is
+present, else ONNX Runtime, else torch. A backend that cannot load, or whose first version fails
+the golden-input check, falls back to the next one with a logged reason; ``choose_backend`` reports
+which failures count in ``pirl_edge_backend_fallbacks_total`` (see its docstring).
+
+**Golden-input check** (``check_golden``, one mechanism for every backend but torch): before a newly
+prepared backend may serve (the first version, and every version offered later), its outputs on a
+fixed seeded input are compared with the PyTorch policy holding the same weights; a mismatch refuses
+the version (the running one keeps serving). It catches an artifact that does not belong to the
+weights (another version's export, a partly applied refit, a miscompiled engine) whenever that
+changes the outputs by more than the tolerance; it cannot tell apart two versions whose outputs on
+that input differ by less.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +40,28 @@ import torch
 
 log = logging.getLogger(__name__)
 BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
+GOLDEN_SEED = 20240611
+OUTPUTS = ("actions", "chain", "log_prob", "value")
+
+# (rtol, atol) per output of the golden-input check, against PyTorch FP32 on CPU.
+# CPU FP32 (ONNX Runtime CPU): the parity tests hold every output to 1e-5 (log-prob 8e-6 absolute
+# observed at |log_prob| ~ 50); the check keeps a 10x margin. GPU FP32 (ONNX Runtime CUDA, TensorRT
+# with TF32 off): other kernels and summation orders; design values, not measured here (no GPU).
+# TF32 (TensorRTSettings.tf32): 10-bit mantissa inner products. The log-prob sums up to
+# K * H * D Gaussian terms, so its absolute tolerance is larger.
+GOLDEN_TOLERANCES = {
+    "cpu_fp32": {"actions": (1e-4, 1e-4), "chain": (1e-4, 1e-4), "log_prob": (1e-4, 1e-3), "value": (1e-4, 1e-4)},
+    "gpu_fp32": {"actions": (1e-3, 1e-3), "chain": (1e-3, 1e-3), "log_prob": (1e-3, 1e-2), "value": (1e-3, 1e-3)},
+    "gpu_tf32": {"actions": (1e-2, 1e-2), "chain": (1e-2, 1e-2), "log_prob": (1e-2, 1e-1), "value": (1e-2, 1e-2)},
+}
+
+
+class BackendUnavailable(RuntimeError):
+    """A backend's prerequisites (module, device) are missing."""
+
+
+class GoldenMismatch(ValueError):
+    """A prepared backend disagrees with the PyTorch policy on the golden input."""
 
 
 @dataclass
@@ -33,11 +76,68 @@ class Sampled:
     noise_level: torch.Tensor  # [B]
 
 
+@dataclass
+class Fallback:
+    """A backend that could not serve. ``counted``: it goes into pirl_edge_backend_fallbacks_total."""
+
+    backend: str
+    reason: str
+    counted: bool
+
+
+def golden_inputs(policy, batch: int = 1, seed: int = GOLDEN_SEED):
+    """A fixed input (normalised observations, noise, mask, noise level), CPU tensors."""
+    c = policy.config
+    g = torch.Generator().manual_seed(seed)
+    obs = {}
+    for key in sorted(c.input_features):
+        shape = (batch, *c.input_features[key].shape)
+        obs[key] = torch.rand(shape, generator=g) if key in c.image_features else torch.randn(shape, generator=g)
+    initial, step, stochastic = policy.draw_noise(batch, generator=g, device="cpu")
+    return obs, initial, step, stochastic, torch.full((batch,), float(c.noise_level))
+
+
+def check_golden(backend, policy, seed: int = GOLDEN_SEED) -> dict[str, float] | None:
+    """Compare ``backend`` with ``policy.sample_chains`` on the golden input; the max abs error per
+    output, or GoldenMismatch naming the first output out of tolerance. None for torch (nothing to
+    compare: it is the reference)."""
+    tolerance = backend.golden_tolerance
+    if tolerance is None:
+        return None
+    obs, initial, step, stochastic, level = golden_inputs(policy, getattr(backend, "golden_batch", 1), seed)
+    device = policy.action_mask.device
+    with torch.no_grad():
+        ref = policy.sample_chains({k: v.to(device) for k, v in obs.items()}, initial.to(device), step.to(device),
+                                   stochastic.to(device), noise_level=level.to(device))
+        got = backend.sample(obs, initial, step, stochastic, level)
+    want = {"actions": ref.actions, "chain": ref.chain.chain, "log_prob": ref.chain.log_prob, "value": ref.value}
+    errors = {}
+    for name in OUTPUTS:
+        a, b = getattr(got, name).detach().cpu().double(), want[name].detach().cpu().double()
+        if a.shape != b.shape:
+            raise GoldenMismatch(f"golden-input check: {name} has shape {list(a.shape)}, PyTorch {list(b.shape)}")
+        if not torch.isfinite(a).all():
+            raise GoldenMismatch(f"golden-input check: {name} has non-finite values")
+        err = (a - b).abs()
+        errors[name] = float(err.max()) if err.numel() else 0.0
+        rtol, atol = tolerance[name]
+        if bool((err > atol + rtol * b.abs()).any()):
+            raise GoldenMismatch(
+                f"golden-input check failed: {backend.name} {name} differs from PyTorch by up to {errors[name]:.3g} "
+                f"(tolerance rtol {rtol:g}, atol {atol:g}): the artifact does not match the weights")
+    return errors
+
+
 class TorchBackend:
     name = "torch"
+    golden_tolerance = None
 
     def __init__(self, policy):
         self.policy = policy
+        self.last_prepare: dict = {}
+
+    def spare(self, policy) -> TorchBackend:
+        return TorchBackend(policy)
 
     def prepare(self, version: int, files: dict[str, bytes] | None = None) -> None:
         """Called after new weights are loaded into ``policy`` (off the control thread)."""
@@ -47,39 +147,86 @@ class TorchBackend:
         return Sampled(s.actions, s.chain.chain, s.chain.stochastic, s.chain.log_prob, s.value, s.noise_level)
 
 
+class ExportStore:
+    """The ONNX export of each version a backend serves, in ``workdir/v<version>``: the learner's
+    export when it came with the update (file names only, never a path from the wire; the hashes
+    were checked by the subscriber and are checked again against the export's own manifest by
+    whoever loads it), else exported here from the policy. Older versions' directories are deleted
+    once a newer one is prepared (``prune``)."""
+
+    def __init__(self, workdir: Path | None = None):
+        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="pirl-export-")
+        self.workdir = Path(workdir or self._tmp.name)
+
+    def materialise(self, policy, version: int, files: dict[str, bytes] | None) -> Path:
+        from lerobot_policy_pi_rl.export import MANIFEST, MODEL_FILE, export_onnx
+
+        out = self.workdir / f"v{version:06d}"
+        exported = {name.removeprefix("onnx/"): data for name, data in (files or {}).items() if name.startswith("onnx/")}
+        if MODEL_FILE in exported and MANIFEST in exported:
+            shutil.rmtree(out, ignore_errors=True)
+            out.mkdir(parents=True)
+            for name, data in exported.items():
+                (out / Path(name).name).write_bytes(data)
+        else:
+            export_onnx(policy, out, version=version)
+        return out
+
+    def prune(self, keep: Path) -> None:
+        for old in self.workdir.iterdir():
+            if old.is_dir() and old != keep and re.fullmatch(r"v\d{6,}", old.name):
+                shutil.rmtree(old, ignore_errors=True)
+
+
+def onnxruntime_providers() -> list[str] | None:
+    """["cuda"] when this onnxruntime has a CUDA provider and a CUDA device is present, else None (CPU)."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available():
+        return ["cuda"]
+    return None
+
+
 class OnnxRuntimeBackend:
     name = "onnxruntime"
 
     def __init__(self, policy, workdir: Path | None = None, providers=None):
         self.policy = policy
         self.providers = providers
-        self._tmp = None if workdir else tempfile.TemporaryDirectory(prefix="pirl-onnx-")
-        self.workdir = Path(workdir or self._tmp.name)
+        self.exports = ExportStore(workdir)
         self.session = None
+        self.last_prepare: dict = {}
+
+    @property
+    def workdir(self) -> Path:
+        return self.exports.workdir
+
+    @property
+    def golden_tolerance(self):
+        on_gpu = self.session is not None and self.session.providers[0] != "CPUExecutionProvider"
+        return GOLDEN_TOLERANCES["gpu_fp32" if on_gpu else "cpu_fp32"]
+
+    def spare(self, policy) -> OnnxRuntimeBackend:
+        return OnnxRuntimeBackend(policy, providers=self.providers)
 
     def prepare(self, version: int, files: dict[str, bytes] | None = None) -> None:
-        """Load the learner's export of ``version`` when it came with the update (hash-checked by the
-        subscriber, and again against its own manifest by OnnxSampler), else export locally."""
-        from lerobot_policy_pi_rl.export import MODEL_FILE, OnnxSampler, export_onnx
+        """Load the learner's export of ``version`` when it came with the update (OnnxSampler checks the
+        hashes against its manifest), else export locally; build the session and warm it up."""
+        from lerobot_policy_pi_rl.export import OnnxSampler
 
-        out = self.workdir / f"v{version:06d}"
-        exported = {name.removeprefix("onnx/"): data for name, data in (files or {}).items() if name.startswith("onnx/")}
-        if MODEL_FILE in exported and "manifest.json" in exported:
-            out.mkdir(parents=True, exist_ok=True)
-            for name, data in exported.items():
-                (out / Path(name).name).write_bytes(data)  # file names only, never a path from the wire
-        else:
-            export_onnx(self.policy, out, version=version)
+        out = self.exports.materialise(self.policy, version, files)
         session = OnnxSampler(out, providers=self.providers, threads=1)
         self._warm_up(session)
         self.session = session
+        self.exports.prune(keep=out)
+        self.last_prepare = {"providers": list(session.providers)}
 
     def _warm_up(self, session) -> None:
         """Run the new session once here, off the control thread: ONNX Runtime finishes setting a
         session up on its first run, which would otherwise land on the first chunk after a swap."""
         c = self.policy.config
         obs = {k: torch.zeros(1, *ft.shape) for k, ft in c.input_features.items()}
-        initial, step, stochastic = self.policy.draw_noise(1, generator=torch.Generator().manual_seed(0))
+        initial, step, stochastic = self.policy.draw_noise(1, generator=torch.Generator().manual_seed(0), device="cpu")
         session.run({k: v.numpy() for k, v in obs.items()}, initial.numpy(), step.numpy(), stochastic.numpy(),
                     torch.full((1,), float(c.noise_level)).numpy())
 
@@ -90,22 +237,61 @@ class OnnxRuntimeBackend:
         return Sampled(t["actions"], t["chain"], stochastic, t["log_prob"], t["value"], noise_level)
 
 
-def make_backend(name: str, policy, version: int = 0, workdir: Path | None = None):
-    """The requested backend, prepared for ``version``; falls back (logged) when it cannot load."""
+def _chain(name: str) -> list[str]:
+    return {"torch": [], "onnxruntime": ["onnxruntime"], "tensorrt": ["tensorrt", "onnxruntime"],
+            "auto": ["tensorrt", "onnxruntime"]}[name]
+
+
+def _create(kind: str, policy, workdir, tensorrt_settings, tensorrt_manager):
+    if kind == "tensorrt":
+        from edge.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(policy, workdir, settings=tensorrt_settings, manager=tensorrt_manager)
+    return OnnxRuntimeBackend(policy, workdir, providers=onnxruntime_providers())
+
+
+def choose_backend(name: str, policy, version: int = 0, workdir: Path | None = None, *, tensorrt_settings=None,
+                   tensorrt_manager=None, golden_check: bool = True):
+    """(backend prepared for ``version``, fallbacks): the first of ``name``'s chain that loads and
+    passes the golden-input check (when ``golden_check``), torch as the last resort.
+
+    Chains: tensorrt -> onnxruntime -> torch; onnxruntime -> torch; auto -> tensorrt (only when its
+    prerequisites, tensorrt with builder and a CUDA device, are present) -> onnxruntime -> torch.
+    Counted fallbacks (``Fallback.counted``; the metric's label is the backend that failed): an
+    explicitly requested backend that fails, whatever the reason (absent TensorRT included); in
+    ``auto``, a backend whose prerequisites are present but which still fails (e.g. TensorRT
+    installed but the engine build or the golden check fails). Not counted: ``auto`` skipping
+    TensorRT on a machine without it (a choice, logged at info), and later links of an explicit
+    chain (the requested backend's failure is already counted).
+    """
     if name not in BACKENDS:
         raise ValueError(f"--backend must be one of {BACKENDS}, got {name!r}")
-    if name == "tensorrt":
-        log.warning("the TensorRT backend is not built yet: falling back to ONNX Runtime")
-        name = "auto"
-    if name in ("auto", "onnxruntime"):
-        try:
-            backend = OnnxRuntimeBackend(policy, workdir)
-            backend.prepare(version)
-            return backend
-        except Exception as e:  # noqa: BLE001  any failure to export/load means: use torch
-            if name == "onnxruntime":
-                log.warning("ONNX Runtime backend unavailable (%s): falling back to torch", e)
-            else:
-                log.info("ONNX Runtime backend unavailable (%s): using torch", e)
-    return TorchBackend(policy)
+    fallbacks: list[Fallback] = []
+    for kind in _chain(name):
+        explicit = kind == name
+        if kind == "tensorrt" and name == "auto":
+            from lerobot_policy_pi_rl.trt_engine import tensorrt_unavailable_reason
 
+            why = tensorrt_unavailable_reason()
+            if why is not None:
+                log.info("auto backend: TensorRT not used (%s)", why)
+                fallbacks.append(Fallback(kind, why, counted=False))
+                continue
+        try:
+            backend = _create(kind, policy, workdir, tensorrt_settings, tensorrt_manager)
+            backend.prepare(version)
+            errors = check_golden(backend, policy) if golden_check else None
+            log.info("inference backend %s ready for version %d%s", kind, version,
+                     f" (golden-input max abs errors {errors})" if errors else "")
+            return backend, fallbacks
+        except Exception as e:  # noqa: BLE001  any failure to load or to match means: the next one
+            reason = f"{type(e).__name__}: {e}"
+            counted = explicit or name == "auto"
+            fallbacks.append(Fallback(kind, reason, counted))
+            (log.warning if counted else log.info)("%s backend unavailable (%s): falling back", kind, reason)
+    return TorchBackend(policy), fallbacks
+
+
+def make_backend(name: str, policy, version: int = 0, workdir: Path | None = None, **options):
+    """The requested backend, prepared for ``version``; falls back (logged) when it cannot load."""
+    return choose_backend(name, policy, version, workdir, **options)[0]

@@ -1,13 +1,16 @@
 """Inference off the control thread, and atomic policy swaps at chunk boundaries.
 
 The worker owns two copies of the policy: the active one and a spare. A new version's weights are
-hash-checked and loaded into the spare by the subscriber thread; the worker swaps the two before
-its next job (one job = one chunk = a chunk boundary), so the control loop never runs a
-half-loaded policy and never waits for a load.
+hash-checked and loaded into the spare by the subscriber thread, the spare backend is prepared for
+it (a new ONNX Runtime session, a TensorRT refit / build / cached engine) and must pass the
+golden-input check against the spare PyTorch policy; the worker swaps the two before its next job
+(one job = one chunk = a chunk boundary), so the control loop never runs a half-loaded policy and
+never waits for a load.
 """
 
 from __future__ import annotations
 
+import collections
 import copy
 import logging
 import queue
@@ -19,7 +22,7 @@ import numpy as np
 import torch
 
 from edge import metrics
-from edge.backends import OnnxRuntimeBackend, TorchBackend, make_backend
+from edge.backends import check_golden, choose_backend
 from edge.records import Decision
 from lerobot_policy_pi_rl.rollout import PolicyRunner
 
@@ -28,16 +31,24 @@ log = logging.getLogger(__name__)
 
 class InferenceWorker:
     def __init__(self, policy, preprocessor, postprocessor, *, robot_id: str, version: int = 0,
-                 backend: str = "torch", seed: int = 0, task: str | None = None):
+                 backend: str = "torch", seed: int = 0, task: str | None = None, tensorrt_settings=None,
+                 golden_check: bool = True):
+        """``backend``: one of edge.backends.BACKENDS (with fallback, see ``choose_backend``);
+        ``task``: the language instruction tokenized with every observation (VLA backbones);
+        ``tensorrt_settings``: lerobot_policy_pi_rl.trt_engine.TensorRTSettings for the TensorRT
+        backend; ``golden_check``: compare every newly prepared backend with the PyTorch policy on a
+        fixed input before it may serve (refusing the version on a mismatch)."""
         self.robot_id = robot_id
-        # task: the language instruction tokenized with every observation (VLA backbones)
+        self.golden_check = golden_check
         self._active = PolicyRunner(policy, preprocessor, postprocessor, task=task)
         self._spare = PolicyRunner(copy.deepcopy(policy), preprocessor, postprocessor, task=task)
-        self._active_backend = make_backend(backend, self._active.policy, version)
+        self._active_backend, self.fallbacks = choose_backend(
+            backend, self._active.policy, version, tensorrt_settings=tensorrt_settings, golden_check=golden_check)
         self.backend = self._active_backend.name  # what actually runs (after any fallback)
-        self._spare_backend = (
-            OnnxRuntimeBackend(self._spare.policy) if self.backend == "onnxruntime" else TorchBackend(self._spare.policy)
-        )
+        self._spare_backend = self._active_backend.spare(self._spare.policy)
+        # the last offered versions: how each was prepared (method, seconds, golden errors) or why refused
+        self.prepare_log: collections.deque[dict] = collections.deque(maxlen=256)
+        self.refused = 0  # offered versions refused here (weights, backend prepare, golden-input check)
         self.version = version
         # a trained-only update replaces these tensors; everything else must match the learner's
         self.rl_state_names = set(policy.rl_state_names())
@@ -52,9 +63,12 @@ class InferenceWorker:
         metrics.POLICY_VERSION.labels(robot_id).set(version)
         metrics.BACKEND.labels(robot_id, self.backend).set(1)
         metrics.BACKEND_REQUESTED.labels(robot_id, backend).set(1)
-        fallbacks = metrics.BACKEND_FALLBACKS.labels(robot_id, backend)  # exported at 0 from the start
-        if backend != "auto" and backend != self.backend:
-            fallbacks.inc()
+        # exported at 0 from the start: the requested backend, and what auto may count as failed
+        for name in {backend, *(("tensorrt", "onnxruntime") if backend == "auto" else ())}:
+            metrics.BACKEND_FALLBACKS.labels(robot_id, name)
+        for f in self.fallbacks:
+            if f.counted:
+                metrics.BACKEND_FALLBACKS.labels(robot_id, f.backend).inc()
 
     @property
     def policy(self):
@@ -81,12 +95,14 @@ class InferenceWorker:
 
     def offer(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, bytes] | None = None,
               frozen_sha256: str | None = None) -> bool:
-        """Load ``state_dict`` into the spare (caller's thread); it serves from the next chunk on.
+        """Load ``state_dict`` into the spare and prepare the spare backend for it (caller's thread);
+        it serves from the next chunk on.
 
         ``frozen_sha256`` given: ``state_dict`` holds exactly the tensors PI-RL trains (a trained-only
         update) and the rest of this robot's policy must hash to it. Otherwise it is a full state dict.
-        Returns False (and counts a swap failure) when the weights do not fit the policy; the
-        active policy keeps serving either way.
+        Returns False (and counts a swap failure) when the weights do not fit the policy, the
+        backend cannot be prepared, or the prepared backend fails the golden-input check; the active
+        policy keeps serving either way.
         """
         # Hold the lock only to claim the spare: loading and preparing (an ONNX Runtime session can
         # take 100 ms) happen outside it, so the worker's swap check at a chunk boundary never waits.
@@ -94,15 +110,28 @@ class InferenceWorker:
             if version <= max(self.version, self._pending or -1):
                 return False
             self._pending = None  # a loaded-but-unswapped older version is replaced by this one
+        backend = self._spare_backend
+        entry = {"version": version, "backend": backend.name}
+        started = time.perf_counter()
         try:
             if frozen_sha256 is not None:
                 _check_trained_only(state_dict, self.rl_state_names, frozen_sha256, self.frozen_sha256)
             self._spare.policy.load_state_dict(state_dict, strict=frozen_sha256 is None)
-            self._spare_backend.prepare(version, files)  # e.g. a new ONNX Runtime session
+            backend.prepare(version, files)  # e.g. a new ONNX Runtime session, a TensorRT refit
+            entry["prepare_seconds"] = round(time.perf_counter() - started, 4)
+            entry.update(backend.last_prepare)
+            if self.golden_check:
+                entry["golden_max_abs_err"] = check_golden(backend, self._spare.policy)
         except Exception as e:  # noqa: BLE001  a version that cannot be served is refused, not fatal
             metrics.SWAP_FAILURES.labels(self.robot_id).inc()
+            self.refused += 1
+            entry["refused"] = f"{type(e).__name__}: {e}"
+            self.prepare_log.append(entry)
             log.error("policy version %d refused: %s", version, e)
             return False
+        metrics.record_prepare(self.robot_id, backend.name, entry)
+        self.prepare_log.append(entry)
+        log.info("policy version %d prepared: %s", version, entry)
         with self._swap_lock:
             self._pending = version
         return True

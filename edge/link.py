@@ -254,8 +254,25 @@ class Uploader(_Background):
         self.clock.update_metric()
 
 
+def lower_thread_priority(nice: int = 10) -> bool:
+    """Best effort: raise the calling thread's nice value (Linux: threads are tasks, and threads it
+    starts inherit it), so the work it does (preparing the next version: an ONNX Runtime session, a
+    TensorRT refit or a multi-minute engine build with the builder's own threads) yields the CPU to
+    the control loop. False where the platform does not allow it."""
+    import os
+
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, max(os.getpriority(os.PRIO_PROCESS, tid), nice))
+        return True
+    except (AttributeError, OSError) as e:
+        log.debug("could not lower the priority of thread %s: %s", threading.current_thread().name, e)
+        return False
+
+
 class Subscriber(_Background):
-    """Receives new policy versions, checks their sha256, and hands them to the inference worker."""
+    """Receives new policy versions, checks their sha256, and hands them to the inference worker
+    (which prepares them on this thread, run at a lower CPU priority than the control loop)."""
 
     thread_name = "pirl-subscriber"
 
@@ -266,6 +283,7 @@ class Subscriber(_Background):
         self.rejected = 0
 
     def _run(self):
+        lower_thread_priority()
         backoff = Backoff(f"policy subscription to {self.link.address}")
         while not self.stop_event.is_set():
             try:

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from lerobot_policy_pi_rl.scripts.common import run_cli, write_json
+from lerobot_policy_pi_rl.trt_engine import add_tensorrt_arguments, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +37,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy-path", required=True, help="initial policy (LeRobot pretrained_model dir): version 0")
     p.add_argument("--noise-method", choices=["flow_sde", "flow_noise"], help="must match the learner's")
     p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto",
-                   help="inference backend of the paced loop; auto and tensorrt fall back (logged) to what "
-                        "loads; the unpaced simulation loop samples with PyTorch")
+                   help="inference backend of the paced loop; auto = TensorRT when tensorrt and CUDA are present, "
+                        "else ONNX Runtime (CUDA provider when available), else PyTorch; a backend that cannot "
+                        "load falls back (logged, counted) to the next; the unpaced simulation loop samples "
+                        "with PyTorch")
+    p.add_argument("--golden-check", choices=["on", "off"], default="on",
+                   help="compare every newly prepared backend with the PyTorch policy on a fixed input before it "
+                        "serves; a mismatch refuses the version (default on)")
     p.add_argument("--env", default="pirl_reach", help="'pirl_reach' (built-in task) or a gymnasium id")
     p.add_argument("--task", help="language instruction for VLA policies (default: the env's task description)")
     p.add_argument("--mode", choices=["paced", "unpaced"], default="paced",
@@ -56,10 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     p.add_argument("--metrics-address", default="127.0.0.1")
     p.add_argument("--seed", type=int, default=0)
+    add_tensorrt_arguments(p, cache_default_help="default: outputs/edge/<robot-id>/tensorrt-cache")
     return p
 
 
 def run(args) -> int:
+    trt_settings = settings_from_args(args, cache_dir=f"outputs/edge/{args.robot_id}/tensorrt-cache")
     import torch
     from prometheus_client import start_http_server
 
@@ -100,7 +108,8 @@ def run(args) -> int:
 
     stats = LoopStats()
     worker = InferenceWorker(policy, pre, post, robot_id=args.robot_id, seed=args.seed, backend=args.backend,
-                             task=args.task or env_task(env))
+                             task=args.task or env_task(env), tensorrt_settings=trt_settings,
+                             golden_check=args.golden_check == "on")
     logging.info("inference backend: %s", worker.backend)
     writer = RecordWriter(spool, args.robot_id, stats)
     clock = SyncClock(args.robot_id)
@@ -145,6 +154,8 @@ def run(args) -> int:
         "records_duplicate_acks": uploader.duplicates, "records_refused": dict(uploader.refused),
         "records_left_in_spool": left, "policy_version": worker.version,
         "policy_swaps": len(worker.swap_times), "versions_rejected": subscriber.rejected,
+        "backend_fallbacks": [f.__dict__ for f in worker.fallbacks],
+        "versions_refused_by_worker": worker.refused,
         "sync_latencies_s": [lat for _, lat in subscriber.received],
     }
     if args.stats_file:

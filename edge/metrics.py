@@ -27,5 +27,36 @@ BACKEND_REQUESTED = Gauge("pirl_edge_backend_requested_info", "Inference backend
 BACKEND_FALLBACKS = Counter("pirl_edge_backend_fallbacks_total",
                             "A requested backend could not load and a slower one serves instead, by the backend that failed",
                             ["robot_id", "backend"])
-SWAP_FAILURES = Counter("pirl_edge_swap_failures_total", "Policy versions refused (hash mismatch, load error)", ["robot_id"])
+SWAP_FAILURES = Counter("pirl_edge_swap_failures_total",
+                        "Policy versions refused (hash mismatch, load error, backend prepare error, golden-input mismatch)",
+                        ["robot_id"])
+PREPARE_SECONDS = Histogram(
+    "pirl_edge_backend_prepare_seconds", "Preparing the spare backend for a new version, off the control thread "
+    "(a new ONNX Runtime session; a TensorRT refit, build or engine load)", ["robot_id", "backend"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
+)
+TRT_REFITS = Counter("pirl_edge_tensorrt_refits_total", "New versions served by refitting a TensorRT engine", ["robot_id"])
+TRT_BUILDS = Counter("pirl_edge_tensorrt_builds_total", "New versions that needed a TensorRT engine build", ["robot_id"])
+TRT_LOADS = Counter("pirl_edge_tensorrt_engine_loads_total",
+                    "New versions served by an engine built for exactly them (the learner's, or cached)", ["robot_id"])
+TRT_REFIT_FAILURES = Counter("pirl_edge_tensorrt_refit_failures_total",
+                             "TensorRT refits that failed (a build or cached engine was used instead)", ["robot_id"])
 SWAPS = Counter("pirl_edge_policy_swaps_total", "Policy versions swapped in", ["robot_id"])
+
+
+_TRT_METHOD_COUNTERS = {"refit": TRT_REFITS, "cache_refit": TRT_REFITS, "build": TRT_BUILDS, "cache": TRT_LOADS,
+                        "published": TRT_LOADS}
+
+
+def record_prepare(robot_id: str, backend: str, entry: dict) -> None:
+    """Metrics of one prepared version (an ``InferenceWorker.prepare_log`` entry)."""
+    if "prepare_seconds" in entry:
+        PREPARE_SECONDS.labels(robot_id, backend).observe(entry["prepare_seconds"])
+    if backend != "tensorrt":
+        return
+    counter = _TRT_METHOD_COUNTERS.get(entry.get("method"))
+    if counter is not None:
+        counter.labels(robot_id).inc()
+    failed_refits = sum(1 for f in entry.get("failed", []) if f.startswith(("refit:", "cache_refit:")))
+    if failed_refits:
+        TRT_REFIT_FAILURES.labels(robot_id).inc(failed_refits)

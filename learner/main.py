@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from lerobot_policy_pi_rl.scripts.common import builtin_task_algorithm_config, run_cli
+from lerobot_policy_pi_rl.trt_engine import add_tensorrt_arguments, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -45,9 +46,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-success", type=float, help="stop updating once deterministic eval reaches this")
     p.add_argument("--no-export-onnx", action="store_true",
                    help="publish weights only (edges on ONNX Runtime then export each version themselves)")
+    p.add_argument("--export-tensorrt", action="store_true",
+                   help="also build a TensorRT engine of every version and publish it with the export (needs "
+                        "tensorrt with its builder and a GPU here; edges use it only when their TensorRT version, "
+                        "GPU and --trt-* settings match, so pass them the same --trt-* flags)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     p.add_argument("--metrics-address", default="127.0.0.1")
     p.add_argument("--seed", type=int, default=0)
+    add_tensorrt_arguments(p, cache_default_help="default: OUTPUT_DIR/tensorrt-cache")
     return p
 
 
@@ -98,6 +104,16 @@ def serve(args) -> int:
         raise ValueError("--tls-cert and --tls-key go together")
     check_bind_allowed(args.address, tls=tls, insecure=args.insecure)
     tokens = load_tokens(args.tokens)
+    trt_settings = None
+    if args.export_tensorrt:
+        from lerobot_policy_pi_rl.trt_engine import tensorrt_unavailable_reason
+
+        if args.no_export_onnx:
+            raise ValueError("--export-tensorrt builds the engine from the ONNX export: drop --no-export-onnx")
+        trt_settings = settings_from_args(args, cache_dir=str(out / "tensorrt-cache"))
+        why = tensorrt_unavailable_reason()
+        if why is not None:
+            raise ValueError(f"--export-tensorrt: TensorRT cannot build engines here: {why}")
     creds = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if tls else None
 
     overrides = {"noise_method": args.noise_method} if args.noise_method else {}
@@ -112,6 +128,7 @@ def serve(args) -> int:
     trainer = Trainer(algo, store, publisher, out, TrainerSettings(
         episodes_per_update=args.episodes_per_update, max_updates=args.max_updates, eval_every=args.eval_every,
         eval_episodes=args.eval_episodes, target_success=args.target_success, export_onnx=not args.no_export_onnx,
+        export_tensorrt=args.export_tensorrt, tensorrt=trt_settings,
     ), pre, post, evaluator)
     if args.resume and not trainer.resume():
         logging.info("--resume: no checkpoint in %s yet, starting from %s", out, policy_path)

@@ -35,21 +35,35 @@ class TrainerSettings:
     target_success: float | None = None  # stop updating once deterministic eval reaches it
     keep_checkpoints: int = 3
     export_onnx: bool = True  # publish the ONNX export of every version (edges on ONNX Runtime load it)
+    # also publish a TensorRT engine of every version (needs export_onnx, tensorrt and a GPU on the
+    # learner; edges use it only when its key equals theirs: same TensorRT version, GPU and settings)
+    export_tensorrt: bool = False
+    tensorrt: object | None = None  # lerobot_policy_pi_rl.trt_engine.TensorRTSettings for export_tensorrt
 
 
 def policy_update_message(policy, version: int, export_dir: Path | None = None,
-                          frozen_sha256: str | None = None) -> pirl_pb2.PolicyUpdate:
+                          frozen_sha256: str | None = None, engines=None) -> pirl_pb2.PolicyUpdate:
     """The tensors PI-RL trains as a safetensors blob (``trained_only``: a VLA's frozen VLM never
     travels; robots check their copy against ``frozen_sha256``, computed here when not given), the
     ONNX export of the sampler when ``export_dir`` is given (written to ``export_dir/v<version>``,
-    the learner's versioned artifact store), and a manifest with the sha256 of every file."""
+    the learner's versioned artifact store), a TensorRT engine of it when ``engines`` (a
+    ``trt_engine.EnginePublisher``) is given (``engine.plan``, listed with its key fields in the
+    export's manifest), and a manifest with the sha256 of every file."""
     blob = safetensors_bytes(policy.rl_state_dict())
     files: dict[str, bytes] = {}
     if export_dir is not None:
         from lerobot_policy_pi_rl.export import export_onnx
 
         out = Path(export_dir) / f"v{version:06d}"
-        export_onnx(policy, out, version=version)
+        manifest = export_onnx(policy, out, version=version)
+        if engines is not None:
+            try:
+                entry = engines.publish(out, manifest)
+                log.info("version %d: TensorRT engine %s by %s in %.1fs", version, entry["sha256"][:12],
+                         entry["method"], entry["seconds"])
+            except Exception as e:  # noqa: BLE001  the version is still published, without an engine
+                log.error("version %d: no TensorRT engine published (%s: %s); edges build their own",
+                          version, type(e).__name__, e)
         # every exported file (the ONNX graph embeds the weights: they are already 'weights' too, a
         # duplicate that is cheap for the small backbone; large VLAs will want a refit-only path)
         files = {f"onnx/{p.name}": p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
@@ -72,6 +86,13 @@ class Trainer:
         self.evaluator = evaluator  # callable(policy) -> success in [0, 1], or None
         self.version = 0
         self.frozen_sha256 = algorithm.policy.frozen_sha256()  # what RL never changes: hashed once
+        self.engines = None
+        if settings.export_tensorrt:
+            from lerobot_policy_pi_rl.trt_engine import EngineManager, EnginePublisher, TensorRTSettings
+
+            if not settings.export_onnx:
+                raise ValueError("export_tensorrt needs export_onnx (the engine is built from the ONNX export)")
+            self.engines = EnginePublisher(EngineManager(settings.tensorrt or TensorRTSettings()))  # TensorRTUnavailable
         self.history: list[dict] = []
         self.eval_curve: list[tuple[int, int, float]] = []  # (version, env_steps, success)
         self.env_steps = 0
@@ -170,7 +191,7 @@ class Trainer:
 
     def _message(self) -> pirl_pb2.PolicyUpdate:
         artifacts = self.output_dir / "artifacts" if self.settings.export_onnx else None
-        msg = policy_update_message(self.algo.policy, self.version, artifacts, self.frozen_sha256)
+        msg = policy_update_message(self.algo.policy, self.version, artifacts, self.frozen_sha256, self.engines)
         if artifacts is not None:  # keep the artifact store bounded like the checkpoints
             for old in sorted(p for p in artifacts.iterdir() if p.name.startswith("v"))[: -self.settings.keep_checkpoints]:
                 shutil.rmtree(old, ignore_errors=True)

@@ -32,8 +32,13 @@ inputs a noise method never reads (flow_ode: ``stochastic`` and ``noise_level``;
 An export directory holds ``model.onnx`` (+ ``model.onnx.data`` when the model is over the 2 GB
 protobuf limit), ``model.safetensors`` and ``config.json`` (the policy, loadable by
 ``PiRLPolicy.from_pretrained``) and ``manifest.json``: every artifact with its sha256 and size, the
-policy type / version, opset, noise method, K, chunk size, action dims and every input / output
-with dtype and shape. ``OnnxSampler`` refuses to load a directory whose files do not match it.
+policy type / version, opset, noise method, K, chunk size, action dims, every input / output
+with dtype and shape, the precision of the graph (``"fp32"``: every export is FP32) and
+``graph_structure_sha256``, a hash of the graph with the weight *values* left out (two versions of a
+policy share it when only their weights differ: TensorRT refits instead of rebuilding then).
+``OnnxSampler`` refuses to load a directory whose files do not match it. A TensorRT engine built
+from the export (``lerobot_policy_pi_rl.trt_engine``) may be added as ``engine.plan`` with its own
+``tensorrt_engine`` manifest entry (sha256 and cache-key fields).
 
 The legacy TorchScript exporter is used (``dynamo=False``) with opset <= 20 (TensorRT 10.3 parses
 up to opset 20).
@@ -235,6 +240,31 @@ def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def graph_structure_sha256(onnx_path: str | Path) -> str:
+    """sha256 of an ONNX model with the weight values left out: nodes, attributes, inputs, outputs,
+    and each initializer's name, dtype and dims, but not its data or the model metadata (which holds
+    the version). Equal for two exports of the same policy code and config that differ only in
+    weights; any change of structure changes it."""
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    for init in model.graph.initializer:
+        for field in ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
+                      "uint64_data", "external_data", "data_location"):
+            init.ClearField(field)
+    del model.metadata_props[:]
+    model.graph.ClearField("doc_string")
+    model.ClearField("doc_string")
+    return hashlib.sha256(model.SerializeToString(deterministic=True)).hexdigest()
+
+
+def write_manifest(root: str | Path, manifest: dict) -> None:
+    """(Re)write ``root/manifest.json`` atomically (temporary file + rename)."""
+    tmp = Path(root) / (MANIFEST + ".tmp")
+    tmp.write_text(json.dumps(manifest, indent=2))
+    tmp.replace(Path(root) / MANIFEST)
+
+
 def _state_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
@@ -339,6 +369,8 @@ def export_onnx(
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "exporter": f"torch {torch.__version__} (legacy TorchScript, dynamo=False), onnx {onnx.__version__}",
         "opset": opset,
+        "precision": "fp32",
+        "graph_structure_sha256": graph_structure_sha256(out / MODEL_FILE),
         "noise_method": noise_method,
         "hybrid": bool(c.hybrid),
         "noise_level": float(c.noise_level),
@@ -357,9 +389,7 @@ def export_onnx(
         "export_seconds": round(export_seconds, 3),
         "artifacts": {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in files},
     }
-    tmp_manifest = out / (MANIFEST + ".tmp")
-    tmp_manifest.write_text(json.dumps(manifest, indent=2))
-    tmp_manifest.replace(out / MANIFEST)
+    write_manifest(out, manifest)
     return manifest
 
 
@@ -412,6 +442,40 @@ def _resolve_providers(providers) -> list[str]:
     return chosen
 
 
+def make_feeds(manifest: dict, obs: dict, initial_noise, step_noise, stochastic, noise_level=None) -> dict[str, np.ndarray]:
+    """The graph's input dict (name -> contiguous array of the manifest's dtype: float32, and for VLA
+    backbones int64 token ids and a bool attention mask), validated against the manifest's shapes;
+    usable with any runtime of the exported model (ONNX Runtime, TensorRT). Inputs the graph does
+    not read (``unused_inputs``) are left out; ``noise_level`` may be a scalar, ``[B]`` or None (the
+    manifest's default)."""
+    keys = list(manifest["observation_inputs"])
+    shapes = {s["name"]: s["shape"] for s in manifest["inputs"]}
+    dtypes = {s["name"]: s["dtype"] for s in manifest["inputs"]}
+    missing = [k for k in keys if k not in obs]
+    if missing:
+        raise KeyError(f"observation is missing {missing}; the exported sampler takes {keys}")
+    batch = np.shape(initial_noise)[0]
+    if noise_level is None:
+        noise_level = manifest["noise_level"]
+    level = np.asarray(noise_level, dtype=np.float32)
+    if level.ndim == 0:
+        level = np.full((batch,), float(level), dtype=np.float32)
+    raw = {input_name(k): obs[k] for k in keys}
+    raw.update(initial_noise=initial_noise, step_noise=step_noise, stochastic=np.asarray(stochastic), noise_level=level)
+    feeds = {}
+    for name, value in raw.items():
+        if name not in shapes:
+            continue
+        arr = np.ascontiguousarray(np.asarray(value, dtype=dtypes[name]))
+        want = shapes[name]
+        if arr.ndim != len(want) or any(not isinstance(w, str) and w != a for w, a in zip(want, arr.shape, strict=False)):
+            raise ValueError(f"input {name!r}: expected shape {want}, got {list(arr.shape)}")
+        if arr.shape[0] != batch:
+            raise ValueError(f"input {name!r} has batch {arr.shape[0]}, initial_noise has {batch}")
+        feeds[name] = arr
+    return feeds
+
+
 class OnnxSampler:
     """Run an exported sampler with ONNX Runtime.
 
@@ -436,36 +500,10 @@ class OnnxSampler:
         )
         self.providers = self.session.get_providers()
         self.observation_keys = list(self.manifest["observation_inputs"])
-        self._input_shapes = {s["name"]: s["shape"] for s in self.manifest["inputs"]}
-        self._input_dtypes = {s["name"]: s["dtype"] for s in self.manifest["inputs"]}
-
-    def _array(self, name: str, value) -> np.ndarray:
-        arr = np.ascontiguousarray(np.asarray(value, dtype=self._input_dtypes[name]))
-        want = self._input_shapes[name]
-        if arr.ndim != len(want) or any(not isinstance(w, str) and w != a for w, a in zip(want, arr.shape, strict=False)):
-            raise ValueError(f"input {name!r}: expected shape {want}, got {list(arr.shape)}")
-        return arr
 
     def feeds(self, obs: dict, initial_noise, step_noise, stochastic, noise_level=None) -> dict[str, np.ndarray]:
-        """The ONNX Runtime input dict, validated against the manifest (also usable with other
-        runtimes of the same model). Inputs the graph does not read (``unused_inputs``) are left out."""
-        missing = [k for k in self.observation_keys if k not in obs]
-        if missing:
-            raise KeyError(f"observation is missing {missing}; the exported sampler takes {self.observation_keys}")
-        batch = np.shape(initial_noise)[0]
-        if noise_level is None:
-            noise_level = self.manifest["noise_level"]
-        level = np.asarray(noise_level, dtype=np.float32)
-        if level.ndim == 0:
-            level = np.full((batch,), float(level), dtype=np.float32)
-        raw = {input_name(k): obs[k] for k in self.observation_keys}
-        raw.update(initial_noise=initial_noise, step_noise=step_noise, stochastic=np.asarray(stochastic),
-                   noise_level=level)
-        feeds = {name: self._array(name, value) for name, value in raw.items() if name in self._input_shapes}
-        for name, arr in feeds.items():
-            if arr.shape[0] != batch:
-                raise ValueError(f"input {name!r} has batch {arr.shape[0]}, initial_noise has {batch}")
-        return feeds
+        """The ONNX Runtime input dict, validated against the manifest (``make_feeds``)."""
+        return make_feeds(self.manifest, obs, initial_noise, step_noise, stochastic, noise_level)
 
     def run(self, obs: dict, initial_noise, step_noise, stochastic, noise_level=None) -> dict[str, np.ndarray]:
         """One batch of chunks: ``{"actions", "chain", "log_prob", "value"}`` (numpy float32).

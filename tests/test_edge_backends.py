@@ -46,14 +46,23 @@ def test_onnxruntime_backend_matches_torch(tmp_path):
     for name in ("actions", "chain", "log_prob", "value"):
         torch.testing.assert_close(getattr(b, name), getattr(a, name), rtol=1e-5, atol=1e-5)
     assert torch.equal(a.stochastic, b.stochastic)
+    (tmp_path / "v-unrelated").mkdir()
+    ort.prepare(1)  # a newer version: the older export is deleted once the new session serves
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v-unrelated", "v000001"]
 
 
-def test_unknown_backend_is_an_error_and_tensorrt_falls_back(caplog):
+def test_unknown_backend_is_an_error_and_tensorrt_falls_back(caplog, monkeypatch):
+    from lerobot_policy_pi_rl import trt_engine
+
+    def absent():
+        raise trt_engine.TensorRTUnavailable("import tensorrt failed (ModuleNotFoundError: test)")
+
+    monkeypatch.setattr(trt_engine, "import_tensorrt", absent)  # the same on a machine that has it
     policy, _, _ = policy_and_processors()
     with pytest.raises(ValueError, match="--backend"):
         make_backend("cuda-magic", policy)
     assert make_backend("tensorrt", policy).name == "onnxruntime"
-    assert "not built yet" in caplog.text
+    assert "tensorrt backend unavailable (TensorRTUnavailable: import tensorrt failed" in caplog.text
 
 
 def test_worker_swaps_onnx_sessions_at_chunk_boundaries():

@@ -12,8 +12,10 @@ with periodic deterministic evaluation; writes DIR/learn.json and DIR/learn.png.
 ``infer``: exports the sampler to ONNX (DIR/onnx) and times one chunk inference (one
 ``sample_chains`` call: host numpy in, host numpy out) on every backend with the same inputs,
 interleaved call by call so background load hits all backends alike: PyTorch eager and ONNX
-Runtime CPU; with CUDA also PyTorch eager CUDA, ONNX Runtime CUDA, torch.compile and TensorRT
-(each skipped with a recorded reason when unavailable). Writes DIR/infer.json.
+Runtime CPU; with CUDA also PyTorch eager CUDA, the torch sampler replayed as a CUDA graph,
+torch.compile, ONNX Runtime CUDA, and TensorRT (the backend's own strongly typed engine, plain
+enqueue and CUDA-graph replay); each one that cannot run is listed under "skipped" with the reason.
+Writes DIR/infer.json.
 """
 
 from __future__ import annotations
@@ -161,56 +163,57 @@ def _compile_backend(policy, inp, noise_method, mode: str):
     return run
 
 
-def _tensorrt_backend(onnx_path: Path, feeds: dict):
-    """FP32 engine (TF32 off) built from the exported ONNX for exactly these input shapes."""
-    import tensorrt as trt
+def _torch_cuda_graph_backend(policy, inp, noise_method):
+    """The torch sampler (``SamplerGraph``) captured once as a CUDA graph on static CUDA inputs and
+    replayed: one launch per chunk instead of one per kernel."""
     import torch
 
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    flags = 0
-    if hasattr(trt.NetworkDefinitionCreationFlag, "EXPLICIT_BATCH"):  # TensorRT < 10 needs it; >= 10 ignores it
-        flags = 1 << int(trt.NetworkDefinitionCreationFlag.EXPLICIT_BATCH)
-    network = builder.create_network(flags)
-    parser = trt.OnnxParser(network, logger)
-    if not parser.parse_from_file(str(onnx_path)):
-        raise RuntimeError("TensorRT ONNX parser: " + "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors)))
-    config = builder.create_builder_config()
-    config.clear_flag(trt.BuilderFlag.TF32)
-    profile = builder.create_optimization_profile()
-    for i in range(network.num_inputs):
-        name = network.get_input(i).name
-        shape = feeds[name].shape
-        profile.set_shape(name, shape, shape, shape)
-    config.add_optimization_profile(profile)
-    blob = builder.build_serialized_network(network, config)
-    if blob is None:
-        raise RuntimeError("TensorRT engine build failed")
-    engine = trt.Runtime(logger).deserialize_cuda_engine(blob)
-    ctx = engine.create_execution_context()
-    names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
-    inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
-    in_bufs = {}
-    for n in inputs:
-        in_bufs[n] = torch.empty(feeds[n].shape, dtype=torch.float32, device="cuda")
-        ctx.set_input_shape(n, feeds[n].shape)
-        ctx.set_tensor_address(n, in_bufs[n].data_ptr())
-    out_bufs = {}
-    for n in names:
-        if n not in in_bufs:
-            out_bufs[n] = torch.empty(tuple(ctx.get_tensor_shape(n)), dtype=torch.float32, device="cuda")
-            ctx.set_tensor_address(n, out_bufs[n].data_ptr())
-    stream = torch.cuda.Stream()
+    from lerobot_policy_pi_rl.export import SamplerGraph
+
+    graph_module = SamplerGraph(policy, noise_method)
+    static_in = [torch.from_numpy(inp["obs"][k]).cuda() for k in sorted(inp["obs"])]
+    static_in += [torch.from_numpy(inp[n]).cuda().float() for n in ("initial_noise", "step_noise", "stochastic", "noise_level")]
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.no_grad(), torch.cuda.stream(side):
+        for _ in range(3):  # warm-up on a side stream before capture, as torch.cuda.graph asks
+            graph_module(*static_in)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.no_grad(), torch.cuda.graph(graph):
+        static_out = graph_module(*static_in)
 
     def run():
-        with torch.cuda.stream(stream):
-            for n, buf in in_bufs.items():
-                buf.copy_(torch.from_numpy(feeds[n]))
-            if not ctx.execute_async_v3(stream.cuda_stream):
-                raise RuntimeError("TensorRT execute_async_v3 failed")
-            return {n: b.cpu().numpy() for n, b in out_bufs.items()}
+        arrays = [inp["obs"][k] for k in sorted(inp["obs"])] + [inp[n] for n in ("initial_noise", "step_noise", "stochastic", "noise_level")]
+        for buf, arr in zip(static_in, arrays, strict=True):
+            buf.copy_(torch.from_numpy(arr))
+        graph.replay()
+        return dict(zip(("actions", "chain", "log_prob", "value"), (o.cpu().numpy() for o in static_out), strict=True))
 
-    return run, trt.__version__
+    return run
+
+
+def _tensorrt_backend(export_dir: Path, inp: dict, batch: int, cuda_graph: bool, refit: bool, notes: dict,
+                      built: dict):
+    """An engine built by the TensorRT backend's own code (lerobot_policy_pi_rl.trt_engine: strongly
+    typed FP32, TF32 off, fixed batch profile = the timed batch, no REFIT: the bench measures the
+    plain engine; ``--trt-refit`` builds a refittable one to measure REFIT's cost), run by its runner
+    (static buffers; CUDA-graph replay when ``cuda_graph``)."""
+    from lerobot_policy_pi_rl.export import load_manifest, make_feeds
+    from lerobot_policy_pi_rl.trt_engine import EngineManager, EngineRunner, TensorRTSettings
+
+    settings = TensorRTSettings(batch_min=batch, batch_opt=batch, batch_max=batch, refit=refit, cuda_graph=cuda_graph)
+    root, manifest = load_manifest(export_dir)
+    if not built:  # one engine, two runners (plain enqueue, CUDA graph)
+        manager = EngineManager(settings)
+        started = time.perf_counter()
+        built.update(manager=manager, prepared=manager.prepare(root, manifest))
+        notes["tensorrt"] = (f"TensorRT {manager.tensorrt_version}, strongly typed FP32 engine (TF32 off), fixed "
+                             f"batch {batch}, refit {'on' if refit else 'off'}, built in "
+                             f"{time.perf_counter() - started:.1f}s")
+    runner = EngineRunner(built["manager"].trt, built["prepared"].engine, settings)
+    feeds = make_feeds(manifest, inp["obs"], inp["initial_noise"], inp["step_noise"], inp["stochastic"], inp["noise_level"])
+    return lambda: runner.run(feeds)
 
 
 def _infer(args) -> int:
@@ -237,20 +240,24 @@ def _infer(args) -> int:
     backends, skipped, notes = {}, {}, {}
     backends[TORCH] = _torch_backend(policy, inp, noise_method, "cpu")
     ort_cpu = OnnxSampler(out / "onnx", threads=args.threads)
-    feeds = ort_cpu.feeds(inp["obs"], inp["initial_noise"], inp["step_noise"], inp["stochastic"], inp["noise_level"])
     backends["onnxruntime_cpu"] = lambda: ort_cpu.run(inp["obs"], inp["initial_noise"], inp["step_noise"],
                                                       inp["stochastic"], inp["noise_level"])
-    gpu_names = ["torch_eager_cuda", "onnxruntime_cuda", "torch_compile_cuda", "tensorrt"]
+    gpu_names = ["torch_eager_cuda", "torch_cuda_graph", "torch_compile_cuda", "onnxruntime_cuda", "tensorrt",
+                 "tensorrt_cuda_graph"]
     if not torch.cuda.is_available():
         for name in gpu_names:
             skipped[name] = "no CUDA device (torch.cuda.is_available() is False)"
     else:
         gpu_policy = copy.deepcopy(policy).to("cuda").eval()
+        built: dict = {}
         candidates = {
             "torch_eager_cuda": lambda: _torch_backend(gpu_policy, inp, noise_method, "cuda"),
-            "onnxruntime_cuda": lambda: _ort_cuda(out / "onnx", ort, inp),
+            "torch_cuda_graph": lambda: _torch_cuda_graph_backend(gpu_policy, inp, noise_method),
             "torch_compile_cuda": lambda: _compile_backend(gpu_policy, inp, noise_method, args.compile_mode),
-            "tensorrt": lambda: _trt(out / "onnx" / "model.onnx", feeds, notes),
+            "onnxruntime_cuda": lambda: _ort_cuda(out / "onnx", ort, inp),
+            "tensorrt": lambda: _tensorrt_backend(out / "onnx", inp, args.batch, False, args.trt_refit, notes, built),
+            "tensorrt_cuda_graph": lambda: _tensorrt_backend(out / "onnx", inp, args.batch, True, args.trt_refit,
+                                                             notes, built),
         }
         for name, make in candidates.items():
             try:
@@ -344,16 +351,6 @@ def _ort_cuda(export_dir: Path, ort, inp: dict):
     return lambda: sampler.run(inp["obs"], inp["initial_noise"], inp["step_noise"], inp["stochastic"], inp["noise_level"])
 
 
-def _trt(onnx_path: Path, feeds: dict, notes: dict):
-    try:
-        import tensorrt  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        raise RuntimeError(f"import tensorrt failed ({type(e).__name__}: {e})") from None
-    fn, version = _tensorrt_backend(onnx_path, feeds)
-    notes["tensorrt"] = f"TensorRT {version}, FP32 engine (TF32 off), static shapes = the timed inputs"
-    return fn
-
-
 def _print_table(results: dict, skipped: dict, report: dict) -> None:
     print(f"\n{'backend':<20}{'median_ms':>11}{'p99_ms':>11}{'x torch':>9}")
     for name, r in results.items():
@@ -414,6 +411,8 @@ def main() -> None:
                    help="sampler to time (default: the policy's configured one)")
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--compile-mode", default="default", help="torch.compile mode on GPU")
+    p.add_argument("--trt-refit", action="store_true",
+                   help="build the TensorRT engines refittable (BuilderFlag.REFIT), to measure what REFIT costs")
     p.add_argument("--seed", type=int, default=0, help="policy init (without --policy-path) and inputs")
     args = parser.parse_args()
     args.argv = sys.argv[1:]

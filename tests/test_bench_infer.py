@@ -1,0 +1,33 @@
+"""``pirl-bench infer``: the JSON the issue asks for, with every GPU column either timed or listed as
+skipped with its reason (on a machine without CUDA, all of them are skipped)."""
+
+import json
+import sys
+
+import pytest
+import torch
+
+from lerobot_policy_pi_rl.scripts import bench
+
+GPU_COLUMNS = {"torch_eager_cuda", "torch_cuda_graph", "torch_compile_cuda", "onnxruntime_cuda", "tensorrt",
+               "tensorrt_cuda_graph"}
+
+
+def test_infer_writes_backends_side_by_side_and_skip_reasons(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["pirl-bench", "infer", "--out", str(tmp_path), "--iterations", "3",
+                                      "--warmup", "1"])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    assert exc.value.code == 0
+    report = json.loads((tmp_path / "infer.json").read_text())
+    backends, skipped = report["backends"], report["skipped"]
+    assert {"torch_eager", "onnxruntime_cpu"} <= set(backends)
+    for name, row in backends.items():
+        assert set(row) == {"median_ms", "p99_ms", "ratio_vs_torch"} and row["median_ms"] > 0, name
+    assert backends["torch_eager"]["ratio_vs_torch"] == 1.0
+    assert 0 <= report["parity_max_abs_err"] < 1e-5
+    assert set(backends) | set(skipped) == {"torch_eager", "onnxruntime_cpu"} | GPU_COLUMNS
+    assert not set(backends) & set(skipped) and all(skipped.values())
+    if not torch.cuda.is_available():
+        assert set(skipped) == GPU_COLUMNS
+        assert set(skipped.values()) == {"no CUDA device (torch.cuda.is_available() is False)"}

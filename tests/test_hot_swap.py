@@ -55,7 +55,8 @@ def _with_artifacts(msg, files: dict[str, bytes]):
     manifest = pirl_pb2.Manifest(policy_version=msg.version, artifacts=[
         pirl_pb2.Artifact(name=n, sha256=hashlib.sha256(d).hexdigest(), size_bytes=len(d)) for n, d in blobs.items()])
     return pirl_pb2.PolicyUpdate(version=msg.version, weights=msg.weights, manifest=manifest, files=files,
-                                 published_unix_s=msg.published_unix_s)
+                                 published_unix_s=msg.published_unix_s, trained_only=msg.trained_only,
+                                 frozen_sha256=msg.frozen_sha256)
 
 
 @pytest.fixture
@@ -86,7 +87,7 @@ def test_zero_missed_ticks_across_swaps_and_bad_artifacts_are_refused(tmp_path, 
     g = torch.Generator().manual_seed(1)
     for v in VERSIONS:
         with torch.no_grad():
-            for p in learner.parameters():
+            for p in learner.rl_actor_parameters() + learner.rl_critic_parameters():  # what PI-RL trains
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
         states[v] = copy.deepcopy(learner.state_dict())
         msgs[v] = policy_update_message(learner, v, tmp_path / "artifacts")

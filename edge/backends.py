@@ -87,12 +87,11 @@ class Fallback:
 
 def golden_inputs(policy, batch: int = 1, seed: int = GOLDEN_SEED):
     """A fixed input (normalised observations, noise, mask, noise level), CPU tensors."""
+    from lerobot_policy_pi_rl.export import example_observations
+
     c = policy.config
     g = torch.Generator().manual_seed(seed)
-    obs = {}
-    for key in sorted(c.input_features):
-        shape = (batch, *c.input_features[key].shape)
-        obs[key] = torch.rand(shape, generator=g) if key in c.image_features else torch.randn(shape, generator=g)
+    obs = example_observations(policy, batch, g)
     initial, step, stochastic = policy.draw_noise(batch, generator=g, device="cpu")
     return obs, initial, step, stochastic, torch.full((batch,), float(c.noise_level))
 
@@ -224,15 +223,13 @@ class OnnxRuntimeBackend:
     def _warm_up(self, session) -> None:
         """Run the new session once here, off the control thread: ONNX Runtime finishes setting a
         session up on its first run, which would otherwise land on the first chunk after a swap."""
-        c = self.policy.config
-        obs = {k: torch.zeros(1, *ft.shape) for k, ft in c.input_features.items()}
-        initial, step, stochastic = self.policy.draw_noise(1, generator=torch.Generator().manual_seed(0), device="cpu")
+        obs, initial, step, stochastic, level = golden_inputs(self.policy, seed=0)
         session.run({k: v.numpy() for k, v in obs.items()}, initial.numpy(), step.numpy(), stochastic.numpy(),
-                    torch.full((1,), float(c.noise_level)).numpy())
+                    level.numpy())
 
     def sample(self, obs, initial, step, stochastic, noise_level) -> Sampled:
-        out = self.session.run({k: v.numpy() for k, v in obs.items()}, initial.numpy(), step.numpy(),
-                               stochastic.numpy(), noise_level.numpy())
+        out = self.session.run({k: v.cpu().numpy() for k, v in obs.items()}, initial.cpu().numpy(),
+                               step.cpu().numpy(), stochastic.cpu().numpy(), noise_level.cpu().numpy())
         t = {k: torch.from_numpy(v) for k, v in out.items()}
         return Sampled(t["actions"], t["chain"], stochastic, t["log_prob"], t["value"], noise_level)
 

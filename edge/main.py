@@ -61,6 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stats-file", help="write a JSON summary here at exit")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     p.add_argument("--metrics-address", default="127.0.0.1")
+    p.add_argument("--device", default="cpu", help="torch device of the policy: the torch backend samples there; ONNX Runtime and TensorRT take host inputs (default cpu)")
     p.add_argument("--seed", type=int, default=0)
     add_tensorrt_arguments(p, cache_default_help="default: outputs/edge/<robot-id>/tensorrt-cache")
     return p
@@ -95,7 +96,7 @@ def run(args) -> int:
                           args.tls_client_cert, args.tls_client_key)
 
     overrides = {"noise_method": args.noise_method} if args.noise_method else {}
-    policy, pre, post = load_policy(args.policy_path, **overrides)
+    policy, pre, post = load_policy(args.policy_path, device=args.device, **overrides)
     num_envs = args.num_envs if args.mode == "unpaced" else 1
     env_kwargs = builtin_obs_kwargs(policy.config) if args.env in BUILTIN_NAMES else {}
     env = make_vec_env(args.env, num_envs, autoreset=False, **env_kwargs)

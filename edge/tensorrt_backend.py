@@ -87,8 +87,8 @@ class TensorRTBackend:
     def sample(self, obs, initial, step, stochastic, noise_level) -> Sampled:
         from lerobot_policy_pi_rl.export import make_feeds
 
-        feeds = make_feeds(self.manifest, {k: v.numpy() for k, v in obs.items()}, initial.numpy(), step.numpy(),
-                           stochastic.numpy(), noise_level.numpy())
+        feeds = make_feeds(self.manifest, {k: v.cpu().numpy() for k, v in obs.items()}, initial.cpu().numpy(),
+                           step.cpu().numpy(), stochastic.cpu().numpy(), noise_level.cpu().numpy())
         out = self._runner.run(feeds)
         t = {k: torch.from_numpy(v) for k, v in out.items()}
         return Sampled(t["actions"], t["chain"], stochastic, t["log_prob"], t["value"], noise_level)

@@ -52,6 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "GPU and --trt-* settings match, so pass them the same --trt-* flags)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     p.add_argument("--metrics-address", default="127.0.0.1")
+    p.add_argument("--device", default="cpu", help="torch device of the policy and its PPO updates (cuda for a VLA; default cpu)")
     p.add_argument("--seed", type=int, default=0)
     add_tensorrt_arguments(p, cache_default_help="default: OUTPUT_DIR/tensorrt-cache")
     return p
@@ -117,7 +118,7 @@ def serve(args) -> int:
     creds = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if tls else None
 
     overrides = {"noise_method": args.noise_method} if args.noise_method else {}
-    policy, pre, post = load_policy(policy_path, **overrides)
+    policy, pre, post = load_policy(policy_path, device=args.device, **overrides)
     algo = PiRLAlgorithm(policy, _algorithm_config(args))
     wal = RecordLog(out / "wal", fsync=args.wal_fsync)
     store = RolloutStore(PolicyShapes.from_policy(policy), max_version_lag=args.max_version_lag,

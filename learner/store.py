@@ -364,7 +364,8 @@ def episodes_to_batch(episodes: list[Episode], policy) -> RolloutBatch:
                 final_at.append((t, j))
     if final_at:  # bootstrap V(final observation) of truncated episodes with the current critic
         with torch.no_grad():
-            v = policy.predict_value({k: torch.stack(vs) for k, vs in final_obs.items()})
+            device = policy.action_mask.device
+            v = policy.predict_value({k: torch.stack(vs).to(device) for k, vs in final_obs.items()}).cpu()
         for (t, j), value in zip(final_at, v.tolist(), strict=True):
             f["bootstrap"][t, j] = value
     return RolloutBatch(

@@ -241,6 +241,7 @@ class PiRLAlgorithm(RLAlgorithm):
             logger.warning("PI-RL update skipped: %s", e)
             return TrainingStats(extra={"skipped": 1.0, "skipped_nonfinite": 1.0})
 
+        rollouts = rollouts.to(self.policy.action_mask.device)
         with torch.no_grad():
             adv, ret, mask = self.compute_advantages(rollouts)
         data = rollouts.flatten(mask)

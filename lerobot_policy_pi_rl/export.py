@@ -130,21 +130,31 @@ class SamplerGraph(nn.Module):
         return sample.actions, sample.chain.chain, sample.chain.log_prob, sample.value
 
 
+def example_observations(policy, batch_size: int, generator: torch.Generator) -> dict[str, Tensor]:
+    """Random normalised observations of ``policy.config.observation_spec()`` (CPU): images in [0, 1],
+    other floats N(0, 1), token ids below the VLM's vocabulary, attention masks of a half-length
+    prompt. For tracing exports, warming runtimes up and golden-input checks."""
+    c = policy.config
+    obs = {}
+    for key, (dtype, shape) in c.observation_spec().items():
+        shape = (batch_size, *shape)
+        if dtype == "int64":  # token ids
+            obs[key] = torch.randint(0, policy.backbone.vocab_size, shape, generator=generator)
+        elif dtype == "bool":  # attention mask: a prompt, then padding
+            obs[key] = torch.arange(shape[-1]).expand(shape) < max(1, shape[-1] // 2)
+        elif key in c.image_features:
+            obs[key] = torch.rand(shape, generator=generator)
+        else:
+            obs[key] = torch.randn(shape, generator=generator)
+    return obs
+
+
 def example_inputs(policy, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, ...]:
     """Random inputs with the graph's signature (observations, then the noise tensors)."""
     c = policy.config
     device = policy.action_mask.device
     g = generator if generator is not None else torch.Generator().manual_seed(0)
-    obs = []
-    for dtype, shape in c.observation_spec().values():
-        shape = (batch_size, *shape)
-        if dtype == "int64":  # token ids
-            x = torch.randint(0, policy.backbone.vocab_size, shape, generator=g)
-        elif dtype == "bool":  # attention mask: a prompt, then padding
-            x = torch.arange(shape[-1]).expand(shape) < max(1, shape[-1] // 2)
-        else:
-            x = torch.randn(shape, generator=g)
-        obs.append(x.to(device))
+    obs = [x.to(device) for x in example_observations(policy, batch_size, g).values()]
     k, h, d = c.num_denoise_steps, c.chunk_size, c.model_action_dim
     initial = torch.randn(batch_size, h, d, generator=g).to(device)
     steps = torch.randn(batch_size, k, h, d, generator=g).to(device)

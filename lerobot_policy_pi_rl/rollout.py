@@ -10,7 +10,7 @@ macro-steps are marked invalid. The executed actions are exactly the sampled cha
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
@@ -52,6 +52,12 @@ class RolloutBatch:
             if not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
                 raise NonFiniteBatchError(f"rollout batch field '{name}' has {bad} non-finite value(s); update skipped")
+
+    def to(self, device) -> "RolloutBatch":
+        """The tensors the update reads on ``device`` (the policy's)."""
+        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
+                 if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, observations={k: v.to(device) for k, v in self.observations.items()}, **moved)
 
     def flatten(self, mask: Tensor) -> dict:
         """Samples where ``mask`` ``[T, N]`` is True, as ``[M, ...]`` tensors."""
@@ -170,7 +176,7 @@ def collect_rollouts(
         bootstrap = policy.predict_value(final_obs, generator=generator)
 
     T = len(steps)
-    stack = lambda xs: torch.stack(list(xs))  # noqa: E731
+    stack = lambda xs: torch.stack(list(xs)).cpu()  # noqa: E731  (batches live on the CPU; update_on moves them)
     as_t = lambda key, dtype: torch.as_tensor(np.stack([s[key] for s in steps]), dtype=dtype)  # noqa: E731
     valid = as_t("valid", torch.bool)
     # each env's last valid step gets the bootstrap value of its final observation
@@ -188,12 +194,13 @@ def collect_rollouts(
         terminated=as_t("term", torch.bool),
         truncated=as_t("trunc", torch.bool),
         valid=valid,
-        bootstrap_values=torch.where(last_valid, bootstrap.unsqueeze(0).expand(T, n), torch.zeros(T, n)),
+        bootstrap_values=torch.where(last_valid, bootstrap.cpu().unsqueeze(0).expand(T, n), torch.zeros(T, n)),
         episode_returns=torch.as_tensor(ep_return),
         episode_success=torch.as_tensor(ep_success),
         group_ids=group_ids if group_ids is not None else torch.arange(n),
         env_steps=env_steps,
-        info={"final_observation": final_obs, "step_env_steps": as_t("executed", torch.int64)},
+        info={"final_observation": {k: v.cpu() for k, v in final_obs.items()},
+              "step_env_steps": as_t("executed", torch.int64)},
     )
     # the horizon can end before max_steps only through ceil(); an env still alive is cut there
     batch.truncated |= last_valid & ~batch.terminated & torch.as_tensor(alive).unsqueeze(0)

@@ -306,12 +306,15 @@ def draw_sampling_noise(
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Draw (initial_noise, step_noise, stochastic mask) for one batch of decisions.
 
-    The only place randomness is drawn; everything downstream is a pure function of these.
+    The only place randomness is drawn; everything downstream is a pure function of these. Draws
+    happen on the generator's device (a seeded CPU generator gives the same noise whatever device
+    the policy runs on) and are then moved to ``device``.
     """
-    initial = torch.randn(batch_size, chunk_size, action_dim, generator=generator, device=device)
-    steps = torch.randn(batch_size, num_steps, chunk_size, action_dim, generator=generator, device=device)
+    at = generator.device if generator is not None else device
+    initial = torch.randn(batch_size, chunk_size, action_dim, generator=generator, device=at).to(device)
+    steps = torch.randn(batch_size, num_steps, chunk_size, action_dim, generator=generator, device=at).to(device)
     hybrid_index = None
     if hybrid and noise_method == "flow_sde":
-        hybrid_index = torch.randint(0, num_steps, (batch_size,), generator=generator, device=device)
+        hybrid_index = torch.randint(0, num_steps, (batch_size,), generator=generator, device=at).to(device)
     stochastic = stochastic_step_mask(noise_method, num_steps, batch_size, hybrid_index, device=device)
     return initial, steps, stochastic

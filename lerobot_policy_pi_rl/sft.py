@@ -123,8 +123,9 @@ def train_sft(dataset_root: str | Path, output_dir: str | Path, settings: SFTSet
     return Path(output_dir) / "checkpoints" / "last" / "pretrained_model"
 
 
-def load_policy(pretrained_dir: str | Path, **config_overrides):
-    """(policy, preprocessor, postprocessor) from a ``pretrained_model`` directory, on CPU, eval mode."""
+def load_policy(pretrained_dir: str | Path, device: str = "cpu", **config_overrides):
+    """(policy, preprocessor, postprocessor) from a ``pretrained_model`` directory, on ``device``
+    (the pre-processor moves observations there), eval mode."""
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import make_pre_post_processors
 
@@ -134,7 +135,7 @@ def load_policy(pretrained_dir: str | Path, **config_overrides):
     if not (pretrained_dir / "model.safetensors").is_file():
         raise FileNotFoundError(f"no model.safetensors in {pretrained_dir}: not a LeRobot pretrained_model directory")
     config = PreTrainedConfig.from_pretrained(pretrained_dir)
-    config.device = "cpu"
+    config.device = device
     for k, v in config_overrides.items():
         if not hasattr(config, k):
             raise ValueError(f"policy.{k}: unknown pi_rl config field")

@@ -30,6 +30,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from lerobot_policy_pi_rl.scripts.common import (
+    BACKBONE_CHOICES,
+    builtin_policy_overrides,
     builtin_task_algorithm_config,
     plot_curves,
     run_cli,
@@ -47,18 +49,21 @@ def _learn(args) -> int:
     grid = list(itertools.product(args.seeds, estimators, args.noise_method, args.denoise_steps, args.noise_levels))
     runs = []
     started = time.monotonic()
+    sft_dir = "" if args.backbone == "mlp" else f"{args.backbone}-"
     for i, (seed, estimator, method, k, level) in enumerate(grid, 1):
-        ckpt = sft_checkpoint(out / "sft" / f"seed{seed}", seed=seed, num_demos=args.num_demos,
-                              steps=args.sft_steps, noise_std=args.demo_noise)
+        ckpt = sft_checkpoint(out / "sft" / f"{sft_dir}seed{seed}", seed=seed, num_demos=args.num_demos,
+                              steps=args.sft_steps, noise_std=args.demo_noise,
+                              policy_overrides=builtin_policy_overrides(args.backbone))
         policy, pre, post = load_policy(ckpt, noise_method=method, num_denoise_steps=k, noise_level=level)
-        label = f"{method}" + (f" {estimator}" if estimator != "ppo" else "")
+        label = (f"{args.backbone} " if args.backbone != "mlp" else "") + f"{method}" + (
+            f" {estimator}" if estimator != "ppo" else "")
         print(f"[{i}/{len(grid)}] {label} seed={seed} K={k} a={level}")
         algo_cfg = builtin_task_algorithm_config(advantage_estimator=estimator, actor_lr=args.actor_lr)
         settings = LearnSettings(iterations=args.iterations, num_envs=args.num_envs, eval_every=args.eval_every,
                                  eval_episodes=args.eval_episodes, seed=seed, time_limit_s=args.time_limit)
         res = run_pirl(policy, pre, post, algo_cfg, settings)
         runs.append({
-            "label": label, "noise_method": method, "estimator": estimator, "seed": seed,
+            "label": label, "backbone": args.backbone, "noise_method": method, "estimator": estimator, "seed": seed,
             "num_denoise_steps": k, "noise_level": level,
             "sft_success": res.sft_success, "final_success": res.final_success, "best_success": res.best_success,
             "env_steps": res.env_steps, "updates": res.updates, "wall_seconds": round(res.wall_seconds, 2),
@@ -87,7 +92,8 @@ TORCH = "torch_eager"
 
 
 def _infer_policy(args):
-    """(policy, description): the checkpoint at --policy-path, or a fresh default pi_rl policy."""
+    """(policy, description): the checkpoint at --policy-path, a randomly initialised VLA
+    (--backbone), or a fresh default pi_rl policy."""
     import torch
 
     if args.policy_path:
@@ -95,6 +101,8 @@ def _infer_policy(args):
 
         policy, _, _ = load_policy(args.policy_path)
         return policy, f"checkpoint {args.policy_path}"
+    if args.backbone != "mlp":
+        return _vla_policy(args)
     from lerobot.configs.types import FeatureType, PolicyFeature
 
     from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
@@ -113,17 +121,52 @@ def _infer_policy(args):
                     f"(state {feats['observation.state']['shape'][0]}, action {feats['action']['shape'][0]}); no checkpoint")
 
 
+def _vla_policy(args):
+    """A randomly initialised pi_rl VLA: LeRobot's real modeling code at full size (the released
+    architectures: PaliGemma 2B + Gemma 300M for pi0 / pi0.5, SmolVLM2 500M for SmolVLA; no weights
+    needed to time it) or at the reduced CPU size of the tests."""
+    import torch
+
+    from lerobot.configs.types import FeatureType, PolicyFeature
+
+    from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
+    from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
+
+    size = args.size or ("full" if torch.cuda.is_available() else "reduced")
+    full = size == "full"
+    side = 224 if full else 32
+    cameras = args.cameras or (3 if full else 1)
+    feats = {f"observation.images.cam{i}": PolicyFeature(FeatureType.VISUAL, (3, side, side)) for i in range(cameras)}
+    feats["observation.state"] = PolicyFeature(FeatureType.STATE, (8,))  # a 7-DoF arm + gripper (LIBERO's shapes)
+    fields = dict(chunk_size=50, n_action_steps=5, num_denoise_steps=args.num_denoise_steps or 10)
+    if full:
+        base = {"dtype": "bfloat16" if torch.cuda.is_available() else "float32"}
+        if args.backbone == "smolvla":
+            base = {"load_vlm_weights": False}  # architecture from the hub config; weights random
+    else:
+        fields.update(chunk_size=8, n_action_steps=4, num_denoise_steps=args.num_denoise_steps or 4)
+        base = {"tokenizer_max_length": 16}
+    torch.manual_seed(args.seed)
+    cfg = PiRLConfig(device="cpu", push_to_hub=False, backbone=args.backbone, backbone_config=base,
+                     backbone_reduced=None if full else {}, input_features=feats,
+                     output_features={"action": PolicyFeature(FeatureType.ACTION, (7,))}, **fields)
+    policy = PiRLPolicy(cfg).eval()
+    return policy, (f"randomly initialised {args.backbone} ({size} size: {cameras} camera(s) {side}x{side}, state 8, "
+                    f"action 7 padded to {cfg.model_action_dim}, {cfg.language_length} language tokens, chunk "
+                    f"{cfg.chunk_size}, K={cfg.num_denoise_steps}"
+                    + ("" if full else "; LeRobot's modeling code at the reduced CPU size of backbones/reduced.py") + ")")
+
+
 def _infer_inputs(policy, batch: int, seed: int) -> dict:
     """Normalised observations and sampler noise (numpy), shared by every backend."""
     import numpy as np
     import torch
 
+    from lerobot_policy_pi_rl.export import example_observations
+
     c = policy.config
     g = torch.Generator().manual_seed(seed)
-    obs = {}
-    for key in sorted(c.input_features):
-        shape = (batch, *c.input_features[key].shape)
-        obs[key] = (torch.rand(shape, generator=g) if key in c.image_features else torch.randn(shape, generator=g)).numpy()
+    obs = {k: v.numpy() for k, v in example_observations(policy, batch, g).items()}
     initial, steps, stochastic = policy.draw_noise(batch, generator=g, device="cpu")
     return {"obs": obs, "initial_noise": initial.numpy(), "step_noise": steps.numpy(),
             "stochastic": stochastic.numpy(), "noise_level": np.full((batch,), c.noise_level, dtype=np.float32)}
@@ -155,7 +198,7 @@ def _compile_backend(policy, inp, noise_method, mode: str):
 
     def run():
         with torch.no_grad():
-            args = [torch.from_numpy(inp["obs"][k]).cuda() for k in sorted(inp["obs"])]
+            args = [torch.from_numpy(inp["obs"][k]).cuda() for k in inp["obs"]]  # observation_spec order
             args += [torch.from_numpy(inp[n]).cuda().float() for n in ("initial_noise", "step_noise", "stochastic", "noise_level")]
             outs = compiled(*args)
             return dict(zip(("actions", "chain", "log_prob", "value"), (o.cpu().numpy() for o in outs), strict=True))
@@ -397,6 +440,8 @@ def main() -> None:
     p.add_argument("--num-demos", type=int, default=10)
     p.add_argument("--demo-noise", type=float, default=0.1)
     p.add_argument("--sft-steps", type=int, default=2000)
+    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default="mlp",
+                   help="mlp, or LeRobot's pi0 / pi05 / smolvla at the reduced CPU size (camera + instruction)")
 
     p = sub.add_parser("infer", help="export to ONNX and time one chunk inference per backend; writes infer.json")
     p.add_argument("--out", required=True, help="output directory (the export goes to OUT/onnx)")
@@ -414,6 +459,13 @@ def main() -> None:
     p.add_argument("--trt-refit", action="store_true",
                    help="build the TensorRT engines refittable (BuilderFlag.REFIT), to measure what REFIT costs")
     p.add_argument("--seed", type=int, default=0, help="policy init (without --policy-path) and inputs")
+    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default="mlp",
+                   help="time a randomly initialised VLA (pi0 / pi05 / smolvla) instead of the default MLP policy")
+    p.add_argument("--size", choices=["full", "reduced"], default=None,
+                   help="VLA size: full (the released architecture; default with CUDA) or reduced (default on CPU)")
+    p.add_argument("--cameras", type=int, default=None, help="VLA cameras (default 3 at full size, 1 reduced)")
+    p.add_argument("--num-denoise-steps", type=int, default=None,
+                   help="VLA K (default 10 at full size, as the public pi0.5 anchors; 4 reduced)")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
     if args.cmd == "infer":

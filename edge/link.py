@@ -264,6 +264,7 @@ class Subscriber(_Background):
         self.link, self.worker, self.clock = link, worker, clock
         self.received: list[tuple[int, float]] = []  # (version, publish -> loaded latency s)
         self.rejected = 0
+        metrics.SWAP_FAILURES.labels(link.robot_id)  # exported at 0, so rate() sees the first failure
 
     def _run(self):
         backoff = Backoff(f"policy subscription to {self.link.address}")

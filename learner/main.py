@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--target-success", type=float, help="stop updating once deterministic eval reaches this")
     p.add_argument("--no-export-onnx", action="store_true",
                    help="publish weights only (edges on ONNX Runtime then export each version themselves)")
+    p.add_argument("--health-address",
+                   help="also serve the standard gRPC health service, and nothing else, in plaintext on host:port "
+                        "(for Kubernetes gRPC probes and the container healthcheck, which cannot speak TLS)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     p.add_argument("--metrics-address", default="127.0.0.1")
     p.add_argument("--seed", type=int, default=0)
@@ -73,7 +76,7 @@ def serve(args) -> int:
     import torch
     from prometheus_client import start_http_server
 
-    from learner.service import LearnerService, Publisher, build_server
+    from learner.service import LearnerService, Publisher, build_health_server, build_server
     from learner.store import PolicyShapes, RolloutStore
     from learner.trainer import Trainer, TrainerSettings, make_evaluator
     from learner.wal import RecordLog
@@ -117,12 +120,16 @@ def serve(args) -> int:
         logging.info("--resume: no checkpoint in %s yet, starting from %s", out, policy_path)
 
     service = LearnerService(store, publisher, TokenAuthenticator(tokens), max_record_bytes=args.max_record_bytes)
-    server, port, _ = build_server(service, args.address, credentials=creds,
-                                   max_message_bytes=2 * args.max_record_bytes, workers=2 * len(tokens) + 8)
+    server, port, health_servicer = build_server(service, args.address, credentials=creds,
+                                                 max_message_bytes=2 * args.max_record_bytes,
+                                                 workers=2 * len(tokens) + 8)
+    health_server = build_health_server(health_servicer, args.health_address)[0] if args.health_address else None
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
     trainer.start()
     server.start()
+    if health_server is not None:
+        health_server.start()
     host = args.address.rsplit(":", 1)[0]
     logging.info("learner serving on %s:%d (%s) at policy version %d", host, port, "TLS" if tls else "plaintext",
                  trainer.version)
@@ -136,8 +143,11 @@ def serve(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     logging.info("shutting down")
+    health_servicer.enter_graceful_shutdown()  # probes see NOT_SERVING while the streams drain
     service.stop()
     server.stop(grace=2).wait()
+    if health_server is not None:
+        health_server.stop(grace=0)
     trainer.stop()
     return 0
 

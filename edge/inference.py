@@ -28,10 +28,11 @@ log = logging.getLogger(__name__)
 
 class InferenceWorker:
     def __init__(self, policy, preprocessor, postprocessor, *, robot_id: str, version: int = 0,
-                 backend: str = "torch", seed: int = 0):
+                 backend: str = "torch", seed: int = 0, task: str | None = None):
         self.robot_id = robot_id
-        self._active = PolicyRunner(policy, preprocessor, postprocessor)
-        self._spare = PolicyRunner(copy.deepcopy(policy), preprocessor, postprocessor)
+        # task: the language instruction tokenized with every observation (VLA backbones)
+        self._active = PolicyRunner(policy, preprocessor, postprocessor, task=task)
+        self._spare = PolicyRunner(copy.deepcopy(policy), preprocessor, postprocessor, task=task)
         self._active_backend = make_backend(backend, self._active.policy, version)
         self.backend = self._active_backend.name  # what actually runs (after any fallback)
         self._spare_backend = (

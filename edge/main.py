@@ -39,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="inference backend of the paced loop; auto and tensorrt fall back (logged) to what "
                         "loads; the unpaced simulation loop samples with PyTorch")
     p.add_argument("--env", default="pirl_reach", help="'pirl_reach' (built-in task) or a gymnasium id")
+    p.add_argument("--task", help="language instruction for VLA policies (default: the env's task description)")
     p.add_argument("--mode", choices=["paced", "unpaced"], default="paced",
                    help="paced: one env at --control-hz (a robot); unpaced: --num-envs sims flat out")
     p.add_argument("--control-hz", type=float, default=50.0)
@@ -66,7 +67,8 @@ def run(args) -> int:
     from edge.inference import InferenceWorker
     from edge.link import Heartbeat, LearnerAddress, Subscriber, SyncClock, Uploader
     from edge.spool import Spool
-    from lerobot_policy_pi_rl.envs import make_vec_env
+    from lerobot_policy_pi_rl.envs import BUILTIN_NAMES, builtin_obs_kwargs, make_vec_env
+    from lerobot_policy_pi_rl.rollout import env_task
     from lerobot_policy_pi_rl.sft import load_policy
     from pirl.security import is_loopback, load_tokens
 
@@ -87,7 +89,8 @@ def run(args) -> int:
     overrides = {"noise_method": args.noise_method} if args.noise_method else {}
     policy, pre, post = load_policy(args.policy_path, **overrides)
     num_envs = args.num_envs if args.mode == "unpaced" else 1
-    env = make_vec_env(args.env, num_envs, autoreset=False)
+    env_kwargs = builtin_obs_kwargs(policy.config) if args.env in BUILTIN_NAMES else {}
+    env = make_vec_env(args.env, num_envs, autoreset=False, **env_kwargs)
     spool_dir = Path(args.spool_dir or f"outputs/edge/{args.robot_id}/spool")
     fsync = (args.spool_fsync or ("on" if args.mode == "paced" else "off")) == "on"
     spool = Spool(spool_dir, max_records=args.spool_max_records, fsync=fsync)
@@ -96,7 +99,8 @@ def run(args) -> int:
         logging.info("spool %s holds %d unacked records from an earlier run: they will be uploaded", spool_dir, pending)
 
     stats = LoopStats()
-    worker = InferenceWorker(policy, pre, post, robot_id=args.robot_id, seed=args.seed, backend=args.backend)
+    worker = InferenceWorker(policy, pre, post, robot_id=args.robot_id, seed=args.seed, backend=args.backend,
+                             task=args.task or env_task(env))
     logging.info("inference backend: %s", worker.backend)
     writer = RecordWriter(spool, args.robot_id, stats)
     clock = SyncClock(args.robot_id)

@@ -11,6 +11,12 @@ from pirl.codec import to_tensor_msg
 from pirl.v1 import pirl_pb2
 
 
+def _wire_array(t: torch.Tensor) -> np.ndarray:
+    """Observation tensors travel as float32, except token ids (int64) and masks (bool)."""
+    arr = t.detach().cpu().numpy()
+    return arr.astype(np.float32) if arr.dtype.kind == "f" else arr
+
+
 @dataclass
 class Decision:
     """One sampled chunk, with what the learner needs to replay it (row ``i`` of a batch)."""
@@ -30,7 +36,7 @@ class Decision:
         """Row ``i`` of ``sample`` (an ``edge.backends.Sampled``)."""
         return cls(
             version=version,
-            observation={k: v[i].detach().cpu().numpy().astype(np.float32) for k, v in obs.items()},
+            observation={k: _wire_array(v[i]) for k, v in obs.items()},
             chain=sample.chain[i].detach().cpu().numpy().astype(np.float32),
             stochastic=sample.stochastic[i].detach().cpu().numpy().astype(bool),
             noise_level=float(sample.noise_level[i]),

@@ -110,7 +110,7 @@ def serve(args) -> int:
     store = RolloutStore(PolicyShapes.from_policy(policy), max_version_lag=args.max_version_lag,
                          max_record_bytes=args.max_record_bytes, wal=wal)
     publisher = Publisher()
-    evaluator = make_evaluator(pre, post, args.eval_episodes) if args.eval_every else None
+    evaluator = make_evaluator(pre, post, args.eval_episodes, policy_config=policy.config) if args.eval_every else None
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(algo, store, publisher, out, TrainerSettings(
         episodes_per_update=args.episodes_per_update, max_updates=args.max_updates, eval_every=args.eval_every,

@@ -31,26 +31,27 @@ class RecordError(Exception):
 class PolicyShapes:
     """What every record must look like for the current policy."""
 
-    observation: dict[str, tuple[int, ...]]
+    observation: dict[str, tuple[str, tuple[int, ...]]]  # key -> (dtype, shape): PiRLConfig.observation_spec
     chain: tuple[int, ...]  # (K + 1, H, D)
     num_steps: int
     noise_method: str
     n_action_steps: int
+    token_limit: int = 0  # integer observations (token ids) must lie in [0, token_limit)
 
     @classmethod
     def from_policy(cls, policy) -> "PolicyShapes":
         c = policy.config
-        obs = {k: tuple(ft.shape) for k, ft in sorted(c.input_features.items())}
         chain = (c.num_denoise_steps + 1, c.chunk_size, c.model_action_dim)
-        return cls(obs, chain, c.num_denoise_steps, c.noise_method, c.n_action_steps)
+        return cls(c.observation_spec(), chain, c.num_denoise_steps, c.noise_method, c.n_action_steps,
+                   token_limit=getattr(policy.backbone, "vocab_size", 0))
 
     def to_msg(self) -> pirl_pb2.PolicySpec:
         spec = pirl_pb2.PolicySpec(
             chain=spec_msg("float32", self.chain), stochastic=spec_msg("bool", (self.num_steps,)),
             noise_method=self.noise_method, n_action_steps=self.n_action_steps,
         )
-        for k, shape in self.observation.items():
-            spec.observation[k].CopyFrom(spec_msg("float32", shape))
+        for k, (dtype, shape) in self.observation.items():
+            spec.observation[k].CopyFrom(spec_msg(dtype, shape))
         return spec
 
 
@@ -93,13 +94,15 @@ def decode_record(rec: pirl_pb2.RolloutRecord, shapes: PolicyShapes, max_bytes: 
         if set(m.keys()) != set(shapes.observation):
             raise bad(f"{name} keys {sorted(m.keys())} != expected {sorted(shapes.observation)}")
         out = {}
-        for k, shape in shapes.observation.items():
+        for k, (dtype, shape) in shapes.observation.items():
             try:
-                arr = from_tensor_msg(m[k], expect_dtype="float32", expect_shape=shape, max_bytes=max_bytes)
+                arr = from_tensor_msg(m[k], expect_dtype=dtype, expect_shape=shape, max_bytes=max_bytes)
             except WireError as e:
                 raise bad(f"{name}['{k}']: {e}") from None
-            if not np.isfinite(arr).all():
+            if arr.dtype.kind == "f" and not np.isfinite(arr).all():
                 raise bad(f"{name}['{k}'] has non-finite values")
+            if arr.dtype.kind == "i" and arr.size and (arr.min() < 0 or arr.max() >= shapes.token_limit):
+                raise bad(f"{name}['{k}'] has token ids outside [0, {shapes.token_limit})")
             out[k] = arr
         return out
 
@@ -333,7 +336,8 @@ def episodes_to_batch(episodes: list[Episode], policy) -> RolloutBatch:
     T = max(len(ep.steps) for ep in episodes)
     K1, H, D = episodes[0].steps[0].chain.shape
     obs_keys = list(episodes[0].steps[0].observation)
-    obs = {k: torch.zeros(T, n, *episodes[0].steps[0].observation[k].shape) for k in obs_keys}
+    first = episodes[0].steps[0].observation
+    obs = {k: torch.zeros(T, n, *first[k].shape, dtype=torch.from_numpy(first[k][:0]).dtype) for k in obs_keys}
     chains = torch.zeros(T, n, K1, H, D)
     stochastic = torch.zeros(T, n, K1 - 1, dtype=torch.bool)
     f = {name: torch.zeros(T, n) for name in ("noise_level", "log_prob", "value", "reward", "bootstrap")}

@@ -229,12 +229,14 @@ class Trainer:
         tmp.replace(self.output_dir / "status.json")
 
 
-def make_evaluator(preprocessor, postprocessor, episodes: int, seed: int = 1_000_000):
-    """Deterministic success on the built-in task, for the learner's own progress figure."""
-    from lerobot_policy_pi_rl.envs.reach_grasp import ReachGraspVecEnv
+def make_evaluator(preprocessor, postprocessor, episodes: int, seed: int = 1_000_000, policy_config=None):
+    """Deterministic success on the built-in task (observed the way ``policy_config`` reads it),
+    for the learner's own progress figure."""
+    from lerobot_policy_pi_rl.envs import ReachGraspVecEnv, builtin_obs_kwargs
     from lerobot_policy_pi_rl.rollout import PolicyRunner, evaluate_success
 
-    env = ReachGraspVecEnv(min(episodes, 500), autoreset=False)
+    obs = builtin_obs_kwargs(policy_config) if policy_config is not None else {}
+    env = ReachGraspVecEnv(min(episodes, 500), autoreset=False, **obs)
 
     def evaluate(policy) -> float:
         with torch.no_grad():

@@ -7,15 +7,26 @@ in ``lerobot-train`` / ``lerobot-eval`` once LeRobot has imported this plugin.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from lerobot.configs import FeatureType, NormalizationMode, PreTrainedConfig
 from lerobot.optim import AdamWConfig, CosineDecayWithWarmupSchedulerConfig
-from lerobot.utils.constants import ACTION, OBS_STATE
+from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 
 from lerobot_policy_pi_rl.samplers import NOISE_METHODS
 
-BACKBONES = ("mlp",)
+BACKBONES = ("mlp", "pi0", "pi05", "smolvla")
 CRITIC_PLACEMENTS = ("prefix", "expert")
+# the paper's placements: pi0 reads the action expert, pi0.5 the VLM prefix; SmolVLA follows pi0
+DEFAULT_CRITIC_PLACEMENT = {"mlp": "prefix", "pi0": "expert", "pi05": "prefix", "smolvla": "expert"}
+
+
+def base_config_class(backbone: str) -> type[PreTrainedConfig]:
+    """LeRobot's config class of a VLA backbone (``PI0Config``, ``PI05Config``, ``SmolVLAConfig``)."""
+    import importlib
+
+    importlib.import_module(f"lerobot.policies.{backbone}.configuration_{backbone}")  # registers the type
+    return PreTrainedConfig.get_choice_class(backbone)
 
 
 class PiRLConfigError(ValueError):
@@ -47,10 +58,30 @@ class PiRLConfig(PreTrainedConfig):
         noise_anneal_updates: length of that anneal, in updates.
         noise_std_min / noise_std_max: Flow-Noise bounds of the noise head's std (pi0: 0.08-0.16).
 
+    Backbone (the velocity field; see ``backbones/``)
+        backbone: ``mlp`` (a small MLP for CPU), or LeRobot's own ``pi0``, ``pi05``, ``smolvla``
+            modeling code driven through its ``embed_prefix`` / ``denoise_step`` seam.
+        base_model_path: a LeRobot checkpoint directory or hub id of the base ``pi0`` / ``pi05`` /
+            ``smolvla`` policy whose config and weights start the model (LeRobot's own
+            ``from_pretrained``). Named so because LeRobot's ``pretrained_path`` already means this
+            policy's own checkpoint. Not read again once this policy is saved: the saved pi_rl
+            checkpoint holds the weights and ``backbone_config``.
+        backbone_config: fields of the base LeRobot config (``PI0Config`` / ``PI05Config`` /
+            ``SmolVLAConfig``), e.g. ``{"dtype": "bfloat16", "gradient_checkpointing": true}``;
+            filled in with every resolved field when the policy is built. ``chunk_size``,
+            ``n_action_steps``, ``max_action_dim``, features and device come from this config.
+        backbone_reduced: build the real modeling code at a reduced size for CPU tests and
+            benchmarks (fields of ``backbones.reduced.ReducedSize``, ``{}`` for its defaults), with a
+            stand-in tokenizer. With ``base_model_path`` (SmolVLA only) the checkpoint must be of
+            the same reduced size.
+        tokenizer_name: tokenizer of the task instruction (VLA backbones); default: PaliGemma's for
+            pi0 / pi05, the VLM's for SmolVLA, the stand-in one for reduced sizes.
+
     Critic
         critic_placement: ``prefix`` (value from the observation / VLM prefix features, the paper's
             pi0.5 choice) or ``expert`` (from the action-expert features, mean over action tokens and
             over the K denoise steps, the paper's pi0 choice). The critic input is always detached.
+            Default per backbone: mlp / pi05 ``prefix``, pi0 / smolvla ``expert``.
         critic_hidden_dims: widths of the value MLP.
 
     What trains during RL (SFT trains the whole backbone)
@@ -82,6 +113,10 @@ class PiRLConfig(PreTrainedConfig):
     )
 
     backbone: str = "mlp"
+    base_model_path: str | None = None
+    backbone_config: dict[str, Any] = field(default_factory=dict)
+    backbone_reduced: dict[str, int] | None = None
+    tokenizer_name: str | None = None
 
     chunk_size: int = 8
     n_action_steps: int = 4
@@ -96,7 +131,7 @@ class PiRLConfig(PreTrainedConfig):
     noise_std_min: float = 0.08
     noise_std_max: float = 0.16
 
-    critic_placement: str = "prefix"
+    critic_placement: str | None = None
     critic_hidden_dims: list[int] = field(default_factory=lambda: [256, 256, 128])
 
     rl_train_prefix: bool = False
@@ -123,7 +158,42 @@ class PiRLConfig(PreTrainedConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.critic_placement is None and self.backbone in DEFAULT_CRITIC_PLACEMENT:
+            self.critic_placement = DEFAULT_CRITIC_PLACEMENT[self.backbone]
         self.validate()
+
+    @property
+    def is_vla(self) -> bool:
+        """A LeRobot VLA backbone: observations include a tokenized task instruction."""
+        return self.backbone != "mlp"
+
+    def base_field(self, name: str):
+        """A field of the VLA backbone's LeRobot config: ``backbone_config``'s value, else the
+        base config class's default (before the policy is built, ``backbone_config`` may hold only
+        the user's overrides)."""
+        if name in (self.backbone_config or {}):
+            return self.backbone_config[name]
+        import dataclasses
+
+        base_cls = base_config_class(self.backbone)
+        return next(f.default for f in dataclasses.fields(base_cls) if f.name == name)
+
+    @property
+    def language_length(self) -> int:
+        """Tokens of the task instruction (fixed: prompts are padded to it); 0 without a VLA backbone."""
+        return int(self.base_field("tokenizer_max_length")) if self.is_vla else 0
+
+    def observation_spec(self) -> dict[str, tuple[str, tuple[int, ...]]]:
+        """Every tensor one decision reads after pre-processing, by key (sorted): (dtype, shape).
+
+        The one description of a decision's inputs that records, the learner's validation and the
+        ONNX export share: the input features (float32), and for VLA backbones the tokenized task.
+        """
+        spec = {k: ("float32", tuple(ft.shape)) for k, ft in (self.input_features or {}).items()}
+        if self.is_vla:
+            spec[OBS_LANGUAGE_TOKENS] = ("int64", (self.language_length,))
+            spec[OBS_LANGUAGE_ATTENTION_MASK] = ("bool", (self.language_length,))
+        return dict(sorted(spec.items()))
 
     def validate(self) -> None:
         """Check every field a user can set; raise PiRLConfigError naming the field."""
@@ -166,6 +236,11 @@ class PiRLConfig(PreTrainedConfig):
                 raise bad(name, "must be >= 1")
         if any(d < 1 for d in self.critic_hidden_dims):
             raise bad("critic_hidden_dims", "every width must be >= 1")
+        if not isinstance(self.backbone_config, dict):
+            raise bad("backbone_config", "must be a mapping of base-config fields")
+        if self.backbone == "mlp" and (self.base_model_path or self.backbone_config or self.backbone_reduced is not None):
+            raise bad("backbone", "base_model_path / backbone_config / backbone_reduced apply to the pi0, pi05 and "
+                                  "smolvla backbones only")
 
     def noise_level_at(self, update: int) -> float:
         """Flow-SDE noise level ``a`` after ``update`` PI-RL updates (linear anneal when configured)."""
@@ -222,6 +297,11 @@ class PiRLConfig(PreTrainedConfig):
         for key, ft in self.image_features.items():
             if len(ft.shape) != 3:
                 raise PiRLConfigError(f"policy.input_features['{key}']: expected (C, H, W), got {ft.shape}")
+        if self.is_vla and (self.robot_state_feature is None or not self.image_features):
+            raise PiRLConfigError(
+                f"policy.input_features: the {self.backbone} backbone needs '{OBS_STATE}' and at least one image "
+                f"feature; got {sorted((self.input_features or {}).keys())}"
+            )
         for key, ft in (self.input_features or {}).items():
             if ft.type not in (FeatureType.STATE, FeatureType.VISUAL):
                 raise PiRLConfigError(

@@ -42,6 +42,7 @@ up to opset 20).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import logging
@@ -83,8 +84,8 @@ class ArtifactIntegrityError(ValueError):
 
 
 def observation_keys(config) -> list[str]:
-    """The policy's observation feature keys, in the (sorted) order of the graph inputs."""
-    return sorted(config.input_features or {})
+    """The policy's observation keys (``PiRLConfig.observation_spec``), in graph-input order."""
+    return list(config.observation_spec())
 
 
 def input_name(key: str) -> str:
@@ -130,9 +131,15 @@ def example_inputs(policy, batch_size: int, generator: torch.Generator | None = 
     device = policy.action_mask.device
     g = generator if generator is not None else torch.Generator().manual_seed(0)
     obs = []
-    for key in observation_keys(c):
-        shape = (batch_size, *c.input_features[key].shape)
-        obs.append(torch.randn(shape, generator=g).to(device))
+    for dtype, shape in c.observation_spec().values():
+        shape = (batch_size, *shape)
+        if dtype == "int64":  # token ids
+            x = torch.randint(0, policy.backbone.vocab_size, shape, generator=g)
+        elif dtype == "bool":  # attention mask: a prompt, then padding
+            x = torch.arange(shape[-1]).expand(shape) < max(1, shape[-1] // 2)
+        else:
+            x = torch.randn(shape, generator=g)
+        obs.append(x.to(device))
     k, h, d = c.num_denoise_steps, c.chunk_size, c.model_action_dim
     initial = torch.randn(batch_size, h, d, generator=g).to(device)
     steps = torch.randn(batch_size, k, h, d, generator=g).to(device)
@@ -147,8 +154,8 @@ def io_spec(policy, batch_size: int | None = None) -> tuple[list[dict], list[dic
     b = BATCH_AXIS if batch_size is None else batch_size
     k, h, d = c.num_denoise_steps, c.chunk_size, c.model_action_dim
     inputs = [
-        {"name": input_name(key), "feature": key, "dtype": "float32", "shape": [b, *c.input_features[key].shape]}
-        for key in observation_keys(c)
+        {"name": input_name(key), "feature": key, "dtype": dtype, "shape": [b, *shape]}
+        for key, (dtype, shape) in c.observation_spec().items()
     ]
     inputs += [
         {"name": "initial_noise", "dtype": "float32", "shape": [b, h, d]},
@@ -165,6 +172,59 @@ def io_spec(policy, batch_size: int | None = None) -> tuple[list[dict], list[dic
     for spec in inputs + outputs:
         spec["shape"] = [int(x) if not isinstance(x, str) else x for x in spec["shape"]]
     return inputs, outputs
+
+
+def _cumsum_symbolic(g, self, dim, dtype):
+    """aten::cumsum for the legacy exporter, casting a bool input to int64 first.
+
+    PyTorch promotes a bool ``cumsum`` to int64 (LeRobot's VLAs build position ids and 2-D attention
+    masks as cumulative sums of bool masks); the stock symbolic emits ONNX ``CumSum`` on the bool
+    tensor, which ONNX does not define (the checker refuses the model).
+    """
+    import onnx
+
+    if dtype is not None and not dtype.node().mustBeNone():
+        raise RuntimeError("pirl-export: cumsum with an explicit dtype is not expected in a sampler graph")
+    axis = g.op("Constant", value_t=torch.tensor(dim, dtype=torch.int64))
+    if self.type().scalarType() == "Bool":
+        self = g.op("Cast", self, to_i=onnx.TensorProto.INT64)
+    return g.op("CumSum", self, axis)
+
+
+def _full_symbolic(g, sizes, value, dtype, layout, device, pin_memory=False):
+    """aten::full for the legacy exporter, giving an integer fill value its integer dtype.
+
+    ``torch.full(shape, 0)`` is int64 in PyTorch; the stock symbolic makes every dtype-less ``full``
+    float32, so SmolVLM's patch position ids (a ``torch.full`` scattered into) come out as floats and
+    ONNX refuses the graph. We pass the dtype PyTorch infers and let the stock symbolic do the rest.
+    """
+    from torch.onnx import symbolic_helper
+    from torch.onnx.symbolic_opset9 import full as stock_full
+
+    try:
+        from torch.onnx._internal.torchscript_exporter import _type_utils
+    except ImportError:  # older torch
+        from torch.onnx import _type_utils
+
+    fill = symbolic_helper._maybe_get_const(value, "t")
+    if symbolic_helper._is_none(dtype) and isinstance(fill, torch.Tensor) and not fill.is_floating_point():
+        dtype = g.op("Constant", value_t=torch.tensor(int(_type_utils.JitScalarType.from_dtype(fill.dtype))))
+    return stock_full(g, sizes, value, dtype, layout, device, pin_memory)
+
+
+@contextlib.contextmanager
+def _export_symbolics(opset: int):
+    from torch.onnx import symbolic_helper
+
+    functions = {"aten::cumsum": symbolic_helper.parse_args("v", "i", "none")(_cumsum_symbolic),
+                 "aten::full": _full_symbolic}
+    for name, fn in functions.items():
+        torch.onnx.register_custom_op_symbolic(name, fn, opset)
+    try:
+        yield
+    finally:
+        for name in functions:
+            torch.onnx.unregister_custom_op_symbolic(name, opset)
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -227,8 +287,11 @@ def export_onnx(
     was_training = policy.training
     policy.eval()
     started = time.perf_counter()
+    # a backbone may need tracer-friendly stand-ins for library code while tracing (see vla.py)
+    backbone_context = getattr(policy.backbone, "export_context", contextlib.nullcontext)
     try:
-        with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp, torch.no_grad(), warnings.catch_warnings():
+        with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp, torch.no_grad(), \
+                warnings.catch_warnings(), backbone_context():
             # Benign for this graph (tests vary every input against PyTorch): the tracer flags the
             # Python shape check in sample_chain and ``torch.as_tensor`` on tensors that are already
             # graph values; the legacy exporter is chosen on purpose (TensorRT-friendly graphs).
@@ -236,11 +299,12 @@ def export_onnx(
             warnings.filterwarnings("ignore", message=".*legacy TorchScript-based ONNX export.*")
             warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
             raw = Path(tmp) / MODEL_FILE
-            torch.onnx.export(
-                graph, args, str(raw), dynamo=False, opset_version=opset, input_names=in_names,
-                output_names=out_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
-                export_params=True,
-            )
+            with _export_symbolics(opset):
+                torch.onnx.export(
+                    graph, args, str(raw), dynamo=False, opset_version=opset, input_names=in_names,
+                    output_names=out_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                    export_params=True,
+                )
             model = onnx.load(str(raw), load_external_data=True)
         # the legacy exporter drops graph inputs the noise method never reads (flow_ode: stochastic
         # and noise_level; flow_noise: noise_level): the manifest lists the model's real inputs
@@ -373,9 +437,10 @@ class OnnxSampler:
         self.providers = self.session.get_providers()
         self.observation_keys = list(self.manifest["observation_inputs"])
         self._input_shapes = {s["name"]: s["shape"] for s in self.manifest["inputs"]}
+        self._input_dtypes = {s["name"]: s["dtype"] for s in self.manifest["inputs"]}
 
     def _array(self, name: str, value) -> np.ndarray:
-        arr = np.ascontiguousarray(np.asarray(value, dtype=np.float32))
+        arr = np.ascontiguousarray(np.asarray(value, dtype=self._input_dtypes[name]))
         want = self._input_shapes[name]
         if arr.ndim != len(want) or any(not isinstance(w, str) and w != a for w, a in zip(want, arr.shape, strict=False)):
             raise ValueError(f"input {name!r}: expected shape {want}, got {list(arr.shape)}")

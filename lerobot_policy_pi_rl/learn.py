@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, PiRLAlgorithmConfig
-from lerobot_policy_pi_rl.envs.reach_grasp import ReachGraspVecEnv
+from lerobot_policy_pi_rl.envs import ReachGraspVecEnv, builtin_obs_kwargs
 from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, evaluate_success
 
 
@@ -26,7 +26,7 @@ class LearnSettings:
     eval_every: deterministic evaluation period, in updates. eval_episodes: episodes per evaluation.
     eval_seed: reset seed of the (fixed) evaluation episodes, disjoint from training seeds.
     seed: seeds torch and the training episodes ((seed + 1) * 10^9 + ...).
-    env_kwargs: passed to ReachGraspVecEnv (e.g. obs_type="pixels_agent_pos").
+    env_kwargs: passed to ReachGraspVecEnv (default: the observation mode the policy reads).
     target_success: stop early once a deterministic evaluation reaches it (None = run all).
     time_limit_s: stop after this much wall time (None = no limit).
     """
@@ -62,8 +62,9 @@ def run_pirl(
     torch.manual_seed(settings.seed)
     runner = PolicyRunner(policy, preprocessor, postprocessor)
     algo = PiRLAlgorithm(policy, algo_config)
-    env = ReachGraspVecEnv(settings.num_envs, autoreset=False, **settings.env_kwargs)
-    eval_env = ReachGraspVecEnv(min(settings.eval_episodes, 500), autoreset=False, **settings.env_kwargs)
+    env_kwargs = settings.env_kwargs or builtin_obs_kwargs(policy.config)
+    env = ReachGraspVecEnv(settings.num_envs, autoreset=False, **env_kwargs)
+    eval_env = ReachGraspVecEnv(min(settings.eval_episodes, 500), autoreset=False, **env_kwargs)
     generator = torch.Generator().manual_seed(settings.seed)
     grpo = algo_config.advantage_estimator == "grpo"
     G = algo_config.grpo_group_size

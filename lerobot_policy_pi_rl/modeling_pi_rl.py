@@ -75,6 +75,18 @@ class PiRLPolicy(PreTrainedPolicy):
         self.register_buffer("action_mask", mask, persistent=False)
         self.reset()
 
+    @classmethod
+    def from_pretrained(cls, pretrained_name_or_path, **kwargs):
+        """LeRobot's loader; a VLA backbone is rebuilt from the saved ``backbone_config`` (its weights
+        come from this checkpoint, so ``base_model_path`` is not fetched again)."""
+        from lerobot_policy_pi_rl.backbones.vla import LOADING_PI_RL_CHECKPOINT
+
+        token = LOADING_PI_RL_CHECKPOINT.set(True)
+        try:
+            return super().from_pretrained(pretrained_name_or_path, **kwargs)
+        finally:
+            LOADING_PI_RL_CHECKPOINT.reset(token)
+
     # --- LeRobot PreTrainedPolicy API -------------------------------------------------------------
 
     def get_optim_params(self) -> list[nn.Parameter]:
@@ -186,6 +198,14 @@ class PiRLPolicy(PreTrainedPolicy):
         chain = self._run_sampler(prefix, initial_noise, step_noise, stochastic, noise_method, level)
         return PolicySample(chain=chain, value=self._value(prefix, chain.expert_features), noise_level=level.clone())
 
+    def rl_prefix(self, batch: dict[str, Tensor]) -> Prefix:
+        """The observation prefix for RL re-evaluation: without gradient when the prefix is frozen
+        (``rl_train_prefix=False``, the paper's default), so no activations are kept for it."""
+        if self.config.rl_train_prefix:
+            return self.backbone.embed_prefix(batch)
+        with torch.no_grad():
+            return self.backbone.embed_prefix(batch)
+
     def evaluate_chains(
         self,
         batch: dict[str, Tensor],
@@ -193,11 +213,16 @@ class PiRLPolicy(PreTrainedPolicy):
         stochastic: Tensor,
         noise_level: Tensor | float | None = None,
         noise_method: str | None = None,
+        prefix: Prefix | None = None,
     ) -> PolicyEvaluation:
-        """Log-prob, entropy and value of stored chains under the current parameters (with grad)."""
+        """Log-prob, entropy and value of stored chains under the current parameters (with grad).
+
+        ``prefix``: the batch's precomputed (frozen) prefix, reused across PPO epochs; computed here
+        when None.
+        """
         noise_method = noise_method or self.config.noise_method
         level = self.config.noise_level if noise_level is None else noise_level
-        prefix = self.backbone.embed_prefix(batch)
+        prefix = prefix if prefix is not None else self.rl_prefix(batch)
         expert_critic = self.config.critic_placement == "expert"
         ev = evaluate_chain(
             self._denoise_fn(prefix), chain, stochastic, self.action_mask,

@@ -64,15 +64,38 @@ class RolloutBatch:
         return float(self.episode_success.float().mean())
 
 
+def env_task(env) -> str | None:
+    """The env's language instruction (LeRobot / gymnasium envs call it ``task_description`` or ``task``)."""
+    for name in ("task_description", "task"):
+        task = getattr(env, name, None)
+        if isinstance(task, str) and task:
+            return task
+    return None
+
+
 class PolicyRunner:
     """Runs a ``pi_rl`` policy on raw env observations: LeRobot preprocessing, the policy's own
-    processors (normalisation), and un-normalisation of the executed actions."""
+    processors (normalisation; for VLA backbones the task instruction is tokenized there), and
+    un-normalisation of the executed actions.
 
-    def __init__(self, policy, preprocessor, postprocessor):
+    ``task``: the language instruction handed to the pre-processor with every observation (what
+    LeRobot's env wrappers put in ``complementary_data["task"]``); VLA backbones need one.
+    """
+
+    def __init__(self, policy, preprocessor, postprocessor, task: str | None = None):
         self.policy, self.pre, self.post = policy, preprocessor, postprocessor
+        self.task = task
 
-    def observe(self, raw_obs: dict[str, np.ndarray]) -> dict[str, Tensor]:
+    def observe(self, raw_obs: dict[str, np.ndarray], task: str | None = None) -> dict[str, Tensor]:
         batch = preprocess_observation(raw_obs)
+        task = task or self.task
+        if task is not None:
+            batch["task"] = [task] * next(iter(batch.values())).shape[0]
+        elif self.policy.config.is_vla:
+            raise ValueError(
+                f"the {self.policy.config.backbone} backbone needs a language instruction: the env has no "
+                "task_description and none was given"
+            )
         batch = self.pre(batch)
         return {k: v for k, v in batch.items() if k.startswith("observation.") and isinstance(v, Tensor)}
 
@@ -103,6 +126,7 @@ def collect_rollouts(
     if not env.max_steps:
         raise ValueError(f"{type(env).__name__} has no episode step limit (max_steps); PI-RL rollouts need one")
     horizon = math.ceil(env.max_steps / cfg.n_action_steps)
+    task = env_task(env)
     raw, _ = env.reset(seed=seeds)
     alive = np.ones(n, dtype=bool)
     ep_return = np.zeros(n, dtype=np.float32)
@@ -114,7 +138,7 @@ def collect_rollouts(
         for _ in range(horizon):
             if not alive.any():
                 break
-            obs = runner.observe(raw)
+            obs = runner.observe(raw, task)
             initial, step_noise, stochastic = policy.draw_noise(n, generator=generator)
             method = None
             if deterministic:
@@ -142,7 +166,7 @@ def collect_rollouts(
             steps.append(dict(obs=obs, sample=sample, reward=reward, term=term, trunc=trunc, valid=valid,
                               executed=executed))
         # V(o) where an env stopped without terminating (time limit, or the horizon ran out)
-        final_obs = runner.observe(raw)
+        final_obs = runner.observe(raw, task)
         bootstrap = policy.predict_value(final_obs, generator=generator)
 
     T = len(steps)
@@ -193,4 +217,4 @@ def evaluate_success(runner: PolicyRunner, env, *, episodes: int, seed: int) -> 
     return successes / episodes
 
 
-__all__ = ["RolloutBatch", "PolicyRunner", "collect_rollouts", "evaluate_success"]
+__all__ = ["RolloutBatch", "PolicyRunner", "collect_rollouts", "env_task", "evaluate_success"]

@@ -142,5 +142,13 @@ def load_policy(pretrained_dir: str | Path, **config_overrides):
     config.validate()
     policy = PiRLPolicy.from_pretrained(pretrained_dir, config=config, strict=True)
     policy.eval()
-    pre, post = make_pre_post_processors(config, pretrained_path=str(pretrained_dir))
+    overrides = {}
+    if config.is_vla and config.tokenizer_name is None:
+        # the default tokenizer (PaliGemma's, the VLM's, or the reduced sizes' stand-in generated on
+        # this machine) is resolved here, not taken from a path saved on another machine
+        from lerobot_policy_pi_rl.processor_pi_rl import tokenizer_settings
+
+        overrides = {"tokenizer_processor": {"tokenizer_name": tokenizer_settings(config)[0]}}
+    pre, post = make_pre_post_processors(config, pretrained_path=str(pretrained_dir),
+                                         preprocessor_overrides=overrides)
     return policy, pre, post

@@ -6,6 +6,7 @@ import abc
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 
@@ -22,6 +23,18 @@ class Prefix:
 
     def detach(self) -> "Prefix":
         return Prefix(self.features.detach(), self.cache)
+
+    def select(self, rows: Tensor) -> "Prefix":
+        """The prefixes of batch rows ``rows``."""
+        cache = self.cache.select(rows) if hasattr(self.cache, "select") else self.cache
+        return Prefix(self.features.index_select(0, rows), cache)
+
+    @staticmethod
+    def cat(prefixes: list["Prefix"]) -> "Prefix":
+        """Prefixes of consecutive batches as one (a cache must offer ``cat`` or be None)."""
+        caches = [p.cache for p in prefixes]
+        cache = None if caches[0] is None else type(caches[0]).cat(caches)
+        return Prefix(torch.cat([p.features for p in prefixes]), cache)
 
 
 class FlowBackbone(nn.Module, abc.ABC):

@@ -48,6 +48,7 @@ __all__ = [
     "PiRLReachEnvConfig",
     "ReachGraspEnv",
     "ReachGraspVecEnv",
+    "builtin_obs_kwargs",
     "make_vec_env",
     "scripted_expert",
 ]
@@ -55,6 +56,19 @@ __all__ = [
 BUILTIN_NAMES = ("pirl_reach", GYM_ID)
 
 register_gym_envs()
+
+
+def builtin_obs_kwargs(policy_config) -> dict[str, Any]:
+    """The built-in task's observation settings for a policy: ``pixels_agent_pos`` at the side of
+    its image feature when it reads images (the VLA backbones do), else ``state``."""
+    images = list(policy_config.image_features.values())
+    if not images:
+        return {"obs_type": "state"}
+    side = images[0].shape[-1]
+    if len(images) > 1 or images[0].shape != (3, side, side):
+        raise ValueError(f"the built-in task renders one square RGB camera; the policy reads "
+                         f"{ {k: tuple(v.shape) for k, v in policy_config.image_features.items()} }")
+    return {"obs_type": "pixels_agent_pos", "image_size": side}
 
 
 def make_vec_env(name_or_gym_id: str, num_envs: int, **kwargs: Any) -> ReachGraspVecEnv | GymVecAdapter:

@@ -47,20 +47,43 @@ def builtin_task_algorithm_config(**overrides) -> PiRLAlgorithmConfig:
     return PiRLAlgorithmConfig(**defaults)
 
 
+BACKBONE_CHOICES = ("mlp", "pi0", "pi05", "smolvla")
+
+
+def builtin_policy_overrides(backbone: str) -> dict:
+    """pi_rl config fields for the built-in task. The MLP reads the state; a VLA backbone runs
+    LeRobot's real modeling code at the reduced CPU size (``backbones/reduced.py``) and reads what a
+    VLA reads: the rendered camera image, the state and the task instruction (16 tokens)."""
+    if backbone == "mlp":
+        return {}
+    if backbone not in BACKBONE_CHOICES:
+        raise ValueError(f"--backbone must be one of {BACKBONE_CHOICES}, got {backbone!r}")
+    return {"backbone": backbone, "backbone_reduced": {}, "backbone_config": {"tokenizer_max_length": 16}}
+
+
 def sft_checkpoint(out: Path, *, seed: int, num_demos: int, steps: int, noise_std: float,
                    policy_overrides: dict | None = None) -> Path:
-    """Record demos and behaviour-clone with LeRobot's train(); reuse a finished checkpoint."""
+    """Record demos and behaviour-clone with LeRobot's train(); reuse a finished checkpoint.
+
+    A VLA backbone (``policy_overrides["backbone"]``) gets demos with camera images."""
     from lerobot_policy_pi_rl.sft import SFTSettings, record_demos, train_sft
 
     ckpt = out / "train" / "checkpoints" / "last" / "pretrained_model"
     if (ckpt / "model.safetensors").is_file():
+        want = (policy_overrides or {}).get("backbone", "mlp")
+        have = json.loads((ckpt / "config.json").read_text()).get("backbone", "mlp")
+        if have != want:
+            raise FileExistsError(f"{out} holds a finished SFT checkpoint of the '{have}' backbone, not '{want}': "
+                                  "use another output directory")
         print(f"[sft] reusing {ckpt}")
         return ckpt
     if (out / "train").exists():
         raise FileExistsError(f"{out / 'train'} exists but holds no finished checkpoint; delete it and rerun")
     if not (out / "data" / "meta" / "info.json").is_file():
         print(f"[sft] recording {num_demos} scripted demonstrations (seed {seed}) -> {out / 'data'}")
-        record_demos(out / "data", num_demos, seed=seed, noise_std=noise_std)
+        images = (policy_overrides or {}).get("backbone", "mlp") != "mlp"
+        record_demos(out / "data", num_demos, seed=seed, noise_std=noise_std,
+                     obs_type="pixels_agent_pos" if images else "state")
     print(f"[sft] behaviour cloning pi_rl with lerobot's train() for {steps} steps -> {out / 'train'}")
     settings = SFTSettings(steps=steps, seed=seed, policy_overrides=policy_overrides or {})
     return train_sft(out / "data", out / "train", settings)

@@ -30,7 +30,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lerobot_policy_pi_rl.scripts.common import plot_curves, run_cli, sft_checkpoint, write_json
+from lerobot_policy_pi_rl.scripts.common import (
+    BACKBONE_CHOICES,
+    builtin_policy_overrides,
+    plot_curves,
+    run_cli,
+    sft_checkpoint,
+    write_json,
+)
 
 ROBOTS = ("robot-0", "robot-1")
 
@@ -107,7 +114,8 @@ def _run(args) -> int:
     started = time.monotonic()
     out = Path(args.out)
     print("== 1/4 few-shot SFT", flush=True)
-    ckpt = sft_checkpoint(out / "sft", seed=args.seed, num_demos=args.num_demos, steps=args.sft_steps, noise_std=0.1)
+    ckpt = sft_checkpoint(out / "sft", seed=args.seed, num_demos=args.num_demos, steps=args.sft_steps, noise_std=0.1,
+                          policy_overrides=builtin_policy_overrides(args.backbone))
 
     print("== 2/4 certificates and tokens", flush=True)
     for sub in ("certs", "learner", "edges", "logs"):
@@ -180,6 +188,7 @@ def _run(args) -> int:
     paced = edges["robot-0"]
     latencies = [x for e in edges.values() for x in e["sync_latencies_s"]]
     report = {
+        "backbone": args.backbone,
         "sft_success": curve[0][2] if curve else float("nan"),
         "final_success": curve[-1][2] if curve else float("nan"),
         "best_success": max((c[2] for c in curve), default=float("nan")),
@@ -225,7 +234,7 @@ def _run(args) -> int:
         print(f"  {k:<{width}}  {v}")
     write_json(out / "demo.json", report)
     plot_curves(out / "demo.png", [{"label": "learner deterministic eval", "curve": [(c[1], c[2]) for c in curve]}],
-                "pirl-demo: learner + 2 edges over gRPC")
+                f"pirl-demo ({args.backbone}): learner + 2 edges over gRPC")
     print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}; logs in {out / 'logs'}")
     if report["final_success"] < args.target:
         print(f"the target success {args.target} was not reached within --time-limit {args.time_limit:.0f}s")
@@ -244,6 +253,9 @@ def main() -> None:
     p.add_argument("--actor-lr", type=float, default=5e-5)
     p.add_argument("--num-envs", type=int, default=128, help="envs of the unpaced simulated edge")
     p.add_argument("--control-hz", type=float, default=50.0, help="rate of the paced edge")
+    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default="mlp",
+                   help="mlp (state); or LeRobot's pi0 / pi05 / smolvla at a reduced CPU size, reading the camera "
+                        "image, the state and the task instruction (use a fresh --out: the SFT checkpoint is reused)")
     p.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="torch",
                    help="inference backend of the paced edge (auto: ONNX Runtime when it loads)")
     p.add_argument("--max-version-lag", type=int, default=2, help="learner: accept records this many versions old")

@@ -13,7 +13,7 @@ FIND_PYTHON = for c in "$$PYTHON" python3.12 python3; do \
 	for c in $$(ls -d "$$root"/versions/3.12*/bin/python3 2>/dev/null | sort -V -r) $$(ls -d "$$root"/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -V); do "$$c" -c '' && { echo "$$c"; exit 0; }; done; \
 	exit 1
 
-.PHONY: demo test venv sft proto certs clean help which-python
+.PHONY: demo test venv sft proto certs clean help which-python deploy-tools deploy-render deploy-check
 
 which-python:
 	@$(FIND_PYTHON)
@@ -24,6 +24,9 @@ help:
 	@echo "make sft    - record scripted demos and behaviour-clone the pi_rl policy (pirl-sft)"
 	@echo "make proto  - regenerate proto/pirl/v1/*_pb2*.py from proto/pirl/v1/pirl.proto"
 	@echo "make certs  - a local CA, learner and robot certificates and tokens in certs/ (pirl-certs)"
+	@echo "make deploy-tools  - install promtool/prometheus (Debian package, as root) for the deployment tests"
+	@echo "make deploy-render - regenerate dashboards JSON, PrometheusRule and dashboard ConfigMaps (deploy/render.py)"
+	@echo "make deploy-check  - hadolint, shellcheck, kustomize + schema validation, promtool, compose schema, pirl-flash"
 
 $(VENV)/.installed: pyproject.toml
 	@if [ ! -x $(PY) ]; then \
@@ -48,7 +51,23 @@ proto: $(VENV)/.installed
 certs: $(VENV)/.installed
 	$(VENV)/bin/pirl-certs --out certs --robots robot-0 robot-1
 
-test: $(VENV)/.installed
+# promtool and prometheus (Debian's `prometheus`) for the deployment tests: installed when missing and
+# we are root with apt-get (CI, containers); otherwise a note, and those tests skip unless
+# PIRL_REQUIRE_DEPLOY_TOOLS=1 (set by .ci/run) makes them fail. The Python tools come with '.[test]'.
+deploy-tools:
+	@if command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing Debian's prometheus (promtool, prometheus) for the deployment tests"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null; \
+	else echo "note: promtool/prometheus not found (apt-get install prometheus): the deployment tests that need them skip"; fi
+
+deploy-render: $(VENV)/.installed
+	$(PY) deploy/render.py
+
+deploy-check: $(VENV)/.installed deploy-tools
+	$(PY) -m pytest -q tests/test_deploy_static.py tests/test_deploy_flash.py
+
+test: $(VENV)/.installed deploy-tools
 	$(PY) -m pytest -q
 
 clean:

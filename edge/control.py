@@ -89,6 +89,8 @@ class PacedLoop:
         self._waiting = False
         self.current_rate = 0.0  # ticks in the last second
         self._lock = threading.Lock()
+        metrics.CONTROL_TARGET.labels(robot_id).set(control_hz)
+        metrics.DEADLINE_MISSES.labels(robot_id)  # exported at 0, so rate() sees the first miss
 
     # decisions arrive on the worker thread
     def _deliver(self, decision: Decision | None) -> None:

@@ -74,6 +74,17 @@ class SyncClock:
         metrics.SECONDS_SINCE_SYNC.labels(self.robot_id).set(time.monotonic() - self.last)
 
 
+def update_link_metrics(robot_id: str, spool: Spool, clock: SyncClock) -> None:
+    """Spool gauges and seconds since the last sync. The heartbeat refreshes them every period whatever
+    the learner's state: while it is unreachable the uploader only backs off, and these are what the
+    spool-growing and sync-stale alerts read."""
+    s = spool.stats()
+    metrics.SPOOL_RECORDS.labels(robot_id).set(s["records"])
+    metrics.SPOOL_BYTES.labels(robot_id).set(s["bytes"])
+    metrics.SPOOL_OLDEST_AGE.labels(robot_id).set(s["oldest_age_s"])
+    clock.update_metric()
+
+
 def _stub(channel, name, kind):
     ident = lambda x: x  # noqa: E731  raw bytes in and out; we (de)serialise ourselves
     return getattr(channel, kind)(SERVICE + name, request_serializer=ident, response_deserializer=ident)
@@ -246,12 +257,7 @@ class Uploader(_Background):
         return True
 
     def _update_spool_metrics(self):
-        s = self.spool.stats()
-        rid = self.link.robot_id
-        metrics.SPOOL_RECORDS.labels(rid).set(s["records"])
-        metrics.SPOOL_BYTES.labels(rid).set(s["bytes"])
-        metrics.SPOOL_OLDEST_AGE.labels(rid).set(s["oldest_age_s"])
-        self.clock.update_metric()
+        update_link_metrics(self.link.robot_id, self.spool, self.clock)
 
 
 def lower_thread_priority(nice: int = 10) -> bool:
@@ -281,6 +287,7 @@ class Subscriber(_Background):
         self.link, self.worker, self.clock = link, worker, clock
         self.received: list[tuple[int, float]] = []  # (version, publish -> loaded latency s)
         self.rejected = 0
+        metrics.SWAP_FAILURES.labels(link.robot_id)  # exported at 0, so rate() sees the first failure
 
     def _run(self):
         lower_thread_priority()
@@ -353,9 +360,10 @@ class Heartbeat(_Background):
                     resp = pirl_pb2.HeartbeatResponse.FromString(
                         call(req.SerializeToString(), metadata=self.link.metadata, timeout=5)
                     )
+                    self.sent += 1
+                    self.clock.touch()
+                    self.clock.learner_version = max(self.clock.learner_version, resp.policy_version)
                 except grpc.RpcError:
-                    continue  # the uploader and subscriber log connection problems
-                self.sent += 1
-                self.clock.touch()
-                self.clock.learner_version = max(self.clock.learner_version, resp.policy_version)
+                    pass  # the uploader and subscriber log connection problems
+                update_link_metrics(self.link.robot_id, self.spool, self.clock)
             self.clock.update_metric()

@@ -50,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also build a TensorRT engine of every version and publish it with the export (needs "
                         "tensorrt with its builder and a GPU here; edges use it only when their TensorRT version, "
                         "GPU and --trt-* settings match, so pass them the same --trt-* flags)")
+    p.add_argument("--health-address",
+                   help="also serve the standard gRPC health service, and nothing else, in plaintext on host:port "
+                        "(for Kubernetes gRPC probes and the container healthcheck, which cannot speak TLS)")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics on this port (0: off)")
     p.add_argument("--metrics-address", default="127.0.0.1")
     p.add_argument("--device", default="cpu", help="torch device of the policy and its PPO updates (cuda for a VLA; default cpu)")
@@ -80,7 +83,7 @@ def serve(args) -> int:
     import torch
     from prometheus_client import start_http_server
 
-    from learner.service import LearnerService, Publisher, build_server
+    from learner.service import LearnerService, Publisher, build_health_server, build_server
     from learner.store import PolicyShapes, RolloutStore
     from learner.trainer import Trainer, TrainerSettings, make_evaluator
     from learner.wal import RecordLog
@@ -135,12 +138,16 @@ def serve(args) -> int:
         logging.info("--resume: no checkpoint in %s yet, starting from %s", out, policy_path)
 
     service = LearnerService(store, publisher, TokenAuthenticator(tokens), max_record_bytes=args.max_record_bytes)
-    server, port, _ = build_server(service, args.address, credentials=creds,
-                                   max_message_bytes=2 * args.max_record_bytes, workers=2 * len(tokens) + 8)
+    server, port, health_servicer = build_server(service, args.address, credentials=creds,
+                                                 max_message_bytes=2 * args.max_record_bytes,
+                                                 workers=2 * len(tokens) + 8)
+    health_server = build_health_server(health_servicer, args.health_address)[0] if args.health_address else None
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
     trainer.start()
     server.start()
+    if health_server is not None:
+        health_server.start()
     host = args.address.rsplit(":", 1)[0]
     logging.info("learner serving on %s:%d (%s) at policy version %d", host, port, "TLS" if tls else "plaintext",
                  trainer.version)
@@ -154,8 +161,11 @@ def serve(args) -> int:
         signal.signal(sig, lambda *_: stop.set())
     stop.wait()
     logging.info("shutting down")
+    health_servicer.enter_graceful_shutdown()  # probes see NOT_SERVING while the streams drain
     service.stop()
     server.stop(grace=2).wait()
+    if health_server is not None:
+        health_server.stop(grace=0)
     trainer.stop()
     return 0
 

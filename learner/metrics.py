@@ -4,7 +4,14 @@ from prometheus_client import Counter, Gauge, Histogram
 
 LEARNER_ACCEPTED = Counter("pirl_learner_rollouts_accepted_total", "Rollout records accepted", ["robot_id"])
 LEARNER_REJECTED = Counter("pirl_learner_rollouts_rejected_total", "Rollout records rejected, by reason", ["reason"])
+# every reason the service and the store reject with; exported at 0 from the start so that rate() and
+# increase() see the first rejection (a series born at 1 has no increase) and alerts can rely on it
+REJECT_REASONS = ("malformed", "oversized", "invalid", "robot_mismatch", "future_version", "stale_version")
 LEARNER_DUPLICATES = Counter("pirl_learner_rollouts_duplicate_total", "Resent records acked again as duplicates")
+# set whenever a robot registers, heartbeats, subscribes or streams a record: a stopped edge's own
+# /metrics disappears with it, so "sync stale" for a robot that is down is seen from here
+LEARNER_ROBOT_LAST_SEEN = Gauge("pirl_learner_robot_last_seen_timestamp_seconds",
+                                "Unix time of the last authenticated call or record from this robot", ["robot_id"])
 LEARNER_CONNECTED = Gauge("pirl_learner_connected_robots", "Robots with an open rollout stream")
 LEARNER_VERSION = Gauge("pirl_learner_policy_version", "Current policy version")
 LEARNER_UPDATE_SECONDS = Histogram(

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import queue
 import threading
+import time
 from concurrent import futures
 
 import grpc
@@ -69,6 +70,15 @@ class LearnerService:
         self._stop = threading.Event()
         self._connected: dict[str, int] = {}
         self._lock = threading.Lock()
+        # labelled counters exported at 0 from the start (robot ids come from the tokens file: the fleet)
+        for reason in metrics.REJECT_REASONS:
+            metrics.LEARNER_REJECTED.labels(reason=reason)
+        for robot_id in auth.robot_ids:
+            metrics.LEARNER_ACCEPTED.labels(robot_id=robot_id)
+
+    @staticmethod
+    def _seen(robot_id: str) -> None:
+        metrics.LEARNER_ROBOT_LAST_SEEN.labels(robot_id=robot_id).set(time.time())
 
     def _parse(self, cls, data: bytes, context):
         msg = cls()
@@ -92,6 +102,7 @@ class LearnerService:
     def _request(self, cls, data: bytes, context):
         """(authenticated robot id, parsed request); a request naming another robot is refused."""
         robot_id = self.auth.robot_for(context)
+        self._seen(robot_id)
         req = self._parse(cls, data, context)
         if req.robot_id and req.robot_id != robot_id:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
@@ -118,7 +129,9 @@ class LearnerService:
         robot_id = self.auth.robot_for(context)
         self._robot_connected(robot_id, +1)
         try:
+            self._seen(robot_id)
             for data in request_iterator:
+                self._seen(robot_id)
                 if len(data) > self.max_record_bytes:
                     metrics.LEARNER_REJECTED.labels(reason="oversized").inc()
                     self.store.reject("oversized")
@@ -193,4 +206,19 @@ def build_server(service: LearnerService, address: str, *, credentials: grpc.Ser
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer
+
+
+def build_health_server(health_servicer: health.HealthServicer, address: str) -> tuple[grpc.Server, int]:
+    """A plaintext server with only the standard health service (sharing ``health_servicer``) on ``address``.
+
+    The learner's own port speaks TLS, which the kubelet's native gRPC probes cannot (they connect in
+    plaintext). Health status is not secret and this server answers nothing else, so probes and the
+    container healthcheck use it. Returns (server, bound port).
+    """
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), maximum_concurrent_rpcs=8)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(address)
+    if port == 0:
+        raise ValueError(f"could not bind the health port to {address}")
+    return server, port
 

@@ -190,12 +190,23 @@ class PiRLPolicy(PreTrainedPolicy):
         noise_method: str | None = None,
     ) -> PolicySample:
         """One stochastic decision per row, as a pure function of the given noise tensors."""
+        return self.sample_from_prefix(self.backbone.embed_prefix(batch), initial_noise, step_noise, stochastic,
+                                       noise_level, noise_method)
+
+    def sample_from_prefix(self, prefix: Prefix, initial_noise: Tensor, step_noise: Tensor, stochastic: Tensor,
+                           noise_level: float | Tensor | None = None, noise_method: str | None = None,
+                           denoise_fn=None) -> PolicySample:
+        """``sample_chains`` after the prefix; ``denoise_fn`` replaces the backbone's velocity (the
+        split ONNX export runs its velocity graph there, the loop and every head stay here)."""
         noise_method = noise_method or self.config.noise_method
         batch_size = initial_noise.shape[0]
         level = self.config.noise_level if noise_level is None else noise_level
         level = torch.as_tensor(level, dtype=initial_noise.dtype, device=initial_noise.device).expand(batch_size)
-        prefix = self.backbone.embed_prefix(batch)
-        chain = self._run_sampler(prefix, initial_noise, step_noise, stochastic, noise_method, level)
+        chain = sample_chain(
+            denoise_fn or self._denoise_fn(prefix), initial_noise, step_noise, stochastic, self.action_mask,
+            noise_method=noise_method, num_steps=self.config.num_denoise_steps,
+            noise_level=level, noise_std_fn=self.noise_head,
+        )
         return PolicySample(chain=chain, value=self._value(prefix, chain.expert_features), noise_level=level.clone())
 
     def rl_prefix(self, batch: dict[str, Tensor]) -> Prefix:

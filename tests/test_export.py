@@ -239,3 +239,33 @@ def test_cli_exports_a_pretrained_dir(tmp_path, monkeypatch, capsys):
         export.main()
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["flow_sde", "flow_noise"])
+def test_split_export_prefix_and_velocity_graphs_match_torch(method, tmp_path):
+    """The measured alternative to the one graph: prefix.onnx + velocity.onnx with the sampler loop on
+    the host (export_split.SplitSampler) computes the same chunk, log-prob and value as PyTorch."""
+    from lerobot_policy_pi_rl.export import example_observations
+    from lerobot_policy_pi_rl.export_split import SplitSampler, export_split
+
+    torch.manual_seed(0)
+    policy = PiRLPolicy(PiRLConfig(device="cpu", noise_method=method,
+                                   input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
+                                   output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))})).eval()
+    manifest = export_split(policy, tmp_path)
+    assert set(manifest["artifacts"]) == {"prefix.onnx", "velocity.onnx"}
+    g = torch.Generator().manual_seed(3)
+    obs = example_observations(policy, 5, g)
+    noise = policy.draw_noise(5, generator=g)
+    level = torch.full((5,), 0.5)
+    with torch.no_grad():
+        ref = policy.sample_chains(obs, *noise, noise_level=level)
+    out = SplitSampler(policy, tmp_path).run({k: v.numpy() for k, v in obs.items()}, *(n.numpy() for n in noise),
+                                             level.numpy())
+    np.testing.assert_allclose(out["actions"], ref.actions.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["log_prob"], ref.chain.log_prob.numpy(), rtol=1e-5, atol=1e-4)
+    np.testing.assert_allclose(out["value"], ref.value.numpy(), rtol=1e-5, atol=1e-5)
+    # a tampered graph is refused before it is loaded
+    (tmp_path / "velocity.onnx").write_bytes((tmp_path / "velocity.onnx").read_bytes() + b"\0")
+    with pytest.raises(ArtifactIntegrityError):
+        SplitSampler(policy, tmp_path)

@@ -303,3 +303,25 @@ def test_pirl_init_wraps_a_lerobot_checkpoint_with_dataset_stats(tmp_path):
 
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 2 and "already holds a policy" in again.stderr
+
+
+@pytest.mark.parametrize("backbone", BACKBONES)
+def test_split_export_with_explicit_kv_cache_tensors(backbone, tmp_path):
+    """prefix.onnx hands the VLA's KV cache out as plain tensors; velocity.onnx takes them back for
+    each denoise step; with the loop on the host the result equals PyTorch's."""
+    from lerobot_policy_pi_rl.export_split import SplitSampler, export_split
+
+    policy, pre, _ = vla_policy(backbone, noise_method="flow_noise")
+    manifest = export_split(policy, tmp_path)
+    n_layers = len(policy.backbone.embed_prefix(observations(policy, pre, n=1)).cache.keys)
+    # features, keys and values per layer, the pad mask (and pi0's state)
+    assert manifest["num_prefix_tensors"] == 1 + 2 * n_layers + 1 + (backbone == "pi0")
+    obs = observations(policy, pre, n=3)
+    noise = policy.draw_noise(3, generator=torch.Generator().manual_seed(4))
+    level = torch.full((3,), 0.5)
+    with torch.no_grad():
+        ref = policy.sample_chains(obs, *noise, noise_level=level)
+    out = SplitSampler(policy, tmp_path).run({k: v.numpy() for k, v in obs.items()}, *(n.numpy() for n in noise),
+                                             level.numpy())
+    np.testing.assert_allclose(out["actions"], ref.actions.numpy(), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(out["log_prob"], ref.chain.log_prob.numpy(), rtol=1e-5, atol=1e-4)

@@ -29,6 +29,15 @@ class Prefix:
         cache = self.cache.select(rows) if hasattr(self.cache, "select") else self.cache
         return Prefix(self.features.index_select(0, rows), cache)
 
+    def tensors(self) -> list[Tensor]:
+        """``[features, *cache tensors]``: the prefix as plain tensors (a graph's outputs)."""
+        return [self.features, *(self.cache.tensors() if self.cache is not None else [])]
+
+    def rebuild(self, tensors: list[Tensor]) -> "Prefix":
+        """A prefix like this one made of ``tensors`` (laid out as ``tensors()`` gives them)."""
+        cache = None if self.cache is None else self.cache.rebuild(tensors[1:])
+        return Prefix(tensors[0], cache)
+
     @staticmethod
     def cat(prefixes: list["Prefix"]) -> "Prefix":
         """Prefixes of consecutive batches as one (a cache must offer ``cat`` or be None)."""

@@ -72,6 +72,14 @@ class VLACache:
                         torch.cat([c.pad_masks for c in caches]),
                         None if caches[0].state is None else torch.cat([c.state for c in caches]))
 
+    def tensors(self) -> list[Tensor]:
+        return [*self.keys, *self.values, self.pad_masks, *([] if self.state is None else [self.state])]
+
+    def rebuild(self, tensors: list[Tensor]) -> "VLACache":
+        n = len(self.keys)
+        return VLACache(list(tensors[:n]), list(tensors[n:2 * n]), tensors[2 * n],
+                        None if self.state is None else tensors[2 * n + 1])
+
     def detach(self) -> "VLACache":
         return VLACache([k.detach() for k in self.keys], [v.detach() for v in self.values], self.pad_masks,
                         None if self.state is None else self.state.detach())

@@ -267,6 +267,7 @@ def _infer(args) -> int:
     import torch
 
     from lerobot_policy_pi_rl.export import OnnxSampler, export_onnx
+    from lerobot_policy_pi_rl.export_split import SplitSampler, export_split
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -285,6 +286,11 @@ def _infer(args) -> int:
     ort_cpu = OnnxSampler(out / "onnx", threads=args.threads)
     backends["onnxruntime_cpu"] = lambda: ort_cpu.run(inp["obs"], inp["initial_noise"], inp["step_noise"],
                                                       inp["stochastic"], inp["noise_level"])
+    # the alternative layout: prefix graph + one-step velocity graph, the K-step loop on the host
+    split_manifest = export_split(policy, out / "onnx_split", opset=args.opset)
+    split = SplitSampler(policy, out / "onnx_split", noise_method=noise_method, threads=args.threads)
+    backends["onnxruntime_cpu_split"] = lambda: split.run(inp["obs"], inp["initial_noise"], inp["step_noise"],
+                                                          inp["stochastic"], inp["noise_level"])
     gpu_names = ["torch_eager_cuda", "torch_cuda_graph", "torch_compile_cuda", "onnxruntime_cuda", "tensorrt",
                  "tensorrt_cuda_graph"]
     if not torch.cuda.is_available():
@@ -356,6 +362,8 @@ def _infer(args) -> int:
         "warmup": args.warmup,
         "export_seconds": round(export_seconds, 3),
         "artifact_bytes": {name: a["bytes"] for name, a in manifest["artifacts"].items()},
+        "split_export": {"export_seconds": split_manifest["export_seconds"],
+                         "artifact_bytes": {n: a["bytes"] for n, a in split_manifest["artifacts"].items()}},
         "policy": {
             "source": source,
             "noise_method": noise_method,

@@ -21,12 +21,12 @@ def test_infer_writes_backends_side_by_side_and_skip_reasons(tmp_path, monkeypat
     assert exc.value.code == 0
     report = json.loads((tmp_path / "infer.json").read_text())
     backends, skipped = report["backends"], report["skipped"]
-    assert {"torch_eager", "onnxruntime_cpu"} <= set(backends)
+    assert {"torch_eager", "onnxruntime_cpu", "onnxruntime_cpu_split"} <= set(backends)
     for name, row in backends.items():
         assert set(row) == {"median_ms", "p99_ms", "ratio_vs_torch"} and row["median_ms"] > 0, name
     assert backends["torch_eager"]["ratio_vs_torch"] == 1.0
     assert 0 <= report["parity_max_abs_err"] < 1e-5
-    assert set(backends) | set(skipped) == {"torch_eager", "onnxruntime_cpu"} | GPU_COLUMNS
+    assert set(backends) | set(skipped) == {"torch_eager", "onnxruntime_cpu", "onnxruntime_cpu_split"} | GPU_COLUMNS
     assert not set(backends) & set(skipped) and all(skipped.values())
     if not torch.cuda.is_available():
         assert set(skipped) == GPU_COLUMNS

@@ -108,7 +108,12 @@ def run(args) -> int:
         logging.info("spool %s holds %d unacked records from an earlier run: they will be uploaded", spool_dir, pending)
 
     stats = LoopStats()
-    worker = InferenceWorker(policy, pre, post, robot_id=args.robot_id, seed=args.seed, backend=args.backend,
+    # the unpaced simulation loop samples whole batches with the PyTorch policy: preparing another
+    # backend for every version there would only cost time (and, for a VLA, a local export)
+    backend = args.backend if args.mode == "paced" else "torch"
+    if backend != args.backend:
+        logging.info("unpaced mode samples with PyTorch: --backend %s applies to the paced loop only", args.backend)
+    worker = InferenceWorker(policy, pre, post, robot_id=args.robot_id, seed=args.seed, backend=backend,
                              task=args.task or env_task(env), tensorrt_settings=trt_settings,
                              golden_check=args.golden_check == "on")
     logging.info("inference backend: %s", worker.backend)

@@ -325,3 +325,36 @@ def test_split_export_with_explicit_kv_cache_tensors(backbone, tmp_path):
                                              level.numpy())
     np.testing.assert_allclose(out["actions"], ref.actions.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["log_prob"], ref.chain.log_prob.numpy(), rtol=1e-5, atol=1e-4)
+
+
+def test_bf16_base_model_keeps_the_sampler_in_float32():
+    """With the base model in bf16 (LeRobot's own mixed precision: VLM and expert in bf16, vision
+    path in float32), velocities, log-probs and values stay float32 and the learner's ratio is 1."""
+    policy, pre, _ = vla_policy("pi0", backbone_config={"tokenizer_max_length": LANG, "dtype": "bfloat16"})
+    assert policy.backbone.base.model.paligemma_with_expert.gemma_expert.model.layers[0].mlp.up_proj.weight.dtype \
+        == torch.bfloat16
+    obs = observations(policy, pre)
+    noise = policy.draw_noise(4, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        s = policy.sample_chains(obs, *noise)
+        ev = policy.evaluate_chains(obs, s.chain.chain, s.chain.stochastic, s.noise_level)
+    assert s.chain.chain.dtype == torch.float32 and s.chain.log_prob.dtype == torch.float32
+    assert torch.isfinite(s.chain.chain).all()
+    torch.testing.assert_close((ev.log_prob - s.chain.log_prob).exp(), torch.ones(4), rtol=0, atol=1e-4)
+
+
+def test_gradient_checkpointing_gives_the_same_update_gradient():
+    """LeRobot's gradient checkpointing (backbone_config) on the expert: same log-prob gradient as
+    without, and the prefix forward still fills its KV cache in training mode."""
+    grads = []
+    for gc in (False, True):
+        policy, pre, _ = vla_policy("pi0", backbone_config={"tokenizer_max_length": LANG, "gradient_checkpointing": gc})
+        obs = observations(policy, pre)
+        noise = policy.draw_noise(4, generator=torch.Generator().manual_seed(6))
+        with torch.no_grad():
+            s = policy.sample_chains(obs, *noise)
+        policy.train()
+        ev = policy.evaluate_chains(obs, s.chain.chain, s.chain.stochastic, s.noise_level)
+        ev.log_prob.sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in policy.backbone.expert_parameters() if p.grad is not None]))
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)

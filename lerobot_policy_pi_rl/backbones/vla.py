@@ -418,7 +418,7 @@ def _reduced_fields(base_type: str, size) -> dict:
     from lerobot_policy_pi_rl.backbones import reduced
 
     if base_type in ("pi0", "pi05"):
-        return {"image_resolution": [size.image_size, size.image_size], "dtype": "float32"}
+        return {"image_resolution": [size.image_size, size.image_size]}
     return {"vlm_model_name": str(reduced.smolvlm_dir(size)), "load_vlm_weights": False,
             "resize_imgs_with_padding": [size.image_size, size.image_size], "num_vlm_layers": size.vlm_depth,
             "self_attn_every_n_layers": 2 if size.vlm_depth > 1 else -1}

@@ -23,6 +23,7 @@ feeds its suffix). Language-model heads are in neither: no forward pass uses the
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import contextvars
 import importlib
@@ -115,6 +116,7 @@ class LeRobotVLABackbone(FlowBackbone):
     """Common seam over LeRobot's flow VLAs; a subclass names the base policy type and its quirks."""
 
     base_type: str
+    _state_in_suffix = False  # pi0 reads the (padded) state in each denoise step, so the cache keeps it
 
     def __init__(self, config):
         super().__init__()
@@ -152,33 +154,37 @@ class LeRobotVLABackbone(FlowBackbone):
         """Size of the VLM's token embedding: token ids must lie below it."""
         return self._language_model_owner().get_input_embeddings().num_embeddings
 
+    @abc.abstractmethod
     def _language_model_owner(self) -> nn.Module:
-        raise NotImplementedError
+        """The module whose ``get_input_embeddings()`` embeds the instruction's tokens."""
 
     @property
     def model(self) -> nn.Module:
         """The base policy's core model (``PI0Pytorch`` / ``PI05Pytorch`` / ``VLAFlowMatching``)."""
         return self.base.model
 
+    @abc.abstractmethod
     def _vlm_width(self) -> int:
-        raise NotImplementedError
+        """Width of the VLM's hidden states (the prefix features)."""
 
+    @abc.abstractmethod
     def _parameter_groups(self) -> tuple[list[nn.Module], list[nn.Module]]:
-        raise NotImplementedError
+        """(prefix modules, expert modules) of the base model; see the module docstring."""
 
     # --- the seam ----------------------------------------------------------------------------------
 
+    @abc.abstractmethod
     def _prefix_inputs(self, batch: dict[str, Tensor]):
         """(images, img_masks, lang_tokens, lang_masks, state or None) through the base policy's own
         preparation (resize with padding, [-1, 1] pixels, state padding)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _prefix_forward(self, embs: Tensor, pad_masks: Tensor, att_masks: Tensor):
         """(prefix hidden states [B, L, W], filled transformers cache)."""
-        raise NotImplementedError
 
+    @abc.abstractmethod
     def _velocity(self, cache: VLACache, x_t: Tensor, t: Tensor) -> Tensor:
-        raise NotImplementedError
+        """The base model's own ``denoise_step`` on a fresh cache over ``cache``'s tensors."""
 
     def embed_prefix(self, batch: dict[str, Tensor]) -> Prefix:
         for key in (OBS_LANGUAGE_TOKENS, OBS_LANGUAGE_ATTENTION_MASK):
@@ -190,10 +196,8 @@ class LeRobotVLABackbone(FlowBackbone):
         images, img_masks, tokens, masks, state = self._prefix_inputs(batch)
         embs, pad_masks, att_masks = self._embed(images, img_masks, tokens, masks, state)
         hidden, cache = self._prefix_forward(embs, pad_masks, att_masks)
-        features = masked_mean(hidden, pad_masks)
-        return Prefix(features=features, cache=VLACache.from_cache(cache, pad_masks, state if self._state_in_suffix else None))
-
-    _state_in_suffix = False
+        kept = VLACache.from_cache(cache, pad_masks, state if self._state_in_suffix else None)
+        return Prefix(features=masked_mean(hidden, pad_masks), cache=kept)
 
     def _embed(self, images, img_masks, tokens, masks, state):
         return self.model.embed_prefix(images, img_masks, tokens, masks)

@@ -137,7 +137,8 @@ def serve(args) -> int:
     if args.resume and not trainer.resume():
         logging.info("--resume: no checkpoint in %s yet, starting from %s", out, policy_path)
 
-    service = LearnerService(store, publisher, TokenAuthenticator(tokens), max_record_bytes=args.max_record_bytes)
+    service = LearnerService(store, publisher, TokenAuthenticator(tokens), max_record_bytes=args.max_record_bytes,
+                             contacts_path=out / "robots_last_seen.json")
     server, port, health_servicer = build_server(service, args.address, credentials=creds,
                                                  max_message_bytes=2 * args.max_record_bytes,
                                                  workers=2 * len(tokens) + 8)

@@ -10,14 +10,15 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from concurrent import futures
+from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from learner import metrics
+from learner.contacts import RobotContacts
 from learner.store import RecordError, RolloutStore
 from pirl.security import TokenAuthenticator
 from pirl.v1 import pirl_pb2
@@ -64,9 +65,11 @@ class Publisher:
 
 class LearnerService:
     def __init__(self, store: RolloutStore, publisher: Publisher, auth: TokenAuthenticator, *,
-                 max_record_bytes: int):
+                 max_record_bytes: int, contacts_path: Path | None = None):
         self.store, self.publisher, self.auth = store, publisher, auth
         self.max_record_bytes = max_record_bytes
+        # last-seen times, exported again after a restart (from contacts_path) for the sync-stale alert
+        self.contacts = RobotContacts(contacts_path, auth.robot_ids)
         self._stop = threading.Event()
         self._connected: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -76,9 +79,8 @@ class LearnerService:
         for robot_id in auth.robot_ids:
             metrics.LEARNER_ACCEPTED.labels(robot_id=robot_id)
 
-    @staticmethod
-    def _seen(robot_id: str) -> None:
-        metrics.LEARNER_ROBOT_LAST_SEEN.labels(robot_id=robot_id).set(time.time())
+    def _seen(self, robot_id: str) -> None:
+        self.contacts.seen(robot_id)
 
     def _parse(self, cls, data: bytes, context):
         msg = cls()
@@ -174,6 +176,7 @@ class LearnerService:
     def stop(self) -> None:
         self._stop.set()
         self.publisher.close()
+        self.contacts.close()
 
 
 def _raw(x):

@@ -1,5 +1,6 @@
 """What deployment relies on in the learner: the plaintext health port (probes cannot speak TLS), the
-per-robot last-seen gauge (sync-stale alert for a stopped edge) and counters exported at 0 from the start."""
+per-robot last-seen gauge (sync-stale alert for a stopped edge, kept across learner restarts) and
+counters exported at 0 from the start."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
 from learner import metrics
+from learner.contacts import RobotContacts
 from learner.service import LearnerService, Publisher, build_health_server, build_server
 from learner.store import PolicyShapes, RolloutStore
 from lerobot.configs.types import FeatureType, PolicyFeature
@@ -128,3 +130,48 @@ def test_reject_reasons_list_every_reason_the_learner_rejects_with():
     used = set(re.findall(r'RecordError\(\s*grpc\.StatusCode\.\w+,\s*"(\w+)"', source))
     used |= set(re.findall(r'LEARNER_REJECTED\.labels\(reason="(\w+)"\)', source))
     assert used and used <= set(metrics.REJECT_REASONS), used - set(metrics.REJECT_REASONS)
+
+
+class FakeClock:
+    def __init__(self, t: float = 1_000_000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def test_last_seen_survives_a_learner_restart(tmp_path):
+    """A robot that was switched off before the learner restarted is still reported (sync-stale alert):
+    the restarted learner exports the times it had written to its output directory."""
+    path, clock = tmp_path / "robots_last_seen.json", FakeClock()
+    on, off = "contacts-on", "contacts-off"
+    first = RobotContacts(path, [on, off], persist_every_s=5.0, clock=clock)
+    first.seen(off)  # written at once (the first write)
+    clock.t += 1.0
+    first.seen(on)  # within persist_every_s of the last write: kept in memory only ...
+    assert json.loads(path.read_text())["last_seen_unix_s"] == {off: 1_000_000.0}
+    clock.t += 1.0
+    first.close()  # ... until the learner stops
+    assert json.loads(path.read_text())["last_seen_unix_s"] == {off: 1_000_000.0, on: 1_000_001.0}
+
+    # the process ends; a new learner starts (the gauges are reset to show the file is what restores them)
+    for r in (on, off):
+        metrics.LEARNER_ROBOT_LAST_SEEN.remove(r)
+    assert last_seen(off) is None
+    RobotContacts(path, [on, off], clock=clock)
+    assert last_seen(off) == 1_000_000.0 and last_seen(on) == 1_000_001.0
+
+
+def test_last_seen_file_drops_robots_removed_from_the_fleet_and_survives_damage(tmp_path, caplog):
+    path = tmp_path / "robots_last_seen.json"
+    path.write_text(json.dumps({"last_seen_unix_s": {"contacts-kept": 5.0, "contacts-retired": 6.0}}))
+    contacts = RobotContacts(path, ["contacts-kept"])
+    assert contacts.last_seen() == {"contacts-kept": 5.0}
+    assert last_seen("contacts-kept") == 5.0 and last_seen("contacts-retired") is None
+
+    path.write_text('{"last_seen_unix_s": {"contacts-kept": 5.')  # truncated (a full disk)
+    with caplog.at_level("WARNING"):
+        contacts = RobotContacts(path, ["contacts-kept"])
+    assert contacts.last_seen() == {} and "ignoring" in caplog.text
+    contacts.seen("contacts-kept")  # the learner keeps serving and writes a good file again
+    assert set(json.loads(path.read_text())["last_seen_unix_s"]) == {"contacts-kept"}

@@ -21,26 +21,9 @@ ROBOTS = ["robot-0", "robot-1"]
 
 def make_checkpoint(root: Path) -> Path:
     """A small untrained pi_rl policy saved like an SFT checkpoint (what tests/test_runtime.py uses)."""
-    import torch
-    from lerobot.configs.types import FeatureType, PolicyFeature
-    from lerobot.policies.factory import make_pre_post_processors
+    from builtin_policy import builtin_policy, save_checkpoint
 
-    from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
-    from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
-
-    torch.manual_seed(0)
-    cfg = PiRLConfig(device="cpu", push_to_hub=False,
-                     input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
-                     output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))})
-    stats = {"observation.state": {"mean": torch.zeros(6), "std": torch.ones(6)},
-             "action": {"mean": torch.zeros(3), "std": torch.ones(3)}}
-    policy = PiRLPolicy(cfg)
-    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
-    ckpt = root / "policy"
-    policy.save_pretrained(ckpt)
-    pre.save_pretrained(ckpt)
-    post.save_pretrained(ckpt)
-    return ckpt
+    return save_checkpoint(root / "policy", *builtin_policy(0))
 
 
 def free_port() -> int:

@@ -6,22 +6,14 @@ import numpy as np
 import pytest
 import torch
 
+from builtin_policy import builtin_policy
 from edge.backends import OnnxRuntimeBackend, TorchBackend, make_backend
 from edge.inference import InferenceWorker
-from lerobot.configs.types import FeatureType, PolicyFeature
-from lerobot.policies.factory import make_pre_post_processors
-from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
-from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 
 
 def policy_and_processors(seed=0):
-    torch.manual_seed(seed)
-    cfg = PiRLConfig(device="cpu", input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
-                     output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))})
-    stats = {"observation.state": {"mean": torch.zeros(6), "std": torch.ones(6)},
-             "action": {"mean": torch.zeros(3), "std": torch.ones(3)}}
-    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
-    return PiRLPolicy(cfg).eval(), pre, post
+    policy, pre, post = builtin_policy(seed)
+    return policy.eval(), pre, post
 
 
 def trained_copy(policy, seed=1):

@@ -31,11 +31,8 @@ from edge.inference import InferenceWorker
 from edge.link import LearnerAddress, Subscriber, SyncClock, lower_thread_priority
 from edge.spool import Spool
 from learner.trainer import policy_update_message
-from lerobot.configs.types import FeatureType, PolicyFeature
-from lerobot.policies.factory import make_pre_post_processors
-from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
+from builtin_policy import builtin_policy
 from lerobot_policy_pi_rl.envs.reach_grasp import ReachGraspVecEnv
-from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 from pirl.v1 import pirl_pb2
 
 CONTROL_HZ = 50.0  # pirl-edge's default --control-hz
@@ -72,14 +69,8 @@ def edge_process_settings():
 
 def test_zero_missed_ticks_across_swaps_and_bad_artifacts_are_refused(tmp_path, edge_process_settings):
     rid = "hot-swap"
-    torch.manual_seed(0)
-    cfg = PiRLConfig(device="cpu", push_to_hub=False,
-                     input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
-                     output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))})
-    stats_ = {"observation.state": {"mean": torch.zeros(6), "std": torch.ones(6)},
-              "action": {"mean": torch.zeros(3), "std": torch.ones(3)}}
-    policy = PiRLPolicy(cfg).eval()  # the default policy of the built-in task (what pirl-demo runs)
-    pre, post = make_pre_post_processors(cfg, dataset_stats=stats_)
+    policy, pre, post = builtin_policy(0)  # the default policy of the built-in task (what pirl-demo runs)
+    policy.eval()
 
     # the learner's side, made beforehand: one update (weights + ONNX export) per version
     learner = copy.deepcopy(policy)

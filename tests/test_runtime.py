@@ -13,12 +13,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-import torch
 
-from lerobot.configs.types import FeatureType, PolicyFeature
-from lerobot.policies.factory import make_pre_post_processors
-from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
-from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
+from builtin_policy import builtin_policy, save_checkpoint
 from pirl.security import make_dev_pki
 
 BIN = Path(sys.executable).parent
@@ -28,18 +24,7 @@ ROBOTS = ["robot-0", "robot-1"]
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("runtime")
-    torch.manual_seed(0)
-    cfg = PiRLConfig(device="cpu", push_to_hub=False,
-                     input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
-                     output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))})
-    stats = {"observation.state": {"mean": torch.zeros(6), "std": torch.ones(6)},
-             "action": {"mean": torch.zeros(3), "std": torch.ones(3)}}
-    policy = PiRLPolicy(cfg)
-    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
-    ckpt = root / "policy"
-    policy.save_pretrained(ckpt)
-    pre.save_pretrained(ckpt)
-    post.save_pretrained(ckpt)
+    ckpt = save_checkpoint(root / "policy", *builtin_policy(0))
     pki = make_dev_pki(root / "certs", ROBOTS)
     return root, ckpt, pki
 

@@ -6,31 +6,20 @@ trained-only versions applied on both robots, every record accepted exactly once
 import time
 
 import pytest
-import torch
 
+from builtin_policy import STATE_DIM, builtin_policy, save_checkpoint
 from lerobot.configs.types import FeatureType, PolicyFeature
-from lerobot.policies.factory import make_pre_post_processors
-from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
-from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 from pirl.security import make_dev_pki
 from test_runtime import ROBOTS, Cluster, assert_every_record_accepted_once
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    torch.manual_seed(0)
-    cfg = PiRLConfig(device="cpu", push_to_hub=False, backbone="pi0", backbone_reduced={},
-                     backbone_config={"tokenizer_max_length": 16}, chunk_size=8, n_action_steps=4, max_action_dim=4,
-                     input_features={"observation.image": PolicyFeature(FeatureType.VISUAL, (3, 32, 32)),
-                                     "observation.state": PolicyFeature(FeatureType.STATE, (6,))},
-                     output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))})
-    stats = {"observation.state": {"mean": torch.zeros(6), "std": torch.ones(6)},
-             "action": {"mean": torch.zeros(3), "std": torch.ones(3)}}
-    policy = PiRLPolicy(cfg)
-    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
-    ckpt = tmp_path / "policy"
-    for part in (policy, pre, post):
-        part.save_pretrained(ckpt)
+    ckpt = save_checkpoint(tmp_path / "policy", *builtin_policy(
+        0, backbone="pi0", backbone_reduced={}, backbone_config={"tokenizer_max_length": 16}, chunk_size=8,
+        n_action_steps=4, max_action_dim=4,
+        input_features={"observation.image": PolicyFeature(FeatureType.VISUAL, (3, 32, 32)),
+                        "observation.state": PolicyFeature(FeatureType.STATE, (STATE_DIM,))}))
     c = Cluster(tmp_path, ckpt, make_dev_pki(tmp_path / "certs", ROBOTS), "vla")
     yield c
     c.close()

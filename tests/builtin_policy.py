@@ -1,0 +1,43 @@
+"""The small default ``pi_rl`` policy for the built-in task's shapes, as most tests build it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from lerobot.configs.types import FeatureType, PolicyFeature
+from lerobot.policies.factory import make_pre_post_processors
+
+from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
+from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
+
+STATE_DIM, ACTION_DIM = 6, 3  # pirl_reach: state 6, action 3
+
+
+def builtin_config(**overrides) -> PiRLConfig:
+    return PiRLConfig(**{"device": "cpu", "push_to_hub": False,
+                         "input_features": {"observation.state": PolicyFeature(FeatureType.STATE, (STATE_DIM,))},
+                         "output_features": {"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
+                         **overrides})
+
+
+def builtin_stats(action_std: float = 1.0) -> dict:
+    """Normalisation stats (identity for the state, ``action_std`` for actions)."""
+    return {"observation.state": {"mean": torch.zeros(STATE_DIM), "std": torch.ones(STATE_DIM)},
+            "action": {"mean": torch.zeros(ACTION_DIM), "std": action_std * torch.ones(ACTION_DIM)}}
+
+
+def builtin_policy(seed: int = 0, *, action_std: float = 1.0, **overrides):
+    """(policy, preprocessor, postprocessor), freshly initialised from ``seed``; the policy in train mode."""
+    torch.manual_seed(seed)
+    cfg = builtin_config(**overrides)
+    policy = PiRLPolicy(cfg)
+    pre, post = make_pre_post_processors(cfg, dataset_stats=builtin_stats(action_std))
+    return policy, pre, post
+
+
+def save_checkpoint(path: Path, policy, pre, post) -> Path:
+    """Saved like a LeRobot ``pretrained_model`` directory (what pirl-learner / pirl-edge load)."""
+    for part in (policy, pre, post):
+        part.save_pretrained(path)
+    return path

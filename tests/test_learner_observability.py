@@ -11,17 +11,14 @@ from pathlib import Path
 
 import grpc
 import pytest
-import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from builtin_policy import builtin_policy
 from learner import metrics
 from learner.contacts import RobotContacts
 from learner.service import LearnerService, Publisher, build_health_server, build_server
 from learner.store import PolicyShapes, RolloutStore
-from lerobot.configs.types import FeatureType, PolicyFeature
-from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
-from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 from pirl.security import TokenAuthenticator, auth_metadata, channel_credentials, make_dev_pki, server_credentials
 from pirl.v1 import pirl_pb2
 
@@ -32,10 +29,7 @@ SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.Health
 
 @pytest.fixture(scope="module")
 def learner(tmp_path_factory):
-    torch.manual_seed(0)
-    cfg = PiRLConfig(device="cpu", input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
-                     output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))})
-    policy = PiRLPolicy(cfg).eval()
+    policy = builtin_policy(0)[0].eval()
     pki = make_dev_pki(tmp_path_factory.mktemp("pki"), ROBOTS)
     tokens = json.loads(pki["tokens"].read_text())
     store = RolloutStore(PolicyShapes.from_policy(policy), max_version_lag=1, max_record_bytes=1 << 20)

@@ -9,28 +9,14 @@ import numpy as np
 import pytest
 import torch
 
-from lerobot.configs.types import FeatureType, PolicyFeature
-from lerobot.policies.factory import make_pre_post_processors
-from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
+from builtin_policy import builtin_policy
 from lerobot_policy_pi_rl.envs.reach_grasp import ReachGraspVecEnv
-from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, evaluate_success
 from lerobot_policy_pi_rl.sft import REPO_ID, SFTSettings, load_policy, record_demos, train_sft
 
 
 def make_runner(**kw):
-    torch.manual_seed(0)
-    cfg = PiRLConfig(
-        device="cpu",
-        input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
-        output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))},
-        **kw,
-    )
-    stats = {"observation.state": {"mean": torch.zeros(6), "std": torch.ones(6)},
-             "action": {"mean": torch.zeros(3), "std": 0.5 * torch.ones(3)}}
-    policy = PiRLPolicy(cfg)
-    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
-    return PolicyRunner(policy, pre, post)
+    return PolicyRunner(*builtin_policy(0, action_std=0.5, **kw))
 
 
 def test_executed_actions_are_the_sampled_chunk(monkeypatch):

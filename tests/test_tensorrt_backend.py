@@ -28,14 +28,11 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from builtin_policy import builtin_policy
 from edge.backends import GoldenMismatch, choose_backend
 from edge.inference import InferenceWorker
-from lerobot.configs.types import FeatureType, PolicyFeature
-from lerobot.policies.factory import make_pre_post_processors
 from lerobot_policy_pi_rl import trt_engine
-from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
 from lerobot_policy_pi_rl.export import export_onnx, graph_structure_sha256, load_manifest
-from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 from lerobot_policy_pi_rl.trt_engine import (
     EngineCache,
     EngineKey,
@@ -53,17 +50,10 @@ DEVICE = {"name": "NVIDIA Jetson AGX Orin (fake)", "compute_capability": "8.7"}
 
 
 def small_policy(seed=0, **overrides):
-    torch.manual_seed(seed)
-    cfg = PiRLConfig(device="cpu", push_to_hub=False,
-                     input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
-                     output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))}, **SMALL, **overrides)
-    policy = PiRLPolicy(cfg)
+    policy, pre, post = builtin_policy(seed, **SMALL, **overrides)
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    stats = {"observation.state": {"mean": torch.zeros(6), "std": torch.ones(6)},
-             "action": {"mean": torch.zeros(3), "std": torch.ones(3)}}
-    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
     return policy.eval(), pre, post
 
 

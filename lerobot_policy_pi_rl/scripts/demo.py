@@ -256,8 +256,11 @@ def main() -> None:
     p.add_argument("--backbone", choices=BACKBONE_CHOICES, default="mlp",
                    help="mlp (state); or LeRobot's pi0 / pi05 / smolvla at a reduced CPU size, reading the camera "
                         "image, the state and the task instruction (use a fresh --out: the SFT checkpoint is reused)")
-    p.add_argument("--backend", choices=["auto", "onnxruntime", "torch"], default="torch",
-                   help="inference backend of the paced edge (auto: ONNX Runtime when it loads)")
+    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="torch",
+                   help="inference backend of the paced edge, as pirl-edge --backend: auto = TensorRT where it can "
+                        "build (CUDA + tensorrt with its builder), else ONNX Runtime; tensorrt falls back the same "
+                        "way when it cannot, counted in pirl_edge_backend_fallbacks_total. The report names the "
+                        "backend that served")
     p.add_argument("--max-version-lag", type=int, default=2, help="learner: accept records this many versions old")
     p.add_argument("--num-demos", type=int, default=10)
     p.add_argument("--sft-steps", type=int, default=2000)

@@ -89,6 +89,10 @@ def _report(args, runs) -> dict:
 # --- infer: one chunk's latency per inference backend ---------------------------------------------
 
 TORCH = "torch_eager"
+CPU_BACKENDS = (TORCH, "onnxruntime_cpu", "onnxruntime_cpu_split")
+GPU_BACKENDS = ("torch_eager_cuda", "torch_cuda_graph", "torch_compile_cuda", "onnxruntime_cuda", "tensorrt",
+                "tensorrt_cuda_graph")
+INFER_BACKENDS = CPU_BACKENDS + GPU_BACKENDS
 
 
 def _infer_policy(args):
@@ -274,26 +278,35 @@ def _infer(args) -> int:
     policy, source = _infer_policy(args)
     c = policy.config
     noise_method = args.noise_method or c.noise_method
-    print(f"[infer] policy: {source}")
-    print(f"[infer] exporting the {noise_method} sampler to {out / 'onnx'}")
-    started = time.perf_counter()
-    manifest = export_onnx(policy, out / "onnx", noise_method=noise_method, opset=args.opset)
-    export_seconds = time.perf_counter() - started
+    print(f"[infer] policy: {source} ({_count(policy) / 1e6:,.1f} M parameters)")
+    selected = set(args.backends or INFER_BACKENDS) | {TORCH}  # PyTorch eager: the baseline of every ratio
+    backends, skipped, notes = {}, {}, {}
+    for name in INFER_BACKENDS:
+        if name not in selected:
+            skipped[name] = "not selected (--backends)"
+    manifest, export_seconds, split_manifest = None, None, None
+    if selected & {"onnxruntime_cpu", "onnxruntime_cuda", "tensorrt", "tensorrt_cuda_graph"}:
+        print(f"[infer] exporting the {noise_method} sampler to {out / 'onnx'}")
+        started = time.perf_counter()
+        manifest = export_onnx(policy, out / "onnx", noise_method=noise_method, opset=args.opset)
+        export_seconds = time.perf_counter() - started
     inp = _infer_inputs(policy, args.batch, args.seed)
 
-    backends, skipped, notes = {}, {}, {}
     backends[TORCH] = _torch_backend(policy, inp, noise_method, "cpu")
-    ort_cpu = OnnxSampler(out / "onnx", threads=args.threads)
-    backends["onnxruntime_cpu"] = lambda: ort_cpu.run(inp["obs"], inp["initial_noise"], inp["step_noise"],
-                                                      inp["stochastic"], inp["noise_level"])
-    # the alternative layout: prefix graph + one-step velocity graph, the K-step loop on the host
-    split_manifest = export_split(policy, out / "onnx_split", opset=args.opset)
-    split = SplitSampler(policy, out / "onnx_split", noise_method=noise_method, threads=args.threads)
-    backends["onnxruntime_cpu_split"] = lambda: split.run(inp["obs"], inp["initial_noise"], inp["step_noise"],
+    if "onnxruntime_cpu" in selected:
+        ort_cpu = OnnxSampler(out / "onnx", threads=args.threads)
+        backends["onnxruntime_cpu"] = lambda: ort_cpu.run(inp["obs"], inp["initial_noise"], inp["step_noise"],
                                                           inp["stochastic"], inp["noise_level"])
-    gpu_names = ["torch_eager_cuda", "torch_cuda_graph", "torch_compile_cuda", "onnxruntime_cuda", "tensorrt",
-                 "tensorrt_cuda_graph"]
-    if not torch.cuda.is_available():
+    if "onnxruntime_cpu_split" in selected:
+        # the alternative layout: prefix graph + one-step velocity graph, the K-step loop on the host
+        split_manifest = export_split(policy, out / "onnx_split", opset=args.opset)
+        split = SplitSampler(policy, out / "onnx_split", noise_method=noise_method, threads=args.threads)
+        backends["onnxruntime_cpu_split"] = lambda: split.run(inp["obs"], inp["initial_noise"], inp["step_noise"],
+                                                              inp["stochastic"], inp["noise_level"])
+    gpu_names = [n for n in GPU_BACKENDS if n in selected]
+    if not gpu_names:
+        pass
+    elif not torch.cuda.is_available():
         for name in gpu_names:
             skipped[name] = "no CUDA device (torch.cuda.is_available() is False)"
     else:
@@ -309,6 +322,8 @@ def _infer(args) -> int:
                                                              notes, built),
         }
         for name, make in candidates.items():
+            if name not in selected:
+                continue
             try:
                 fn = make()
                 fn()  # first call: builds / compiles, and proves the backend runs
@@ -349,7 +364,7 @@ def _infer(args) -> int:
                          "ratio_vs_torch": round(med / base, 4)}
     report = {
         "backends": results,
-        "parity_max_abs_err": parity["onnxruntime_cpu"]["actions"],
+        "parity_max_abs_err": parity["onnxruntime_cpu"]["actions"] if "onnxruntime_cpu" in parity else None,
         "parity_max_abs_err_by_backend": parity,
         "skipped": skipped,
         "machine": _machine(),
@@ -360,10 +375,11 @@ def _infer(args) -> int:
         "threads": args.threads,
         "iterations": args.iterations,
         "warmup": args.warmup,
-        "export_seconds": round(export_seconds, 3),
-        "artifact_bytes": {name: a["bytes"] for name, a in manifest["artifacts"].items()},
+        "export_seconds": round(export_seconds, 3) if export_seconds is not None else None,
+        "artifact_bytes": {name: a["bytes"] for name, a in manifest["artifacts"].items()} if manifest else {},
         "split_export": {"export_seconds": split_manifest["export_seconds"],
-                         "artifact_bytes": {n: a["bytes"] for n, a in split_manifest["artifacts"].items()}},
+                         "artifact_bytes": {n: a["bytes"] for n, a in split_manifest["artifacts"].items()}}
+                        if split_manifest else None,
         "policy": {
             "source": source,
             "noise_method": noise_method,
@@ -371,7 +387,8 @@ def _infer(args) -> int:
             "chunk_size": c.chunk_size,
             "action_dim": c.action_dim,
             "model_action_dim": c.model_action_dim,
-            "parameters": sum(p.numel() for p in policy.parameters()),
+            "parameters": _count(policy),
+            "parameters_by_module": _parameter_breakdown(policy),
         },
         "notes": {
             "measured": "one chunk inference = one sample_chains call (prefix + K denoise steps + log-prob + value), "
@@ -380,7 +397,7 @@ def _infer(args) -> int:
             "parity_max_abs_err": "max |actions(onnxruntime_cpu) - actions(torch_eager)| on the timed inputs",
             "schedule": "backends called round-robin, one call each per iteration, garbage collector off",
             "versions": {"torch": torch.__version__, "onnxruntime": ort.__version__},
-            "onnx_opset": manifest["opset"],
+            "onnx_opset": manifest["opset"] if manifest else None,
             "torch_compile_mode": args.compile_mode,
             **notes,
         },
@@ -389,6 +406,26 @@ def _infer(args) -> int:
     _print_table(results, skipped, report)
     print(f"wrote {out / 'infer.json'}")
     return 0
+
+
+def _count(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _parameter_breakdown(policy, min_share: float = 0.01, max_depth: int = 6) -> dict[str, int]:
+    """Parameters of every module holding >= ``min_share`` of the policy's, down to ``max_depth``
+    (wrappers that hold exactly what their one big child holds are left out): shows at a glance which
+    architecture was built (vision tower, language model, action expert, heads)."""
+    total = _count(policy)
+    out, counts = {}, {}
+    for name, module in policy.named_modules():
+        if not name or name.count(".") >= max_depth:
+            continue
+        n = counts[name] = _count(module)
+        parent = name.rsplit(".", 1)[0] if "." in name else ""
+        if n >= min_share * total and counts.get(parent) != n:
+            out[name] = n
+    return out
 
 
 def _ort_cuda(export_dir: Path, ort, inp: dict):
@@ -408,8 +445,10 @@ def _print_table(results: dict, skipped: dict, report: dict) -> None:
         print(f"{name:<20}{r['median_ms']:>11.3f}{r['p99_ms']:>11.3f}{r['ratio_vs_torch']:>9.2f}")
     for name, why in skipped.items():
         print(f"{name:<20}  skipped: {why}")
-    print(f"parity (onnxruntime_cpu vs torch_eager actions): max abs err {report['parity_max_abs_err']:.2e}; "
-          f"export {report['export_seconds']:.2f}s; batch {report['batch']}, {report['threads']} thread(s)\n")
+    if report["parity_max_abs_err"] is not None:
+        print(f"parity (onnxruntime_cpu vs torch_eager actions): max abs err {report['parity_max_abs_err']:.2e}; "
+              f"export {report['export_seconds']:.2f}s")
+    print(f"batch {report['batch']}, {report['threads']} thread(s)\n")
 
 
 def _machine() -> str:
@@ -474,6 +513,10 @@ def main() -> None:
     p.add_argument("--cameras", type=int, default=None, help="VLA cameras (default 3 at full size, 1 reduced)")
     p.add_argument("--num-denoise-steps", type=int, default=None,
                    help="VLA K (default 10 at full size, as the public pi0.5 anchors; 4 reduced)")
+    p.add_argument("--backends", nargs="+", choices=INFER_BACKENDS, default=None, metavar="NAME",
+                   help=f"time only these (default: all; {TORCH} always runs, as the baseline). Exports happen "
+                        f"only for the ONNX / TensorRT ones: a full-size VLA on a CPU box can run {TORCH} alone. "
+                        f"Choices: {', '.join(INFER_BACKENDS)}")
     args = parser.parse_args()
     args.argv = sys.argv[1:]
     if args.cmd == "infer":

@@ -114,15 +114,21 @@ def test_learner_replays_onnx_chains(exported):
 
 
 def test_noise_level_and_mask_are_live_inputs(exported):
-    """The stochastic mask and the per-sample noise level are graph inputs, not trace-time constants."""
+    """The stochastic mask and the per-sample noise level are graph inputs, not trace-time constants
+    (for flow_ode, which reads neither, the outputs do not depend on them)."""
     policy, out, manifest = exported
-    if manifest["noise_method"] == "flow_ode":
-        pytest.skip("flow_ode reads neither the mask nor the noise level")
     sampler = OnnxSampler(out)
     obs, initial, steps, stochastic, level = random_inputs(policy, 4, 4)
     o = {k: v.numpy() for k, v in obs.items()}
     a = sampler.run(o, initial.numpy(), steps.numpy(), stochastic.numpy(), level.numpy())
     ode = sampler.run(o, initial.numpy(), steps.numpy(), np.zeros_like(stochastic.numpy()), level.numpy())
+    if manifest["noise_method"] == "flow_ode":
+        b = sampler.run(o, initial.numpy(), steps.numpy(), stochastic.numpy(), 2 * level.numpy())
+        for key in a:
+            np.testing.assert_array_equal(a[key], ode[key], err_msg=key)
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+        assert np.all(a["log_prob"] == 0)
+        return
     assert np.all(ode["log_prob"] == 0) and not np.allclose(a["actions"], ode["actions"])
     with torch.no_grad():
         ref = policy.sample_chains(obs, initial, steps, torch.zeros_like(stochastic), noise_level=level)

@@ -358,3 +358,43 @@ def test_gradient_checkpointing_gives_the_same_update_gradient():
         ev.log_prob.sum().backward()
         grads.append(torch.cat([p.grad.flatten() for p in policy.backbone.expert_parameters() if p.grad is not None]))
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
+
+
+def test_offline_smolvlm2_config_builds_smolvla_at_its_published_size():
+    """The SmolVLM2-500M architecture written out for offline full-size timing: LeRobot's SmolVLA
+    built on it (16 of the 32 text layers, its default) has SmolVLA's published 0.45 B parameters,
+    and the text / vision parts have SmolLM2-360M's and SigLIP-base's shapes."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from lerobot_policy_pi_rl.backbones.smolvlm2_offline import smolvlm2_500m_dir
+
+    d = smolvlm2_500m_dir()
+    assert smolvlm2_500m_dir() == d  # cached by its spec
+    loaded = AutoConfig.from_pretrained(d)
+    assert (loaded.text_config.hidden_size, loaded.text_config.num_hidden_layers, loaded.vision_config.image_size,
+            loaded.scale_factor) == (960, 32, 512, 4)
+    assert len(AutoTokenizer.from_pretrained(d)) <= loaded.text_config.vocab_size
+    feats = {"observation.images.cam0": PolicyFeature(FeatureType.VISUAL, (3, 224, 224)),
+             "observation.state": PolicyFeature(FeatureType.STATE, (8,))}
+    cfg = PiRLConfig(device="cpu", backbone="smolvla", chunk_size=50, n_action_steps=5, input_features=feats,
+                     output_features={"action": PolicyFeature(FeatureType.ACTION, (7,))},
+                     backbone_config={"vlm_model_name": str(d), "load_vlm_weights": False})
+    policy = PiRLPolicy(cfg)
+    vlm = policy.backbone.model.vlm_with_expert
+    total = sum(p.numel() for p in policy.parameters())
+    assert 0.44e9 < total < 0.46e9, total
+    assert len(vlm.get_vlm_model().text_model.layers) == 16 and vlm.lm_expert.config.hidden_size == 720
+
+
+def test_full_size_smolvla_from_the_hub_without_a_network_is_a_clear_error(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from lerobot_policy_pi_rl.scripts import bench
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", ["pirl-bench", "infer", "--out", str(tmp_path), "--backbone", "smolvla",
+                                      "--size", "full", "--backends", "torch_eager"])
+    with pytest.raises(SystemExit) as exc:
+        bench.main()
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and err[-1].startswith("error: ") and "--smolvlm-config offline" in err[-1]

@@ -199,30 +199,30 @@ def finish_reduced_paligemma(paligemma_with_expert, size: ReducedSize) -> None:
 # --- SmolVLA ---------------------------------------------------------------------------------------
 
 
+def write_smolvlm_dir(d: Path, text_config: dict, vision_config: dict, scale_factor: int) -> None:
+    """Write a SmolVLM config with these text / vision configs, the stand-in tokenizer and a processor
+    into ``d``: what LeRobot's SmolVLA reads from ``vlm_model_name`` (``AutoConfig``, ``AutoProcessor``)."""
+    from transformers import SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
+
+    tok = _build_tokenizer()
+    tok.save_pretrained(d)
+    SmolVLMConfig(text_config=dict(text_config, pad_token_id=tok.pad_token_id), vision_config=dict(vision_config),
+                  scale_factor=scale_factor, image_token_id=tok.convert_tokens_to_ids("<image>"),
+                  vocab_size=text_config["vocab_size"]).save_pretrained(d)
+    side = vision_config["image_size"]
+    seq = (side // vision_config["patch_size"]) ** 2 // scale_factor**2  # tokens per image after pixel shuffle
+    image_processor = SmolVLMImageProcessor(do_resize=False, do_image_splitting=False,
+                                            max_image_size={"longest_edge": side})
+    SmolVLMProcessor(image_processor=image_processor, tokenizer=tok, video_processor=SmolVLMVideoProcessor(),
+                     image_seq_len=max(seq, 1)).save_pretrained(d)
+
+
 def smolvlm_dir(size: ReducedSize) -> Path:
     """A local ``vlm_model_name`` for SmolVLA: tiny SmolVLM config, the stand-in tokenizer, a processor."""
-
-    def write(d: Path) -> None:
-        from transformers import SmolVLMConfig, SmolVLMImageProcessor, SmolVLMProcessor, SmolVLMVideoProcessor
-
-        tok = _build_tokenizer()
-        tok.save_pretrained(d)
-        scale = 2  # SmolVLM's pixel-shuffle factor: (image/patch)^2 / scale^2 tokens per image
-        cfg = SmolVLMConfig(
-            text_config={"model_type": "llama", "hidden_size": size.vlm_width, "intermediate_size": 2 * size.vlm_width,
-                         "num_hidden_layers": size.vlm_depth, "num_attention_heads": size.num_heads,
-                         "num_key_value_heads": 1, "head_dim": size.head_dim, "vocab_size": tokenizer_vocab_size(),
-                         "pad_token_id": tok.pad_token_id, "max_position_embeddings": 512},
-            vision_config={"hidden_size": size.vision_width, "intermediate_size": 2 * size.vision_width,
-                           "num_hidden_layers": size.vision_depth, "num_attention_heads": size.vision_heads,
-                           "patch_size": size.patch_size, "image_size": size.image_size},
-            scale_factor=scale, image_token_id=tok.convert_tokens_to_ids("<image>"), vocab_size=tokenizer_vocab_size(),
-        )
-        cfg.save_pretrained(d)
-        seq = (size.image_size // size.patch_size) ** 2 // scale**2
-        image_processor = SmolVLMImageProcessor(do_resize=False, do_image_splitting=False,
-                                                max_image_size={"longest_edge": size.image_size})
-        SmolVLMProcessor(image_processor=image_processor, tokenizer=tok, video_processor=SmolVLMVideoProcessor(),
-                         image_seq_len=max(seq, 1)).save_pretrained(d)
-
-    return _atomic_dir(cache_dir() / f"smolvlm-{size.digest()}", write)
+    text = {"model_type": "llama", "hidden_size": size.vlm_width, "intermediate_size": 2 * size.vlm_width,
+            "num_hidden_layers": size.vlm_depth, "num_attention_heads": size.num_heads, "num_key_value_heads": 1,
+            "head_dim": size.head_dim, "vocab_size": tokenizer_vocab_size(), "max_position_embeddings": 512}
+    vision = {"hidden_size": size.vision_width, "intermediate_size": 2 * size.vision_width,
+              "num_hidden_layers": size.vision_depth, "num_attention_heads": size.vision_heads,
+              "patch_size": size.patch_size, "image_size": size.image_size}
+    return _atomic_dir(cache_dir() / f"smolvlm-{size.digest()}", lambda d: write_smolvlm_dir(d, text, vision, 2))

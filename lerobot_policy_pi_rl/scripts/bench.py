@@ -145,8 +145,11 @@ def _vla_policy(args):
     fields = dict(chunk_size=50, n_action_steps=5, num_denoise_steps=args.num_denoise_steps or 10)
     if full:
         base = {"dtype": "bfloat16" if torch.cuda.is_available() else "float32"}
-        if args.backbone == "smolvla":
-            base = {"load_vlm_weights": False}  # architecture from the hub config; weights random
+        if args.backbone == "smolvla":  # the VLM's architecture from its config (hub or offline copy); weights random
+            from lerobot_policy_pi_rl.backbones.smolvlm2_offline import HUB_ID, smolvlm2_500m_dir
+
+            vlm = HUB_ID if args.smolvlm_config == "hub" else str(smolvlm2_500m_dir())
+            base = {"load_vlm_weights": False, "vlm_model_name": vlm}
     else:
         fields.update(chunk_size=8, n_action_steps=4, num_denoise_steps=args.num_denoise_steps or 4)
         base = {"tokenizer_max_length": 16}
@@ -154,8 +157,19 @@ def _vla_policy(args):
     cfg = PiRLConfig(device="cpu", push_to_hub=False, backbone=args.backbone, backbone_config=base,
                      backbone_reduced=None if full else {}, input_features=feats,
                      output_features={"action": PolicyFeature(FeatureType.ACTION, (7,))}, **fields)
-    policy = PiRLPolicy(cfg).eval()
-    return policy, (f"randomly initialised {args.backbone} ({size} size: {cameras} camera(s) {side}x{side}, state 8, "
+    try:
+        policy = PiRLPolicy(cfg).eval()
+    except OSError as e:  # transformers' "couldn't connect to huggingface.co" for the hub config
+        if full and args.backbone == "smolvla" and args.smolvlm_config == "hub":
+            raise ValueError(f"--backbone smolvla --size full reads {HUB_ID}'s config from the hub, which is out of "
+                             f"reach here ({str(e).splitlines()[0]}); --smolvlm-config offline builds the same "
+                             f"architecture from the copy in backbones/smolvlm2_offline.py") from None
+        raise
+    vlm_source = ""
+    if full and args.backbone == "smolvla":
+        vlm_source = f"SmolVLM2-500M config from {'the hub' if args.smolvlm_config == 'hub' else 'its offline copy'}; "
+    return policy, (f"randomly initialised {args.backbone} ({size} size: {vlm_source}"
+                    f"{cameras} camera(s) {side}x{side}, state 8, "
                     f"action 7 padded to {cfg.model_action_dim}, {cfg.language_length} language tokens, chunk "
                     f"{cfg.chunk_size}, K={cfg.num_denoise_steps}"
                     + ("" if full else "; LeRobot's modeling code at the reduced CPU size of backbones/reduced.py") + ")")
@@ -510,6 +524,9 @@ def main() -> None:
                    help="time a randomly initialised VLA (pi0 / pi05 / smolvla) instead of the default MLP policy")
     p.add_argument("--size", choices=["full", "reduced"], default=None,
                    help="VLA size: full (the released architecture; default with CUDA) or reduced (default on CPU)")
+    p.add_argument("--smolvlm-config", choices=["hub", "offline"], default="hub",
+                   help="full-size SmolVLA: read SmolVLM2-500M's architecture from the hub (LeRobot's path) or "
+                        "from the copy written out in backbones/smolvlm2_offline.py (no network)")
     p.add_argument("--cameras", type=int, default=None, help="VLA cameras (default 3 at full size, 1 reduced)")
     p.add_argument("--num-denoise-steps", type=int, default=None,
                    help="VLA K (default 10 at full size, as the public pi0.5 anchors; 4 reduced)")

@@ -5,11 +5,12 @@ LeRobot's SmolVLA reads its VLM's architecture with ``AutoConfig.from_pretrained
 (default ``HuggingFaceTB/SmolVLM2-500M-Video-Instruct``), even when it loads no VLM weights. Where
 the hub is out of reach (these build machines), ``pirl-bench infer --backbone smolvla --size full
 --smolvlm-config offline`` points ``vlm_model_name`` at the directory written here instead: the same
-widths and depths, random weights, so the timing is of the released architecture.
+widths and depths with random weights, so what is timed is the released architecture as
+reconstructed below.
 
 The values below are SmolVLM2-500M's published architecture (text model: SmolLM2-360M; vision:
-SigLIP base, patch 16, 512 px; pixel shuffle 4), written out from its model card and config rather
-than read from the hub, so they are a reconstruction: ``tests/test_vla_backbones.py`` checks that
+SigLIP base, patch 16, 512 px; pixel shuffle 4), written out by hand because its config.json could
+not be read from here, so they are a reconstruction: ``tests/test_vla_backbones.py`` checks that
 the SmolVLA built on them has SmolVLA's published size (about 0.45 B parameters with LeRobot's
 default 16 of the 32 text layers). The tokenizer is the project's stand-in (``reduced.py``): token
 ids stay inside the 49 280-row embedding, so shapes and cost are the real model's; the words it

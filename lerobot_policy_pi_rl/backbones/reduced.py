@@ -94,7 +94,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("PIRL_CACHE_DIR", Path.home() / ".cache" / "lerobot_policy_pi_rl"))
 
 
-def _atomic_dir(final: Path, write) -> Path:
+def atomic_dir(final: Path, write) -> Path:
     """Create ``final`` by ``write(tmp_dir)`` then one rename; concurrent builders agree."""
     if final.is_dir():
         return final
@@ -136,7 +136,7 @@ def _build_tokenizer():
 def tokenizer_dir() -> Path:
     """A local tokenizer directory ``AutoTokenizer.from_pretrained`` loads (LeRobot's tokenizer step)."""
     version = hashlib.sha256(json.dumps([SPECIAL_TOKENS, WORDS, PUNCTUATION]).encode()).hexdigest()[:12]
-    return _atomic_dir(cache_dir() / f"tokenizer-{version}", lambda d: _build_tokenizer().save_pretrained(d))
+    return atomic_dir(cache_dir() / f"tokenizer-{version}", lambda d: _build_tokenizer().save_pretrained(d))
 
 
 def tokenizer_vocab_size() -> int:
@@ -225,4 +225,4 @@ def smolvlm_dir(size: ReducedSize) -> Path:
     vision = {"hidden_size": size.vision_width, "intermediate_size": 2 * size.vision_width,
               "num_hidden_layers": size.vision_depth, "num_attention_heads": size.vision_heads,
               "patch_size": size.patch_size, "image_size": size.image_size}
-    return _atomic_dir(cache_dir() / f"smolvlm-{size.digest()}", lambda d: write_smolvlm_dir(d, text, vision, 2))
+    return atomic_dir(cache_dir() / f"smolvlm-{size.digest()}", lambda d: write_smolvlm_dir(d, text, vision, 2))

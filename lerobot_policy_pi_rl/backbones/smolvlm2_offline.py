@@ -44,5 +44,5 @@ def smolvlm2_500m_dir() -> Path:
     spec = json.dumps([TEXT, VISION, SCALE_FACTOR, reduced.SPECIAL_TOKENS, reduced.WORDS, reduced.PUNCTUATION],
                       sort_keys=True)
     digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
-    return reduced._atomic_dir(reduced.cache_dir() / f"smolvlm2-500m-offline-{digest}",
+    return reduced.atomic_dir(reduced.cache_dir() / f"smolvlm2-500m-offline-{digest}",
                                lambda d: reduced.write_smolvlm_dir(d, TEXT, VISION, SCALE_FACTOR))

@@ -143,13 +143,15 @@ def _vla_policy(args):
     feats = {f"observation.images.cam{i}": PolicyFeature(FeatureType.VISUAL, (3, side, side)) for i in range(cameras)}
     feats["observation.state"] = PolicyFeature(FeatureType.STATE, (8,))  # a 7-DoF arm + gripper (LIBERO's shapes)
     fields = dict(chunk_size=50, n_action_steps=5, num_denoise_steps=args.num_denoise_steps or 10)
+    vlm_source, vlm_from_hub = "", False  # a full-size SmolVLA's VLM architecture: hub config or offline copy
     if full:
         base = {"dtype": "bfloat16" if torch.cuda.is_available() else "float32"}
-        if args.backbone == "smolvla":  # the VLM's architecture from its config (hub or offline copy); weights random
+        if args.backbone == "smolvla":  # the VLM's architecture from its config; weights random
             from lerobot_policy_pi_rl.backbones.smolvlm2_offline import HUB_ID, smolvlm2_500m_dir
 
-            vlm = HUB_ID if args.smolvlm_config == "hub" else str(smolvlm2_500m_dir())
-            base = {"load_vlm_weights": False, "vlm_model_name": vlm}
+            vlm_from_hub = args.smolvlm_config == "hub"
+            base = {"load_vlm_weights": False, "vlm_model_name": HUB_ID if vlm_from_hub else str(smolvlm2_500m_dir())}
+            vlm_source = f"SmolVLM2-500M config from {'the hub' if vlm_from_hub else 'its offline copy'}; "
     else:
         fields.update(chunk_size=8, n_action_steps=4, num_denoise_steps=args.num_denoise_steps or 4)
         base = {"tokenizer_max_length": 16}
@@ -160,14 +162,11 @@ def _vla_policy(args):
     try:
         policy = PiRLPolicy(cfg).eval()
     except OSError as e:  # transformers' "couldn't connect to huggingface.co" for the hub config
-        if full and args.backbone == "smolvla" and args.smolvlm_config == "hub":
+        if vlm_from_hub:
             raise ValueError(f"--backbone smolvla --size full reads {HUB_ID}'s config from the hub, which is out of "
                              f"reach here ({str(e).splitlines()[0]}); --smolvlm-config offline builds the same "
                              f"architecture from the copy in backbones/smolvlm2_offline.py") from None
         raise
-    vlm_source = ""
-    if full and args.backbone == "smolvla":
-        vlm_source = f"SmolVLM2-500M config from {'the hub' if args.smolvlm_config == 'hub' else 'its offline copy'}; "
     return policy, (f"randomly initialised {args.backbone} ({size} size: {vlm_source}"
                     f"{cameras} camera(s) {side}x{side}, state 8, "
                     f"action 7 padded to {cfg.model_action_dim}, {cfg.language_length} language tokens, chunk "

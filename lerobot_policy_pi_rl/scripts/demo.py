@@ -14,6 +14,10 @@
 4. PI-RL until the learner's deterministic evaluation reaches --target (or --time-limit);
 5. the edges stop, upload what they spooled and report; a table is printed and OUT/demo.json and
    OUT/demo.png are written. Logs of every process are in OUT/logs.
+
+SIGTERM or Ctrl-C stops the edges, then the learner (SIGTERM, then SIGKILL after 10 s; a second
+Ctrl-C does not cut this short) and exits with 128 + the signal number. Were the demo killed
+outright, Linux sends its learner and edges SIGTERM (PR_SET_PDEATHSIG).
 """
 
 from __future__ import annotations
@@ -46,30 +50,107 @@ class ChildFailed(ValueError):
     """A demo process died or hung: reported as one error (with its log tail), not a traceback."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT reached the demo (raised once, by ``Signals``)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+
+class Signals:
+    """SIGTERM and SIGINT raise ``Interrupted`` in the main thread, once: a later signal (a second
+    Ctrl-C while the learner and edges are being stopped) is noted and ignored, so the cleanup
+    completes. While ``held`` (the cleanup of a run that was not interrupted), the first one is noted
+    too and raised by ``raise_if_received`` afterwards. The previous handlers come back on exit."""
+
+    def __init__(self):
+        self.received: int | None = None
+        self.held = False
+        self._previous: dict = {}
+
+    def __enter__(self) -> "Signals":
+        for sig in STOP_SIGNALS:
+            self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received is None:
+            self.received = signum
+            if not self.held:
+                raise Interrupted(signum)
+        else:  # os.write: print() may be in the middle of writing the same stream
+            os.write(2, b"pirl-demo: still stopping the learner and edges, please wait\n")
+
+    def hold(self) -> None:
+        self.held = True
+
+    def raise_if_received(self) -> None:
+        if self.received is not None:
+            raise Interrupted(self.received)
+
+
+def _prctl():
+    """libc's prctl where there is one (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+
+PR_SET_PDEATHSIG = 1
+
+
 def _bin(name: str) -> str:
     path = Path(sys.executable).parent / name
     return str(path) if path.exists() else name
 
 
 class Procs:
-    """Child processes that are always stopped, whatever happens to the demo."""
+    """Child processes that are always stopped, whatever happens to the demo: by ``stop_all`` (also on
+    SIGTERM / SIGINT, see ``Signals``), and on Linux by the kernel (SIGTERM to each, PR_SET_PDEATHSIG)
+    when the demo itself dies without cleaning up (SIGKILL, out of memory)."""
 
     def __init__(self, logs: Path):
         self.logs, self.procs = logs, {}
+        self._prctl = _prctl()
 
     def start(self, name: str, cmd: list[str], nice: int = 0, cpus: set[int] | None = None) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "w")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+        parent, prctl = os.getpid(), self._prctl
 
-        def place():
+        def place():  # in the child, before exec
+            if prctl is not None and prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0 \
+                    and os.getppid() != parent:
+                os._exit(1)  # the demo died before the request took effect
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             if nice:
                 os.nice(nice)
             if cpus:
                 os.sched_setaffinity(0, cpus)
 
-        p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                             preexec_fn=place)
-        self.procs[name] = p
+        # a stop signal waits until the child is registered here (so that it is stopped too); the
+        # child unblocks them in place(). Children get a session of their own: a terminal's Ctrl-C
+        # reaches the demo only, which stops them in order.
+        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
+        try:
+            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+                                 preexec_fn=place)
+            self.procs[name] = p
+        finally:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
         return p
 
     def stop(self, name: str, timeout: float = 60.0) -> int | None:
@@ -83,9 +164,21 @@ class Procs:
             p.kill()
             return p.wait()
 
-    def stop_all(self) -> None:
-        for name in list(self.procs):
-            self.stop(name, timeout=10)
+    def stop_all(self, order: tuple[tuple[str, ...], ...] = (), timeout: float = 10.0) -> None:
+        """Stop every child still running: the groups in ``order`` one after the other, then the rest;
+        within a group, SIGTERM to each, then a wait of up to ``timeout`` seconds, then SIGKILL."""
+        rest = tuple(n for n in self.procs if not any(n in group for group in order))
+        for group in (*order, rest):
+            running = [self.procs[n] for n in group if n in self.procs and self.procs[n].poll() is None]
+            for p in running:
+                p.send_signal(signal.SIGTERM)
+            deadline = time.monotonic() + timeout
+            for p in running:
+                try:
+                    p.wait(max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    p.kill()
+                    p.wait()
 
     def check_alive(self, name: str) -> None:
         p = self.procs[name]
@@ -108,7 +201,13 @@ def _pct(xs, q):
     return float(np.percentile(xs, q)) if len(xs) else float("nan")
 
 
-def _run(args) -> int:
+def _cleanup(procs: Procs, signals: Signals) -> None:
+    signals.hold()
+    # the edges first (they upload what they spooled while the learner still runs), then the learner
+    procs.stop_all(order=(ROBOTS, ("learner",)), timeout=10)
+
+
+def _run(args, signals: Signals) -> int:
     from pirl.security import make_dev_pki
 
     started = time.monotonic()
@@ -116,6 +215,7 @@ def _run(args) -> int:
     print("== 1/4 few-shot SFT", flush=True)
     ckpt = sft_checkpoint(out / "sft", seed=args.seed, num_demos=args.num_demos, steps=args.sft_steps, noise_std=0.1,
                           policy_overrides=builtin_policy_overrides(args.backbone))
+    signals.raise_if_received()  # in case the training loop swallowed the KeyboardInterrupt
 
     print("== 2/4 certificates and tokens", flush=True)
     for sub in ("certs", "learner", "edges", "logs"):
@@ -180,7 +280,11 @@ def _run(args) -> int:
         procs.stop("learner", timeout=60)  # it writes its final status (counts after the drain) on exit
         status = json.loads(status_path.read_text())
     finally:
-        procs.stop_all()
+        try:
+            _cleanup(procs, signals)
+        except Interrupted:  # the one signal that raises arrived before hold(): clean up, held now
+            _cleanup(procs, signals)
+    signals.raise_if_received()
 
     edges = {r: json.loads((out / f"edges/{r}/stats.json").read_text()) for r in ROBOTS}
     counts = status.get("counts", {})
@@ -269,7 +373,19 @@ def main() -> None:
     args = p.parse_args()
     if not 0.0 < args.target <= 1.0:
         p.error("--target must be in (0, 1]")
-    run_cli(lambda: _run(args))
+    run_cli(lambda: _run_interruptible(args))
+
+
+def _run_interruptible(args) -> int:
+    """SIGTERM / SIGINT: the learner and edges are stopped as at the end of a run (SIGTERM, wait, then
+    SIGKILL), then one line and the exit status 128 + the signal number."""
+    with Signals() as signals:
+        try:
+            return _run(args, signals)
+        except Interrupted as e:
+            print(f"pirl-demo: interrupted by {signal.Signals(e.signum).name}; stopped the learner and edges it had "
+                  f"started (logs in {Path(args.out) / 'logs'})", file=sys.stderr, flush=True)
+            return 128 + e.signum
 
 
 if __name__ == "__main__":

@@ -72,6 +72,7 @@ def run(args) -> int:
     import torch
     from prometheus_client import start_http_server
 
+    from edge import metrics
     from edge.control import LoopStats, PacedLoop, RecordWriter, UnpacedLoop
     from edge.inference import InferenceWorker
     from edge.link import Heartbeat, LearnerAddress, Subscriber, SyncClock, Uploader
@@ -102,7 +103,10 @@ def run(args) -> int:
     env = make_vec_env(args.env, num_envs, autoreset=False, **env_kwargs)
     spool_dir = Path(args.spool_dir or f"outputs/edge/{args.robot_id}/spool")
     fsync = (args.spool_fsync or ("on" if args.mode == "paced" else "off")) == "on"
-    spool = Spool(spool_dir, max_records=args.spool_max_records, fsync=fsync)
+    # quarantining happens mostly here, at open after a crash: count it, and export both metrics at once
+    spool = Spool(spool_dir, max_records=args.spool_max_records, fsync=fsync,
+                  on_quarantine=metrics.spool_quarantine_hook(args.robot_id))
+    metrics.update_spool_quarantine(args.robot_id, spool)
     pending = spool.stats()["records"]
     if pending:
         logging.info("spool %s holds %d unacked records from an earlier run: they will be uploaded", spool_dir, pending)

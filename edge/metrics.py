@@ -1,6 +1,13 @@
 """Edge Prometheus metrics (prefix pirl_edge_, base units, label robot_id / backend only)."""
 
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+
 from prometheus_client import Counter, Gauge, Histogram
+
+from edge.spool import QUARANTINE_DIR
 
 TICKS = Counter("pirl_edge_ticks_total", "Control ticks", ["robot_id"])
 DEADLINE_MISSES = Counter("pirl_edge_tick_deadline_misses_total", "Ticks that started late or had no action ready", ["robot_id"])
@@ -20,6 +27,14 @@ SYNC_LATENCY = Histogram(
 SPOOL_RECORDS = Gauge("pirl_edge_spool_records", "Rollout records waiting in the spool", ["robot_id"])
 SPOOL_BYTES = Gauge("pirl_edge_spool_bytes", "Bytes waiting in the spool", ["robot_id"])
 SPOOL_OLDEST_AGE = Gauge("pirl_edge_spool_oldest_record_age_seconds", "Age of the oldest unacked record", ["robot_id"])
+# A gauge of what sits in quarantine/ (never deleted automatically, so it survives restarts: most
+# quarantining happens when the spool is opened after a crash, where a counter born at N shows no
+# increase()), and a counter of what this process moved there.
+SPOOL_QUARANTINE_FILES = Gauge("pirl_edge_spool_quarantine_files",
+                               "Files in the spool's quarantine/ directory: records lost to corruption (torn or "
+                               "corrupted files, never uploaded), kept until someone removes them", ["robot_id"])
+SPOOL_QUARANTINED = Counter("pirl_edge_spool_quarantined_total",
+                            "Spool files this process moved to quarantine/ (at open or when read)", ["robot_id"])
 RECORDS_SENT = Counter("pirl_edge_records_sent_total", "Records sent to the learner (resends included)", ["robot_id"])
 RECORDS_ACKED = Counter("pirl_edge_records_acked_total", "Records acked by the learner", ["robot_id"])
 RECORDS_REFUSED = Counter("pirl_edge_records_refused_total", "Records not kept, by reason", ["robot_id", "reason"])
@@ -62,3 +77,40 @@ def record_prepare(robot_id: str, backend: str, entry: dict) -> None:
     failed_refits = sum(1 for f in entry.get("failed", []) if f.startswith(("refit:", "cache_refit:")))
     if failed_refits:
         TRT_REFIT_FAILURES.labels(robot_id).inc(failed_refits)
+
+
+def spool_quarantine_hook(robot_id: str) -> Callable[[Path], None]:
+    """``Spool(on_quarantine=...)``: counts every file the spool moves to quarantine/ in
+    pirl_edge_spool_quarantined_total (exported at 0 from now on)."""
+    counter = SPOOL_QUARANTINED.labels(robot_id)
+    return lambda _dest: counter.inc()
+
+
+QUARANTINE_RECOUNT_S = 5.0
+_quarantine_counts: dict[str, tuple[float, int, int]] = {}  # dir -> (monotonic time, spool's count, files)
+
+
+def update_spool_quarantine(robot_id: str, spool, stats: dict | None = None) -> None:
+    """Set pirl_edge_spool_quarantine_files to the number of files in the spool's quarantine/.
+
+    The directory is counted (cheap, it is small) whenever the spool's own count (``stats()
+    ["quarantined"]``: found at open + moved since) changed, and at least every
+    ``QUARANTINE_RECOUNT_S`` seconds otherwise, so files an operator removed after inspecting them
+    clear the gauge (and the alert) without restarting the edge; callers may run this every few ms.
+    """
+    seen = (stats if stats is not None else spool.stats())["quarantined"]
+    qdir = Path(spool.directory) / QUARANTINE_DIR
+    key, now = str(qdir), time.monotonic()
+    last = _quarantine_counts.get(key)
+    if last is not None and last[1] == seen and now - last[0] < QUARANTINE_RECOUNT_S:
+        files = last[2]
+    else:
+        try:
+            with os.scandir(qdir) as it:
+                files = sum(1 for _ in it)
+        except FileNotFoundError:
+            files = 0
+        except OSError:
+            files = seen  # unreadable: what the spool knows
+        _quarantine_counts[key] = (now, seen, files)
+    SPOOL_QUARANTINE_FILES.labels(robot_id).set(files)

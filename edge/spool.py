@@ -177,11 +177,14 @@ class Spool:
     (``HEADER_SIZE`` + payload). ``fsync=False`` skips the fsyncs (tests and benchmarks only: the
     spool then still survives a killed process, but not a power loss). ``verify_on_open=False``
     checks only headers and file sizes on open (a faster open of a big spool); payload checksums are
-    then checked when records are read.
+    then checked when records are read. ``on_quarantine(destination)`` is called after each file
+    this object moves to ``quarantine/`` (during the open too; e.g. a metric), from the thread that
+    found it; an exception it raises is logged and ignored.
     """
 
     def __init__(self, directory: str | os.PathLike, *, max_records: int = 100_000, max_bytes: int = 1 << 30,
-                 fsync: bool = True, verify_on_open: bool = True):
+                 fsync: bool = True, verify_on_open: bool = True,
+                 on_quarantine: Callable[[Path], None] | None = None):
         if max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
         if max_bytes < HEADER_SIZE + 1:
@@ -191,6 +194,7 @@ class Spool:
         self.max_bytes = int(max_bytes)
         self._fsync = bool(fsync)
         self._qdir = self.directory / QUARANTINE_DIR
+        self._on_quarantine = on_quarantine
 
         self._lock = threading.Lock()          # the index below
         self._append_lock = threading.Lock()   # serialises appends
@@ -378,6 +382,11 @@ class Spool:
         with self._lock:
             self._quarantined += 1
         log.warning("spool %s: quarantined %s -> %s: %s", self.directory, path.name, dest, reason)
+        if self._on_quarantine is not None:
+            try:
+                self._on_quarantine(dest)
+            except Exception:
+                log.exception("spool %s: on_quarantine hook failed", self.directory)
         return True
 
     def _refuse(self, record_bytes: int | None) -> SpoolFullError:

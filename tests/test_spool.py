@@ -188,6 +188,32 @@ def test_corruption_found_at_read_time_is_quarantined(tmp_path):
         assert sp.ack(1) is False
 
 
+def test_on_quarantine_hook_sees_every_move_and_cannot_break_the_spool(tmp_path, caplog):
+    with Spool(tmp_path, fsync=False) as sp:
+        for _ in range(4):
+            sp.allocate_and_append(payload_for)
+    files = record_files(tmp_path)
+    (tmp_path / files[0]).write_bytes(b"torn")  # found at open
+    moved: list[Path] = []
+    with Spool(tmp_path, fsync=False, on_quarantine=moved.append) as sp:
+        assert moved == [tmp_path / "quarantine" / files[0]]
+        p = tmp_path / files[2]
+        data = bytearray(p.read_bytes()); data[-1] ^= 0xFF; p.write_bytes(bytes(data))
+        assert [s for s, _ in sp.pending()] == [1, 3]  # found at read
+        assert moved == [tmp_path / "quarantine" / files[0], tmp_path / "quarantine" / files[2]]
+    # files already in quarantine/ at open are not moves; a failing hook is logged, the open succeeds
+    (tmp_path / files[3]).write_bytes(b"torn too")
+
+    def failing(dest):
+        raise RuntimeError("metrics down")
+
+    with caplog.at_level(logging.ERROR, logger="edge.spool"):
+        with Spool(tmp_path, fsync=False, on_quarantine=failing) as sp:
+            assert [s for s, _ in sp.pending()] == [1]
+            assert sp.stats()["quarantined"] == 3
+    assert any("on_quarantine hook failed" in r.getMessage() for r in caplog.records)
+
+
 def test_temp_leftovers_removed_on_open(tmp_path):
     with Spool(tmp_path, fsync=False) as sp:
         sp.allocate_and_append(payload_for)

@@ -127,11 +127,17 @@ def fleet() -> dict:
         row("Spool and upload"),
         panel("Spooled records", [(f"max by (robot_id) (pirl_edge_spool_records{sel})", "{{robot_id}}"),
                                   ("fleet:pirl_edge_spool_records:sum", "fleet")],
-              unit="none", w=8, description="Unacked rollout records on each robot's disk."),
+              unit="none", w=6, description="Unacked rollout records on each robot's disk."),
         panel("Oldest unacked record", [(f"max by (robot_id) (pirl_edge_spool_oldest_record_age_seconds{sel})",
                                          "{{robot_id}}")],
-              unit="s", w=8, thresholds=[(None, "green"), (900, "red")]),
-        panel("Spool size", [(f"max by (robot_id) (pirl_edge_spool_bytes{sel})", "{{robot_id}}")], unit="bytes", w=8),
+              unit="s", w=6, thresholds=[(None, "green"), (900, "red")]),
+        panel("Spool size", [(f"max by (robot_id) (pirl_edge_spool_bytes{sel})", "{{robot_id}}")], unit="bytes", w=6),
+        panel("Quarantined spool files", [
+            (f"max by (robot_id) (pirl_edge_spool_quarantine_files{sel})", "{{robot_id}} in quarantine/"),
+            (f"sum by (robot_id) (increase(pirl_edge_spool_quarantined_total{sel}[1h]))", "{{robot_id}} moved (1 h)"),
+        ], unit="none", w=6, minimum=0, thresholds=[(None, "green"), (1, "red")],
+            description="Records lost to corruption (torn or corrupted files), kept in <spool-dir>/quarantine/ "
+                        "until removed; alert PirlEdgeSpoolQuarantine while any are there."),
         panel("Records sent / acked per second", [
             (f"sum by (robot_id) (rate(pirl_edge_records_sent_total{sel}[$__rate_interval]))", "{{robot_id}} sent"),
             (f"sum by (robot_id) (rate(pirl_edge_records_acked_total{sel}[$__rate_interval]))", "{{robot_id}} acked"),

@@ -19,16 +19,16 @@ from safetensors.torch import load as load_safetensors
 
 from edge import metrics
 from edge.spool import Spool
+from pirl.logs import RateLimitedLog
+from pirl.refusals import judged_record
 from pirl.security import auth_metadata, channel_credentials
 from pirl.v1 import pirl_pb2
 
 log = logging.getLogger(__name__)
 SERVICE = "/pirl.v1.Learner/"
-# Refusals that resending cannot fix: the record is dropped from the spool and counted.
-FINAL_REFUSALS = {
-    grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.FAILED_PRECONDITION,
-    grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.RESOURCE_EXHAUSTED,
-}
+# HTTP/2 keepalive pings: a learner that vanished without closing the connection (power cut, network
+# partition) is noticed within ~30 s instead of never; the learner accepts pings at this period
+KEEPALIVE_OPTIONS = [("grpc.keepalive_time_ms", 20_000), ("grpc.keepalive_timeout_ms", 10_000)]
 
 
 @dataclass
@@ -41,7 +41,7 @@ class LearnerAddress:
     client_key: str | None = None
 
     def channel(self) -> grpc.Channel:
-        options = [("grpc.max_receive_message_length", 256 * 1024 * 1024)]
+        options = [("grpc.max_receive_message_length", 256 * 1024 * 1024), *KEEPALIVE_OPTIONS]
         if self.ca:
             creds = channel_credentials(self.ca, self.client_cert, self.client_key)
             return grpc.secure_channel(self.address, creds, options=options)
@@ -82,6 +82,7 @@ def update_link_metrics(robot_id: str, spool: Spool, clock: SyncClock) -> None:
     metrics.SPOOL_RECORDS.labels(robot_id).set(s["records"])
     metrics.SPOOL_BYTES.labels(robot_id).set(s["bytes"])
     metrics.SPOOL_OLDEST_AGE.labels(robot_id).set(s["oldest_age_s"])
+    metrics.update_spool_quarantine(robot_id, spool, s)  # files in quarantine/: records lost to corruption
     clock.update_metric()
 
 
@@ -105,6 +106,10 @@ class Backoff:
     def failed(self, e: grpc.RpcError, stop: threading.Event):
         if not self.failing:
             log.warning("%s: %s %s; retrying every <= %.0fs", self.what, e.code().name, e.details(), self.cap)
+        self.retry(stop)
+
+    def retry(self, stop: threading.Event):
+        """Wait before the next attempt, for a failure the caller has already said."""
         self.failing = True
         self.wait(stop)
 
@@ -134,7 +139,9 @@ class _Background:
 
 
 class Uploader(_Background):
-    """Streams spooled records to the learner; deletes each one when the learner acks it."""
+    """Streams spooled records to the learner; deletes each one when the learner acks it, or when the
+    learner marks its refusal as a judgement of that record (pirl.refusals). Every other error (the
+    learner busy or restarting, a limit, the network) keeps the record for the next attempt."""
 
     thread_name = "pirl-uploader"
 
@@ -149,6 +156,8 @@ class Uploader(_Background):
         self.duplicates = 0
         self.refused = collections.Counter()
         self._sent_once: set[int] = set()
+        self._backoff = Backoff(f"rollout upload to {link.address}")
+        self._say = RateLimitedLog(log, period=10.0)  # per-record and per-retry lines, bounded in rate
 
     def _register(self, channel) -> pirl_pb2.RegisterResponse:
         req = pirl_pb2.RegisterRequest(robot_id=self.link.robot_id, edge_version=self.edge_version, backend=self.backend,
@@ -164,20 +173,35 @@ class Uploader(_Background):
         return resp
 
     def _run(self):
-        backoff = Backoff(f"rollout upload to {self.link.address}")
         while not self.stop_event.is_set():
+            stage = "registering with the learner"
             try:
                 with self.link.channel() as channel:
                     self._register(channel)  # records the learner's version and lag on the clock
                     self.clock.touch()
-                    backoff.reset()
+                    stage = "streaming records"
                     self._stream(channel)
             except grpc.RpcError as e:
-                if e.code() == grpc.StatusCode.UNAUTHENTICATED:
-                    log.error("learner refused our token: %s", e.details())
-                elif e.code() != grpc.StatusCode.UNAVAILABLE:
-                    log.warning("rollout stream ended: %s %s", e.code().name, e.details())
-                backoff.failed(e, self.stop_event)
+                if self.stop_event.is_set():
+                    return
+                if e.code() == grpc.StatusCode.UNAVAILABLE:  # learner down or unreachable: said once an outage
+                    self._backoff.failed(e, self.stop_event)
+                else:
+                    self._say_what_ended(stage, e)
+                    self._backoff.retry(self.stop_event)
+
+    def _say_what_ended(self, stage: str, e: grpc.RpcError) -> None:
+        """One line (rate-limited per status) saying what ended ``stage``. Only a judged record left the
+        spool (said by _drop_judged); in every other case the records stay."""
+        code, details = e.code(), e.details()
+        if code == grpc.StatusCode.UNAUTHENTICATED:  # a configuration error, not an outage
+            self._say.error(("upload", code), "the learner refused our token while %s: %s", stage, details)
+        elif judged_record(e) is None:
+            cause = {grpc.StatusCode.RESOURCE_EXHAUSTED: "the learner is at a limit",
+                     grpc.StatusCode.OUT_OF_RANGE: "the learner asks us to register again",
+                     grpc.StatusCode.CANCELLED: "the learner closed the call"}.get(code, code.name)
+            self._say.warning(("upload", code), "%s while %s (%s); records stay in the spool, retrying",
+                              cause, stage, details)
 
     def _stream(self, channel):
         in_flight: collections.deque[int] = collections.deque()
@@ -227,19 +251,35 @@ class Uploader(_Background):
                     self.duplicates += 1
                 metrics.RECORDS_ACKED.labels(self.link.robot_id).inc()
                 self.clock.touch()
+                self._backoff.reset()  # progress, not a mere Register, ends an outage's backoff
             if self.stop_event.is_set():
                 return
         except grpc.RpcError as e:
-            if e.code() in FINAL_REFUSALS and in_flight:
-                seq = in_flight[0]  # the learner processes a stream in order: the first unacked one
-                self.spool.ack(seq)
-                self.refused[e.code().name] += 1
-                metrics.RECORDS_REFUSED.labels(self.link.robot_id, e.code().name.lower()).inc()
-                log.error("learner refused record %d (%s): %s; dropped from the spool", seq, e.code().name, e.details())
+            judged = judged_record(e)
+            if judged is not None:
+                self._drop_judged(*judged, in_flight, e.details())
             raise
         finally:
             done.set()
             call.cancel()
+
+    def _drop_judged(self, reason: str, sequence: int | None, in_flight, details: str) -> None:
+        """Delete the record the learner judged: the oldest unacked one on this stream (the learner reads
+        a stream in order and acks each record before reading the next), cross-checked against the
+        sequence the learner names when it could read one. On any doubt the record is kept."""
+        if not in_flight:
+            log.error("the learner refused a record (%s) but none was in flight: nothing dropped", reason)
+            return
+        head = in_flight[0]
+        if sequence is not None and sequence != head:
+            log.error("the learner refused record %d (%s) but %d is the oldest unacked one: nothing dropped",
+                      sequence, reason, head)
+            return
+        self.spool.ack(head)
+        self.refused[reason] += 1
+        metrics.RECORDS_REFUSED.labels(self.link.robot_id, reason).inc()
+        self._say.error(("refused", reason), "the learner refused record %d (%s): %s; dropped from the spool",
+                        head, reason, details)
 
     def _stale(self, seq: int, payload: bytes) -> bool:
         """A record the learner would refuse for version lag is dropped here (counted, logged)."""
@@ -252,8 +292,8 @@ class Uploader(_Background):
         self.spool.ack(seq)
         self.refused["stale_version"] += 1
         metrics.RECORDS_REFUSED.labels(self.link.robot_id, "stale_version").inc()
-        log.warning("record %d (policy version %d) is older than the learner accepts (version %d, lag %d): dropped",
-                    seq, version, self.clock.learner_version, lag)
+        self._say.warning("stale", "record %d (policy version %d) is older than the learner accepts (version %d, "
+                          "lag %d): dropped", seq, version, self.clock.learner_version, lag)
         return True
 
     def _update_spool_metrics(self):

@@ -31,12 +31,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", help="server private key (PEM)")
     p.add_argument("--tls-client-ca", help="require client certificates signed by this CA (mutual TLS)")
     p.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
-    p.add_argument("--resume", action="store_true", help="continue from OUTPUT_DIR/checkpoints/last")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from the newest intact checkpoint in OUTPUT_DIR/checkpoints (each is checked against "
+                        "its manifest of sha256 hashes; refused ones are logged, counted and set aside)")
     p.add_argument("--noise-method", choices=["flow_sde", "flow_noise"], help="override the policy's sampler")
     p.add_argument("--episodes-per-update", type=int, default=64)
     p.add_argument("--max-updates", type=int, default=0, help="stop updating after this many (0: never)")
     p.add_argument("--max-version-lag", type=int, default=1, help="accept records this many versions old")
     p.add_argument("--max-record-bytes", type=int, default=4 << 20)
+    p.add_argument("--max-sequence-ahead", type=int, default=1 << 16,
+                   help="refuse a record whose sequence is this far or more above the robot's lowest unacked one "
+                        "(bounds what the learner remembers per robot; the edge keeps such records and registers again)")
+    p.add_argument("--max-streams-per-robot", type=int, default=2,
+                   help="open calls of each streaming RPC (rollouts, policy subscription) one robot may hold; one more "
+                        "is refused, so no robot can take the call slots of the others")
+    p.add_argument("--stream-idle-timeout", type=float, default=120.0,
+                   help="close a rollout stream that carried no record for this many seconds (0: never)")
+    p.add_argument("--max-concurrent-calls", type=int, default=0,
+                   help="calls the server admits at once (0: sized for the fleet in --tokens: every robot's streams "
+                        "at --max-streams-per-robot, plus 8 for Register / Heartbeat / health)")
     p.add_argument("--wal-fsync", action="store_true",
                    help="fsync every accepted record before acking it (power-loss safe, slower)")
     p.add_argument("--algorithm-config", help="JSON of PiRLAlgorithmConfig fields (default: the built-in task preset)")
@@ -83,7 +96,9 @@ def serve(args) -> int:
     import torch
     from prometheus_client import start_http_server
 
+    from learner.checkpoints import CheckpointPicker, numbered
     from learner.service import LearnerService, Publisher, build_health_server, build_server
+    from learner.streams import StreamLimits
     from learner.store import PolicyShapes, RolloutStore
     from learner.trainer import Trainer, TrainerSettings, make_evaluator
     from learner.wal import RecordLog
@@ -94,14 +109,14 @@ def serve(args) -> int:
     logging.getLogger().setLevel(logging.INFO)
     torch.manual_seed(args.seed)
     out = Path(args.output_dir)
-    last = out / "checkpoints" / "last"
-    if (last / "learner_state.json").is_file() and not args.resume:
+    found = numbered(out / "checkpoints")
+    if found and not args.resume:
         raise FileExistsError(f"{out} already holds checkpoints: pass --resume to continue, or use a new --output-dir")
-    if args.resume and (last / "pretrained_model").is_dir():
-        policy_path = last / "pretrained_model"
-    elif args.policy_path:
-        policy_path = Path(args.policy_path)
-    else:
+    # --resume: every numbered checkpoint, newest first, is checked against its manifest before it is
+    # loaded (not only what `last` points to); refused ones are logged and counted, an older one is used
+    picker = CheckpointPicker(out / "checkpoints") if args.resume and found else None
+    policy_path = None if picker is not None else Path(args.policy_path) if args.policy_path else None
+    if picker is None and policy_path is None:
         raise ValueError("--policy-path is required (no checkpoint to resume from in --output-dir)")
     tls = bool(args.tls_cert or args.tls_key)
     if tls and not (args.tls_cert and args.tls_key):
@@ -121,11 +136,15 @@ def serve(args) -> int:
     creds = server_credentials(args.tls_cert, args.tls_key, args.tls_client_ca) if tls else None
 
     overrides = {"noise_method": args.noise_method} if args.noise_method else {}
-    policy, pre, post = load_policy(policy_path, device=args.device, **overrides)
+    if picker is not None:  # the policy of the newest checkpoint that verifies and loads
+        policy, pre, post = picker.load(lambda ckpt: load_policy(ckpt / "pretrained_model", device=args.device,
+                                                                 **overrides))
+    else:
+        policy, pre, post = load_policy(policy_path, device=args.device, **overrides)
     algo = PiRLAlgorithm(policy, _algorithm_config(args))
     wal = RecordLog(out / "wal", fsync=args.wal_fsync)
     store = RolloutStore(PolicyShapes.from_policy(policy), max_version_lag=args.max_version_lag,
-                         max_record_bytes=args.max_record_bytes, wal=wal)
+                         max_record_bytes=args.max_record_bytes, wal=wal, max_sequence_ahead=args.max_sequence_ahead)
     publisher = Publisher()
     evaluator = make_evaluator(pre, post, args.eval_episodes, policy_config=policy.config) if args.eval_every else None
     out.mkdir(parents=True, exist_ok=True)
@@ -134,14 +153,19 @@ def serve(args) -> int:
         eval_episodes=args.eval_episodes, target_success=args.target_success, export_onnx=not args.no_export_onnx,
         export_tensorrt=args.export_tensorrt, tensorrt=trt_settings,
     ), pre, post, evaluator)
-    if args.resume and not trainer.resume():
+    if picker is not None:
+        trainer.resume(picker)  # the state of the same checkpoint (or an older one if that one does not load)
+    elif args.resume:
         logging.info("--resume: no checkpoint in %s yet, starting from %s", out, policy_path)
 
+    limits = StreamLimits(per_robot=args.max_streams_per_robot, idle_timeout_s=args.stream_idle_timeout)
     service = LearnerService(store, publisher, TokenAuthenticator(tokens), max_record_bytes=args.max_record_bytes,
-                             contacts_path=out / "robots_last_seen.json")
+                             contacts_path=out / "robots_last_seen.json", limits=limits)
     server, port, health_servicer = build_server(service, args.address, credentials=creds,
                                                  max_message_bytes=2 * args.max_record_bytes,
-                                                 workers=2 * len(tokens) + 8)
+                                                 workers=args.max_concurrent_calls or None)
+    logging.info("call slots: %d (%d robots, %d streams of each kind per robot)",
+                 args.max_concurrent_calls or limits.call_slots(len(tokens)), len(tokens), limits.per_robot)
     health_server = build_health_server(health_servicer, args.health_address)[0] if args.health_address else None
     if args.metrics_port:
         start_http_server(args.metrics_port, addr=args.metrics_address)
@@ -173,9 +197,13 @@ def serve(args) -> int:
 
 def main() -> None:
     args = build_parser().parse_args()
-    for name in ("episodes_per_update", "eval_episodes"):
+    for name in ("episodes_per_update", "eval_episodes", "max_sequence_ahead", "max_streams_per_robot",
+                 "max_record_bytes"):
         if getattr(args, name) < 1:
             build_parser().error(f"--{name.replace('_', '-')} must be >= 1")
+    for name in ("stream_idle_timeout", "max_concurrent_calls", "max_version_lag"):
+        if getattr(args, name) < 0:
+            build_parser().error(f"--{name.replace('_', '-')} must be >= 0")
     run_cli(lambda: serve(args))
 
 

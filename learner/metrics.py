@@ -2,17 +2,27 @@
 
 from prometheus_client import Counter, Gauge, Histogram
 
+from pirl import refusals
+
 LEARNER_ACCEPTED = Counter("pirl_learner_rollouts_accepted_total", "Rollout records accepted", ["robot_id"])
 LEARNER_REJECTED = Counter("pirl_learner_rollouts_rejected_total", "Rollout records rejected, by reason", ["reason"])
 # every reason the service and the store reject with; exported at 0 from the start so that rate() and
 # increase() see the first rejection (a series born at 1 has no increase) and alerts can rely on it
-REJECT_REASONS = ("malformed", "oversized", "invalid", "robot_mismatch", "future_version", "stale_version")
+REJECT_REASONS = refusals.REASONS
 LEARNER_DUPLICATES = Counter("pirl_learner_rollouts_duplicate_total", "Resent records acked again as duplicates")
 # set whenever a robot registers, heartbeats, subscribes or streams a record: a stopped edge's own
 # /metrics disappears with it, so "sync stale" for a robot that is down is seen from here
 LEARNER_ROBOT_LAST_SEEN = Gauge("pirl_learner_robot_last_seen_timestamp_seconds",
                                 "Unix time of the last authenticated call or record from this robot", ["robot_id"])
 LEARNER_CONNECTED = Gauge("pirl_learner_connected_robots", "Robots with an open rollout stream")
+# per-robot stream limits (learner/streams.py): a robot over its limit is refused, the others are not
+LEARNER_STREAMS_OPEN = Gauge("pirl_learner_streams_open", "Open long-lived calls, by RPC", ["rpc"])
+LEARNER_STREAMS_REFUSED = Counter("pirl_learner_streams_refused_total",
+                                  "Streaming calls refused because the robot already held its per-robot limit",
+                                  ["robot_id", "rpc"])
+LEARNER_STREAMS_IDLE_CLOSED = Counter("pirl_learner_streams_idle_closed_total",
+                                      "Rollout streams closed by the learner after carrying no record for the idle timeout",
+                                      ["rpc"])
 LEARNER_VERSION = Gauge("pirl_learner_policy_version", "Current policy version")
 LEARNER_UPDATE_SECONDS = Histogram(
     "pirl_learner_update_duration_seconds", "Wall time of one PI-RL update",
@@ -33,3 +43,10 @@ PPO_POLICY_LOSS = Gauge("pirl_learner_policy_loss", "Clipped surrogate loss of t
 ROLLOUT_SUCCESS = Gauge("pirl_learner_rollout_success_ratio", "Success rate of the episodes in the last batch")
 EPISODE_RETURN = Gauge("pirl_learner_episode_return", "Mean episode return of the last batch")
 EVAL_SUCCESS = Gauge("pirl_learner_eval_success_ratio", "Deterministic-evaluation success of the current version")
+LEARNER_CHECKPOINTS_REFUSED = Counter(
+    "pirl_learner_checkpoints_refused_total",
+    "Checkpoints refused at --resume (damaged or unloadable; an older one is tried), by reason", ["reason"],
+)
+# every reason learner/checkpoints.py refuses with; exported at 0 from the start like REJECT_REASONS
+CHECKPOINT_REFUSE_REASONS = ("missing_manifest", "bad_manifest", "missing_file", "unexpected_file", "hash_mismatch",
+                             "load_error")

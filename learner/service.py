@@ -15,16 +15,20 @@ from pathlib import Path
 
 import grpc
 from google.protobuf.message import DecodeError
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2
 
 from learner import metrics
 from learner.contacts import RobotContacts
 from learner.store import RecordError, RolloutStore
+from learner.streams import StreamLimits, StreamRegistry, server_keepalive_options
+from pirl.logs import RateLimitedLog, bounded
+from pirl.refusals import refusal_metadata
 from pirl.security import TokenAuthenticator
 from pirl.v1 import pirl_pb2
 
 log = logging.getLogger(__name__)
 SERVICE = "pirl.v1.Learner"
+HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
 class Publisher:
@@ -65,9 +69,12 @@ class Publisher:
 
 class LearnerService:
     def __init__(self, store: RolloutStore, publisher: Publisher, auth: TokenAuthenticator, *,
-                 max_record_bytes: int, contacts_path: Path | None = None):
+                 max_record_bytes: int, contacts_path: Path | None = None, limits: StreamLimits | None = None):
         self.store, self.publisher, self.auth = store, publisher, auth
         self.max_record_bytes = max_record_bytes
+        self.limits = limits or StreamLimits()
+        self.streams = StreamRegistry(self.limits, auth.robot_ids)
+        self._rejections = RateLimitedLog(log, period=10.0)  # one line per robot and reason every 10 s
         # last-seen times, exported again after a restart (from contacts_path) for the sync-stale alert
         self.contacts = RobotContacts(contacts_path, auth.robot_ids)
         self._stop = threading.Event()
@@ -82,15 +89,26 @@ class LearnerService:
     def _seen(self, robot_id: str) -> None:
         self.contacts.seen(robot_id)
 
-    def _parse(self, cls, data: bytes, context):
+    def _parse(self, cls, data: bytes, context, robot_id: str = "", record: bool = False):
         msg = cls()
         try:
             msg.ParseFromString(data)
         except DecodeError as e:
-            metrics.LEARNER_REJECTED.labels(reason="malformed").inc()
-            self.store.reject("malformed")
-            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"malformed {cls.__name__} protobuf: {e}")
+            self._refuse(context, robot_id, RecordError(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
+                                                        f"malformed {cls.__name__} protobuf: {e}"), record=record)
         return msg
+
+    def _refuse(self, context, robot_id: str, e: RecordError, *, record: bool, sequence: int | None = None):
+        """Count, log (rate-limited) and end the call with ``e``. On a rollout stream a final refusal is
+        marked as the learner's judgement of the record being read, the only case in which the edge
+        drops a record (pirl.refusals); the details sent back are bounded in size."""
+        metrics.LEARNER_REJECTED.labels(reason=e.reason).inc()
+        self.store.reject(e.reason)
+        self._rejections.warning((robot_id, e.reason), "refused a %s from %s (%s): %s",
+                                 "record" if record else "request", robot_id or "?", e.reason, bounded(e.message, 300))
+        if record and e.final:
+            context.set_trailing_metadata(refusal_metadata(e.reason, sequence))
+        context.abort(e.code, bounded(e.message))
 
     def _robot_connected(self, robot_id: str, delta: int) -> None:
         with self._lock:
@@ -105,7 +123,7 @@ class LearnerService:
         """(authenticated robot id, parsed request); a request naming another robot is refused."""
         robot_id = self.auth.robot_for(context)
         self._seen(robot_id)
-        req = self._parse(cls, data, context)
+        req = self._parse(cls, data, context, robot_id)
         if req.robot_id and req.robot_id != robot_id:
             context.abort(grpc.StatusCode.PERMISSION_DENIED,
                           f"robot_id {req.robot_id!r} does not match the token's robot {robot_id!r}")
@@ -129,24 +147,22 @@ class LearnerService:
 
     def stream_rollouts(self, request_iterator, context):
         robot_id = self.auth.robot_for(context)
+        self._seen(robot_id)
+        stream = self.streams.open(robot_id, "StreamRollouts", context)  # aborts past the per-robot limit
         self._robot_connected(robot_id, +1)
         try:
-            self._seen(robot_id)
             for data in request_iterator:
+                stream.touch()
                 self._seen(robot_id)
                 if len(data) > self.max_record_bytes:
-                    metrics.LEARNER_REJECTED.labels(reason="oversized").inc()
-                    self.store.reject("oversized")
-                    context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                                  f"record of {len(data)} bytes exceeds the limit of {self.max_record_bytes}")
-                rec = self._parse(pirl_pb2.RolloutRecord, data, context)
+                    self._refuse(context, robot_id, RecordError(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized",
+                        f"record of {len(data)} bytes exceeds the limit of {self.max_record_bytes}"), record=True)
+                rec = self._parse(pirl_pb2.RolloutRecord, data, context, robot_id, record=True)
                 try:
                     status = self.store.add(robot_id, rec, data)
                 except RecordError as e:
-                    metrics.LEARNER_REJECTED.labels(reason=e.reason).inc()
-                    self.store.reject(e.reason)
-                    log.warning("rejected a record from %s: %s", robot_id, e.message)
-                    context.abort(e.code, e.message)
+                    self._refuse(context, robot_id, e, record=True, sequence=rec.sequence)
                 if status == pirl_pb2.RolloutAck.ACCEPTED:
                     metrics.LEARNER_ACCEPTED.labels(robot_id=robot_id).inc()
                 else:
@@ -154,9 +170,11 @@ class LearnerService:
                 yield pirl_pb2.RolloutAck(sequence=rec.sequence, status=status).SerializeToString()
         finally:
             self._robot_connected(robot_id, -1)
+            self.streams.close(stream)
 
     def subscribe_policy(self, data: bytes, context):
         robot_id, req = self._request(pirl_pb2.SubscribeRequest, data, context)
+        stream = self.streams.open(robot_id, "SubscribePolicy", context)  # aborts past the per-robot limit
         q = self.publisher.subscribe()
         try:
             while context.is_active() and not self._stop.is_set():
@@ -172,9 +190,11 @@ class LearnerService:
                 yield update.SerializeToString()
         finally:
             self.publisher.unsubscribe(q)
+            self.streams.close(stream)
 
     def stop(self) -> None:
         self._stop.set()
+        self.streams.stop()
         self.publisher.close()
         self.contacts.close()
 
@@ -184,8 +204,13 @@ def _raw(x):
 
 
 def build_server(service: LearnerService, address: str, *, credentials: grpc.ServerCredentials | None,
-                 max_message_bytes: int, workers: int = 16) -> tuple[grpc.Server, int, health.HealthServicer]:
-    """A gRPC server with the Learner and health services on ``address``; returns (server, port, health)."""
+                 max_message_bytes: int, workers: int | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
+    """A gRPC server with the Learner and health services on ``address``; returns (server, port, health).
+
+    ``workers``: concurrent calls admitted (each long-lived stream holds a thread); default: sized for
+    the fleet in the tokens file at its per-robot stream limit (``StreamLimits.call_slots``)."""
+    if workers is None:
+        workers = service.limits.call_slots(len(service.auth.robot_ids))
     handlers = {
         "Register": grpc.unary_unary_rpc_method_handler(service.register, _raw, _raw),
         "Heartbeat": grpc.unary_unary_rpc_method_handler(service.heartbeat, _raw, _raw),
@@ -195,6 +220,7 @@ def build_server(service: LearnerService, address: str, *, credentials: grpc.Ser
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", 256 * 1024 * 1024),
+        *server_keepalive_options(service.limits),
     ]
     # every robot holds two long-lived streams (rollouts, policy subscription), each on a pool thread;
     # past maximum_concurrent_rpcs a call fails fast with RESOURCE_EXHAUSTED instead of queueing
@@ -202,13 +228,23 @@ def build_server(service: LearnerService, address: str, *, credentials: grpc.Ser
                          maximum_concurrent_rpcs=workers)
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     health_servicer = health.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_generic_rpc_handlers((health_check_only(health_servicer),))
     port = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if port == 0:
         raise ValueError(f"could not bind the learner to {address}")
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     health_servicer.set(SERVICE, health_pb2.HealthCheckResponse.SERVING)
     return server, port, health_servicer
+
+
+def health_check_only(health_servicer: health.HealthServicer) -> grpc.GenericRpcHandler:
+    """The health service's Check alone. Its Watch is a stream that anyone may open without a token:
+    on the learner's port it would let an unauthenticated client hold every call slot."""
+    return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
+        "Check": grpc.unary_unary_rpc_method_handler(
+            health_servicer.Check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
+            response_serializer=health_pb2.HealthCheckResponse.SerializeToString),
+    })
 
 
 def build_health_server(health_servicer: health.HealthServicer, address: str) -> tuple[grpc.Server, int]:
@@ -219,7 +255,7 @@ def build_health_server(health_servicer: health.HealthServicer, address: str) ->
     container healthcheck use it. Returns (server, bound port).
     """
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), maximum_concurrent_rpcs=8)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    server.add_generic_rpc_handlers((health_check_only(health_servicer),))  # probes only ever Check
     port = server.add_insecure_port(address)
     if port == 0:
         raise ValueError(f"could not bind the health port to {address}")

@@ -16,15 +16,20 @@ import torch
 
 from lerobot_policy_pi_rl.rollout import RolloutBatch
 from pirl.codec import WireError, from_tensor_msg, spec_msg
+from pirl.logs import some
 from pirl.v1 import pirl_pb2
 
 
 class RecordError(Exception):
-    """A record the learner refuses; ``code`` is the gRPC status the stream is ended with."""
+    """A record the learner refuses; ``code`` is the gRPC status the stream is ended with.
 
-    def __init__(self, code: grpc.StatusCode, reason: str, message: str):
+    ``final``: the learner has judged this record and resending cannot change that, so the edge may
+    drop it (the service marks the refusal for the edge: pirl.refusals). A refusal that is not final
+    (a sequence number too far ahead, which a Register closes) keeps the record on the edge."""
+
+    def __init__(self, code: grpc.StatusCode, reason: str, message: str, *, final: bool = True):
         super().__init__(message)
-        self.code, self.reason, self.message = code, reason, message
+        self.code, self.reason, self.message, self.final = code, reason, message, final
 
 
 @dataclass(frozen=True)
@@ -91,8 +96,10 @@ def decode_record(rec: pirl_pb2.RolloutRecord, shapes: PolicyShapes, max_bytes: 
         raise bad("step_index and env_steps must be >= 0")
 
     def obs_map(m, name) -> dict[str, np.ndarray]:
-        if set(m.keys()) != set(shapes.observation):
-            raise bad(f"{name} keys {sorted(m.keys())} != expected {sorted(shapes.observation)}")
+        keys, expected = set(m.keys()), set(shapes.observation)
+        if keys != expected:  # named a few at a time: a peer can send any number of keys
+            raise bad(f"{name} keys differ from the policy's: missing {some(expected - keys)}, "
+                      f"unexpected {some(keys - expected)} ({len(keys)} keys, {len(expected)} expected)")
         out = {}
         for k, (dtype, shape) in shapes.observation.items():
             try:
@@ -175,14 +182,24 @@ class Episode:
         return bool(self.steps) and (self.steps[-1].terminated or self.steps[-1].truncated)
 
 
+# An edge streams its spool in sequence order with at most a few hundred records in flight; gaps
+# from records it dropped itself are closed by its next Register or Heartbeat. 65,536 leaves room
+# for both and bounds the acked set to 64 Ki numbers per robot.
+DEFAULT_MAX_SEQUENCE_AHEAD = 1 << 16
+
+
 class RolloutStore:
     """Accepts records exactly once per (robot id, sequence) and hands out complete episodes."""
 
-    def __init__(self, shapes: PolicyShapes, *, max_version_lag: int, max_record_bytes: int, wal=None):
+    def __init__(self, shapes: PolicyShapes, *, max_version_lag: int, max_record_bytes: int, wal=None,
+                 max_sequence_ahead: int = DEFAULT_MAX_SEQUENCE_AHEAD):
         self.shapes = shapes
         self.wal = wal  # learner.wal.RecordLog: every accepted record is logged before its ack
         self.max_version_lag = max_version_lag
         self.max_record_bytes = max_record_bytes
+        # a new sequence must lie below (robot's acked watermark + this): the acked set above the
+        # watermark can never hold more than this many numbers per robot
+        self.max_sequence_ahead = max_sequence_ahead
         self.version = 0
         self._lock = threading.Condition()
         self._acked: dict[str, AckedSequences] = defaultdict(AckedSequences)
@@ -207,10 +224,15 @@ class RolloutStore:
                               f"record seq={rec.sequence}: sequence and policy_version must be >= 0 "
                               f"(policy_version={rec.policy_version})")
         with self._lock:
-            if rec.sequence in self._acked[robot_id]:
+            acked = self._acked[robot_id]
+            if rec.sequence in acked:
                 self.counts["duplicate"] += 1
                 return pirl_pb2.RolloutAck.DUPLICATE
-            current = self.version
+            current, watermark = self.version, acked.below
+        if rec.sequence >= watermark + self.max_sequence_ahead:
+            raise RecordError(grpc.StatusCode.OUT_OF_RANGE, "sequence_ahead",
+                              f"record seq={rec.sequence} is more than {self.max_sequence_ahead} ahead of the lowest "
+                              f"sequence not yet acked ({watermark}); register again to close the gap", final=False)
         if rec.policy_version > current:
             raise RecordError(grpc.StatusCode.INVALID_ARGUMENT, "future_version",
                               f"record seq={rec.sequence} claims policy version {rec.policy_version} > current {current}")

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import threading
 import time
@@ -16,7 +15,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as safetensors_bytes
 
-from learner import metrics
+from learner import checkpoints, metrics
 from learner.service import Publisher
 from learner.store import RolloutStore, episodes_to_batch
 from learner.wal import read_entries, write_entries
@@ -99,6 +98,10 @@ class Trainer:
         self.done = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._restored: int | None = None  # version of the checkpoint resume() restored
+        self._published: int | None = None  # highest version ever published (checkpoints.HIGH_WATER)
+        for reason in metrics.CHECKPOINT_REFUSE_REASONS:  # exported at 0 from the start
+            metrics.LEARNER_CHECKPOINTS_REFUSED.labels(reason=reason)
 
     # --- checkpoints ------------------------------------------------------------------------------
 
@@ -107,54 +110,111 @@ class Trainer:
         return self.output_dir / "checkpoints"
 
     def save(self) -> None:
-        """checkpoints/<version>/ written atomically, then ``last`` re-pointed atomically."""
-        ckpt = self.checkpoints_dir / f"{self.version:06d}"
+        """checkpoints/<version>/, atomic as a whole: everything (the algorithm's checkpoint, the
+        records not yet used, the learner state) is written into ``<version>.partial/``, then the
+        manifest of their hashes, then the folder is renamed into place and ``last`` re-pointed. A
+        crash leaves the whole checkpoint or a partial folder, removed at the next start."""
+        name = f"{self.version:06d}"
+        partial = self.checkpoints_dir / f"{name}{checkpoints.PARTIAL}"
+        shutil.rmtree(partial, ignore_errors=True)
         store_state, pending = self.store.checkpoint_snapshot(self.version)
-        save_checkpoint(ckpt, self.algo, self.pre, self.post)
-        write_entries(ckpt / "pending_records.log", pending)  # accepted, not yet used by an update
+        save_checkpoint(partial, self.algo, self.pre, self.post)
+        write_entries(partial / "pending_records.log", pending)  # accepted, not yet used by an update
         state = {"version": self.version, "env_steps": self.env_steps, "store": store_state,
                  "eval_curve": self.eval_curve}
-        tmp = ckpt / "learner_state.json.tmp"
-        tmp.write_text(json.dumps(state))
-        tmp.replace(ckpt / "learner_state.json")
-        link_tmp = self.checkpoints_dir / "last.tmp"
-        if link_tmp.is_symlink() or link_tmp.exists():
-            link_tmp.unlink()
-        link_tmp.symlink_to(ckpt.name)
-        os.replace(link_tmp, self.checkpoints_dir / "last")
-        if self.store.wal is not None:  # records before this checkpoint are in it now
-            self.store.wal.drop_before(self.version)
-        old = sorted(p for p in self.checkpoints_dir.iterdir() if p.name.isdigit())[: -self.settings.keep_checkpoints]
-        for p in old:
-            shutil.rmtree(p, ignore_errors=True)
+        (partial / "learner_state.json").write_text(json.dumps(state))
+        checkpoints.write_manifest(partial)  # last: it vouches for everything above
+        checkpoints.commit(partial, self.checkpoints_dir / name)
+        self._prune()
 
-    def resume(self) -> bool:
-        last = self.checkpoints_dir / "last"
-        if not (last / "learner_state.json").is_file():
+    def _prune(self) -> None:
+        """Keep the newest ``keep_checkpoints``; keep the write-ahead log from the OLDEST kept one on,
+        so that a resume that has to fall back to it (newer ones refused) still replays every record
+        accepted after it (edges deleted those records once acked)."""
+        kept = checkpoints.numbered(self.checkpoints_dir)
+        for p in kept[self.settings.keep_checkpoints:]:
+            shutil.rmtree(p, ignore_errors=True)
+        kept = kept[: self.settings.keep_checkpoints]
+        if self.store.wal is not None and kept:
+            self.store.wal.drop_before(int(kept[-1].name))
+
+    def resume(self, picker: checkpoints.CheckpointPicker | None = None) -> bool:
+        """Restore the newest intact checkpoint and replay the write-ahead log since it; False when
+        there is no checkpoint. A checkpoint that does not match its manifest or does not load is
+        refused (one log line, counted) and the previous one is tried; NoIntactCheckpoint (a
+        ValueError) when none is left. ``picker``: the one ``pirl-learner`` loaded the policy with."""
+        picker = picker or checkpoints.CheckpointPicker(self.checkpoints_dir)
+        if not picker.total:
             return False
-        load_checkpoint(last, self.algo)
-        state = json.loads((last / "learner_state.json").read_text())
+        state, pending = picker.load(self._read_checkpoint)
+        ckpt = picker.current()
         self.version = int(state["version"])
         self.env_steps = int(state.get("env_steps", 0))
         self.eval_curve = [tuple(x) for x in state.get("eval_curve", [])]
         self.store.load_state(state["store"])
         self.store.set_version(self.version)
-        restored = sum(self.store.restore(r, raw, pending=True) for r, raw in read_entries(last / "pending_records.log"))
+        restored = sum(self.store.restore(r, raw, pending=True) for r, raw in pending)
         replayed = 0
         if self.store.wal is not None:
             replayed = sum(self.store.restore(r, raw, pending=False) for r, raw in self.store.wal.replay(self.version))
             self.store.wal.start_segment(max(self.version, *self.store.wal.segments()))
+        self._restored = self.version
+        picker.set_refused_aside()
         log.info("restored %d pending records from the checkpoint and %d from the write-ahead log", restored, replayed)
-        log.info("resumed from %s at policy version %d", last.resolve(), self.version)
+        log.info("resumed from %s at policy version %d", ckpt.resolve(), self.version)
         return True
+
+    def _read_checkpoint(self, ckpt: Path) -> tuple[dict, list[tuple[str, bytes]]]:
+        """Everything that can fail to load, before the store is touched: (learner state, pending
+        records), with the weights, optimizer states and RNG loaded in place."""
+        state = json.loads((ckpt / "learner_state.json").read_text())
+        if int(state["version"]) != int(ckpt.name):  # the folder's name is the version it is published as
+            raise ValueError(f"learner_state.json holds version {state['version']}")
+        if not isinstance(state["store"], dict):
+            raise ValueError("learner_state.json holds no store state")
+        pending = read_entries(ckpt / "pending_records.log")
+        load_checkpoint(ckpt, self.algo)
+        return state, pending
+
+    def _settle_version(self) -> bool:
+        """Make sure no version number is published with other weights than robots got under it.
+        True when the current weights need a checkpoint under a (new) number before publishing.
+
+        The restored checkpoint's number is reused only if no higher one was ever published; else
+        (an older checkpoint restored after refusing newer ones, or no checkpoint left) the weights
+        are published under high-water + 1."""
+        high = checkpoints.read_high_water(self.output_dir)
+        self._published = high
+        if high is None or (self._restored is not None and high <= self._restored):
+            return self._restored is None  # a fresh start still needs its first checkpoint
+        new = high + 1
+        if self._restored is not None:
+            log.warning("versions up to %d were already published, not all with the weights of checkpoint %06d: the "
+                        "weights of checkpoint %06d are republished as version %d", high, self._restored,
+                        self._restored, new)
+        else:
+            log.warning("versions up to %d were published from %s before: this policy is published as version %d",
+                        high, self.output_dir, new)
+        self.version = new
+        self.store.set_version(new)
+        return True
+
+    def _publish(self) -> None:
+        """The current version to every robot, after recording it as published (durably)."""
+        msg = self._message()
+        if self._published is None or self.version > self._published:
+            checkpoints.write_high_water(self.output_dir, self.version)
+            self._published = self.version
+        self.publisher.publish(msg)
 
     # --- the loop ---------------------------------------------------------------------------------
 
     def start(self) -> None:
+        checkpoints.remove_partials(self.checkpoints_dir)
+        if self._settle_version():
+            self.save()  # before publishing: a restart finds these weights under this number
         metrics.LEARNER_VERSION.set(self.version)
-        self.publisher.publish(self._message())
-        if not (self.checkpoints_dir / "last").exists():
-            self.save()
+        self._publish()
         if self.evaluator is not None and not self.eval_curve and self.settings.eval_every:
             self._evaluate()
         self._thread = threading.Thread(target=self._run, name="pirl-trainer", daemon=True)
@@ -215,7 +275,7 @@ class Trainer:
         self.version += 1
         self.store.set_version(self.version)
         self.save()
-        self.publisher.publish(self._message())
+        self._publish()
         metrics.LEARNER_PUBLISH_SECONDS.observe(time.monotonic() - publish_start)
         metrics.LEARNER_VERSION.set(self.version)
         d = stats.to_log_dict()

@@ -41,3 +41,15 @@ def save_checkpoint(path: Path, policy, pre, post) -> Path:
     for part in (policy, pre, post):
         part.save_pretrained(path)
     return path
+
+
+def sampled_decision(policy, seed: int = 0):
+    """One real sampled chunk of ``policy`` at version 0, as an edge records it (edge.records.Decision)."""
+    from edge.backends import TorchBackend
+    from edge.records import Decision
+
+    obs = {"observation.state": torch.randn(1, STATE_DIM, generator=torch.Generator().manual_seed(seed))}
+    with torch.no_grad():
+        noise = policy.draw_noise(1, generator=torch.Generator().manual_seed(seed + 1))
+        sample = TorchBackend(policy).sample(obs, *noise, torch.full((1,), policy.config.noise_level))
+    return Decision.from_sample(0, obs, sample, sample.actions.detach().cpu().numpy(), 0, policy.config.n_action_steps)

@@ -26,6 +26,10 @@ learner-entrypoint.sh: run pirl-learner configured by environment variables and/
   PIRL_EPISODES_PER_UPDATE / PIRL_MAX_UPDATES      --episodes-per-update / --max-updates
   PIRL_MAX_VERSION_LAG / PIRL_MAX_RECORD_BYTES     --max-version-lag / --max-record-bytes
   PIRL_WAL_FSYNC           1: fsync every accepted record                           --wal-fsync
+  PIRL_MAX_STREAMS_PER_ROBOT   open calls of each streaming RPC per robot     --max-streams-per-robot
+  PIRL_STREAM_IDLE_TIMEOUT     close a rollout stream idle this long (s)      --stream-idle-timeout
+  PIRL_MAX_CONCURRENT_CALLS    call slots (0: sized for the fleet)            --max-concurrent-calls
+  PIRL_MAX_SEQUENCE_AHEAD      refuse sequences this far above the watermark  --max-sequence-ahead
   PIRL_ALGORITHM_CONFIG / PIRL_ACTOR_LR            --algorithm-config / --actor-lr
   PIRL_EVAL_EVERY / PIRL_EVAL_EPISODES / PIRL_TARGET_SUCCESS
                                     --eval-every / --eval-episodes / --target-success
@@ -73,6 +77,10 @@ opt PIRL_MAX_UPDATES --max-updates
 opt PIRL_MAX_VERSION_LAG --max-version-lag
 opt PIRL_MAX_RECORD_BYTES --max-record-bytes
 switch PIRL_WAL_FSYNC --wal-fsync
+opt PIRL_MAX_STREAMS_PER_ROBOT --max-streams-per-robot
+opt PIRL_STREAM_IDLE_TIMEOUT --stream-idle-timeout
+opt PIRL_MAX_CONCURRENT_CALLS --max-concurrent-calls
+opt PIRL_MAX_SEQUENCE_AHEAD --max-sequence-ahead
 opt PIRL_ALGORITHM_CONFIG --algorithm-config
 opt PIRL_ACTOR_LR --actor-lr
 opt PIRL_EVAL_EVERY --eval-every

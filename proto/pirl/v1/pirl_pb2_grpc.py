@@ -72,8 +72,13 @@ class LearnerServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamRollouts(self, request_iterator, context):
-        """Robots stream records; the learner acks each one (ACCEPTED or DUPLICATE). A bad record ends
-        the stream with INVALID_ARGUMENT / FAILED_PRECONDITION / RESOURCE_EXHAUSTED and a message.
+        """Robots stream records; the learner acks each one (ACCEPTED or DUPLICATE). A record the learner
+        refuses ends the stream with INVALID_ARGUMENT / FAILED_PRECONDITION / PERMISSION_DENIED /
+        RESOURCE_EXHAUSTED, a message of at most 1 KiB, and the trailing metadata
+        "pirl-refused-record: <reason>" (plus "pirl-refused-sequence: <seq>" when it could be parsed):
+        only then may the robot delete that record. Any other error (gRPC's own call limit, the
+        per-robot stream limit, OUT_OF_RANGE for a sequence too far ahead, an idle stream closed) says
+        nothing about the record: the robot keeps it and retries.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -13,7 +13,7 @@ FIND_PYTHON = for c in "$$PYTHON" python3.12 python3; do \
 	for c in $$(ls -d "$$root"/versions/3.12*/bin/python3 2>/dev/null | sort -V -r) $$(ls -d "$$root"/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -V); do "$$c" -c '' && { echo "$$c"; exit 0; }; done; \
 	exit 1
 
-.PHONY: demo test venv sft proto certs clean help which-python deploy-tools deploy-render deploy-check
+.PHONY: demo test test-fast lint format venv sft proto certs clean help which-python deploy-tools deploy-render deploy-check
 
 which-python:
 	@$(FIND_PYTHON)
@@ -21,8 +21,10 @@ which-python:
 help:
 	@echo "make demo   - set up .venv and run the main job (pirl-demo) on the built-in task -> $(OUT)"
 	@echo "make test   - set up .venv and run the test suite"
+	@echo "make lint   - ruff check (LeRobot's rule set, from pyproject.toml) and ruff format --check"
+	@echo "make format - ruff check --fix and ruff format over the tree"
 	@echo "make sft    - record scripted demos and behaviour-clone the pi_rl policy (pirl-sft)"
-	@echo "make proto  - regenerate proto/pirl/v1/*_pb2*.py from proto/pirl/v1/pirl.proto"
+	@echo "make proto  - regenerate pirl/v1/*_pb2*.py from the IDL proto/pirl/v1/pirl.proto"
 	@echo "make certs  - a local CA, learner and robot certificates and tokens in certs/ (pirl-certs)"
 	@echo "make deploy-tools  - install promtool/prometheus (Debian package, as root) for the deployment tests"
 	@echo "make deploy-render - regenerate dashboards JSON, PrometheusRule and dashboard ConfigMaps (deploy/render.py)"
@@ -46,7 +48,7 @@ sft: $(VENV)/.installed
 	$(VENV)/bin/pirl-sft --out outputs/sft
 
 proto: $(VENV)/.installed
-	$(PY) -m grpc_tools.protoc -Iproto --python_out=proto --pyi_out=proto --grpc_python_out=proto proto/pirl/v1/pirl.proto
+	$(PY) -m grpc_tools.protoc -Iproto --python_out=. --pyi_out=. --grpc_python_out=. proto/pirl/v1/pirl.proto
 
 certs: $(VENV)/.installed
 	$(VENV)/bin/pirl-certs --out certs --robots robot-0 robot-1
@@ -69,6 +71,14 @@ deploy-check: $(VENV)/.installed deploy-tools
 
 test: $(VENV)/.installed deploy-tools
 	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(VENV)/.installed
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
 
 clean:
 	rm -rf outputs .pytest_cache

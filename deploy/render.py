@@ -55,27 +55,38 @@ def rendered() -> dict[Path, str]:
     dashboards = _dashboards()
     for name, model in dashboards.items():
         out[DEPLOY / "grafana" / "dashboards" / name] = json.dumps(model, indent=2) + "\n"
-    configmaps = [{
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": f"grafana-dashboard-{Path(name).stem}", "labels": {"grafana_dashboard": "1"}},
-        "data": {name: json.dumps(model, indent=2) + "\n"},
-    } for name, model in dashboards.items()]
-    out[DEPLOY / "k8s" / "dashboards" / "grafana-dashboards.yaml"] = (
-        HEADER.format(source="deploy/grafana/dashboards.py") + _yaml(configmaps))
+    configmaps = [
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {"name": f"grafana-dashboard-{Path(name).stem}", "labels": {"grafana_dashboard": "1"}},
+            "data": {name: json.dumps(model, indent=2) + "\n"},
+        }
+        for name, model in dashboards.items()
+    ]
+    out[DEPLOY / "k8s" / "dashboards" / "grafana-dashboards.yaml"] = HEADER.format(
+        source="deploy/grafana/dashboards.py"
+    ) + _yaml(configmaps)
     groups = []
     rule_files = sorted((DEPLOY / "prometheus" / "rules").glob("*.yml"))
     for path in rule_files:
         groups += yaml.safe_load(path.read_text())["groups"]
-    rule = {"apiVersion": "monitoring.coreos.com/v1", "kind": "PrometheusRule",
-            "metadata": {"name": "pirl"}, "spec": {"groups": groups}}
-    out[DEPLOY / "k8s" / "monitoring" / "prometheusrule.yaml"] = (
-        HEADER.format(source="deploy/prometheus/rules/*.yml") + _yaml([rule]))
+    rule = {
+        "apiVersion": "monitoring.coreos.com/v1",
+        "kind": "PrometheusRule",
+        "metadata": {"name": "pirl"},
+        "spec": {"groups": groups},
+    }
+    out[DEPLOY / "k8s" / "monitoring" / "prometheusrule.yaml"] = HEADER.format(
+        source="deploy/prometheus/rules/*.yml"
+    ) + _yaml([rule])
     return out
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="deploy/render.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="deploy/render.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--check", action="store_true", help="write nothing; exit 1 if a generated file is stale")
     args = p.parse_args()
     stale = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from functools import cache
+from pathlib import Path
 
 import jsonschema
 import yaml
@@ -83,15 +84,16 @@ def validate(doc: dict, kubernetes_version: str) -> list[str]:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="validate_k8s.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="validate_k8s.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("files", nargs="+", help="YAML files ('-' for standard input)")
     p.add_argument("--kubernetes-version", default="1.30", help="Kubernetes API version to check against")
     args = p.parse_args()
     failed = count = 0
     for name in args.files:
         try:
-            text = sys.stdin.read() if name == "-" else open(name, encoding="utf-8").read()
+            text = sys.stdin.read() if name == "-" else Path(name).read_text(encoding="utf-8")
             docs = [d for d in yaml.safe_load_all(text) if d]
         except (OSError, yaml.YAMLError) as e:
             print(f"error: {name}: {e}", file=sys.stderr)

@@ -8,14 +8,15 @@ settings for the worker's spare slot; ``golden_tolerance`` (None for torch) the 
 golden-input check.
 
 ``torch``: the policy's own ``sample_chains``. ``onnxruntime``: the sampler exported to ONNX
-(``lerobot_policy_pi_rl.export``), run by ONNX Runtime with its CUDA provider when that is
+(``pirl.export.onnx_export``), run by ONNX Runtime with its CUDA provider when that is
 available, else on CPU; each version is the learner's export when it came with the update, else
 exported on the edge off the control thread. ``tensorrt`` (``edge.tensorrt_backend``): an engine
 built, cached or refitted from the same export.
 
 ``auto`` = TensorRT when ``tensorrt`` (with builder and ONNX parser) imports and a CUDA device is
 present, else ONNX Runtime, else torch. A backend that cannot load, or whose first version fails
-the golden-input check, falls back to the next one with a logged reason; ``choose_backend`` reports
+the golden-input check, falls back to the next one with a logged reason; ``choose_backend``
+(``edge.backend_choice``) reports
 which failures count in ``pirl_edge_backend_fallbacks_total`` (see its docstring).
 
 **Golden-input check** (``check_golden``, one mechanism for every backend but torch): before a newly
@@ -39,7 +40,6 @@ from pathlib import Path
 import torch
 
 log = logging.getLogger(__name__)
-BACKENDS = ("auto", "tensorrt", "onnxruntime", "torch")
 GOLDEN_SEED = 20240611
 OUTPUTS = ("actions", "chain", "log_prob", "value")
 
@@ -56,11 +56,11 @@ GOLDEN_TOLERANCES = {
 }
 
 
-class BackendUnavailable(RuntimeError):
+class BackendUnavailableError(RuntimeError):
     """A backend's prerequisites (module, device) are missing."""
 
 
-class GoldenMismatch(ValueError):
+class GoldenMismatchError(ValueError):
     """A prepared backend disagrees with the PyTorch policy on the golden input."""
 
 
@@ -87,7 +87,7 @@ class Fallback:
 
 def golden_inputs(policy, batch: int = 1, seed: int = GOLDEN_SEED):
     """A fixed input (normalised observations, noise, mask, noise level), CPU tensors."""
-    from lerobot_policy_pi_rl.export import example_observations
+    from pirl.export.onnx_export import example_observations
 
     c = policy.config
     g = torch.Generator().manual_seed(seed)
@@ -98,7 +98,7 @@ def golden_inputs(policy, batch: int = 1, seed: int = GOLDEN_SEED):
 
 def check_golden(backend, policy, seed: int = GOLDEN_SEED) -> dict[str, float] | None:
     """Compare ``backend`` with ``policy.sample_chains`` on the golden input; the max abs error per
-    output, or GoldenMismatch naming the first output out of tolerance. None for torch (nothing to
+    output, or GoldenMismatchError naming the first output out of tolerance. None for torch (nothing to
     compare: it is the reference)."""
     tolerance = backend.golden_tolerance
     if tolerance is None:
@@ -106,24 +106,30 @@ def check_golden(backend, policy, seed: int = GOLDEN_SEED) -> dict[str, float] |
     obs, initial, step, stochastic, level = golden_inputs(policy, getattr(backend, "golden_batch", 1), seed)
     device = policy.action_mask.device
     with torch.no_grad():
-        ref = policy.sample_chains({k: v.to(device) for k, v in obs.items()}, initial.to(device), step.to(device),
-                                   stochastic.to(device), noise_level=level.to(device))
+        ref = policy.sample_chains(
+            {k: v.to(device) for k, v in obs.items()},
+            initial.to(device),
+            step.to(device),
+            stochastic.to(device),
+            noise_level=level.to(device),
+        )
         got = backend.sample(obs, initial, step, stochastic, level)
     want = {"actions": ref.actions, "chain": ref.chain.chain, "log_prob": ref.chain.log_prob, "value": ref.value}
     errors = {}
     for name in OUTPUTS:
         a, b = getattr(got, name).detach().cpu().double(), want[name].detach().cpu().double()
         if a.shape != b.shape:
-            raise GoldenMismatch(f"golden-input check: {name} has shape {list(a.shape)}, PyTorch {list(b.shape)}")
+            raise GoldenMismatchError(f"golden-input check: {name} has shape {list(a.shape)}, PyTorch {list(b.shape)}")
         if not torch.isfinite(a).all():
-            raise GoldenMismatch(f"golden-input check: {name} has non-finite values")
+            raise GoldenMismatchError(f"golden-input check: {name} has non-finite values")
         err = (a - b).abs()
         errors[name] = float(err.max()) if err.numel() else 0.0
         rtol, atol = tolerance[name]
         if bool((err > atol + rtol * b.abs()).any()):
-            raise GoldenMismatch(
+            raise GoldenMismatchError(
                 f"golden-input check failed: {backend.name} {name} differs from PyTorch by up to {errors[name]:.3g} "
-                f"(tolerance rtol {rtol:g}, atol {atol:g}): the artifact does not match the weights")
+                f"(tolerance rtol {rtol:g}, atol {atol:g}): the artifact does not match the weights"
+            )
     return errors
 
 
@@ -158,10 +164,12 @@ class ExportStore:
         self.workdir = Path(workdir or self._tmp.name)
 
     def materialise(self, policy, version: int, files: dict[str, bytes] | None) -> Path:
-        from lerobot_policy_pi_rl.export import MANIFEST, MODEL_FILE, export_onnx
+        from pirl.export.onnx_export import MANIFEST, MODEL_FILE, export_onnx
 
         out = self.workdir / f"v{version:06d}"
-        exported = {name.removeprefix("onnx/"): data for name, data in (files or {}).items() if name.startswith("onnx/")}
+        exported = {
+            name.removeprefix("onnx/"): data for name, data in (files or {}).items() if name.startswith("onnx/")
+        }
         if MODEL_FILE in exported and MANIFEST in exported:
             shutil.rmtree(out, ignore_errors=True)
             out.mkdir(parents=True)
@@ -211,7 +219,7 @@ class OnnxRuntimeBackend:
     def prepare(self, version: int, files: dict[str, bytes] | None = None) -> None:
         """Load the learner's export of ``version`` when it came with the update (OnnxSampler checks the
         hashes against its manifest), else export locally; build the session and warm it up."""
-        from lerobot_policy_pi_rl.export import OnnxSampler
+        from pirl.export.onnx_export import OnnxSampler
 
         out = self.exports.materialise(self.policy, version, files)
         session = OnnxSampler(out, providers=self.providers, threads=1)
@@ -224,71 +232,17 @@ class OnnxRuntimeBackend:
         """Run the new session once here, off the control thread: ONNX Runtime finishes setting a
         session up on its first run, which would otherwise land on the first chunk after a swap."""
         obs, initial, step, stochastic, level = golden_inputs(self.policy, seed=0)
-        session.run({k: v.numpy() for k, v in obs.items()}, initial.numpy(), step.numpy(), stochastic.numpy(),
-                    level.numpy())
+        session.run(
+            {k: v.numpy() for k, v in obs.items()}, initial.numpy(), step.numpy(), stochastic.numpy(), level.numpy()
+        )
 
     def sample(self, obs, initial, step, stochastic, noise_level) -> Sampled:
-        out = self.session.run({k: v.cpu().numpy() for k, v in obs.items()}, initial.cpu().numpy(),
-                               step.cpu().numpy(), stochastic.cpu().numpy(), noise_level.cpu().numpy())
+        out = self.session.run(
+            {k: v.cpu().numpy() for k, v in obs.items()},
+            initial.cpu().numpy(),
+            step.cpu().numpy(),
+            stochastic.cpu().numpy(),
+            noise_level.cpu().numpy(),
+        )
         t = {k: torch.from_numpy(v) for k, v in out.items()}
         return Sampled(t["actions"], t["chain"], stochastic, t["log_prob"], t["value"], noise_level)
-
-
-def _chain(name: str) -> list[str]:
-    return {"torch": [], "onnxruntime": ["onnxruntime"], "tensorrt": ["tensorrt", "onnxruntime"],
-            "auto": ["tensorrt", "onnxruntime"]}[name]
-
-
-def _create(kind: str, policy, workdir, tensorrt_settings, tensorrt_manager):
-    if kind == "tensorrt":
-        from edge.tensorrt_backend import TensorRTBackend
-
-        return TensorRTBackend(policy, workdir, settings=tensorrt_settings, manager=tensorrt_manager)
-    return OnnxRuntimeBackend(policy, workdir, providers=onnxruntime_providers())
-
-
-def choose_backend(name: str, policy, version: int = 0, workdir: Path | None = None, *, tensorrt_settings=None,
-                   tensorrt_manager=None, golden_check: bool = True):
-    """(backend prepared for ``version``, fallbacks): the first of ``name``'s chain that loads and
-    passes the golden-input check (when ``golden_check``), torch as the last resort.
-
-    Chains: tensorrt -> onnxruntime -> torch; onnxruntime -> torch; auto -> tensorrt (only when its
-    prerequisites, tensorrt with builder and a CUDA device, are present) -> onnxruntime -> torch.
-    Counted fallbacks (``Fallback.counted``; the metric's label is the backend that failed): an
-    explicitly requested backend that fails, whatever the reason (absent TensorRT included); in
-    ``auto``, a backend whose prerequisites are present but which still fails (e.g. TensorRT
-    installed but the engine build or the golden check fails). Not counted: ``auto`` skipping
-    TensorRT on a machine without it (a choice, logged at info), and later links of an explicit
-    chain (the requested backend's failure is already counted).
-    """
-    if name not in BACKENDS:
-        raise ValueError(f"--backend must be one of {BACKENDS}, got {name!r}")
-    fallbacks: list[Fallback] = []
-    for kind in _chain(name):
-        explicit = kind == name
-        if kind == "tensorrt" and name == "auto":
-            from lerobot_policy_pi_rl.trt_engine import tensorrt_unavailable_reason
-
-            why = tensorrt_unavailable_reason()
-            if why is not None:
-                log.info("auto backend: TensorRT not used (%s)", why)
-                fallbacks.append(Fallback(kind, why, counted=False))
-                continue
-        try:
-            backend = _create(kind, policy, workdir, tensorrt_settings, tensorrt_manager)
-            backend.prepare(version)
-            errors = check_golden(backend, policy) if golden_check else None
-            log.info("inference backend %s ready for version %d%s", kind, version,
-                     f" (golden-input max abs errors {errors})" if errors else "")
-            return backend, fallbacks
-        except Exception as e:  # noqa: BLE001  any failure to load or to match means: the next one
-            reason = f"{type(e).__name__}: {e}"
-            counted = explicit or name == "auto"
-            fallbacks.append(Fallback(kind, reason, counted))
-            (log.warning if counted else log.info)("%s backend unavailable (%s): falling back", kind, reason)
-    return TorchBackend(policy), fallbacks
-
-
-def make_backend(name: str, policy, version: int = 0, workdir: Path | None = None, **options):
-    """The requested backend, prepared for ``version``; falls back (logged) when it cannot load."""
-    return choose_backend(name, policy, version, workdir, **options)[0]

@@ -77,8 +77,17 @@ class RecordWriter:
 
 
 class PacedLoop:
-    def __init__(self, env, worker, writer: RecordWriter, *, robot_id: str, control_hz: float, seed: int = 0,
-                 late_fraction: float = 0.5):
+    def __init__(
+        self,
+        env,
+        worker,
+        writer: RecordWriter,
+        *,
+        robot_id: str,
+        control_hz: float,
+        seed: int = 0,
+        late_fraction: float = 0.5,
+    ):
         if getattr(env, "num_envs", 1) != 1:
             raise ValueError("the paced control loop drives exactly one env (num_envs=1)")
         self.env, self.worker, self.writer = env, worker, writer
@@ -192,8 +201,9 @@ class PacedLoop:
 class UnpacedLoop:
     """Simulation only: ``env.num_envs`` episodes per batch, as fast as the machine allows."""
 
-    def __init__(self, env, worker, writer: RecordWriter, *, robot_id: str, seed: int = 0,
-                 max_backlog: int | None = None):
+    def __init__(
+        self, env, worker, writer: RecordWriter, *, robot_id: str, seed: int = 0, max_backlog: int | None = None
+    ):
         self.env, self.worker, self.writer, self.robot_id, self.seed = env, worker, writer, robot_id, seed
         self.stats = writer.stats
         # simulation can outrun the learner: collect no more while this many records wait to be
@@ -217,8 +227,13 @@ class UnpacedLoop:
             self.worker.swap_if_pending()  # batch boundary = chunk boundary for every env
             version, runner = self.worker.version, self.worker.active_runner
             t0 = time.perf_counter()
-            batch = collect_rollouts(runner, self.env, seeds=(self.seed + 1) * 10**9 + b * self.env.num_envs,
-                                     generator=generator, noise_level=runner.policy.config.noise_level_at(version))
+            batch = collect_rollouts(
+                runner,
+                self.env,
+                seeds=(self.seed + 1) * 10**9 + b * self.env.num_envs,
+                generator=generator,
+                noise_level=runner.policy.config.noise_level_at(version),
+            )
             metrics.INFERENCE_LATENCY.labels(self.robot_id, self.worker.backend).observe(
                 (time.perf_counter() - t0) / max(1, batch.chains.shape[0])
             )
@@ -238,13 +253,21 @@ class UnpacedLoop:
                 d = Decision(
                     version=version,
                     observation={k: v[t, j].numpy() for k, v in batch.observations.items()},
-                    chain=batch.chains[t, j].numpy(), stochastic=batch.stochastic[t, j].numpy(),
-                    noise_level=float(batch.noise_level[t, j]), log_prob=float(batch.log_probs[t, j]),
-                    value=float(batch.values[t, j]), actions=np.zeros((n_exec, 0), np.float32),
+                    chain=batch.chains[t, j].numpy(),
+                    stochastic=batch.stochastic[t, j].numpy(),
+                    noise_level=float(batch.noise_level[t, j]),
+                    log_prob=float(batch.log_probs[t, j]),
+                    value=float(batch.values[t, j]),
+                    actions=np.zeros((n_exec, 0), np.float32),
                 )
                 te, tr = bool(batch.terminated[t, j]), bool(batch.truncated[t, j])
-                o = Outcome(reward=float(batch.rewards[t, j]), terminated=te, truncated=tr,
-                            success=bool(batch.episode_success[j]) and (te or tr), env_steps=int(steps[t, j]))
+                o = Outcome(
+                    reward=float(batch.rewards[t, j]),
+                    terminated=te,
+                    truncated=tr,
+                    success=bool(batch.episode_success[j]) and (te or tr),
+                    env_steps=int(steps[t, j]),
+                )
                 if tr:
                     o.final_observation = {k: v[j].numpy() for k, v in final.items()}
                 self.writer.write(episode, t, d, o)

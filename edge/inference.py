@@ -22,7 +22,8 @@ import numpy as np
 import torch
 
 from edge import metrics
-from edge.backends import check_golden, choose_backend
+from edge.backend_choice import choose_backend
+from edge.backends import check_golden
 from edge.records import Decision
 from lerobot_policy_pi_rl.rollout import PolicyRunner
 
@@ -30,12 +31,23 @@ log = logging.getLogger(__name__)
 
 
 class InferenceWorker:
-    def __init__(self, policy, preprocessor, postprocessor, *, robot_id: str, version: int = 0,
-                 backend: str = "torch", seed: int = 0, task: str | None = None, tensorrt_settings=None,
-                 golden_check: bool = True):
-        """``backend``: one of edge.backends.BACKENDS (with fallback, see ``choose_backend``);
+    def __init__(
+        self,
+        policy,
+        preprocessor,
+        postprocessor,
+        *,
+        robot_id: str,
+        version: int = 0,
+        backend: str = "torch",
+        seed: int = 0,
+        task: str | None = None,
+        tensorrt_settings=None,
+        golden_check: bool = True,
+    ):
+        """``backend``: one of edge.backend_choice.BACKENDS (with fallback, see ``choose_backend``);
         ``task``: the language instruction tokenized with every observation (VLA backbones);
-        ``tensorrt_settings``: lerobot_policy_pi_rl.trt_engine.TensorRTSettings for the TensorRT
+        ``tensorrt_settings``: pirl.export.trt_engine.TensorRTSettings for the TensorRT
         backend; ``golden_check``: compare every newly prepared backend with the PyTorch policy on a
         fixed input before it may serve (refusing the version on a mismatch)."""
         self.robot_id = robot_id
@@ -43,7 +55,8 @@ class InferenceWorker:
         self._active = PolicyRunner(policy, preprocessor, postprocessor, task=task)
         self._spare = PolicyRunner(copy.deepcopy(policy), preprocessor, postprocessor, task=task)
         self._active_backend, self.fallbacks = choose_backend(
-            backend, self._active.policy, version, tensorrt_settings=tensorrt_settings, golden_check=golden_check)
+            backend, self._active.policy, version, tensorrt_settings=tensorrt_settings, golden_check=golden_check
+        )
         self.backend = self._active_backend.name  # what actually runs (after any fallback)
         self._spare_backend = self._active_backend.spare(self._spare.policy)
         # the last offered versions: how each was prepared (method, seconds, golden errors) or why refused
@@ -93,8 +106,13 @@ class InferenceWorker:
 
     # --- weights ----------------------------------------------------------------------------------
 
-    def offer(self, version: int, state_dict: dict[str, torch.Tensor], files: dict[str, bytes] | None = None,
-              frozen_sha256: str | None = None) -> bool:
+    def offer(
+        self,
+        version: int,
+        state_dict: dict[str, torch.Tensor],
+        files: dict[str, bytes] | None = None,
+        frozen_sha256: str | None = None,
+    ) -> bool:
         """Load ``state_dict`` into the spare and prepare the spare backend for it (caller's thread);
         it serves from the next chunk on.
 
@@ -168,8 +186,12 @@ class InferenceWorker:
         metrics.INFERENCE_LATENCY.labels(self.robot_id, self.backend).observe(time.perf_counter() - start)
         return [Decision.from_sample(self.version, obs, sample, actions, i, n_exec) for i in range(batch)]
 
-    def submit(self, raw_obs: dict[str, np.ndarray], done: Callable[[Decision | None], None],
-               after: Callable[[], None] | None = None) -> None:
+    def submit(
+        self,
+        raw_obs: dict[str, np.ndarray],
+        done: Callable[[Decision | None], None],
+        after: Callable[[], None] | None = None,
+    ) -> None:
         """Queue one decision for a single env. On the worker thread: sample, call ``done`` with the
         result (None if inference failed), then run ``after`` (e.g. persist the finished step: the
         disk write stays off the path to the next action)."""
@@ -196,9 +218,13 @@ class InferenceWorker:
 def _check_trained_only(state: dict, expected: set[str], frozen_sha256: str, own_frozen_sha256: str) -> None:
     """A trained-only update fits only a robot with the same frozen weights and trained-tensor set."""
     if frozen_sha256 != own_frozen_sha256:
-        raise ValueError(f"the update's frozen weights (sha256 {frozen_sha256[:12]}) are not this robot's "
-                         f"({own_frozen_sha256[:12]}): a different base model or SFT checkpoint")
+        raise ValueError(
+            f"the update's frozen weights (sha256 {frozen_sha256[:12]}) are not this robot's "
+            f"({own_frozen_sha256[:12]}): a different base model or SFT checkpoint"
+        )
     if set(state) != expected:
         missing, extra = sorted(expected - set(state))[:3], sorted(set(state) - expected)[:3]
-        raise ValueError(f"the update does not hold exactly the trained tensors (missing {missing}, unexpected "
-                         f"{extra}): learner and robot disagree on what PI-RL trains (noise method?)")
+        raise ValueError(
+            f"the update does not hold exactly the trained tensors (missing {missing}, unexpected "
+            f"{extra}): learner and robot disagree on what PI-RL trains (noise method?)"
+        )

@@ -8,6 +8,7 @@ the policy it has.
 from __future__ import annotations
 
 import collections
+import contextlib
 import hashlib
 import logging
 import threading
@@ -145,8 +146,16 @@ class Uploader(_Background):
 
     thread_name = "pirl-uploader"
 
-    def __init__(self, link: LearnerAddress, spool: Spool, clock: SyncClock, *, edge_version: str = "0.1.0",
-                 backend: str = "torch", window: int = 256):
+    def __init__(
+        self,
+        link: LearnerAddress,
+        spool: Spool,
+        clock: SyncClock,
+        *,
+        edge_version: str = "0.1.0",
+        backend: str = "torch",
+        window: int = 256,
+    ):
         super().__init__()
         self.link, self.spool, self.clock = link, spool, clock
         self.edge_version, self.backend, self.window = edge_version, backend, window
@@ -160,9 +169,15 @@ class Uploader(_Background):
         self._say = RateLimitedLog(log, period=10.0)  # per-record and per-retry lines, bounded in rate
 
     def _register(self, channel) -> pirl_pb2.RegisterResponse:
-        req = pirl_pb2.RegisterRequest(robot_id=self.link.robot_id, edge_version=self.edge_version, backend=self.backend,
-                                       lowest_pending_sequence=lowest_pending(self.spool))
-        raw = _stub(channel, "Register", "unary_unary")(req.SerializeToString(), metadata=self.link.metadata, timeout=10)
+        req = pirl_pb2.RegisterRequest(
+            robot_id=self.link.robot_id,
+            edge_version=self.edge_version,
+            backend=self.backend,
+            lowest_pending_sequence=lowest_pending(self.spool),
+        )
+        raw = _stub(channel, "Register", "unary_unary")(
+            req.SerializeToString(), metadata=self.link.metadata, timeout=10
+        )
         resp = pirl_pb2.RegisterResponse.FromString(raw)
         self.clock.learner_version = max(self.clock.learner_version, resp.policy_version)
         self.clock.max_version_lag = resp.max_version_lag
@@ -197,11 +212,14 @@ class Uploader(_Background):
         if code == grpc.StatusCode.UNAUTHENTICATED:  # a configuration error, not an outage
             self._say.error(("upload", code), "the learner refused our token while %s: %s", stage, details)
         elif judged_record(e) is None:
-            cause = {grpc.StatusCode.RESOURCE_EXHAUSTED: "the learner is at a limit",
-                     grpc.StatusCode.OUT_OF_RANGE: "the learner asks us to register again",
-                     grpc.StatusCode.CANCELLED: "the learner closed the call"}.get(code, code.name)
-            self._say.warning(("upload", code), "%s while %s (%s); records stay in the spool, retrying",
-                              cause, stage, details)
+            cause = {
+                grpc.StatusCode.RESOURCE_EXHAUSTED: "the learner is at a limit",
+                grpc.StatusCode.OUT_OF_RANGE: "the learner asks us to register again",
+                grpc.StatusCode.CANCELLED: "the learner closed the call",
+            }.get(code, code.name)
+            self._say.warning(
+                ("upload", code), "%s while %s (%s); records stay in the spool, retrying", cause, stage, details
+            )
 
     def _stream(self, channel):
         in_flight: collections.deque[int] = collections.deque()
@@ -240,10 +258,8 @@ class Uploader(_Background):
                     if in_flight and in_flight[0] == ack.sequence:
                         in_flight.popleft()
                     else:
-                        try:
+                        with contextlib.suppress(ValueError):
                             in_flight.remove(ack.sequence)
-                        except ValueError:
-                            pass
                     cond.notify_all()
                 self.spool.ack(ack.sequence)
                 self.acked += 1
@@ -272,14 +288,19 @@ class Uploader(_Background):
             return
         head = in_flight[0]
         if sequence is not None and sequence != head:
-            log.error("the learner refused record %d (%s) but %d is the oldest unacked one: nothing dropped",
-                      sequence, reason, head)
+            log.error(
+                "the learner refused record %d (%s) but %d is the oldest unacked one: nothing dropped",
+                sequence,
+                reason,
+                head,
+            )
             return
         self.spool.ack(head)
         self.refused[reason] += 1
         metrics.RECORDS_REFUSED.labels(self.link.robot_id, reason).inc()
-        self._say.error(("refused", reason), "the learner refused record %d (%s): %s; dropped from the spool",
-                        head, reason, details)
+        self._say.error(
+            ("refused", reason), "the learner refused record %d (%s): %s; dropped from the spool", head, reason, details
+        )
 
     def _stale(self, seq: int, payload: bytes) -> bool:
         """A record the learner would refuse for version lag is dropped here (counted, logged)."""
@@ -292,8 +313,14 @@ class Uploader(_Background):
         self.spool.ack(seq)
         self.refused["stale_version"] += 1
         metrics.RECORDS_REFUSED.labels(self.link.robot_id, "stale_version").inc()
-        self._say.warning("stale", "record %d (policy version %d) is older than the learner accepts (version %d, "
-                          "lag %d): dropped", seq, version, self.clock.learner_version, lag)
+        self._say.warning(
+            "stale",
+            "record %d (policy version %d) is older than the learner accepts (version %d, lag %d): dropped",
+            seq,
+            version,
+            self.clock.learner_version,
+            lag,
+        )
         return True
 
     def _update_spool_metrics(self):
@@ -336,7 +363,9 @@ class Subscriber(_Background):
             try:
                 with self.link.channel() as channel:
                     req = pirl_pb2.SubscribeRequest(robot_id=self.link.robot_id, have_version=self.worker.version)
-                    call = _stub(channel, "SubscribePolicy", "unary_stream")(req.SerializeToString(), metadata=self.link.metadata)
+                    call = _stub(channel, "SubscribePolicy", "unary_stream")(
+                        req.SerializeToString(), metadata=self.link.metadata
+                    )
                     for raw in call:
                         backoff.reset()
                         self.clock.touch()
@@ -352,14 +381,21 @@ class Subscriber(_Background):
     def _apply(self, update: pirl_pb2.PolicyUpdate) -> None:
         listed = {a.name: a for a in update.manifest.artifacts}
         blobs = {"model.safetensors": update.weights, **dict(update.files)}
-        bad = [name for name, data in blobs.items()
-               if name not in listed or listed[name].sha256 != hashlib.sha256(data).hexdigest()
-               or listed[name].size_bytes != len(data)]
+        bad = [
+            name
+            for name, data in blobs.items()
+            if name not in listed
+            or listed[name].sha256 != hashlib.sha256(data).hexdigest()
+            or listed[name].size_bytes != len(data)
+        ]
         if bad or "model.safetensors" not in listed or update.manifest.policy_version != update.version:
             self.rejected += 1
             metrics.SWAP_FAILURES.labels(self.link.robot_id).inc()
-            log.error("policy version %d rejected: %s do not match the manifest", update.version,
-                      ", ".join(bad) or "manifest version / weights entry")
+            log.error(
+                "policy version %d rejected: %s do not match the manifest",
+                update.version,
+                ", ".join(bad) or "manifest version / weights entry",
+            )
             return
         try:
             state = load_safetensors(update.weights)  # safetensors: no code execution on load
@@ -392,8 +428,10 @@ class Heartbeat(_Background):
             call = _stub(channel, "Heartbeat", "unary_unary")
             while not self.stop_event.wait(self.period):
                 req = pirl_pb2.HeartbeatRequest(
-                    robot_id=self.link.robot_id, policy_version=self.worker.version,
-                    spool_records=self.spool.stats()["records"], control_rate_hz=float(self.rate_fn()),
+                    robot_id=self.link.robot_id,
+                    policy_version=self.worker.version,
+                    spool_records=self.spool.stats()["records"],
+                    control_rate_hz=float(self.rate_fn()),
                     lowest_pending_sequence=lowest_pending(self.spool),
                 )
                 try:

@@ -21,12 +21,14 @@ import threading
 import time
 from pathlib import Path
 
-from lerobot_policy_pi_rl.scripts.common import run_cli, write_json
-from lerobot_policy_pi_rl.trt_engine import add_tensorrt_arguments, settings_from_args
+from pirl.cli import check_bounds, run_cli, write_json
+from pirl.export.trt_engine import add_tensorrt_arguments, settings_from_args
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="pirl-edge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="pirl-edge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--learner", required=True, help="learner address host:port")
     p.add_argument("--robot-id", required=True)
     p.add_argument("--tokens", required=True, help="JSON file {robot_id: token}; this robot's entry is used")
@@ -36,32 +38,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback learner")
     p.add_argument("--policy-path", required=True, help="initial policy (LeRobot pretrained_model dir): version 0")
     p.add_argument("--noise-method", choices=["flow_sde", "flow_noise"], help="must match the learner's")
-    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="auto",
-                   help="inference backend of the paced loop; auto = TensorRT when tensorrt and CUDA are present, "
-                        "else ONNX Runtime (CUDA provider when available), else PyTorch; a backend that cannot "
-                        "load falls back (logged, counted) to the next; the unpaced simulation loop samples "
-                        "with PyTorch")
-    p.add_argument("--golden-check", choices=["on", "off"], default="on",
-                   help="compare every newly prepared backend with the PyTorch policy on a fixed input before it "
-                        "serves; a mismatch refuses the version (default on)")
+    p.add_argument(
+        "--backend",
+        choices=["auto", "tensorrt", "onnxruntime", "torch"],
+        default="auto",
+        help="inference backend of the paced loop; auto = TensorRT when tensorrt and CUDA are present, "
+        "else ONNX Runtime (CUDA provider when available), else PyTorch; a backend that cannot "
+        "load falls back (logged, counted) to the next; the unpaced simulation loop samples "
+        "with PyTorch",
+    )
+    p.add_argument(
+        "--golden-check",
+        choices=["on", "off"],
+        default="on",
+        help="compare every newly prepared backend with the PyTorch policy on a fixed input before it "
+        "serves; a mismatch refuses the version (default on)",
+    )
     p.add_argument("--env", default="pirl_reach", help="'pirl_reach' (built-in task) or a gymnasium id")
     p.add_argument("--task", help="language instruction for VLA policies (default: the env's task description)")
-    p.add_argument("--mode", choices=["paced", "unpaced"], default="paced",
-                   help="paced: one env at --control-hz (a robot); unpaced: --num-envs sims flat out")
+    p.add_argument(
+        "--mode",
+        choices=["paced", "unpaced"],
+        default="paced",
+        help="paced: one env at --control-hz (a robot); unpaced: --num-envs sims flat out",
+    )
     p.add_argument("--control-hz", type=float, default=50.0)
     p.add_argument("--num-envs", type=int, default=64, help="unpaced mode only")
     p.add_argument("--spool-dir", help="default: outputs/edge/<robot-id>/spool")
     p.add_argument("--spool-max-records", type=int, default=100_000)
-    p.add_argument("--spool-fsync", choices=["on", "off"],
-                   help="fsync every spooled record (default: on in paced mode, off in unpaced simulation, "
-                        "where records survive an edge crash but not a power loss)")
+    p.add_argument(
+        "--spool-fsync",
+        choices=["on", "off"],
+        help="fsync every spooled record (default: on in paced mode, off in unpaced simulation, "
+        "where records survive an edge crash but not a power loss)",
+    )
     p.add_argument("--duration", type=float, help="seconds to run (default: until signalled)")
     p.add_argument("--episodes", type=int, help="episodes to run (default: until signalled)")
     p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to upload the spool at exit")
     p.add_argument("--stats-file", help="write a JSON summary here at exit")
     p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
     p.add_argument("--metrics-address", default="127.0.0.1")
-    p.add_argument("--device", default="cpu", help="torch device of the policy: the torch backend samples there; ONNX Runtime and TensorRT take host inputs (default cpu)")
+    p.add_argument(
+        "--device",
+        default="cpu",
+        help="torch device of the policy: the torch backend samples there; ONNX Runtime and TensorRT take host inputs (default cpu)",
+    )
     p.add_argument("--seed", type=int, default=0)
     add_tensorrt_arguments(p, cache_default_help="default: outputs/edge/<robot-id>/tensorrt-cache")
     return p
@@ -93,8 +114,9 @@ def run(args) -> int:
         raise KeyError(f"--tokens has no entry for robot {args.robot_id!r}")
     if not args.tls_ca and not is_loopback(args.learner) and not args.insecure:
         raise ValueError(f"refusing plaintext to non-loopback learner {args.learner}: pass --tls-ca (or --insecure)")
-    link = LearnerAddress(args.learner, args.robot_id, tokens[args.robot_id], args.tls_ca,
-                          args.tls_client_cert, args.tls_client_key)
+    link = LearnerAddress(
+        args.learner, args.robot_id, tokens[args.robot_id], args.tls_ca, args.tls_client_cert, args.tls_client_key
+    )
 
     overrides = {"noise_method": args.noise_method} if args.noise_method else {}
     policy, pre, post = load_policy(args.policy_path, device=args.device, **overrides)
@@ -104,8 +126,12 @@ def run(args) -> int:
     spool_dir = Path(args.spool_dir or f"outputs/edge/{args.robot_id}/spool")
     fsync = (args.spool_fsync or ("on" if args.mode == "paced" else "off")) == "on"
     # quarantining happens mostly here, at open after a crash: count it, and export both metrics at once
-    spool = Spool(spool_dir, max_records=args.spool_max_records, fsync=fsync,
-                  on_quarantine=metrics.spool_quarantine_hook(args.robot_id))
+    spool = Spool(
+        spool_dir,
+        max_records=args.spool_max_records,
+        fsync=fsync,
+        on_quarantine=metrics.spool_quarantine_hook(args.robot_id),
+    )
     metrics.update_spool_quarantine(args.robot_id, spool)
     pending = spool.stats()["records"]
     if pending:
@@ -117,9 +143,17 @@ def run(args) -> int:
     backend = args.backend if args.mode == "paced" else "torch"
     if backend != args.backend:
         logging.info("unpaced mode samples with PyTorch: --backend %s applies to the paced loop only", args.backend)
-    worker = InferenceWorker(policy, pre, post, robot_id=args.robot_id, seed=args.seed, backend=backend,
-                             task=args.task or env_task(env), tensorrt_settings=trt_settings,
-                             golden_check=args.golden_check == "on")
+    worker = InferenceWorker(
+        policy,
+        pre,
+        post,
+        robot_id=args.robot_id,
+        seed=args.seed,
+        backend=backend,
+        task=args.task or env_task(env),
+        tensorrt_settings=trt_settings,
+        golden_check=args.golden_check == "on",
+    )
     logging.info("inference backend: %s", worker.backend)
     writer = RecordWriter(spool, args.robot_id, stats)
     clock = SyncClock(args.robot_id)
@@ -151,35 +185,53 @@ def run(args) -> int:
         time.sleep(0.1)
     left = spool.stats()["records"]
     if left:
-        logging.warning("%d records still unacked after %.0fs: they stay in %s for the next run", left,
-                        args.drain_timeout, spool_dir)
+        logging.warning(
+            "%d records still unacked after %.0fs: they stay in %s for the next run",
+            left,
+            args.drain_timeout,
+            spool_dir,
+        )
     uploader.stop()
     subscriber.stop()
     heartbeat.stop()
     summary = {
-        "robot_id": args.robot_id, "mode": args.mode, "backend": worker.backend, "control_hz": args.control_hz,
+        "robot_id": args.robot_id,
+        "mode": args.mode,
+        "backend": worker.backend,
+        "control_hz": args.control_hz,
         "control_seconds": control_seconds,
         **stats.summary(),
-        "records_sent": uploader.sent, "records_resent": uploader.resent, "records_acked": uploader.acked,
-        "records_duplicate_acks": uploader.duplicates, "records_refused": dict(uploader.refused),
-        "records_left_in_spool": left, "policy_version": worker.version,
-        "policy_swaps": len(worker.swap_times), "versions_rejected": subscriber.rejected,
+        "records_sent": uploader.sent,
+        "records_resent": uploader.resent,
+        "records_acked": uploader.acked,
+        "records_duplicate_acks": uploader.duplicates,
+        "records_refused": dict(uploader.refused),
+        "records_left_in_spool": left,
+        "policy_version": worker.version,
+        "policy_swaps": len(worker.swap_times),
+        "versions_rejected": subscriber.rejected,
         "backend_fallbacks": [f.__dict__ for f in worker.fallbacks],
         "versions_refused_by_worker": worker.refused,
         "sync_latencies_s": [lat for _, lat in subscriber.received],
     }
     if args.stats_file:
         write_json(Path(args.stats_file), summary)
-    logging.info("edge %s done: %s", args.robot_id, json.dumps({k: v for k, v in summary.items()
-                                                                 if k != "sync_latencies_s"}))
+    logging.info(
+        "edge %s done: %s", args.robot_id, json.dumps({k: v for k, v in summary.items() if k != "sync_latencies_s"})
+    )
     spool.close()
     return 0
 
 
 def main() -> None:
-    args = build_parser().parse_args()
-    if args.control_hz <= 0:
-        build_parser().error("--control-hz must be > 0")
+    parser = build_parser()
+    args = parser.parse_args()
+    check_bounds(
+        parser,
+        args,
+        at_least={"num_envs": 1, "episodes": 1, "spool_max_records": 1, "drain_timeout": 0, "metrics_port": 0},
+        above={"control_hz": 0, "duration": 0},
+    )
     run_cli(lambda: run(args))
 
 

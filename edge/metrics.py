@@ -10,18 +10,28 @@ from prometheus_client import Counter, Gauge, Histogram
 from edge.spool import QUARANTINE_DIR
 
 TICKS = Counter("pirl_edge_ticks_total", "Control ticks", ["robot_id"])
-DEADLINE_MISSES = Counter("pirl_edge_tick_deadline_misses_total", "Ticks that started late or had no action ready", ["robot_id"])
+DEADLINE_MISSES = Counter(
+    "pirl_edge_tick_deadline_misses_total", "Ticks that started late or had no action ready", ["robot_id"]
+)
 CONTROL_RATE = Gauge("pirl_edge_control_rate_hz", "Achieved control rate over the last second", ["robot_id"])
 # the rate the paced loop aims at (--control-hz), so one alert rule serves robots with different rates
-CONTROL_TARGET = Gauge("pirl_edge_control_target_hz", "Control rate the paced loop aims at (--control-hz)", ["robot_id"])
+CONTROL_TARGET = Gauge(
+    "pirl_edge_control_target_hz", "Control rate the paced loop aims at (--control-hz)", ["robot_id"]
+)
 INFERENCE_LATENCY = Histogram(
-    "pirl_edge_inference_latency_seconds", "One chunk inference (prefix + K denoise steps)", ["robot_id", "backend"],
+    "pirl_edge_inference_latency_seconds",
+    "One chunk inference (prefix + K denoise steps)",
+    ["robot_id", "backend"],
     buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5),
 )
 POLICY_VERSION = Gauge("pirl_edge_policy_version", "Policy version the control loop runs", ["robot_id"])
-SECONDS_SINCE_SYNC = Gauge("pirl_edge_seconds_since_last_sync", "Seconds since the last successful learner contact", ["robot_id"])
+SECONDS_SINCE_SYNC = Gauge(
+    "pirl_edge_seconds_since_last_sync", "Seconds since the last successful learner contact", ["robot_id"]
+)
 SYNC_LATENCY = Histogram(
-    "pirl_edge_sync_latency_seconds", "Publish-to-serving latency of a new policy version", ["robot_id"],
+    "pirl_edge_sync_latency_seconds",
+    "Publish-to-serving latency of a new policy version",
+    ["robot_id"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
 )
 SPOOL_RECORDS = Gauge("pirl_edge_spool_records", "Rollout records waiting in the spool", ["robot_id"])
@@ -30,39 +40,67 @@ SPOOL_OLDEST_AGE = Gauge("pirl_edge_spool_oldest_record_age_seconds", "Age of th
 # A gauge of what sits in quarantine/ (never deleted automatically, so it survives restarts: most
 # quarantining happens when the spool is opened after a crash, where a counter born at N shows no
 # increase()), and a counter of what this process moved there.
-SPOOL_QUARANTINE_FILES = Gauge("pirl_edge_spool_quarantine_files",
-                               "Files in the spool's quarantine/ directory: records lost to corruption (torn or "
-                               "corrupted files, never uploaded), kept until someone removes them", ["robot_id"])
-SPOOL_QUARANTINED = Counter("pirl_edge_spool_quarantined_total",
-                            "Spool files this process moved to quarantine/ (at open or when read)", ["robot_id"])
+SPOOL_QUARANTINE_FILES = Gauge(
+    "pirl_edge_spool_quarantine_files",
+    "Files in the spool's quarantine/ directory: records lost to corruption (torn or "
+    "corrupted files, never uploaded), kept until someone removes them",
+    ["robot_id"],
+)
+SPOOL_QUARANTINED = Counter(
+    "pirl_edge_spool_quarantined_total",
+    "Spool files this process moved to quarantine/ (at open or when read)",
+    ["robot_id"],
+)
 RECORDS_SENT = Counter("pirl_edge_records_sent_total", "Records sent to the learner (resends included)", ["robot_id"])
 RECORDS_ACKED = Counter("pirl_edge_records_acked_total", "Records acked by the learner", ["robot_id"])
 RECORDS_REFUSED = Counter("pirl_edge_records_refused_total", "Records not kept, by reason", ["robot_id", "reason"])
 BACKEND = Gauge("pirl_edge_backend_info", "Inference backend in use (1 for the active one)", ["robot_id", "backend"])
-BACKEND_REQUESTED = Gauge("pirl_edge_backend_requested_info", "Inference backend asked for with --backend (1 for it)",
-                          ["robot_id", "backend"])
-BACKEND_FALLBACKS = Counter("pirl_edge_backend_fallbacks_total",
-                            "A requested backend could not load and a slower one serves instead, by the backend that failed",
-                            ["robot_id", "backend"])
-SWAP_FAILURES = Counter("pirl_edge_swap_failures_total",
-                        "Policy versions refused (hash mismatch, load error, backend prepare error, golden-input mismatch)",
-                        ["robot_id"])
+BACKEND_REQUESTED = Gauge(
+    "pirl_edge_backend_requested_info", "Inference backend asked for with --backend (1 for it)", ["robot_id", "backend"]
+)
+BACKEND_FALLBACKS = Counter(
+    "pirl_edge_backend_fallbacks_total",
+    "A requested backend could not load and a slower one serves instead, by the backend that failed",
+    ["robot_id", "backend"],
+)
+SWAP_FAILURES = Counter(
+    "pirl_edge_swap_failures_total",
+    "Policy versions refused (hash mismatch, load error, backend prepare error, golden-input mismatch)",
+    ["robot_id"],
+)
 PREPARE_SECONDS = Histogram(
-    "pirl_edge_backend_prepare_seconds", "Preparing the spare backend for a new version, off the control thread "
-    "(a new ONNX Runtime session; a TensorRT refit, build or engine load)", ["robot_id", "backend"],
+    "pirl_edge_backend_prepare_seconds",
+    "Preparing the spare backend for a new version, off the control thread "
+    "(a new ONNX Runtime session; a TensorRT refit, build or engine load)",
+    ["robot_id", "backend"],
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 1800),
 )
-TRT_REFITS = Counter("pirl_edge_tensorrt_refits_total", "New versions served by refitting a TensorRT engine", ["robot_id"])
-TRT_BUILDS = Counter("pirl_edge_tensorrt_builds_total", "New versions that needed a TensorRT engine build", ["robot_id"])
-TRT_LOADS = Counter("pirl_edge_tensorrt_engine_loads_total",
-                    "New versions served by an engine built for exactly them (the learner's, or cached)", ["robot_id"])
-TRT_REFIT_FAILURES = Counter("pirl_edge_tensorrt_refit_failures_total",
-                             "TensorRT refits that failed (a build or cached engine was used instead)", ["robot_id"])
+TRT_REFITS = Counter(
+    "pirl_edge_tensorrt_refits_total", "New versions served by refitting a TensorRT engine", ["robot_id"]
+)
+TRT_BUILDS = Counter(
+    "pirl_edge_tensorrt_builds_total", "New versions that needed a TensorRT engine build", ["robot_id"]
+)
+TRT_LOADS = Counter(
+    "pirl_edge_tensorrt_engine_loads_total",
+    "New versions served by an engine built for exactly them (the learner's, or cached)",
+    ["robot_id"],
+)
+TRT_REFIT_FAILURES = Counter(
+    "pirl_edge_tensorrt_refit_failures_total",
+    "TensorRT refits that failed (a build or cached engine was used instead)",
+    ["robot_id"],
+)
 SWAPS = Counter("pirl_edge_policy_swaps_total", "Policy versions swapped in", ["robot_id"])
 
 
-_TRT_METHOD_COUNTERS = {"refit": TRT_REFITS, "cache_refit": TRT_REFITS, "build": TRT_BUILDS, "cache": TRT_LOADS,
-                        "published": TRT_LOADS}
+_TRT_METHOD_COUNTERS = {
+    "refit": TRT_REFITS,
+    "cache_refit": TRT_REFITS,
+    "build": TRT_BUILDS,
+    "cache": TRT_LOADS,
+    "published": TRT_LOADS,
+}
 
 
 def record_prepare(robot_id: str, backend: str, entry: dict) -> None:

@@ -31,8 +31,9 @@ class Decision:
     actions: np.ndarray  # [n_action_steps, action_dim] env actions (un-normalised)
 
     @classmethod
-    def from_sample(cls, version: int, obs: dict[str, torch.Tensor], sample, env_actions: np.ndarray, i: int,
-                    n_action_steps: int) -> "Decision":
+    def from_sample(
+        cls, version: int, obs: dict[str, torch.Tensor], sample, env_actions: np.ndarray, i: int, n_action_steps: int
+    ) -> Decision:
         """Row ``i`` of ``sample`` (an ``edge.backends.Sampled``)."""
         return cls(
             version=version,
@@ -60,10 +61,21 @@ class Outcome:
 
 def make_record(robot_id: str, seq: int, episode_id: str, step_index: int, d: Decision, o: Outcome) -> bytes:
     rec = pirl_pb2.RolloutRecord(
-        robot_id=robot_id, episode_id=episode_id, sequence=seq, step_index=step_index, policy_version=d.version,
-        chain=to_tensor_msg(d.chain), stochastic=to_tensor_msg(d.stochastic), noise_level=d.noise_level,
-        log_prob=d.log_prob, value=d.value, reward=o.reward, terminated=o.terminated, truncated=o.truncated,
-        success=o.success, env_steps=o.env_steps,
+        robot_id=robot_id,
+        episode_id=episode_id,
+        sequence=seq,
+        step_index=step_index,
+        policy_version=d.version,
+        chain=to_tensor_msg(d.chain),
+        stochastic=to_tensor_msg(d.stochastic),
+        noise_level=d.noise_level,
+        log_prob=d.log_prob,
+        value=d.value,
+        reward=o.reward,
+        terminated=o.terminated,
+        truncated=o.truncated,
+        success=o.success,
+        env_steps=o.env_steps,
     )
     for k, v in d.observation.items():
         rec.observation[k].CopyFrom(to_tensor_msg(v))

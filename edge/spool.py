@@ -1,4 +1,4 @@
-"""Crash-safe on-disk spool of rollout records (DESIGN.md, "One rollout's life", step 5).
+"""Crash-safe on-disk spool of rollout records (docs/runtime.md, "One rollout's life", step 4).
 
 Every rollout record the robot produces goes here first; the uploader streams records to the learner
 and deletes each one only after the learner acked it. Unacked records survive crashes (kill -9),
@@ -38,6 +38,7 @@ Appends are serialised among themselves (sequence numbers reach the index in ord
 from __future__ import annotations
 
 import bisect
+import contextlib
 import errno
 import logging
 import os
@@ -83,8 +84,8 @@ HWM_NAME = "spool.hwm"
 LOCK_NAME = "spool.lock"
 QUARANTINE_DIR = "quarantine"
 _SEQ_DIGITS = 20  # enough for any u64
-_RECORD_RE = re.compile(r"^(\d{%d})\.rec$" % _SEQ_DIGITS)
-_LEADING_SEQ_RE = re.compile(r"^(\d{%d})\." % _SEQ_DIGITS)
+_RECORD_RE = re.compile(rf"^(\d{{{_SEQ_DIGITS}}})\.rec$")
+_LEADING_SEQ_RE = re.compile(rf"^(\d{{{_SEQ_DIGITS}}})\.")
 _MAX_SEQ = (1 << 63) - 1  # the wire type is int64
 
 # indirections so tests can move the clocks
@@ -102,8 +103,16 @@ class SpoolFullError(SpoolError):
     No sequence number was consumed; the caller counts the refusal (a metric) and carries on.
     """
 
-    def __init__(self, message: str, *, records: int, bytes_: int, max_records: int, max_bytes: int,
-                 record_bytes: int | None = None):
+    def __init__(
+        self,
+        message: str,
+        *,
+        records: int,
+        bytes_: int,
+        max_records: int,
+        max_bytes: int,
+        record_bytes: int | None = None,
+    ):
         super().__init__(message)
         self.records = records
         self.bytes = bytes_
@@ -120,7 +129,7 @@ class SpoolLockedError(SpoolError):
     """Another Spool (this process or another one) has the directory open."""
 
 
-class _Corrupt(Exception):
+class _CorruptError(Exception):
     pass
 
 
@@ -129,28 +138,29 @@ def _record_name(seq: int) -> str:
 
 
 def _encode(seq: int, payload: bytes, wall_time: float) -> bytes:
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, seq, len(payload), wall_time,
-                        zlib.crc32(payload), 0)[:_HEADER_CRC_SPAN]
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, HEADER_SIZE, seq, len(payload), wall_time, zlib.crc32(payload), 0)[
+        :_HEADER_CRC_SPAN
+    ]
     return head + struct.pack("<I", zlib.crc32(head)) + payload
 
 
 def _decode_header(head: bytes, expected_seq: int, file_size: int) -> tuple[int, float, int]:
     """Check a header; return (payload length, wall-clock write time, payload crc32)."""
     if len(head) < HEADER_SIZE:
-        raise _Corrupt(f"truncated header ({len(head)} of {HEADER_SIZE} bytes)")
+        raise _CorruptError(f"truncated header ({len(head)} of {HEADER_SIZE} bytes)")
     magic, fmt, hsize, seq, plen, wall, pcrc, hcrc = _HEADER.unpack_from(head)
     if magic != MAGIC:
-        raise _Corrupt(f"bad magic {magic!r}")
+        raise _CorruptError(f"bad magic {magic!r}")
     if zlib.crc32(head[:_HEADER_CRC_SPAN]) != hcrc:
-        raise _Corrupt("header crc mismatch")
+        raise _CorruptError("header crc mismatch")
     if fmt != FORMAT_VERSION:
-        raise _Corrupt(f"unknown format version {fmt}")
+        raise _CorruptError(f"unknown format version {fmt}")
     if hsize != HEADER_SIZE:
-        raise _Corrupt(f"unexpected header size {hsize}")
+        raise _CorruptError(f"unexpected header size {hsize}")
     if seq != expected_seq:
-        raise _Corrupt(f"header sequence {seq} does not match the file name ({expected_seq})")
+        raise _CorruptError(f"header sequence {seq} does not match the file name ({expected_seq})")
     if HEADER_SIZE + plen != file_size:
-        raise _Corrupt(f"file is {file_size} bytes, header says {HEADER_SIZE + plen} (torn or truncated)")
+        raise _CorruptError(f"file is {file_size} bytes, header says {HEADER_SIZE + plen} (torn or truncated)")
     return plen, wall, pcrc
 
 
@@ -159,7 +169,7 @@ def _decode(data: bytes, expected_seq: int) -> tuple[bytes, float]:
     plen, wall, pcrc = _decode_header(data[:HEADER_SIZE], expected_seq, len(data))
     payload = data[HEADER_SIZE:]
     if zlib.crc32(payload) != pcrc:
-        raise _Corrupt("payload crc mismatch")
+        raise _CorruptError("payload crc mismatch")
     return payload, wall
 
 
@@ -182,9 +192,16 @@ class Spool:
     found it; an exception it raises is logged and ignored.
     """
 
-    def __init__(self, directory: str | os.PathLike, *, max_records: int = 100_000, max_bytes: int = 1 << 30,
-                 fsync: bool = True, verify_on_open: bool = True,
-                 on_quarantine: Callable[[Path], None] | None = None):
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        max_records: int = 100_000,
+        max_bytes: int = 1 << 30,
+        fsync: bool = True,
+        verify_on_open: bool = True,
+        on_quarantine: Callable[[Path], None] | None = None,
+    ):
         if max_records < 1:
             raise ValueError(f"max_records must be >= 1, got {max_records}")
         if max_bytes < HEADER_SIZE + 1:
@@ -196,9 +213,9 @@ class Spool:
         self._qdir = self.directory / QUARANTINE_DIR
         self._on_quarantine = on_quarantine
 
-        self._lock = threading.Lock()          # the index below
-        self._append_lock = threading.Lock()   # serialises appends
-        self._hwm_lock = threading.Lock()      # serialises high-water-mark writes
+        self._lock = threading.Lock()  # the index below
+        self._append_lock = threading.Lock()  # serialises appends
+        self._hwm_lock = threading.Lock()  # serialises high-water-mark writes
         # index: seq -> (file bytes, monotonic-clock write time); _order holds the seqs in ascending
         # order, acked ones are dropped lazily (skipped, compacted from time to time)
         self._index: dict[int, tuple[int, float]] = {}
@@ -206,7 +223,7 @@ class Spool:
         self._head = 0
         self._bytes = 0
         self._next_seq = 0
-        self._hwm_durable = 0   # every seq below this is covered by the durable high-water mark
+        self._hwm_durable = 0  # every seq below this is covered by the durable high-water mark
         self._quarantined = 0
         self._closed = False
         self._dir_fd: int | None = None
@@ -220,7 +237,9 @@ class Spool:
                     fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except OSError as e:
                     if e.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                        raise SpoolLockedError(f"spool {self.directory} is already open (by this or another process)") from e
+                        raise SpoolLockedError(
+                            f"spool {self.directory} is already open (by this or another process)"
+                        ) from e
                     raise
             self._dir_fd = os.open(self.directory, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
             self._load(verify_on_open)
@@ -240,10 +259,8 @@ class Spool:
                 if m:
                     max_seen = max(max_seen, int(m.group(1)))
                 log.info("spool %s: removing leftover temporary file %s", self.directory, name)
-                try:
+                with contextlib.suppress(FileNotFoundError):
                     os.unlink(entry.path)
-                except FileNotFoundError:
-                    pass
                 continue
             m = _RECORD_RE.match(name)
             if m and entry.is_file(follow_symlinks=False):
@@ -267,7 +284,7 @@ class Spool:
             path = self.directory / _record_name(seq)
             try:
                 size, wall = self._check_file(path, seq, verify)
-            except _Corrupt as e:
+            except _CorruptError as e:
                 self._quarantine_file(path, seq, str(e))
                 continue
             except FileNotFoundError:
@@ -280,8 +297,13 @@ class Spool:
         if self._quarantined:
             log.warning("spool %s: %d file(s) in %s", self.directory, self._quarantined, self._qdir)
         self._fsync_dir()  # make the temp-file removals / quarantine moves durable
-        log.info("spool %s opened: %d record(s), %d bytes, next sequence %d",
-                 self.directory, len(self._index), self._bytes, self._next_seq)
+        log.info(
+            "spool %s opened: %d record(s), %d bytes, next sequence %d",
+            self.directory,
+            len(self._index),
+            self._bytes,
+            self._next_seq,
+        )
 
     @staticmethod
     def _check_file(path: Path, seq: int, verify: bool) -> tuple[int, float]:
@@ -303,15 +325,16 @@ class Spool:
             return 0
         try:
             if len(data) != _HWM.size:
-                raise _Corrupt(f"{len(data)} bytes, expected {_HWM.size}")
+                raise _CorruptError(f"{len(data)} bytes, expected {_HWM.size}")
             magic, fmt, _, value, crc = _HWM.unpack(data)
             if magic != _HWM_MAGIC or fmt != FORMAT_VERSION or zlib.crc32(data[:-4]) != crc:
-                raise _Corrupt("bad magic, version or crc")
+                raise _CorruptError("bad magic, version or crc")
             return int(value)
-        except _Corrupt as e:
+        except _CorruptError as e:
             # should not happen (atomic replace); fall back to what the files show, and keep the evidence
-            log.error("spool %s: high-water mark file is corrupt (%s); using the sequence numbers on disk",
-                      self.directory, e)
+            log.error(
+                "spool %s: high-water mark file is corrupt (%s); using the sequence numbers on disk", self.directory, e
+            )
             self._quarantine_file(path, None, str(e))
             return 0
 
@@ -337,10 +360,8 @@ class Spool:
                 os.close(fd)
             os.replace(tmp, self.directory / final_name)
         except BaseException:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
-            except FileNotFoundError:
-                pass
             raise
         self._fsync_dir()
 
@@ -395,8 +416,12 @@ class Spool:
         return SpoolFullError(
             f"spool {self.directory} is full, {what} was refused: {len(self._index)}/{self.max_records} records, "
             f"{self._bytes}/{self.max_bytes} bytes (learner unreachable or slower than the robot?)",
-            records=len(self._index), bytes_=self._bytes, max_records=self.max_records,
-            max_bytes=self.max_bytes, record_bytes=record_bytes)
+            records=len(self._index),
+            bytes_=self._bytes,
+            max_records=self.max_records,
+            max_bytes=self.max_bytes,
+            record_bytes=record_bytes,
+        )
 
     # ------------------------------------------------------------------ append
 
@@ -420,8 +445,10 @@ class Spool:
                 if seq is None:
                     seq = self._next_seq
                 elif seq < self._next_seq:
-                    raise ValueError(f"sequence {seq} is below the next sequence {self._next_seq}: "
-                                     "sequence numbers are strictly increasing and never reused")
+                    raise ValueError(
+                        f"sequence {seq} is below the next sequence {self._next_seq}: "
+                        "sequence numbers are strictly increasing and never reused"
+                    )
                 if seq > _MAX_SEQ:
                     raise OverflowError(f"sequence {seq} exceeds int64")
                 if len(self._index) >= self.max_records:
@@ -444,10 +471,8 @@ class Spool:
                 # final name (the directory fsync failed), and never hand this number out again
                 with self._lock:
                     self._next_seq = max(self._next_seq, seq + 1)
-                try:
+                with contextlib.suppress(OSError):
                     os.unlink(self.directory / _record_name(seq))
-                except OSError:
-                    pass
                 raise
             with self._lock:
                 self._index[seq] = (size, _monotonic())
@@ -517,7 +542,7 @@ class Spool:
         try:
             payload, _ = _decode(data, seq)
             return payload
-        except _Corrupt as e:
+        except _CorruptError as e:
             with self._lock:
                 meta = self._index.pop(seq, None)
                 if meta is None:
@@ -545,16 +570,16 @@ class Spool:
                 self._compact_locked()
             # a durable newer record still bounds the numbers from above; otherwise the high-water
             # mark must be durable before the newest record disappears (its own ack will see to that)
-            newer_kept = bool(self._order) and self._order[-1] in self._index and self._order[-1] > max(removed, default=-1)
+            newer_kept = (
+                bool(self._order) and self._order[-1] in self._index and self._order[-1] > max(removed, default=-1)
+            )
         if not removed:
             return 0
         if not newer_kept:
             self._ensure_hwm(max(removed))
         for s in removed:
-            try:
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.directory / _record_name(s))
-            except FileNotFoundError:
-                pass
         # no directory fsync: an unlink lost in a power cut only means the record is sent again,
         # and the learner acks duplicates idempotently
         return len(removed)
@@ -564,7 +589,7 @@ class Spool:
         with self._lock:
             self._check_open()
             end = bisect.bisect_right(self._order, seq)
-            seqs = [s for s in self._order[self._head:end] if s in self._index]
+            seqs = [s for s in self._order[self._head : end] if s in self._index]
         return self.ack_many(seqs)
 
     def _compact_locked(self) -> None:
@@ -576,7 +601,7 @@ class Spool:
             order.clear()
             self._head = 0
         elif dead > 1024 and dead > len(index):
-            self._order = [s for s in order[self._head:] if s in index]
+            self._order = [s for s in order[self._head :] if s in index]
             self._head = 0
 
     # ------------------------------------------------------------------ stats / lifecycle
@@ -613,10 +638,8 @@ class Spool:
             fd = getattr(self, attr)
             if fd is not None:
                 setattr(self, attr, None)
-                try:
+                with contextlib.suppress(OSError):
                     os.close(fd)  # closing the lock fd releases the flock
-                except OSError:
-                    pass
 
     def close(self) -> None:
         """Release the directory. Idempotent; the spool refuses further use."""
@@ -631,7 +654,7 @@ class Spool:
     def closed(self) -> bool:
         return self._closed
 
-    def __enter__(self) -> "Spool":
+    def __enter__(self) -> Spool:
         return self
 
     def __exit__(self, *exc) -> None:

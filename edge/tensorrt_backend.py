@@ -10,8 +10,8 @@ and how long it took are in ``last_prepare`` (the worker logs them, exports
 graph is captured again, on the warm-up run here, off the control thread.
 
 Prerequisites: ``tensorrt`` with its builder and ONNX parser, and a CUDA device; without them the
-constructor raises ``TensorRTUnavailable`` and ``choose_backend`` falls back to ONNX Runtime.
-Not run on a GPU where this was written (none available); see lerobot_policy_pi_rl/trt_engine.py.
+constructor raises ``TensorRTUnavailableError`` and ``choose_backend`` falls back to ONNX Runtime.
+Which tests cover it with and without a GPU: pirl/export/trt_engine.py.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from edge.backends import GOLDEN_TOLERANCES, ExportStore, Sampled
-from lerobot_policy_pi_rl.trt_engine import EngineManager, EngineRunner, PreparedEngine, TensorRTSettings
+from pirl.export.trt_engine import EngineManager, EngineRunner, PreparedEngine, TensorRTSettings
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,18 @@ log = logging.getLogger(__name__)
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, policy, workdir: Path | None = None, *, settings: TensorRTSettings | None = None,
-                 manager: EngineManager | None = None, runner_factory=None):
+    def __init__(
+        self,
+        policy,
+        workdir: Path | None = None,
+        *,
+        settings: TensorRTSettings | None = None,
+        manager: EngineManager | None = None,
+        runner_factory=None,
+    ):
         self.policy = policy
         self.settings = settings or (manager.settings if manager is not None else TensorRTSettings())
-        self.manager = manager if manager is not None else EngineManager(self.settings)  # TensorRTUnavailable
+        self.manager = manager if manager is not None else EngineManager(self.settings)  # TensorRTUnavailableError
         self.runner_factory = runner_factory or EngineRunner
         self.exports = ExportStore(workdir)
         self.manifest: dict | None = None
@@ -56,7 +63,7 @@ class TensorRTBackend:
         return TensorRTBackend(policy, settings=self.settings, manager=self.manager, runner_factory=self.runner_factory)
 
     def prepare(self, version: int, files: dict[str, bytes] | None = None) -> None:
-        from lerobot_policy_pi_rl.export import load_manifest, verify_artifacts
+        from pirl.export.onnx_export import load_manifest, verify_artifacts
 
         started = time.perf_counter()
         root, manifest = load_manifest(self.exports.materialise(self.policy, version, files))
@@ -85,10 +92,16 @@ class TensorRTBackend:
         self.sample(obs, initial, step, stochastic, level)
 
     def sample(self, obs, initial, step, stochastic, noise_level) -> Sampled:
-        from lerobot_policy_pi_rl.export import make_feeds
+        from pirl.export.onnx_export import make_feeds
 
-        feeds = make_feeds(self.manifest, {k: v.cpu().numpy() for k, v in obs.items()}, initial.cpu().numpy(),
-                           step.cpu().numpy(), stochastic.cpu().numpy(), noise_level.cpu().numpy())
+        feeds = make_feeds(
+            self.manifest,
+            {k: v.cpu().numpy() for k, v in obs.items()},
+            initial.cpu().numpy(),
+            step.cpu().numpy(),
+            stochastic.cpu().numpy(),
+            noise_level.cpu().numpy(),
+        )
         out = self._runner.run(feeds)
         t = {k: torch.from_numpy(v) for k, v in out.items()}
         return Sampled(t["actions"], t["chain"], stochastic, t["log_prob"], t["value"], noise_level)

@@ -42,7 +42,7 @@ _CHUNK = 1 << 20
 T = TypeVar("T")
 
 
-class CheckpointRefused(Exception):
+class CheckpointRefusedError(Exception):
     """A checkpoint that must not be resumed from; ``reason`` is the metric label (low cardinality)."""
 
     def __init__(self, reason: str, message: str):
@@ -51,7 +51,7 @@ class CheckpointRefused(Exception):
         self.reason, self.message = reason, message
 
 
-class NoIntactCheckpoint(ValueError):
+class NoIntactCheckpointError(ValueError):
     """Every checkpoint was refused (a ValueError: the CLI prints it as one ``error:`` line, exit 2)."""
 
 
@@ -123,8 +123,9 @@ def write_manifest(directory: str | Path) -> dict:
 def _read_manifest(directory: Path) -> dict[str, dict]:
     path = directory / MANIFEST
     if not path.is_file():
-        raise CheckpointRefused("missing_manifest", f"no {MANIFEST} (the save never completed, or the "
-                                "checkpoint predates manifests)")
+        raise CheckpointRefusedError(
+            "missing_manifest", f"no {MANIFEST} (the save never completed, or the checkpoint predates manifests)"
+        )
     try:
         doc = json.loads(path.read_bytes())
         files = doc["files"]
@@ -137,30 +138,33 @@ def _read_manifest(directory: Path) -> dict[str, dict]:
             if not (isinstance(entry["sha256"], str) and isinstance(entry["size"], int)):
                 raise ValueError(f"entry of {rel!r} is not {{sha256, size}}")
     except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSONDecodeError, UnicodeDecodeError too
-        raise CheckpointRefused("bad_manifest", f"{MANIFEST} is unreadable ({e})") from None
+        raise CheckpointRefusedError("bad_manifest", f"{MANIFEST} is unreadable ({e})") from None
     return files
 
 
 def verify(directory: str | Path) -> None:
     """Return if every file of the checkpoint matches its manifest (no file missing, none added,
-    same sizes and sha256); else raise CheckpointRefused naming the first difference."""
+    same sizes and sha256); else raise CheckpointRefusedError naming the first difference."""
     directory = Path(directory)
     files = _read_manifest(directory)
     present = set(_files(directory))
     missing = sorted(set(files) - present)
     if missing:
-        raise CheckpointRefused("missing_file", f"{missing[0]} is missing ({len(missing)} file(s) listed in "
-                                f"{MANIFEST} are absent)")
+        raise CheckpointRefusedError(
+            "missing_file", f"{missing[0]} is missing ({len(missing)} file(s) listed in {MANIFEST} are absent)"
+        )
     extra = sorted(present - set(files))
     if extra:  # written after the manifest: the checkpoint is not what was saved
-        raise CheckpointRefused("unexpected_file", f"{extra[0]} is not in {MANIFEST} ({len(extra)} such file(s))")
+        raise CheckpointRefusedError("unexpected_file", f"{extra[0]} is not in {MANIFEST} ({len(extra)} such file(s))")
     for rel in sorted(files):  # sizes first: cheap, and a truncated file needs no hashing
         size = (directory / rel).stat().st_size
         if size != files[rel]["size"]:
-            raise CheckpointRefused("hash_mismatch", f"{rel} has {size} bytes, {MANIFEST} says {files[rel]['size']}")
+            raise CheckpointRefusedError(
+                "hash_mismatch", f"{rel} has {size} bytes, {MANIFEST} says {files[rel]['size']}"
+            )
     for rel in sorted(files):
         if _hash(directory / rel)[0] != files[rel]["sha256"]:
-            raise CheckpointRefused("hash_mismatch", f"{rel} sha256 mismatch")
+            raise CheckpointRefusedError("hash_mismatch", f"{rel} sha256 mismatch")
 
 
 # --- the checkpoints folder -----------------------------------------------------------------------
@@ -171,8 +175,9 @@ def numbered(directory: str | Path) -> list[Path]:
     directory = Path(directory)
     if not directory.is_dir():
         return []
-    return sorted((p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name),
-                  reverse=True)
+    return sorted(
+        (p for p in directory.iterdir() if p.name.isdigit() and p.is_dir()), key=lambda p: int(p.name), reverse=True
+    )
 
 
 def remove_partials(directory: str | Path) -> None:
@@ -229,7 +234,7 @@ class CheckpointPicker:
         self._queue = numbered(self.directory)
         self.total = len(self._queue)
         self._current: Path | None = None
-        self.refused: list[tuple[Path, CheckpointRefused]] = []
+        self.refused: list[tuple[Path, CheckpointRefusedError]] = []
 
     def current(self) -> Path | None:
         """The newest checkpoint not refused so far that verifies; None when none is left."""
@@ -237,7 +242,7 @@ class CheckpointPicker:
             ckpt = self._queue.pop(0)
             try:
                 verify(ckpt)
-            except CheckpointRefused as e:
+            except CheckpointRefusedError as e:
                 self._refuse(ckpt, e)
             else:
                 self._current = ckpt
@@ -245,24 +250,31 @@ class CheckpointPicker:
 
     def load(self, loader: Callable[[Path], T]) -> T:
         """``loader(checkpoint)`` for the newest intact checkpoint it succeeds on; raise
-        NoIntactCheckpoint when every checkpoint is refused."""
+        NoIntactCheckpointError when every checkpoint is refused."""
         while (ckpt := self.current()) is not None:
             try:
                 return loader(ckpt)
             except Exception as e:  # noqa: BLE001  whatever a loader raises, this checkpoint is unusable
                 self._current = None
-                self._refuse(ckpt, CheckpointRefused("load_error", f"it does not load ({type(e).__name__}: {e})"))
+                self._refuse(ckpt, CheckpointRefusedError("load_error", f"it does not load ({type(e).__name__}: {e})"))
         reasons = ", ".join(f"{p.name}: {e.reason}" for p, e in self.refused)
         unsigned = [p for p, e in self.refused if e.reason == "missing_manifest"]
-        adopt = (f"; a checkpoint written before checkpoints carried manifests can be trusted explicitly, after "
-                 f"checking it yourself: python -c \"from learner.checkpoints import write_manifest; "
-                 f"write_manifest('{unsigned[0]}')\"") if unsigned else ""
-        raise NoIntactCheckpoint(
+        adopt = (
+            (
+                f"; a checkpoint written before checkpoints carried manifests can be trusted explicitly, after "
+                f'checking it yourself: python -c "from learner.checkpoints import write_manifest; '
+                f"write_manifest('{unsigned[0]}')\""
+            )
+            if unsigned
+            else ""
+        )
+        raise NoIntactCheckpointError(
             f"--resume: none of the {self.total} checkpoint(s) in {self.directory} is intact ({reasons}); restore "
             f"one from a backup, or move the folder away and start from --policy-path (version numbers continue "
-            f"above the last published one, recorded in {self.directory.parent / HIGH_WATER}){adopt}")
+            f"above the last published one, recorded in {self.directory.parent / HIGH_WATER}){adopt}"
+        )
 
-    def _refuse(self, ckpt: Path, e: CheckpointRefused) -> None:
+    def _refuse(self, ckpt: Path, e: CheckpointRefusedError) -> None:
         self.refused.append((ckpt, e))
         metrics.LEARNER_CHECKPOINTS_REFUSED.labels(reason=e.reason).inc()
         then = "trying the previous one" if self._queue else "no older checkpoint left"
@@ -280,8 +292,11 @@ class CheckpointPicker:
             ckpt.rename(target)
             moved.append(target.name)
         if moved:
-            log.warning("refused checkpoint(s) set aside in %s as %s (kept for inspection: delete them when done)",
-                        self.directory, ", ".join(moved))
+            log.warning(
+                "refused checkpoint(s) set aside in %s as %s (kept for inspection: delete them when done)",
+                self.directory,
+                ", ".join(moved),
+            )
         self.refused.clear()
         if self._current is not None:
             point_last(self.directory, self._current.name)
@@ -310,8 +325,9 @@ def read_high_water(output_dir: str | Path) -> int | None:
     try:
         recorded = int(json.loads(path.read_bytes())["max_published_version"])
     except (ValueError, KeyError, TypeError) as e:
-        log.warning("%s is unreadable (%s): taking the highest version found on disk, %s, as published", path, e,
-                    on_disk)
+        log.warning(
+            "%s is unreadable (%s): taking the highest version found on disk, %s, as published", path, e, on_disk
+        )
         return on_disk or 0  # the file exists: at least version 0 was published
     return max(recorded, on_disk or 0)
 

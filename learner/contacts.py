@@ -46,8 +46,11 @@ class RobotContacts:
             seen = {str(k): float(v) for k, v in data["last_seen_unix_s"].items()}
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             # our own file, damaged (e.g. a full disk): losing it only loses the restart memory
-            log.warning("ignoring %s (%s): robots seen before this start are not reported as stale until they call",
-                        self.path, e)
+            log.warning(
+                "ignoring %s (%s): robots seen before this start are not reported as stale until they call",
+                self.path,
+                e,
+            )
             return {}
         dropped = sorted(set(seen) - self._fleet)
         if dropped:  # removed from the tokens file: no longer part of the fleet, no longer watched

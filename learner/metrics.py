@@ -12,24 +12,33 @@ REJECT_REASONS = refusals.REASONS
 LEARNER_DUPLICATES = Counter("pirl_learner_rollouts_duplicate_total", "Resent records acked again as duplicates")
 # set whenever a robot registers, heartbeats, subscribes or streams a record: a stopped edge's own
 # /metrics disappears with it, so "sync stale" for a robot that is down is seen from here
-LEARNER_ROBOT_LAST_SEEN = Gauge("pirl_learner_robot_last_seen_timestamp_seconds",
-                                "Unix time of the last authenticated call or record from this robot", ["robot_id"])
+LEARNER_ROBOT_LAST_SEEN = Gauge(
+    "pirl_learner_robot_last_seen_timestamp_seconds",
+    "Unix time of the last authenticated call or record from this robot",
+    ["robot_id"],
+)
 LEARNER_CONNECTED = Gauge("pirl_learner_connected_robots", "Robots with an open rollout stream")
 # per-robot stream limits (learner/streams.py): a robot over its limit is refused, the others are not
 LEARNER_STREAMS_OPEN = Gauge("pirl_learner_streams_open", "Open long-lived calls, by RPC", ["rpc"])
-LEARNER_STREAMS_REFUSED = Counter("pirl_learner_streams_refused_total",
-                                  "Streaming calls refused because the robot already held its per-robot limit",
-                                  ["robot_id", "rpc"])
-LEARNER_STREAMS_IDLE_CLOSED = Counter("pirl_learner_streams_idle_closed_total",
-                                      "Rollout streams closed by the learner after carrying no record for the idle timeout",
-                                      ["rpc"])
+LEARNER_STREAMS_REFUSED = Counter(
+    "pirl_learner_streams_refused_total",
+    "Streaming calls refused because the robot already held its per-robot limit",
+    ["robot_id", "rpc"],
+)
+LEARNER_STREAMS_IDLE_CLOSED = Counter(
+    "pirl_learner_streams_idle_closed_total",
+    "Rollout streams closed by the learner after carrying no record for the idle timeout",
+    ["rpc"],
+)
 LEARNER_VERSION = Gauge("pirl_learner_policy_version", "Current policy version")
 LEARNER_UPDATE_SECONDS = Histogram(
-    "pirl_learner_update_duration_seconds", "Wall time of one PI-RL update",
+    "pirl_learner_update_duration_seconds",
+    "Wall time of one PI-RL update",
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
 )
 LEARNER_PUBLISH_SECONDS = Histogram(
-    "pirl_learner_publish_duration_seconds", "Export + checkpoint + publish of a new version",
+    "pirl_learner_publish_duration_seconds",
+    "Export + checkpoint + publish of a new version",
     buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
 LEARNER_EPISODES_PENDING = Gauge("pirl_learner_episodes_pending", "Complete episodes waiting for the next update")
@@ -45,8 +54,15 @@ EPISODE_RETURN = Gauge("pirl_learner_episode_return", "Mean episode return of th
 EVAL_SUCCESS = Gauge("pirl_learner_eval_success_ratio", "Deterministic-evaluation success of the current version")
 LEARNER_CHECKPOINTS_REFUSED = Counter(
     "pirl_learner_checkpoints_refused_total",
-    "Checkpoints refused at --resume (damaged or unloadable; an older one is tried), by reason", ["reason"],
+    "Checkpoints refused at --resume (damaged or unloadable; an older one is tried), by reason",
+    ["reason"],
 )
 # every reason learner/checkpoints.py refuses with; exported at 0 from the start like REJECT_REASONS
-CHECKPOINT_REFUSE_REASONS = ("missing_manifest", "bad_manifest", "missing_file", "unexpected_file", "hash_mismatch",
-                             "load_error")
+CHECKPOINT_REFUSE_REASONS = (
+    "missing_manifest",
+    "bad_manifest",
+    "missing_file",
+    "unexpected_file",
+    "hash_mismatch",
+    "load_error",
+)

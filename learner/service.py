@@ -68,8 +68,16 @@ class Publisher:
 
 
 class LearnerService:
-    def __init__(self, store: RolloutStore, publisher: Publisher, auth: TokenAuthenticator, *,
-                 max_record_bytes: int, contacts_path: Path | None = None, limits: StreamLimits | None = None):
+    def __init__(
+        self,
+        store: RolloutStore,
+        publisher: Publisher,
+        auth: TokenAuthenticator,
+        *,
+        max_record_bytes: int,
+        contacts_path: Path | None = None,
+        limits: StreamLimits | None = None,
+    ):
         self.store, self.publisher, self.auth = store, publisher, auth
         self.max_record_bytes = max_record_bytes
         self.limits = limits or StreamLimits()
@@ -94,8 +102,12 @@ class LearnerService:
         try:
             msg.ParseFromString(data)
         except DecodeError as e:
-            self._refuse(context, robot_id, RecordError(grpc.StatusCode.INVALID_ARGUMENT, "malformed",
-                                                        f"malformed {cls.__name__} protobuf: {e}"), record=record)
+            self._refuse(
+                context,
+                robot_id,
+                RecordError(grpc.StatusCode.INVALID_ARGUMENT, "malformed", f"malformed {cls.__name__} protobuf: {e}"),
+                record=record,
+            )
         return msg
 
     def _refuse(self, context, robot_id: str, e: RecordError, *, record: bool, sequence: int | None = None):
@@ -104,8 +116,14 @@ class LearnerService:
         drops a record (pirl.refusals); the details sent back are bounded in size."""
         metrics.LEARNER_REJECTED.labels(reason=e.reason).inc()
         self.store.reject(e.reason)
-        self._rejections.warning((robot_id, e.reason), "refused a %s from %s (%s): %s",
-                                 "record" if record else "request", robot_id or "?", e.reason, bounded(e.message, 300))
+        self._rejections.warning(
+            (robot_id, e.reason),
+            "refused a %s from %s (%s): %s",
+            "record" if record else "request",
+            robot_id or "?",
+            e.reason,
+            bounded(e.message, 300),
+        )
         if record and e.final:
             context.set_trailing_metadata(refusal_metadata(e.reason, sequence))
         context.abort(e.code, bounded(e.message))
@@ -125,8 +143,10 @@ class LearnerService:
         self._seen(robot_id)
         req = self._parse(cls, data, context, robot_id)
         if req.robot_id and req.robot_id != robot_id:
-            context.abort(grpc.StatusCode.PERMISSION_DENIED,
-                          f"robot_id {req.robot_id!r} does not match the token's robot {robot_id!r}")
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"robot_id {req.robot_id!r} does not match the token's robot {robot_id!r}",
+            )
         return robot_id, req
 
     def register(self, data: bytes, context) -> bytes:
@@ -134,8 +154,10 @@ class LearnerService:
         log.info("robot %s registered (backend %s, edge %s)", robot_id, req.backend, req.edge_version)
         self.store.forget_below(robot_id, req.lowest_pending_sequence)
         return pirl_pb2.RegisterResponse(
-            policy_version=self.store.version, next_sequence=self.store.next_sequence(robot_id),
-            max_version_lag=self.store.max_version_lag, max_record_bytes=self.max_record_bytes,
+            policy_version=self.store.version,
+            next_sequence=self.store.next_sequence(robot_id),
+            max_version_lag=self.store.max_version_lag,
+            max_record_bytes=self.max_record_bytes,
             spec=self.store.shapes.to_msg(),
         ).SerializeToString()
 
@@ -155,9 +177,16 @@ class LearnerService:
                 stream.touch()
                 self._seen(robot_id)
                 if len(data) > self.max_record_bytes:
-                    self._refuse(context, robot_id, RecordError(
-                        grpc.StatusCode.RESOURCE_EXHAUSTED, "oversized",
-                        f"record of {len(data)} bytes exceeds the limit of {self.max_record_bytes}"), record=True)
+                    self._refuse(
+                        context,
+                        robot_id,
+                        RecordError(
+                            grpc.StatusCode.RESOURCE_EXHAUSTED,
+                            "oversized",
+                            f"record of {len(data)} bytes exceeds the limit of {self.max_record_bytes}",
+                        ),
+                        record=True,
+                    )
                 rec = self._parse(pirl_pb2.RolloutRecord, data, context, robot_id, record=True)
                 try:
                     status = self.store.add(robot_id, rec, data)
@@ -203,8 +232,14 @@ def _raw(x):
     return x
 
 
-def build_server(service: LearnerService, address: str, *, credentials: grpc.ServerCredentials | None,
-                 max_message_bytes: int, workers: int | None = None) -> tuple[grpc.Server, int, health.HealthServicer]:
+def build_server(
+    service: LearnerService,
+    address: str,
+    *,
+    credentials: grpc.ServerCredentials | None,
+    max_message_bytes: int,
+    workers: int | None = None,
+) -> tuple[grpc.Server, int, health.HealthServicer]:
     """A gRPC server with the Learner and health services on ``address``; returns (server, port, health).
 
     ``workers``: concurrent calls admitted (each long-lived stream holds a thread); default: sized for
@@ -224,8 +259,9 @@ def build_server(service: LearnerService, address: str, *, credentials: grpc.Ser
     ]
     # every robot holds two long-lived streams (rollouts, policy subscription), each on a pool thread;
     # past maximum_concurrent_rpcs a call fails fast with RESOURCE_EXHAUSTED instead of queueing
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers), options=options,
-                         maximum_concurrent_rpcs=workers)
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers), options=options, maximum_concurrent_rpcs=workers
+    )
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
     health_servicer = health.HealthServicer()
     server.add_generic_rpc_handlers((health_check_only(health_servicer),))
@@ -240,11 +276,16 @@ def build_server(service: LearnerService, address: str, *, credentials: grpc.Ser
 def health_check_only(health_servicer: health.HealthServicer) -> grpc.GenericRpcHandler:
     """The health service's Check alone. Its Watch is a stream that anyone may open without a token:
     on the learner's port it would let an unauthenticated client hold every call slot."""
-    return grpc.method_handlers_generic_handler(HEALTH_SERVICE, {
-        "Check": grpc.unary_unary_rpc_method_handler(
-            health_servicer.Check, request_deserializer=health_pb2.HealthCheckRequest.FromString,
-            response_serializer=health_pb2.HealthCheckResponse.SerializeToString),
-    })
+    return grpc.method_handlers_generic_handler(
+        HEALTH_SERVICE,
+        {
+            "Check": grpc.unary_unary_rpc_method_handler(
+                health_servicer.Check,
+                request_deserializer=health_pb2.HealthCheckRequest.FromString,
+                response_serializer=health_pb2.HealthCheckResponse.SerializeToString,
+            ),
+        },
+    )
 
 
 def build_health_server(health_servicer: health.HealthServicer, address: str) -> tuple[grpc.Server, int]:
@@ -260,4 +301,3 @@ def build_health_server(health_servicer: health.HealthServicer, address: str) ->
     if port == 0:
         raise ValueError(f"could not bind the health port to {address}")
     return server, port
-

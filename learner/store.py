@@ -44,16 +44,24 @@ class PolicyShapes:
     token_limit: int = 0  # integer observations (token ids) must lie in [0, token_limit)
 
     @classmethod
-    def from_policy(cls, policy) -> "PolicyShapes":
+    def from_policy(cls, policy) -> PolicyShapes:
         c = policy.config
         chain = (c.num_denoise_steps + 1, c.chunk_size, c.model_action_dim)
-        return cls(c.observation_spec(), chain, c.num_denoise_steps, c.noise_method, c.n_action_steps,
-                   token_limit=getattr(policy.backbone, "vocab_size", 0))
+        return cls(
+            c.observation_spec(),
+            chain,
+            c.num_denoise_steps,
+            c.noise_method,
+            c.n_action_steps,
+            token_limit=getattr(policy.backbone, "vocab_size", 0),
+        )
 
     def to_msg(self) -> pirl_pb2.PolicySpec:
         spec = pirl_pb2.PolicySpec(
-            chain=spec_msg("float32", self.chain), stochastic=spec_msg("bool", (self.num_steps,)),
-            noise_method=self.noise_method, n_action_steps=self.n_action_steps,
+            chain=spec_msg("float32", self.chain),
+            stochastic=spec_msg("bool", (self.num_steps,)),
+            noise_method=self.noise_method,
+            n_action_steps=self.n_action_steps,
         )
         for k, (dtype, shape) in self.observation.items():
             spec.observation[k].CopyFrom(spec_msg(dtype, shape))
@@ -98,8 +106,10 @@ def decode_record(rec: pirl_pb2.RolloutRecord, shapes: PolicyShapes, max_bytes: 
     def obs_map(m, name) -> dict[str, np.ndarray]:
         keys, expected = set(m.keys()), set(shapes.observation)
         if keys != expected:  # named a few at a time: a peer can send any number of keys
-            raise bad(f"{name} keys differ from the policy's: missing {some(expected - keys)}, "
-                      f"unexpected {some(keys - expected)} ({len(keys)} keys, {len(expected)} expected)")
+            raise bad(
+                f"{name} keys differ from the policy's: missing {some(expected - keys)}, "
+                f"unexpected {some(keys - expected)} ({len(keys)} keys, {len(expected)} expected)"
+            )
         out = {}
         for k, (dtype, shape) in shapes.observation.items():
             try:
@@ -135,10 +145,21 @@ def decode_record(rec: pirl_pb2.RolloutRecord, shapes: PolicyShapes, max_bytes: 
     elif len(rec.final_observation):
         raise bad("final_observation is only allowed on a truncated step")
     return Step(
-        seq=rec.sequence, step_index=rec.step_index, version=rec.policy_version, observation=obs, chain=chain,
-        stochastic=stochastic.astype(bool), noise_level=rec.noise_level, log_prob=rec.log_prob, value=rec.value,
-        reward=rec.reward, terminated=rec.terminated, truncated=rec.truncated, success=rec.success,
-        env_steps=rec.env_steps, final_observation=final,
+        seq=rec.sequence,
+        step_index=rec.step_index,
+        version=rec.policy_version,
+        observation=obs,
+        chain=chain,
+        stochastic=stochastic.astype(bool),
+        noise_level=rec.noise_level,
+        log_prob=rec.log_prob,
+        value=rec.value,
+        reward=rec.reward,
+        terminated=rec.terminated,
+        truncated=rec.truncated,
+        success=rec.success,
+        env_steps=rec.env_steps,
+        final_observation=final,
     )
 
 
@@ -167,7 +188,7 @@ class AckedSequences:
         return {"below": self.below, "above": sorted(self.above)}
 
     @classmethod
-    def from_json(cls, d: dict) -> "AckedSequences":
+    def from_json(cls, d: dict) -> AckedSequences:
         return cls(int(d["below"]), {int(x) for x in d["above"]})
 
 
@@ -191,8 +212,15 @@ DEFAULT_MAX_SEQUENCE_AHEAD = 1 << 16
 class RolloutStore:
     """Accepts records exactly once per (robot id, sequence) and hands out complete episodes."""
 
-    def __init__(self, shapes: PolicyShapes, *, max_version_lag: int, max_record_bytes: int, wal=None,
-                 max_sequence_ahead: int = DEFAULT_MAX_SEQUENCE_AHEAD):
+    def __init__(
+        self,
+        shapes: PolicyShapes,
+        *,
+        max_version_lag: int,
+        max_record_bytes: int,
+        wal=None,
+        max_sequence_ahead: int = DEFAULT_MAX_SEQUENCE_AHEAD,
+    ):
         self.shapes = shapes
         self.wal = wal  # learner.wal.RecordLog: every accepted record is logged before its ack
         self.max_version_lag = max_version_lag
@@ -217,12 +245,18 @@ class RolloutStore:
         """Validate and store ``rec`` (``raw``: its bytes, for the write-ahead log); return ACCEPTED or
         DUPLICATE, or raise RecordError."""
         if rec.robot_id != robot_id:
-            raise RecordError(grpc.StatusCode.PERMISSION_DENIED, "robot_mismatch",
-                              f"record robot_id {rec.robot_id!r} does not match the authenticated robot {robot_id!r}")
+            raise RecordError(
+                grpc.StatusCode.PERMISSION_DENIED,
+                "robot_mismatch",
+                f"record robot_id {rec.robot_id!r} does not match the authenticated robot {robot_id!r}",
+            )
         if rec.sequence < 0 or rec.policy_version < 0:
-            raise RecordError(grpc.StatusCode.INVALID_ARGUMENT, "invalid",
-                              f"record seq={rec.sequence}: sequence and policy_version must be >= 0 "
-                              f"(policy_version={rec.policy_version})")
+            raise RecordError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "invalid",
+                f"record seq={rec.sequence}: sequence and policy_version must be >= 0 "
+                f"(policy_version={rec.policy_version})",
+            )
         with self._lock:
             acked = self._acked[robot_id]
             if rec.sequence in acked:
@@ -230,16 +264,26 @@ class RolloutStore:
                 return pirl_pb2.RolloutAck.DUPLICATE
             current, watermark = self.version, acked.below
         if rec.sequence >= watermark + self.max_sequence_ahead:
-            raise RecordError(grpc.StatusCode.OUT_OF_RANGE, "sequence_ahead",
-                              f"record seq={rec.sequence} is more than {self.max_sequence_ahead} ahead of the lowest "
-                              f"sequence not yet acked ({watermark}); register again to close the gap", final=False)
+            raise RecordError(
+                grpc.StatusCode.OUT_OF_RANGE,
+                "sequence_ahead",
+                f"record seq={rec.sequence} is more than {self.max_sequence_ahead} ahead of the lowest "
+                f"sequence not yet acked ({watermark}); register again to close the gap",
+                final=False,
+            )
         if rec.policy_version > current:
-            raise RecordError(grpc.StatusCode.INVALID_ARGUMENT, "future_version",
-                              f"record seq={rec.sequence} claims policy version {rec.policy_version} > current {current}")
+            raise RecordError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                "future_version",
+                f"record seq={rec.sequence} claims policy version {rec.policy_version} > current {current}",
+            )
         if rec.policy_version < current - self.max_version_lag:
-            raise RecordError(grpc.StatusCode.FAILED_PRECONDITION, "stale_version",
-                              f"record seq={rec.sequence} is from policy version {rec.policy_version}; the learner is at "
-                              f"{current} and accepts a lag of {self.max_version_lag}")
+            raise RecordError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "stale_version",
+                f"record seq={rec.sequence} is from policy version {rec.policy_version}; the learner is at "
+                f"{current} and accepts a lag of {self.max_version_lag}",
+            )
         step = decode_record(rec, self.shapes, self.max_record_bytes)
         step.raw = raw or rec.SerializeToString()
         with self._lock:
@@ -348,7 +392,9 @@ class RolloutStore:
 
     def load_state(self, state: dict) -> None:
         with self._lock:
-            self._acked = defaultdict(AckedSequences, {r: AckedSequences.from_json(a) for r, a in state["acked"].items()})
+            self._acked = defaultdict(
+                AckedSequences, {r: AckedSequences.from_json(a) for r, a in state["acked"].items()}
+            )
             self.counts = defaultdict(int, state.get("counts", {}))
 
 
@@ -391,8 +437,19 @@ def episodes_to_batch(episodes: list[Episode], policy) -> RolloutBatch:
         for (t, j), value in zip(final_at, v.tolist(), strict=True):
             f["bootstrap"][t, j] = value
     return RolloutBatch(
-        observations=obs, chains=chains, stochastic=stochastic, noise_level=f["noise_level"],
-        log_probs=f["log_prob"], values=f["value"], rewards=f["reward"], terminated=b["terminated"],
-        truncated=b["truncated"], valid=b["valid"], bootstrap_values=f["bootstrap"], episode_returns=returns,
-        episode_success=success, group_ids=torch.arange(n), env_steps=env_steps,
+        observations=obs,
+        chains=chains,
+        stochastic=stochastic,
+        noise_level=f["noise_level"],
+        log_probs=f["log_prob"],
+        values=f["value"],
+        rewards=f["reward"],
+        terminated=b["terminated"],
+        truncated=b["truncated"],
+        valid=b["valid"],
+        bootstrap_values=f["bootstrap"],
+        episode_returns=returns,
+        episode_success=success,
+        group_ids=torch.arange(n),
+        env_steps=env_steps,
     )

@@ -103,10 +103,17 @@ class StreamRegistry:
                 metrics.LEARNER_STREAMS_OPEN.labels(rpc=rpc).inc()
                 return stream
         metrics.LEARNER_STREAMS_REFUSED.labels(robot_id=robot_id, rpc=rpc).inc()
-        self._refusals.warning((robot_id, rpc), "refused a %s call of robot %s: it already holds %d (the per-robot "
-                               "limit, --max-streams-per-robot)", rpc, robot_id, self.limits.per_robot)
-        context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                      f"robot {robot_id} already holds {self.limits.per_robot} open {rpc} calls (the per-robot limit)")
+        self._refusals.warning(
+            (robot_id, rpc),
+            "refused a %s call of robot %s: it already holds %d (the per-robot limit, --max-streams-per-robot)",
+            rpc,
+            robot_id,
+            self.limits.per_robot,
+        )
+        context.abort(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"robot {robot_id} already holds {self.limits.per_robot} open {rpc} calls (the per-robot limit)",
+        )
         raise AssertionError("unreachable: context.abort raises")
 
     def close(self, stream: _Stream) -> None:
@@ -129,13 +136,21 @@ class StreamRegistry:
         while not self._stop.wait(min(5.0, timeout / 4)):
             now = time.monotonic()
             with self._lock:
-                idle = [s for (_, rpc), ss in self._open.items() if rpc == "StreamRollouts"
-                        for s in ss if not s.idle_closed and now - s.last_activity > timeout]
+                idle = [
+                    s
+                    for (_, rpc), ss in self._open.items()
+                    if rpc == "StreamRollouts"
+                    for s in ss
+                    if not s.idle_closed and now - s.last_activity > timeout
+                ]
                 for s in idle:
                     s.idle_closed = True
             for s in idle:
-                log.info("closing the rollout stream of %s: no record for %.0fs (it reconnects when it has some)",
-                         s.robot_id, now - s.last_activity)
+                log.info(
+                    "closing the rollout stream of %s: no record for %.0fs (it reconnects when it has some)",
+                    s.robot_id,
+                    now - s.last_activity,
+                )
                 metrics.LEARNER_STREAMS_IDLE_CLOSED.labels(rpc=s.rpc).inc()
                 s.context.cancel()
 

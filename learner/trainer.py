@@ -37,11 +37,12 @@ class TrainerSettings:
     # also publish a TensorRT engine of every version (needs export_onnx, tensorrt and a GPU on the
     # learner; edges use it only when its key equals theirs: same TensorRT version, GPU and settings)
     export_tensorrt: bool = False
-    tensorrt: object | None = None  # lerobot_policy_pi_rl.trt_engine.TensorRTSettings for export_tensorrt
+    tensorrt: object | None = None  # pirl.export.trt_engine.TensorRTSettings for export_tensorrt
 
 
-def policy_update_message(policy, version: int, export_dir: Path | None = None,
-                          frozen_sha256: str | None = None, engines=None) -> pirl_pb2.PolicyUpdate:
+def policy_update_message(
+    policy, version: int, export_dir: Path | None = None, frozen_sha256: str | None = None, engines=None
+) -> pirl_pb2.PolicyUpdate:
     """The tensors PI-RL trains as a safetensors blob (``trained_only``: a VLA's frozen VLM never
     travels; robots check their copy against ``frozen_sha256``, computed here when not given), the
     ONNX export of the sampler when ``export_dir`` is given (written to ``export_dir/v<version>``,
@@ -51,33 +52,60 @@ def policy_update_message(policy, version: int, export_dir: Path | None = None,
     blob = safetensors_bytes(policy.rl_state_dict())
     files: dict[str, bytes] = {}
     if export_dir is not None:
-        from lerobot_policy_pi_rl.export import export_onnx
+        from pirl.export.onnx_export import export_onnx
 
         out = Path(export_dir) / f"v{version:06d}"
         manifest = export_onnx(policy, out, version=version)
         if engines is not None:
             try:
                 entry = engines.publish(out, manifest)
-                log.info("version %d: TensorRT engine %s by %s in %.1fs", version, entry["sha256"][:12],
-                         entry["method"], entry["seconds"])
+                log.info(
+                    "version %d: TensorRT engine %s by %s in %.1fs",
+                    version,
+                    entry["sha256"][:12],
+                    entry["method"],
+                    entry["seconds"],
+                )
             except Exception as e:  # noqa: BLE001  the version is still published, without an engine
-                log.error("version %d: no TensorRT engine published (%s: %s); edges build their own",
-                          version, type(e).__name__, e)
+                log.error(
+                    "version %d: no TensorRT engine published (%s: %s); edges build their own",
+                    version,
+                    type(e).__name__,
+                    e,
+                )
         # every exported file (the ONNX graph embeds the weights: they are already 'weights' too, a
         # duplicate that is cheap for the small backbone; large VLAs will want a refit-only path)
         files = {f"onnx/{p.name}": p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}
-    manifest = pirl_pb2.Manifest(policy_version=version, artifacts=[
-        pirl_pb2.Artifact(name=name, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
-        for name, data in {"model.safetensors": blob, **files}.items()
-    ])
-    return pirl_pb2.PolicyUpdate(version=version, weights=blob, manifest=manifest, files=files,
-                                 published_unix_s=time.time(), trained_only=True,
-                                 frozen_sha256=frozen_sha256 or policy.frozen_sha256())
+    manifest = pirl_pb2.Manifest(
+        policy_version=version,
+        artifacts=[
+            pirl_pb2.Artifact(name=name, sha256=hashlib.sha256(data).hexdigest(), size_bytes=len(data))
+            for name, data in {"model.safetensors": blob, **files}.items()
+        ],
+    )
+    return pirl_pb2.PolicyUpdate(
+        version=version,
+        weights=blob,
+        manifest=manifest,
+        files=files,
+        published_unix_s=time.time(),
+        trained_only=True,
+        frozen_sha256=frozen_sha256 or policy.frozen_sha256(),
+    )
 
 
 class Trainer:
-    def __init__(self, algorithm: PiRLAlgorithm, store: RolloutStore, publisher: Publisher, output_dir: Path,
-                 settings: TrainerSettings, preprocessor=None, postprocessor=None, evaluator=None):
+    def __init__(
+        self,
+        algorithm: PiRLAlgorithm,
+        store: RolloutStore,
+        publisher: Publisher,
+        output_dir: Path,
+        settings: TrainerSettings,
+        preprocessor=None,
+        postprocessor=None,
+        evaluator=None,
+    ):
         self.algo, self.store, self.publisher = algorithm, store, publisher
         self.output_dir = Path(output_dir)
         self.settings = settings
@@ -87,11 +115,13 @@ class Trainer:
         self.frozen_sha256 = algorithm.policy.frozen_sha256()  # what RL never changes: hashed once
         self.engines = None
         if settings.export_tensorrt:
-            from lerobot_policy_pi_rl.trt_engine import EngineManager, EnginePublisher, TensorRTSettings
+            from pirl.export.trt_engine import EngineManager, EnginePublisher, TensorRTSettings
 
             if not settings.export_onnx:
                 raise ValueError("export_tensorrt needs export_onnx (the engine is built from the ONNX export)")
-            self.engines = EnginePublisher(EngineManager(settings.tensorrt or TensorRTSettings()))  # TensorRTUnavailable
+            self.engines = EnginePublisher(
+                EngineManager(settings.tensorrt or TensorRTSettings())
+            )  # TensorRTUnavailableError
         self.history: list[dict] = []
         self.eval_curve: list[tuple[int, int, float]] = []  # (version, env_steps, success)
         self.env_steps = 0
@@ -120,8 +150,12 @@ class Trainer:
         store_state, pending = self.store.checkpoint_snapshot(self.version)
         save_checkpoint(partial, self.algo, self.pre, self.post)
         write_entries(partial / "pending_records.log", pending)  # accepted, not yet used by an update
-        state = {"version": self.version, "env_steps": self.env_steps, "store": store_state,
-                 "eval_curve": self.eval_curve}
+        state = {
+            "version": self.version,
+            "env_steps": self.env_steps,
+            "store": store_state,
+            "eval_curve": self.eval_curve,
+        }
         (partial / "learner_state.json").write_text(json.dumps(state))
         checkpoints.write_manifest(partial)  # last: it vouches for everything above
         checkpoints.commit(partial, self.checkpoints_dir / name)
@@ -132,7 +166,7 @@ class Trainer:
         so that a resume that has to fall back to it (newer ones refused) still replays every record
         accepted after it (edges deleted those records once acked)."""
         kept = checkpoints.numbered(self.checkpoints_dir)
-        for p in kept[self.settings.keep_checkpoints:]:
+        for p in kept[self.settings.keep_checkpoints :]:
             shutil.rmtree(p, ignore_errors=True)
         kept = kept[: self.settings.keep_checkpoints]
         if self.store.wal is not None and kept:
@@ -141,7 +175,7 @@ class Trainer:
     def resume(self, picker: checkpoints.CheckpointPicker | None = None) -> bool:
         """Restore the newest intact checkpoint and replay the write-ahead log since it; False when
         there is no checkpoint. A checkpoint that does not match its manifest or does not load is
-        refused (one log line, counted) and the previous one is tried; NoIntactCheckpoint (a
+        refused (one log line, counted) and the previous one is tried; NoIntactCheckpointError (a
         ValueError) when none is left. ``picker``: the one ``pirl-learner`` loaded the policy with."""
         picker = picker or checkpoints.CheckpointPicker(self.checkpoints_dir)
         if not picker.total:
@@ -189,12 +223,21 @@ class Trainer:
             return self._restored is None  # a fresh start still needs its first checkpoint
         new = high + 1
         if self._restored is not None:
-            log.warning("versions up to %d were already published, not all with the weights of checkpoint %06d: the "
-                        "weights of checkpoint %06d are republished as version %d", high, self._restored,
-                        self._restored, new)
+            log.warning(
+                "versions up to %d were already published, not all with the weights of checkpoint %06d: the "
+                "weights of checkpoint %06d are republished as version %d",
+                high,
+                self._restored,
+                self._restored,
+                new,
+            )
         else:
-            log.warning("versions up to %d were published from %s before: this policy is published as version %d",
-                        high, self.output_dir, new)
+            log.warning(
+                "versions up to %d were published from %s before: this policy is published as version %d",
+                high,
+                self.output_dir,
+                new,
+            )
         self.version = new
         self.store.set_version(new)
         return True
@@ -253,7 +296,9 @@ class Trainer:
         artifacts = self.output_dir / "artifacts" if self.settings.export_onnx else None
         msg = policy_update_message(self.algo.policy, self.version, artifacts, self.frozen_sha256, self.engines)
         if artifacts is not None:  # keep the artifact store bounded like the checkpoints
-            for old in sorted(p for p in artifacts.iterdir() if p.name.startswith("v"))[: -self.settings.keep_checkpoints]:
+            for old in sorted(p for p in artifacts.iterdir() if p.name.startswith("v"))[
+                : -self.settings.keep_checkpoints
+            ]:
                 shutil.rmtree(old, ignore_errors=True)
         return msg
 
@@ -279,20 +324,35 @@ class Trainer:
         metrics.LEARNER_PUBLISH_SECONDS.observe(time.monotonic() - publish_start)
         metrics.LEARNER_VERSION.set(self.version)
         d = stats.to_log_dict()
-        for gauge, key in ((metrics.PPO_APPROX_KL, "approx_kl"), (metrics.PPO_CLIP_FRACTION, "clip_fraction"),
-                           (metrics.PPO_ENTROPY, "entropy"), (metrics.PPO_VALUE_LOSS, "value_loss"),
-                           (metrics.PPO_EXPLAINED_VARIANCE, "explained_variance"),
-                           (metrics.PPO_POLICY_LOSS, "policy_loss")):
+        for gauge, key in (
+            (metrics.PPO_APPROX_KL, "approx_kl"),
+            (metrics.PPO_CLIP_FRACTION, "clip_fraction"),
+            (metrics.PPO_ENTROPY, "entropy"),
+            (metrics.PPO_VALUE_LOSS, "value_loss"),
+            (metrics.PPO_EXPLAINED_VARIANCE, "explained_variance"),
+            (metrics.PPO_POLICY_LOSS, "policy_loss"),
+        ):
             if key in d and d[key] == d[key]:
                 gauge.set(d[key])
         metrics.ROLLOUT_SUCCESS.set(batch.success_rate)
         metrics.EPISODE_RETURN.set(float(batch.episode_returns.mean()))
-        row = {"version": self.version, "env_steps": self.env_steps, "episodes": len(episodes),
-               "rollout_success": batch.success_rate, "noise_level": level, **d}
+        row = {
+            "version": self.version,
+            "env_steps": self.env_steps,
+            "episodes": len(episodes),
+            "rollout_success": batch.success_rate,
+            "noise_level": level,
+            **d,
+        }
         self.history.append(row)
-        log.info("version %d: rollout success %.3f, approx_kl %.4f, clip %.3f (%.2fs)", self.version,
-                 batch.success_rate, d.get("approx_kl", float("nan")), d.get("clip_fraction", float("nan")),
-                 time.monotonic() - start)
+        log.info(
+            "version %d: rollout success %.3f, approx_kl %.4f, clip %.3f (%.2fs)",
+            self.version,
+            batch.success_rate,
+            d.get("approx_kl", float("nan")),
+            d.get("clip_fraction", float("nan")),
+            time.monotonic() - start,
+        )
         if self.evaluator is not None and self.settings.eval_every and self.version % self.settings.eval_every == 0:
             self._evaluate()
         self._write_status()
@@ -306,9 +366,16 @@ class Trainer:
 
     def _write_status(self) -> None:
         store_state = self.store.state()
-        status = {"version": self.version, "env_steps": self.env_steps, "eval_curve": self.eval_curve,
-                  "counts": store_state["counts"], "acked": store_state["acked"], "updates": self.algo.num_updates, "history_tail": self.history[-3:],
-                  "done": self.done.is_set()}
+        status = {
+            "version": self.version,
+            "env_steps": self.env_steps,
+            "eval_curve": self.eval_curve,
+            "counts": store_state["counts"],
+            "acked": store_state["acked"],
+            "updates": self.algo.num_updates,
+            "history_tail": self.history[-3:],
+            "done": self.done.is_set(),
+        }
         tmp = self.output_dir / "status.json.tmp"
         tmp.write_text(json.dumps(status))
         tmp.replace(self.output_dir / "status.json")
@@ -325,6 +392,8 @@ def make_evaluator(preprocessor, postprocessor, episodes: int, seed: int = 1_000
 
     def evaluate(policy) -> float:
         with torch.no_grad():
-            return evaluate_success(PolicyRunner(policy, preprocessor, postprocessor), env, episodes=episodes, seed=seed)
+            return evaluate_success(
+                PolicyRunner(policy, preprocessor, postprocessor), env, episodes=episodes, seed=seed
+            )
 
     return evaluate

@@ -59,7 +59,9 @@ def _entries(data: bytes) -> Iterator[tuple[int, str, bytes]]:
 
 def encode_entry(robot_id: str, record: bytes) -> bytes:
     robot = robot_id.encode()
-    return b"".join((_U32.pack(len(robot)), robot, _U32.pack(len(record)), record, _U32.pack(zlib.crc32(robot + record))))
+    return b"".join(
+        (_U32.pack(len(robot)), robot, _U32.pack(len(record)), record, _U32.pack(zlib.crc32(robot + record)))
+    )
 
 
 def read_entries(path: Path) -> list[tuple[str, bytes]]:
@@ -104,7 +106,7 @@ class RecordLog:
                     log.warning("cutting a torn tail of %d bytes from %s", len(data) - good, path)
                     with open(path, "r+b") as f:
                         f.truncate(good)
-            self._file = open(path, "ab")
+            self._file = open(path, "ab")  # noqa: SIM115  held open across appends, closed by close()
             self.segment = version
 
     def append(self, robot_id: str, record: bytes) -> None:

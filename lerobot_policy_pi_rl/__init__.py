@@ -1,11 +1,14 @@
 """PI-RL for LeRobot: online RL fine-tuning of flow-matching policies.
 
-Importing this package registers the ``pi_rl`` policy type and the ``pirl_reach`` env type
-with LeRobot's draccus registries; LeRobot's scripts do that import for us through
+Importing this package registers the ``pi_rl`` policy type, the ``pirl_reach`` env type and the
+``pi_rl`` RL algorithm config with LeRobot's draccus registries; LeRobot's scripts do that import for us through
 ``register_third_party_plugins()`` because the distribution is named ``lerobot_policy_pi_rl``.
 """
 
+from lerobot_policy_pi_rl import (
+    algorithm,  # noqa: F401  (registers the "pi_rl" RLAlgorithmConfig)
+    envs,  # noqa: F401  (registers "pirl_reach")
+)
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig  # noqa: F401  (registers "pi_rl")
-from lerobot_policy_pi_rl import envs  # noqa: F401  (registers "pirl_reach")
 
 __version__ = "0.1.0"

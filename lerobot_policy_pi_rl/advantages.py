@@ -63,9 +63,7 @@ def normalize_advantages(adv: Tensor, valid: Tensor, eps: float = 1e-8) -> Tenso
     return torch.where(valid, (adv - sel.mean()) / (sel.std() + eps), torch.zeros_like(adv))
 
 
-def grpo_advantages(
-    episode_returns: Tensor, group_ids: Tensor, eps: float = 1e-6
-) -> tuple[Tensor, Tensor, Tensor]:
+def grpo_advantages(episode_returns: Tensor, group_ids: Tensor, eps: float = 1e-6) -> tuple[Tensor, Tensor, Tensor]:
     """Group-normalised episode returns: A_i = (R_i - mean_g) / (std_g + eps).
 
     Args:
@@ -78,7 +76,9 @@ def grpo_advantages(
         std is the population std (the group is the whole population it is normalised over).
     """
     groups, inverse = torch.unique(group_ids, return_inverse=True)
-    count = torch.zeros(len(groups), dtype=episode_returns.dtype).index_add(0, inverse, torch.ones_like(episode_returns))
+    count = torch.zeros(len(groups), dtype=episode_returns.dtype).index_add(
+        0, inverse, torch.ones_like(episode_returns)
+    )
     total = torch.zeros(len(groups), dtype=episode_returns.dtype).index_add(0, inverse, episode_returns)
     mean = (total / count)[inverse]
     sq = torch.zeros(len(groups), dtype=episode_returns.dtype).index_add(0, inverse, (episode_returns - mean) ** 2)

@@ -15,21 +15,16 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from lerobot.rl.algorithms.base import RLAlgorithm
+from lerobot.rl.algorithms.configs import RLAlgorithmConfig, TrainingStats
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lerobot.rl.algorithms.base import RLAlgorithm
-from lerobot.rl.algorithms.configs import RLAlgorithmConfig, TrainingStats
-
 from lerobot_policy_pi_rl.advantages import compute_gae, explained_variance, grpo_advantages, normalize_advantages
-from lerobot_policy_pi_rl.rollout import RolloutBatch
+from lerobot_policy_pi_rl.rollout import NonFiniteBatchError, RolloutBatch
 
 ADVANTAGE_ESTIMATORS = ("ppo", "grpo")
 logger = logging.getLogger(__name__)
-
-
-class NonFiniteBatchError(ValueError):
-    """A rollout batch holds NaN/inf; the update is refused before anything reaches the optimizer."""
 
 
 @RLAlgorithmConfig.register_subclass("pi_rl")
@@ -218,8 +213,14 @@ class PiRLAlgorithm(RLAlgorithm):
         valid = rollouts.valid
         if c.advantage_estimator == "ppo":
             adv, ret = compute_gae(
-                rollouts.rewards, rollouts.values, rollouts.terminated, rollouts.truncated,
-                rollouts.bootstrap_values, valid, c.gamma, c.gae_lambda,
+                rollouts.rewards,
+                rollouts.values,
+                rollouts.terminated,
+                rollouts.truncated,
+                rollouts.bootstrap_values,
+                valid,
+                c.gamma,
+                c.gae_lambda,
             )
             if c.normalize_advantages:
                 adv = normalize_advantages(adv, valid)
@@ -257,8 +258,19 @@ class PiRLAlgorithm(RLAlgorithm):
         policy.train()
         mb_size = max(1, math.ceil(n / c.num_minibatches))
         prefixes = self._frozen_prefixes(data["observations"], n, mb_size)
-        logs: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "entropy", "approx_kl",
-                                                          "clip_fraction", "bc_loss", "actor", "critic")}
+        logs: dict[str, list[float]] = {
+            k: []
+            for k in (
+                "policy_loss",
+                "value_loss",
+                "entropy",
+                "approx_kl",
+                "clip_fraction",
+                "bc_loss",
+                "actor",
+                "critic",
+            )
+        }
         stop = False
         for _ in range(c.update_epochs):
             perm = torch.randperm(n)
@@ -266,8 +278,13 @@ class PiRLAlgorithm(RLAlgorithm):
                 idx = perm[start : start + mb_size]
                 mb = {k: v[idx] for k, v in data.items() if k != "observations"}
                 obs = {k: v[idx] for k, v in data["observations"].items()}
-                ev = policy.evaluate_chains(obs, mb["chains"], mb["stochastic"], mb["noise_level"],
-                                            prefix=None if prefixes is None else prefixes.select(idx))
+                ev = policy.evaluate_chains(
+                    obs,
+                    mb["chains"],
+                    mb["stochastic"],
+                    mb["noise_level"],
+                    prefix=None if prefixes is None else prefixes.select(idx),
+                )
 
                 # clipped surrogate on the chunk log-prob (float32)
                 policy_loss, ratio, log_ratio = clipped_surrogate_loss(
@@ -341,8 +358,10 @@ class PiRLAlgorithm(RLAlgorithm):
         from lerobot_policy_pi_rl.backbones import Prefix
 
         with torch.no_grad():
-            parts = [self.policy.backbone.embed_prefix({k: v[i : i + chunk] for k, v in observations.items()})
-                     for i in range(0, n, chunk)]
+            parts = [
+                self.policy.backbone.embed_prefix({k: v[i : i + chunk] for k, v in observations.items()})
+                for i in range(0, n, chunk)
+            ]
         return Prefix.cat(parts)
 
     # --- weights and checkpoints (LeRobot's RLAlgorithm contract) ---------------------------------
@@ -380,8 +399,8 @@ class PiRLAlgorithm(RLAlgorithm):
         self._optimization_step = int(state_dict.get("optimization_step", torch.tensor(0)))
 
 
-
 # --- checkpoints: LeRobot layout plus the algorithm folder --------------------------------------
+
 
 def save_checkpoint(directory, algorithm: PiRLAlgorithm, preprocessor=None, postprocessor=None) -> None:
     """``directory/{pretrained_model, algorithm, training_state}`` written to a temp dir then renamed
@@ -390,9 +409,8 @@ def save_checkpoint(directory, algorithm: PiRLAlgorithm, preprocessor=None, post
     import shutil
     from pathlib import Path
 
-    from safetensors.torch import save_file
-
     from lerobot.optim.optimizers import save_optimizer_state
+    from safetensors.torch import save_file
 
     directory = Path(directory)
     tmp = directory.with_name(directory.name + ".tmp")
@@ -417,9 +435,8 @@ def load_checkpoint(directory, algorithm: PiRLAlgorithm) -> None:
     """Restore policy weights, algorithm tensors, optimizer states and the torch RNG in place."""
     from pathlib import Path
 
-    from safetensors.torch import load_file
-
     from lerobot.optim.optimizers import load_optimizer_state
+    from safetensors.torch import load_file
 
     directory = Path(directory)
     weights = load_file(str(directory / "pretrained_model" / "model.safetensors"))

@@ -238,9 +238,14 @@ class PiRLConfig(PreTrainedConfig):
             raise bad("critic_hidden_dims", "every width must be >= 1")
         if not isinstance(self.backbone_config, dict):
             raise bad("backbone_config", "must be a mapping of base-config fields")
-        if self.backbone == "mlp" and (self.base_model_path or self.backbone_config or self.backbone_reduced is not None):
-            raise bad("backbone", "base_model_path / backbone_config / backbone_reduced apply to the pi0, pi05 and "
-                                  "smolvla backbones only")
+        if self.backbone == "mlp" and (
+            self.base_model_path or self.backbone_config or self.backbone_reduced is not None
+        ):
+            raise bad(
+                "backbone",
+                "base_model_path / backbone_config / backbone_reduced apply to the pi0, pi05 and "
+                "smolvla backbones only",
+            )
 
     def noise_level_at(self, update: int) -> float:
         """Flow-SDE noise level ``a`` after ``update`` PI-RL updates (linear anneal when configured)."""

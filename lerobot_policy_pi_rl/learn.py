@@ -7,9 +7,9 @@ runs per batch once rollouts arrive from robots instead of from a local vector e
 from __future__ import annotations
 
 import time
-from math import nan
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from math import nan
 
 import torch
 
@@ -55,7 +55,11 @@ class LearnResult:
 
 
 def run_pirl(
-    policy, preprocessor, postprocessor, algo_config: PiRLAlgorithmConfig, settings: LearnSettings,
+    policy,
+    preprocessor,
+    postprocessor,
+    algo_config: PiRLAlgorithmConfig,
+    settings: LearnSettings,
     progress: Callable[[str], None] | None = print,
 ) -> LearnResult:
     """Fine-tune ``policy`` in place with PI-RL on the built-in task."""
@@ -93,8 +97,13 @@ def run_pirl(
         batch = collect_rollouts(runner, env, noise_level=level, seeds=seeds, group_ids=groups, generator=generator)
         env_steps += batch.env_steps
         stats = algo.update_on(batch)
-        row = {"update": it + 1, "env_steps": env_steps, "rollout_success": batch.success_rate,
-               "noise_level": level, **stats.to_log_dict()}
+        row = {
+            "update": it + 1,
+            "env_steps": env_steps,
+            "rollout_success": batch.success_rate,
+            "noise_level": level,
+            **stats.to_log_dict(),
+        }
         history.append(row)
         last = it + 1 == settings.iterations
         out_of_time = settings.time_limit_s is not None and time.monotonic() - start > settings.time_limit_s

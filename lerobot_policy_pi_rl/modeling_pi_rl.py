@@ -17,11 +17,10 @@ from collections import deque
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-
 from lerobot.policies.common.flow_matching import sample_time_beta
 from lerobot.policies.pretrained import PreTrainedPolicy
 from lerobot.utils.constants import ACTION
+from torch import Tensor, nn
 
 from lerobot_policy_pi_rl.backbones import Prefix, make_backbone
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
@@ -139,8 +138,12 @@ class PiRLPolicy(PreTrainedPolicy):
         batch_size = actions.shape[0]
         noise = torch.randn_like(actions)
         t = sample_time_beta(
-            batch_size, actions.device,
-            alpha=self.config.time_beta_alpha, beta=self.config.time_beta_beta, scale=0.999, offset=0.001,
+            batch_size,
+            actions.device,
+            alpha=self.config.time_beta_alpha,
+            beta=self.config.time_beta_beta,
+            scale=0.999,
+            offset=0.001,
         )
         x_t = t[:, None, None] * noise + (1.0 - t[:, None, None]) * actions
         prefix = self.backbone.embed_prefix(batch)
@@ -159,9 +162,15 @@ class PiRLPolicy(PreTrainedPolicy):
 
     def _run_sampler(self, prefix, initial_noise, step_noise, stochastic, noise_method, noise_level) -> ChainSample:
         return sample_chain(
-            self._denoise_fn(prefix), initial_noise, step_noise, stochastic, self.action_mask,
-            noise_method=noise_method, num_steps=self.config.num_denoise_steps,
-            noise_level=noise_level, noise_std_fn=self.noise_head,
+            self._denoise_fn(prefix),
+            initial_noise,
+            step_noise,
+            stochastic,
+            self.action_mask,
+            noise_method=noise_method,
+            num_steps=self.config.num_denoise_steps,
+            noise_level=noise_level,
+            noise_std_fn=self.noise_head,
         )
 
     def _value(self, prefix: Prefix, expert_features: Tensor | None) -> Tensor:
@@ -175,8 +184,13 @@ class PiRLPolicy(PreTrainedPolicy):
         """(initial_noise, step_noise, stochastic) for ``batch_size`` decisions with this config."""
         c = self.config
         return draw_sampling_noise(
-            batch_size, c.chunk_size, c.model_action_dim, c.num_denoise_steps,
-            noise_method=c.noise_method, hybrid=c.hybrid, generator=generator,
+            batch_size,
+            c.chunk_size,
+            c.model_action_dim,
+            c.num_denoise_steps,
+            noise_method=c.noise_method,
+            hybrid=c.hybrid,
+            generator=generator,
             device=device if device is not None else self.action_mask.device,
         )
 
@@ -190,12 +204,20 @@ class PiRLPolicy(PreTrainedPolicy):
         noise_method: str | None = None,
     ) -> PolicySample:
         """One stochastic decision per row, as a pure function of the given noise tensors."""
-        return self.sample_from_prefix(self.backbone.embed_prefix(batch), initial_noise, step_noise, stochastic,
-                                       noise_level, noise_method)
+        return self.sample_from_prefix(
+            self.backbone.embed_prefix(batch), initial_noise, step_noise, stochastic, noise_level, noise_method
+        )
 
-    def sample_from_prefix(self, prefix: Prefix, initial_noise: Tensor, step_noise: Tensor, stochastic: Tensor,
-                           noise_level: float | Tensor | None = None, noise_method: str | None = None,
-                           denoise_fn=None) -> PolicySample:
+    def sample_from_prefix(
+        self,
+        prefix: Prefix,
+        initial_noise: Tensor,
+        step_noise: Tensor,
+        stochastic: Tensor,
+        noise_level: float | Tensor | None = None,
+        noise_method: str | None = None,
+        denoise_fn=None,
+    ) -> PolicySample:
         """``sample_chains`` after the prefix; ``denoise_fn`` replaces the backbone's velocity (the
         split ONNX export runs its velocity graph there, the loop and every head stay here)."""
         noise_method = noise_method or self.config.noise_method
@@ -203,9 +225,15 @@ class PiRLPolicy(PreTrainedPolicy):
         level = self.config.noise_level if noise_level is None else noise_level
         level = torch.as_tensor(level, dtype=initial_noise.dtype, device=initial_noise.device).expand(batch_size)
         chain = sample_chain(
-            denoise_fn or self._denoise_fn(prefix), initial_noise, step_noise, stochastic, self.action_mask,
-            noise_method=noise_method, num_steps=self.config.num_denoise_steps,
-            noise_level=level, noise_std_fn=self.noise_head,
+            denoise_fn or self._denoise_fn(prefix),
+            initial_noise,
+            step_noise,
+            stochastic,
+            self.action_mask,
+            noise_method=noise_method,
+            num_steps=self.config.num_denoise_steps,
+            noise_level=level,
+            noise_std_fn=self.noise_head,
         )
         return PolicySample(chain=chain, value=self._value(prefix, chain.expert_features), noise_level=level.clone())
 
@@ -236,9 +264,15 @@ class PiRLPolicy(PreTrainedPolicy):
         prefix = prefix if prefix is not None else self.rl_prefix(batch)
         expert_critic = self.config.critic_placement == "expert"
         ev = evaluate_chain(
-            self._denoise_fn(prefix), chain, stochastic, self.action_mask,
-            noise_method=noise_method, num_steps=self.config.num_denoise_steps,
-            noise_level=level, noise_std_fn=self.noise_head, all_steps=expert_critic,
+            self._denoise_fn(prefix),
+            chain,
+            stochastic,
+            self.action_mask,
+            noise_method=noise_method,
+            num_steps=self.config.num_denoise_steps,
+            noise_level=level,
+            noise_std_fn=self.noise_head,
+            all_steps=expert_critic,
         )
         return PolicyEvaluation(log_prob=ev.log_prob, entropy=ev.entropy, value=self._value(prefix, ev.expert_features))
 
@@ -249,7 +283,9 @@ class PiRLPolicy(PreTrainedPolicy):
         if self.config.critic_placement == "prefix":
             return self._value(prefix, None)
         n = self.draw_noise(prefix.features.shape[0], generator=generator)
-        return self._value(prefix, self._run_sampler(prefix, *n, self.config.noise_method, self.config.noise_level).expert_features)
+        return self._value(
+            prefix, self._run_sampler(prefix, *n, self.config.noise_method, self.config.noise_level).expert_features
+        )
 
     def rl_actor_parameters(self) -> list[nn.Parameter]:
         """What the PPO/GRPO actor loss trains (see PiRLConfig ``rl_train_*``)."""

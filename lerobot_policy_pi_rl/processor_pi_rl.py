@@ -21,7 +21,6 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-
 from lerobot.processor import (
     PolicyAction,
     PolicyProcessorPipeline,
@@ -56,15 +55,20 @@ def make_pi_rl_pre_post_processors(
 
 def _language_steps(config: PiRLConfig, steps) -> list:
     name, max_length = tokenizer_settings(config)
-    tokenize = TokenizerProcessorStep(tokenizer_name=name, max_length=max_length, padding_side="right",
-                                      padding="max_length")
+    tokenize = TokenizerProcessorStep(
+        tokenizer_name=name, max_length=max_length, padding_side="right", padding="max_length"
+    )
     if config.backbone == "pi05":
         from lerobot.policies.pi05.processor_pi05 import Pi05PrepareStateTokenizerProcessorStep
 
         max_state_dim = int((config.backbone_config or {}).get("max_state_dim", 32))
         # the state is discretised from its normalised value, so normalise before tokenizing
-        return [steps.normalize, Pi05PrepareStateTokenizerProcessorStep(max_state_dim=max_state_dim), tokenize,
-                steps.to_device]
+        return [
+            steps.normalize,
+            Pi05PrepareStateTokenizerProcessorStep(max_state_dim=max_state_dim),
+            tokenize,
+            steps.to_device,
+        ]
     if config.backbone == "pi0":
         from lerobot.policies.pi0.processor_pi0 import Pi0NewLineProcessor
 

@@ -14,9 +14,12 @@ from dataclasses import dataclass, field, fields, replace
 
 import numpy as np
 import torch
+from lerobot.envs.utils import preprocess_observation
 from torch import Tensor
 
-from lerobot.envs.utils import preprocess_observation
+
+class NonFiniteBatchError(ValueError):
+    """A rollout batch holds NaN/inf; the update is refused before anything reaches the optimizer."""
 
 
 @dataclass
@@ -43,20 +46,24 @@ class RolloutBatch:
 
     def check_finite(self) -> None:
         """Refuse NaN/inf anywhere the update reads, naming the field."""
-        from lerobot_policy_pi_rl.algorithm import NonFiniteBatchError
-
         tensors = {f"observations[{k}]": v for k, v in self.observations.items()}
-        tensors.update({f.name: getattr(self, f.name) for f in fields(self)
-                        if isinstance(getattr(self, f.name), Tensor) and getattr(self, f.name).is_floating_point()})
+        tensors.update(
+            {
+                f.name: getattr(self, f.name)
+                for f in fields(self)
+                if isinstance(getattr(self, f.name), Tensor) and getattr(self, f.name).is_floating_point()
+            }
+        )
         for name, t in tensors.items():
             if not torch.isfinite(t).all():
                 bad = int((~torch.isfinite(t)).sum())
                 raise NonFiniteBatchError(f"rollout batch field '{name}' has {bad} non-finite value(s); update skipped")
 
-    def to(self, device) -> "RolloutBatch":
+    def to(self, device) -> RolloutBatch:
         """The tensors the update reads on ``device`` (the policy's)."""
-        moved = {f.name: getattr(self, f.name).to(device) for f in fields(self)
-                 if isinstance(getattr(self, f.name), Tensor)}
+        moved = {
+            f.name: getattr(self, f.name).to(device) for f in fields(self) if isinstance(getattr(self, f.name), Tensor)
+        }
         return replace(self, observations={k: v.to(device) for k, v in self.observations.items()}, **moved)
 
     def flatten(self, mask: Tensor) -> dict:
@@ -149,7 +156,9 @@ def collect_rollouts(
             method = None
             if deterministic:
                 step_noise, stochastic, method = torch.zeros_like(step_noise), torch.zeros_like(stochastic), "flow_ode"
-            sample = policy.sample_chains(obs, initial, step_noise, stochastic, noise_level=noise_level, noise_method=method)
+            sample = policy.sample_chains(
+                obs, initial, step_noise, stochastic, noise_level=noise_level, noise_method=method
+            )
             actions = runner.to_env_actions(sample.actions)
             valid = alive.copy()
             executed = np.zeros(n, dtype=np.int64)
@@ -169,8 +178,17 @@ def collect_rollouts(
                 trunc |= tr & ~te
                 alive &= ~(te | tr)
             ep_return += reward
-            steps.append(dict(obs=obs, sample=sample, reward=reward, term=term, trunc=trunc, valid=valid,
-                              executed=executed))
+            steps.append(
+                {
+                    "obs": obs,
+                    "sample": sample,
+                    "reward": reward,
+                    "term": term,
+                    "trunc": trunc,
+                    "valid": valid,
+                    "executed": executed,
+                }
+            )
         # V(o) where an env stopped without terminating (time limit, or the horizon ran out)
         final_obs = runner.observe(raw, task)
         bootstrap = policy.predict_value(final_obs, generator=generator)
@@ -199,8 +217,10 @@ def collect_rollouts(
         episode_success=torch.as_tensor(ep_success),
         group_ids=group_ids if group_ids is not None else torch.arange(n),
         env_steps=env_steps,
-        info={"final_observation": {k: v.cpu() for k, v in final_obs.items()},
-              "step_env_steps": as_t("executed", torch.int64)},
+        info={
+            "final_observation": {k: v.cpu() for k, v in final_obs.items()},
+            "step_env_steps": as_t("executed", torch.int64),
+        },
     )
     # the horizon can end before max_steps only through ceil(); an env still alive is cut there
     batch.truncated |= last_valid & ~batch.terminated & torch.as_tensor(alive).unsqueeze(0)

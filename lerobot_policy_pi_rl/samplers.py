@@ -35,8 +35,8 @@ of log N(x_{k+1}; mean_k, std_k). Two deliberate choices (see docs/method.md):
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -202,8 +202,14 @@ def sample_chain(
         velocity, expert = denoise_fn(x, t, rows)
         noise_std = noise_std_fn(expert) if noise_method == "flow_noise" else None
         mean, std = transition(
-            x, velocity, t, stochastic[:, k],
-            noise_method=noise_method, num_steps=num_steps, noise_level=noise_level, noise_std=noise_std,
+            x,
+            velocity,
+            t,
+            stochastic[:, k],
+            noise_method=noise_method,
+            num_steps=num_steps,
+            noise_level=noise_level,
+            noise_std=noise_std,
         )
         x = mean + std * step_noise[:, k]
         chain.append(x)
@@ -267,8 +273,14 @@ def evaluate_chain(
         noise_std = noise_std_fn(expert) if noise_method == "flow_noise" else None
         level = noise_level[b_idx] if isinstance(noise_level, Tensor) and noise_level.dim() == 1 else noise_level
         mean, std = transition(
-            x_t, velocity, t, stochastic[b_idx, k_idx],
-            noise_method=noise_method, num_steps=num_steps, noise_level=level, noise_std=noise_std,
+            x_t,
+            velocity,
+            t,
+            stochastic[b_idx, k_idx],
+            noise_method=noise_method,
+            num_steps=num_steps,
+            noise_level=level,
+            noise_std=noise_std,
         )
         mask = action_mask if action_mask.dim() == 2 else action_mask[b_idx]
         mask = mask.expand_as(x_t)

@@ -28,13 +28,20 @@ def dataset_features(obs_type: str, image_size: int) -> dict:
     }
     if obs_type == "pixels_agent_pos":
         feats["observation.image"] = {
-            "dtype": "image", "shape": (image_size, image_size, 3), "names": ["height", "width", "channels"],
+            "dtype": "image",
+            "shape": (image_size, image_size, 3),
+            "names": ["height", "width", "channels"],
         }
     return feats
 
 
 def scripted_episodes(
-    num_episodes: int, *, seed: int, noise_std: float, obs_type: str = "state", image_size: int = 32,
+    num_episodes: int,
+    *,
+    seed: int,
+    noise_std: float,
+    obs_type: str = "state",
+    image_size: int = 32,
     max_steps: int = 60,
 ) -> list[list[dict]]:
     """Run the scripted expert in a vector env and keep the first ``num_episodes`` successful episodes
@@ -65,8 +72,14 @@ def scripted_episodes(
 
 
 def record_demos(
-    root: str | Path, num_episodes: int, *, seed: int = 0, noise_std: float = 0.1, obs_type: str = "state",
-    image_size: int = 32, fps: int = 50,
+    root: str | Path,
+    num_episodes: int,
+    *,
+    seed: int = 0,
+    noise_std: float = 0.1,
+    obs_type: str = "state",
+    image_size: int = 32,
+    fps: int = 50,
 ):
     """Write ``num_episodes`` scripted demos to a new LeRobotDataset at ``root`` (must not exist)."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
@@ -76,7 +89,11 @@ def record_demos(
         raise FileExistsError(f"dataset root {root} already exists; choose a new --out or delete it")
     episodes = scripted_episodes(num_episodes, seed=seed, noise_std=noise_std, obs_type=obs_type, image_size=image_size)
     ds = LeRobotDataset.create(
-        REPO_ID, fps=fps, features=dataset_features(obs_type, image_size), root=root, robot_type="pirl_reach",
+        REPO_ID,
+        fps=fps,
+        features=dataset_features(obs_type, image_size),
+        root=root,
+        robot_type="pirl_reach",
         use_videos=False,
     )
     for ep in episodes:
@@ -150,6 +167,5 @@ def load_policy(pretrained_dir: str | Path, device: str = "cpu", **config_overri
         from lerobot_policy_pi_rl.processor_pi_rl import tokenizer_settings
 
         overrides = {"tokenizer_processor": {"tokenizer_name": tokenizer_settings(config)[0]}}
-    pre, post = make_pre_post_processors(config, pretrained_path=str(pretrained_dir),
-                                         preprocessor_overrides=overrides)
+    pre, post = make_pre_post_processors(config, pretrained_path=str(pretrained_dir), preprocessor_overrides=overrides)
     return policy, pre, post

@@ -15,16 +15,23 @@ STATE_DIM, ACTION_DIM = 6, 3  # pirl_reach: state 6, action 3
 
 
 def builtin_config(**overrides) -> PiRLConfig:
-    return PiRLConfig(**{"device": "cpu", "push_to_hub": False,
-                         "input_features": {"observation.state": PolicyFeature(FeatureType.STATE, (STATE_DIM,))},
-                         "output_features": {"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
-                         **overrides})
+    return PiRLConfig(
+        **{
+            "device": "cpu",
+            "push_to_hub": False,
+            "input_features": {"observation.state": PolicyFeature(FeatureType.STATE, (STATE_DIM,))},
+            "output_features": {"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
+            **overrides,
+        }
+    )
 
 
 def builtin_stats(action_std: float = 1.0) -> dict:
     """Normalisation stats (identity for the state, ``action_std`` for actions)."""
-    return {"observation.state": {"mean": torch.zeros(STATE_DIM), "std": torch.ones(STATE_DIM)},
-            "action": {"mean": torch.zeros(ACTION_DIM), "std": action_std * torch.ones(ACTION_DIM)}}
+    return {
+        "observation.state": {"mean": torch.zeros(STATE_DIM), "std": torch.ones(STATE_DIM)},
+        "action": {"mean": torch.zeros(ACTION_DIM), "std": action_std * torch.ones(ACTION_DIM)},
+    }
 
 
 def builtin_policy(seed: int = 0, *, action_std: float = 1.0, **overrides):

@@ -35,8 +35,9 @@ def free_port() -> int:
 def process_env(**extra: str) -> dict[str, str]:
     """The test's environment with the venv's console scripts first on PATH, minus any PIRL_* settings."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PIRL_")}
-    env.update(PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1",
-               OMP_NUM_THREADS="1")
+    env.update(
+        PATH=f"{BIN}{os.pathsep}{env.get('PATH', '')}", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1"
+    )
     env.update(extra)
     return env
 
@@ -50,7 +51,7 @@ class Processes:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def start(self, name: str, cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "a")
+        log = open(self.logs / f"{name}.log", "a")  # noqa: SIM115  the child writes to it for its lifetime
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
         return self.procs[name]
 

@@ -54,5 +54,5 @@ def instant(expr: str) -> str:
     """A dashboard query made evaluable outside Grafana: variables replaced by what Grafana sends."""
     expr = expr.replace("$__rate_interval", "15s").replace("$robot_id", ".*")
     if expr.startswith("label_values("):  # a Grafana variable query: the series it reads
-        expr = expr[len("label_values("):].rsplit(",", 1)[0]
+        expr = expr[len("label_values(") :].rsplit(",", 1)[0]
     return expr

@@ -4,9 +4,9 @@ import logging
 
 import pytest
 import torch
-
 from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.rl.algorithms.configs import RLAlgorithmConfig
+
 from lerobot_policy_pi_rl.advantages import compute_gae, explained_variance, grpo_advantages, normalize_advantages
 from lerobot_policy_pi_rl.algorithm import (
     PiRLAlgorithm,
@@ -185,8 +185,10 @@ def test_ppo_update_lowers_the_surrogate_on_a_fixed_batch():
 def test_grpo_update_runs_without_critic():
     policy = make_policy(noise_method="flow_sde")
     batch = make_batch(policy)
-    algo = PiRLAlgorithm(policy, PiRLAlgorithmConfig(advantage_estimator="grpo", actor_lr=1e-4,
-                                                     grpo_filter_low=0.0, grpo_filter_high=1.0))
+    algo = PiRLAlgorithm(
+        policy,
+        PiRLAlgorithmConfig(advantage_estimator="grpo", actor_lr=1e-4, grpo_filter_low=0.0, grpo_filter_high=1.0),
+    )
     assert set(algo.get_optimizers()) == {"actor"}
     stats = algo.update_on(batch)
     assert "value_loss" not in stats.losses and stats.extra["samples"] == batch.valid.sum()

@@ -7,15 +7,22 @@ import sys
 import pytest
 import torch
 
-from lerobot_policy_pi_rl.scripts import bench
+from pirl_tools import bench
 
-GPU_COLUMNS = {"torch_eager_cuda", "torch_cuda_graph", "torch_compile_cuda", "onnxruntime_cuda", "tensorrt",
-               "tensorrt_cuda_graph"}
+GPU_COLUMNS = {
+    "torch_eager_cuda",
+    "torch_cuda_graph",
+    "torch_compile_cuda",
+    "onnxruntime_cuda",
+    "tensorrt",
+    "tensorrt_cuda_graph",
+}
 
 
 def test_infer_writes_backends_side_by_side_and_skip_reasons(tmp_path, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["pirl-bench", "infer", "--out", str(tmp_path), "--iterations", "3",
-                                      "--warmup", "1"])
+    monkeypatch.setattr(
+        sys, "argv", ["pirl-bench", "infer", "--out", str(tmp_path), "--iterations", "3", "--warmup", "1"]
+    )
     with pytest.raises(SystemExit) as exc:
         bench.main()
     assert exc.value.code == 0
@@ -36,8 +43,22 @@ def test_infer_writes_backends_side_by_side_and_skip_reasons(tmp_path, monkeypat
 def test_infer_times_only_the_selected_backends_and_exports_only_for_them(tmp_path, monkeypatch):
     """--backends torch_eager (a full-size VLA on a CPU box): no export, every other column skipped as
     not selected; the parameter breakdown names the policy's parts."""
-    monkeypatch.setattr(sys, "argv", ["pirl-bench", "infer", "--out", str(tmp_path), "--iterations", "2",
-                                      "--warmup", "0", "--backends", "torch_eager"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "pirl-bench",
+            "infer",
+            "--out",
+            str(tmp_path),
+            "--iterations",
+            "2",
+            "--warmup",
+            "0",
+            "--backends",
+            "torch_eager",
+        ],
+    )
     with pytest.raises(SystemExit) as exc:
         bench.main()
     assert exc.value.code == 0

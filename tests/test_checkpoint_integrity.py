@@ -21,21 +21,20 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from prometheus_client import REGISTRY
-from safetensors.torch import load as load_safetensors
-from safetensors.torch import load_file
-
 from builtin_policy import builtin_policy
+from prometheus_client import REGISTRY
+from safetensors.torch import load as load_safetensors, load_file
+
 from edge.backends import TorchBackend
 from edge.records import Decision, Outcome, make_record
 from learner import checkpoints, metrics
-from learner.checkpoints import CheckpointRefused, NoIntactCheckpoint
+from learner.checkpoints import CheckpointRefusedError, NoIntactCheckpointError
 from learner.service import Publisher
 from learner.store import PolicyShapes, RolloutStore
 from learner.trainer import Trainer, TrainerSettings
 from learner.wal import RecordLog
 from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm
-from lerobot_policy_pi_rl.scripts.common import builtin_task_algorithm_config
+from lerobot_policy_pi_rl.presets import builtin_task_algorithm_config
 from pirl.security import auth_metadata, channel_credentials, make_dev_pki
 from pirl.v1 import pirl_pb2
 
@@ -51,8 +50,9 @@ def make_trainer(out: Path) -> Trainer:
     """A trainer as pirl-learner builds one (built-in policy, a write-ahead log), without ONNX export."""
     policy, pre, post = builtin_policy(0)
     algo = PiRLAlgorithm(policy, builtin_task_algorithm_config())
-    store = RolloutStore(PolicyShapes.from_policy(policy), max_version_lag=1000, max_record_bytes=1 << 20,
-                         wal=RecordLog(out / "wal"))
+    store = RolloutStore(
+        PolicyShapes.from_policy(policy), max_version_lag=1000, max_record_bytes=1 << 20, wal=RecordLog(out / "wal")
+    )
     return Trainer(algo, store, Publisher(), out, TrainerSettings(export_onnx=False, eval_every=0), pre, post)
 
 
@@ -71,8 +71,9 @@ def record(policy, seq: int, version: int) -> pirl_pb2.RolloutRecord:
     with torch.no_grad():
         noise = policy.draw_noise(1, generator=torch.Generator().manual_seed(seq))
         sample = TorchBackend(policy).sample(obs, *noise, torch.full((1,), policy.config.noise_level))
-    d = Decision.from_sample(version, obs, sample, sample.actions.detach().cpu().numpy(), 0,
-                             policy.config.n_action_steps)
+    d = Decision.from_sample(
+        version, obs, sample, sample.actions.detach().cpu().numpy(), 0, policy.config.n_action_steps
+    )
     return pirl_pb2.RolloutRecord.FromString(make_record(ROBOT, seq, f"ep-{seq}", seq, d, Outcome(env_steps=4)))
 
 
@@ -143,22 +144,34 @@ def test_manifest_is_written_last_and_covers_every_file(tmp_path):
     assert names == ["000001", "last"] and (tmp_path / "checkpoints" / "last").resolve() == c.resolve()
 
 
-@pytest.mark.parametrize("damage, reason, says", [
-    (lambda c: flip_tensor_byte(c / WEIGHTS), "hash_mismatch", f"{WEIGHTS} sha256 mismatch"),
-    (lambda c: flip_header_byte(c / WEIGHTS), "hash_mismatch", f"{WEIGHTS} sha256 mismatch"),
-    (lambda c: (c / WEIGHTS).write_bytes((c / WEIGHTS).read_bytes()[:-4]), "hash_mismatch", "bytes"),
-    (lambda c: (c / checkpoints.MANIFEST).unlink(), "missing_manifest", "no manifest.json"),
-    (lambda c: (c / checkpoints.MANIFEST).write_text('{"format": 1, "files": {"a": '), "bad_manifest", "unreadable"),
-    (lambda c: (c / checkpoints.MANIFEST).write_text('{"format": 1, "files": {"../x": {"sha256": "0", "size": 0}}}'),
-     "bad_manifest", "leaves the checkpoint"),
-    (lambda c: (c / "learner_state.json").unlink(), "missing_file", "learner_state.json is missing"),
-    (lambda c: (c / "algorithm" / "extra.bin").write_bytes(b"x"), "unexpected_file", "algorithm/extra.bin"),
-])
+@pytest.mark.parametrize(
+    "damage, reason, says",
+    [
+        (lambda c: flip_tensor_byte(c / WEIGHTS), "hash_mismatch", f"{WEIGHTS} sha256 mismatch"),
+        (lambda c: flip_header_byte(c / WEIGHTS), "hash_mismatch", f"{WEIGHTS} sha256 mismatch"),
+        (lambda c: (c / WEIGHTS).write_bytes((c / WEIGHTS).read_bytes()[:-4]), "hash_mismatch", "bytes"),
+        (lambda c: (c / checkpoints.MANIFEST).unlink(), "missing_manifest", "no manifest.json"),
+        (
+            lambda c: (c / checkpoints.MANIFEST).write_text('{"format": 1, "files": {"a": '),
+            "bad_manifest",
+            "unreadable",
+        ),
+        (
+            lambda c: (c / checkpoints.MANIFEST).write_text(
+                '{"format": 1, "files": {"../x": {"sha256": "0", "size": 0}}}'
+            ),
+            "bad_manifest",
+            "leaves the checkpoint",
+        ),
+        (lambda c: (c / "learner_state.json").unlink(), "missing_file", "learner_state.json is missing"),
+        (lambda c: (c / "algorithm" / "extra.bin").write_bytes(b"x"), "unexpected_file", "algorithm/extra.bin"),
+    ],
+)
 def test_verify_refuses_damage(tmp_path, damage, reason, says):
     build_checkpoints(tmp_path, versions=(1,))
     c = ckpt(tmp_path, 1)
     damage(c)
-    with pytest.raises(CheckpointRefused) as ei:
+    with pytest.raises(CheckpointRefusedError) as ei:
         checkpoints.verify(c)
     assert ei.value.reason == reason and says in ei.value.message, (ei.value.reason, ei.value.message)
 
@@ -168,7 +181,7 @@ def test_refuse_reasons_are_exported_and_list_every_reason_used(tmp_path):
     for reason in metrics.CHECKPOINT_REFUSE_REASONS:
         assert REGISTRY.get_sample_value("pirl_learner_checkpoints_refused_total", {"reason": reason}) is not None
     source = Path(checkpoints.__file__).read_text()
-    used = set(re.findall(r'CheckpointRefused\(\s*"(\w+)"', source))
+    used = set(re.findall(r'CheckpointRefusedError\(\s*"(\w+)"', source))
     assert used and used <= set(metrics.CHECKPOINT_REFUSE_REASONS), used - set(metrics.CHECKPOINT_REFUSE_REASONS)
 
 
@@ -224,7 +237,7 @@ def test_every_checkpoint_corrupt_is_a_clear_error(tmp_path):
     build_checkpoints(tmp_path, versions=(1, 2))
     flip_tensor_byte(ckpt(tmp_path, 2) / WEIGHTS)
     (ckpt(tmp_path, 1) / checkpoints.MANIFEST).unlink()
-    with pytest.raises(NoIntactCheckpoint) as ei:
+    with pytest.raises(NoIntactCheckpointError) as ei:
         make_trainer(tmp_path).resume()
     assert isinstance(ei.value, ValueError)  # run_cli prints it as one `error:` line, exit 2
     msg = str(ei.value)
@@ -296,10 +309,26 @@ class Learner:
         self.proc: subprocess.Popen | None = None
 
     def args(self) -> list[str]:
-        return [str(BIN / "pirl-learner"), "--resume", "--output-dir", str(self.out), "--address", "127.0.0.1:0",
-                "--port-file", str(self.port_file), "--tokens", str(self.pki["tokens"]),
-                "--tls-cert", str(self.pki["server_cert"]), "--tls-key", str(self.pki["server_key"]),
-                "--metrics-port", str(self.metrics_port), "--eval-every", "0"]
+        return [
+            str(BIN / "pirl-learner"),
+            "--resume",
+            "--output-dir",
+            str(self.out),
+            "--address",
+            "127.0.0.1:0",
+            "--port-file",
+            str(self.port_file),
+            "--tokens",
+            str(self.pki["tokens"]),
+            "--tls-cert",
+            str(self.pki["server_cert"]),
+            "--tls-key",
+            str(self.pki["server_key"]),
+            "--metrics-port",
+            str(self.metrics_port),
+            "--eval-every",
+            "0",
+        ]
 
     @staticmethod
     def env() -> dict:
@@ -344,10 +373,14 @@ def subscribe(port: int, pki: dict) -> pirl_pb2.PolicyUpdate:
     token = json.loads(Path(pki["tokens"]).read_text())[ROBOT]
     options = [("grpc.max_receive_message_length", 256 << 20)]  # the update carries the ONNX export too
     with grpc.secure_channel(f"127.0.0.1:{port}", channel_credentials(pki["ca_cert"]), options=options) as channel:
-        stub = channel.unary_stream("/pirl.v1.Learner/SubscribePolicy", request_serializer=lambda x: x,
-                                    response_deserializer=lambda x: x)
-        call = stub(pirl_pb2.SubscribeRequest(robot_id=ROBOT, have_version=-1).SerializeToString(),
-                    metadata=auth_metadata(token), timeout=30)
+        stub = channel.unary_stream(
+            "/pirl.v1.Learner/SubscribePolicy", request_serializer=lambda x: x, response_deserializer=lambda x: x
+        )
+        call = stub(
+            pirl_pb2.SubscribeRequest(robot_id=ROBOT, have_version=-1).SerializeToString(),
+            metadata=auth_metadata(token),
+            timeout=30,
+        )
         try:
             return pirl_pb2.PolicyUpdate.FromString(next(call))
         finally:
@@ -373,8 +406,10 @@ def test_learner_process_refuses_damaged_checkpoints_and_republishes_under_a_new
     assert len(refusals) == 2, log
     assert "checkpoint 000003 refused: " in refusals[0] and "checkpoint 000002 refused: " in refusals[1]
     assert all(f"{WEIGHTS} sha256 mismatch; trying the previous one" in line for line in refusals)
-    counts = {m.group(1): float(m.group(2)) for m in
-              re.finditer(r'^pirl_learner_checkpoints_refused_total\{reason="(\w+)"\} (\S+)$', scraped, re.M)}
+    counts = {
+        m.group(1): float(m.group(2))
+        for m in re.finditer(r'^pirl_learner_checkpoints_refused_total\{reason="(\w+)"\} (\S+)$', scraped, re.M)
+    }
     assert set(counts) == set(metrics.CHECKPOINT_REFUSE_REASONS)  # every reason exported, at 0 if unused
     assert sum(counts.values()) == 2 and counts["hash_mismatch"] == 2
     assert "the weights of checkpoint 000001 are republished as version 4" in log and "Traceback" not in log

@@ -4,6 +4,7 @@ signal does not cut the cleanup short), and the kernel stops them when the demo 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -13,7 +14,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-
 from builtin_policy import builtin_policy, save_checkpoint
 
 BIN = Path(sys.executable).parent
@@ -22,7 +22,7 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR
 
 @pytest.fixture
 def out(tmp_path) -> Path:
-    """A demo output directory whose SFT checkpoint is already there (scripts/common.py reuses it)."""
+    """A demo output directory whose SFT checkpoint is already there (pirl_tools/common.py reuses it)."""
     out = tmp_path / "demo"
     save_checkpoint(out / "sft" / "train" / "checkpoints" / "last" / "pretrained_model", *builtin_policy(0))
     return out
@@ -31,9 +31,11 @@ def out(tmp_path) -> Path:
 def start_demo(out: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [str(BIN / "pirl-demo"), "--out", str(out), "--num-envs", "4", "--eval-episodes", "20",
-         "--time-limit", "300"],
-        stdout=open(out.parent / "demo.stdout", "w"), stderr=open(out.parent / "demo.stderr", "w"), env=env)
+        [str(BIN / "pirl-demo"), "--out", str(out), "--num-envs", "4", "--eval-episodes", "20", "--time-limit", "300"],
+        stdout=open(out.parent / "demo.stdout", "w"),
+        stderr=open(out.parent / "demo.stderr", "w"),
+        env=env,
+    )
 
 
 def output(out: Path, stream: str) -> str:
@@ -71,31 +73,29 @@ def wait_running(demo: subprocess.Popen, out: Path, timeout: float = 240) -> lis
         edges = [logs / f"robot-{i}.log" for i in (0, 1)]
         if (out / "learner.port").is_file() and learner.is_file() and all(e.is_file() for e in edges):
             learner_log = learner.read_text()
-            if all("control of" in e.read_text() for e in edges) and \
-                    all(robot in learner_log for robot in ("robot-0", "robot-1")):
+            if all("control of" in e.read_text() for e in edges) and all(
+                robot in learner_log for robot in ("robot-0", "robot-1")
+            ):
                 children = psutil.Process(demo.pid).children(recursive=True)
                 names = " ".join(" ".join(c.cmdline()) for c in children)
                 assert names.count("pirl-edge") == 2 and names.count("pirl-learner") == 1, names
                 return children
         time.sleep(0.5)
-    raise AssertionError(f"the demo's learner and edges were not running after {timeout:.0f}s:\n"
-                         f"{output(out, 'stdout')[-3000:]}")
+    raise AssertionError(
+        f"the demo's learner and edges were not running after {timeout:.0f}s:\n{output(out, 'stdout')[-3000:]}"
+    )
 
 
 def kill_leftovers(demo: subprocess.Popen, out: Path, children: list[psutil.Process]) -> None:
     """Whatever happened in the test: no demo, learner or edge outlives it."""
     if demo.poll() is None:
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             children = children + psutil.Process(demo.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            pass
         demo.kill()
         demo.wait()
     for p in running(children + ours(out)):
-        try:
+        with contextlib.suppress(psutil.NoSuchProcess):
             p.kill()
-        except psutil.NoSuchProcess:
-            pass
 
 
 @pytest.mark.parametrize("sig, count", [(signal.SIGTERM, 1), (signal.SIGINT, 2)], ids=["SIGTERM", "SIGINT-twice"])
@@ -114,8 +114,10 @@ def test_a_stop_signal_stops_the_learner_and_edges_then_the_demo(out, sig, count
         err = output(out, "stderr")
         assert rc == 128 + sig, (rc, err)
         lines = [line for line in err.splitlines() if "interrupted" in line]
-        assert lines == [f"pirl-demo: interrupted by {sig.name}; stopped the learner and edges it had started "
-                         f"(logs in {out / 'logs'})"], err
+        assert lines == [
+            f"pirl-demo: interrupted by {sig.name}; stopped the learner and edges it had started "
+            f"(logs in {out / 'logs'})"
+        ], err
         assert "Traceback" not in err, err
         if count > 1:  # the second one was noted, and the cleanup went on
             assert "pirl-demo: still stopping the learner and edges, please wait" in err, err

@@ -11,8 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from deploy_support import DOCKER, ROOT, Processes, free_port, make_checkpoint, process_env, wait_until
+
 from pirl.security import make_dev_pki
 
 EDGE = str(DOCKER / "edge-entrypoint.sh")
@@ -30,7 +30,7 @@ def stub_bin(tmp_path) -> Path:
     d.mkdir()
     for name in ("pirl-edge", "pirl-learner"):
         script = d / name
-        script.write_text("#!/bin/sh\nprintf '%s\\n' \"$0\" \"$@\"\n")
+        script.write_text('#!/bin/sh\nprintf \'%s\\n\' "$0" "$@"\n')
         script.chmod(0o755)
     return d
 
@@ -49,14 +49,18 @@ def argv_from(stub_bin: Path, script: str, *args: str, config: Path | None = Non
 # ------------------------------------------------------------------------------------ the Dockerfiles
 
 
-@pytest.mark.parametrize("dockerfile, script", [("Dockerfile.edge", "edge-entrypoint.sh"),
-                                                ("Dockerfile.learner", "learner-entrypoint.sh")])
+@pytest.mark.parametrize(
+    "dockerfile, script", [("Dockerfile.edge", "edge-entrypoint.sh"), ("Dockerfile.learner", "learner-entrypoint.sh")]
+)
 def test_dockerfiles_use_these_entrypoints_and_healthchecks(dockerfile, script):
     text = (ROOT / dockerfile).read_text()
     kind = script.split("-")[0]
     assert f'ENTRYPOINT ["/opt/pirl/{script}"]' in text
-    assert re.search(rf"COPY deploy/docker/{script} deploy/docker/entrypoint-lib.sh "
-                     rf"deploy/docker/healthcheck-{kind}.py /opt/pirl/", text)
+    assert re.search(
+        rf"COPY deploy/docker/{script} deploy/docker/entrypoint-lib.sh "
+        rf"deploy/docker/healthcheck-{kind}.py /opt/pirl/",
+        text,
+    )
     assert f'CMD ["python", "/opt/pirl/healthcheck-{kind}.py"]' in text
     assert re.search(r"^USER 10001:10001$", text, re.MULTILINE)
 
@@ -80,7 +84,7 @@ def test_every_mapped_variable_becomes_a_flag_the_program_has(script, prog):
     helped = set(re.findall(r"--[a-z][a-z-]+", run([prog, "--help"], process_env()).stdout))
     missing = set(mapped.values()) - helped
     assert not missing, f"{script} maps to flags {prog} does not have: {sorted(missing)}"
-    documented = set(re.findall(r"PIRL_[A-Z0-9_]+", text[text.index("usage()"):text.index("TEXT\n}")]))
+    documented = set(re.findall(r"PIRL_[A-Z0-9_]+", text[text.index("usage()") : text.index("TEXT\n}")]))
     assert set(mapped) <= documented, sorted(set(mapped) - documented)  # --help lists every variable
 
 
@@ -88,37 +92,67 @@ def test_edge_flags_from_environment_and_config_file(stub_bin, tmp_path):
     config = tmp_path / "edge.env"
     config.write_text(
         "# robot-0 on the bench\n"
-        "PIRL_LEARNER=file-host:1\n"            # overridden by the environment below
+        "PIRL_LEARNER=file-host:1\n"  # overridden by the environment below
         "PIRL_ROBOT_ID=robot-0\n"
         "PIRL_TOKENS='/etc/pirl/tokens.json'\n"  # one pair of quotes is removed
         'PIRL_POLICY_PATH="/var/lib/pirl/my policy"\n'
-        "PIRL_SPOOL_DIR=$HOME/spool\n"          # never expanded: the file is data, not shell
+        "PIRL_SPOOL_DIR=$HOME/spool\n"  # never expanded: the file is data, not shell
         "\n"
         "PIRL_INSECURE=yes\n"
         "PIRL_EDGE_ARGS=--seed 7 --episodes 3\n"
     )
-    argv = argv_from(stub_bin, EDGE, "--control-hz", "30", config=config,
-                     PIRL_LEARNER="env-host:2", PIRL_BACKEND="tensorrt", PIRL_METRICS_PORT="9101")
-    assert argv == ["--learner", "env-host:2", "--robot-id", "robot-0", "--tokens", "/etc/pirl/tokens.json",
-                    "--policy-path", "/var/lib/pirl/my policy", "--insecure", "--backend", "tensorrt",
-                    "--spool-dir", "$HOME/spool", "--metrics-port", "9101",
-                    "--seed", "7", "--episodes", "3", "--control-hz", "30"]
+    argv = argv_from(
+        stub_bin,
+        EDGE,
+        "--control-hz",
+        "30",
+        config=config,
+        PIRL_LEARNER="env-host:2",
+        PIRL_BACKEND="tensorrt",
+        PIRL_METRICS_PORT="9101",
+    )
+    assert argv == [
+        "--learner",
+        "env-host:2",
+        "--robot-id",
+        "robot-0",
+        "--tokens",
+        "/etc/pirl/tokens.json",
+        "--policy-path",
+        "/var/lib/pirl/my policy",
+        "--insecure",
+        "--backend",
+        "tensorrt",
+        "--spool-dir",
+        "$HOME/spool",
+        "--metrics-port",
+        "9101",
+        "--seed",
+        "7",
+        "--episodes",
+        "3",
+        "--control-hz",
+        "30",
+    ]
 
 
 def test_learner_resumes_by_default_and_maps_switches(stub_bin):
-    base = dict(PIRL_TOKENS="/t.json", PIRL_HEALTH_ADDRESS="0.0.0.0:8081", PIRL_WAL_FSYNC="1")
+    base = {"PIRL_TOKENS": "/t.json", "PIRL_HEALTH_ADDRESS": "0.0.0.0:8081", "PIRL_WAL_FSYNC": "1"}
     argv = argv_from(stub_bin, LEARNER, **base)
     assert argv == ["--tokens", "/t.json", "--resume", "--health-address", "0.0.0.0:8081", "--wal-fsync"]
     assert "--resume" not in argv_from(stub_bin, LEARNER, PIRL_RESUME="0", **base)
 
 
-@pytest.mark.parametrize("script, env, config, needle", [
-    (EDGE, {"PIRL_ROBOT_ID": "r", "PIRL_TOKENS": "t", "PIRL_POLICY_PATH": "p"}, None, "PIRL_LEARNER is not set"),
-    (LEARNER, {}, None, "PIRL_TOKENS is not set"),
-    (LEARNER, {"PIRL_TOKENS": "t", "PIRL_INSECURE": "maybe"}, None, "PIRL_INSECURE must be 1/true/yes/on"),
-    (LEARNER, {}, "PIRL_TOKENS=t\nexport PIRL_SEED=1\n", "learner.env:2: expected PIRL_NAME=value"),
-    (EDGE, {}, "HOME=/root\n", "edge.env:1: expected PIRL_NAME=value"),
-])
+@pytest.mark.parametrize(
+    "script, env, config, needle",
+    [
+        (EDGE, {"PIRL_ROBOT_ID": "r", "PIRL_TOKENS": "t", "PIRL_POLICY_PATH": "p"}, None, "PIRL_LEARNER is not set"),
+        (LEARNER, {}, None, "PIRL_TOKENS is not set"),
+        (LEARNER, {"PIRL_TOKENS": "t", "PIRL_INSECURE": "maybe"}, None, "PIRL_INSECURE must be 1/true/yes/on"),
+        (LEARNER, {}, "PIRL_TOKENS=t\nexport PIRL_SEED=1\n", "learner.env:2: expected PIRL_NAME=value"),
+        (EDGE, {}, "HOME=/root\n", "edge.env:1: expected PIRL_NAME=value"),
+    ],
+)
 def test_user_mistakes_print_one_error_line_and_exit_2(stub_bin, tmp_path, script, env, config, needle):
     e = process_env(**env)
     e["PATH"] = f"{stub_bin}:{e['PATH']}"
@@ -147,19 +181,38 @@ def test_learner_and_edge_through_the_entrypoints_serve_sync_and_pass_healthchec
     health, metrics_learner, metrics_edge = free_port(), free_port(), free_port()
     procs = Processes(tmp_path / "logs")
     try:
-        procs.start("learner", [LEARNER], process_env(
-            PIRL_TOKENS=str(pki["tokens"]), PIRL_TLS_CERT=str(pki["server_cert"]), PIRL_TLS_KEY=str(pki["server_key"]),
-            PIRL_POLICY_PATH=str(ckpt), PIRL_OUTPUT_DIR=str(tmp_path / "learner"), PIRL_ADDRESS="127.0.0.1:0",
-            PIRL_PORT_FILE=str(tmp_path / "learner.port"), PIRL_HEALTH_ADDRESS=f"127.0.0.1:{health}",
-            PIRL_METRICS_PORT=str(metrics_learner), PIRL_EPISODES_PER_UPDATE="4", PIRL_EVAL_EVERY="0",
-            PIRL_MAX_VERSION_LAG="5"))
+        procs.start(
+            "learner",
+            [LEARNER],
+            process_env(
+                PIRL_TOKENS=str(pki["tokens"]),
+                PIRL_TLS_CERT=str(pki["server_cert"]),
+                PIRL_TLS_KEY=str(pki["server_key"]),
+                PIRL_POLICY_PATH=str(ckpt),
+                PIRL_OUTPUT_DIR=str(tmp_path / "learner"),
+                PIRL_ADDRESS="127.0.0.1:0",
+                PIRL_PORT_FILE=str(tmp_path / "learner.port"),
+                PIRL_HEALTH_ADDRESS=f"127.0.0.1:{health}",
+                PIRL_METRICS_PORT=str(metrics_learner),
+                PIRL_EPISODES_PER_UPDATE="4",
+                PIRL_EVAL_EVERY="0",
+                PIRL_MAX_VERSION_LAG="5",
+            ),
+        )
         port_file = tmp_path / "learner.port"
-        port = wait_until(lambda: port_file.is_file() and port_file.read_text().strip(), 180, "the learner's port",
-                          check=lambda: procs.alive("learner"))
+        port = wait_until(
+            lambda: port_file.is_file() and port_file.read_text().strip(),
+            180,
+            "the learner's port",
+            check=lambda: procs.alive("learner"),
+        )
 
         def learner_health(*extra: str) -> subprocess.CompletedProcess:
-            return run([sys.executable, str(DOCKER / "healthcheck-learner.py"), *extra],
-                       process_env(PIRL_HEALTH_ADDRESS=f"0.0.0.0:{health}"), timeout=30)
+            return run(
+                [sys.executable, str(DOCKER / "healthcheck-learner.py"), *extra],
+                process_env(PIRL_HEALTH_ADDRESS=f"0.0.0.0:{health}"),
+                timeout=30,
+            )
 
         ok = learner_health()  # the image's HEALTHCHECK: plaintext health port from PIRL_HEALTH_ADDRESS
         assert ok.returncode == 0 and "SERVING" in ok.stdout, ok.stdout + ok.stderr
@@ -168,15 +221,30 @@ def test_learner_and_edge_through_the_entrypoints_serve_sync_and_pass_healthchec
 
         # the edge reads part of its settings from a config file, like /etc/pirl/edge.env on a robot
         config = tmp_path / "edge.env"
-        config.write_text(f"PIRL_LEARNER=127.0.0.1:{port}\nPIRL_ROBOT_ID=robot-0\nPIRL_TOKENS={pki['tokens']}\n"
-                          f"PIRL_TLS_CA={pki['ca_cert']}\nPIRL_MODE=paced\nPIRL_CONTROL_HZ=50\n")
-        procs.start("robot-0", [EDGE], process_env(
-            PIRL_CONFIG=str(config), PIRL_POLICY_PATH=str(ckpt), PIRL_SPOOL_DIR=str(tmp_path / "spool"),
-            PIRL_STATS_FILE=str(tmp_path / "edge-stats.json"), PIRL_METRICS_PORT=str(metrics_edge),
-            PIRL_BACKEND="onnxruntime", PIRL_DRAIN_TIMEOUT="60"))
+        config.write_text(
+            f"PIRL_LEARNER=127.0.0.1:{port}\nPIRL_ROBOT_ID=robot-0\nPIRL_TOKENS={pki['tokens']}\n"
+            f"PIRL_TLS_CA={pki['ca_cert']}\nPIRL_MODE=paced\nPIRL_CONTROL_HZ=50\n"
+        )
+        procs.start(
+            "robot-0",
+            [EDGE],
+            process_env(
+                PIRL_CONFIG=str(config),
+                PIRL_POLICY_PATH=str(ckpt),
+                PIRL_SPOOL_DIR=str(tmp_path / "spool"),
+                PIRL_STATS_FILE=str(tmp_path / "edge-stats.json"),
+                PIRL_METRICS_PORT=str(metrics_edge),
+                PIRL_BACKEND="onnxruntime",
+                PIRL_DRAIN_TIMEOUT="60",
+            ),
+        )
         status = tmp_path / "learner" / "status.json"
-        wait_until(lambda: status.is_file() and json.loads(status.read_text()).get("version", 0) >= 1, 240,
-                   "policy version 1", check=lambda: (procs.alive("learner"), procs.alive("robot-0")))
+        wait_until(
+            lambda: status.is_file() and json.loads(status.read_text()).get("version", 0) >= 1,
+            240,
+            "policy version 1",
+            check=lambda: (procs.alive("learner"), procs.alive("robot-0")),
+        )
 
         edge_health = [sys.executable, str(DOCKER / "healthcheck-edge.py")]
         ok = run(edge_health, process_env(PIRL_METRICS_PORT=str(metrics_edge)), timeout=30)

@@ -14,8 +14,8 @@ import sys
 import tarfile
 
 import pytest
-
 from deploy_support import ROOT
+
 from pirl.security import make_dev_pki
 
 FLASH = ROOT / "deploy" / "edge" / "pirl-flash"
@@ -33,9 +33,25 @@ def inputs(tmp_path):
 
 
 def flash(pki, policy, *extra, env=None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, str(FLASH), "--host", "pirl@robot-3.local", "--robot-id", "robot-3",
-           "--image", "pirl-edge:jp6", "--learner", "learner.example.com:50051", "--tokens", str(pki["tokens"]),
-           "--ca", str(pki["ca_cert"]), "--policy", str(policy), *extra]
+    cmd = [
+        sys.executable,
+        str(FLASH),
+        "--host",
+        "pirl@robot-3.local",
+        "--robot-id",
+        "robot-3",
+        "--image",
+        "pirl-edge:jp6",
+        "--learner",
+        "learner.example.com:50051",
+        "--tokens",
+        str(pki["tokens"]),
+        "--ca",
+        str(pki["ca_cert"]),
+        "--policy",
+        str(policy),
+        *extra,
+    ]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
 
 
@@ -61,9 +77,14 @@ def test_dry_run_prints_every_command_in_order_and_no_secret(inputs):
     for name in ("edge.env", "ca.pem", "compose.env"):
         assert sudo + f"dd of=/etc/pirl/{name} status=none" in remotes
     assert lines.index(next(x for x in lines if x.startswith("tar -C "))) > remotes.index(
-        sudo + "rm -rf /var/lib/pirl/policy")
-    assert remotes[-4:] == [sudo + "systemctl daemon-reload", sudo + "systemctl enable pirl-edge.service",
-                            sudo + "systemctl restart pirl-edge.service", "systemctl is-active pirl-edge.service"]
+        sudo + "rm -rf /var/lib/pirl/policy"
+    )
+    assert remotes[-4:] == [
+        sudo + "systemctl daemon-reload",
+        sudo + "systemctl enable pirl-edge.service",
+        sudo + "systemctl restart pirl-edge.service",
+        "systemctl is-active pirl-edge.service",
+    ]
     assert len(lines) == 22
     for token in tokens.values():
         assert token not in res.stdout
@@ -72,8 +93,17 @@ def test_dry_run_prints_every_command_in_order_and_no_secret(inputs):
 
 def test_dry_run_with_pull_and_mutual_tls(inputs, tmp_path):
     pki, policy, _ = inputs
-    res = flash(pki, policy, "--pull", "--no-sudo", "--client-cert", str(tmp_path / "certs" / "client-robot-3.pem"),
-                "--client-key", str(tmp_path / "certs" / "client-robot-3.key"), "--dry-run")
+    res = flash(
+        pki,
+        policy,
+        "--pull",
+        "--no-sudo",
+        "--client-cert",
+        str(tmp_path / "certs" / "client-robot-3.pem"),
+        "--client-key",
+        str(tmp_path / "certs" / "client-robot-3.key"),
+        "--dry-run",
+    )
     assert res.returncode == 0, res.stderr
     remotes = [remote(line) for line in res.stdout.splitlines()]
     assert "docker pull pirl-edge:jp6" in remotes and not any("docker save" in x for x in res.stdout.splitlines())
@@ -86,8 +116,10 @@ def test_a_real_run_sends_exactly_the_planned_commands_and_only_this_robots_toke
     pki, policy, tokens = inputs
     bin_dir, log = tmp_path / "bin", tmp_path / "calls.jsonl"
     bin_dir.mkdir()
-    recorder = ("#!{py}\nimport json, sys\nrec = {{'argv': sys.argv[1:], 'stdin': sys.stdin.buffer.read().hex()}}\n"
-                "open({log!r}, 'a').write(json.dumps(rec) + '\\n')\n").format(py=sys.executable, log=str(log))
+    recorder = (
+        f"#!{sys.executable}\nimport json, sys\nrec = {{'argv': sys.argv[1:], 'stdin': sys.stdin.buffer.read().hex()}}\n"
+        f"open({str(log)!r}, 'a').write(json.dumps(rec) + '\\n')\n"
+    )
     (bin_dir / "ssh").write_text(recorder)
     (bin_dir / "docker").write_text("#!/bin/sh\nprintf 'IMAGE-TAR-OF-%s' \"$2\"\n")  # `docker save IMAGE`
     for name in ("ssh", "docker"):
@@ -102,13 +134,16 @@ def test_a_real_run_sends_exactly_the_planned_commands_and_only_this_robots_toke
     sent = json.loads(by_remote["sudo --non-interactive dd of=/etc/pirl/tokens.json status=none"])
     assert sent == {"robot-3": tokens["robot-3"]}  # never the fleet's other tokens
     assert gzip.decompress(by_remote["sudo --non-interactive docker load"]) == b"IMAGE-TAR-OF-pirl-edge:jp6"
-    with tarfile.open(fileobj=io.BytesIO(by_remote[
-            "sudo --non-interactive tar -x --no-same-owner -C /var/lib/pirl/policy -f -"])) as tar:
+    with tarfile.open(
+        fileobj=io.BytesIO(by_remote["sudo --non-interactive tar -x --no-same-owner -C /var/lib/pirl/policy -f -"])
+    ) as tar:
         assert sorted(n.lstrip("./") for n in tar.getnames() if n != ".") == ["config.json", "model.safetensors"]
     env_file = by_remote["sudo --non-interactive dd of=/etc/pirl/edge.env status=none"].decode()
     assert "PIRL_ROBOT_ID=robot-3\n" in env_file and "PIRL_LEARNER=learner.example.com:50051\n" in env_file
-    assert by_remote["sudo --non-interactive dd of=/opt/pirl/compose.yaml status=none"] == \
-        (ROOT / "deploy" / "edge" / "compose.yaml").read_bytes()
+    assert (
+        by_remote["sudo --non-interactive dd of=/opt/pirl/compose.yaml status=none"]
+        == (ROOT / "deploy" / "edge" / "compose.yaml").read_bytes()
+    )
     for token in tokens.values():
         assert token not in res.stdout + res.stderr
 
@@ -123,12 +158,15 @@ def test_a_failing_step_stops_the_run(inputs, tmp_path):
     assert res.returncode == 1 and "step 1 failed" in res.stderr and "[2/" not in res.stdout
 
 
-@pytest.mark.parametrize("change, needle", [
-    (("--robot-id", "robot-9"), "no token for robot 'robot-9'"),
-    (("--policy", "/nonexistent"), "is not a policy directory"),
-    (("--env", "HOME=/root"), "expected PIRL_NAME=value"),
-    (("--ca", "/nonexistent/ca.pem"), "--ca: no such file"),
-])
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (("--robot-id", "robot-9"), "no token for robot 'robot-9'"),
+        (("--policy", "/nonexistent"), "is not a policy directory"),
+        (("--env", "HOME=/root"), "expected PIRL_NAME=value"),
+        (("--ca", "/nonexistent/ca.pem"), "--ca: no such file"),
+    ],
+)
 def test_user_mistakes_print_one_error_line_and_exit_2(inputs, change, needle):
     pki, policy, _ = inputs
     res = flash(pki, policy, *change, "--dry-run")  # a repeated option: the later value wins

@@ -16,11 +16,11 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
+import promql_names
 import pytest
 import yaml
-
-import promql_names
 from deploy_support import BIN, Processes, free_port, make_checkpoint, process_env, require_tool, wait_until
+
 from pirl.security import make_dev_pki
 
 STALE_AFTER_S = 15
@@ -74,36 +74,112 @@ def stack(tmp_path_factory):
     grpc_port, prom_port = free_port(), free_port()
     metrics = {"learner": free_port(), "robot-0": free_port(), "robot-1": free_port()}
     procs = Processes(root / "logs")
-    common = ["--learner", f"127.0.0.1:{grpc_port}", "--tokens", str(pki["tokens"]), "--tls-ca", str(pki["ca_cert"]),
-              "--policy-path", str(ckpt), "--drain-timeout", "30"]
+    common = [
+        "--learner",
+        f"127.0.0.1:{grpc_port}",
+        "--tokens",
+        str(pki["tokens"]),
+        "--tls-ca",
+        str(pki["ca_cert"]),
+        "--policy-path",
+        str(ckpt),
+        "--drain-timeout",
+        "30",
+    ]
     try:
-        procs.start("learner", [
-            str(BIN / "pirl-learner"), "--policy-path", str(ckpt), "--output-dir", str(root / "learner"),
-            "--address", f"127.0.0.1:{grpc_port}", "--tokens", str(pki["tokens"]),
-            "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]),
-            "--episodes-per-update", "16", "--max-updates", "2", "--eval-every", "0", "--max-version-lag", "5",
-            "--metrics-port", str(metrics["learner"])], process_env())
+        procs.start(
+            "learner",
+            [
+                str(BIN / "pirl-learner"),
+                "--policy-path",
+                str(ckpt),
+                "--output-dir",
+                str(root / "learner"),
+                "--address",
+                f"127.0.0.1:{grpc_port}",
+                "--tokens",
+                str(pki["tokens"]),
+                "--tls-cert",
+                str(pki["server_cert"]),
+                "--tls-key",
+                str(pki["server_key"]),
+                "--episodes-per-update",
+                "16",
+                "--max-updates",
+                "2",
+                "--eval-every",
+                "0",
+                "--max-version-lag",
+                "5",
+                "--metrics-port",
+                str(metrics["learner"]),
+            ],
+            process_env(),
+        )
         # robot-0: a paced robot that asked for TensorRT (not here: it falls back, and says so);
         # robot-1: a simulation farm, the one the test stops
-        procs.start("robot-0", [str(BIN / "pirl-edge"), *common, "--robot-id", "robot-0", "--mode", "paced",
-                                "--control-hz", "50", "--backend", "tensorrt", "--spool-dir", str(root / "spool-0"),
-                                "--metrics-port", str(metrics["robot-0"])], process_env())
-        procs.start("robot-1", [str(BIN / "pirl-edge"), *common, "--robot-id", "robot-1", "--mode", "unpaced",
-                                "--num-envs", "8", "--spool-dir", str(root / "spool-1"),
-                                "--metrics-port", str(metrics["robot-1"])], process_env())
+        procs.start(
+            "robot-0",
+            [
+                str(BIN / "pirl-edge"),
+                *common,
+                "--robot-id",
+                "robot-0",
+                "--mode",
+                "paced",
+                "--control-hz",
+                "50",
+                "--backend",
+                "tensorrt",
+                "--spool-dir",
+                str(root / "spool-0"),
+                "--metrics-port",
+                str(metrics["robot-0"]),
+            ],
+            process_env(),
+        )
+        procs.start(
+            "robot-1",
+            [
+                str(BIN / "pirl-edge"),
+                *common,
+                "--robot-id",
+                "robot-1",
+                "--mode",
+                "unpaced",
+                "--num-envs",
+                "8",
+                "--spool-dir",
+                str(root / "spool-1"),
+                "--metrics-port",
+                str(metrics["robot-1"]),
+            ],
+            process_env(),
+        )
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(p) for p in shortened_rules(root)],
             "scrape_configs": [
                 {"job_name": "pirl-learner", "static_configs": [{"targets": [f"127.0.0.1:{metrics['learner']}"]}]},
-                {"job_name": "pirl-edge", "static_configs": [{"targets": [f"127.0.0.1:{metrics['robot-0']}",
-                                                                          f"127.0.0.1:{metrics['robot-1']}"]}]},
+                {
+                    "job_name": "pirl-edge",
+                    "static_configs": [
+                        {"targets": [f"127.0.0.1:{metrics['robot-0']}", f"127.0.0.1:{metrics['robot-1']}"]}
+                    ],
+                },
             ],
         }
         (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-        procs.start("prometheus", [prometheus, f"--config.file={root / 'prometheus.yml'}",
-                                   f"--storage.tsdb.path={root / 'tsdb'}",
-                                   f"--web.listen-address=127.0.0.1:{prom_port}"], process_env())
+        procs.start(
+            "prometheus",
+            [
+                prometheus,
+                f"--config.file={root / 'prometheus.yml'}",
+                f"--storage.tsdb.path={root / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{prom_port}",
+            ],
+            process_env(),
+        )
         prom = Prom(prom_port)
 
         def all_alive():
@@ -118,8 +194,14 @@ def stack(tmp_path_factory):
 
         wait_until(ready, 60, "Prometheus ready", check=all_alive)
         # learner at version >= 1 and both robots serving it: every histogram has observations
-        wait_until(lambda: prom.query("min(pirl_edge_policy_version) >= 1 and on() count(pirl_edge_policy_version) == 2"
-                                      )["data"]["result"], 240, "both robots on policy version 1", check=all_alive)
+        wait_until(
+            lambda: prom.query("min(pirl_edge_policy_version) >= 1 and on() count(pirl_edge_policy_version) == 2")[
+                "data"
+            ]["result"],
+            240,
+            "both robots on policy version 1",
+            check=all_alive,
+        )
         wait_until(lambda: prom.query('count(up{job=~"pirl-.*"} == 1) == 3')["data"]["result"], 30, "3 targets up")
         time.sleep(5)  # a few more scrapes and rule evaluations over the running system
         yield prom, procs
@@ -174,9 +256,12 @@ def test_stopping_an_edge_makes_sync_stale_fire_for_that_robot_only(stack):
     prom, procs = stack
     assert prom.alerts("PirlEdgeSyncStale") == {}  # both robots in contact before the stop
     assert procs.stop("robot-1") == 0, procs.log("robot-1")
-    states = wait_until(lambda: prom.alerts("PirlEdgeSyncStale").get("robot-1") == "firing" and
-                        prom.alerts("PirlEdgeSyncStale"), 90, "PirlEdgeSyncStale firing for robot-1",
-                        check=lambda: procs.alive("learner"))
+    states = wait_until(
+        lambda: prom.alerts("PirlEdgeSyncStale").get("robot-1") == "firing" and prom.alerts("PirlEdgeSyncStale"),
+        90,
+        "PirlEdgeSyncStale firing for robot-1",
+        check=lambda: procs.alive("learner"),
+    )
     assert states == {"robot-1": "firing"}  # robot-0 keeps syncing
     # the alert's value is the seconds since robot-1's last contact, past the threshold (that contact
     # may predate the stop by up to a heartbeat period, so wall time since the stop is not the measure)
@@ -184,5 +269,6 @@ def test_stopping_an_edge_makes_sync_stale_fire_for_that_robot_only(stack):
     assert float(alert["value"]) > STALE_AFTER_S
     # the stopped edge's own gauge is gone: the learner's last-seen is what fired
     assert not prom.query('pirl_edge_seconds_since_last_sync{robot_id="robot-1"}')["data"]["result"]
-    assert prom.query(f'time() - pirl_learner_robot_last_seen_timestamp_seconds{{robot_id="robot-1"}} > {STALE_AFTER_S}'
-                      )["data"]["result"]
+    assert prom.query(
+        f'time() - pirl_learner_robot_last_seen_timestamp_seconds{{robot_id="robot-1"}} > {STALE_AFTER_S}'
+    )["data"]["result"]

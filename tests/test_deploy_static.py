@@ -12,11 +12,11 @@ import shutil
 import subprocess
 import sys
 
+import promql_names
 import pytest
 import yaml
-
-import promql_names
 from deploy_support import ROOT, require_tool
+
 from pirl.security import make_dev_pki
 
 DEPLOY = ROOT / "deploy"
@@ -114,8 +114,14 @@ def test_the_validator_rejects_broken_objects(built, tmp_path):
     path.write_text(yaml.safe_dump_all(broken))
     res = run([sys.executable, str(DEPLOY / "validate_k8s.py"), str(path)])
     assert res.returncode == 1
-    for needle in ("INVALID ServiceMonitor/pirl-learner", "intervall", "INVALID PrometheusRule/pirl",
-                   "two minutes", "INVALID Deployment/pirl-learner", "replica"):
+    for needle in (
+        "INVALID ServiceMonitor/pirl-learner",
+        "intervall",
+        "INVALID PrometheusRule/pirl",
+        "two minutes",
+        "INVALID Deployment/pirl-learner",
+        "replica",
+    ):
         assert needle in res.stdout, needle
 
 
@@ -133,8 +139,12 @@ def test_what_the_cluster_gets(built, overlay, release):
     health = {p["containerPort"] for p in container["ports"] if p["name"] == "health"}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert {container[probe]["grpc"]["port"]} == health  # the plaintext health-only port
-    config = {k: v for d in objects(docs, "ConfigMap") if d["metadata"]["name"] == "pirl-learner-config"
-              for k, v in d["data"].items()}
+    config = {
+        k: v
+        for d in objects(docs, "ConfigMap")
+        if d["metadata"]["name"] == "pirl-learner-config"
+        for k, v in d["data"].items()
+    }
     assert config["PIRL_HEALTH_ADDRESS"].endswith(f":{health.pop()}")
     (secret,) = objects(docs, "Secret")
     assert {"tls.crt", "tls.key", "tokens.json"} <= set(secret["data"])
@@ -149,7 +159,9 @@ def test_what_the_cluster_gets(built, overlay, release):
     (monitor,) = objects(docs, "ServiceMonitor")
     assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
     assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "pirl-learner"  # job="pirl-learner"
-    dashboards = [d for d in objects(docs, "ConfigMap") if d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"]
+    dashboards = [
+        d for d in objects(docs, "ConfigMap") if d["metadata"].get("labels", {}).get("grafana_dashboard") == "1"
+    ]
     assert sorted(k for d in dashboards for k in d["data"]) == ["pirl-fleet.json", "pirl-learner.json"]
     if overlay == "production":
         public = next(s for s in objects(docs, "Service") if s["metadata"]["name"] == "pirl-learner-public")
@@ -172,8 +184,14 @@ def test_promtool_check_rules():
 
 
 def test_promtool_unit_tests_pass():
-    res = run([require_tool("promtool", PROMTOOL), "test", "rules",
-               str(DEPLOY / "prometheus" / "tests" / "pirl-alerts.test.yml")])
+    res = run(
+        [
+            require_tool("promtool", PROMTOOL),
+            "test",
+            "rules",
+            str(DEPLOY / "prometheus" / "tests" / "pirl-alerts.test.yml"),
+        ]
+    )
     assert res.returncode == 0 and "SUCCESS" in res.stdout, res.stdout + res.stderr
 
 
@@ -182,8 +200,10 @@ def test_every_alert_has_for_severity_runbook_and_a_firing_unit_test():
     tests = yaml.safe_load((DEPLOY / "prometheus" / "tests" / "pirl-alerts.test.yml").read_text())["tests"]
     fired = {t["alertname"] for case in tests for t in case.get("alert_rule_test", []) if t["exp_alerts"]}
     quiet = {t["alertname"] for case in tests for t in case.get("alert_rule_test", []) if not t["exp_alerts"]}
-    headings = {re.sub(r"[^a-z0-9]", "", h.lower()) for h in
-                re.findall(r"^#+ (.+)$", (ROOT / "docs" / "deploy.md").read_text(), re.MULTILINE)}
+    headings = {
+        re.sub(r"[^a-z0-9]", "", h.lower())
+        for h in re.findall(r"^#+ (.+)$", (ROOT / "docs" / "deploy.md").read_text(), re.MULTILINE)
+    }
     assert len(alerts) == 10
     for a in alerts:
         name = a["alert"]
@@ -194,9 +214,10 @@ def test_every_alert_has_for_severity_runbook_and_a_firing_unit_test():
 
 
 def test_every_metric_the_rules_and_dashboards_read_is_defined_in_the_code():
+    from prometheus_client import REGISTRY
+
     import edge.metrics  # noqa: F401  registers the edge's metrics
     import learner.metrics  # noqa: F401
-    from prometheus_client import REGISTRY
 
     defined = set()
     for family in REGISTRY.collect():  # names as exported, with the suffixes of their type
@@ -210,13 +231,23 @@ def test_every_metric_the_rules_and_dashboards_read_is_defined_in_the_code():
 
 
 def test_compose_file_is_valid_compose_spec():
-    res = run([require_tool("check-jsonschema", PIP_TOOLS), "--builtin-schema", "vendor.compose-spec",
-               str(DEPLOY / "edge" / "compose.yaml")])
+    res = run(
+        [
+            require_tool("check-jsonschema", PIP_TOOLS),
+            "--builtin-schema",
+            "vendor.compose-spec",
+            str(DEPLOY / "edge" / "compose.yaml"),
+        ]
+    )
     assert res.returncode == 0, res.stdout + res.stderr
     edge = yaml.safe_load((DEPLOY / "edge" / "compose.yaml").read_text())["services"]["edge"]
     assert edge["runtime"] == "nvidia" and edge["restart"] == "unless-stopped" and edge["devices"]
-    assert {v.split(":")[1] for v in edge["volumes"]} >= {"/var/lib/pirl/spool", "/var/lib/pirl/engine-cache",
-                                                           "/etc/pirl", "/var/lib/pirl/policy"}
+    assert {v.split(":")[1] for v in edge["volumes"]} >= {
+        "/var/lib/pirl/spool",
+        "/var/lib/pirl/engine-cache",
+        "/etc/pirl",
+        "/var/lib/pirl/policy",
+    }
 
 
 def test_compose_schema_check_is_really_checking(tmp_path):

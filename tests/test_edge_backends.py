@@ -5,9 +5,10 @@ import copy
 import numpy as np
 import pytest
 import torch
-
 from builtin_policy import builtin_policy
-from edge.backends import OnnxRuntimeBackend, TorchBackend, make_backend
+
+from edge.backend_choice import make_backend
+from edge.backends import OnnxRuntimeBackend, TorchBackend
 from edge.inference import InferenceWorker
 
 
@@ -44,17 +45,17 @@ def test_onnxruntime_backend_matches_torch(tmp_path):
 
 
 def test_unknown_backend_is_an_error_and_tensorrt_falls_back(caplog, monkeypatch):
-    from lerobot_policy_pi_rl import trt_engine
+    from pirl.export import trt_engine
 
     def absent():
-        raise trt_engine.TensorRTUnavailable("import tensorrt failed (ModuleNotFoundError: test)")
+        raise trt_engine.TensorRTUnavailableError("import tensorrt failed (ModuleNotFoundError: test)")
 
     monkeypatch.setattr(trt_engine, "import_tensorrt", absent)  # the same on a machine that has it
     policy, _, _ = policy_and_processors()
     with pytest.raises(ValueError, match="--backend"):
         make_backend("cuda-magic", policy)
     assert make_backend("tensorrt", policy).name == "onnxruntime"
-    assert "tensorrt backend unavailable (TensorRTUnavailable: import tensorrt failed" in caplog.text
+    assert "tensorrt backend unavailable (TensorRTUnavailableError: import tensorrt failed" in caplog.text
 
 
 def test_worker_swaps_onnx_sessions_at_chunk_boundaries():

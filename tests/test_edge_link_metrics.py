@@ -67,7 +67,9 @@ def test_quarantined_spool_files_have_a_gauge_and_a_counter(tmp_path, monkeypatc
         for seq in range(4):
             spool.append(seq, b"x" * 64)
     rec = sorted(p for p in directory.iterdir() if p.suffix == ".rec")
-    data = bytearray(rec[1].read_bytes()); data[HEADER_SIZE + 5] ^= 0xFF; rec[1].write_bytes(bytes(data))
+    data = bytearray(rec[1].read_bytes())
+    data[HEADER_SIZE + 5] ^= 0xFF
+    rec[1].write_bytes(bytes(data))
 
     hook = metrics.spool_quarantine_hook(robot)  # what pirl-edge passes when it opens its spool
     assert value("pirl_edge_spool_quarantined_total") == 0
@@ -77,7 +79,9 @@ def test_quarantined_spool_files_have_a_gauge_and_a_counter(tmp_path, monkeypatc
         assert value("pirl_edge_spool_quarantine_files") == 1
         assert value("pirl_edge_spool_quarantined_total") == 1
         # corruption found when the uploader reads: the next refresh shows it
-        data = bytearray(rec[3].read_bytes()); data[-1] ^= 0xFF; rec[3].write_bytes(bytes(data))
+        data = bytearray(rec[3].read_bytes())
+        data[-1] ^= 0xFF
+        rec[3].write_bytes(bytes(data))
         assert [s for s, _ in spool.pending()] == [0, 2]
         update_link_metrics(robot, spool, SyncClock(robot))
         assert value("pirl_edge_spool_quarantine_files") == 2

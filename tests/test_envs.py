@@ -40,7 +40,7 @@ def test_vec_env_matches_loop_of_single_envs():
     same-step autoresets (the single env is reset with seed=None, continuing its own generator) and
     frozen (inactive) envs (the single env is simply not stepped)."""
     n, s = 8, 1234
-    kw = dict(max_steps=15, obs_type="pixels_agent_pos", image_size=16)
+    kw = {"max_steps": 15, "obs_type": "pixels_agent_pos", "image_size": 16}
     vec = ReachGraspVecEnv(n, **kw)
     singles = [ReachGraspEnv(**kw) for _ in range(n)]
     obs, _ = vec.reset(seed=s)
@@ -275,7 +275,7 @@ def test_lerobot_env_config_factory_and_preprocessing():
         state = batch["observation.state"]
         assert state.shape == (2, 6) and state.dtype == torch.float32
         assert batch["observation.image"].shape == (2, 3, 16, 16)
-        assert 0.0 <= batch["observation.image"].min() and batch["observation.image"].max() <= 1.0
+        assert batch["observation.image"].min() >= 0.0 and batch["observation.image"].max() <= 1.0
         assert vec.call("task_description") == ("reach the target and grasp it",) * 2
         assert vec.call("_max_episode_steps") == (30, 30)
         # expert through LeRobot's vector env: success is reported in final_info, where LeRobot's eval

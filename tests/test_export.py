@@ -16,19 +16,26 @@ import numpy as np
 import onnx
 import pytest
 import torch
-
 from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.policies.factory import make_pre_post_processors
-from lerobot_policy_pi_rl import export
+
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
-from lerobot_policy_pi_rl.export import ArtifactIntegrityError, OnnxSampler, SamplerGraph, export_onnx
 from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
+from pirl.export import onnx_export as export
+from pirl.export.onnx_export import ArtifactIntegrityError, OnnxSampler, SamplerGraph, export_onnx
 
 STATE, ACTION_DIM = 6, 3
 RTOL = ATOL = 1e-5
 RATIO_TOL = 1e-4
-SMALL = {"hidden_dim": 32, "num_layers": 2, "expert_token_dim": 8, "prefix_dim": 16, "time_embed_dim": 8,
-         "critic_hidden_dims": [16], "image_channels": [4, 8]}
+SMALL = {
+    "hidden_dim": 32,
+    "num_layers": 2,
+    "expert_token_dim": 8,
+    "prefix_dim": 16,
+    "time_embed_dim": 8,
+    "critic_hidden_dims": [16],
+    "image_channels": [4, 8],
+}
 
 # (id, config overrides, image feature?)
 CASES = [
@@ -44,9 +51,14 @@ def make_policy(overrides: dict, with_image: bool, seed: int = 0) -> PiRLPolicy:
     feats = {"observation.state": PolicyFeature(FeatureType.STATE, (STATE,))}
     if with_image:
         feats["observation.image"] = PolicyFeature(FeatureType.VISUAL, (3, 16, 16))
-    cfg = PiRLConfig(device="cpu", push_to_hub=False, input_features=feats,
-                     output_features={"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
-                     **SMALL, **overrides)
+    cfg = PiRLConfig(
+        device="cpu",
+        push_to_hub=False,
+        input_features=feats,
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
+        **SMALL,
+        **overrides,
+    )
     policy = PiRLPolicy(cfg)
     with torch.no_grad():  # move off the init (the value head starts at exactly 0)
         for p in policy.parameters():
@@ -69,8 +81,9 @@ def run_both(policy, sampler, batch_size, seed):
     obs, initial, steps, stochastic, level = random_inputs(policy, batch_size, seed)
     with torch.no_grad():
         ref = policy.sample_chains(obs, initial, steps, stochastic, noise_level=level)
-    out = sampler.run({k: v.numpy() for k, v in obs.items()}, initial.numpy(), steps.numpy(),
-                      stochastic.numpy(), level.numpy())
+    out = sampler.run(
+        {k: v.numpy() for k, v in obs.items()}, initial.numpy(), steps.numpy(), stochastic.numpy(), level.numpy()
+    )
     return obs, stochastic, level, ref, out
 
 
@@ -92,7 +105,9 @@ def test_onnxruntime_matches_pytorch(exported, batch_size, seed):
     expected = {"actions": ref.actions, "chain": ref.chain.chain, "log_prob": ref.chain.log_prob, "value": ref.value}
     for key, want in expected.items():
         assert got[key].shape == tuple(want.shape), key
-        torch.testing.assert_close(torch.from_numpy(got[key]), want, rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{k}: {m}")
+        torch.testing.assert_close(
+            torch.from_numpy(got[key]), want, rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{k}: {m}"
+        )
     c = policy.config
     if c.noise_method == "flow_ode" or not stochastic.any():
         assert np.all(got["log_prob"] == 0)
@@ -224,15 +239,30 @@ def test_graph_module_and_bad_arguments(tmp_path):
 
 def test_cli_exports_a_pretrained_dir(tmp_path, monkeypatch, capsys):
     policy = make_policy({"noise_method": "flow_sde"}, False)
-    stats = {"observation.state": {"mean": torch.zeros(STATE), "std": torch.ones(STATE)},
-             "action": {"mean": torch.zeros(ACTION_DIM), "std": torch.ones(ACTION_DIM)}}
+    stats = {
+        "observation.state": {"mean": torch.zeros(STATE), "std": torch.ones(STATE)},
+        "action": {"mean": torch.zeros(ACTION_DIM), "std": torch.ones(ACTION_DIM)},
+    }
     pre, post = make_pre_post_processors(policy.config, dataset_stats=stats)
     ckpt = tmp_path / "pretrained_model"
     for obj in (policy, pre, post):
         obj.save_pretrained(ckpt)
     out = tmp_path / "onnx"
-    monkeypatch.setattr(sys, "argv", ["pirl-export", "--policy-path", str(ckpt), "--out", str(out),
-                                      "--noise-method", "flow_noise", "--version", "3"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "pirl-export",
+            "--policy-path",
+            str(ckpt),
+            "--out",
+            str(out),
+            "--noise-method",
+            "flow_noise",
+            "--version",
+            "3",
+        ],
+    )
     with pytest.raises(SystemExit) as exc:
         export.main()
     assert exc.value.code == 0
@@ -250,14 +280,19 @@ def test_cli_exports_a_pretrained_dir(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("method", ["flow_sde", "flow_noise"])
 def test_split_export_prefix_and_velocity_graphs_match_torch(method, tmp_path):
     """The measured alternative to the one graph: prefix.onnx + velocity.onnx with the sampler loop on
-    the host (export_split.SplitSampler) computes the same chunk, log-prob and value as PyTorch."""
-    from lerobot_policy_pi_rl.export import example_observations
-    from lerobot_policy_pi_rl.export_split import SplitSampler, export_split
+    the host (split_export.SplitSampler) computes the same chunk, log-prob and value as PyTorch."""
+    from pirl.export.onnx_export import example_observations
+    from pirl.export.split_export import SplitSampler, export_split
 
     torch.manual_seed(0)
-    policy = PiRLPolicy(PiRLConfig(device="cpu", noise_method=method,
-                                   input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
-                                   output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))})).eval()
+    policy = PiRLPolicy(
+        PiRLConfig(
+            device="cpu",
+            noise_method=method,
+            input_features={"observation.state": PolicyFeature(FeatureType.STATE, (6,))},
+            output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))},
+        )
+    ).eval()
     manifest = export_split(policy, tmp_path)
     assert set(manifest["artifacts"]) == {"prefix.onnx", "velocity.onnx"}
     g = torch.Generator().manual_seed(3)
@@ -266,8 +301,9 @@ def test_split_export_prefix_and_velocity_graphs_match_torch(method, tmp_path):
     level = torch.full((5,), 0.5)
     with torch.no_grad():
         ref = policy.sample_chains(obs, *noise, noise_level=level)
-    out = SplitSampler(policy, tmp_path).run({k: v.numpy() for k, v in obs.items()}, *(n.numpy() for n in noise),
-                                             level.numpy())
+    out = SplitSampler(policy, tmp_path).run(
+        {k: v.numpy() for k, v in obs.items()}, *(n.numpy() for n in noise), level.numpy()
+    )
     np.testing.assert_allclose(out["actions"], ref.actions.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["log_prob"], ref.chain.log_prob.numpy(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(out["value"], ref.value.numpy(), rtol=1e-5, atol=1e-5)

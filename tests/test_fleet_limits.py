@@ -5,6 +5,7 @@ process-level versions of the first two are in tests/test_runtime.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import queue
@@ -15,6 +16,7 @@ from concurrent import futures
 import grpc
 import pytest
 import torch
+from builtin_policy import builtin_policy, sampled_decision
 from prometheus_client import REGISTRY
 
 from edge.link import LearnerAddress, SyncClock, Uploader
@@ -29,8 +31,6 @@ from pirl.logs import MAX_DETAIL_CHARS, RateLimitedLog, bounded
 from pirl.refusals import REFUSED_RECORD, judged_record, refusal_metadata
 from pirl.security import TokenAuthenticator, auth_metadata
 from pirl.v1 import pirl_pb2
-
-from builtin_policy import builtin_policy, sampled_decision
 
 SC = grpc.StatusCode
 ACCEPTED = pirl_pb2.RolloutAck.ACCEPTED
@@ -49,42 +49,54 @@ def decision(policy) -> Decision:
 
 
 def good_record(decision, robot: str, seq: int) -> bytes:
-    return make_record(robot, seq, f"{robot}-ep-{seq}", 0, decision,
-                       Outcome(reward=1.0, terminated=True, success=True, env_steps=4))
+    return make_record(
+        robot, seq, f"{robot}-ep-{seq}", 0, decision, Outcome(reward=1.0, terminated=True, success=True, env_steps=4)
+    )
 
 
 class Learner:
     """A real LearnerService on an insecure loopback port, with the limits under test."""
 
     def __init__(self, policy, limits: StreamLimits, *, workers: int | None = None, max_sequence_ahead: int = 1 << 16):
-        self.store = RolloutStore(PolicyShapes.from_policy(policy), max_version_lag=1, max_record_bytes=1 << 20,
-                                  max_sequence_ahead=max_sequence_ahead)
+        self.store = RolloutStore(
+            PolicyShapes.from_policy(policy),
+            max_version_lag=1,
+            max_record_bytes=1 << 20,
+            max_sequence_ahead=max_sequence_ahead,
+        )
         publisher = Publisher()
         publisher.publish(policy_update_message(policy, 0))
-        self.service = LearnerService(self.store, publisher, TokenAuthenticator(TOKENS), max_record_bytes=1 << 20,
-                                      limits=limits)
-        self.server, self.port, _ = build_server(self.service, "127.0.0.1:0", credentials=None,
-                                                 max_message_bytes=2 << 20, workers=workers)
+        self.service = LearnerService(
+            self.store, publisher, TokenAuthenticator(TOKENS), max_record_bytes=1 << 20, limits=limits
+        )
+        self.server, self.port, _ = build_server(
+            self.service, "127.0.0.1:0", credentials=None, max_message_bytes=2 << 20, workers=workers
+        )
         self.server.start()
         self.address = f"127.0.0.1:{self.port}"
         self.channel = grpc.insecure_channel(self.address)
         self.closed = threading.Event()  # ends the request streams of held calls
 
     def stub(self, name, kind):
-        return getattr(self.channel, kind)(f"/pirl.v1.Learner/{name}", request_serializer=RAW,
-                                           response_deserializer=RAW)
+        return getattr(self.channel, kind)(
+            f"/pirl.v1.Learner/{name}", request_serializer=RAW, response_deserializer=RAW
+        )
 
     def register(self, robot: str) -> pirl_pb2.RegisterResponse:
-        raw = self.stub("Register", "unary_unary")(pirl_pb2.RegisterRequest(robot_id=robot).SerializeToString(),
-                                                   metadata=auth_metadata(TOKENS[robot]), timeout=10)
+        raw = self.stub("Register", "unary_unary")(
+            pirl_pb2.RegisterRequest(robot_id=robot).SerializeToString(),
+            metadata=auth_metadata(TOKENS[robot]),
+            timeout=10,
+        )
         return pirl_pb2.RegisterResponse.FromString(raw)
 
     def send(self, robot: str, payloads: list[bytes]):
         """(acks, RpcError or None) of one rollout stream carrying ``payloads``."""
         acks = []
         try:
-            for raw in self.stub("StreamRollouts", "stream_stream")(iter(payloads), metadata=auth_metadata(TOKENS[robot]),
-                                                                   timeout=10):
+            for raw in self.stub("StreamRollouts", "stream_stream")(
+                iter(payloads), metadata=auth_metadata(TOKENS[robot]), timeout=10
+            ):
                 acks.append(pirl_pb2.RolloutAck.FromString(raw))
         except grpc.RpcError as e:
             return acks, e
@@ -96,6 +108,7 @@ class Learner:
         if rpc == "SubscribePolicy":
             req = pirl_pb2.SubscribeRequest(robot_id=robot, have_version=1 << 40).SerializeToString()
             return self.stub(rpc, "unary_stream")(req, metadata=md)
+
         def nothing_until_closed():
             self.closed.wait()
             yield from ()
@@ -160,7 +173,12 @@ def test_transport_limit_and_per_robot_limit_carry_no_marker(make_learner):
     settle(held)
     extra = lrn.hold("hog", "SubscribePolicy")
     open_, ended = settle([*held, extra])
-    assert open_ == held and ended == [extra] and extra.code() == SC.RESOURCE_EXHAUSTED and "per-robot limit" in extra.details()
+    assert (
+        open_ == held
+        and ended == [extra]
+        and extra.code() == SC.RESOURCE_EXHAUSTED
+        and "per-robot limit" in extra.details()
+    )
     assert judged_record(extra) is None
     # fill the server's call slots: gRPC itself refuses with RESOURCE_EXHAUSTED, and no marker
     held += [lrn.hold("good", "SubscribePolicy"), lrn.hold("other", "SubscribePolicy")]
@@ -235,8 +253,9 @@ def test_sequences_far_ahead_are_refused_and_not_remembered(make_learner, decisi
 
 
 def test_store_window_error_is_not_final(policy):
-    store = RolloutStore(PolicyShapes.from_policy(policy), max_version_lag=1, max_record_bytes=1 << 20,
-                         max_sequence_ahead=10)
+    store = RolloutStore(
+        PolicyShapes.from_policy(policy), max_version_lag=1, max_record_bytes=1 << 20, max_sequence_ahead=10
+    )
     with pytest.raises(RecordError) as ei:
         store.add("r", pirl_pb2.RolloutRecord(robot_id="r", sequence=10, episode_id="e"))
     assert ei.value.reason == "sequence_ahead" and not ei.value.final
@@ -247,8 +266,10 @@ def test_store_window_error_is_not_final(policy):
 
 def test_one_robot_holding_many_streams_cannot_lock_out_another(make_learner, decision):
     lrn = make_learner()  # defaults: 2 streams of each kind per robot; slots sized for the 3 robots
-    refused_before = {rpc: sample("pirl_learner_streams_refused_total", robot_id="hog", rpc=rpc)
-                      for rpc in ("StreamRollouts", "SubscribePolicy")}
+    refused_before = {
+        rpc: sample("pirl_learner_streams_refused_total", robot_id="hog", rpc=rpc)
+        for rpc in ("StreamRollouts", "SubscribePolicy")
+    }
     calls = [lrn.hold("hog", rpc) for _ in range(25) for rpc in ("StreamRollouts", "SubscribePolicy")]
     open_, ended = settle(calls)
     assert len(open_) == 4, len(open_)  # 2 + 2
@@ -282,10 +303,8 @@ def test_idle_rollout_streams_are_closed(make_learner, decision):
     acks = []
 
     def read_acks():
-        try:
+        with contextlib.suppress(grpc.RpcError):  # cancelled at the end of the test
             acks.extend(busy)
-        except grpc.RpcError:
-            pass  # cancelled at the end of the test
 
     threading.Thread(target=read_acks, daemon=True).start()
     deadline = time.monotonic() + 4.0
@@ -305,7 +324,10 @@ def test_health_watch_is_not_served_on_the_learner_port(make_learner):
 
     lrn = make_learner()
     stub = health_pb2_grpc.HealthStub(lrn.channel)
-    assert stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status == health_pb2.HealthCheckResponse.SERVING
+    assert (
+        stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=5).status
+        == health_pb2.HealthCheckResponse.SERVING
+    )
     with pytest.raises(grpc.RpcError) as ei:
         next(stub.Watch(health_pb2.HealthCheckRequest(service=""), timeout=5))
     assert ei.value.code() == SC.UNIMPLEMENTED
@@ -370,8 +392,9 @@ def test_uploader_keeps_records_when_the_learner_is_merely_busy(tmp_path, caplog
     assert "at a limit" in msgs and "records stay in the spool" in msgs
 
 
-@pytest.mark.parametrize("code", [SC.OUT_OF_RANGE, SC.CANCELLED, SC.INTERNAL, SC.PERMISSION_DENIED,
-                                  SC.INVALID_ARGUMENT])
+@pytest.mark.parametrize(
+    "code", [SC.OUT_OF_RANGE, SC.CANCELLED, SC.INTERNAL, SC.PERMISSION_DENIED, SC.INVALID_ARGUMENT]
+)
 def test_uploader_keeps_records_on_any_unmarked_error(tmp_path, code):
     def fail(context, rec):
         context.abort(code, "not a judgement of the record")
@@ -423,7 +446,11 @@ def test_refusal_reasons_from_the_wire_are_label_safe():
             return self.md
 
     assert judged_record(E(((REFUSED_RECORD, "x" * 10_000),))) == ("other", None)
-    assert judged_record(E(((REFUSED_RECORD, "stale_version"), ("pirl-refused-sequence", "nan")))) == \
-        ("stale_version", None)
+    assert judged_record(E(((REFUSED_RECORD, "stale_version"), ("pirl-refused-sequence", "nan")))) == (
+        "stale_version",
+        None,
+    )
     assert judged_record(E(())) is None
-    assert json.dumps(judged_record(E(((REFUSED_RECORD, "invalid"), ("pirl-refused-sequence", "5"))))) == '["invalid", 5]'
+    assert (
+        json.dumps(judged_record(E(((REFUSED_RECORD, "invalid"), ("pirl-refused-sequence", "5"))))) == '["invalid", 5]'
+    )

@@ -24,6 +24,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from builtin_policy import builtin_policy
 from prometheus_client import REGISTRY
 
 from edge.control import LoopStats, PacedLoop, RecordWriter
@@ -31,7 +32,6 @@ from edge.inference import InferenceWorker
 from edge.link import LearnerAddress, Subscriber, SyncClock, lower_thread_priority
 from edge.spool import Spool
 from learner.trainer import policy_update_message
-from builtin_policy import builtin_policy
 from lerobot_policy_pi_rl.envs.reach_grasp import ReachGraspVecEnv
 from pirl.v1 import pirl_pb2
 
@@ -49,11 +49,21 @@ def _with_artifacts(msg, files: dict[str, bytes]):
     import hashlib
 
     blobs = {"model.safetensors": msg.weights, **files}
-    manifest = pirl_pb2.Manifest(policy_version=msg.version, artifacts=[
-        pirl_pb2.Artifact(name=n, sha256=hashlib.sha256(d).hexdigest(), size_bytes=len(d)) for n, d in blobs.items()])
-    return pirl_pb2.PolicyUpdate(version=msg.version, weights=msg.weights, manifest=manifest, files=files,
-                                 published_unix_s=msg.published_unix_s, trained_only=msg.trained_only,
-                                 frozen_sha256=msg.frozen_sha256)
+    manifest = pirl_pb2.Manifest(
+        policy_version=msg.version,
+        artifacts=[
+            pirl_pb2.Artifact(name=n, sha256=hashlib.sha256(d).hexdigest(), size_bytes=len(d)) for n, d in blobs.items()
+        ],
+    )
+    return pirl_pb2.PolicyUpdate(
+        version=msg.version,
+        weights=msg.weights,
+        manifest=manifest,
+        files=files,
+        published_unix_s=msg.published_unix_s,
+        trained_only=msg.trained_only,
+        frozen_sha256=msg.frozen_sha256,
+    )
 
 
 @pytest.fixture
@@ -94,8 +104,13 @@ def test_zero_missed_ticks_across_swaps_and_bad_artifacts_are_refused(tmp_path, 
     assert worker.backend == "onnxruntime"
     stats = LoopStats()
     spool = Spool(tmp_path / "spool", fsync=False)
-    loop = PacedLoop(ReachGraspVecEnv(1, autoreset=False), worker, RecordWriter(spool, rid, stats), robot_id=rid,
-                     control_hz=CONTROL_HZ)
+    loop = PacedLoop(
+        ReachGraspVecEnv(1, autoreset=False),
+        worker,
+        RecordWriter(spool, rid, stats),
+        robot_id=rid,
+        control_hz=CONTROL_HZ,
+    )
     subscriber = Subscriber(LearnerAddress("127.0.0.1:1", rid, "token"), worker, SyncClock(rid))
     delivered: list[tuple[float, object]] = []  # (time, Decision) as the control loop receives them
     deliver = loop._deliver
@@ -143,10 +158,12 @@ def test_zero_missed_ticks_across_swaps_and_bad_artifacts_are_refused(tmp_path, 
     spool.close()
 
     s = stats.summary()
-    print(f"\nhot swap: {len(worker.swap_times)} swaps, {s['ticks']} ticks in {run_seconds:.1f}s, "
-          f"{s['deadline_misses']} deadline misses (late {s['late_ticks']}, starved {s['starved_ticks']}), "
-          f"tick interval p50/p99 {s.get('tick_interval_ms_p50', 0):.2f}/{s.get('tick_interval_ms_p99', 0):.2f} ms, "
-          f"prepare s {[e.get('prepare_seconds') for e in worker.prepare_log]}")
+    print(
+        f"\nhot swap: {len(worker.swap_times)} swaps, {s['ticks']} ticks in {run_seconds:.1f}s, "
+        f"{s['deadline_misses']} deadline misses (late {s['late_ticks']}, starved {s['starved_ticks']}), "
+        f"tick interval p50/p99 {s.get('tick_interval_ms_p50', 0):.2f}/{s.get('tick_interval_ms_p99', 0):.2f} ms, "
+        f"prepare s {[e.get('prepare_seconds') for e in worker.prepare_log]}"
+    )
     assert not errors, errors
     assert s["ticks"] >= 0.9 * CONTROL_HZ * run_seconds
     assert s["deadline_misses"] == 0, s
@@ -174,9 +191,12 @@ def test_zero_missed_ticks_across_swaps_and_bad_artifacts_are_refused(tmp_path, 
         assert batch, v
         obs = {k: torch.from_numpy(np.stack([d.observation[k] for d in batch])) for k in batch[0].observation}
         with torch.no_grad():
-            ev = replay.evaluate_chains(obs, torch.from_numpy(np.stack([d.chain for d in batch])),
-                                        torch.from_numpy(np.stack([d.stochastic for d in batch])),
-                                        noise_level=torch.tensor([d.noise_level for d in batch]))
+            ev = replay.evaluate_chains(
+                obs,
+                torch.from_numpy(np.stack([d.chain for d in batch])),
+                torch.from_numpy(np.stack([d.stochastic for d in batch])),
+                noise_level=torch.tensor([d.noise_level for d in batch]),
+            )
         torch.testing.assert_close(ev.log_prob, torch.tensor([d.log_prob for d in batch]), rtol=1e-4, atol=1e-4)
         torch.testing.assert_close(ev.value, torch.tensor([d.value for d in batch]), rtol=1e-4, atol=1e-4)
 

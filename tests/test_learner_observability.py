@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
+from builtin_policy import builtin_policy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
-from builtin_policy import builtin_policy
 from learner import metrics
 from learner.contacts import RobotContacts
 from learner.service import LearnerService, Publisher, build_health_server, build_server
@@ -34,8 +34,12 @@ def learner(tmp_path_factory):
     tokens = json.loads(pki["tokens"].read_text())
     store = RolloutStore(PolicyShapes.from_policy(policy), max_version_lag=1, max_record_bytes=1 << 20)
     service = LearnerService(store, Publisher(), TokenAuthenticator(tokens), max_record_bytes=1 << 20)
-    server, port, health_servicer = build_server(service, "127.0.0.1:0", max_message_bytes=2 << 20,
-                                                 credentials=server_credentials(pki["server_cert"], pki["server_key"]))
+    server, port, health_servicer = build_server(
+        service,
+        "127.0.0.1:0",
+        max_message_bytes=2 << 20,
+        credentials=server_credentials(pki["server_cert"], pki["server_key"]),
+    )
     health_server, health_port = build_health_server(health_servicer, "127.0.0.1:0")
     server.start()
     health_server.start()
@@ -52,8 +56,9 @@ def last_seen(robot: str) -> float | None:
 
 
 def call(channel, name: str, req, token: str) -> bytes:
-    stub = channel.unary_unary(f"/pirl.v1.Learner/{name}", request_serializer=lambda x: x,
-                               response_deserializer=lambda x: x)
+    stub = channel.unary_unary(
+        f"/pirl.v1.Learner/{name}", request_serializer=lambda x: x, response_deserializer=lambda x: x
+    )
     return stub(req.SerializeToString(), metadata=auth_metadata(token), timeout=10)
 
 
@@ -64,15 +69,18 @@ def test_health_port_is_plaintext_and_shares_the_learners_status(learner):
         for service in ("", "pirl.v1.Learner"):
             assert stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10).status == SERVING
         # the health port answers health checks and nothing else: no learner RPC in plaintext
-        register = ch.unary_unary("/pirl.v1.Learner/Register", request_serializer=lambda x: x,
-                                  response_deserializer=lambda x: x)
+        register = ch.unary_unary(
+            "/pirl.v1.Learner/Register", request_serializer=lambda x: x, response_deserializer=lambda x: x
+        )
         with pytest.raises(grpc.RpcError) as ei:
             register(pirl_pb2.RegisterRequest(robot_id=ROBOTS[0]).SerializeToString(), timeout=10)
         assert ei.value.code() == grpc.StatusCode.UNIMPLEMENTED
         # a status change on the learner (here: what shutdown does) is what the probe sees
         servicer.set("pirl.v1.Learner", NOT_SERVING)
         try:
-            assert stub.Check(health_pb2.HealthCheckRequest(service="pirl.v1.Learner"), timeout=10).status == NOT_SERVING
+            assert (
+                stub.Check(health_pb2.HealthCheckRequest(service="pirl.v1.Learner"), timeout=10).status == NOT_SERVING
+            )
         finally:
             servicer.set("pirl.v1.Learner", SERVING)
 
@@ -94,8 +102,9 @@ def test_last_seen_is_set_by_register_and_heartbeat_of_that_robot_only(learner):
 def test_last_seen_is_set_by_a_streamed_record_even_when_it_is_refused(learner):
     tokens, channel, _, _ = learner
     b = ROBOTS[1]
-    stream = channel.stream_stream("/pirl.v1.Learner/StreamRollouts", request_serializer=lambda x: x,
-                                   response_deserializer=lambda x: x)
+    stream = channel.stream_stream(
+        "/pirl.v1.Learner/StreamRollouts", request_serializer=lambda x: x, response_deserializer=lambda x: x
+    )
     t0 = time.time()
     with pytest.raises(grpc.RpcError) as ei:
         list(stream(iter([b"\xff\xff not a record"]), metadata=auth_metadata(tokens[b]), timeout=10))

@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from lerobot.configs.types import FeatureType, PolicyFeature
 from safetensors.torch import load as load_safetensors
 
 from edge.backends import TorchBackend
@@ -27,7 +28,6 @@ from edge.records import Decision, Outcome, make_record
 from learner.service import LearnerService, Publisher, build_server
 from learner.store import PolicyShapes, RolloutStore
 from learner.trainer import policy_update_message
-from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
 from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 from pirl.codec import to_tensor_msg
@@ -49,8 +49,11 @@ SC = grpc.StatusCode
 @pytest.fixture(scope="module")
 def policy():
     torch.manual_seed(0)
-    cfg = PiRLConfig(device="cpu", input_features={OBS_KEY: PolicyFeature(FeatureType.STATE, (STATE,))},
-                     output_features={"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))})
+    cfg = PiRLConfig(
+        device="cpu",
+        input_features={OBS_KEY: PolicyFeature(FeatureType.STATE, (STATE,))},
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
+    )
     return PiRLPolicy(cfg).eval()
 
 
@@ -74,9 +77,12 @@ def learner(tmp_path_factory, policy, decision):
     store = RolloutStore(shapes, max_version_lag=1, max_record_bytes=MAX_RECORD_BYTES)
     publisher = Publisher()
     service = LearnerService(store, publisher, TokenAuthenticator(tokens), max_record_bytes=MAX_RECORD_BYTES)
-    server, port, _ = build_server(service, "127.0.0.1:0",
-                                   credentials=server_credentials(pki["server_cert"], pki["server_key"]),
-                                   max_message_bytes=2 * MAX_RECORD_BYTES)
+    server, port, _ = build_server(
+        service,
+        "127.0.0.1:0",
+        credentials=server_credentials(pki["server_cert"], pki["server_key"]),
+        max_message_bytes=2 * MAX_RECORD_BYTES,
+    )
     server.start()
     v0 = policy_update_message(policy, 0)
     publisher.publish(v0)
@@ -87,10 +93,20 @@ def learner(tmp_path_factory, policy, decision):
         return getattr(channel, kind)(f"/pirl.v1.Learner/{name}", request_serializer=raw, response_deserializer=raw)
 
     lrn = SimpleNamespace(
-        store=store, publisher=publisher, service=service, port=port, tokens=tokens, shapes=shapes, channel=channel,
-        policy=policy, decision=decision, v0=v0,
-        register=stub("Register", "unary_unary"), heartbeat=stub("Heartbeat", "unary_unary"),
-        stream=stub("StreamRollouts", "stream_stream"), subscribe=stub("SubscribePolicy", "unary_stream"),
+        store=store,
+        publisher=publisher,
+        service=service,
+        port=port,
+        tokens=tokens,
+        shapes=shapes,
+        channel=channel,
+        policy=policy,
+        decision=decision,
+        v0=v0,
+        register=stub("Register", "unary_unary"),
+        heartbeat=stub("Heartbeat", "unary_unary"),
+        stream=stub("StreamRollouts", "stream_stream"),
+        subscribe=stub("SubscribePolicy", "unary_stream"),
         good_seq=itertools.count(0),  # robot-1: contiguous from 0
         bad_seq=itertools.count(1000),  # robot-0: each test draws fresh numbers
     )
@@ -107,8 +123,14 @@ def learner(tmp_path_factory, policy, decision):
 
 def record(lrn, robot: str, seq: int, **fields) -> pirl_pb2.RolloutRecord:
     """A valid record (a real sampled chunk via edge.records.make_record); ``fields`` override its fields."""
-    raw = make_record(robot, seq, f"{robot}-ep-{seq}", 0, lrn.decision,
-                      Outcome(reward=1.0, terminated=True, success=True, env_steps=4))
+    raw = make_record(
+        robot,
+        seq,
+        f"{robot}-ep-{seq}",
+        0,
+        lrn.decision,
+        Outcome(reward=1.0, terminated=True, success=True, env_steps=4),
+    )
     rec = pirl_pb2.RolloutRecord.FromString(raw)
     for k, v in fields.items():
         if isinstance(v, pirl_pb2.Tensor):
@@ -158,8 +180,7 @@ def assert_good_client_ok(lrn) -> None:
 
 def register(lrn, robot, token=None, robot_id=None) -> pirl_pb2.RegisterResponse:
     req = pirl_pb2.RegisterRequest(robot_id=robot if robot_id is None else robot_id, edge_version="t", backend="torch")
-    raw = lrn.register(req.SerializeToString(), metadata=auth_metadata(token or lrn.tokens[robot]),
-                       timeout=RPC_TIMEOUT)
+    raw = lrn.register(req.SerializeToString(), metadata=auth_metadata(token or lrn.tokens[robot]), timeout=RPC_TIMEOUT)
     return pirl_pb2.RegisterResponse.FromString(raw)
 
 
@@ -182,8 +203,9 @@ def test_health_service_reports_serving(learner):
 def test_good_client_round_trip(learner):
     assert_good_client_ok(learner)
     hb = pirl_pb2.HeartbeatRequest(robot_id="robot-1", policy_version=0, spool_records=3, control_rate_hz=10.0)
-    raw = learner.heartbeat(hb.SerializeToString(), metadata=auth_metadata(learner.tokens["robot-1"]),
-                            timeout=RPC_TIMEOUT)
+    raw = learner.heartbeat(
+        hb.SerializeToString(), metadata=auth_metadata(learner.tokens["robot-1"]), timeout=RPC_TIMEOUT
+    )
     assert pirl_pb2.HeartbeatResponse.FromString(raw).policy_version == learner.store.version == 0
 
 
@@ -193,8 +215,11 @@ def test_register_returns_spec_and_next_sequence(learner):
     assert resp.policy_version == 0 and resp.max_version_lag == 1 and resp.max_record_bytes == MAX_RECORD_BYTES
     assert resp.next_sequence == 0
     assert (resp.spec.chain.dtype, tuple(resp.spec.chain.shape)) == ("float32", sh.chain)
-    assert sh.chain == (learner.policy.config.num_denoise_steps + 1, learner.policy.config.chunk_size,
-                        learner.policy.config.model_action_dim)
+    assert sh.chain == (
+        learner.policy.config.num_denoise_steps + 1,
+        learner.policy.config.chunk_size,
+        learner.policy.config.model_action_dim,
+    )
     assert (resp.spec.stochastic.dtype, tuple(resp.spec.stochastic.shape)) == ("bool", (sh.num_steps,))
     assert resp.spec.noise_method == learner.policy.config.noise_method
     assert resp.spec.n_action_steps == learner.policy.config.n_action_steps
@@ -241,15 +266,19 @@ def test_unauthenticated_calls_are_refused(learner, token):
     assert register(learner, "robot-0").next_sequence == next_before  # nothing of robot-0's was stored
 
 
-@pytest.mark.parametrize("payload", [b"\xff\xff\xff", b"\x0a\x02\xff\xfe", b"\x3a\x05abc"],
-                         ids=["bad_tag", "bad_utf8", "truncated_field"])
+@pytest.mark.parametrize(
+    "payload", [b"\xff\xff\xff", b"\x0a\x02\xff\xfe", b"\x3a\x05abc"], ids=["bad_tag", "bad_utf8", "truncated_field"]
+)
 def test_malformed_protobuf_is_invalid_argument(learner, payload):
     refused(learner, "robot-0", [payload], SC.INVALID_ARGUMENT, "malformed", "RolloutRecord")
 
 
 def test_malformed_register_request_is_invalid_argument(learner):
-    err = rpc_error(lambda: learner.register(b"\xff\xff\xff", metadata=auth_metadata(learner.tokens["robot-0"]),
-                                             timeout=RPC_TIMEOUT))
+    err = rpc_error(
+        lambda: learner.register(
+            b"\xff\xff\xff", metadata=auth_metadata(learner.tokens["robot-0"]), timeout=RPC_TIMEOUT
+        )
+    )
     assert err.code() == SC.INVALID_ARGUMENT and "malformed" in err.details()
     assert_good_client_ok(learner)
 
@@ -260,35 +289,48 @@ def _obs(arr) -> dict:
 
 BAD_RECORDS = {
     # name: (mutate(rec, shapes), needles in the message)
-    "chain_wrong_shape": (lambda r, s: r.chain.CopyFrom(to_tensor_msg(np.zeros((s.chain[0] - 1, *s.chain[1:]),
-                                                                                 np.float32))),
-                          ["shape mismatch", "(5, 8, 3)"]),
-    "chain_wrong_dtype": (lambda r, s: r.chain.CopyFrom(to_tensor_msg(np.zeros(s.chain, np.float64))),
-                          ["dtype mismatch", "float64"]),
+    "chain_wrong_shape": (
+        lambda r, s: r.chain.CopyFrom(to_tensor_msg(np.zeros((s.chain[0] - 1, *s.chain[1:]), np.float32))),
+        ["shape mismatch", "(5, 8, 3)"],
+    ),
+    "chain_wrong_dtype": (
+        lambda r, s: r.chain.CopyFrom(to_tensor_msg(np.zeros(s.chain, np.float64))),
+        ["dtype mismatch", "float64"],
+    ),
     "chain_short_data": (lambda r, s: setattr(r.chain, "data", r.chain.data[:-4]), ["data length mismatch"]),
-    "chain_nan": (lambda r, s: r.chain.CopyFrom(to_tensor_msg(np.full(s.chain, np.nan, np.float32))),
-                  ["chain has non-finite"]),
-    "stochastic_not_bool": (lambda r, s: r.stochastic.CopyFrom(to_tensor_msg(np.ones(s.num_steps, np.float32))),
-                            ["dtype mismatch", "expected bool"]),
-    "observation_float64": (lambda r, s: r.observation[OBS_KEY].CopyFrom(to_tensor_msg(np.zeros(STATE, np.float64))),
-                            ["observation['observation.state']", "dtype mismatch", "float64"]),
-    "observation_wrong_shape": (lambda r, s: r.observation[OBS_KEY].CopyFrom(to_tensor_msg(np.zeros(STATE + 1,
-                                                                                                    np.float32))),
-                                ["observation['observation.state']", "shape mismatch"]),
-    "observation_inf": (lambda r, s: r.observation[OBS_KEY].CopyFrom(to_tensor_msg(np.full(STATE, np.inf,
-                                                                                           np.float32))),
-                        ["observation['observation.state']", "non-finite"]),
-    "observation_extra_key": (lambda r, s: r.observation["observation.extra"].CopyFrom(to_tensor_msg(np.zeros(2,
-                                                                                                     np.float32))),
-                              ["observation keys", "observation.extra"]),
+    "chain_nan": (
+        lambda r, s: r.chain.CopyFrom(to_tensor_msg(np.full(s.chain, np.nan, np.float32))),
+        ["chain has non-finite"],
+    ),
+    "stochastic_not_bool": (
+        lambda r, s: r.stochastic.CopyFrom(to_tensor_msg(np.ones(s.num_steps, np.float32))),
+        ["dtype mismatch", "expected bool"],
+    ),
+    "observation_float64": (
+        lambda r, s: r.observation[OBS_KEY].CopyFrom(to_tensor_msg(np.zeros(STATE, np.float64))),
+        ["observation['observation.state']", "dtype mismatch", "float64"],
+    ),
+    "observation_wrong_shape": (
+        lambda r, s: r.observation[OBS_KEY].CopyFrom(to_tensor_msg(np.zeros(STATE + 1, np.float32))),
+        ["observation['observation.state']", "shape mismatch"],
+    ),
+    "observation_inf": (
+        lambda r, s: r.observation[OBS_KEY].CopyFrom(to_tensor_msg(np.full(STATE, np.inf, np.float32))),
+        ["observation['observation.state']", "non-finite"],
+    ),
+    "observation_extra_key": (
+        lambda r, s: r.observation["observation.extra"].CopyFrom(to_tensor_msg(np.zeros(2, np.float32))),
+        ["observation keys", "observation.extra"],
+    ),
     "observation_missing": (lambda r, s: r.ClearField("observation"), ["observation keys"]),
     "reward_nan": (lambda r, s: setattr(r, "reward", float("nan")), ["reward", "not finite"]),
     "log_prob_inf": (lambda r, s: setattr(r, "log_prob", float("inf")), ["log_prob", "not finite"]),
     "empty_episode_id": (lambda r, s: setattr(r, "episode_id", ""), ["episode_id"]),
     "terminated_and_truncated": (lambda r, s: setattr(r, "truncated", True), ["terminated and truncated"]),
-    "final_obs_not_truncated": (lambda r, s: r.final_observation[OBS_KEY].CopyFrom(to_tensor_msg(np.zeros(STATE,
-                                                                                                          np.float32))),
-                                ["final_observation"]),
+    "final_obs_not_truncated": (
+        lambda r, s: r.final_observation[OBS_KEY].CopyFrom(to_tensor_msg(np.zeros(STATE, np.float32))),
+        ["final_observation"],
+    ),
 }
 
 
@@ -299,8 +341,9 @@ def test_invalid_record_is_invalid_argument_and_its_sequence_is_not_burnt(learne
     bad = record(learner, "robot-0", bad_seq)
     mutate(bad, learner.shapes)
     # the good record ahead of it in the same stream is acked before the stream ends
-    err = refused(learner, "robot-0", [record(learner, "robot-0", good_seq), bad], SC.INVALID_ARGUMENT,
-                  f"seq={bad_seq}", *needles)
+    err = refused(
+        learner, "robot-0", [record(learner, "robot-0", good_seq), bad], SC.INVALID_ARGUMENT, f"seq={bad_seq}", *needles
+    )
     assert err is not None
     # the refused sequence was not acked: the corrected record is ACCEPTED, not DUPLICATE
     acks, err = send(learner, "robot-0", [record(learner, "robot-0", good_seq), record(learner, "robot-0", bad_seq)])
@@ -309,8 +352,15 @@ def test_invalid_record_is_invalid_argument_and_its_sequence_is_not_burnt(learne
 
 def test_refused_stream_keeps_the_acks_before_the_bad_record(learner):
     s1, s2, s3 = (next(learner.bad_seq) for _ in range(3))
-    acks, err = send(learner, "robot-0", [record(learner, "robot-0", s1), record(learner, "robot-0", s2),
-                                          record(learner, "robot-0", s3, reward=float("nan"))])
+    acks, err = send(
+        learner,
+        "robot-0",
+        [
+            record(learner, "robot-0", s1),
+            record(learner, "robot-0", s2),
+            record(learner, "robot-0", s3, reward=float("nan")),
+        ],
+    )
     assert [(a.sequence, a.status) for a in acks] == [(s1, ACCEPTED), (s2, ACCEPTED)]
     assert err.code() == SC.INVALID_ARGUMENT and "reward" in err.details()
     assert learner.store.counts["rejected_invalid"] >= 1
@@ -363,10 +413,23 @@ def test_stale_and_future_policy_versions(learner):
     store.set_version(5)
     try:
         stale, future, within = (next(learner.bad_seq) for _ in range(3))
-        refused(learner, "robot-0", [record(learner, "robot-0", stale, policy_version=2)], SC.FAILED_PRECONDITION,
-                "policy version 2", "5", "lag")
-        refused(learner, "robot-0", [record(learner, "robot-0", future, policy_version=99)], SC.INVALID_ARGUMENT,
-                "99", "current 5")
+        refused(
+            learner,
+            "robot-0",
+            [record(learner, "robot-0", stale, policy_version=2)],
+            SC.FAILED_PRECONDITION,
+            "policy version 2",
+            "5",
+            "lag",
+        )
+        refused(
+            learner,
+            "robot-0",
+            [record(learner, "robot-0", future, policy_version=99)],
+            SC.INVALID_ARGUMENT,
+            "99",
+            "current 5",
+        )
         # within the allowed lag (5 - 1) is fine
         acks, err = send(learner, "robot-0", [record(learner, "robot-0", within, policy_version=4)])
         assert err is None and [a.status for a in acks] == [ACCEPTED]
@@ -383,8 +446,11 @@ def test_record_for_another_robot_is_permission_denied(learner):
 
 
 def test_subscribe_first_sends_the_current_version(learner):
-    call = learner.subscribe(pirl_pb2.SubscribeRequest(robot_id="robot-1", have_version=-1).SerializeToString(),
-                             metadata=auth_metadata(learner.tokens["robot-1"]), timeout=RPC_TIMEOUT)
+    call = learner.subscribe(
+        pirl_pb2.SubscribeRequest(robot_id="robot-1", have_version=-1).SerializeToString(),
+        metadata=auth_metadata(learner.tokens["robot-1"]),
+        timeout=RPC_TIMEOUT,
+    )
     try:
         upd = pirl_pb2.PolicyUpdate.FromString(next(call))
     finally:
@@ -401,8 +467,11 @@ def test_subscribe_first_sends_the_current_version(learner):
 
 
 def test_subscribe_up_to_date_waits_for_the_next_version(learner):
-    call = learner.subscribe(pirl_pb2.SubscribeRequest(robot_id="robot-1", have_version=0).SerializeToString(),
-                             metadata=auth_metadata(learner.tokens["robot-1"]), timeout=RPC_TIMEOUT)
+    call = learner.subscribe(
+        pirl_pb2.SubscribeRequest(robot_id="robot-1", have_version=0).SerializeToString(),
+        metadata=auth_metadata(learner.tokens["robot-1"]),
+        timeout=RPC_TIMEOUT,
+    )
     got: queue.Queue = queue.Queue()
 
     def reader():
@@ -437,8 +506,13 @@ def test_negative_sequence_is_invalid_argument(learner):
 
 
 def test_negative_policy_version_is_invalid_argument(learner):
-    refused(learner, "robot-0", [record(learner, "robot-0", next(learner.bad_seq), policy_version=-1)],
-            SC.INVALID_ARGUMENT, "policy_version")
+    refused(
+        learner,
+        "robot-0",
+        [record(learner, "robot-0", next(learner.bad_seq), policy_version=-1)],
+        SC.INVALID_ARGUMENT,
+        "policy_version",
+    )
 
 
 def test_chain_error_names_the_field(learner):

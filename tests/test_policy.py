@@ -7,8 +7,8 @@ import textwrap
 
 import pytest
 import torch
-
 from lerobot.configs.types import FeatureType, PolicyFeature
+
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig, PiRLConfigError
 from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 

@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-
 from builtin_policy import builtin_policy
+
 from lerobot_policy_pi_rl.envs.reach_grasp import ReachGraspVecEnv
 from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, evaluate_success
 from lerobot_policy_pi_rl.sft import REPO_ID, SFTSettings, load_policy, record_demos, train_sft
@@ -96,10 +96,22 @@ def test_lerobot_train_cli_trains_pi_rl_without_patches(demo_dataset, tmp_path):
     """The stock `lerobot-train` console script, policy type pi_rl, on our recorded dataset."""
     exe = os.path.join(os.path.dirname(sys.executable), "lerobot-train")
     out = tmp_path / "cli"
-    cmd = [exe, "--policy.type=pi_rl", "--policy.device=cpu", "--policy.push_to_hub=false",
-           f"--dataset.repo_id={REPO_ID}", f"--dataset.root={demo_dataset}", f"--output_dir={out}",
-           "--steps=3", "--batch_size=4", "--num_workers=0", "--save_freq=3", "--log_freq=1",
-           "--policy.num_denoise_steps=3", "--policy.noise_method=flow_noise"]
+    cmd = [
+        exe,
+        "--policy.type=pi_rl",
+        "--policy.device=cpu",
+        "--policy.push_to_hub=false",
+        f"--dataset.repo_id={REPO_ID}",
+        f"--dataset.root={demo_dataset}",
+        f"--output_dir={out}",
+        "--steps=3",
+        "--batch_size=4",
+        "--num_workers=0",
+        "--save_freq=3",
+        "--log_freq=1",
+        "--policy.num_denoise_steps=3",
+        "--policy.noise_method=flow_noise",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert res.returncode == 0, res.stderr[-3000:]
     cfg = json.loads((out / "checkpoints" / "last" / "pretrained_model" / "config.json").read_text())
@@ -110,8 +122,13 @@ def test_dataset_without_needed_features_is_a_clear_error(tmp_path):
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     root = tmp_path / "noaction"
-    ds = LeRobotDataset.create("local/noaction", fps=10, root=root, use_videos=False,
-                               features={"observation.state": {"dtype": "float32", "shape": (6,), "names": None}})
+    ds = LeRobotDataset.create(
+        "local/noaction",
+        fps=10,
+        root=root,
+        use_videos=False,
+        features={"observation.state": {"dtype": "float32", "shape": (6,), "names": None}},
+    )
     for _ in range(3):
         ds.add_frame({"observation.state": np.zeros(6, np.float32), "task": "x"})
     ds.save_episode()

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from builtin_policy import builtin_policy, sampled_decision, save_checkpoint
+
 from edge.records import Outcome, make_record
 from pirl.refusals import judged_record
 from pirl.security import auth_metadata, channel_credentials, make_dev_pki
@@ -50,26 +50,65 @@ class Cluster:
         self.procs: dict[str, subprocess.Popen] = {}
 
     def _start(self, name, cmd):
-        log = open(self.dir / f"{name}.log", "a")
+        log = open(self.dir / f"{name}.log", "a")  # noqa: SIM115  the child writes to it for its lifetime
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
     def learner(self, *extra):
-        self._start("learner", [
-            str(BIN / "pirl-learner"), "--policy-path", str(self.ckpt), "--output-dir", str(self.dir / "learner"),
-            "--address", f"127.0.0.1:{self.port}", "--tokens", str(self.pki["tokens"]),
-            "--tls-cert", str(self.pki["server_cert"]), "--tls-key", str(self.pki["server_key"]),
-            "--episodes-per-update", "16", "--eval-every", "0", "--max-version-lag", "3", *extra,
-        ])
+        self._start(
+            "learner",
+            [
+                str(BIN / "pirl-learner"),
+                "--policy-path",
+                str(self.ckpt),
+                "--output-dir",
+                str(self.dir / "learner"),
+                "--address",
+                f"127.0.0.1:{self.port}",
+                "--tokens",
+                str(self.pki["tokens"]),
+                "--tls-cert",
+                str(self.pki["server_cert"]),
+                "--tls-key",
+                str(self.pki["server_key"]),
+                "--episodes-per-update",
+                "16",
+                "--eval-every",
+                "0",
+                "--max-version-lag",
+                "3",
+                *extra,
+            ],
+        )
 
     def edge(self, robot, mode, *extra):
-        self._start(robot, [
-            str(BIN / "pirl-edge"), "--learner", f"127.0.0.1:{self.port}", "--robot-id", robot,
-            "--tokens", str(self.pki["tokens"]), "--tls-ca", str(self.pki["ca_cert"]),
-            "--policy-path", str(self.ckpt), "--mode", mode, "--num-envs", "16",
-            "--spool-dir", str(self.dir / robot / "spool"), "--stats-file", str(self.dir / robot / "stats.json"),
-            "--drain-timeout", "60", *extra,
-        ])
+        self._start(
+            robot,
+            [
+                str(BIN / "pirl-edge"),
+                "--learner",
+                f"127.0.0.1:{self.port}",
+                "--robot-id",
+                robot,
+                "--tokens",
+                str(self.pki["tokens"]),
+                "--tls-ca",
+                str(self.pki["ca_cert"]),
+                "--policy-path",
+                str(self.ckpt),
+                "--mode",
+                mode,
+                "--num-envs",
+                "16",
+                "--spool-dir",
+                str(self.dir / robot / "spool"),
+                "--stats-file",
+                str(self.dir / robot / "stats.json"),
+                "--drain-timeout",
+                "60",
+                *extra,
+            ],
+        )
 
     def status(self) -> dict:
         p = self.dir / "learner" / "status.json"
@@ -84,8 +123,10 @@ class Cluster:
             if st.get("version", -1) >= version:
                 return st
             time.sleep(0.3)
-        raise AssertionError(f"learner did not reach version {version}: {self.status()}\n"
-                             + (self.dir / "learner.log").read_text()[-3000:])
+        raise AssertionError(
+            f"learner did not reach version {version}: {self.status()}\n"
+            + (self.dir / "learner.log").read_text()[-3000:]
+        )
 
     def stop(self, name, sig=signal.SIGTERM, timeout=120):
         p = self.procs[name]
@@ -124,7 +165,10 @@ def assert_every_record_accepted_once(c: Cluster, status: dict):
         # is removed when the edge restarts (logged) and its sequence number is never reused; the
         # edge tells the learner so and the learner closes that gap. Every other sequence 0..N-1
         # the edge allocated must have been accepted, exactly once.
-        torn = {int(m) for m in re.findall(r"removing leftover temporary file (\d+)\.rec", (c.dir / f"{robot}.log").read_text())}
+        torn = {
+            int(m)
+            for m in re.findall(r"removing leftover temporary file (\d+)\.rec", (c.dir / f"{robot}.log").read_text())
+        }
         assert status["acked"][robot] == {"below": allocated, "above": []}, (robot, status["acked"][robot], allocated)
         total += allocated - len(torn)
     assert status["counts"]["accepted"] == total
@@ -141,14 +185,27 @@ def test_two_edges_one_learner_several_versions(cluster):
     time.sleep(1.0)
     learner_metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports[0]}/metrics", timeout=10).read().decode()
     edge_metrics = urllib.request.urlopen(f"http://127.0.0.1:{ports[1]}/metrics", timeout=10).read().decode()
-    for name in ("pirl_learner_policy_version 3.0", 'pirl_learner_rollouts_accepted_total{robot_id="robot-0"}',
-                 "pirl_learner_update_duration_seconds_bucket", "pirl_learner_approx_kl",
-                 "pirl_learner_clip_fraction", "pirl_learner_explained_variance", "pirl_learner_connected_robots"):
+    for name in (
+        "pirl_learner_policy_version 3.0",
+        'pirl_learner_rollouts_accepted_total{robot_id="robot-0"}',
+        "pirl_learner_update_duration_seconds_bucket",
+        "pirl_learner_approx_kl",
+        "pirl_learner_clip_fraction",
+        "pirl_learner_explained_variance",
+        "pirl_learner_connected_robots",
+    ):
         assert name in learner_metrics, name
-    for name in ('pirl_edge_ticks_total{robot_id="robot-0"}', "pirl_edge_tick_deadline_misses_total",
-                 "pirl_edge_inference_latency_seconds_bucket", "pirl_edge_policy_version",
-                 "pirl_edge_seconds_since_last_sync", "pirl_edge_spool_records", "pirl_edge_spool_oldest_record_age_seconds",
-                 'pirl_edge_backend_info{backend="onnxruntime",robot_id="robot-0"} 1.0', "pirl_edge_control_rate_hz"):
+    for name in (
+        'pirl_edge_ticks_total{robot_id="robot-0"}',
+        "pirl_edge_tick_deadline_misses_total",
+        "pirl_edge_inference_latency_seconds_bucket",
+        "pirl_edge_policy_version",
+        "pirl_edge_seconds_since_last_sync",
+        "pirl_edge_spool_records",
+        "pirl_edge_spool_oldest_record_age_seconds",
+        'pirl_edge_backend_info{backend="onnxruntime",robot_id="robot-0"} 1.0',
+        "pirl_edge_control_rate_hz",
+    ):
         assert name in edge_metrics, name
     for robot in ROBOTS:
         assert c.stop(robot) == 0
@@ -193,18 +250,44 @@ def test_learner_kill9_resume_and_edge_kill9_lose_nothing(cluster):
 
 def test_learner_refuses_plaintext_on_a_public_address(setup):
     root, ckpt, pki = setup
-    res = subprocess.run([str(BIN / "pirl-learner"), "--policy-path", str(ckpt), "--tokens", str(pki["tokens"]),
-                          "--address", "0.0.0.0:0", "--output-dir", str(root / "refuse")],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            str(BIN / "pirl-learner"),
+            "--policy-path",
+            str(ckpt),
+            "--tokens",
+            str(pki["tokens"]),
+            "--address",
+            "0.0.0.0:0",
+            "--output-dir",
+            str(root / "refuse"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2
     assert res.stderr.startswith("error:") and "--insecure" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_edge_refuses_unknown_robot_cleanly(setup):
     root, ckpt, pki = setup
-    res = subprocess.run([str(BIN / "pirl-edge"), "--learner", "127.0.0.1:1", "--robot-id", "robot-9",
-                          "--tokens", str(pki["tokens"]), "--policy-path", str(ckpt)],
-                         capture_output=True, text=True, timeout=120)
+    res = subprocess.run(
+        [
+            str(BIN / "pirl-edge"),
+            "--learner",
+            "127.0.0.1:1",
+            "--robot-id",
+            "robot-9",
+            "--tokens",
+            str(pki["tokens"]),
+            "--policy-path",
+            str(ckpt),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert res.returncode == 2 and "robot-9" in res.stderr and "Traceback" not in res.stderr
 
 
@@ -225,15 +308,18 @@ class Client:
 
     def call(self, name, kind):
         raw = lambda x: x  # noqa: E731
-        return getattr(self.channel, kind)(f"/pirl.v1.Learner/{name}", request_serializer=raw, response_deserializer=raw)
+        return getattr(self.channel, kind)(
+            f"/pirl.v1.Learner/{name}", request_serializer=raw, response_deserializer=raw
+        )
 
     def md(self, robot):
         return auth_metadata(self.tokens[robot])
 
     def register(self, robot) -> pirl_pb2.RegisterResponse:
         req = pirl_pb2.RegisterRequest(robot_id=robot).SerializeToString()
-        return pirl_pb2.RegisterResponse.FromString(self.call("Register", "unary_unary")(req, metadata=self.md(robot),
-                                                                                        timeout=10))
+        return pirl_pb2.RegisterResponse.FromString(
+            self.call("Register", "unary_unary")(req, metadata=self.md(robot), timeout=10)
+        )
 
     def wait_serving(self, c: Cluster, robot="robot-1", timeout=120.0):
         deadline = time.monotonic() + timeout
@@ -253,6 +339,7 @@ class Client:
             req = pirl_pb2.SubscribeRequest(robot_id=robot, have_version=1 << 40).SerializeToString()
             call = self.call(rpc, "unary_stream")(req, metadata=self.md(robot))
         else:
+
             def nothing_until_closed():
                 self._closed.wait()
                 yield from ()
@@ -326,10 +413,20 @@ def test_one_robot_holding_many_streams_does_not_lock_out_another(cluster):
         decision = sampled_decision(builtin_policy(0)[0].eval())
         start = time.monotonic()
         resp = client.register("robot-1")
-        rec = make_record("robot-1", resp.next_sequence, "ep-0", 0, decision,
-                          Outcome(reward=1.0, terminated=True, success=True, env_steps=4))
-        acks = [pirl_pb2.RolloutAck.FromString(raw) for raw in
-                client.call("StreamRollouts", "stream_stream")(iter([rec]), metadata=client.md("robot-1"), timeout=10)]
+        rec = make_record(
+            "robot-1",
+            resp.next_sequence,
+            "ep-0",
+            0,
+            decision,
+            Outcome(reward=1.0, terminated=True, success=True, env_steps=4),
+        )
+        acks = [
+            pirl_pb2.RolloutAck.FromString(raw)
+            for raw in client.call("StreamRollouts", "stream_stream")(
+                iter([rec]), metadata=client.md("robot-1"), timeout=10
+            )
+        ]
         elapsed = time.monotonic() - start
         assert [a.status for a in acks] == [pirl_pb2.RolloutAck.ACCEPTED]
         assert elapsed < 1.0, elapsed

@@ -6,20 +6,31 @@ trained-only versions applied on both robots, every record accepted exactly once
 import time
 
 import pytest
-
 from builtin_policy import STATE_DIM, builtin_policy, save_checkpoint
 from lerobot.configs.types import FeatureType, PolicyFeature
-from pirl.security import make_dev_pki
 from test_runtime import ROBOTS, Cluster, assert_every_record_accepted_once
+
+from pirl.security import make_dev_pki
 
 
 @pytest.fixture
 def cluster(tmp_path):
-    ckpt = save_checkpoint(tmp_path / "policy", *builtin_policy(
-        0, backbone="pi0", backbone_reduced={}, backbone_config={"tokenizer_max_length": 16}, chunk_size=8,
-        n_action_steps=4, max_action_dim=4,
-        input_features={"observation.image": PolicyFeature(FeatureType.VISUAL, (3, 32, 32)),
-                        "observation.state": PolicyFeature(FeatureType.STATE, (STATE_DIM,))}))
+    ckpt = save_checkpoint(
+        tmp_path / "policy",
+        *builtin_policy(
+            0,
+            backbone="pi0",
+            backbone_reduced={},
+            backbone_config={"tokenizer_max_length": 16},
+            chunk_size=8,
+            n_action_steps=4,
+            max_action_dim=4,
+            input_features={
+                "observation.image": PolicyFeature(FeatureType.VISUAL, (3, 32, 32)),
+                "observation.state": PolicyFeature(FeatureType.STATE, (STATE_DIM,)),
+            },
+        ),
+    )
     c = Cluster(tmp_path, ckpt, make_dev_pki(tmp_path / "certs", ROBOTS), "vla")
     yield c
     c.close()

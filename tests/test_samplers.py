@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from lerobot.policies.common.flow_matching import euler_integrate
 from torch.distributions import Normal
 
-from lerobot.policies.common.flow_matching import euler_integrate
 from lerobot_policy_pi_rl.samplers import (
     draw_sampling_noise,
     evaluate_chain,
@@ -100,7 +100,13 @@ def test_replayed_chain_gives_ratio_one(method, hybrid):
     with torch.no_grad():
         out, mask = _sample(field, method, hybrid)
     ev = evaluate_chain(
-        field.denoise, out.chain, out.stochastic, mask, noise_method=method, num_steps=K, noise_level=0.5,
+        field.denoise,
+        out.chain,
+        out.stochastic,
+        mask,
+        noise_method=method,
+        num_steps=K,
+        noise_level=0.5,
         noise_std_fn=field.std,
     )
     ratio = torch.exp(ev.log_prob - out.log_prob)
@@ -115,8 +121,9 @@ def test_per_sample_noise_level_replays():
     level = torch.linspace(0.2, 0.8, B)
     with torch.no_grad():
         out, mask = _sample(field, "flow_sde", False, level=level)
-        ev = evaluate_chain(field.denoise, out.chain, out.stochastic, mask, noise_method="flow_sde", num_steps=K,
-                            noise_level=level)
+        ev = evaluate_chain(
+            field.denoise, out.chain, out.stochastic, mask, noise_method="flow_sde", num_steps=K, noise_level=level
+        )
     torch.testing.assert_close(ev.log_prob, out.log_prob, rtol=1e-5, atol=1e-4)
 
 
@@ -154,7 +161,7 @@ def test_determinism_given_noise_tensors():
 
 
 def test_sde_sigma_reference_values():
-    # K = 4, a = 0.5: per-step std sigma_t * sqrt(delta) at t = 1, .75, .5, .25 (PIRL_METHOD.md).
+    # K = 4, a = 0.5: per-step std sigma_t * sqrt(delta) at t = 1, .75, .5, .25 (the Flow-SDE noise schedule, docs/method.md).
     t = time_grid(4)[:-1]
     std = sde_sigma(t, 4, 0.5) * math.sqrt(1 / 4)
     torch.testing.assert_close(std, torch.tensor([0.50, 0.433, 0.25, 0.144]), rtol=0, atol=2e-3)
@@ -195,11 +202,20 @@ def test_flow_sde_preserves_ode_marginals(hybrid):
     x1 = torch.randn(n, 1, 2, generator=g)
     eps = torch.randn(n, steps, 1, 2, generator=g)
     mask = torch.ones(1, 2)
-    ode = sample_chain(velocity, x1, eps, stochastic_step_mask("flow_ode", steps, n), mask,
-                       noise_method="flow_ode", num_steps=steps).actions.squeeze(1)
+    ode = sample_chain(
+        velocity, x1, eps, stochastic_step_mask("flow_ode", steps, n), mask, noise_method="flow_ode", num_steps=steps
+    ).actions.squeeze(1)
     idx = torch.randint(0, steps, (n,), generator=g) if hybrid else None
-    sde = sample_chain(velocity, x1, eps, stochastic_step_mask("flow_sde", steps, n, idx), mask,
-                       noise_method="flow_sde", num_steps=steps, noise_level=0.5).actions.squeeze(1)
+    sde = sample_chain(
+        velocity,
+        x1,
+        eps,
+        stochastic_step_mask("flow_sde", steps, n, idx),
+        mask,
+        noise_method="flow_sde",
+        num_steps=steps,
+        noise_level=0.5,
+    ).actions.squeeze(1)
     se_mean = s / math.sqrt(n)
     for samples in (ode, sde):
         assert torch.all((samples.mean(0) - m).abs() < 4 * se_mean + 0.01)

@@ -43,8 +43,8 @@ def test_append_pending_order_and_ack(tmp_path):
         assert sp.pending(limit=0) == []
 
         assert sp.ack(2) is True
-        assert sp.ack(2) is False            # idempotent
-        assert sp.ack(12345) is False        # unknown: no-op
+        assert sp.ack(2) is False  # idempotent
+        assert sp.ack(12345) is False  # unknown: no-op
         assert [s for s, _ in sp.pending()] == [0, 1, 3, 4]
         assert sp.ack_upto(3) == 3
         assert [s for s, _ in sp.pending()] == [4]
@@ -52,7 +52,7 @@ def test_append_pending_order_and_ack(tmp_path):
         assert st["records"] == 1 and st["bytes"] == HEADER_SIZE + 32 and st["next_sequence"] == 5
         assert sp.get(4) == payload_for(4) and sp.get(0) is None
 
-        sp.append(10, b"explicit")           # tools/tests: explicit sequence, gaps allowed
+        sp.append(10, b"explicit")  # tools/tests: explicit sequence, gaps allowed
         with pytest.raises(ValueError):
             sp.append(7, b"going back")
         assert sp.allocate_and_append(payload_for) == 11
@@ -82,7 +82,7 @@ def test_reopen_keeps_unacked_and_continues_sequence(tmp_path):
         sp.ack(5)
     with Spool(tmp_path) as sp:
         assert sp.allocate_and_append(payload_for) == 6
-        assert sp.advance_sequence(100) == 100   # e.g. the learner has seen more than we have
+        assert sp.advance_sequence(100) == 100  # e.g. the learner has seen more than we have
         sp.ack(6)
     with Spool(tmp_path) as sp:
         assert sp.allocate_and_append(payload_for) == 100
@@ -110,8 +110,12 @@ _CHILD = textwrap.dedent("""
 @pytest.mark.parametrize("n_before_kill,size", [(15, 20_000), (40, 3_000)])
 def test_sigkill_mid_run_loses_no_returned_record(tmp_path, n_before_kill, size):
     d = tmp_path / "spool"
-    proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(d), str(REPO), str(size)],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CHILD, str(d), str(REPO), str(size)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     lines = []
     try:
         while len(lines) < n_before_kill:
@@ -127,8 +131,8 @@ def test_sigkill_mid_run_loses_no_returned_record(tmp_path, n_before_kill, size)
             proc.wait()
     assert proc.returncode == -signal.SIGKILL
     lines += rest.splitlines(keepends=True)
-    appended = {int(l.split()[1]) for l in lines if l.endswith("\n") and l.startswith("A ")}
-    acked = {int(l.split()[1]) for l in lines if l.endswith("\n") and l.startswith("K ")}
+    appended = {int(line.split()[1]) for line in lines if line.endswith("\n") and line.startswith("A ")}
+    acked = {int(line.split()[1]) for line in lines if line.endswith("\n") and line.startswith("K ")}
     assert len(appended) >= n_before_kill // 2
 
     with Spool(d) as sp:
@@ -155,16 +159,17 @@ def test_corrupted_and_truncated_files_are_quarantined(tmp_path, caplog):
     files = record_files(tmp_path)
     # 1: truncated (torn write); 3: payload bit flip; 4 (the newest): garbage header
     p1, p3, p4 = (tmp_path / files[i] for i in (1, 3, 4))
-    p1.write_bytes(p1.read_bytes()[:HEADER_SIZE + 10])
-    data = bytearray(p3.read_bytes()); data[-1] ^= 0x01; p3.write_bytes(bytes(data))
+    p1.write_bytes(p1.read_bytes()[: HEADER_SIZE + 10])
+    data = bytearray(p3.read_bytes())
+    data[-1] ^= 0x01
+    p3.write_bytes(bytes(data))
     p4.write_bytes(b"not a record")
 
-    with caplog.at_level(logging.WARNING, logger="edge.spool"):
-        with Spool(tmp_path, fsync=False) as sp:
-            assert [s for s, _ in sp.pending()] == [0, 2]
-            st = sp.stats()
-            assert st["quarantined"] == 3 and st["records"] == 2
-            assert st["next_sequence"] == 5      # a quarantined number is not reused either
+    with caplog.at_level(logging.WARNING, logger="edge.spool"), Spool(tmp_path, fsync=False) as sp:
+        assert [s for s, _ in sp.pending()] == [0, 2]
+        st = sp.stats()
+        assert st["quarantined"] == 3 and st["records"] == 2
+        assert st["next_sequence"] == 5  # a quarantined number is not reused either
     assert sum("quarantined" in r.getMessage() for r in caplog.records) == 3
     q = tmp_path / "quarantine"
     assert sorted(p.name for p in q.iterdir()) == [files[1], files[3], files[4]]
@@ -180,7 +185,9 @@ def test_corruption_found_at_read_time_is_quarantined(tmp_path):
         for _ in range(4):
             sp.allocate_and_append(payload_for)
         p = tmp_path / record_files(tmp_path)[1]
-        data = bytearray(p.read_bytes()); data[HEADER_SIZE + 3] ^= 0xFF; p.write_bytes(bytes(data))
+        data = bytearray(p.read_bytes())
+        data[HEADER_SIZE + 3] ^= 0xFF
+        p.write_bytes(bytes(data))
         assert [s for s, _ in sp.pending(limit=2)] == [0, 2]  # skips 1 and still fills the limit
         st = sp.stats()
         assert st["quarantined"] == 1 and st["records"] == 3 and st["bytes"] == 3 * (HEADER_SIZE + 32)
@@ -198,7 +205,9 @@ def test_on_quarantine_hook_sees_every_move_and_cannot_break_the_spool(tmp_path,
     with Spool(tmp_path, fsync=False, on_quarantine=moved.append) as sp:
         assert moved == [tmp_path / "quarantine" / files[0]]
         p = tmp_path / files[2]
-        data = bytearray(p.read_bytes()); data[-1] ^= 0xFF; p.write_bytes(bytes(data))
+        data = bytearray(p.read_bytes())
+        data[-1] ^= 0xFF
+        p.write_bytes(bytes(data))
         assert [s for s, _ in sp.pending()] == [1, 3]  # found at read
         assert moved == [tmp_path / "quarantine" / files[0], tmp_path / "quarantine" / files[2]]
     # files already in quarantine/ at open are not moves; a failing hook is logged, the open succeeds
@@ -207,10 +216,9 @@ def test_on_quarantine_hook_sees_every_move_and_cannot_break_the_spool(tmp_path,
     def failing(dest):
         raise RuntimeError("metrics down")
 
-    with caplog.at_level(logging.ERROR, logger="edge.spool"):
-        with Spool(tmp_path, fsync=False, on_quarantine=failing) as sp:
-            assert [s for s, _ in sp.pending()] == [1]
-            assert sp.stats()["quarantined"] == 3
+    with caplog.at_level(logging.ERROR, logger="edge.spool"), Spool(tmp_path, fsync=False, on_quarantine=failing) as sp:
+        assert [s for s, _ in sp.pending()] == [1]
+        assert sp.stats()["quarantined"] == 3
     assert any("on_quarantine hook failed" in r.getMessage() for r in caplog.records)
 
 
@@ -233,7 +241,7 @@ def test_spool_full_on_both_limits_consumes_no_sequence(tmp_path):
         calls = []
         with pytest.raises(SpoolFullError, match=r"3/3 records") as ei:
             sp.allocate_and_append(lambda s: calls.append(s) or payload_for(s))
-        assert calls == []                      # refused before the record was even built
+        assert calls == []  # refused before the record was even built
         assert ei.value.records == 3 and ei.value.max_records == 3
         assert sp.stats()["next_sequence"] == 3 and sp.stats()["records"] == 3
         sp.ack(0)
@@ -244,7 +252,7 @@ def test_spool_full_on_both_limits_consumes_no_sequence(tmp_path):
         with pytest.raises(SpoolFullError, match=rf"{2 * size}/{2 * size + HEADER_SIZE + 4} bytes") as ei:
             sp.allocate_and_append(payload_for)
         assert ei.value.record_bytes == size and ei.value.bytes == 2 * size
-        with pytest.raises(SpoolFullError):     # a record bigger than the whole spool
+        with pytest.raises(SpoolFullError):  # a record bigger than the whole spool
             sp.allocate_and_append(lambda s: b"x" * (3 * size))
         assert sp.stats()["next_sequence"] == 2
         assert sp.allocate_and_append(lambda s: b"tiny") == 2  # fits exactly in what is left
@@ -308,8 +316,8 @@ def test_concurrent_append_and_ack_keep_counts_consistent(tmp_path):
     for t in threads:
         t.join(timeout=30)
     assert not errors, errors
-    assert appended == list(range(n))         # strictly increasing, refusals consumed nothing
-    assert sorted(acked) == appended          # every record acked exactly once
+    assert appended == list(range(n))  # strictly increasing, refusals consumed nothing
+    assert sorted(acked) == appended  # every record acked exactly once
     st = sp.stats()
     assert st["records"] == 0 and st["bytes"] == 0 and st["next_sequence"] == n
     assert record_files(tmp_path) == []
@@ -321,20 +329,23 @@ def test_stats_ages(tmp_path, monkeypatch):
     monkeypatch.setattr(spool_mod, "_wall_clock", lambda: clock["wall"])
     monkeypatch.setattr(spool_mod, "_monotonic", lambda: clock["mono"])
     with Spool(tmp_path, fsync=False) as sp:
-        assert sp.stats()["oldest_age_s"] == 0.0          # empty
-        sp.allocate_and_append(payload_for)                # written at wall 1_000_000
-        clock["wall"] += 10; clock["mono"] += 10
-        sp.allocate_and_append(payload_for)                # written at wall 1_000_010
-        clock["wall"] += 5; clock["mono"] += 5
+        assert sp.stats()["oldest_age_s"] == 0.0  # empty
+        sp.allocate_and_append(payload_for)  # written at wall 1_000_000
+        clock["wall"] += 10
+        clock["mono"] += 10
+        sp.allocate_and_append(payload_for)  # written at wall 1_000_010
+        clock["wall"] += 5
+        clock["mono"] += 5
         assert sp.stats()["oldest_age_s"] == pytest.approx(15)
-        clock["wall"] -= 3600                              # wall clock stepped back: ages are monotonic
+        clock["wall"] -= 3600  # wall clock stepped back: ages are monotonic
         assert sp.stats()["oldest_age_s"] == pytest.approx(15)
         clock["wall"] += 3600
         sp.ack(0)
         assert sp.stats()["oldest_age_s"] == pytest.approx(5)
 
     # after a restart the age comes from the wall-clock write time in the header
-    clock["wall"] += 100; clock["mono"] = 7.0
+    clock["wall"] += 100
+    clock["mono"] = 7.0
     with Spool(tmp_path, fsync=False) as sp:
         assert sp.stats()["oldest_age_s"] == pytest.approx(105)
         clock["mono"] += 2
@@ -357,8 +368,10 @@ def test_header_only_open_checks_payload_at_read(tmp_path):
         for _ in range(3):
             sp.allocate_and_append(payload_for)
     p = tmp_path / record_files(tmp_path)[0]
-    data = bytearray(p.read_bytes()); data[-1] ^= 0x10; p.write_bytes(bytes(data))
+    data = bytearray(p.read_bytes())
+    data[-1] ^= 0x10
+    p.write_bytes(bytes(data))
     with Spool(tmp_path, fsync=False, verify_on_open=False) as sp:
-        assert sp.stats()["records"] == 3               # header and size are fine
-        assert [s for s, _ in sp.pending()] == [1, 2]   # the crc catches it at read time
+        assert sp.stats()["records"] == 3  # header and size are fine
+        assert [s for s, _ in sp.pending()] == [1, 2]  # the crc catches it at read time
         assert sp.stats()["quarantined"] == 1 and sp.stats()["records"] == 2

@@ -3,7 +3,7 @@ checks, manifest handling, the refit-vs-rebuild order, fallback and its metrics 
 absent, and the orchestration of build / refit / cache / published engine inside the edge worker.
 
 The orchestration tests run against ``FakeTRT``, a small stand-in for the part of the TensorRT
-Python API that ``lerobot_policy_pi_rl.trt_engine`` calls (Builder, network, OnnxParser, builder
+Python API that ``pirl.export.trt_engine`` calls (Builder, network, OnnxParser, builder
 config, optimization profile, Runtime, Refitter, OnnxParserRefitter). A fake "engine" holds the ONNX
 bytes it was built or refitted from, and ``FakeRunner`` evaluates those bytes with ONNX Runtime. So
 these tests prove which ONNX each engine was built or refitted from, when a refit / build / cache
@@ -21,19 +21,21 @@ import base64
 import json
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from builtin_policy import builtin_policy
 from prometheus_client import REGISTRY
 
-from builtin_policy import builtin_policy
-from edge.backends import GoldenMismatch, choose_backend
+from edge.backend_choice import choose_backend
+from edge.backends import GoldenMismatchError
 from edge.inference import InferenceWorker
-from lerobot_policy_pi_rl import trt_engine
-from lerobot_policy_pi_rl.export import export_onnx, graph_structure_sha256, load_manifest
-from lerobot_policy_pi_rl.trt_engine import (
+from pirl.export import trt_engine
+from pirl.export.onnx_export import export_onnx, graph_structure_sha256, load_manifest
+from pirl.export.trt_engine import (
     EngineCache,
     EngineKey,
     EngineManager,
@@ -44,8 +46,14 @@ from lerobot_policy_pi_rl.trt_engine import (
     profile_shapes,
 )
 
-SMALL = {"hidden_dim": 32, "num_layers": 2, "expert_token_dim": 8, "prefix_dim": 16, "time_embed_dim": 8,
-         "critic_hidden_dims": [16]}
+SMALL = {
+    "hidden_dim": 32,
+    "num_layers": 2,
+    "expert_token_dim": 8,
+    "prefix_dim": 16,
+    "time_embed_dim": 8,
+    "critic_hidden_dims": [16],
+}
 DEVICE = {"name": "NVIDIA Jetson AGX Orin (fake)", "compute_capability": "8.7"}
 
 
@@ -60,8 +68,10 @@ def small_policy(seed=0, **overrides):
 def shifted(policy, delta, seed):
     """A copy of ``policy``'s weights moved by ``delta`` * noise (a 'new version')."""
     g = torch.Generator().manual_seed(seed)
-    return {k: v + delta * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-            for k, v in policy.state_dict().items()}
+    return {
+        k: v + delta * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in policy.state_dict().items()
+    }
 
 
 def metric(name, **labels):
@@ -69,6 +79,7 @@ def metric(name, **labels):
 
 
 # --- a fake of the TensorRT API surface trt_engine calls -------------------------------------------
+
 
 class FakeTRT:
     """Records every call; engines are JSON holding the ONNX bytes they were built / refitted from."""
@@ -111,8 +122,14 @@ class FakeTRT:
                 return FakeProfile()
 
             def build_serialized_network(self, network, config):
-                trt.builds.append({"flags": network.flags, "config_flags": set(config.flags),
-                                   "pools": dict(config.pools), "profile": dict(config.profiles[0].shapes)})
+                trt.builds.append(
+                    {
+                        "flags": network.flags,
+                        "config_flags": set(config.flags),
+                        "pools": dict(config.pools),
+                        "profile": dict(config.profiles[0].shapes),
+                    }
+                )
                 return _plan(network.onnx_bytes, trt.BuilderFlag.REFIT in config.flags)
 
         class OnnxParser:
@@ -159,7 +176,7 @@ class FakeTRT:
                 self.refitter, self.num_errors = refitter, 0
 
             def refit_from_file(self, path):
-                data = open(path, "rb").read()
+                data = Path(path).read_bytes()
                 same = _structure(data) == _structure(self.refitter.engine.onnx_bytes)
                 if trt.fail_refit or not same:
                     self.num_errors = 1
@@ -192,7 +209,7 @@ class FakeNetwork:
         self.flags, self.inputs, self.onnx_bytes = flags, [], None
 
     def load(self, path):
-        self.onnx_bytes = open(path, "rb").read()
+        self.onnx_bytes = Path(path).read_bytes()
         model = onnx.load_from_string(self.onnx_bytes)
         for i in model.graph.input:
             dims = tuple(d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim)
@@ -277,7 +294,9 @@ def fake_trt(monkeypatch):
 @pytest.fixture
 def no_trt(monkeypatch):
     def absent():
-        raise trt_engine.TensorRTUnavailable("import tensorrt failed (ModuleNotFoundError: No module named 'tensorrt')")
+        raise trt_engine.TensorRTUnavailableError(
+            "import tensorrt failed (ModuleNotFoundError: No module named 'tensorrt')"
+        )
 
     monkeypatch.setattr(trt_engine, "import_tensorrt", absent)
 
@@ -296,6 +315,7 @@ def exports(tmp_path_factory):
 
 
 # --- keys, settings, profiles, order ---------------------------------------------------------------
+
 
 def test_engine_key_is_stable_and_changes_with_what_the_engine_depends_on(exports):
     s = TensorRTSettings()
@@ -338,15 +358,26 @@ def test_engine_key_fields_round_trip_and_are_validated(exports):
 
 
 def test_settings_and_cli_flags_are_validated():
-    for bad in ({"batch_min": 2, "batch_opt": 1, "batch_max": 2}, {"batch_min": 0}, {"workspace_mib": 0},
-                {"cache_entries": 0}):
+    for bad in (
+        {"batch_min": 2, "batch_opt": 1, "batch_max": 2},
+        {"batch_min": 0},
+        {"workspace_mib": 0},
+        {"cache_entries": 0},
+    ):
         with pytest.raises(ValueError, match="TensorRT"):
             TensorRTSettings(**bad)
     p = argparse.ArgumentParser()
     trt_engine.add_tensorrt_arguments(p, cache_default_help="x")
     args = p.parse_args(["--trt-profile", "1,2,4", "--trt-refit", "off", "--trt-workspace-mib", "64"])
     s = trt_engine.settings_from_args(args, cache_dir="/tmp/c")
-    assert (s.batch_min, s.batch_opt, s.batch_max, s.refit, s.workspace_mib, s.cache_dir) == (1, 2, 4, False, 64, "/tmp/c")
+    assert (s.batch_min, s.batch_opt, s.batch_max, s.refit, s.workspace_mib, s.cache_dir) == (
+        1,
+        2,
+        4,
+        False,
+        64,
+        "/tmp/c",
+    )
     assert not s.fixed_batch and TensorRTSettings().fixed_batch
     with pytest.raises(SystemExit):
         p.parse_args(["--trt-profile", "1,2"])
@@ -357,8 +388,23 @@ def test_edge_cli_reports_bad_tensorrt_settings_as_a_user_error(tmp_path, monkey
 
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({"r": "t" * 32}))
-    monkeypatch.setattr(sys, "argv", ["pirl-edge", "--learner", "127.0.0.1:1", "--robot-id", "r", "--tokens",
-                                      str(tokens), "--policy-path", str(tmp_path), "--trt-profile", "4,1,1"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "pirl-edge",
+            "--learner",
+            "127.0.0.1:1",
+            "--robot-id",
+            "r",
+            "--tokens",
+            str(tokens),
+            "--policy-path",
+            str(tmp_path),
+            "--trt-profile",
+            "4,1,1",
+        ],
+    )
     with pytest.raises(SystemExit) as exc:
         edge.main.main()
     assert exc.value.code == 2
@@ -380,26 +426,37 @@ def test_refit_versus_rebuild_order(exports):
     older = engine_key(*exports["v0"], TensorRTSettings(), "10.3.0", DEVICE)
     other_graph = engine_key(*exports["k2"], TensorRTSettings(), "10.3.0", DEVICE)
     no_refit = engine_key(*exports["v1"], TensorRTSettings(refit=False), "10.3.0", DEVICE)
-    kw = dict(current=None, current_refittable=False, published=None, cached_exact=False, cached_refittable=False)
+    kw = {
+        "current": None,
+        "current_refittable": False,
+        "published": None,
+        "cached_exact": False,
+        "cached_refittable": False,
+    }
     assert prepare_order(key, **kw) == ["build"]
     assert prepare_order(key, **{**kw, "current": key, "current_refittable": True})[0] == "current"
     # only weights changed and the engine in hand is refittable: refit it
     assert prepare_order(key, **{**kw, "current": older, "current_refittable": True}) == ["refit", "build"]
     # an engine built for exactly these weights (learner's or cached) beats a refit
-    assert prepare_order(key, **{**kw, "current": older, "current_refittable": True, "published": key,
-                                 "cached_exact": True}) == ["published", "cache", "refit", "build"]
+    assert prepare_order(
+        key, **{**kw, "current": older, "current_refittable": True, "published": key, "cached_exact": True}
+    ) == ["published", "cache", "refit", "build"]
     # a published engine with another key (other GPU / TensorRT / weights) is not used
     assert prepare_order(key, **{**kw, "published": older}) == ["build"]
     # graph changed, or the engine was built without REFIT: rebuild (or a cached refittable one)
     assert prepare_order(key, **{**kw, "current": other_graph, "current_refittable": True}) == ["build"]
-    assert prepare_order(key, **{**kw, "current": older, "current_refittable": False,
-                                 "cached_refittable": True}) == ["cache_refit", "build"]
+    assert prepare_order(key, **{**kw, "current": older, "current_refittable": False, "cached_refittable": True}) == [
+        "cache_refit",
+        "build",
+    ]
     # refit off: never refit
-    assert prepare_order(no_refit, **{**kw, "current": older, "current_refittable": True,
-                                      "cached_refittable": True}) == ["build"]
+    assert prepare_order(
+        no_refit, **{**kw, "current": older, "current_refittable": True, "cached_refittable": True}
+    ) == ["build"]
 
 
 # --- the cache ---------------------------------------------------------------------------------------
+
 
 def test_cache_round_trip_integrity_and_eviction(tmp_path, exports, caplog):
     cache = EngineCache(tmp_path / "c", max_entries=2)
@@ -443,6 +500,7 @@ def test_cache_round_trip_integrity_and_eviction(tmp_path, exports, caplog):
 
 
 # --- orchestration against the fake TensorRT ---------------------------------------------------------
+
 
 def test_build_is_strongly_typed_with_profile_workspace_and_refit(fake_trt, exports, tmp_path):
     """What the builder is given (checked on the fake: it records the calls)."""
@@ -518,7 +576,9 @@ def test_worker_builds_once_then_refits_and_rebuilds_only_on_graph_change(fake_t
     other_k.load_state_dict(state5)
     files = dict(policy_update_message(other_k, 6, tmp_path / "learner-k2").files)
     assert not worker.offer(6, state5, files)
-    assert "input 'step_noise': expected shape ['batch', 2, 8, 3], got [1, 4, 8, 3]" in worker.prepare_log[-1]["refused"]
+    assert (
+        "input 'step_noise': expected shape ['batch', 2, 8, 3], got [1, 4, 8, 3]" in worker.prepare_log[-1]["refused"]
+    )
     assert worker.decide(raw)[0].version == 5
 
 
@@ -528,8 +588,14 @@ def test_engine_that_does_not_match_its_weights_is_refused_by_the_golden_check(f
 
     rid = "trt-fake-golden"
     policy, pre, post = small_policy()
-    worker = InferenceWorker(policy, pre, post, robot_id=rid, backend="tensorrt",
-                             tensorrt_settings=TensorRTSettings(cache_dir=str(tmp_path / "cache")))
+    worker = InferenceWorker(
+        policy,
+        pre,
+        post,
+        robot_id=rid,
+        backend="tensorrt",
+        tensorrt_settings=TensorRTSettings(cache_dir=str(tmp_path / "cache")),
+    )
     raw = {"agent_pos": np.full((1, 6), 0.3, np.float32)}
     before = worker.decide(raw)[0]
     failures = metric("pirl_edge_swap_failures_total", robot_id=rid)
@@ -559,7 +625,7 @@ def test_golden_check_on_a_backend_that_lies(fake_trt, tmp_path):
     with torch.no_grad():
         for p in policy.value_head.parameters():
             p.add_(0.01)  # the PyTorch weights move, the engine does not
-    with pytest.raises(GoldenMismatch, match="value differs from PyTorch"):
+    with pytest.raises(GoldenMismatchError, match="value differs from PyTorch"):
         check_golden(backend, policy)
 
 
@@ -583,8 +649,13 @@ def test_learner_publishes_an_engine_and_the_edge_uses_it_only_when_the_key_matc
     same_edge.prepare(3, dict(msg.files))
     assert same_edge.last_prepare["method"] == "published" and len(fake_trt.builds) == builds
 
-    other_gpu = TensorRTBackend(policy, tmp_path / "e2", manager=EngineManager(
-        TensorRTSettings(), device={"name": "NVIDIA Jetson AGX Thor (fake)", "compute_capability": "11.0"}))
+    other_gpu = TensorRTBackend(
+        policy,
+        tmp_path / "e2",
+        manager=EngineManager(
+            TensorRTSettings(), device={"name": "NVIDIA Jetson AGX Thor (fake)", "compute_capability": "11.0"}
+        ),
+    )
     other_gpu.prepare(3, dict(msg.files))
     assert other_gpu.last_prepare["method"] == "build" and len(fake_trt.builds) == builds + 1
 
@@ -602,12 +673,15 @@ def test_learner_publishes_an_engine_and_the_edge_uses_it_only_when_the_key_matc
     assert json.loads(msg4.files["onnx/manifest.json"])["tensorrt_engine"]["method"] == "refit"
     # an engine the learner cannot build does not stop the version from being published
     fake_trt.fail_parse, fake_trt.fail_refit = True, True
-    msg5 = policy_update_message(policy, 5, tmp_path / "learner", engines=EnginePublisher(EngineManager(TensorRTSettings())))
+    msg5 = policy_update_message(
+        policy, 5, tmp_path / "learner", engines=EnginePublisher(EngineManager(TensorRTSettings()))
+    )
     assert "onnx/model.onnx" in msg5.files and "onnx/engine.plan" not in msg5.files
     assert "tensorrt_engine" not in json.loads(msg5.files["onnx/manifest.json"])
 
 
 # --- fallback and metrics without TensorRT -----------------------------------------------------------
+
 
 def test_tensorrt_absent_falls_back_and_counts_only_when_asked_for(no_trt, caplog):
     policy, pre, post = small_policy()
@@ -648,8 +722,20 @@ def test_learner_export_tensorrt_without_tensorrt_is_a_user_error(no_trt, tmp_pa
 
     tokens = tmp_path / "tokens.json"
     tokens.write_text(json.dumps({"r": "t" * 32}))
-    monkeypatch.setattr(sys, "argv", ["pirl-learner", "--policy-path", str(tmp_path), "--tokens", str(tokens),
-                                      "--output-dir", str(tmp_path / "out"), "--export-tensorrt"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "pirl-learner",
+            "--policy-path",
+            str(tmp_path),
+            "--tokens",
+            str(tokens),
+            "--output-dir",
+            str(tmp_path / "out"),
+            "--export-tensorrt",
+        ],
+    )
     with pytest.raises(SystemExit) as exc:
         learner.main.main()
     assert exc.value.code == 2

@@ -3,7 +3,7 @@ the engine cache, and the edge backend inside the worker. ``-m gpu``; every test
 reason) unless ``tensorrt`` (with builder and ONNX parser) imports and a CUDA device is present.
 
 NOT RUN where these were written (no GPU, no TensorRT): they are written against the TensorRT 10
-Python API and the code in lerobot_policy_pi_rl/trt_engine.py, and are the check to run on a Jetson /
+Python API and the code in pirl/export/trt_engine.py, and are the check to run on a Jetson /
 GPU machine before relying on the TensorRT backend.
 
 Tolerances (FP32 engine, TF32 off, against PyTorch FP32 on CPU): the golden-check GPU values of
@@ -19,8 +19,8 @@ import pytest
 import torch
 
 from edge.backends import GOLDEN_TOLERANCES
-from lerobot_policy_pi_rl.export import export_onnx, load_manifest, make_feeds
-from lerobot_policy_pi_rl.trt_engine import (
+from pirl.export.onnx_export import export_onnx, load_manifest, make_feeds
+from pirl.export.trt_engine import (
     EngineCache,
     EngineManager,
     EngineRunner,
@@ -54,8 +54,14 @@ def _inputs(policy, batch, seed):
 
 
 def _run(runner, manifest, obs, initial, steps, stochastic, level):
-    feeds = make_feeds(manifest, {k: v.numpy() for k, v in obs.items()}, initial.numpy(), steps.numpy(),
-                       stochastic.numpy(), level.numpy())
+    feeds = make_feeds(
+        manifest,
+        {k: v.numpy() for k, v in obs.items()},
+        initial.numpy(),
+        steps.numpy(),
+        stochastic.numpy(),
+        level.numpy(),
+    )
     return {k: torch.from_numpy(v) for k, v in runner.run(feeds).items()}
 
 
@@ -111,8 +117,9 @@ def test_refit_serves_the_new_weights_and_the_graph_is_recaptured(tmp_path):
     with torch.no_grad():
         for p in policy.parameters():
             p.add_(0.05 * torch.randn_like(p))
-    _, manifest1, refitted = _engine(tmp_path, policy, settings, name="v1", version=1, current=prepared,
-                                     manager=manager)
+    _, manifest1, refitted = _engine(
+        tmp_path, policy, settings, name="v1", version=1, current=prepared, manager=manager
+    )
     assert refitted.method == "refit" and refitted.engine is prepared.engine
     runner.reset_graph()
     first = _run(runner, manifest1, *inputs)
@@ -143,15 +150,21 @@ def test_engine_cache_is_used_on_restart_and_survives_corruption(tmp_path):
 
 
 def test_worker_on_tensorrt_swaps_refitted_versions(tmp_path):
+    from safetensors.torch import load as load_safetensors
     from test_tensorrt_backend import shifted, small_policy
 
     from edge.inference import InferenceWorker
     from learner.trainer import policy_update_message
-    from safetensors.torch import load as load_safetensors
 
     policy, pre, post = small_policy()
-    worker = InferenceWorker(policy, pre, post, robot_id="gpu-worker", backend="tensorrt",
-                             tensorrt_settings=TensorRTSettings(cache_dir=str(tmp_path / "cache")))
+    worker = InferenceWorker(
+        policy,
+        pre,
+        post,
+        robot_id="gpu-worker",
+        backend="tensorrt",
+        tensorrt_settings=TensorRTSettings(cache_dir=str(tmp_path / "cache")),
+    )
     assert worker.backend == "tensorrt", worker.fallbacks
     raw = {"agent_pos": np.full((1, 6), 0.3, np.float32)}
     for v in (1, 2, 3):
@@ -171,10 +184,12 @@ def test_published_engine_is_used_by_a_matching_edge(tmp_path):
 
     from edge.tensorrt_backend import TensorRTBackend
     from learner.trainer import policy_update_message
-    from lerobot_policy_pi_rl.trt_engine import EnginePublisher
+    from pirl.export.trt_engine import EnginePublisher
 
     policy, _, _ = small_policy()
-    msg = policy_update_message(policy, 1, tmp_path / "learner", engines=EnginePublisher(EngineManager(TensorRTSettings())))
+    msg = policy_update_message(
+        policy, 1, tmp_path / "learner", engines=EnginePublisher(EngineManager(TensorRTSettings()))
+    )
     backend = TensorRTBackend(policy, tmp_path / "edge", settings=TensorRTSettings())
     backend.prepare(1, dict(msg.files))
     assert backend.last_prepare["method"] == "published"

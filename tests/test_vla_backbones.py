@@ -9,10 +9,10 @@ against PyTorch on ONNX Runtime.
 import numpy as np
 import pytest
 import torch
-
 from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.policies.factory import make_pre_post_processors
 from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+
 from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, PiRLAlgorithmConfig
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig, PiRLConfigError
 from lerobot_policy_pi_rl.envs.reach_grasp import ReachGraspVecEnv
@@ -22,21 +22,26 @@ from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts
 BACKBONES = ("pi0", "pi05", "smolvla")
 METHODS = ("flow_sde", "flow_noise")
 IMAGE, STATE, ACTION_DIM, LANG = 32, 6, 3, 16
-FEATURES = dict(
-    input_features={"observation.image": PolicyFeature(FeatureType.VISUAL, (3, IMAGE, IMAGE)),
-                    "observation.state": PolicyFeature(FeatureType.STATE, (STATE,))},
-    output_features={"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
-)
-STATS = {"observation.state": {"mean": torch.zeros(STATE), "std": torch.ones(STATE)},
-         "action": {"mean": torch.zeros(ACTION_DIM), "std": torch.ones(ACTION_DIM)}}
+FEATURES = {
+    "input_features": {
+        "observation.image": PolicyFeature(FeatureType.VISUAL, (3, IMAGE, IMAGE)),
+        "observation.state": PolicyFeature(FeatureType.STATE, (STATE,)),
+    },
+    "output_features": {"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
+}
+STATS = {
+    "observation.state": {"mean": torch.zeros(STATE), "std": torch.ones(STATE)},
+    "action": {"mean": torch.zeros(ACTION_DIM), "std": torch.ones(ACTION_DIM)},
+}
 
 
 def vla_config(backbone: str, **kw) -> PiRLConfig:
     kw.setdefault("noise_method", "flow_sde")
     kw.setdefault("backbone_config", {"tokenizer_max_length": LANG})
     kw.setdefault("backbone_reduced", {})
-    return PiRLConfig(device="cpu", backbone=backbone, chunk_size=8, n_action_steps=4, max_action_dim=4,
-                      **FEATURES, **kw)
+    return PiRLConfig(
+        device="cpu", backbone=backbone, chunk_size=8, n_action_steps=4, max_action_dim=4, **FEATURES, **kw
+    )
 
 
 def vla_policy(backbone: str, seed: int = 0, **kw):
@@ -57,7 +62,7 @@ def observations(policy, pre, n=4, seed=0):
 @pytest.mark.parametrize("backbone", BACKBONES)
 @pytest.mark.parametrize("method", METHODS)
 def test_sampling_ratio_and_onnx_export(backbone, method, tmp_path):
-    from lerobot_policy_pi_rl.export import OnnxSampler, export_onnx
+    from pirl.export.onnx_export import OnnxSampler, export_onnx
 
     policy, pre, _ = vla_policy(backbone, noise_method=method)
     obs = observations(policy, pre)
@@ -77,15 +82,22 @@ def test_sampling_ratio_and_onnx_export(backbone, method, tmp_path):
     # FP32 tolerance 1e-5 relative-ish (absolute on normalised actions and on log-probs ~ 10)
     export_onnx(policy, tmp_path / "onnx")
     sampler = OnnxSampler(tmp_path / "onnx")
-    out = sampler.run({k: v.numpy() for k, v in obs.items()}, noise[0].numpy(), noise[1].numpy(),
-                      noise[2].numpy(), s.noise_level.numpy())
+    out = sampler.run(
+        {k: v.numpy() for k, v in obs.items()},
+        noise[0].numpy(),
+        noise[1].numpy(),
+        noise[2].numpy(),
+        s.noise_level.numpy(),
+    )
     np.testing.assert_allclose(out["actions"], s.actions.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["log_prob"], s.chain.log_prob.numpy(), rtol=1e-5, atol=1e-4)
     np.testing.assert_allclose(out["value"], s.value.numpy(), rtol=1e-5, atol=1e-5)
     # and a chain sampled through ONNX Runtime is valid PPO data for the learner in PyTorch
     with torch.no_grad():
         ev = policy.evaluate_chains(obs, torch.from_numpy(out["chain"]), noise[2], s.noise_level)
-    torch.testing.assert_close((ev.log_prob - torch.from_numpy(out["log_prob"])).exp(), torch.ones(4), rtol=0, atol=1e-4)
+    torch.testing.assert_close(
+        (ev.log_prob - torch.from_numpy(out["log_prob"])).exp(), torch.ones(4), rtol=0, atol=1e-4
+    )
 
 
 def _trainable_names(policy) -> set[str]:
@@ -98,13 +110,13 @@ def _trainable_names(policy) -> set[str]:
 def test_one_ppo_update_changes_only_what_trains(backbone, method):
     policy, pre, post = vla_policy(backbone, noise_method=method)
     env = ReachGraspVecEnv(8, autoreset=False, obs_type="pixels_agent_pos", image_size=IMAGE, max_steps=16)
-    batch = collect_rollouts(PolicyRunner(policy, pre, post), env, seeds=0,
-                             generator=torch.Generator().manual_seed(0))
+    batch = collect_rollouts(PolicyRunner(policy, pre, post), env, seeds=0, generator=torch.Generator().manual_seed(0))
     # an untrained policy never succeeds at the sparse task: give the batch some reward signal, so
     # the advantages and value targets are not all zero and every trainable tensor gets a gradient
     batch.rewards = torch.randn(batch.rewards.shape, generator=torch.Generator().manual_seed(1)) * batch.valid
-    algo = PiRLAlgorithm(policy, PiRLAlgorithmConfig(actor_lr=1e-3, critic_lr=1e-3, update_epochs=1,
-                                                     num_minibatches=2, weight_decay=0.0))
+    algo = PiRLAlgorithm(
+        policy, PiRLAlgorithmConfig(actor_lr=1e-3, critic_lr=1e-3, update_epochs=1, num_minibatches=2, weight_decay=0.0)
+    )
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
     stats = algo.update_on(batch)
     assert not stats.extra.get("skipped"), stats.extra
@@ -112,8 +124,11 @@ def test_one_ppo_update_changes_only_what_trains(backbone, method):
     trainable = _trainable_names(policy)
     assert changed <= trainable, f"frozen parameters changed: {sorted(changed - trainable)[:5]}"
     # the VLM prefix stays frozen; the action expert, the critic and (Flow-Noise) the noise head train
-    assert not any(n.startswith("backbone.") and p in set(policy.backbone.prefix_parameters())
-                   for n, p in policy.named_parameters() if n in changed)
+    assert not any(
+        n.startswith("backbone.") and p in set(policy.backbone.prefix_parameters())
+        for n, p in policy.named_parameters()
+        if n in changed
+    )
     expert = {n for n, p in policy.named_parameters() if any(p is q for q in policy.backbone.expert_parameters())}
     assert changed & expert, "the action expert did not train"
     assert any(n.startswith("value_head.") for n in changed)
@@ -165,8 +180,9 @@ def test_train_mode_is_deterministic_and_reused_prefix_is_exact(backbone):
     rows = torch.tensor([2, 0])
     prefix = policy.rl_prefix(obs)
     sub = {k: v[rows] for k, v in obs.items()}
-    ev3 = policy.evaluate_chains(sub, s.chain.chain[rows], s.chain.stochastic[rows], s.noise_level[rows],
-                                 prefix=prefix.select(rows))
+    ev3 = policy.evaluate_chains(
+        sub, s.chain.chain[rows], s.chain.stochastic[rows], s.noise_level[rows], prefix=prefix.select(rows)
+    )
     torch.testing.assert_close(ev3.log_prob, ev1.log_prob[rows], rtol=1e-5, atol=1e-5)
     policy.eval()
 
@@ -195,18 +211,24 @@ def test_a_vla_without_task_or_image_is_a_clear_error():
     with pytest.raises(ValueError, match="language instruction"):
         PolicyRunner(policy, pre, post).observe(raw)
     with pytest.raises(PiRLConfigError, match="at least one image"):
-        PiRLPolicy(PiRLConfig(device="cpu", backbone="pi0", backbone_reduced={},
-                              input_features={"observation.state": PolicyFeature(FeatureType.STATE, (STATE,))},
-                              output_features=FEATURES["output_features"]))
+        PiRLPolicy(
+            PiRLConfig(
+                device="cpu",
+                backbone="pi0",
+                backbone_reduced={},
+                input_features={"observation.state": PolicyFeature(FeatureType.STATE, (STATE,))},
+                output_features=FEATURES["output_features"],
+            )
+        )
 
 
 @pytest.mark.parametrize(
     ("kw", "match"),
     [
-        (dict(backbone_config={"chunk_size": 4}), r"backbone_config.*set by the pi_rl config"),
-        (dict(backbone_config={"no_such_field": 1}), r"policy.backbone_config: not a valid PI0Config"),
-        (dict(backbone_reduced={"vlm_width": 0}), r"backbone_reduced.vlm_width: must be >= 1"),
-        (dict(backbone_reduced={"depth": 2}), r"backbone_reduced: unknown field"),
+        ({"backbone_config": {"chunk_size": 4}}, r"backbone_config.*set by the pi_rl config"),
+        ({"backbone_config": {"no_such_field": 1}}, r"policy.backbone_config: not a valid PI0Config"),
+        ({"backbone_reduced": {"vlm_width": 0}}, r"backbone_reduced.vlm_width: must be >= 1"),
+        ({"backbone_reduced": {"depth": 2}}, r"backbone_reduced: unknown field"),
     ],
 )
 def test_bad_backbone_settings_name_the_field(kw, match):
@@ -253,8 +275,13 @@ def test_learner_validates_token_ids(tmp_path):
     k1, h, d = shapes.chain
 
     def record(tokens):
-        rec = pirl_pb2.RolloutRecord(robot_id="r", episode_id="e", sequence=0, chain=to_tensor_msg(
-            np.zeros((k1, h, d), np.float32)), stochastic=to_tensor_msg(np.ones(k1 - 1, bool)))
+        rec = pirl_pb2.RolloutRecord(
+            robot_id="r",
+            episode_id="e",
+            sequence=0,
+            chain=to_tensor_msg(np.zeros((k1, h, d), np.float32)),
+            stochastic=to_tensor_msg(np.ones(k1 - 1, bool)),
+        )
         for k, v in obs.items():
             rec.observation[k].CopyFrom(to_tensor_msg(v[0].numpy()))
         rec.observation[OBS_LANGUAGE_TOKENS].CopyFrom(to_tensor_msg(tokens))
@@ -281,17 +308,31 @@ def test_pirl_init_wraps_a_lerobot_checkpoint_with_dataset_stats(tmp_path):
     donor, _, _ = vla_policy("smolvla", seed=7)
     donor.backbone.base.save_pretrained(tmp_path / "base")
     record_demos(tmp_path / "data", 2, obs_type="pixels_agent_pos", image_size=IMAGE)
-    cmd = [str(Path(sys.executable).parent / "pirl-init"), "--out", str(tmp_path / "policy"), "--backbone", "smolvla",
-           "--base-model-path", str(tmp_path / "base"), "--dataset-repo-id", "local/pirl_reach",
-           "--dataset-root", str(tmp_path / "data"), "--reduced", "{}",
-           "--policy-overrides", '{"backbone_config": {"tokenizer_max_length": 16}, "n_action_steps": 2}']
+    cmd = [
+        str(Path(sys.executable).parent / "pirl-init"),
+        "--out",
+        str(tmp_path / "policy"),
+        "--backbone",
+        "smolvla",
+        "--base-model-path",
+        str(tmp_path / "base"),
+        "--dataset-repo-id",
+        "local/pirl_reach",
+        "--dataset-root",
+        str(tmp_path / "data"),
+        "--reduced",
+        "{}",
+        "--policy-overrides",
+        '{"backbone_config": {"tokenizer_max_length": 16}, "n_action_steps": 2}',
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "trained by PI-RL" in out.stdout
     policy, pre, post = load_policy(tmp_path / "policy")
     assert policy.config.n_action_steps == 2 and policy.config.backbone == "smolvla"
-    for (n, a), b in zip(donor.backbone.base.state_dict().items(), policy.backbone.base.state_dict().values(),
-                         strict=True):
+    for (n, a), b in zip(
+        donor.backbone.base.state_dict().items(), policy.backbone.base.state_dict().values(), strict=True
+    ):
         assert torch.equal(a, b), n
     # normalisation stats came from the dataset, not a default
     stats = pre.steps[-1].stats["observation.state"]["mean"]
@@ -309,7 +350,7 @@ def test_pirl_init_wraps_a_lerobot_checkpoint_with_dataset_stats(tmp_path):
 def test_split_export_with_explicit_kv_cache_tensors(backbone, tmp_path):
     """prefix.onnx hands the VLA's KV cache out as plain tensors; velocity.onnx takes them back for
     each denoise step; with the loop on the host the result equals PyTorch's."""
-    from lerobot_policy_pi_rl.export_split import SplitSampler, export_split
+    from pirl.export.split_export import SplitSampler, export_split
 
     policy, pre, _ = vla_policy(backbone, noise_method="flow_noise")
     manifest = export_split(policy, tmp_path)
@@ -321,8 +362,9 @@ def test_split_export_with_explicit_kv_cache_tensors(backbone, tmp_path):
     level = torch.full((3,), 0.5)
     with torch.no_grad():
         ref = policy.sample_chains(obs, *noise, noise_level=level)
-    out = SplitSampler(policy, tmp_path).run({k: v.numpy() for k, v in obs.items()}, *(n.numpy() for n in noise),
-                                             level.numpy())
+    out = SplitSampler(policy, tmp_path).run(
+        {k: v.numpy() for k, v in obs.items()}, *(n.numpy() for n in noise), level.numpy()
+    )
     np.testing.assert_allclose(out["actions"], ref.actions.numpy(), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(out["log_prob"], ref.chain.log_prob.numpy(), rtol=1e-5, atol=1e-4)
 
@@ -331,8 +373,10 @@ def test_bf16_base_model_keeps_the_sampler_in_float32():
     """With the base model in bf16 (LeRobot's own mixed precision: VLM and expert in bf16, vision
     path in float32), velocities, log-probs and values stay float32 and the learner's ratio is 1."""
     policy, pre, _ = vla_policy("pi0", backbone_config={"tokenizer_max_length": LANG, "dtype": "bfloat16"})
-    assert policy.backbone.base.model.paligemma_with_expert.gemma_expert.model.layers[0].mlp.up_proj.weight.dtype \
+    assert (
+        policy.backbone.base.model.paligemma_with_expert.gemma_expert.model.layers[0].mlp.up_proj.weight.dtype
         == torch.bfloat16
+    )
     obs = observations(policy, pre)
     noise = policy.draw_noise(4, generator=torch.Generator().manual_seed(5))
     with torch.no_grad():
@@ -370,14 +414,26 @@ def test_offline_smolvlm2_config_builds_smolvla_at_its_published_size():
 
     d = smolvlm2_500m_dir()
     loaded = AutoConfig.from_pretrained(d)
-    assert (loaded.text_config.hidden_size, loaded.text_config.num_hidden_layers, loaded.vision_config.image_size,
-            loaded.scale_factor) == (960, 32, 512, 4)
+    assert (
+        loaded.text_config.hidden_size,
+        loaded.text_config.num_hidden_layers,
+        loaded.vision_config.image_size,
+        loaded.scale_factor,
+    ) == (960, 32, 512, 4)
     assert len(AutoTokenizer.from_pretrained(d)) <= loaded.text_config.vocab_size
-    feats = {"observation.images.cam0": PolicyFeature(FeatureType.VISUAL, (3, 224, 224)),
-             "observation.state": PolicyFeature(FeatureType.STATE, (8,))}
-    cfg = PiRLConfig(device="cpu", backbone="smolvla", chunk_size=50, n_action_steps=5, input_features=feats,
-                     output_features={"action": PolicyFeature(FeatureType.ACTION, (7,))},
-                     backbone_config={"vlm_model_name": str(d), "load_vlm_weights": False})
+    feats = {
+        "observation.images.cam0": PolicyFeature(FeatureType.VISUAL, (3, 224, 224)),
+        "observation.state": PolicyFeature(FeatureType.STATE, (8,)),
+    }
+    cfg = PiRLConfig(
+        device="cpu",
+        backbone="smolvla",
+        chunk_size=50,
+        n_action_steps=5,
+        input_features=feats,
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (7,))},
+        backbone_config={"vlm_model_name": str(d), "load_vlm_weights": False},
+    )
     policy = PiRLPolicy(cfg)
     vlm = policy.backbone.model.vlm_with_expert
     total = sum(p.numel() for p in policy.parameters())
@@ -388,11 +444,25 @@ def test_offline_smolvlm2_config_builds_smolvla_at_its_published_size():
 def test_full_size_smolvla_from_the_hub_without_a_network_is_a_clear_error(tmp_path, monkeypatch, capsys):
     import sys
 
-    from lerobot_policy_pi_rl.scripts import bench
+    from pirl_tools import bench
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(sys, "argv", ["pirl-bench", "infer", "--out", str(tmp_path), "--backbone", "smolvla",
-                                      "--size", "full", "--backends", "torch_eager"])
+    monkeypatch.setattr(
+        sys,
+        "argv",
+        [
+            "pirl-bench",
+            "infer",
+            "--out",
+            str(tmp_path),
+            "--backbone",
+            "smolvla",
+            "--size",
+            "full",
+            "--backends",
+            "torch_eager",
+        ],
+    )
     with pytest.raises(SystemExit) as exc:
         bench.main()
     err = capsys.readouterr().err.strip().splitlines()

@@ -11,8 +11,12 @@ def test_replay_and_torn_tail(tmp_path):
     log.start_segment(1)
     log.append("robot-9", b"later")
     log.close()
-    assert list(log.replay(0)) == [("robot-0", b"\x00" * 10), ("robot-1", b"\x01" * 11),
-                                   ("robot-2", b"\x02" * 12), ("robot-9", b"later")]
+    assert list(log.replay(0)) == [
+        ("robot-0", b"\x00" * 10),
+        ("robot-1", b"\x01" * 11),
+        ("robot-2", b"\x02" * 12),
+        ("robot-9", b"later"),
+    ]
     assert list(log.replay(1)) == [("robot-9", b"later")]
 
     seg = tmp_path / "after-000000.log"

@@ -91,8 +91,15 @@ def test_torch_round_trip(dtype):
 def test_python_values_and_unsupported_dtypes():
     assert to_tensor_msg([1.0, 2.0]).dtype == "float64"
     assert to_tensor_msg(3).dtype == "int64" and tuple(to_tensor_msg(3).shape) == ()
-    for bad in (np.zeros(2, np.float16), np.zeros(2, np.complex64), np.array(["a"]), np.array([object()]),
-                torch.zeros(2, dtype=torch.bfloat16), torch.zeros(2, dtype=torch.float16), np.zeros(2, np.int16)):
+    for bad in (
+        np.zeros(2, np.float16),
+        np.zeros(2, np.complex64),
+        np.array(["a"]),
+        np.array([object()]),
+        torch.zeros(2, dtype=torch.bfloat16),
+        torch.zeros(2, dtype=torch.float16),
+        np.zeros(2, np.int16),
+    ):
         with pytest.raises(WireError, match="dtype"):
             to_tensor_msg(bad)
 
@@ -164,7 +171,9 @@ def _write_json(path, obj):
 
 def test_load_tokens(tmp_path):
     assert load_tokens(_write_json(tmp_path / "t.json", {"robot-0": "abc", "robot-1": "xyz"})) == {
-        "robot-0": "abc", "robot-1": "xyz"}
+        "robot-0": "abc",
+        "robot-1": "xyz",
+    }
     with pytest.raises(FileNotFoundError, match="tokens file not found"):
         load_tokens(tmp_path / "missing.json")
     with pytest.raises(ValueError, match="must hold a JSON object"):
@@ -187,12 +196,18 @@ def test_authenticator_parsing():
     assert auth.authenticate(auth_metadata("tok-1")) == ("robot-1", "")
     assert auth.authenticate([("Authorization", "bearer   tok-0 ")])[0] == "robot-0"
     assert auth_metadata("tok-0") == (("authorization", "Bearer tok-0"),)
-    for md, word in [(None, "missing"), ([], "missing"), ([("x-other", "Bearer tok-0")], "missing"),
-                     ([("authorization", "tok-0")], "invalid"), ([("authorization", "Basic tok-0")], "invalid"),
-                     ([("authorization", "Bearer ")], "invalid"), ([("authorization", "Bearer tok-2")], "invalid"),
-                     ([("authorization", "Bearer tok-0x")], "invalid"),
-                     ([("authorization", "Bearer " + "t" * 10**5)], "invalid"),
-                     (auth_metadata("tok-0") + auth_metadata("tok-1"), "invalid")]:
+    for md, word in [
+        (None, "missing"),
+        ([], "missing"),
+        ([("x-other", "Bearer tok-0")], "missing"),
+        ([("authorization", "tok-0")], "invalid"),
+        ([("authorization", "Basic tok-0")], "invalid"),
+        ([("authorization", "Bearer ")], "invalid"),
+        ([("authorization", "Bearer tok-2")], "invalid"),
+        ([("authorization", "Bearer tok-0x")], "invalid"),
+        ([("authorization", "Bearer " + "t" * 10**5)], "invalid"),
+        (auth_metadata("tok-0") + auth_metadata("tok-1"), "invalid"),
+    ]:
         robot, reason = auth.authenticate(md)
         assert robot is None and reason.startswith(word)
         assert "tok-" not in reason
@@ -217,8 +232,17 @@ def other_pki(tmp_path_factory):
 
 def test_dev_pki_files(pki):
     d = pki["dir"]
-    expected = {"ca.pem", "ca.key", "server.pem", "server.key", "tokens.json", "client-robot-0.pem",
-                "client-robot-0.key", "client-robot-1.pem", "client-robot-1.key"}
+    expected = {
+        "ca.pem",
+        "ca.key",
+        "server.pem",
+        "server.key",
+        "tokens.json",
+        "client-robot-0.pem",
+        "client-robot-0.key",
+        "client-robot-1.pem",
+        "client-robot-1.key",
+    }
     assert {p.name for p in d.iterdir()} == expected
     for p in d.iterdir():
         mode = stat.S_IMODE(p.stat().st_mode)
@@ -281,7 +305,7 @@ class _Learner(pirl_pb2_grpc.LearnerServicer):
     def __init__(self, auth: TokenAuthenticator):
         self.auth = auth
 
-    def Register(self, request, context):
+    def Register(self, request, context):  # noqa: N802  the gRPC method name
         robot_id = self.auth.robot_for(context)
         context.set_trailing_metadata((("pirl-robot-id", robot_id),))
         return pirl_pb2.RegisterResponse(policy_version=42)
@@ -317,7 +341,8 @@ def _register(target, creds, metadata=None, options=None):
     """(policy_version, robot_id) of a Register call, or raises grpc.RpcError."""
     with grpc.secure_channel(target, creds, options=options or []) as ch:
         resp, call = pirl_pb2_grpc.LearnerStub(ch).Register.with_call(
-            pirl_pb2.RegisterRequest(robot_id="ignored"), metadata=metadata, timeout=RPC_TIMEOUT)
+            pirl_pb2.RegisterRequest(robot_id="ignored"), metadata=metadata, timeout=RPC_TIMEOUT
+        )
         return resp.policy_version, dict(call.trailing_metadata())["pirl-robot-id"]
 
 
@@ -389,22 +414,42 @@ def test_mutual_tls(pki, other_pki, mtls_server):
     code, _ = _code(lambda: _register(target, channel_credentials(pki["ca_cert"]), auth_metadata(tokens["robot-1"])))
     assert code == grpc.StatusCode.UNAVAILABLE
     foreign = other_pki["clients"]["robot-0"]
-    code, _ = _code(lambda: _register(target, channel_credentials(pki["ca_cert"], foreign["cert"], foreign["key"]),
-                                      auth_metadata(tokens["robot-0"])))
+    code, _ = _code(
+        lambda: _register(
+            target,
+            channel_credentials(pki["ca_cert"], foreign["cert"], foreign["key"]),
+            auth_metadata(tokens["robot-0"]),
+        )
+    )
     assert code == grpc.StatusCode.UNAVAILABLE
 
 
 # ============================================================================================== binding
 
 
-@pytest.mark.parametrize("address, loopback", [
-    ("127.0.0.1:50051", True), ("127.1.2.3:0", True), ("localhost:50051", True), ("LOCALHOST:1", True),
-    ("[::1]:50051", True), ("::1", True), ("[::ffff:127.0.0.1]:5", True), ("unix:/tmp/pirl.sock", True),
-    ("ipv4:127.0.0.1:50051", True), ("127.0.0.1", True),
-    ("0.0.0.0:50051", False), ("[::]:50051", False), (":50051", False), ("10.0.0.5:50051", False),
-    ("learner.example.com:443", False), ("localhost.evil.com:1", False), ("[2001:db8::1]:50051", False),
-    ("192.168.1.2", False),
-])
+@pytest.mark.parametrize(
+    "address, loopback",
+    [
+        ("127.0.0.1:50051", True),
+        ("127.1.2.3:0", True),
+        ("localhost:50051", True),
+        ("LOCALHOST:1", True),
+        ("[::1]:50051", True),
+        ("::1", True),
+        ("[::ffff:127.0.0.1]:5", True),
+        ("unix:/tmp/pirl.sock", True),
+        ("ipv4:127.0.0.1:50051", True),
+        ("127.0.0.1", True),
+        ("0.0.0.0:50051", False),
+        ("[::]:50051", False),
+        (":50051", False),
+        ("10.0.0.5:50051", False),
+        ("learner.example.com:443", False),
+        ("localhost.evil.com:1", False),
+        ("[2001:db8::1]:50051", False),
+        ("192.168.1.2", False),
+    ],
+)
 def test_is_loopback(address, loopback):
     assert is_loopback(address) is loopback
 
@@ -425,8 +470,12 @@ def test_check_bind_allowed():
 
 def test_pirl_certs_main(tmp_path, capsys):
     out = tmp_path / "certs"
-    assert security.main(["--out", str(out), "--robots", "robot-0", "robot-1", "--hosts", "localhost", "127.0.0.1",
-                          "learner.local"]) == 0
+    assert (
+        security.main(
+            ["--out", str(out), "--robots", "robot-0", "robot-1", "--hosts", "localhost", "127.0.0.1", "learner.local"]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     for name in ("ca.pem", "server.key", "client-robot-1.pem", "tokens.json"):
         assert name in printed and (out / name).is_file()
@@ -450,10 +499,15 @@ def test_pirl_certs_main(tmp_path, capsys):
 
 def test_pirl_certs_subprocess(tmp_path):
     out = tmp_path / "c"
-    r = subprocess.run([sys.executable, "-m", "pirl.security", "--out", str(out), "--robots", "robot-7"],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "pirl.security", "--out", str(out), "--robots", "robot-7"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     assert "client-robot-7.pem" in r.stdout and set(load_tokens(out / "tokens.json")) == {"robot-7"}
-    r = subprocess.run([sys.executable, "-m", "pirl.security", "--out", str(out)], capture_output=True, text=True,
-                       timeout=60)
+    r = subprocess.run(
+        [sys.executable, "-m", "pirl.security", "--out", str(out)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2 and "--robots" in r.stderr

@@ -32,9 +32,12 @@ def ticks(url: str, timeout: float) -> float | None:
 
 def main() -> None:
     port = os.environ.get("PIRL_METRICS_PORT", "9101")
-    p = argparse.ArgumentParser(prog="healthcheck-edge.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--url", default=f"http://127.0.0.1:{port}/metrics", help="the edge's /metrics (default: PIRL_METRICS_PORT)")
+    p = argparse.ArgumentParser(
+        prog="healthcheck-edge.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--url", default=f"http://127.0.0.1:{port}/metrics", help="the edge's /metrics (default: PIRL_METRICS_PORT)"
+    )
     p.add_argument("--wait", type=float, default=1.5, help="seconds between the two scrapes")
     p.add_argument("--timeout", type=float, default=5.0)
     args = p.parse_args()

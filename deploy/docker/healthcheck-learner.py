@@ -25,9 +25,12 @@ def default_address() -> str:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="healthcheck-learner.py", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--address", default=default_address(), help="host:port (default: loopback, PIRL_HEALTH_ADDRESS's port)")
+    p = argparse.ArgumentParser(
+        prog="healthcheck-learner.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument(
+        "--address", default=default_address(), help="host:port (default: loopback, PIRL_HEALTH_ADDRESS's port)"
+    )
     p.add_argument("--service", default="pirl.v1.Learner", help="health service name to ask about ('' = the server)")
     p.add_argument("--tls-ca", help="speak TLS, trusting this CA (to check the learner's own port)")
     p.add_argument("--server-name", default="localhost", help="TLS name to expect in the certificate")
@@ -39,14 +42,16 @@ def main() -> None:
             sys.exit(2)
         with open(args.tls_ca, "rb") as f:
             creds = grpc.ssl_channel_credentials(root_certificates=f.read())
-        channel = grpc.secure_channel(args.address, creds,
-                                      options=[("grpc.ssl_target_name_override", args.server_name)])
+        channel = grpc.secure_channel(
+            args.address, creds, options=[("grpc.ssl_target_name_override", args.server_name)]
+        )
     else:
         channel = grpc.insecure_channel(args.address)
     try:
         with channel:
             resp = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout)
+                health_pb2.HealthCheckRequest(service=args.service), timeout=args.timeout
+            )
     except grpc.RpcError as e:
         print(f"unhealthy: {args.address}: {e.code().name} {e.details()}")
         sys.exit(1)

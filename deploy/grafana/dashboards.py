@@ -16,9 +16,19 @@ def _target(expr: str, legend: str, ref: str) -> dict:
     return {"datasource": DATASOURCE, "expr": expr, "legendFormat": legend, "refId": ref, "range": True}
 
 
-def panel(title: str, targets: list[tuple[str, str]], *, unit: str = "short", kind: str = "timeseries",
-          description: str = "", w: int = 12, h: int = 8, thresholds: list[tuple[float, str]] | None = None,
-          minimum: float | None = None, maximum: float | None = None) -> dict:
+def panel(
+    title: str,
+    targets: list[tuple[str, str]],
+    *,
+    unit: str = "short",
+    kind: str = "timeseries",
+    description: str = "",
+    w: int = 12,
+    h: int = 8,
+    thresholds: list[tuple[float, str]] | None = None,
+    minimum: float | None = None,
+    maximum: float | None = None,
+) -> dict:
     """One panel; ``targets`` is [(PromQL, legend)]. Grid position is assigned by ``dashboard``."""
     defaults: dict = {"unit": unit}
     if minimum is not None:
@@ -26,17 +36,21 @@ def panel(title: str, targets: list[tuple[str, str]], *, unit: str = "short", ki
     if maximum is not None:
         defaults["max"] = maximum
     if thresholds:
-        defaults["thresholds"] = {"mode": "absolute",
-                                  "steps": [{"color": c, "value": v} for v, c in thresholds]}
+        defaults["thresholds"] = {"mode": "absolute", "steps": [{"color": c, "value": v} for v, c in thresholds]}
     out = {
-        "type": kind, "title": title, "description": description, "datasource": DATASOURCE,
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DATASOURCE,
         "fieldConfig": {"defaults": defaults, "overrides": []},
         "targets": [_target(expr, legend, chr(ord("A") + i)) for i, (expr, legend) in enumerate(targets)],
         "gridPos": {"w": w, "h": h},
     }
     if kind == "timeseries":
-        out["options"] = {"legend": {"displayMode": "table", "placement": "right", "calcs": ["lastNotNull", "max"]},
-                          "tooltip": {"mode": "multi", "sort": "desc"}}
+        out["options"] = {
+            "legend": {"displayMode": "table", "placement": "right", "calcs": ["lastNotNull", "max"]},
+            "tooltip": {"mode": "multi", "sort": "desc"},
+        }
     return out
 
 
@@ -54,136 +68,325 @@ def dashboard(uid: str, title: str, description: str, panels: list[dict], *, rob
         p["gridPos"] = {"x": x, "y": y, "w": w, "h": h}
         p["id"] = i + 1
         x, line_h = x + w, max(line_h, h)
-    variables = [{"name": "datasource", "label": "Prometheus", "type": "datasource", "query": "prometheus",
-                  "current": {}, "hide": 0, "refresh": 1, "options": []}]
+    variables = [
+        {
+            "name": "datasource",
+            "label": "Prometheus",
+            "type": "datasource",
+            "query": "prometheus",
+            "current": {},
+            "hide": 0,
+            "refresh": 1,
+            "options": [],
+        }
+    ]
     if robot_variable:
-        variables.append({
-            "name": "robot_id", "label": "robot", "type": "query", "datasource": DATASOURCE,
-            "query": {"query": "label_values(pirl_edge_policy_version, robot_id)", "refId": "robot_id"},
-            "definition": "label_values(pirl_edge_policy_version, robot_id)",
-            "includeAll": True, "allValue": ".*", "multi": True, "refresh": 2, "sort": 1,
-            "current": {"selected": True, "text": ["All"], "value": ["$__all"]}, "options": [], "hide": 0,
-        })
+        variables.append(
+            {
+                "name": "robot_id",
+                "label": "robot",
+                "type": "query",
+                "datasource": DATASOURCE,
+                "query": {"query": "label_values(pirl_edge_policy_version, robot_id)", "refId": "robot_id"},
+                "definition": "label_values(pirl_edge_policy_version, robot_id)",
+                "includeAll": True,
+                "allValue": ".*",
+                "multi": True,
+                "refresh": 2,
+                "sort": 1,
+                "current": {"selected": True, "text": ["All"], "value": ["$__all"]},
+                "options": [],
+                "hide": 0,
+            }
+        )
     return {
-        "uid": uid, "title": title, "description": description, "tags": ["pirl"], "editable": True,
-        "schemaVersion": 39, "version": 1, "refresh": "30s", "time": {"from": "now-1h", "to": "now"},
-        "timezone": "browser", "graphTooltip": 1, "fiscalYearStartMonth": 0, "liveNow": False,
-        "annotations": {"list": []}, "links": [],
-        "templating": {"list": variables}, "panels": panels,
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": ["pirl"],
+        "editable": True,
+        "schemaVersion": 39,
+        "version": 1,
+        "refresh": "30s",
+        "time": {"from": "now-1h", "to": "now"},
+        "timezone": "browser",
+        "graphTooltip": 1,
+        "fiscalYearStartMonth": 0,
+        "liveNow": False,
+        "annotations": {"list": []},
+        "links": [],
+        "templating": {"list": variables},
+        "panels": panels,
     }
 
 
 def _quantiles(metric: str, by: str, selector: str = "") -> list[tuple[str, str]]:
     legend = "{{robot_id}} " if "robot_id" in by else ""
-    return [(f"histogram_quantile({q}, sum by ({by}) (rate({metric}_bucket{selector}[$__rate_interval])))",
-             f"{legend}p{int(q * 100)}") for q in (0.5, 0.95, 0.99)]
+    return [
+        (
+            f"histogram_quantile({q}, sum by ({by}) (rate({metric}_bucket{selector}[$__rate_interval])))",
+            f"{legend}p{int(q * 100)}",
+        )
+        for q in (0.5, 0.95, 0.99)
+    ]
 
 
 def fleet() -> dict:
     sel = "{" + ROBOT + "}"
     panels = [
         row("Control"),
-        panel("Control rate per robot", [(f"pirl_edge_control_rate_hz{sel}", "{{robot_id}}"),
-                                         (f"pirl_edge_control_target_hz{sel}", "{{robot_id}} target")],
-              unit="hz", description="Ticks in the last second, and the rate the paced loop aims at (--control-hz)."),
-        panel("Robots under 90% of their target rate", [("fleet:pirl_edge_robots_under_target:count", "robots")],
-              kind="stat", w=6, thresholds=[(None, "green"), (1, "red")],
-              description="Recording rule fleet:pirl_edge_robots_under_target:count (deploy/prometheus)."),
-        panel("Deadline misses", [(f"sum by (robot_id) (rate(pirl_edge_tick_deadline_misses_total{sel}[$__rate_interval]))"
-                                   f" / sum by (robot_id) (rate(pirl_edge_ticks_total{sel}[$__rate_interval]))",
-                                   "{{robot_id}}")],
-              unit="percentunit", w=6, minimum=0,
-              description="Share of ticks that started late or had no action ready (alert over 1%)."),
-        panel("Inference latency p50 / p95 / p99 per robot",
-              _quantiles("pirl_edge_inference_latency_seconds", "robot_id, le", sel), unit="s", w=24,
-              description="One chunk: prefix + K denoise steps on the robot's backend."),
-        panel("Backend in use", [(f"max by (robot_id, backend) (pirl_edge_backend_info{sel}) == 1",
-                                  "{{robot_id}}: {{backend}}")],
-              kind="table", w=12, description="1 for the backend each robot serves with."),
-        panel("Backend fallbacks (1 h)", [(f"sum by (robot_id, backend) (increase(pirl_edge_backend_fallbacks_total{sel}[1h]))",
-                                            "{{robot_id}}: {{backend}} failed")],
-              kind="stat", w=12, thresholds=[(None, "green"), (1, "orange")],
-              description="A requested backend that could not load (label: the one that failed)."),
+        panel(
+            "Control rate per robot",
+            [
+                (f"pirl_edge_control_rate_hz{sel}", "{{robot_id}}"),
+                (f"pirl_edge_control_target_hz{sel}", "{{robot_id}} target"),
+            ],
+            unit="hz",
+            description="Ticks in the last second, and the rate the paced loop aims at (--control-hz).",
+        ),
+        panel(
+            "Robots under 90% of their target rate",
+            [("fleet:pirl_edge_robots_under_target:count", "robots")],
+            kind="stat",
+            w=6,
+            thresholds=[(None, "green"), (1, "red")],
+            description="Recording rule fleet:pirl_edge_robots_under_target:count (deploy/prometheus).",
+        ),
+        panel(
+            "Deadline misses",
+            [
+                (
+                    f"sum by (robot_id) (rate(pirl_edge_tick_deadline_misses_total{sel}[$__rate_interval]))"
+                    f" / sum by (robot_id) (rate(pirl_edge_ticks_total{sel}[$__rate_interval]))",
+                    "{{robot_id}}",
+                )
+            ],
+            unit="percentunit",
+            w=6,
+            minimum=0,
+            description="Share of ticks that started late or had no action ready (alert over 1%).",
+        ),
+        panel(
+            "Inference latency p50 / p95 / p99 per robot",
+            _quantiles("pirl_edge_inference_latency_seconds", "robot_id, le", sel),
+            unit="s",
+            w=24,
+            description="One chunk: prefix + K denoise steps on the robot's backend.",
+        ),
+        panel(
+            "Backend in use",
+            [(f"max by (robot_id, backend) (pirl_edge_backend_info{sel}) == 1", "{{robot_id}}: {{backend}}")],
+            kind="table",
+            w=12,
+            description="1 for the backend each robot serves with.",
+        ),
+        panel(
+            "Backend fallbacks (1 h)",
+            [
+                (
+                    f"sum by (robot_id, backend) (increase(pirl_edge_backend_fallbacks_total{sel}[1h]))",
+                    "{{robot_id}}: {{backend}} failed",
+                )
+            ],
+            kind="stat",
+            w=12,
+            thresholds=[(None, "green"), (1, "orange")],
+            description="A requested backend that could not load (label: the one that failed).",
+        ),
         row("Sync with the learner"),
-        panel("Seconds since last sync", [
-            (f"max by (robot_id) (pirl_edge_seconds_since_last_sync{sel})", "{{robot_id}} (edge)"),
-            (f"time() - max by (robot_id) (pirl_learner_robot_last_seen_timestamp_seconds{sel})",
-             "{{robot_id}} (learner's last contact)"),
-        ], unit="s", minimum=0, thresholds=[(None, "green"), (120, "red")],
+        panel(
+            "Seconds since last sync",
+            [
+                (f"max by (robot_id) (pirl_edge_seconds_since_last_sync{sel})", "{{robot_id}} (edge)"),
+                (
+                    f"time() - max by (robot_id) (pirl_learner_robot_last_seen_timestamp_seconds{sel})",
+                    "{{robot_id}} (learner's last contact)",
+                ),
+            ],
+            unit="s",
+            minimum=0,
+            thresholds=[(None, "green"), (120, "red")],
             description="The edge's gauge while it runs; the learner's view keeps growing when an edge is stopped. "
-                        "Sync-stale alert over 120 s."),
-        panel("Sync latency p50 / p95 / p99 (publish -> serving)",
-              _quantiles("pirl_edge_sync_latency_seconds", "robot_id, le", sel), unit="s",
-              description="From the learner publishing a version to the edge serving it (includes clock offset)."),
-        panel("Policy version per robot", [(f"max by (robot_id) (pirl_edge_policy_version{sel})", "{{robot_id}}"),
-                                           ("max(pirl_learner_policy_version)", "learner")],
-              unit="none", description="What each robot runs, against the learner's current version."),
-        panel("Versions behind the learner", [(f"robot_id:pirl_edge_policy_version_lag{sel}", "{{robot_id}}")],
-              unit="none", minimum=0, description="Recording rule robot_id:pirl_edge_policy_version_lag."),
-        panel("Policy swaps and refused versions (1 h)", [
-            (f"sum by (robot_id) (increase(pirl_edge_policy_swaps_total{sel}[1h]))", "{{robot_id}} swaps"),
-            (f"sum by (robot_id) (increase(pirl_edge_swap_failures_total{sel}[1h]))", "{{robot_id}} refused"),
-        ], unit="none", w=24),
+            "Sync-stale alert over 120 s.",
+        ),
+        panel(
+            "Sync latency p50 / p95 / p99 (publish -> serving)",
+            _quantiles("pirl_edge_sync_latency_seconds", "robot_id, le", sel),
+            unit="s",
+            description="From the learner publishing a version to the edge serving it (includes clock offset).",
+        ),
+        panel(
+            "Policy version per robot",
+            [
+                (f"max by (robot_id) (pirl_edge_policy_version{sel})", "{{robot_id}}"),
+                ("max(pirl_learner_policy_version)", "learner"),
+            ],
+            unit="none",
+            description="What each robot runs, against the learner's current version.",
+        ),
+        panel(
+            "Versions behind the learner",
+            [(f"robot_id:pirl_edge_policy_version_lag{sel}", "{{robot_id}}")],
+            unit="none",
+            minimum=0,
+            description="Recording rule robot_id:pirl_edge_policy_version_lag.",
+        ),
+        panel(
+            "Policy swaps and refused versions (1 h)",
+            [
+                (f"sum by (robot_id) (increase(pirl_edge_policy_swaps_total{sel}[1h]))", "{{robot_id}} swaps"),
+                (f"sum by (robot_id) (increase(pirl_edge_swap_failures_total{sel}[1h]))", "{{robot_id}} refused"),
+            ],
+            unit="none",
+            w=24,
+        ),
         row("Spool and upload"),
-        panel("Spooled records", [(f"max by (robot_id) (pirl_edge_spool_records{sel})", "{{robot_id}}"),
-                                  ("fleet:pirl_edge_spool_records:sum", "fleet")],
-              unit="none", w=6, description="Unacked rollout records on each robot's disk."),
-        panel("Oldest unacked record", [(f"max by (robot_id) (pirl_edge_spool_oldest_record_age_seconds{sel})",
-                                         "{{robot_id}}")],
-              unit="s", w=6, thresholds=[(None, "green"), (900, "red")]),
+        panel(
+            "Spooled records",
+            [
+                (f"max by (robot_id) (pirl_edge_spool_records{sel})", "{{robot_id}}"),
+                ("fleet:pirl_edge_spool_records:sum", "fleet"),
+            ],
+            unit="none",
+            w=6,
+            description="Unacked rollout records on each robot's disk.",
+        ),
+        panel(
+            "Oldest unacked record",
+            [(f"max by (robot_id) (pirl_edge_spool_oldest_record_age_seconds{sel})", "{{robot_id}}")],
+            unit="s",
+            w=6,
+            thresholds=[(None, "green"), (900, "red")],
+        ),
         panel("Spool size", [(f"max by (robot_id) (pirl_edge_spool_bytes{sel})", "{{robot_id}}")], unit="bytes", w=6),
-        panel("Quarantined spool files", [
-            (f"max by (robot_id) (pirl_edge_spool_quarantine_files{sel})", "{{robot_id}} in quarantine/"),
-            (f"sum by (robot_id) (increase(pirl_edge_spool_quarantined_total{sel}[1h]))", "{{robot_id}} moved (1 h)"),
-        ], unit="none", w=6, minimum=0, thresholds=[(None, "green"), (1, "red")],
+        panel(
+            "Quarantined spool files",
+            [
+                (f"max by (robot_id) (pirl_edge_spool_quarantine_files{sel})", "{{robot_id}} in quarantine/"),
+                (
+                    f"sum by (robot_id) (increase(pirl_edge_spool_quarantined_total{sel}[1h]))",
+                    "{{robot_id}} moved (1 h)",
+                ),
+            ],
+            unit="none",
+            w=6,
+            minimum=0,
+            thresholds=[(None, "green"), (1, "red")],
             description="Records lost to corruption (torn or corrupted files), kept in <spool-dir>/quarantine/ "
-                        "until removed; alert PirlEdgeSpoolQuarantine while any are there."),
-        panel("Records sent / acked per second", [
-            (f"sum by (robot_id) (rate(pirl_edge_records_sent_total{sel}[$__rate_interval]))", "{{robot_id}} sent"),
-            (f"sum by (robot_id) (rate(pirl_edge_records_acked_total{sel}[$__rate_interval]))", "{{robot_id}} acked"),
-        ], unit="ops", w=24),
+            "until removed; alert PirlEdgeSpoolQuarantine while any are there.",
+        ),
+        panel(
+            "Records sent / acked per second",
+            [
+                (f"sum by (robot_id) (rate(pirl_edge_records_sent_total{sel}[$__rate_interval]))", "{{robot_id}} sent"),
+                (
+                    f"sum by (robot_id) (rate(pirl_edge_records_acked_total{sel}[$__rate_interval]))",
+                    "{{robot_id}} acked",
+                ),
+            ],
+            unit="ops",
+            w=24,
+        ),
     ]
-    return dashboard("pirl-fleet", "PI-RL fleet", "Robots: control rate, inference latency, sync with the learner, spool.",
-                     panels, robot_variable=True)
+    return dashboard(
+        "pirl-fleet",
+        "PI-RL fleet",
+        "Robots: control rate, inference latency, sync with the learner, spool.",
+        panels,
+        robot_variable=True,
+    )
 
 
 def learner() -> dict:
     panels = [
         row("Intake"),
-        panel("Learner up", [('max(up{job="pirl-learner"})', "up")], kind="stat", w=4,
-              thresholds=[(None, "red"), (1, "green")]),
+        panel(
+            "Learner up",
+            [('max(up{job="pirl-learner"})', "up")],
+            kind="stat",
+            w=4,
+            thresholds=[(None, "red"), (1, "green")],
+        ),
         panel("Connected robots", [("max(pirl_learner_connected_robots)", "robots")], kind="stat", w=4),
         panel("Policy version", [("max(pirl_learner_policy_version)", "version")], kind="stat", w=4),
-        panel("Episodes waiting for the next update", [("max(pirl_learner_episodes_pending)", "episodes")],
-              kind="stat", w=4),
-        panel("Rollouts accepted per second (fleet)", [("fleet:pirl_learner_rollouts_accepted:rate5m", "5 min rate")],
-              kind="stat", unit="ops", w=8),
-        panel("Rollouts per second", [
-            ("sum by (robot_id) (rate(pirl_learner_rollouts_accepted_total[$__rate_interval]))", "{{robot_id}} accepted"),
-            ("sum by (reason) (rate(pirl_learner_rollouts_rejected_total[$__rate_interval]))", "rejected: {{reason}}"),
-            ("sum(rate(pirl_learner_rollouts_duplicate_total[$__rate_interval]))", "duplicates"),
-        ], unit="ops", w=24),
+        panel(
+            "Episodes waiting for the next update",
+            [("max(pirl_learner_episodes_pending)", "episodes")],
+            kind="stat",
+            w=4,
+        ),
+        panel(
+            "Rollouts accepted per second (fleet)",
+            [("fleet:pirl_learner_rollouts_accepted:rate5m", "5 min rate")],
+            kind="stat",
+            unit="ops",
+            w=8,
+        ),
+        panel(
+            "Rollouts per second",
+            [
+                (
+                    "sum by (robot_id) (rate(pirl_learner_rollouts_accepted_total[$__rate_interval]))",
+                    "{{robot_id}} accepted",
+                ),
+                (
+                    "sum by (reason) (rate(pirl_learner_rollouts_rejected_total[$__rate_interval]))",
+                    "rejected: {{reason}}",
+                ),
+                ("sum(rate(pirl_learner_rollouts_duplicate_total[$__rate_interval]))", "duplicates"),
+            ],
+            unit="ops",
+            w=24,
+        ),
         row("Updates"),
-        panel("Update duration p50 / p95 / p99", _quantiles("pirl_learner_update_duration_seconds", "le"), unit="s",
-              description="One PI-RL (PPO / GRPO) update."),
-        panel("Export + checkpoint + publish duration p50 / p95 / p99",
-              _quantiles("pirl_learner_publish_duration_seconds", "le"), unit="s",
-              description="ONNX export (and TensorRT engine where enabled), checkpoint, publish."),
+        panel(
+            "Update duration p50 / p95 / p99",
+            _quantiles("pirl_learner_update_duration_seconds", "le"),
+            unit="s",
+            description="One PI-RL (PPO / GRPO) update.",
+        ),
+        panel(
+            "Export + checkpoint + publish duration p50 / p95 / p99",
+            _quantiles("pirl_learner_publish_duration_seconds", "le"),
+            unit="s",
+            description="ONNX export (and TensorRT engine where enabled), checkpoint, publish.",
+        ),
         row("PPO diagnostics (last update)"),
-        panel("Approx KL and clip fraction", [("max(pirl_learner_approx_kl)", "approx KL"),
-                                              ("max(pirl_learner_clip_fraction)", "clip fraction")], w=8),
-        panel("Losses", [("max(pirl_learner_policy_loss)", "policy loss"), ("max(pirl_learner_value_loss)", "value loss")],
-              w=8),
-        panel("Entropy and explained variance", [("max(pirl_learner_entropy)", "entropy"),
-                                                 ("max(pirl_learner_explained_variance)", "explained variance")], w=8),
+        panel(
+            "Approx KL and clip fraction",
+            [("max(pirl_learner_approx_kl)", "approx KL"), ("max(pirl_learner_clip_fraction)", "clip fraction")],
+            w=8,
+        ),
+        panel(
+            "Losses",
+            [("max(pirl_learner_policy_loss)", "policy loss"), ("max(pirl_learner_value_loss)", "value loss")],
+            w=8,
+        ),
+        panel(
+            "Entropy and explained variance",
+            [("max(pirl_learner_entropy)", "entropy"), ("max(pirl_learner_explained_variance)", "explained variance")],
+            w=8,
+        ),
         row("Success"),
-        panel("Success rate", [("max(pirl_learner_rollout_success_ratio)", "rollouts (stochastic)"),
-                               ("max(pirl_learner_eval_success_ratio)", "evaluation (deterministic)")],
-              unit="percentunit", minimum=0, maximum=1),
+        panel(
+            "Success rate",
+            [
+                ("max(pirl_learner_rollout_success_ratio)", "rollouts (stochastic)"),
+                ("max(pirl_learner_eval_success_ratio)", "evaluation (deterministic)"),
+            ],
+            unit="percentunit",
+            minimum=0,
+            maximum=1,
+        ),
         panel("Episode return", [("max(pirl_learner_episode_return)", "mean return of the last batch")]),
     ]
-    return dashboard("pirl-learner", "PI-RL learner", "Rollout intake, update and export durations, PPO diagnostics, success.",
-                     panels, robot_variable=False)
+    return dashboard(
+        "pirl-learner",
+        "PI-RL learner",
+        "Rollout intake, update and export durations, PPO diagnostics, success.",
+        panels,
+        robot_variable=False,
+    )
 
 
 def build() -> dict[str, dict]:

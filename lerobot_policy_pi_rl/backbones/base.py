@@ -21,10 +21,10 @@ class Prefix:
     features: Tensor  # [B, prefix_dim]
     cache: Any = None
 
-    def detach(self) -> "Prefix":
+    def detach(self) -> Prefix:
         return Prefix(self.features.detach(), self.cache)
 
-    def select(self, rows: Tensor) -> "Prefix":
+    def select(self, rows: Tensor) -> Prefix:
         """The prefixes of batch rows ``rows``."""
         cache = self.cache.select(rows) if hasattr(self.cache, "select") else self.cache
         return Prefix(self.features.index_select(0, rows), cache)
@@ -33,13 +33,13 @@ class Prefix:
         """``[features, *cache tensors]``: the prefix as plain tensors (a graph's outputs)."""
         return [self.features, *(self.cache.tensors() if self.cache is not None else [])]
 
-    def rebuild(self, tensors: list[Tensor]) -> "Prefix":
+    def rebuild(self, tensors: list[Tensor]) -> Prefix:
         """A prefix like this one made of ``tensors`` (laid out as ``tensors()`` gives them)."""
         cache = None if self.cache is None else self.cache.rebuild(tensors[1:])
         return Prefix(tensors[0], cache)
 
     @staticmethod
-    def cat(prefixes: list["Prefix"]) -> "Prefix":
+    def cat(prefixes: list[Prefix]) -> Prefix:
         """Prefixes of consecutive batches as one (a cache must offer ``cat`` or be None)."""
         caches = [p.cache for p in prefixes]
         cache = None if caches[0] is None else type(caches[0]).cat(caches)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 
 import torch
-from torch import Tensor, nn
-
 from lerobot.utils.constants import OBS_STATE
+from torch import Tensor, nn
 
 from lerobot_policy_pi_rl.backbones.base import FlowBackbone, Prefix
 

@@ -32,6 +32,7 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+
 # Fields of a reduced size, with the defaults the CPU tests and the demo use.
 @dataclass(frozen=True)
 class ReducedSize:
@@ -58,7 +59,7 @@ class ReducedSize:
     image_size: int = 32
 
     @classmethod
-    def from_dict(cls, spec: dict | None) -> "ReducedSize":
+    def from_dict(cls, spec: dict | None) -> ReducedSize:
         spec = dict(spec or {})
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(spec) - known)
@@ -80,13 +81,56 @@ class ReducedSize:
 
 # --- the stand-in tokenizer ----------------------------------------------------------------------
 
-SPECIAL_TOKENS = ["<pad>", "<eos>", "<bos>", "<unk>", "<image>", "<fake_token_around_image>", "<global-img>",
-                  "<end_of_utterance>", "<video>"]
+SPECIAL_TOKENS = [
+    "<pad>",
+    "<eos>",
+    "<bos>",
+    "<unk>",
+    "<image>",
+    "<fake_token_around_image>",
+    "<global-img>",
+    "<end_of_utterance>",
+    "<video>",
+]
 # words of the built-in task and common manipulation instructions; pi0.5's prompt template words
-WORDS = sorted(set(
-    "reach the target and grasp it pick place put push pull open close move to on in of a an left right up down "
-    "red green blue cube block object gripper task state action".split()
-))
+WORDS = sorted(
+    {
+        "reach",
+        "the",
+        "target",
+        "and",
+        "grasp",
+        "it",
+        "pick",
+        "place",
+        "put",
+        "push",
+        "pull",
+        "open",
+        "close",
+        "move",
+        "to",
+        "on",
+        "in",
+        "of",
+        "a",
+        "an",
+        "left",
+        "right",
+        "up",
+        "down",
+        "red",
+        "green",
+        "blue",
+        "cube",
+        "block",
+        "object",
+        "gripper",
+        "task",
+        "state",
+        "action",
+    }
+)
 PUNCTUATION = [",", ";", ":", ".", "\n"]
 
 
@@ -120,16 +164,26 @@ def _build_tokenizer():
     core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     core.normalizer = normalizers.Lowercase()
     # newlines are tokens (PaliGemma prompts end with one), other whitespace separates words
-    core.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
-        pre_tokenizers.Split("\n", behavior="isolated"),
-        pre_tokenizers.Punctuation(behavior="isolated"),
-    ])
+    core.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(r"[ \t]+"), behavior="removed"),
+            pre_tokenizers.Split("\n", behavior="isolated"),
+            pre_tokenizers.Punctuation(behavior="isolated"),
+        ]
+    )
     return PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>", unk_token="<unk>",
-        extra_special_tokens={"image_token": "<image>", "fake_image_token": "<fake_token_around_image>",
-                              "global_image_token": "<global-img>", "end_of_utterance_token": "<end_of_utterance>",
-                              "video_token": "<video>"},
+        tokenizer_object=core,
+        pad_token="<pad>",
+        eos_token="<eos>",
+        bos_token="<bos>",
+        unk_token="<unk>",
+        extra_special_tokens={
+            "image_token": "<image>",
+            "fake_image_token": "<fake_token_around_image>",
+            "global_image_token": "<global-img>",
+            "end_of_utterance_token": "<end_of_utterance>",
+            "video_token": "<video>",
+        },
     )
 
 
@@ -158,8 +212,14 @@ def reduced_paligemma(modeling_module, size: ReducedSize):
 
     def gemma_config(variant: str):
         width = size.vlm_width if variant == "gemma_2b" else size.expert_width
-        return modeling_module.GemmaConfig(width=width, depth=size.vlm_depth, mlp_dim=2 * width,
-                                           num_heads=size.num_heads, num_kv_heads=1, head_dim=size.head_dim)
+        return modeling_module.GemmaConfig(
+            width=width,
+            depth=size.vlm_depth,
+            mlp_dim=2 * width,
+            num_heads=size.num_heads,
+            num_kv_heads=1,
+            head_dim=size.head_dim,
+        )
 
     def paligemma_config():
         cfg = CONFIG_MAPPING["paligemma"]()
@@ -169,8 +229,10 @@ def reduced_paligemma(modeling_module, size: ReducedSize):
         return cfg
 
     mapping = {"paligemma": paligemma_config, "gemma": CONFIG_MAPPING["gemma"]}
-    with mock.patch.object(modeling_module, "get_gemma_config", gemma_config), \
-            mock.patch.object(modeling_module, "CONFIG_MAPPING", mapping):
+    with (
+        mock.patch.object(modeling_module, "get_gemma_config", gemma_config),
+        mock.patch.object(modeling_module, "CONFIG_MAPPING", mapping),
+    ):
         yield
 
 
@@ -206,23 +268,45 @@ def write_smolvlm_dir(d: Path, text_config: dict, vision_config: dict, scale_fac
 
     tok = _build_tokenizer()
     tok.save_pretrained(d)
-    SmolVLMConfig(text_config=dict(text_config, pad_token_id=tok.pad_token_id), vision_config=dict(vision_config),
-                  scale_factor=scale_factor, image_token_id=tok.convert_tokens_to_ids("<image>"),
-                  vocab_size=text_config["vocab_size"]).save_pretrained(d)
+    SmolVLMConfig(
+        text_config=dict(text_config, pad_token_id=tok.pad_token_id),
+        vision_config=dict(vision_config),
+        scale_factor=scale_factor,
+        image_token_id=tok.convert_tokens_to_ids("<image>"),
+        vocab_size=text_config["vocab_size"],
+    ).save_pretrained(d)
     side = vision_config["image_size"]
     seq = (side // vision_config["patch_size"]) ** 2 // scale_factor**2  # tokens per image after pixel shuffle
-    image_processor = SmolVLMImageProcessor(do_resize=False, do_image_splitting=False,
-                                            max_image_size={"longest_edge": side})
-    SmolVLMProcessor(image_processor=image_processor, tokenizer=tok, video_processor=SmolVLMVideoProcessor(),
-                     image_seq_len=max(seq, 1)).save_pretrained(d)
+    image_processor = SmolVLMImageProcessor(
+        do_resize=False, do_image_splitting=False, max_image_size={"longest_edge": side}
+    )
+    SmolVLMProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        video_processor=SmolVLMVideoProcessor(),
+        image_seq_len=max(seq, 1),
+    ).save_pretrained(d)
 
 
 def smolvlm_dir(size: ReducedSize) -> Path:
     """A local ``vlm_model_name`` for SmolVLA: tiny SmolVLM config, the stand-in tokenizer, a processor."""
-    text = {"model_type": "llama", "hidden_size": size.vlm_width, "intermediate_size": 2 * size.vlm_width,
-            "num_hidden_layers": size.vlm_depth, "num_attention_heads": size.num_heads, "num_key_value_heads": 1,
-            "head_dim": size.head_dim, "vocab_size": tokenizer_vocab_size(), "max_position_embeddings": 512}
-    vision = {"hidden_size": size.vision_width, "intermediate_size": 2 * size.vision_width,
-              "num_hidden_layers": size.vision_depth, "num_attention_heads": size.vision_heads,
-              "patch_size": size.patch_size, "image_size": size.image_size}
+    text = {
+        "model_type": "llama",
+        "hidden_size": size.vlm_width,
+        "intermediate_size": 2 * size.vlm_width,
+        "num_hidden_layers": size.vlm_depth,
+        "num_attention_heads": size.num_heads,
+        "num_key_value_heads": 1,
+        "head_dim": size.head_dim,
+        "vocab_size": tokenizer_vocab_size(),
+        "max_position_embeddings": 512,
+    }
+    vision = {
+        "hidden_size": size.vision_width,
+        "intermediate_size": 2 * size.vision_width,
+        "num_hidden_layers": size.vision_depth,
+        "num_attention_heads": size.vision_heads,
+        "patch_size": size.patch_size,
+        "image_size": size.image_size,
+    }
     return atomic_dir(cache_dir() / f"smolvlm-{size.digest()}", lambda d: write_smolvlm_dir(d, text, vision, 2))

@@ -28,21 +28,38 @@ from lerobot_policy_pi_rl.backbones import reduced
 HUB_ID = "HuggingFaceTB/SmolVLM2-500M-Video-Instruct"
 
 TEXT = {  # SmolLM2-360M (Llama architecture)
-    "model_type": "llama", "hidden_size": 960, "intermediate_size": 2560, "num_hidden_layers": 32,
-    "num_attention_heads": 15, "num_key_value_heads": 5, "head_dim": 64, "vocab_size": 49280,
-    "rms_norm_eps": 1e-5, "rope_theta": 100000.0, "max_position_embeddings": 8192, "tie_word_embeddings": False,
+    "model_type": "llama",
+    "hidden_size": 960,
+    "intermediate_size": 2560,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 15,
+    "num_key_value_heads": 5,
+    "head_dim": 64,
+    "vocab_size": 49280,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 100000.0,
+    "max_position_embeddings": 8192,
+    "tie_word_embeddings": False,
 }
 VISION = {  # SigLIP base patch16, 512 px
-    "model_type": "smolvlm_vision", "hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-    "num_attention_heads": 12, "patch_size": 16, "image_size": 512,
+    "model_type": "smolvlm_vision",
+    "hidden_size": 768,
+    "intermediate_size": 3072,
+    "num_hidden_layers": 12,
+    "num_attention_heads": 12,
+    "patch_size": 16,
+    "image_size": 512,
 }
 SCALE_FACTOR = 4  # pixel shuffle: (512 / 16)^2 / 4^2 = 64 tokens per image
 
 
 def smolvlm2_500m_dir() -> Path:
     """A local directory ``AutoConfig`` / ``AutoProcessor`` / ``AutoTokenizer`` load as SmolVLM2-500M."""
-    spec = json.dumps([TEXT, VISION, SCALE_FACTOR, reduced.SPECIAL_TOKENS, reduced.WORDS, reduced.PUNCTUATION],
-                      sort_keys=True)
+    spec = json.dumps(
+        [TEXT, VISION, SCALE_FACTOR, reduced.SPECIAL_TOKENS, reduced.WORDS, reduced.PUNCTUATION], sort_keys=True
+    )
     digest = hashlib.sha256(spec.encode()).hexdigest()[:12]
-    return reduced.atomic_dir(reduced.cache_dir() / f"smolvlm2-500m-offline-{digest}",
-                               lambda d: reduced.write_smolvlm_dir(d, TEXT, VISION, SCALE_FACTOR))
+    return reduced.atomic_dir(
+        reduced.cache_dir() / f"smolvlm2-500m-offline-{digest}",
+        lambda d: reduced.write_smolvlm_dir(d, TEXT, VISION, SCALE_FACTOR),
+    )

@@ -31,9 +31,8 @@ import logging
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
-
 from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS
+from torch import Tensor, nn
 
 from lerobot_policy_pi_rl.backbones.base import FlowBackbone, Prefix
 
@@ -41,8 +40,16 @@ log = logging.getLogger(__name__)
 
 VLA_BACKBONES = ("pi0", "pi05", "smolvla")
 # base-config fields the pi_rl config owns (one source of truth); everything else is backbone_config
-OWNED_FIELDS = ("type", "input_features", "output_features", "device", "chunk_size", "n_action_steps",
-                "max_action_dim", "pretrained_path")
+OWNED_FIELDS = (
+    "type",
+    "input_features",
+    "output_features",
+    "device",
+    "chunk_size",
+    "n_action_steps",
+    "max_action_dim",
+    "pretrained_path",
+)
 # PaliGemma's tokenizer; SmolVLA tokenizes with its VLM's (``vlm_model_name``)
 PALIGEMMA_TOKENIZER = "google/paligemma-3b-pt-224"
 
@@ -60,30 +67,44 @@ class VLACache:
     pad_masks: Tensor  # [B, L] bool: real prefix tokens
     state: Tensor | None = None  # [B, max_state_dim]: pi0 embeds the state in the suffix
 
-    def select(self, rows: Tensor) -> "VLACache":
+    def select(self, rows: Tensor) -> VLACache:
         pick = lambda t: t.index_select(0, rows)  # noqa: E731
-        return VLACache([pick(k) for k in self.keys], [pick(v) for v in self.values], pick(self.pad_masks),
-                        None if self.state is None else pick(self.state))
+        return VLACache(
+            [pick(k) for k in self.keys],
+            [pick(v) for v in self.values],
+            pick(self.pad_masks),
+            None if self.state is None else pick(self.state),
+        )
 
     @staticmethod
-    def cat(caches: list["VLACache"]) -> "VLACache":
+    def cat(caches: list[VLACache]) -> VLACache:
         layers = range(len(caches[0].keys))
-        return VLACache([torch.cat([c.keys[i] for c in caches]) for i in layers],
-                        [torch.cat([c.values[i] for c in caches]) for i in layers],
-                        torch.cat([c.pad_masks for c in caches]),
-                        None if caches[0].state is None else torch.cat([c.state for c in caches]))
+        return VLACache(
+            [torch.cat([c.keys[i] for c in caches]) for i in layers],
+            [torch.cat([c.values[i] for c in caches]) for i in layers],
+            torch.cat([c.pad_masks for c in caches]),
+            None if caches[0].state is None else torch.cat([c.state for c in caches]),
+        )
 
     def tensors(self) -> list[Tensor]:
         return [*self.keys, *self.values, self.pad_masks, *([] if self.state is None else [self.state])]
 
-    def rebuild(self, tensors: list[Tensor]) -> "VLACache":
+    def rebuild(self, tensors: list[Tensor]) -> VLACache:
         n = len(self.keys)
-        return VLACache(list(tensors[:n]), list(tensors[n:2 * n]), tensors[2 * n],
-                        None if self.state is None else tensors[2 * n + 1])
+        return VLACache(
+            list(tensors[:n]),
+            list(tensors[n : 2 * n]),
+            tensors[2 * n],
+            None if self.state is None else tensors[2 * n + 1],
+        )
 
-    def detach(self) -> "VLACache":
-        return VLACache([k.detach() for k in self.keys], [v.detach() for v in self.values], self.pad_masks,
-                        None if self.state is None else self.state.detach())
+    def detach(self) -> VLACache:
+        return VLACache(
+            [k.detach() for k in self.keys],
+            [v.detach() for v in self.values],
+            self.pad_masks,
+            None if self.state is None else self.state.detach(),
+        )
 
     def dynamic_cache(self):
         """A fresh transformers ``DynamicCache`` over these tensors (the base model may extend or crop
@@ -93,7 +114,7 @@ class VLACache:
         return DynamicCache(tuple((k, v, None) for k, v in zip(self.keys, self.values, strict=True)))
 
     @staticmethod
-    def from_cache(cache, pad_masks: Tensor, state: Tensor | None = None) -> "VLACache":
+    def from_cache(cache, pad_masks: Tensor, state: Tensor | None = None) -> VLACache:
         keys, values = [], []
         for layer in cache:  # DynamicCache iterates (keys, values, sliding_window) per layer
             keys.append(layer[0])
@@ -224,12 +245,14 @@ class PI0Backbone(LeRobotVLABackbone):
     _state_in_suffix = True
 
     def _build_reduced(self, cls, base_cfg, path):
-        from lerobot_policy_pi_rl.backbones import reduced
+        import lerobot_policy_pi_rl.backbones.reduced as reduced
         from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfigError
 
         if path:  # LeRobot's loader builds the 257k-token vocabulary before loading: sizes cannot match
-            raise PiRLConfigError(f"policy.base_model_path: a reduced {self.base_type} cannot load a checkpoint "
-                                  "(supported for smolvla only)")
+            raise PiRLConfigError(
+                f"policy.base_model_path: a reduced {self.base_type} cannot load a checkpoint "
+                "(supported for smolvla only)"
+            )
 
         with reduced.reduced_paligemma(importlib.import_module(cls.__module__), self.reduced):
             policy = cls(base_cfg)
@@ -247,8 +270,11 @@ class PI0Backbone(LeRobotVLABackbone):
         pg = pwe.paligemma.model
         prefix = [pg.vision_tower, pg.multi_modal_projector, pg.language_model]
         expert = [pwe.gemma_expert.model, self.model.action_in_proj, self.model.action_out_proj]
-        expert += [getattr(self.model, n) for n in ("state_proj", "action_time_mlp_in", "action_time_mlp_out",
-                                                      "time_mlp_in", "time_mlp_out") if hasattr(self.model, n)]
+        expert += [
+            getattr(self.model, n)
+            for n in ("state_proj", "action_time_mlp_in", "action_time_mlp_out", "time_mlp_in", "time_mlp_out")
+            if hasattr(self.model, n)
+        ]
         return prefix, expert
 
     def _prefix_inputs(self, batch):
@@ -264,13 +290,23 @@ class PI0Backbone(LeRobotVLABackbone):
         pwe = self.model.paligemma_with_expert
         pwe.paligemma.model.language_model.config._attn_implementation = "eager"  # noqa: SLF001  (as LeRobot does)
         with _without_gradient_checkpointing(pwe.paligemma.model.language_model):
-            (hidden, _), cache = pwe.forward(attention_mask=att_4d, position_ids=positions, past_key_values=None,
-                                             inputs_embeds=[embs, None], use_cache=True)
+            (hidden, _), cache = pwe.forward(
+                attention_mask=att_4d,
+                position_ids=positions,
+                past_key_values=None,
+                inputs_embeds=[embs, None],
+                use_cache=True,
+            )
         return hidden, cache
 
     def _velocity(self, cache, x_t, t):
-        return self.model.denoise_step(state=cache.state, prefix_pad_masks=cache.pad_masks,
-                                       past_key_values=cache.dynamic_cache(), x_t=x_t, timestep=t)
+        return self.model.denoise_step(
+            state=cache.state,
+            prefix_pad_masks=cache.pad_masks,
+            past_key_values=cache.dynamic_cache(),
+            x_t=x_t,
+            timestep=t,
+        )
 
 
 class PI05Backbone(PI0Backbone):
@@ -281,8 +317,9 @@ class PI05Backbone(PI0Backbone):
     _state_in_suffix = False
 
     def _velocity(self, cache, x_t, t):
-        return self.model.denoise_step(prefix_pad_masks=cache.pad_masks, past_key_values=cache.dynamic_cache(),
-                                       x_t=x_t, timestep=t)
+        return self.model.denoise_step(
+            prefix_pad_masks=cache.pad_masks, past_key_values=cache.dynamic_cache(), x_t=x_t, timestep=t
+        )
 
 
 class SmolVLABackbone(LeRobotVLABackbone):
@@ -300,8 +337,13 @@ class SmolVLABackbone(LeRobotVLABackbone):
     def _parameter_groups(self):
         m = self.model
         prefix = [m.vlm_with_expert.get_vlm_model(), m.state_proj]
-        expert = [m.vlm_with_expert.lm_expert, m.action_in_proj, m.action_out_proj, m.action_time_mlp_in,
-                  m.action_time_mlp_out]
+        expert = [
+            m.vlm_with_expert.lm_expert,
+            m.action_in_proj,
+            m.action_out_proj,
+            m.action_time_mlp_in,
+            m.action_time_mlp_out,
+        ]
         return prefix, expert
 
     def _prefix_inputs(self, batch):
@@ -319,14 +361,18 @@ class SmolVLABackbone(LeRobotVLABackbone):
         att_2d = make_att_2d_masks(pad_masks, att_masks)
         positions = torch.cumsum(pad_masks, dim=1) - 1
         (hidden, _), cache = self.model.vlm_with_expert.forward(
-            attention_mask=att_2d, position_ids=positions, past_key_values=None, inputs_embeds=[embs, None],
+            attention_mask=att_2d,
+            position_ids=positions,
+            past_key_values=None,
+            inputs_embeds=[embs, None],
             use_cache=True,
         )
         return hidden, cache
 
     def _velocity(self, cache, x_t, t):
-        return self.model.denoise_step(prefix_pad_masks=cache.pad_masks, past_key_values=cache.dynamic_cache(),
-                                       x_t=x_t, timestep=t)
+        return self.model.denoise_step(
+            prefix_pad_masks=cache.pad_masks, past_key_values=cache.dynamic_cache(), x_t=x_t, timestep=t
+        )
 
     @contextlib.contextmanager
     def export_context(self):
@@ -371,7 +417,6 @@ def resolve_base_config(config, base_type: str, reduced=None):
     checkpoint rebuilds the same architecture offline.
     """
     import draccus
-
     from lerobot.configs import PreTrainedConfig
 
     from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfigError, base_config_class
@@ -391,8 +436,12 @@ def resolve_base_config(config, base_type: str, reduced=None):
                 f"pad actions to {loaded.max_action_dim} (leave max_action_dim unset to use theirs)"
             )
         if loaded.chunk_size != config.chunk_size:
-            log.warning("policy.chunk_size=%d but %s was trained with chunks of %d", config.chunk_size,
-                        config.base_model_path, loaded.chunk_size)
+            log.warning(
+                "policy.chunk_size=%d but %s was trained with chunks of %d",
+                config.chunk_size,
+                config.base_model_path,
+                loaded.chunk_size,
+            )
         fields = {k: v for k, v in draccus.encode(loaded).items() if k not in OWNED_FIELDS}
         fields["max_action_dim"] = loaded.max_action_dim
     user = config.backbone_config or {}
@@ -419,13 +468,17 @@ def resolve_base_config(config, base_type: str, reduced=None):
 
 def _reduced_fields(base_type: str, size) -> dict:
     """Base-config fields a reduced size implies (image size; SmolVLA's local tiny VLM)."""
-    from lerobot_policy_pi_rl.backbones import reduced
+    import lerobot_policy_pi_rl.backbones.reduced as reduced
 
     if base_type in ("pi0", "pi05"):
         return {"image_resolution": [size.image_size, size.image_size]}
-    return {"vlm_model_name": str(reduced.smolvlm_dir(size)), "load_vlm_weights": False,
-            "resize_imgs_with_padding": [size.image_size, size.image_size], "num_vlm_layers": size.vlm_depth,
-            "self_attn_every_n_layers": 2 if size.vlm_depth > 1 else -1}
+    return {
+        "vlm_model_name": str(reduced.smolvlm_dir(size)),
+        "load_vlm_weights": False,
+        "resize_imgs_with_padding": [size.image_size, size.image_size],
+        "num_vlm_layers": size.vlm_depth,
+        "self_attn_every_n_layers": 2 if size.vlm_depth > 1 else -1,
+    }
 
 
 def default_tokenizer(config) -> str:

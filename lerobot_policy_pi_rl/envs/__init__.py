@@ -66,8 +66,10 @@ def builtin_obs_kwargs(policy_config) -> dict[str, Any]:
         return {"obs_type": "state"}
     side = images[0].shape[-1]
     if len(images) > 1 or images[0].shape != (3, side, side):
-        raise ValueError(f"the built-in task renders one square RGB camera; the policy reads "
-                         f"{ {k: tuple(v.shape) for k, v in policy_config.image_features.items()} }")
+        raise ValueError(
+            f"the built-in task renders one square RGB camera; the policy reads "
+            f"{ {k: tuple(v.shape) for k, v in policy_config.image_features.items()} }"
+        )
     return {"obs_type": "pixels_agent_pos", "image_size": side}
 
 

@@ -57,9 +57,7 @@ class GymVecAdapter:
                 f"GymVecAdapter needs a continuous (gymnasium.spaces.Box) action space, but env "
                 f"{env_id!r} has action space {first.action_space!r}"
             )
-        self.envs: list[gym.Env] = [first] + [
-            gym.make(env_id, **make_kwargs) for _ in range(self.num_envs - 1)
-        ]
+        self.envs: list[gym.Env] = [first] + [gym.make(env_id, **make_kwargs) for _ in range(self.num_envs - 1)]
         self.single_action_space: gym.spaces.Box = first.action_space
         self.single_observation_space = first.observation_space
         self.action_dim = int(np.prod(first.action_space.shape))

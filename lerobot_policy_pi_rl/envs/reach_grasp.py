@@ -200,9 +200,7 @@ class ReachGraspVecEnv:
             "agent_pos": gym.spaces.Box(-1.0, 1.0, shape=(self.state_dim,), dtype=np.float32)
         }
         if self.obs_type == "pixels_agent_pos":
-            spaces["pixels"] = gym.spaces.Box(
-                0, 255, shape=(self.image_size, self.image_size, 3), dtype=np.uint8
-            )
+            spaces["pixels"] = gym.spaces.Box(0, 255, shape=(self.image_size, self.image_size, 3), dtype=np.uint8)
         return gym.spaces.Dict(spaces)
 
     @property
@@ -345,8 +343,7 @@ class ReachGraspVecEnv:
 
     def __repr__(self) -> str:
         return (
-            f"{type(self).__name__}(num_envs={self.num_envs}, max_steps={self.max_steps}, "
-            f"obs_type={self.obs_type!r})"
+            f"{type(self).__name__}(num_envs={self.num_envs}, max_steps={self.max_steps}, obs_type={self.obs_type!r})"
         )
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lerobot_policy_pi_rl.export import (
+from pirl.export.onnx_export import (
     BATCH_AXIS,
     MAX_OPSET,
     MIN_OPSET,
@@ -83,31 +83,56 @@ def export_split(policy, out_dir: str | Path, *, opset: int = 17) -> dict:
     started = time.perf_counter()
     backbone_context = getattr(policy.backbone, "export_context", None)
     try:
-        with torch.no_grad(), warnings.catch_warnings(), _export_symbolics(opset), \
-                (backbone_context() if backbone_context else contextlib.nullcontext()):
+        with (
+            torch.no_grad(),
+            warnings.catch_warnings(),
+            _export_symbolics(opset),
+            backbone_context() if backbone_context else contextlib.nullcontext(),
+        ):
             warnings.simplefilter("ignore")  # the tracer's warnings: see export.export_onnx
             template = policy.backbone.embed_prefix(obs)
             prefix_tensors = template.tensors()
             prefix_names = [f"prefix__{i}" for i in range(len(prefix_tensors))]
             axes = {n: {0: BATCH_AXIS} for n in obs_names + prefix_names}
-            torch.onnx.export(PrefixGraph(policy), tuple(obs.values()), str(out / PREFIX_FILE), dynamo=False,
-                              opset_version=opset, input_names=obs_names, output_names=prefix_names,
-                              dynamic_axes=axes, do_constant_folding=True)
+            torch.onnx.export(
+                PrefixGraph(policy),
+                tuple(obs.values()),
+                str(out / PREFIX_FILE),
+                dynamo=False,
+                opset_version=opset,
+                input_names=obs_names,
+                output_names=prefix_names,
+                dynamic_axes=axes,
+                do_constant_folding=True,
+            )
             x_t = torch.randn(2, c.chunk_size, c.model_action_dim, device=policy.action_mask.device)
             t = torch.full((2,), 0.75, device=policy.action_mask.device)
             names = prefix_names + ["x_t", "t"]
             axes = {n: {0: BATCH_AXIS} for n in names + ["velocity", "expert"]}
-            torch.onnx.export(VelocityGraph(policy, template), (*prefix_tensors, x_t, t), str(out / VELOCITY_FILE),
-                              dynamo=False, opset_version=opset, input_names=names,
-                              output_names=["velocity", "expert"], dynamic_axes=axes, do_constant_folding=True)
+            torch.onnx.export(
+                VelocityGraph(policy, template),
+                (*prefix_tensors, x_t, t),
+                str(out / VELOCITY_FILE),
+                dynamo=False,
+                opset_version=opset,
+                input_names=names,
+                output_names=["velocity", "expert"],
+                dynamic_axes=axes,
+                do_constant_folding=True,
+            )
         for f in (PREFIX_FILE, VELOCITY_FILE):
             onnx.checker.check_model(str(out / f), full_check=True)
     finally:
         policy.train(was_training)
-    manifest = {"format": "pirl-onnx-split/1", "opset": opset, "num_prefix_tensors": len(prefix_names),
-                "export_seconds": round(time.perf_counter() - started, 3),
-                "artifacts": {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size}
-                              for f in (PREFIX_FILE, VELOCITY_FILE)}}
+    manifest = {
+        "format": "pirl-onnx-split/1",
+        "opset": opset,
+        "num_prefix_tensors": len(prefix_names),
+        "export_seconds": round(time.perf_counter() - started, 3),
+        "artifacts": {
+            f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in (PREFIX_FILE, VELOCITY_FILE)
+        },
+    }
     (out / SPLIT_MANIFEST).write_text(json.dumps(manifest, indent=2))
     return manifest
 
@@ -123,13 +148,18 @@ class SplitSampler:
         manifest = json.loads((root / SPLIT_MANIFEST).read_text())
         for name, info in manifest["artifacts"].items():
             if sha256_file(root / name) != info["sha256"]:
-                raise ArtifactIntegrityError(f"{root / name}: sha256 does not match {SPLIT_MANIFEST}; refusing to load it")
+                raise ArtifactIntegrityError(
+                    f"{root / name}: sha256 does not match {SPLIT_MANIFEST}; refusing to load it"
+                )
         opts = ort.SessionOptions()
         if threads is not None:
             opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-        self.prefix = ort.InferenceSession(str(root / PREFIX_FILE), sess_options=opts, providers=["CPUExecutionProvider"])
-        self.velocity = ort.InferenceSession(str(root / VELOCITY_FILE), sess_options=opts,
-                                             providers=["CPUExecutionProvider"])
+        self.prefix = ort.InferenceSession(
+            str(root / PREFIX_FILE), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
+        self.velocity = ort.InferenceSession(
+            str(root / VELOCITY_FILE), sess_options=opts, providers=["CPUExecutionProvider"]
+        )
         self._obs_inputs = {i.name for i in self.prefix.get_inputs()}
         self._vel_inputs = {i.name for i in self.velocity.get_inputs()}
         self._template = None
@@ -141,7 +171,8 @@ class SplitSampler:
         if self._template is None:  # the cache layout (number of layers, state or not) of this policy
             with torch.no_grad():
                 self._template = policy.backbone.embed_prefix(
-                    {k: torch.as_tensor(np.asarray(v))[:1] for k, v in obs.items()})
+                    {k: torch.as_tensor(np.asarray(v))[:1] for k, v in obs.items()}
+                )
         prefix = self._template.rebuild([torch.from_numpy(a) for a in prefix_arrays])
         # the exporter drops prefix tensors the velocity graph never reads (e.g. the pooled features)
         fixed = {f"prefix__{i}": a for i, a in enumerate(prefix_arrays) if f"prefix__{i}" in self._vel_inputs}
@@ -152,8 +183,18 @@ class SplitSampler:
 
         as_t = lambda x, dtype=None: torch.as_tensor(np.asarray(x), dtype=dtype)  # noqa: E731
         with torch.no_grad():
-            s = policy.sample_from_prefix(prefix, as_t(initial_noise), as_t(step_noise),
-                                          as_t(stochastic, torch.bool), noise_level=as_t(noise_level),
-                                          noise_method=self.noise_method, denoise_fn=velocity)
-        return {"actions": s.actions.numpy(), "chain": s.chain.chain.numpy(), "log_prob": s.chain.log_prob.numpy(),
-                "value": s.value.numpy()}
+            s = policy.sample_from_prefix(
+                prefix,
+                as_t(initial_noise),
+                as_t(step_noise),
+                as_t(stochastic, torch.bool),
+                noise_level=as_t(noise_level),
+                noise_method=self.noise_method,
+                denoise_fn=velocity,
+            )
+        return {
+            "actions": s.actions.numpy(),
+            "chain": s.chain.chain.numpy(),
+            "log_prob": s.chain.log_prob.numpy(),
+            "value": s.value.numpy(),
+        }

@@ -128,11 +128,16 @@ def _shape_matches(shape: tuple[int, ...], expect: Sequence[int | None]) -> bool
     expect = tuple(expect)
     if len(shape) != len(expect):
         return False
-    return all(e is None or int(e) == d for d, e in zip(shape, expect))
+    return all(e is None or int(e) == d for d, e in zip(shape, expect, strict=True))
 
 
-def from_tensor_msg(msg: pirl_pb2.Tensor, *, expect_dtype: Any = None, expect_shape: Sequence[int | None] | None = None,
-                    max_bytes: int | None = None) -> np.ndarray:
+def from_tensor_msg(
+    msg: pirl_pb2.Tensor,
+    *,
+    expect_dtype: Any = None,
+    expect_shape: Sequence[int | None] | None = None,
+    max_bytes: int | None = None,
+) -> np.ndarray:
     """Decode a ``Tensor`` message into a new, writable numpy array (native byte order).
 
     ``expect_dtype`` / ``expect_shape`` (a ``None`` entry matches any size of that dimension) and
@@ -145,8 +150,11 @@ def from_tensor_msg(msg: pirl_pb2.Tensor, *, expect_dtype: Any = None, expect_sh
     name = msg.dtype
     if name not in DTYPES:
         shown = name if len(name) <= 32 else name[:32] + "..."
-        raise WireError(f"unknown dtype {shown!r} (allowed: {_allowed()})" if name else
-                        f"tensor has no dtype (allowed: {_allowed()})")
+        raise WireError(
+            f"unknown dtype {shown!r} (allowed: {_allowed()})"
+            if name
+            else f"tensor has no dtype (allowed: {_allowed()})"
+        )
     shape = _check_shape(msg.shape)
     nbytes = len(msg.data)
     if max_bytes is not None and nbytes > max_bytes:
@@ -162,8 +170,10 @@ def from_tensor_msg(msg: pirl_pb2.Tensor, *, expect_dtype: Any = None, expect_sh
     if max_bytes is not None and expected > max_bytes:
         raise WireError(f"tensor too large: shape {shape} {name} needs {expected} bytes (limit {max_bytes})")
     if nbytes != expected:
-        raise WireError(f"data length mismatch: len(data) = {nbytes} bytes, but shape {shape} {name} needs "
-                        f"prod(shape) * itemsize = {expected}")
+        raise WireError(
+            f"data length mismatch: len(data) = {nbytes} bytes, but shape {shape} {name} needs "
+            f"prod(shape) * itemsize = {expected}"
+        )
     if name == "bool":
         raw = np.frombuffer(msg.data, dtype=np.uint8)
         if raw.size and int(raw.max()) > 1:

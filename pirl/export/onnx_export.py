@@ -37,7 +37,7 @@ with dtype and shape, the precision of the graph (``"fp32"``: every export is FP
 ``graph_structure_sha256``, a hash of the graph with the weight *values* left out (two versions of a
 policy share it when only their weights differ: TensorRT refits instead of rebuilding then).
 ``OnnxSampler`` refuses to load a directory whose files do not match it. A TensorRT engine built
-from the export (``lerobot_policy_pi_rl.trt_engine``) may be added as ``engine.plan`` with its own
+from the export (``pirl.export.trt_engine``) may be added as ``engine.plan`` with its own
 ``tensorrt_engine`` manifest entry (sha256 and cache-key fields).
 
 The legacy TorchScript exporter is used (``dynamo=False``) with opset <= 20 (TensorRT 10.3 parses
@@ -54,7 +54,7 @@ import logging
 import tempfile
 import time
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -231,8 +231,10 @@ def _full_symbolic(g, sizes, value, dtype, layout, device, pin_memory=False):
 def _export_symbolics(opset: int):
     from torch.onnx import symbolic_helper
 
-    functions = {"aten::cumsum": symbolic_helper.parse_args("v", "i", "none")(_cumsum_symbolic),
-                 "aten::full": _full_symbolic}
+    functions = {
+        "aten::cumsum": symbolic_helper.parse_args("v", "i", "none")(_cumsum_symbolic),
+        "aten::full": _full_symbolic,
+    }
     for name, fn in functions.items():
         torch.onnx.register_custom_op_symbolic(name, fn, opset)
     try:
@@ -259,8 +261,17 @@ def graph_structure_sha256(onnx_path: str | Path) -> str:
 
     model = onnx.load(str(onnx_path), load_external_data=False)
     for init in model.graph.initializer:
-        for field in ("raw_data", "float_data", "int32_data", "string_data", "int64_data", "double_data",
-                      "uint64_data", "external_data", "data_location"):
+        for field in (
+            "raw_data",
+            "float_data",
+            "int32_data",
+            "string_data",
+            "int64_data",
+            "double_data",
+            "uint64_data",
+            "external_data",
+            "data_location",
+        ):
             init.ClearField(field)
     del model.metadata_props[:]
     model.graph.ClearField("doc_string")
@@ -308,7 +319,9 @@ def export_onnx(
     noise_method = noise_method or c.noise_method
     check_noise_method(noise_method)
     if not MIN_OPSET <= opset <= MAX_OPSET:
-        raise ValueError(f"opset must be in [{MIN_OPSET}, {MAX_OPSET}] (TensorRT 10.3 parses up to {MAX_OPSET}), got {opset}")
+        raise ValueError(
+            f"opset must be in [{MIN_OPSET}, {MAX_OPSET}] (TensorRT 10.3 parses up to {MAX_OPSET}), got {opset}"
+        )
     if batch_size is not None and batch_size < 1:
         raise ValueError(f"batch_size must be >= 1 or None (dynamic), got {batch_size}")
     out = Path(out_dir)
@@ -330,8 +343,12 @@ def export_onnx(
     # a backbone may need tracer-friendly stand-ins for library code while tracing (see vla.py)
     backbone_context = getattr(policy.backbone, "export_context", contextlib.nullcontext)
     try:
-        with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp, torch.no_grad(), \
-                warnings.catch_warnings(), backbone_context():
+        with (
+            tempfile.TemporaryDirectory(dir=out, prefix=".export-") as tmp,
+            torch.no_grad(),
+            warnings.catch_warnings(),
+            backbone_context(),
+        ):
             # Benign for this graph (tests vary every input against PyTorch): the tracer flags the
             # Python shape check in sample_chain and ``torch.as_tensor`` on tensors that are already
             # graph values; the legacy exporter is chosen on purpose (TensorRT-friendly graphs).
@@ -341,8 +358,15 @@ def export_onnx(
             raw = Path(tmp) / MODEL_FILE
             with _export_symbolics(opset):
                 torch.onnx.export(
-                    graph, args, str(raw), dynamo=False, opset_version=opset, input_names=in_names,
-                    output_names=out_names, dynamic_axes=dynamic_axes, do_constant_folding=True,
+                    graph,
+                    args,
+                    str(raw),
+                    dynamo=False,
+                    opset_version=opset,
+                    input_names=in_names,
+                    output_names=out_names,
+                    dynamic_axes=dynamic_axes,
+                    do_constant_folding=True,
                     export_params=True,
                 )
             model = onnx.load(str(raw), load_external_data=True)
@@ -352,8 +376,13 @@ def export_onnx(
         dropped = [s["name"] for s in inputs if s["name"] not in graph_inputs]
         inputs = [s for s in inputs if s["name"] in graph_inputs]
         model.producer_name = "lerobot_policy_pi_rl"
-        meta = {"policy_type": c.type, "version": str(version), "noise_method": noise_method,
-                "num_denoise_steps": str(c.num_denoise_steps), "chunk_size": str(c.chunk_size)}
+        meta = {
+            "policy_type": c.type,
+            "version": str(version),
+            "noise_method": noise_method,
+            "num_denoise_steps": str(c.num_denoise_steps),
+            "chunk_size": str(c.chunk_size),
+        }
         for key, value in meta.items():
             model.metadata_props.add(key=key, value=value)
         if not external_data and model.ByteSize() > MAX_INLINE_BYTES:
@@ -361,8 +390,12 @@ def export_onnx(
         data_path = out / EXTERNAL_DATA_FILE
         data_path.unlink(missing_ok=True)
         onnx.save_model(
-            model, str(out / MODEL_FILE), save_as_external_data=external_data,
-            all_tensors_to_one_file=True, location=EXTERNAL_DATA_FILE, size_threshold=1024,
+            model,
+            str(out / MODEL_FILE),
+            save_as_external_data=external_data,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA_FILE,
+            size_threshold=1024,
         )
         del model
         onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)
@@ -376,7 +409,7 @@ def export_onnx(
         "format": MANIFEST_FORMAT,
         "policy_type": c.type,
         "version": version,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "exporter": f"torch {torch.__version__} (legacy TorchScript, dynamo=False), onnx {onnx.__version__}",
         "opset": opset,
         "precision": "fp32",
@@ -412,7 +445,9 @@ def load_manifest(path: str | Path) -> tuple[Path, dict]:
         raise FileNotFoundError(f"no {MANIFEST} in {root}: not a pirl-export directory (export it with pirl-export)")
     manifest = json.loads(mpath.read_text())
     if manifest.get("format") != MANIFEST_FORMAT:
-        raise ValueError(f"{mpath}: unsupported manifest format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}")
+        raise ValueError(
+            f"{mpath}: unsupported manifest format {manifest.get('format')!r}, expected {MANIFEST_FORMAT!r}"
+        )
     return root, manifest
 
 
@@ -452,7 +487,9 @@ def _resolve_providers(providers) -> list[str]:
     return chosen
 
 
-def make_feeds(manifest: dict, obs: dict, initial_noise, step_noise, stochastic, noise_level=None) -> dict[str, np.ndarray]:
+def make_feeds(
+    manifest: dict, obs: dict, initial_noise, step_noise, stochastic, noise_level=None
+) -> dict[str, np.ndarray]:
     """The graph's input dict (name -> contiguous array of the manifest's dtype: float32, and for VLA
     backbones int64 token ids and a bool attention mask), validated against the manifest's shapes;
     usable with any runtime of the exported model (ONNX Runtime, TensorRT). Inputs the graph does
@@ -478,7 +515,9 @@ def make_feeds(manifest: dict, obs: dict, initial_noise, step_noise, stochastic,
             continue
         arr = np.ascontiguousarray(np.asarray(value, dtype=dtypes[name]))
         want = shapes[name]
-        if arr.ndim != len(want) or any(not isinstance(w, str) and w != a for w, a in zip(want, arr.shape, strict=False)):
+        if arr.ndim != len(want) or any(
+            not isinstance(w, str) and w != a for w, a in zip(want, arr.shape, strict=False)
+        ):
             raise ValueError(f"input {name!r}: expected shape {want}, got {list(arr.shape)}")
         if arr.shape[0] != batch:
             raise ValueError(f"input {name!r} has batch {arr.shape[0]}, initial_noise has {batch}")
@@ -526,7 +565,7 @@ class OnnxSampler:
 
 
 def main() -> None:
-    from lerobot_policy_pi_rl.scripts.common import run_cli
+    from pirl.cli import run_cli
 
     parser = argparse.ArgumentParser(
         prog="pirl-export",
@@ -534,8 +573,12 @@ def main() -> None:
     )
     parser.add_argument("--policy-path", required=True, help="a LeRobot pretrained_model directory")
     parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument("--noise-method", choices=["flow_sde", "flow_noise", "flow_ode"], default=None,
-                        help="sampler baked into the graph (default: the policy's configured one)")
+    parser.add_argument(
+        "--noise-method",
+        choices=["flow_sde", "flow_noise", "flow_ode"],
+        default=None,
+        help="sampler baked into the graph (default: the policy's configured one)",
+    )
     parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default 17)")
     parser.add_argument("--batch-size", type=int, default=None, help="fix the batch axis (default: dynamic)")
     parser.add_argument("--version", default="0", help="policy version recorded in the manifest")
@@ -547,13 +590,21 @@ def main() -> None:
         policy, _, _ = load_policy(args.policy_path)
         version = int(args.version) if args.version.isdigit() else args.version
         started = time.perf_counter()
-        manifest = export_onnx(policy, args.out, opset=args.opset, batch_size=args.batch_size,
-                               noise_method=args.noise_method, version=version)
+        manifest = export_onnx(
+            policy,
+            args.out,
+            opset=args.opset,
+            batch_size=args.batch_size,
+            noise_method=args.noise_method,
+            version=version,
+        )
         total = time.perf_counter() - started
         out = Path(args.out)
-        print(f"exported {manifest['policy_type']} v{manifest['version']} sampler ({manifest['noise_method']}, "
-              f"K={manifest['num_denoise_steps']}, chunk {manifest['chunk_size']}, opset {manifest['opset']}, "
-              f"batch {manifest['batch_size'] or 'dynamic'}) to {out}")
+        print(
+            f"exported {manifest['policy_type']} v{manifest['version']} sampler ({manifest['noise_method']}, "
+            f"K={manifest['num_denoise_steps']}, chunk {manifest['chunk_size']}, opset {manifest['opset']}, "
+            f"batch {manifest['batch_size'] or 'dynamic'}) to {out}"
+        )
         for name, info in manifest["artifacts"].items():
             print(f"  {name:<20} {info['bytes']:>12,d} B  sha256 {info['sha256'][:16]}...")
         print(f"  {MANIFEST}")

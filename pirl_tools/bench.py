@@ -26,18 +26,12 @@ import itertools
 import os
 import platform
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
-from lerobot_policy_pi_rl.scripts.common import (
-    BACKBONE_CHOICES,
-    builtin_policy_overrides,
-    builtin_task_algorithm_config,
-    plot_curves,
-    run_cli,
-    sft_checkpoint,
-    write_json,
-)
+from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides, builtin_task_algorithm_config
+from pirl.cli import run_cli, write_json
+from pirl_tools.common import plot_curves, sft_checkpoint
 
 
 def _learn(args) -> int:
@@ -51,26 +45,53 @@ def _learn(args) -> int:
     started = time.monotonic()
     sft_dir = "" if args.backbone == "mlp" else f"{args.backbone}-"
     for i, (seed, estimator, method, k, level) in enumerate(grid, 1):
-        ckpt = sft_checkpoint(out / "sft" / f"{sft_dir}seed{seed}", seed=seed, num_demos=args.num_demos,
-                              steps=args.sft_steps, noise_std=args.demo_noise,
-                              policy_overrides=builtin_policy_overrides(args.backbone))
+        ckpt = sft_checkpoint(
+            out / "sft" / f"{sft_dir}seed{seed}",
+            seed=seed,
+            num_demos=args.num_demos,
+            steps=args.sft_steps,
+            noise_std=args.demo_noise,
+            policy_overrides=builtin_policy_overrides(args.backbone),
+        )
         policy, pre, post = load_policy(ckpt, noise_method=method, num_denoise_steps=k, noise_level=level)
-        label = (f"{args.backbone} " if args.backbone != "mlp" else "") + f"{method}" + (
-            f" {estimator}" if estimator != "ppo" else "")
+        label = (
+            (f"{args.backbone} " if args.backbone != "mlp" else "")
+            + f"{method}"
+            + (f" {estimator}" if estimator != "ppo" else "")
+        )
         print(f"[{i}/{len(grid)}] {label} seed={seed} K={k} a={level}")
         algo_cfg = builtin_task_algorithm_config(advantage_estimator=estimator, actor_lr=args.actor_lr)
-        settings = LearnSettings(iterations=args.iterations, num_envs=args.num_envs, eval_every=args.eval_every,
-                                 eval_episodes=args.eval_episodes, seed=seed, time_limit_s=args.time_limit)
+        settings = LearnSettings(
+            iterations=args.iterations,
+            num_envs=args.num_envs,
+            eval_every=args.eval_every,
+            eval_episodes=args.eval_episodes,
+            seed=seed,
+            time_limit_s=args.time_limit,
+        )
         res = run_pirl(policy, pre, post, algo_cfg, settings)
-        runs.append({
-            "label": label, "backbone": args.backbone, "noise_method": method, "estimator": estimator, "seed": seed,
-            "num_denoise_steps": k, "noise_level": level,
-            "sft_success": res.sft_success, "final_success": res.final_success, "best_success": res.best_success,
-            "env_steps": res.env_steps, "updates": res.updates, "wall_seconds": round(res.wall_seconds, 2),
-            "curve": [[s, v] for s, v in res.curve],
-        })
-        print(f"[{i}/{len(grid)}] done: SFT {res.sft_success:.3f} -> final {res.final_success:.3f} "
-              f"(best {res.best_success:.3f}) in {res.wall_seconds:.0f}s, {res.env_steps} env steps")
+        runs.append(
+            {
+                "label": label,
+                "backbone": args.backbone,
+                "noise_method": method,
+                "estimator": estimator,
+                "seed": seed,
+                "num_denoise_steps": k,
+                "noise_level": level,
+                "sft_success": res.sft_success,
+                "final_success": res.final_success,
+                "best_success": res.best_success,
+                "env_steps": res.env_steps,
+                "updates": res.updates,
+                "wall_seconds": round(res.wall_seconds, 2),
+                "curve": [[s, v] for s, v in res.curve],
+            }
+        )
+        print(
+            f"[{i}/{len(grid)}] done: SFT {res.sft_success:.3f} -> final {res.final_success:.3f} "
+            f"(best {res.best_success:.3f}) in {res.wall_seconds:.0f}s, {res.env_steps} env steps"
+        )
         write_json(out / "learn.json", _report(args, runs))
     plot_curves(out / "learn.png", runs, "PI-RL on pirl_reach (deterministic eval)")
     print(f"wrote {out / 'learn.json'} and {out / 'learn.png'} ({time.monotonic() - started:.0f}s)")
@@ -80,7 +101,7 @@ def _learn(args) -> int:
 def _report(args, runs) -> dict:
     return {
         "command": "pirl-bench " + " ".join(args.argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''} {_cpus()} CPUs, {platform.python_version()}".strip(),
         "runs": runs,
     }
@@ -90,8 +111,14 @@ def _report(args, runs) -> dict:
 
 TORCH = "torch_eager"
 CPU_BACKENDS = (TORCH, "onnxruntime_cpu", "onnxruntime_cpu_split")
-GPU_BACKENDS = ("torch_eager_cuda", "torch_cuda_graph", "torch_compile_cuda", "onnxruntime_cuda", "tensorrt",
-                "tensorrt_cuda_graph")
+GPU_BACKENDS = (
+    "torch_eager_cuda",
+    "torch_cuda_graph",
+    "torch_compile_cuda",
+    "onnxruntime_cuda",
+    "tensorrt",
+    "tensorrt_cuda_graph",
+)
 INFER_BACKENDS = CPU_BACKENDS + GPU_BACKENDS
 
 
@@ -116,13 +143,18 @@ def _infer_policy(args):
     feats = dataset_features("state", 32)  # the built-in task: state 6, action 3
     torch.manual_seed(args.seed)
     cfg = PiRLConfig(
-        device="cpu", push_to_hub=False,
-        input_features={"observation.state": PolicyFeature(FeatureType.STATE, tuple(feats["observation.state"]["shape"]))},
+        device="cpu",
+        push_to_hub=False,
+        input_features={
+            "observation.state": PolicyFeature(FeatureType.STATE, tuple(feats["observation.state"]["shape"]))
+        },
         output_features={"action": PolicyFeature(FeatureType.ACTION, tuple(feats["action"]["shape"]))},
     )
     policy = PiRLPolicy(cfg).eval()
-    return policy, (f"freshly initialised default pi_rl policy (seed {args.seed}) for the built-in task's shapes "
-                    f"(state {feats['observation.state']['shape'][0]}, action {feats['action']['shape'][0]}); no checkpoint")
+    return policy, (
+        f"freshly initialised default pi_rl policy (seed {args.seed}) for the built-in task's shapes "
+        f"(state {feats['observation.state']['shape'][0]}, action {feats['action']['shape'][0]}); no checkpoint"
+    )
 
 
 def _vla_policy(args):
@@ -130,7 +162,6 @@ def _vla_policy(args):
     architectures: PaliGemma 2B + Gemma 300M for pi0 / pi0.5, SmolVLM2 500M for SmolVLA; no weights
     needed to time it) or at the reduced CPU size of the tests."""
     import torch
-
     from lerobot.configs.types import FeatureType, PolicyFeature
 
     from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
@@ -142,7 +173,7 @@ def _vla_policy(args):
     cameras = args.cameras or (3 if full else 1)
     feats = {f"observation.images.cam{i}": PolicyFeature(FeatureType.VISUAL, (3, side, side)) for i in range(cameras)}
     feats["observation.state"] = PolicyFeature(FeatureType.STATE, (8,))  # a 7-DoF arm + gripper (LIBERO's shapes)
-    fields = dict(chunk_size=50, n_action_steps=5, num_denoise_steps=args.num_denoise_steps or 10)
+    fields = {"chunk_size": 50, "n_action_steps": 5, "num_denoise_steps": args.num_denoise_steps or 10}
     vlm_source, vlm_from_hub = "", False  # a full-size SmolVLA's VLM architecture: hub config or offline copy
     if full:
         base = {"dtype": "bfloat16" if torch.cuda.is_available() else "float32"}
@@ -156,22 +187,34 @@ def _vla_policy(args):
         fields.update(chunk_size=8, n_action_steps=4, num_denoise_steps=args.num_denoise_steps or 4)
         base = {"tokenizer_max_length": 16}
     torch.manual_seed(args.seed)
-    cfg = PiRLConfig(device="cpu", push_to_hub=False, backbone=args.backbone, backbone_config=base,
-                     backbone_reduced=None if full else {}, input_features=feats,
-                     output_features={"action": PolicyFeature(FeatureType.ACTION, (7,))}, **fields)
+    cfg = PiRLConfig(
+        device="cpu",
+        push_to_hub=False,
+        backbone=args.backbone,
+        backbone_config=base,
+        backbone_reduced=None if full else {},
+        input_features=feats,
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (7,))},
+        **fields,
+    )
     try:
         policy = PiRLPolicy(cfg).eval()
     except OSError as e:  # transformers' "couldn't connect to huggingface.co" for the hub config
         if vlm_from_hub:
-            raise ValueError(f"--backbone smolvla --size full reads {HUB_ID}'s config from the hub, which is out of "
-                             f"reach here ({str(e).splitlines()[0]}); --smolvlm-config offline builds the same "
-                             f"architecture from the copy in backbones/smolvlm2_offline.py") from None
+            raise ValueError(
+                f"--backbone smolvla --size full reads {HUB_ID}'s config from the hub, which is out of "
+                f"reach here ({str(e).splitlines()[0]}); --smolvlm-config offline builds the same "
+                f"architecture from the copy in backbones/smolvlm2_offline.py"
+            ) from None
         raise
-    return policy, (f"randomly initialised {args.backbone} ({size} size: {vlm_source}"
-                    f"{cameras} camera(s) {side}x{side}, state 8, "
-                    f"action 7 padded to {cfg.model_action_dim}, {cfg.language_length} language tokens, chunk "
-                    f"{cfg.chunk_size}, K={cfg.num_denoise_steps}"
-                    + ("" if full else "; LeRobot's modeling code at the reduced CPU size of backbones/reduced.py") + ")")
+    return policy, (
+        f"randomly initialised {args.backbone} ({size} size: {vlm_source}"
+        f"{cameras} camera(s) {side}x{side}, state 8, "
+        f"action 7 padded to {cfg.model_action_dim}, {cfg.language_length} language tokens, chunk "
+        f"{cfg.chunk_size}, K={cfg.num_denoise_steps}"
+        + ("" if full else "; LeRobot's modeling code at the reduced CPU size of backbones/reduced.py")
+        + ")"
+    )
 
 
 def _infer_inputs(policy, batch: int, seed: int) -> dict:
@@ -179,14 +222,19 @@ def _infer_inputs(policy, batch: int, seed: int) -> dict:
     import numpy as np
     import torch
 
-    from lerobot_policy_pi_rl.export import example_observations
+    from pirl.export.onnx_export import example_observations
 
     c = policy.config
     g = torch.Generator().manual_seed(seed)
     obs = {k: v.numpy() for k, v in example_observations(policy, batch, g).items()}
     initial, steps, stochastic = policy.draw_noise(batch, generator=g, device="cpu")
-    return {"obs": obs, "initial_noise": initial.numpy(), "step_noise": steps.numpy(),
-            "stochastic": stochastic.numpy(), "noise_level": np.full((batch,), c.noise_level, dtype=np.float32)}
+    return {
+        "obs": obs,
+        "initial_noise": initial.numpy(),
+        "step_noise": steps.numpy(),
+        "stochastic": stochastic.numpy(),
+        "noise_level": np.full((batch,), c.noise_level, dtype=np.float32),
+    }
 
 
 def _torch_backend(policy, inp, noise_method, device: str):
@@ -198,8 +246,14 @@ def _torch_backend(policy, inp, noise_method, device: str):
     def run():
         with torch.no_grad():
             obs = {k: to(v) for k, v in inp["obs"].items()}
-            s = policy.sample_chains(obs, to(inp["initial_noise"]), to(inp["step_noise"]), to(inp["stochastic"]),
-                                     noise_level=to(inp["noise_level"]), noise_method=noise_method)
+            s = policy.sample_chains(
+                obs,
+                to(inp["initial_noise"]),
+                to(inp["step_noise"]),
+                to(inp["stochastic"]),
+                noise_level=to(inp["noise_level"]),
+                noise_method=noise_method,
+            )
             outs = (s.actions, s.chain.chain, s.chain.log_prob, s.value)
             return dict(zip(("actions", "chain", "log_prob", "value"), (o.cpu().numpy() for o in outs), strict=True))
 
@@ -209,14 +263,17 @@ def _torch_backend(policy, inp, noise_method, device: str):
 def _compile_backend(policy, inp, noise_method, mode: str):
     import torch
 
-    from lerobot_policy_pi_rl.export import SamplerGraph
+    from pirl.export.onnx_export import SamplerGraph
 
     compiled = torch.compile(SamplerGraph(policy, noise_method), mode=mode)
 
     def run():
         with torch.no_grad():
             args = [torch.from_numpy(inp["obs"][k]).cuda() for k in inp["obs"]]  # observation_spec order
-            args += [torch.from_numpy(inp[n]).cuda().float() for n in ("initial_noise", "step_noise", "stochastic", "noise_level")]
+            args += [
+                torch.from_numpy(inp[n]).cuda().float()
+                for n in ("initial_noise", "step_noise", "stochastic", "noise_level")
+            ]
             outs = compiled(*args)
             return dict(zip(("actions", "chain", "log_prob", "value"), (o.cpu().numpy() for o in outs), strict=True))
 
@@ -228,11 +285,13 @@ def _torch_cuda_graph_backend(policy, inp, noise_method):
     replayed: one launch per chunk instead of one per kernel."""
     import torch
 
-    from lerobot_policy_pi_rl.export import SamplerGraph
+    from pirl.export.onnx_export import SamplerGraph
 
     graph_module = SamplerGraph(policy, noise_method)
     static_in = [torch.from_numpy(inp["obs"][k]).cuda() for k in sorted(inp["obs"])]
-    static_in += [torch.from_numpy(inp[n]).cuda().float() for n in ("initial_noise", "step_noise", "stochastic", "noise_level")]
+    static_in += [
+        torch.from_numpy(inp[n]).cuda().float() for n in ("initial_noise", "step_noise", "stochastic", "noise_level")
+    ]
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.no_grad(), torch.cuda.stream(side):
@@ -244,7 +303,9 @@ def _torch_cuda_graph_backend(policy, inp, noise_method):
         static_out = graph_module(*static_in)
 
     def run():
-        arrays = [inp["obs"][k] for k in sorted(inp["obs"])] + [inp[n] for n in ("initial_noise", "step_noise", "stochastic", "noise_level")]
+        arrays = [inp["obs"][k] for k in sorted(inp["obs"])] + [
+            inp[n] for n in ("initial_noise", "step_noise", "stochastic", "noise_level")
+        ]
         for buf, arr in zip(static_in, arrays, strict=True):
             buf.copy_(torch.from_numpy(arr))
         graph.replay()
@@ -253,14 +314,13 @@ def _torch_cuda_graph_backend(policy, inp, noise_method):
     return run
 
 
-def _tensorrt_backend(export_dir: Path, inp: dict, batch: int, cuda_graph: bool, refit: bool, notes: dict,
-                      built: dict):
-    """An engine built by the TensorRT backend's own code (lerobot_policy_pi_rl.trt_engine: strongly
+def _tensorrt_backend(export_dir: Path, inp: dict, batch: int, cuda_graph: bool, refit: bool, notes: dict, built: dict):
+    """An engine built by the TensorRT backend's own code (pirl.export.trt_engine: strongly
     typed FP32, TF32 off, fixed batch profile = the timed batch, no REFIT: the bench measures the
     plain engine; ``--trt-refit`` builds a refittable one to measure REFIT's cost), run by its runner
     (static buffers; CUDA-graph replay when ``cuda_graph``)."""
-    from lerobot_policy_pi_rl.export import load_manifest, make_feeds
-    from lerobot_policy_pi_rl.trt_engine import EngineManager, EngineRunner, TensorRTSettings
+    from pirl.export.onnx_export import load_manifest, make_feeds
+    from pirl.export.trt_engine import EngineManager, EngineRunner, TensorRTSettings
 
     settings = TensorRTSettings(batch_min=batch, batch_opt=batch, batch_max=batch, refit=refit, cuda_graph=cuda_graph)
     root, manifest = load_manifest(export_dir)
@@ -268,11 +328,15 @@ def _tensorrt_backend(export_dir: Path, inp: dict, batch: int, cuda_graph: bool,
         manager = EngineManager(settings)
         started = time.perf_counter()
         built.update(manager=manager, prepared=manager.prepare(root, manifest))
-        notes["tensorrt"] = (f"TensorRT {manager.tensorrt_version}, strongly typed FP32 engine (TF32 off), fixed "
-                             f"batch {batch}, refit {'on' if refit else 'off'}, built in "
-                             f"{time.perf_counter() - started:.1f}s")
+        notes["tensorrt"] = (
+            f"TensorRT {manager.tensorrt_version}, strongly typed FP32 engine (TF32 off), fixed "
+            f"batch {batch}, refit {'on' if refit else 'off'}, built in "
+            f"{time.perf_counter() - started:.1f}s"
+        )
     runner = EngineRunner(built["manager"].trt, built["prepared"].engine, settings)
-    feeds = make_feeds(manifest, inp["obs"], inp["initial_noise"], inp["step_noise"], inp["stochastic"], inp["noise_level"])
+    feeds = make_feeds(
+        manifest, inp["obs"], inp["initial_noise"], inp["step_noise"], inp["stochastic"], inp["noise_level"]
+    )
     return lambda: runner.run(feeds)
 
 
@@ -283,8 +347,8 @@ def _infer(args) -> int:
     import onnxruntime as ort
     import torch
 
-    from lerobot_policy_pi_rl.export import OnnxSampler, export_onnx
-    from lerobot_policy_pi_rl.export_split import SplitSampler, export_split
+    from pirl.export.onnx_export import OnnxSampler, export_onnx
+    from pirl.export.split_export import SplitSampler, export_split
 
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -308,14 +372,16 @@ def _infer(args) -> int:
     backends[TORCH] = _torch_backend(policy, inp, noise_method, "cpu")
     if "onnxruntime_cpu" in selected:
         ort_cpu = OnnxSampler(out / "onnx", threads=args.threads)
-        backends["onnxruntime_cpu"] = lambda: ort_cpu.run(inp["obs"], inp["initial_noise"], inp["step_noise"],
-                                                          inp["stochastic"], inp["noise_level"])
+        backends["onnxruntime_cpu"] = lambda: ort_cpu.run(
+            inp["obs"], inp["initial_noise"], inp["step_noise"], inp["stochastic"], inp["noise_level"]
+        )
     if "onnxruntime_cpu_split" in selected:
         # the alternative layout: prefix graph + one-step velocity graph, the K-step loop on the host
         split_manifest = export_split(policy, out / "onnx_split", opset=args.opset)
         split = SplitSampler(policy, out / "onnx_split", noise_method=noise_method, threads=args.threads)
-        backends["onnxruntime_cpu_split"] = lambda: split.run(inp["obs"], inp["initial_noise"], inp["step_noise"],
-                                                              inp["stochastic"], inp["noise_level"])
+        backends["onnxruntime_cpu_split"] = lambda: split.run(
+            inp["obs"], inp["initial_noise"], inp["step_noise"], inp["stochastic"], inp["noise_level"]
+        )
     gpu_names = [n for n in GPU_BACKENDS if n in selected]
     if not gpu_names:
         pass
@@ -331,8 +397,9 @@ def _infer(args) -> int:
             "torch_compile_cuda": lambda: _compile_backend(gpu_policy, inp, noise_method, args.compile_mode),
             "onnxruntime_cuda": lambda: _ort_cuda(out / "onnx", ort, inp),
             "tensorrt": lambda: _tensorrt_backend(out / "onnx", inp, args.batch, False, args.trt_refit, notes, built),
-            "tensorrt_cuda_graph": lambda: _tensorrt_backend(out / "onnx", inp, args.batch, True, args.trt_refit,
-                                                             notes, built),
+            "tensorrt_cuda_graph": lambda: _tensorrt_backend(
+                out / "onnx", inp, args.batch, True, args.trt_refit, notes, built
+            ),
         }
         for name, make in candidates.items():
             if name not in selected:
@@ -352,8 +419,10 @@ def _infer(args) -> int:
         got = fn()
         parity[name] = {k: float(np.max(np.abs(got[k] - ref[k]))) for k in ("actions", "chain", "log_prob", "value")}
 
-    print(f"[infer] timing {len(backends)} backends, batch {args.batch}, {args.threads} thread(s): "
-          f"{args.warmup} warmup + {args.iterations} timed calls each, interleaved")
+    print(
+        f"[infer] timing {len(backends)} backends, batch {args.batch}, {args.threads} thread(s): "
+        f"{args.warmup} warmup + {args.iterations} timed calls each, interleaved"
+    )
     for _ in range(args.warmup):
         for fn in backends.values():
             fn()
@@ -373,8 +442,11 @@ def _infer(args) -> int:
     results = {}
     for name, ts in times.items():
         med = float(np.median(ts))
-        results[name] = {"median_ms": round(med, 4), "p99_ms": round(float(np.percentile(ts, 99)), 4),
-                         "ratio_vs_torch": round(med / base, 4)}
+        results[name] = {
+            "median_ms": round(med, 4),
+            "p99_ms": round(float(np.percentile(ts, 99)), 4),
+            "ratio_vs_torch": round(med / base, 4),
+        }
     report = {
         "backends": results,
         "parity_max_abs_err": parity["onnxruntime_cpu"]["actions"] if "onnxruntime_cpu" in parity else None,
@@ -383,16 +455,19 @@ def _infer(args) -> int:
         "machine": _machine(),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
         "command": "pirl-bench " + " ".join(args.argv),
-        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "batch": args.batch,
         "threads": args.threads,
         "iterations": args.iterations,
         "warmup": args.warmup,
         "export_seconds": round(export_seconds, 3) if export_seconds is not None else None,
         "artifact_bytes": {name: a["bytes"] for name, a in manifest["artifacts"].items()} if manifest else {},
-        "split_export": {"export_seconds": split_manifest["export_seconds"],
-                         "artifact_bytes": {n: a["bytes"] for n, a in split_manifest["artifacts"].items()}}
-                        if split_manifest else None,
+        "split_export": {
+            "export_seconds": split_manifest["export_seconds"],
+            "artifact_bytes": {n: a["bytes"] for n, a in split_manifest["artifacts"].items()},
+        }
+        if split_manifest
+        else None,
         "policy": {
             "source": source,
             "noise_method": noise_method,
@@ -405,7 +480,7 @@ def _infer(args) -> int:
         },
         "notes": {
             "measured": "one chunk inference = one sample_chains call (prefix + K denoise steps + log-prob + value), "
-                        "host numpy inputs to host numpy outputs (GPU backends include the copies)",
+            "host numpy inputs to host numpy outputs (GPU backends include the copies)",
             "ratio_vs_torch": f"median_ms / median_ms of {TORCH} (PyTorch eager on CPU)",
             "parity_max_abs_err": "max |actions(onnxruntime_cpu) - actions(torch_eager)| on the timed inputs",
             "schedule": "backends called round-robin, one call each per iteration, garbage collector off",
@@ -442,14 +517,18 @@ def _parameter_breakdown(policy, min_share: float = 0.01, max_depth: int = 6) ->
 
 
 def _ort_cuda(export_dir: Path, ort, inp: dict):
-    from lerobot_policy_pi_rl.export import OnnxSampler
+    from pirl.export.onnx_export import OnnxSampler
 
     if "CUDAExecutionProvider" not in ort.get_available_providers():
-        raise RuntimeError(f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (CPU build; install onnxruntime-gpu)")
+        raise RuntimeError(
+            f"onnxruntime {ort.__version__} has no CUDAExecutionProvider (CPU build; install onnxruntime-gpu)"
+        )
     sampler = OnnxSampler(export_dir, providers=["cuda"])
     if sampler.providers[0] != "CUDAExecutionProvider":
         raise RuntimeError(f"CUDAExecutionProvider did not initialise (session providers {sampler.providers})")
-    return lambda: sampler.run(inp["obs"], inp["initial_noise"], inp["step_noise"], inp["stochastic"], inp["noise_level"])
+    return lambda: sampler.run(
+        inp["obs"], inp["initial_noise"], inp["step_noise"], inp["stochastic"], inp["noise_level"]
+    )
 
 
 def _print_table(results: dict, skipped: dict, report: dict) -> None:
@@ -459,15 +538,19 @@ def _print_table(results: dict, skipped: dict, report: dict) -> None:
     for name, why in skipped.items():
         print(f"{name:<20}  skipped: {why}")
     if report["parity_max_abs_err"] is not None:
-        print(f"parity (onnxruntime_cpu vs torch_eager actions): max abs err {report['parity_max_abs_err']:.2e}; "
-              f"export {report['export_seconds']:.2f}s")
+        print(
+            f"parity (onnxruntime_cpu vs torch_eager actions): max abs err {report['parity_max_abs_err']:.2e}; "
+            f"export {report['export_seconds']:.2f}s"
+        )
     print(f"batch {report['batch']}, {report['threads']} thread(s)\n")
 
 
 def _machine() -> str:
     import torch
 
-    m = f"{platform.machine()} {platform.processor() or ''} {_cpus()} CPUs, {platform.python_version()}".replace("  ", " ")
+    m = f"{platform.machine()} {platform.processor() or ''} {_cpus()} CPUs, {platform.python_version()}".replace(
+        "  ", " "
+    )
     if torch.cuda.is_available():
         m += f", {torch.cuda.get_device_name(0)}"
     return m.strip()
@@ -482,7 +565,9 @@ def _cpus() -> int:
 def main() -> None:
     import sys
 
-    parser = argparse.ArgumentParser(prog="pirl-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="pirl-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("learn", help="SFT from scripted demos, then PI-RL; writes learn.json and learn.png")
     p.add_argument("--out", required=True, help="output directory (SFT checkpoints under OUT/sft are reused)")
@@ -500,39 +585,79 @@ def main() -> None:
     p.add_argument("--num-demos", type=int, default=10)
     p.add_argument("--demo-noise", type=float, default=0.1)
     p.add_argument("--sft-steps", type=int, default=2000)
-    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default="mlp",
-                   help="mlp, or LeRobot's pi0 / pi05 / smolvla at the reduced CPU size (camera + instruction)")
+    p.add_argument(
+        "--backbone",
+        choices=BACKBONE_CHOICES,
+        default="mlp",
+        help="mlp, or LeRobot's pi0 / pi05 / smolvla at the reduced CPU size (camera + instruction)",
+    )
 
     p = sub.add_parser("infer", help="export to ONNX and time one chunk inference per backend; writes infer.json")
     p.add_argument("--out", required=True, help="output directory (the export goes to OUT/onnx)")
-    p.add_argument("--policy-path", default=None,
-                   help="pretrained_model directory (default: a freshly initialised pi_rl policy for the built-in task)")
+    p.add_argument(
+        "--policy-path",
+        default=None,
+        help="pretrained_model directory (default: a freshly initialised pi_rl policy for the built-in task)",
+    )
     p.add_argument("--batch", type=int, default=1, help="decisions per inference call")
     p.add_argument("--iterations", type=int, default=200, help="timed calls per backend")
     p.add_argument("--warmup", type=int, default=20, help="untimed calls per backend first")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch and ONNX Runtime intra-op threads (1: comparable figures on a shared machine)")
-    p.add_argument("--noise-method", choices=["flow_sde", "flow_noise", "flow_ode"], default=None,
-                   help="sampler to time (default: the policy's configured one)")
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch and ONNX Runtime intra-op threads (1: comparable figures on a shared machine)",
+    )
+    p.add_argument(
+        "--noise-method",
+        choices=["flow_sde", "flow_noise", "flow_ode"],
+        default=None,
+        help="sampler to time (default: the policy's configured one)",
+    )
     p.add_argument("--opset", type=int, default=17)
     p.add_argument("--compile-mode", default="default", help="torch.compile mode on GPU")
-    p.add_argument("--trt-refit", action="store_true",
-                   help="build the TensorRT engines refittable (BuilderFlag.REFIT), to measure what REFIT costs")
+    p.add_argument(
+        "--trt-refit",
+        action="store_true",
+        help="build the TensorRT engines refittable (BuilderFlag.REFIT), to measure what REFIT costs",
+    )
     p.add_argument("--seed", type=int, default=0, help="policy init (without --policy-path) and inputs")
-    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default="mlp",
-                   help="time a randomly initialised VLA (pi0 / pi05 / smolvla) instead of the default MLP policy")
-    p.add_argument("--size", choices=["full", "reduced"], default=None,
-                   help="VLA size: full (the released architecture; default with CUDA) or reduced (default on CPU)")
-    p.add_argument("--smolvlm-config", choices=["hub", "offline"], default="hub",
-                   help="full-size SmolVLA: read SmolVLM2-500M's architecture from the hub (LeRobot's path) or "
-                        "from the copy written out in backbones/smolvlm2_offline.py (no network)")
+    p.add_argument(
+        "--backbone",
+        choices=BACKBONE_CHOICES,
+        default="mlp",
+        help="time a randomly initialised VLA (pi0 / pi05 / smolvla) instead of the default MLP policy",
+    )
+    p.add_argument(
+        "--size",
+        choices=["full", "reduced"],
+        default=None,
+        help="VLA size: full (the released architecture; default with CUDA) or reduced (default on CPU)",
+    )
+    p.add_argument(
+        "--smolvlm-config",
+        choices=["hub", "offline"],
+        default="hub",
+        help="full-size SmolVLA: read SmolVLM2-500M's architecture from the hub (LeRobot's path) or "
+        "from the copy written out in backbones/smolvlm2_offline.py (no network)",
+    )
     p.add_argument("--cameras", type=int, default=None, help="VLA cameras (default 3 at full size, 1 reduced)")
-    p.add_argument("--num-denoise-steps", type=int, default=None,
-                   help="VLA K (default 10 at full size, as the public pi0.5 anchors; 4 reduced)")
-    p.add_argument("--backends", nargs="+", choices=INFER_BACKENDS, default=None, metavar="NAME",
-                   help=f"time only these (default: all; {TORCH} always runs, as the baseline). Exports happen "
-                        f"only for the ONNX / TensorRT ones: a full-size VLA on a CPU box can run {TORCH} alone. "
-                        f"Choices: {', '.join(INFER_BACKENDS)}")
+    p.add_argument(
+        "--num-denoise-steps",
+        type=int,
+        default=None,
+        help="VLA K (default 10 at full size, as the public pi0.5 anchors; 4 reduced)",
+    )
+    p.add_argument(
+        "--backends",
+        nargs="+",
+        choices=INFER_BACKENDS,
+        default=None,
+        metavar="NAME",
+        help=f"time only these (default: all; {TORCH} always runs, as the baseline). Exports happen "
+        f"only for the ONNX / TensorRT ones: a full-size VLA on a CPU box can run {TORCH} alone. "
+        f"Choices: {', '.join(INFER_BACKENDS)}",
+    )
     args = parser.parse_args()
     args.argv = sys.argv[1:]
     if args.cmd == "infer":

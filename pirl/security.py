@@ -97,15 +97,17 @@ def load_tokens(path: str | os.PathLike) -> dict[str, str]:
     except json.JSONDecodeError as e:
         raise ValueError(f"tokens file {p} is not valid JSON: {e}") from None
     if not isinstance(data, dict):
-        raise ValueError(f'tokens file {p} must hold a JSON object {{"robot-id": "token", ...}}, '
-                         f"got {type(data).__name__}")
+        raise ValueError(
+            f'tokens file {p} must hold a JSON object {{"robot-id": "token", ...}}, got {type(data).__name__}'
+        )
     if not data:
         raise ValueError(f"tokens file {p} lists no robots")
     tokens = _check_tokens(data, f"tokens file {p}")
     try:
         if os.name == "posix" and p.stat().st_mode & 0o077:
-            log.warning("tokens file %s is readable by group/others (mode %o): chmod 600 it",
-                        p, p.stat().st_mode & 0o777)
+            log.warning(
+                "tokens file %s is readable by group/others (mode %o): chmod 600 it", p, p.stat().st_mode & 0o777
+            )
     except OSError:
         pass
     return tokens
@@ -147,8 +149,10 @@ class TokenAuthenticator:
         """``(robot_id, "")`` for valid metadata, else ``(None, reason)``; never raises, never echoes the token."""
         values = [v for k, v in (metadata or ()) if k.lower() == AUTH_METADATA_KEY]
         if not values:
-            return None, ("missing token: send 'authorization: Bearer <token>' metadata "
-                          "(the robot's entry in the learner's tokens file)")
+            return None, (
+                "missing token: send 'authorization: Bearer <token>' metadata "
+                "(the robot's entry in the learner's tokens file)"
+            )
         if len(values) > 1:
             return None, "invalid token: more than one authorization metadata entry"
         value = values[0]
@@ -192,8 +196,9 @@ def _read_pem(path: str | os.PathLike, what: str, marker: str) -> bytes:
     return data
 
 
-def server_credentials(cert_pem_path: str | os.PathLike, key_pem_path: str | os.PathLike,
-                       client_ca_path: str | os.PathLike | None = None) -> grpc.ServerCredentials:
+def server_credentials(
+    cert_pem_path: str | os.PathLike, key_pem_path: str | os.PathLike, client_ca_path: str | os.PathLike | None = None
+) -> grpc.ServerCredentials:
     """TLS server credentials; with ``client_ca_path`` clients must present a certificate signed by that CA."""
     cert = _read_pem(cert_pem_path, "TLS certificate", "CERTIFICATE")
     key = _read_pem(key_pem_path, "TLS private key", "PRIVATE KEY")
@@ -203,8 +208,11 @@ def server_credentials(cert_pem_path: str | os.PathLike, key_pem_path: str | os.
     return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=True)
 
 
-def channel_credentials(ca_path: str | os.PathLike | None, client_cert_path: str | os.PathLike | None = None,
-                        client_key_path: str | os.PathLike | None = None) -> grpc.ChannelCredentials:
+def channel_credentials(
+    ca_path: str | os.PathLike | None,
+    client_cert_path: str | os.PathLike | None = None,
+    client_key_path: str | os.PathLike | None = None,
+) -> grpc.ChannelCredentials:
     """TLS channel credentials trusting ``ca_path`` (None: the system roots), plus a client cert for mutual TLS."""
     if (client_cert_path is None) != (client_key_path is None):
         raise ValueError("a client certificate and its private key go together (give both or neither)")
@@ -221,7 +229,7 @@ def _split_host(address: str) -> str:
     a = address.strip()
     for prefix in ("dns:///", "dns:", "ipv4:", "ipv6:"):
         if a.startswith(prefix):
-            a = a[len(prefix):]
+            a = a[len(prefix) :]
             break
     if a.startswith("["):
         end = a.find("]")
@@ -261,12 +269,15 @@ def check_bind_allowed(address: str, tls: bool, insecure: bool) -> None:
     if tls or is_loopback(address):
         return
     if insecure:
-        log.warning("serving PLAINTEXT on non-loopback address %s (--insecure): tokens and rollouts travel "
-                    "unencrypted", address)
+        log.warning(
+            "serving PLAINTEXT on non-loopback address %s (--insecure): tokens and rollouts travel unencrypted", address
+        )
         return
-    raise ValueError(f"refusing to listen on non-loopback address {address} without TLS: pass --tls-cert and "
-                     "--tls-key (make them with pirl-certs), listen on 127.0.0.1, or pass --insecure to allow "
-                     "plaintext")
+    raise ValueError(
+        f"refusing to listen on non-loopback address {address} without TLS: pass --tls-cert and "
+        "--tls-key (make them with pirl-certs), listen on 127.0.0.1, or pass --insecure to allow "
+        "plaintext"
+    )
 
 
 # ----------------------------------------------------------------------------------------------- dev PKI
@@ -306,8 +317,13 @@ def _parse_hosts(hosts: Sequence[str]):
     return names
 
 
-def make_dev_pki(out_dir: str | os.PathLike, robot_ids: Sequence[str],
-                 hosts: Sequence[str] = ("localhost", "127.0.0.1"), *, days: int = 365) -> dict:
+def make_dev_pki(
+    out_dir: str | os.PathLike,
+    robot_ids: Sequence[str],
+    hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    *,
+    days: int = 365,
+) -> dict:
     """Write a development PKI and robot tokens into ``out_dir`` (created; existing files are overwritten).
 
     Files: ``ca.pem``/``ca.key`` (a local CA), ``server.pem``/``server.key`` (for ``hosts``, as DNS and IP
@@ -328,8 +344,10 @@ def make_dev_pki(out_dir: str | os.PathLike, robot_ids: Sequence[str],
         raise ValueError("give at least one robot id")
     for rid in robot_ids:
         if not isinstance(rid, str) or not _ROBOT_ID_RE.match(rid):
-            raise ValueError(f"robot id {rid!r} must be 1-128 characters of letters, digits, '.', '_', '-' "
-                             "(starting with a letter or digit)")
+            raise ValueError(
+                f"robot id {rid!r} must be 1-128 characters of letters, digits, '.', '_', '-' "
+                "(starting with a letter or digit)"
+            )
     dupes = sorted({r for r in robot_ids if robot_ids.count(r) > 1})
     if dupes:
         raise ValueError(f"robot ids given more than once: {', '.join(dupes)}")
@@ -343,30 +361,51 @@ def make_dev_pki(out_dir: str | os.PathLike, robot_ids: Sequence[str],
     if not out.exists():
         out.mkdir(parents=True, mode=0o700)
 
-    now = _dt.datetime.now(_dt.timezone.utc)
+    now = _dt.datetime.now(_dt.UTC)
     not_before, not_after = now - _dt.timedelta(minutes=5), now + _dt.timedelta(days=days)
 
     def new_key():
         return ec.generate_private_key(ec.SECP256R1())
 
     def key_pem(k) -> bytes:
-        return k.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                               serialization.NoEncryption())
+        return k.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
 
     def name(cn: str) -> x509.Name:
-        return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "PI-RL dev PKI"),
-                          x509.NameAttribute(NameOID.COMMON_NAME, cn)])
+        return x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "PI-RL dev PKI"),
+                x509.NameAttribute(NameOID.COMMON_NAME, cn),
+            ]
+        )
 
     ca_key = new_key()
     ca_name = name("PI-RL dev CA")
     ca_ski = x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key())
     ca_cert = (
-        x509.CertificateBuilder().subject_name(ca_name).issuer_name(ca_name).public_key(ca_key.public_key())
-        .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                     key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(ca_ski, critical=False)
         .sign(ca_key, hashes.SHA256())
     )
@@ -375,12 +414,28 @@ def make_dev_pki(out_dir: str | os.PathLike, robot_ids: Sequence[str],
     def leaf(cn: str, eku, alt_names):
         k = new_key()
         b = (
-            x509.CertificateBuilder().subject_name(name(cn)).issuer_name(ca_name).public_key(k.public_key())
-            .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
+            x509.CertificateBuilder()
+            .subject_name(name(cn))
+            .issuer_name(ca_name)
+            .public_key(k.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=False, crl_sign=False,
-                                         content_commitment=False, key_encipherment=False, data_encipherment=False,
-                                         key_agreement=False, encipher_only=False, decipher_only=False), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
             .add_extension(x509.ExtendedKeyUsage([eku]), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(k.public_key()), critical=False)
             .add_extension(aki, critical=False)
@@ -392,8 +447,15 @@ def make_dev_pki(out_dir: str | os.PathLike, robot_ids: Sequence[str],
     def cert_pem(c) -> bytes:
         return c.public_bytes(serialization.Encoding.PEM)
 
-    paths: dict = {"dir": out, "ca_cert": out / "ca.pem", "ca_key": out / "ca.key", "server_cert": out / "server.pem",
-                   "server_key": out / "server.key", "tokens": out / "tokens.json", "clients": {}}
+    paths: dict = {
+        "dir": out,
+        "ca_cert": out / "ca.pem",
+        "ca_key": out / "ca.key",
+        "server_cert": out / "server.pem",
+        "server_key": out / "server.key",
+        "tokens": out / "tokens.json",
+        "clients": {},
+    }
     _write(paths["ca_key"], key_pem(ca_key), private=True)
     _write(paths["ca_cert"], cert_pem(ca_cert), private=False)
 
@@ -423,12 +485,17 @@ def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pirl-certs",
         description="Write a development PKI (CA, learner server certificate, one client certificate per robot "
-                    "for mutual TLS) and a tokens file with a random token per robot.",
+        "for mutual TLS) and a tokens file with a random token per robot.",
     )
     p.add_argument("--out", required=True, metavar="DIR", help="directory to write into (created)")
     p.add_argument("--robots", required=True, nargs="+", metavar="ROBOT_ID", help="robot ids, e.g. robot-0 robot-1")
-    p.add_argument("--hosts", nargs="+", default=["localhost", "127.0.0.1"], metavar="HOST",
-                   help="DNS names / IP addresses the learner is reached at (default: localhost 127.0.0.1)")
+    p.add_argument(
+        "--hosts",
+        nargs="+",
+        default=["localhost", "127.0.0.1"],
+        metavar="HOST",
+        help="DNS names / IP addresses the learner is reached at (default: localhost 127.0.0.1)",
+    )
     p.add_argument("--days", type=int, default=365, help="validity in days (default: 365)")
     p.add_argument("--force", action="store_true", help="overwrite files in an existing non-empty DIR")
     return p
@@ -447,7 +514,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    until = (_dt.datetime.now(_dt.timezone.utc) + _dt.timedelta(days=args.days)).date().isoformat()
+    until = (_dt.datetime.now(_dt.UTC) + _dt.timedelta(days=args.days)).date().isoformat()
     rows = [
         (paths["ca_cert"], "CA certificate: every robot trusts the learner through it"),
         (paths["ca_key"], "CA private key (0600): keep it off robots and out of images"),

@@ -34,19 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from lerobot_policy_pi_rl.scripts.common import (
-    BACKBONE_CHOICES,
-    builtin_policy_overrides,
-    plot_curves,
-    run_cli,
-    sft_checkpoint,
-    write_json,
-)
+from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides
+from pirl.cli import check_bounds, run_cli, write_json
+from pirl_tools.common import plot_curves, sft_checkpoint
 
 ROBOTS = ("robot-0", "robot-1")
 
 
-class ChildFailed(ValueError):
+class ChildFailedError(ValueError):
     """A demo process died or hung: reported as one error (with its log tail), not a traceback."""
 
 
@@ -72,7 +67,7 @@ class Signals:
         self.held = False
         self._previous: dict = {}
 
-    def __enter__(self) -> "Signals":
+    def __enter__(self) -> Signals:
         for sig in STOP_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -127,13 +122,16 @@ class Procs:
         self._prctl = _prctl()
 
     def start(self, name: str, cmd: list[str], nice: int = 0, cpus: set[int] | None = None) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "w")
+        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115  the child writes to it for its lifetime
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
         parent, prctl = os.getpid(), self._prctl
 
         def place():  # in the child, before exec
-            if prctl is not None and prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0 \
-                    and os.getppid() != parent:
+            if (
+                prctl is not None
+                and prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
+                and os.getppid() != parent
+            ):
                 os._exit(1)  # the demo died before the request took effect
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
             if nice:
@@ -146,8 +144,9 @@ class Procs:
         # reaches the demo only, which stops them in order.
         signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
         try:
-            p = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True,
-                                 preexec_fn=place)
+            p = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=place
+            )
             self.procs[name] = p
         finally:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
@@ -184,7 +183,7 @@ class Procs:
         p = self.procs[name]
         if p.poll() is not None:
             tail = (self.logs / f"{name}.log").read_text()[-2000:]
-            raise ChildFailed(f"{name} exited with status {p.returncode}; end of its log:\n{tail}")
+            raise ChildFailedError(f"{name} exited with status {p.returncode}; end of its log:\n{tail}")
 
 
 def _wait_for(path: Path, procs: Procs, name: str, timeout: float) -> str:
@@ -194,7 +193,7 @@ def _wait_for(path: Path, procs: Procs, name: str, timeout: float) -> str:
             return path.read_text().strip()
         procs.check_alive(name)
         time.sleep(0.2)
-    raise ChildFailed(f"{name} did not write {path} within {timeout:.0f}s")
+    raise ChildFailedError(f"{name} did not write {path} within {timeout:.0f}s")
 
 
 def _pct(xs, q):
@@ -213,8 +212,14 @@ def _run(args, signals: Signals) -> int:
     started = time.monotonic()
     out = Path(args.out)
     print("== 1/4 few-shot SFT", flush=True)
-    ckpt = sft_checkpoint(out / "sft", seed=args.seed, num_demos=args.num_demos, steps=args.sft_steps, noise_std=0.1,
-                          policy_overrides=builtin_policy_overrides(args.backbone))
+    ckpt = sft_checkpoint(
+        out / "sft",
+        seed=args.seed,
+        num_demos=args.num_demos,
+        steps=args.sft_steps,
+        noise_std=0.1,
+        policy_overrides=builtin_policy_overrides(args.backbone),
+    )
     signals.raise_if_received()  # in case the training loop swallowed the KeyboardInterrupt
 
     print("== 2/4 certificates and tokens", flush=True)
@@ -231,27 +236,99 @@ def _run(args, signals: Signals) -> int:
     try:
         print("== 3/4 learner + 2 edges over gRPC with TLS on loopback", flush=True)
         learner_dir = out / "learner"
-        procs.start("learner", [
-            _bin("pirl-learner"), "--policy-path", str(ckpt), "--output-dir", str(learner_dir),
-            "--address", "127.0.0.1:0", "--port-file", str(out / "learner.port"), "--tokens", str(pki["tokens"]),
-            "--tls-cert", str(pki["server_cert"]), "--tls-key", str(pki["server_key"]),
-            "--episodes-per-update", str(args.episodes_per_update), "--eval-every", str(args.eval_every),
-            "--eval-episodes", str(args.eval_episodes), "--target-success", str(args.target),
-            "--actor-lr", str(args.actor_lr), "--seed", str(args.seed), "--max-version-lag", str(args.max_version_lag),
-        ], nice=10, cpus=farm_cpus)
+        procs.start(
+            "learner",
+            [
+                _bin("pirl-learner"),
+                "--policy-path",
+                str(ckpt),
+                "--output-dir",
+                str(learner_dir),
+                "--address",
+                "127.0.0.1:0",
+                "--port-file",
+                str(out / "learner.port"),
+                "--tokens",
+                str(pki["tokens"]),
+                "--tls-cert",
+                str(pki["server_cert"]),
+                "--tls-key",
+                str(pki["server_key"]),
+                "--episodes-per-update",
+                str(args.episodes_per_update),
+                "--eval-every",
+                str(args.eval_every),
+                "--eval-episodes",
+                str(args.eval_episodes),
+                "--target-success",
+                str(args.target),
+                "--actor-lr",
+                str(args.actor_lr),
+                "--seed",
+                str(args.seed),
+                "--max-version-lag",
+                str(args.max_version_lag),
+            ],
+            nice=10,
+            cpus=farm_cpus,
+        )
         port = _wait_for(out / "learner.port", procs, "learner", timeout=120)
         address = f"127.0.0.1:{port}"
-        common = ["--learner", address, "--tokens", str(pki["tokens"]), "--tls-ca", str(pki["ca_cert"]),
-                  "--policy-path", str(ckpt), "--drain-timeout", "60"]
-        procs.start("robot-0", [_bin("pirl-edge"), *common, "--robot-id", "robot-0", "--mode", "paced",
-                                "--backend", args.backend,
-                                "--control-hz", str(args.control_hz), "--spool-dir", str(out / "edges/robot-0/spool"),
-                                "--stats-file", str(out / "edges/robot-0/stats.json"), "--seed", str(args.seed + 1)],
-                    cpus=robot_cpus)
-        procs.start("robot-1", [_bin("pirl-edge"), *common, "--robot-id", "robot-1", "--mode", "unpaced",
-                                "--num-envs", str(args.num_envs), "--spool-dir", str(out / "edges/robot-1/spool"),
-                                "--stats-file", str(out / "edges/robot-1/stats.json"), "--seed", str(args.seed + 2)],
-                    nice=15, cpus=farm_cpus)
+        common = [
+            "--learner",
+            address,
+            "--tokens",
+            str(pki["tokens"]),
+            "--tls-ca",
+            str(pki["ca_cert"]),
+            "--policy-path",
+            str(ckpt),
+            "--drain-timeout",
+            "60",
+        ]
+        procs.start(
+            "robot-0",
+            [
+                _bin("pirl-edge"),
+                *common,
+                "--robot-id",
+                "robot-0",
+                "--mode",
+                "paced",
+                "--backend",
+                args.backend,
+                "--control-hz",
+                str(args.control_hz),
+                "--spool-dir",
+                str(out / "edges/robot-0/spool"),
+                "--stats-file",
+                str(out / "edges/robot-0/stats.json"),
+                "--seed",
+                str(args.seed + 1),
+            ],
+            cpus=robot_cpus,
+        )
+        procs.start(
+            "robot-1",
+            [
+                _bin("pirl-edge"),
+                *common,
+                "--robot-id",
+                "robot-1",
+                "--mode",
+                "unpaced",
+                "--num-envs",
+                str(args.num_envs),
+                "--spool-dir",
+                str(out / "edges/robot-1/spool"),
+                "--stats-file",
+                str(out / "edges/robot-1/stats.json"),
+                "--seed",
+                str(args.seed + 2),
+            ],
+            nice=15,
+            cpus=farm_cpus,
+        )
         status_path = learner_dir / "status.json"
         last_print, status = 0.0, {}
         while True:
@@ -263,9 +340,12 @@ def _run(args, signals: Signals) -> int:
             if time.monotonic() - last_print > 5 and status:
                 curve = status.get("eval_curve") or [[0, 0, float("nan")]]
                 c = status.get("counts", {})
-                print(f"  [{elapsed:4.0f}s] policy version {status['version']:3d}  deterministic success "
-                      f"{curve[-1][2]:.3f} (v{curve[-1][0]})  records accepted {c.get('accepted', 0)}  "
-                      f"duplicates {c.get('duplicate', 0)}", flush=True)
+                print(
+                    f"  [{elapsed:4.0f}s] policy version {status['version']:3d}  deterministic success "
+                    f"{curve[-1][2]:.3f} (v{curve[-1][0]})  records accepted {c.get('accepted', 0)}  "
+                    f"duplicates {c.get('duplicate', 0)}",
+                    flush=True,
+                )
                 last_print = time.monotonic()
             if status.get("done") or (status.get("eval_curve") and status["eval_curve"][-1][2] >= args.target):
                 break
@@ -320,16 +400,27 @@ def _run(args, signals: Signals) -> int:
     rows = [
         ("deterministic success: SFT -> final", f"{report['sft_success']:.3f} -> {report['final_success']:.3f}"),
         ("policy versions published", report["policy_versions"]),
-        ("rollout records sent / accepted / duplicates",
-         f"{report['rollouts_sent']} / {report['rollouts_accepted']} / {report['duplicates']}"),
-        ("records dropped as too old / refused; left in spools",
-         f"{report['rollouts_dropped']}; {report['rollouts_left_in_spools']}"),
-        ("paced edge (robot-0) control rate p50 / p99",
-         f"{report['control_rate_hz_p50']:.1f} / {report['control_rate_hz_p99']:.1f} Hz"),
-        ("paced edge deadline misses", f"{report['deadline_miss_ratio']:.4%} of {report['paced_ticks']} ticks, "
-                                       f"{report['paced_policy_swaps']} policy swaps ({report['paced_backend']})"),
-        ("sync latency p50 / p99 (publish -> loaded on edge)",
-         f"{report['sync_latency_p50_s'] * 1e3:.0f} / {report['sync_latency_p99_s'] * 1e3:.0f} ms"),
+        (
+            "rollout records sent / accepted / duplicates",
+            f"{report['rollouts_sent']} / {report['rollouts_accepted']} / {report['duplicates']}",
+        ),
+        (
+            "records dropped as too old / refused; left in spools",
+            f"{report['rollouts_dropped']}; {report['rollouts_left_in_spools']}",
+        ),
+        (
+            "paced edge (robot-0) control rate p50 / p99",
+            f"{report['control_rate_hz_p50']:.1f} / {report['control_rate_hz_p99']:.1f} Hz",
+        ),
+        (
+            "paced edge deadline misses",
+            f"{report['deadline_miss_ratio']:.4%} of {report['paced_ticks']} ticks, "
+            f"{report['paced_policy_swaps']} policy swaps ({report['paced_backend']})",
+        ),
+        (
+            "sync latency p50 / p99 (publish -> loaded on edge)",
+            f"{report['sync_latency_p50_s'] * 1e3:.0f} / {report['sync_latency_p99_s'] * 1e3:.0f} ms",
+        ),
         ("wall time", f"{report['wall_seconds']:.0f} s"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -337,8 +428,11 @@ def _run(args, signals: Signals) -> int:
     for k, v in rows:
         print(f"  {k:<{width}}  {v}")
     write_json(out / "demo.json", report)
-    plot_curves(out / "demo.png", [{"label": "learner deterministic eval", "curve": [(c[1], c[2]) for c in curve]}],
-                f"pirl-demo ({args.backbone}): learner + 2 edges over gRPC")
+    plot_curves(
+        out / "demo.png",
+        [{"label": "learner deterministic eval", "curve": [(c[1], c[2]) for c in curve]}],
+        f"pirl-demo ({args.backbone}): learner + 2 edges over gRPC",
+    )
     print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}; logs in {out / 'logs'}")
     if report["final_success"] < args.target:
         print(f"the target success {args.target} was not reached within --time-limit {args.time_limit:.0f}s")
@@ -347,7 +441,9 @@ def _run(args, signals: Signals) -> int:
 
 
 def main() -> None:
-    p = argparse.ArgumentParser(prog="pirl-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="pirl-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--out", default="outputs/demo", help="output directory (a finished SFT checkpoint there is reused)")
     p.add_argument("--target", type=float, default=0.9, help="stop once deterministic success reaches this")
     p.add_argument("--time-limit", type=float, default=540.0, help="cap on the whole run, seconds (SFT included)")
@@ -357,14 +453,22 @@ def main() -> None:
     p.add_argument("--actor-lr", type=float, default=5e-5)
     p.add_argument("--num-envs", type=int, default=128, help="envs of the unpaced simulated edge")
     p.add_argument("--control-hz", type=float, default=50.0, help="rate of the paced edge")
-    p.add_argument("--backbone", choices=BACKBONE_CHOICES, default="mlp",
-                   help="mlp (state); or LeRobot's pi0 / pi05 / smolvla at a reduced CPU size, reading the camera "
-                        "image, the state and the task instruction (use a fresh --out: the SFT checkpoint is reused)")
-    p.add_argument("--backend", choices=["auto", "tensorrt", "onnxruntime", "torch"], default="torch",
-                   help="inference backend of the paced edge, as pirl-edge --backend: auto = TensorRT where it can "
-                        "build (CUDA + tensorrt with its builder), else ONNX Runtime; tensorrt falls back the same "
-                        "way when it cannot, counted in pirl_edge_backend_fallbacks_total. The report names the "
-                        "backend that served")
+    p.add_argument(
+        "--backbone",
+        choices=BACKBONE_CHOICES,
+        default="mlp",
+        help="mlp (state); or LeRobot's pi0 / pi05 / smolvla at a reduced CPU size, reading the camera "
+        "image, the state and the task instruction (use a fresh --out: the SFT checkpoint is reused)",
+    )
+    p.add_argument(
+        "--backend",
+        choices=["auto", "tensorrt", "onnxruntime", "torch"],
+        default="torch",
+        help="inference backend of the paced edge, as pirl-edge --backend: auto = TensorRT where it can "
+        "build (CUDA + tensorrt with its builder), else ONNX Runtime; tensorrt falls back the same "
+        "way when it cannot, counted in pirl_edge_backend_fallbacks_total. The report names the "
+        "backend that served",
+    )
     p.add_argument("--max-version-lag", type=int, default=2, help="learner: accept records this many versions old")
     p.add_argument("--num-demos", type=int, default=10)
     p.add_argument("--sft-steps", type=int, default=2000)
@@ -373,6 +477,14 @@ def main() -> None:
     args = p.parse_args()
     if not 0.0 < args.target <= 1.0:
         p.error("--target must be in (0, 1]")
+    # before SFT: a bad value must not cost minutes of work first
+    positive = ("episodes_per_update", "eval_episodes", "num_envs", "num_demos", "sft_steps")
+    check_bounds(
+        p,
+        args,
+        at_least={**dict.fromkeys(positive, 1), "eval_every": 1, "max_version_lag": 0},
+        above={"time_limit": 0, "actor_lr": 0, "control_hz": 0},
+    )
     run_cli(lambda: _run_interruptible(args))
 
 
@@ -383,8 +495,12 @@ def _run_interruptible(args) -> int:
         try:
             return _run(args, signals)
         except Interrupted as e:
-            print(f"pirl-demo: interrupted by {signal.Signals(e.signum).name}; stopped the learner and edges it had "
-                  f"started (logs in {Path(args.out) / 'logs'})", file=sys.stderr, flush=True)
+            print(
+                f"pirl-demo: interrupted by {signal.Signals(e.signum).name}; stopped the learner and edges it had "
+                f"started (logs in {Path(args.out) / 'logs'})",
+                file=sys.stderr,
+                flush=True,
+            )
             return 128 + e.signum
 
 

@@ -1,12 +1,12 @@
 """TensorRT engines for the exported PI-RL sampler: build, cache, refit, publish, run.
 
-The engine is built from the ONNX export (``lerobot_policy_pi_rl.export``: the whole sampler, prefix +
+The engine is built from the ONNX export (``pirl.export.onnx_export``: the whole sampler, prefix +
 K denoise steps + log-prob + value, every noise tensor an input), so the sampler math still lives only
 in ``samplers.py``: TensorRT compiles the traced graph, it does not re-implement it.
 
 Written against the TensorRT 10.x Python API (names checked against the 10.3 bindings, the JetPack 6
 version, and the 11.x ones) and imported lazily (``import_tensorrt``): nothing here imports
-``tensorrt`` at module import, and a machine without it gets ``TensorRTUnavailable`` with the reason.
+``tensorrt`` at module import, and a machine without it gets ``TensorRTUnavailableError`` with the reason.
 
 * **Build** (``EngineManager.build_plan``): a *strongly typed* network
   (``NetworkDefinitionCreationFlag.STRONGLY_TYPED``; in TensorRT 11 the flag is deprecated and
@@ -31,10 +31,10 @@ version, and the 11.x ones) and imported lazily (``import_tensorrt``): nothing h
   captured again after every refit. TensorRT documents that execution contexts stay valid after a
   refit; it says nothing about graphs captured before one, so they are not reused.
 
-None of this has run on a GPU on the machine it was written on (no GPU was available). The CPU
-tests exercise the key, cache, ordering and orchestration logic (with a fake TensorRT module for
-the orchestration; see tests/test_tensorrt_backend.py); the ``-m gpu`` tests build, refit, run and
-compare with PyTorch where CUDA and TensorRT are present.
+The CPU tests exercise the key, cache, ordering and orchestration logic (with a fake TensorRT
+module for the orchestration; see tests/test_tensorrt_backend.py); the ``-m gpu`` tests build,
+refit, run and compare with PyTorch where CUDA and TensorRT are present (BENCHMARKS.md says where
+they have run).
 """
 
 from __future__ import annotations
@@ -47,12 +47,12 @@ import os
 import time
 import uuid
 from dataclasses import asdict, dataclass, field, fields
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from lerobot_policy_pi_rl.export import (
+from pirl.export.onnx_export import (
     EXTERNAL_DATA_FILE,
     MODEL_FILE,
     graph_structure_sha256,
@@ -68,7 +68,7 @@ CACHE_FORMAT = "pirl-trt-engine/1"
 METHODS = ("current", "published", "cache", "refit", "cache_refit", "build")
 
 
-class TensorRTUnavailable(RuntimeError):
+class TensorRTUnavailableError(RuntimeError):
     """TensorRT (with its builder and ONNX parser) or a CUDA device is not present."""
 
 
@@ -111,8 +111,10 @@ class TensorRTSettings:
 
     def __post_init__(self):
         if not 1 <= self.batch_min <= self.batch_opt <= self.batch_max:
-            raise ValueError(f"TensorRT batch profile must satisfy 1 <= min <= opt <= max, got "
-                             f"{self.batch_min},{self.batch_opt},{self.batch_max}")
+            raise ValueError(
+                f"TensorRT batch profile must satisfy 1 <= min <= opt <= max, got "
+                f"{self.batch_min},{self.batch_opt},{self.batch_max}"
+            )
         if self.workspace_mib < 1:
             raise ValueError(f"TensorRT workspace must be >= 1 MiB, got {self.workspace_mib}")
         if self.cache_entries < 1:
@@ -125,26 +127,29 @@ class TensorRTSettings:
 
 # --- availability --------------------------------------------------------------------------------
 
+
 def import_tensorrt():
-    """The ``tensorrt`` module with its builder and ONNX parser, or TensorRTUnavailable (the lean /
+    """The ``tensorrt`` module with its builder and ONNX parser, or TensorRTUnavailableError (the lean /
     dispatch runtimes from PyPI have neither, and import under other names anyway)."""
     try:
         import tensorrt as trt
     except Exception as e:  # noqa: BLE001  ImportError, or OSError from a missing libnvinfer
-        raise TensorRTUnavailable(f"import tensorrt failed ({type(e).__name__}: {e})") from None
+        raise TensorRTUnavailableError(f"import tensorrt failed ({type(e).__name__}: {e})") from None
     missing = [n for n in ("Builder", "OnnxParser", "Refitter", "OnnxParserRefitter", "Runtime") if not hasattr(trt, n)]
     if missing:
-        raise TensorRTUnavailable(f"tensorrt {getattr(trt, '__version__', '?')} lacks {', '.join(missing)} "
-                                  "(a runtime-only install; the builder and ONNX parser are needed)")
+        raise TensorRTUnavailableError(
+            f"tensorrt {getattr(trt, '__version__', '?')} lacks {', '.join(missing)} "
+            "(a runtime-only install; the builder and ONNX parser are needed)"
+        )
     return trt
 
 
 def cuda_device() -> dict:
-    """``{"name", "compute_capability"}`` of the current CUDA device, or TensorRTUnavailable."""
+    """``{"name", "compute_capability"}`` of the current CUDA device, or TensorRTUnavailableError."""
     import torch
 
     if not torch.cuda.is_available():
-        raise TensorRTUnavailable("no CUDA device (torch.cuda.is_available() is False)")
+        raise TensorRTUnavailableError("no CUDA device (torch.cuda.is_available() is False)")
     major, minor = torch.cuda.get_device_capability()
     return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
 
@@ -154,12 +159,13 @@ def tensorrt_unavailable_reason() -> str | None:
     try:
         import_tensorrt()
         cuda_device()
-    except TensorRTUnavailable as e:
+    except TensorRTUnavailableError as e:
         return str(e)
     return None
 
 
 # --- cache keys ----------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class EngineKey:
@@ -187,7 +193,9 @@ class EngineKey:
     def from_fields(cls, d: dict) -> EngineKey:
         names = {f.name for f in fields(cls)}
         if not isinstance(d, dict) or set(d) != names:
-            raise ValueError(f"engine key fields must be exactly {sorted(names)}, got {sorted(d) if isinstance(d, dict) else d!r}")
+            raise ValueError(
+                f"engine key fields must be exactly {sorted(names)}, got {sorted(d) if isinstance(d, dict) else d!r}"
+            )
         profile = d["batch_profile"]
         if not (isinstance(profile, list | tuple) and len(profile) == 3 and all(isinstance(x, int) for x in profile)):
             raise ValueError(f"engine key batch_profile must be 3 ints, got {profile!r}")
@@ -215,16 +223,22 @@ def export_onnx_sha256(manifest: dict) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
-def engine_key(root: str | Path, manifest: dict, settings: TensorRTSettings, tensorrt_version: str,
-               device: dict) -> EngineKey:
+def engine_key(
+    root: str | Path, manifest: dict, settings: TensorRTSettings, tensorrt_version: str, device: dict
+) -> EngineKey:
     """The cache key of an engine built from the export in ``root`` (its artifacts already verified)."""
     structure = manifest.get("graph_structure_sha256") or graph_structure_sha256(Path(root) / MODEL_FILE)
     return EngineKey(
-        onnx_sha256=export_onnx_sha256(manifest), graph_structure_sha256=structure,
-        precision=manifest.get("precision", "fp32"), tensorrt_version=str(tensorrt_version),
-        device_name=str(device["name"]), compute_capability=str(device["compute_capability"]),
+        onnx_sha256=export_onnx_sha256(manifest),
+        graph_structure_sha256=structure,
+        precision=manifest.get("precision", "fp32"),
+        tensorrt_version=str(tensorrt_version),
+        device_name=str(device["name"]),
+        compute_capability=str(device["compute_capability"]),
         batch_profile=(settings.batch_min, settings.batch_opt, settings.batch_max),
-        workspace_mib=settings.workspace_mib, refit=settings.refit, tf32=settings.tf32,
+        workspace_mib=settings.workspace_mib,
+        refit=settings.refit,
+        tf32=settings.tf32,
     )
 
 
@@ -234,19 +248,30 @@ def profile_shapes(name: str, shape: tuple[int, ...], settings: TensorRTSettings
     if not shape:
         raise EngineBuildError(f"input {name!r} is a scalar; the sampler's inputs all have a batch axis")
     if any(d < 0 for d in shape[1:]):
-        raise EngineBuildError(f"input {name!r} has a dynamic non-batch axis {list(shape)}; export with fixed feature shapes")
+        raise EngineBuildError(
+            f"input {name!r} has a dynamic non-batch axis {list(shape)}; export with fixed feature shapes"
+        )
     rest = tuple(shape[1:])
     if shape[0] >= 0:
         if not settings.batch_min <= shape[0] <= settings.batch_max:
-            raise EngineBuildError(f"input {name!r} was exported with batch {shape[0]}, outside the profile "
-                                   f"{settings.batch_min}..{settings.batch_max}")
+            raise EngineBuildError(
+                f"input {name!r} was exported with batch {shape[0]}, outside the profile "
+                f"{settings.batch_min}..{settings.batch_max}"
+            )
         s = (shape[0], *rest)
         return s, s, s
     return ((settings.batch_min, *rest), (settings.batch_opt, *rest), (settings.batch_max, *rest))
 
 
-def prepare_order(key: EngineKey, *, current: EngineKey | None, current_refittable: bool,
-                  published: EngineKey | None, cached_exact: bool, cached_refittable: bool) -> list[str]:
+def prepare_order(
+    key: EngineKey,
+    *,
+    current: EngineKey | None,
+    current_refittable: bool,
+    published: EngineKey | None,
+    cached_exact: bool,
+    cached_refittable: bool,
+) -> list[str]:
     """The ways to get an engine for ``key``, in the order to try them (the refit-vs-rebuild rule).
 
     1. ``current``: the engine in hand already is exactly this one (same key).
@@ -275,6 +300,7 @@ def prepare_order(key: EngineKey, *, current: EngineKey | None, current_refittab
 
 
 # --- the engine cache ----------------------------------------------------------------------------
+
 
 class EngineCache:
     """Serialized engines on disk: ``<key id>.plan`` and ``<key id>.json`` (key fields, the plan's
@@ -344,9 +370,17 @@ class EngineCache:
 
     def put(self, key: EngineKey, plan: bytes, *, source: str, seconds: float) -> None:
         plan_path, meta_path = self._paths(key.id)
-        meta = {"format": CACHE_FORMAT, "key_id": key.id, "structure_id": key.structure_id, "key": key.fields(),
-                "plan_sha256": hashlib.sha256(plan).hexdigest(), "plan_bytes": len(plan), "source": source,
-                "seconds": round(seconds, 3), "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        meta = {
+            "format": CACHE_FORMAT,
+            "key_id": key.id,
+            "structure_id": key.structure_id,
+            "key": key.fields(),
+            "plan_sha256": hashlib.sha256(plan).hexdigest(),
+            "plan_bytes": len(plan),
+            "source": source,
+            "seconds": round(seconds, 3),
+            "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
         tag = uuid.uuid4().hex[:8]
         tmp_plan, tmp_meta = plan_path.with_suffix(f".plan.{tag}.tmp"), meta_path.with_suffix(f".json.{tag}.tmp")
         try:
@@ -361,7 +395,7 @@ class EngineCache:
 
     def _evict(self) -> None:
         metas = sorted(self.dir.glob("*.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-        for meta_path in metas[self.max_entries:]:
+        for meta_path in metas[self.max_entries :]:
             for p in self._paths(meta_path.stem):
                 p.unlink(missing_ok=True)
         for orphan in self.dir.glob("*.plan"):  # a plan without its JSON (crash between the two renames)
@@ -370,6 +404,7 @@ class EngineCache:
 
 
 # --- getting an engine for a version -------------------------------------------------------------
+
 
 @dataclass
 class PreparedEngine:
@@ -384,19 +419,25 @@ class PreparedEngine:
     valid: bool = True  # False once a failed refit may have left a mix of weights in it
 
     def info(self) -> dict:
-        return {"method": self.method, "seconds": round(self.seconds, 4), "key_id": self.key.id[:16],
-                "tensorrt_version": self.key.tensorrt_version, "failed": list(self.failed)}
+        return {
+            "method": self.method,
+            "seconds": round(self.seconds, 4),
+            "key_id": self.key.id[:16],
+            "tensorrt_version": self.key.tensorrt_version,
+            "failed": list(self.failed),
+        }
 
 
 class EngineManager:
     """Gets TensorRT engines for exports: published, cached, refitted or built (``prepare``).
 
-    ``trt`` and ``device`` are looked up when not given (TensorRTUnavailable without them); the
+    ``trt`` and ``device`` are looked up when not given (TensorRTUnavailableError without them); the
     tests pass a fake module. One manager can serve several backends (the edge's active and spare
     share one, and so its cache)."""
 
-    def __init__(self, settings: TensorRTSettings, trt=None, device: dict | None = None,
-                 cache: EngineCache | None = None):
+    def __init__(
+        self, settings: TensorRTSettings, trt=None, device: dict | None = None, cache: EngineCache | None = None
+    ):
         self.settings = settings
         self.trt = trt if trt is not None else import_tensorrt()
         self.device = device if device is not None else cuda_device()
@@ -437,8 +478,10 @@ class EngineManager:
         config.add_optimization_profile(profile)
         plan = builder.build_serialized_network(network, config)
         if plan is None:
-            raise EngineBuildError(f"TensorRT {self.tensorrt_version} could not build an engine from {onnx_path} "
-                                   "(see the TensorRT log above)")
+            raise EngineBuildError(
+                f"TensorRT {self.tensorrt_version} could not build an engine from {onnx_path} "
+                "(see the TensorRT log above)"
+            )
         return bytes(plan)
 
     def deserialize(self, plan: bytes):
@@ -485,10 +528,12 @@ class EngineManager:
         cached_ids = self.cache.refittable_ids(key) if (self.cache is not None and key.refit) else []
         usable_current = current if current is not None and current.valid else None
         order = prepare_order(
-            key, current=usable_current.key if usable_current else None,
+            key,
+            current=usable_current.key if usable_current else None,
             current_refittable=bool(usable_current and usable_current.refittable),
             published=published[0] if published else None,
-            cached_exact=self.cache is not None and self.cache.has(key), cached_refittable=bool(cached_ids),
+            cached_exact=self.cache is not None and self.cache.has(key),
+            cached_refittable=bool(cached_ids),
         )
         if published and published[0] != key:
             log.info("the learner's TensorRT engine does not match here (%s): not used", _key_diff(published[0], key))
@@ -510,8 +555,13 @@ class EngineManager:
             refittable = bool(getattr(engine, "refittable", False))
             if key.refit and not refittable:
                 log.warning("TensorRT engine %s is not refittable although refit is on", key.id[:16])
-            log.info("TensorRT engine %s ready by %s in %.3fs%s", key.id[:16], method, seconds,
-                     f" (after: {'; '.join(failed)})" if failed else "")
+            log.info(
+                "TensorRT engine %s ready by %s in %.3fs%s",
+                key.id[:16],
+                method,
+                seconds,
+                f" (after: {'; '.join(failed)})" if failed else "",
+            )
             return PreparedEngine(engine, key, method, seconds, refittable, failed)
         raise AssertionError("unreachable: build is always tried")
 
@@ -559,6 +609,7 @@ def _key_diff(a: EngineKey, b: EngineKey) -> str:
 
 # --- the learner: publish an engine with the export ----------------------------------------------
 
+
 class EnginePublisher:
     """Adds a TensorRT engine to every export the learner publishes (``pirl-learner
     --export-tensorrt``): refits its previous engine when only the weights changed, else builds.
@@ -578,14 +629,21 @@ class EnginePublisher:
         tmp = root / (ENGINE_FILE + ".tmp")
         tmp.write_bytes(plan)
         tmp.replace(root / ENGINE_FILE)
-        entry = {"file": ENGINE_FILE, "sha256": hashlib.sha256(plan).hexdigest(), "bytes": len(plan),
-                 "key": prepared.key.fields(), "method": prepared.method, "seconds": round(prepared.seconds, 3)}
+        entry = {
+            "file": ENGINE_FILE,
+            "sha256": hashlib.sha256(plan).hexdigest(),
+            "bytes": len(plan),
+            "key": prepared.key.fields(),
+            "method": prepared.method,
+            "seconds": round(prepared.seconds, 3),
+        }
         manifest["tensorrt_engine"] = entry
         write_manifest(root, manifest)
         return entry
 
 
 # --- running an engine ---------------------------------------------------------------------------
+
 
 class EngineRunner:
     """Runs one engine on CUDA with static torch buffers; host numpy in, host numpy out.
@@ -598,8 +656,16 @@ class EngineRunner:
     (an engine TensorRT cannot enqueue under capture) is logged and the runner stays on plain
     enqueues."""
 
-    _TORCH_DTYPES = {"FLOAT": "float32", "HALF": "float16", "BF16": "bfloat16", "INT32": "int32",
-                     "INT64": "int64", "BOOL": "bool", "INT8": "int8", "UINT8": "uint8"}
+    _TORCH_DTYPES = {
+        "FLOAT": "float32",
+        "HALF": "float16",
+        "BF16": "bfloat16",
+        "INT32": "int32",
+        "INT64": "int64",
+        "BOOL": "bool",
+        "INT8": "int8",
+        "UINT8": "uint8",
+    }
 
     def __init__(self, trt, engine, settings: TensorRTSettings):
         import torch
@@ -689,6 +755,7 @@ class EngineRunner:
 
 # --- command-line flags shared by pirl-edge and pirl-learner ------------------------------------
 
+
 def _profile(text: str) -> tuple[int, int, int]:
     try:
         values = tuple(int(x) for x in text.split(","))
@@ -701,13 +768,26 @@ def _profile(text: str) -> tuple[int, int, int]:
 
 def add_tensorrt_arguments(parser: argparse.ArgumentParser, *, cache_default_help: str) -> None:
     g = parser.add_argument_group("TensorRT (used when the TensorRT backend / engine export is on)")
-    g.add_argument("--trt-profile", type=_profile, default=(1, 1, 1), metavar="MIN,OPT,MAX",
-                   help="batch-axis optimization profile (default 1,1,1: fixed batch 1, CUDA graphs on)")
+    g.add_argument(
+        "--trt-profile",
+        type=_profile,
+        default=(1, 1, 1),
+        metavar="MIN,OPT,MAX",
+        help="batch-axis optimization profile (default 1,1,1: fixed batch 1, CUDA graphs on)",
+    )
     g.add_argument("--trt-workspace-mib", type=int, default=1024, help="builder workspace limit, MiB (default 1024)")
-    g.add_argument("--trt-refit", choices=["on", "off"], default="on",
-                   help="build refittable engines and refit them on weight syncs (default on)")
-    g.add_argument("--trt-cuda-graph", choices=["on", "off"], default="on",
-                   help="replay the enqueue as a CUDA graph when the batch is fixed (default on)")
+    g.add_argument(
+        "--trt-refit",
+        choices=["on", "off"],
+        default="on",
+        help="build refittable engines and refit them on weight syncs (default on)",
+    )
+    g.add_argument(
+        "--trt-cuda-graph",
+        choices=["on", "off"],
+        default="on",
+        help="replay the enqueue as a CUDA graph when the batch is fixed (default on)",
+    )
     g.add_argument("--trt-cache-dir", default=None, help=f"engine cache directory ({cache_default_help})")
     g.add_argument("--trt-cache-entries", type=int, default=4, help="engines kept in the cache (default 4)")
 
@@ -715,6 +795,13 @@ def add_tensorrt_arguments(parser: argparse.ArgumentParser, *, cache_default_hel
 def settings_from_args(args, cache_dir: str | None) -> TensorRTSettings:
     """TensorRTSettings from ``add_tensorrt_arguments`` flags (ValueError names a bad value)."""
     lo, opt, hi = args.trt_profile
-    return TensorRTSettings(batch_min=lo, batch_opt=opt, batch_max=hi, workspace_mib=args.trt_workspace_mib,
-                            refit=args.trt_refit == "on", cuda_graph=args.trt_cuda_graph == "on",
-                            cache_dir=args.trt_cache_dir or cache_dir, cache_entries=args.trt_cache_entries)
+    return TensorRTSettings(
+        batch_min=lo,
+        batch_opt=opt,
+        batch_max=hi,
+        workspace_mib=args.trt_workspace_mib,
+        refit=args.trt_refit == "on",
+        cuda_graph=args.trt_cuda_graph == "on",
+        cache_dir=args.trt_cache_dir or cache_dir,
+        cache_entries=args.trt_cache_entries,
+    )

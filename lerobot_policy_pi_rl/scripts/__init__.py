@@ -1,1 +1,0 @@
-"""Console entry points: pirl-sft, pirl-bench, pirl-demo."""

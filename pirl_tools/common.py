@@ -1,0 +1,68 @@
+"""What the product's tools share: the SFT stage of the built-in task, and success plots."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+
+def sft_checkpoint(
+    out: Path, *, seed: int, num_demos: int, steps: int, noise_std: float, policy_overrides: dict | None = None
+) -> Path:
+    """Record demos and behaviour-clone with LeRobot's train(); reuse a finished checkpoint.
+
+    A VLA backbone (``policy_overrides["backbone"]``) gets demos with camera images."""
+    from lerobot_policy_pi_rl.sft import SFTSettings, record_demos, train_sft
+
+    ckpt = out / "train" / "checkpoints" / "last" / "pretrained_model"
+    if (ckpt / "model.safetensors").is_file():
+        want = (policy_overrides or {}).get("backbone", "mlp")
+        have = json.loads((ckpt / "config.json").read_text()).get("backbone", "mlp")
+        if have != want:
+            raise FileExistsError(
+                f"{out} holds a finished SFT checkpoint of the '{have}' backbone, not '{want}': "
+                "use another output directory"
+            )
+        print(f"[sft] reusing {ckpt}")
+        return ckpt
+    if (out / "train").exists():
+        raise FileExistsError(f"{out / 'train'} exists but holds no finished checkpoint; delete it and rerun")
+    if not (out / "data" / "meta" / "info.json").is_file():
+        print(f"[sft] recording {num_demos} scripted demonstrations (seed {seed}) -> {out / 'data'}")
+        images = (policy_overrides or {}).get("backbone", "mlp") != "mlp"
+        record_demos(
+            out / "data", num_demos, seed=seed, noise_std=noise_std, obs_type="pixels_agent_pos" if images else "state"
+        )
+    print(f"[sft] behaviour cloning pi_rl with lerobot's train() for {steps} steps -> {out / 'train'}")
+    settings = SFTSettings(steps=steps, seed=seed, policy_overrides=policy_overrides or {})
+    return train_sft(out / "data", out / "train", settings)
+
+
+def plot_curves(path: Path, runs: list[dict], title: str) -> None:
+    """Deterministic success vs env steps, one line per run, one colour per label."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    colours: dict[str, str] = {}
+    palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
+    for run in runs:
+        label = run["label"]
+        colour = colours.setdefault(label, palette[len(colours) % len(palette)])
+        xs, ys = zip(*run["curve"], strict=True)
+        ax.plot(
+            xs, ys, color=colour, alpha=0.8, label=label if label not in ax.get_legend_handles_labels()[1] else None
+        )
+    ax.axhline(0.9, color="k", lw=0.8, ls="--")
+    ax.set_xlabel("environment steps")
+    ax.set_ylabel("deterministic success")
+    ax.set_ylim(0, 1.02)
+    ax.set_title(title)
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

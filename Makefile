@@ -13,7 +13,7 @@ FIND_PYTHON = for c in "$$PYTHON" python3.12 python3; do \
 	for c in $$(ls -d "$$root"/versions/3.12*/bin/python3 2>/dev/null | sort -V -r) $$(ls -d "$$root"/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -V); do "$$c" -c '' && { echo "$$c"; exit 0; }; done; \
 	exit 1
 
-.PHONY: demo test test-fast lint format venv sft proto certs clean help which-python deploy-tools deploy-render deploy-check
+.PHONY: demo test test-fast lint format docs venv sft proto certs clean help which-python deploy-tools deploy-render deploy-check
 
 which-python:
 	@$(FIND_PYTHON)
@@ -21,8 +21,10 @@ which-python:
 help:
 	@echo "make demo   - set up .venv and run the main job (pirl-demo) on the built-in task -> $(OUT)"
 	@echo "make test   - set up .venv and run the test suite"
+	@echo "make test-fast - the tests that start no process (-m 'not slow'), for the edit-test loop"
 	@echo "make lint   - ruff check (LeRobot's rule set, from pyproject.toml) and ruff format --check"
 	@echo "make format - ruff check --fix and ruff format over the tree"
+	@echo "make docs   - regenerate docs/configuration.md's field tables from the comments beside the fields"
 	@echo "make sft    - record scripted demos and behaviour-clone the pi_rl policy (pirl-sft)"
 	@echo "make proto  - regenerate pirl/v1/*_pb2*.py from the IDL proto/pirl/v1/pirl.proto"
 	@echo "make certs  - a local CA, learner and robot certificates and tokens in certs/ (pirl-certs)"
@@ -67,14 +69,21 @@ deploy-render: $(VENV)/.installed
 	$(PY) deploy/render.py
 
 deploy-check: $(VENV)/.installed deploy-tools
-	$(PY) -m pytest -q tests/test_deploy_static.py tests/test_deploy_flash.py
+	$(PY) -m pytest -q tests/deploy/test_deploy_static.py tests/deploy/test_deploy_flash.py
 
 test: $(VENV)/.installed deploy-tools
 	$(PY) -m pytest -q
 
+# the tests that start no process and no fresh interpreter (under 90 s on 2 cores); CI runs `make test`
+test-fast: $(VENV)/.installed
+	$(PY) -m pytest -q -m "not slow"
+
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+
+docs: $(VENV)/.installed
+	$(PY) -m pirl_tools.config_docs
 
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .

@@ -21,6 +21,8 @@ import threading
 import time
 from pathlib import Path
 
+from edge.backend_choice import BACKENDS
+from lerobot_policy_pi_rl.samplers import RL_NOISE_METHODS
 from pirl.cli import check_bounds, run_cli, write_json
 from pirl.export.trt_engine import add_tensorrt_arguments, settings_from_args
 
@@ -37,10 +39,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-client-key", help="client private key for mutual TLS")
     p.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback learner")
     p.add_argument("--policy-path", required=True, help="initial policy (LeRobot pretrained_model dir): version 0")
-    p.add_argument("--noise-method", choices=["flow_sde", "flow_noise"], help="must match the learner's")
+    p.add_argument("--noise-method", choices=RL_NOISE_METHODS, help="must match the learner's")
     p.add_argument(
         "--backend",
-        choices=["auto", "tensorrt", "onnxruntime", "torch"],
+        choices=BACKENDS,
         default="auto",
         help="inference backend of the paced loop; auto = TensorRT when tensorrt and CUDA are present, "
         "else ONNX Runtime (CUDA provider when available), else PyTorch; a backend that cannot "

@@ -17,6 +17,7 @@ import threading
 from pathlib import Path
 
 from lerobot_policy_pi_rl.presets import builtin_task_algorithm_config
+from lerobot_policy_pi_rl.samplers import RL_NOISE_METHODS
 from pirl.cli import check_bounds, run_cli
 from pirl.export.trt_engine import add_tensorrt_arguments, settings_from_args
 
@@ -40,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="continue from the newest intact checkpoint in OUTPUT_DIR/checkpoints (each is checked against "
         "its manifest of sha256 hashes; refused ones are logged, counted and set aside)",
     )
-    p.add_argument("--noise-method", choices=["flow_sde", "flow_noise"], help="override the policy's sampler")
+    p.add_argument("--noise-method", choices=RL_NOISE_METHODS, help="override the policy's sampler")
     p.add_argument("--episodes-per-update", type=int, default=64)
     p.add_argument("--max-updates", type=int, default=0, help="stop updating after this many (0: never)")
     p.add_argument("--max-version-lag", type=int, default=1, help="accept records this many versions old")

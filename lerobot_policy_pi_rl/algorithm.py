@@ -32,71 +32,74 @@ logger = logging.getLogger(__name__)
 class PiRLAlgorithmConfig(RLAlgorithmConfig):
     """Hyperparameters of a PI-RL update. Defaults are the paper's (pi0 on LIBERO) where they transfer.
 
-    Advantages
-        advantage_estimator: ``ppo`` (GAE with a critic) or ``grpo`` (group-normalised episode
-            returns, no critic).
-        gamma / gae_lambda: discount and GAE lambda per macro-step (0.99 / 0.95).
-        normalize_advantages: normalise advantages over the batch (PPO).
-        grpo_group_size: G rollouts per reset state (8).
-        grpo_filter_low / grpo_filter_high: keep only groups whose mean success is in
-            [low, high] (0.1 / 0.9); set low=0, high=1 to keep all groups.
-
-    PPO
-        clip_eps: ratio clip range (0.2). value_clip: value clipped to +-this around the rollout
-        value (0.2). huber_delta: Huber delta of the value loss (10). value_coef: value loss weight (1).
-        entropy_coef: entropy bonus, Flow-Noise only (0.005). update_epochs: passes over the batch
-        per update (paper 4). num_minibatches: minibatches per epoch; optimizer steps per update =
-        at most update_epochs * num_minibatches (fewer when a batch has fewer samples than
-        minibatches). The paper uses 48 for LIBERO; a third-party SO-101 run collapsed with 12 and
-        was stable with 1: watch approx_kl and clip_fraction. target_kl: stop the epoch loop early when approx KL exceeds it
-        (None = never).
-
-    Optimisation
-        actor_lr / critic_lr: separate learning rates (5e-6 / 1e-4). adam_betas (0.9, 0.95),
-        adam_eps (1e-8), weight_decay (0.01), max_grad_norm (1.0, applied to actor and critic
-        separately). lr_schedule: ``constant`` or ``cosine`` (to lr_min_ratio * lr over
-        total_updates).
-
-    Hybrid online + offline (off by default)
-        bc_coef: weight of a flow-matching BC loss on demonstration batches added to the actor loss.
-
-    Memory / speed
-        reuse_frozen_prefix: with the observation prefix frozen (the policy's ``rl_train_prefix``
-            off, the paper's default), compute every sample's prefix -- for a VLA its KV cache --
-            once per update and reuse it across epochs and minibatches. It holds one prefix per
-            sample of the batch at once (pi0 in bf16: about 15 MB per sample with three cameras);
-            turn it off when that does not fit, and each minibatch recomputes its own.
+    Each field is documented beside it (``--help`` of a draccus CLI shows it; docs/configuration.md is
+    generated from these comments). Groups: advantages, PPO, optimisation, hybrid online + offline
+    (``bc_coef``, off by default), memory / speed.
     """
 
+    # `ppo`: GAE with a critic (a critic optimiser and the value loss are added). `grpo`: group-normalised episode
+    # returns, no critic optimiser, no value loss.
     advantage_estimator: str = "ppo"
+    # discount per macro-step (one executed chunk). PPO only.
     gamma: float = 0.99
+    # GAE lambda per macro-step. PPO only.
     gae_lambda: float = 0.95
+    # normalise advantages to zero mean, unit std over the valid macro-steps of the batch. PPO only.
     normalize_advantages: bool = True
+    # G, rollouts per reset state. `run_pirl` requires `num_envs` to be a multiple of it.
     grpo_group_size: int = 8
+    # GRPO keeps only groups whose mean success (`info["is_success"]`) is `>= grpo_filter_low` ...
     grpo_filter_low: float = 0.1
+    # ... and `<= grpo_filter_high`. `0` / `1` keeps all groups.
     grpo_filter_high: float = 0.9
 
+    # PPO ratio clip range; also the threshold of the logged clip fraction.
     clip_eps: float = 0.2
+    # the value is clipped to +-`value_clip` around the rollout value; the value loss is the larger of the clipped
+    # and unclipped Huber losses.
     value_clip: float = 0.2
+    # Huber delta of the value loss.
     huber_delta: float = 10.0
+    # weight of the value loss.
     value_coef: float = 1.0
+    # entropy bonus, applied only when the policy's `noise_method` is `flow_noise`.
     entropy_coef: float = 0.005
+    # passes over the batch per update.
     update_epochs: int = 4
+    # the batch of n samples is split into minibatches of `ceil(n / num_minibatches)`; one optimiser step per
+    # minibatch.
     num_minibatches: int = 4
+    # if set, the update stops (all remaining epochs) after the first minibatch step whose approx KL exceeds it.
     target_kl: float | None = None
 
+    # AdamW learning rate of the actor: velocity network (`rl_train_expert`), observation encoder
+    # (`rl_train_prefix`), noise head (`flow_noise`).
     actor_lr: float = 5e-6
+    # AdamW learning rate of the value head (PPO).
     critic_lr: float = 1e-4
+    # AdamW betas, both optimisers.
     adam_betas: tuple[float, float] = (0.9, 0.95)
+    # AdamW eps, both optimisers.
     adam_eps: float = 1e-8
+    # AdamW weight decay, both optimisers.
     weight_decay: float = 0.01
+    # gradient-norm clip, applied to actor and critic parameters separately.
     max_grad_norm: float = 1.0
+    # `constant`, or `cosine`: lr * (r + (1 - r) * 0.5 * (1 + cos(pi * min(u / total_updates, 1)))) with r =
+    # `lr_min_ratio`, u = updates done.
     lr_schedule: str = "constant"
+    # final fraction of the lr under `cosine`.
     lr_min_ratio: float = 0.1
+    # length of the cosine schedule in updates (not the loop length; that is `LearnSettings.iterations`).
     total_updates: int = 500
 
+    # weight of a flow-matching BC loss on batches from `demo_iterator`, added to the actor loss. `run_pirl` passes
+    # no `demo_iterator`, so it only works when `PiRLAlgorithm` is built directly.
     bc_coef: float = 0.0
 
+    # with the prefix frozen (`rl_train_prefix=False`), compute every sample's prefix (a VLA's KV cache) once per
+    # update, in minibatch-sized chunks, and reuse it across epochs and minibatches. It holds one prefix per batch
+    # sample at once (pi0 in bf16 with three cameras: about 15 MB per sample); turn it off when that does not fit.
     reuse_frozen_prefix: bool = True
 
     def __post_init__(self) -> None:

@@ -38,72 +38,16 @@ class PiRLConfigError(ValueError):
 class PiRLConfig(PreTrainedConfig):
     """Configuration of the ``pi_rl`` flow-matching policy.
 
-    Action chunking
-        chunk_size: actions predicted per decision (H).
-        n_action_steps: actions executed per decision; only these positions count in the RL
-            log-prob (the paper executes 5 of a 50-step chunk).
-        max_action_dim: pad actions to this many dims inside the model (pi0 uses 32); ``None`` keeps
-            the dataset's action dim. Padded dims never count in the loss or the log-prob.
-
-    Sampler (see ``samplers.py``)
-        num_denoise_steps: K, denoise steps per chunk (paper: 4 for pi0, 3-5 for pi0.5).
-        noise_method: ``flow_ode`` (deterministic), ``flow_noise`` (learnable per-step noise, one-layer
-            MDP) or ``flow_sde`` (ODE-to-SDE conversion, two-layer MDP). Used for RL rollouts;
-            evaluation and deployment always run the deterministic ODE with the same K.
-        hybrid: Flow-SDE only: one randomly drawn denoise step per sample is stochastic, the others
-            are ODE steps (the paper's default, ~2x cheaper updates). Ignored by other methods.
-        noise_level: Flow-SDE noise level ``a`` (paper default 0.5).
-        noise_level_final: if set, ``a`` is annealed linearly to this value over
-            ``noise_anneal_updates`` PI-RL updates.
-        noise_anneal_updates: length of that anneal, in updates.
-        noise_std_min / noise_std_max: Flow-Noise bounds of the noise head's std (pi0: 0.08-0.16).
-
-    Backbone (the velocity field; see ``backbones/``)
-        backbone: ``mlp`` (a small MLP for CPU), or LeRobot's own ``pi0``, ``pi05``, ``smolvla``
-            modeling code driven through its ``embed_prefix`` / ``denoise_step`` seam.
-        base_model_path: a LeRobot checkpoint directory or hub id of the base ``pi0`` / ``pi05`` /
-            ``smolvla`` policy whose config and weights start the model (LeRobot's own
-            ``from_pretrained``). Named so because LeRobot's ``pretrained_path`` already means this
-            policy's own checkpoint. Not read again once this policy is saved: the saved pi_rl
-            checkpoint holds the weights and ``backbone_config``.
-        backbone_config: fields of the base LeRobot config (``PI0Config`` / ``PI05Config`` /
-            ``SmolVLAConfig``), e.g. ``{"dtype": "bfloat16", "gradient_checkpointing": true}``;
-            filled in with every resolved field when the policy is built. ``chunk_size``,
-            ``n_action_steps``, ``max_action_dim``, features and device come from this config.
-        backbone_reduced: build the real modeling code at a reduced size for CPU tests and
-            benchmarks (fields of ``backbones.reduced.ReducedSize``, ``{}`` for its defaults), with a
-            stand-in tokenizer. With ``base_model_path`` (SmolVLA only) the checkpoint must be of
-            the same reduced size.
-        tokenizer_name: tokenizer of the task instruction (VLA backbones); default: PaliGemma's for
-            pi0 / pi05, the VLM's for SmolVLA, the stand-in one for reduced sizes.
-
-    Critic
-        critic_placement: ``prefix`` (value from the observation / VLM prefix features, the paper's
-            pi0.5 choice) or ``expert`` (from the action-expert features, mean over action tokens and
-            over the K denoise steps, the paper's pi0 choice). The critic input is always detached.
-            Default per backbone: mlp / pi05 ``prefix``, pi0 / smolvla ``expert``.
-        critic_hidden_dims: widths of the value MLP.
-
-    What trains during RL (SFT trains the whole backbone)
-        rl_train_prefix: also train the observation encoder / VLM prefix (paper: frozen).
-        rl_train_expert: train the velocity network (the action expert).
-        The value head (PPO) and noise head (Flow-Noise) always train.
-
-    Small CPU backbone (``backbone="mlp"``)
-        hidden_dim / num_layers: width and depth of the velocity MLP.
-        expert_token_dim: per-action-token width of the expert features: the velocity MLP's last
-            layer has ``chunk_size * expert_token_dim`` units, read as one feature vector per
-            action token by the velocity, noise and value heads.
-        prefix_dim: width of the observation encoder output.
-        time_embed_dim: sinusoidal time-embedding width.
-        image_channels: conv widths of the optional image encoder.
-
-    Flow-matching SFT
-        time_beta_alpha / time_beta_beta: flow time t ~ Beta(alpha, beta) * 0.999 + 0.001 (openpi).
-        optimizer_*: AdamW preset used by ``lerobot-train``.
+    Each field is documented beside it (``lerobot-train --help`` shows it; docs/configuration.md is
+    generated from these comments). Groups: action chunking, sampler (``samplers.py``), backbone
+    (``backbones/``), critic, what trains during RL (SFT trains the whole backbone), the small CPU
+    backbone (``backbone="mlp"``), flow-matching SFT.
     """
 
+    # observations per decision. Only `1` is supported.
     n_obs_steps: int = 1
+    # normalisation per feature type, applied by the processors (pre: rename, add batch dim, to device, normalise;
+    # post: un-normalise action, to CPU). The RL chain lives in the normalised action space.
     normalization_mapping: dict[str, NormalizationMode] = field(
         default_factory=lambda: {
             "VISUAL": NormalizationMode.IDENTITY,
@@ -112,48 +56,116 @@ class PiRLConfig(PreTrainedConfig):
         }
     )
 
+    # velocity-field backbone: `mlp` (the small CPU MLP), or LeRobot's own `pi0`, `pi05`, `smolvla` modeling code
+    # driven through its `embed_prefix` / `denoise_step` seam (`backbones/vla.py`; guide:
+    # [pi0_guide.md](pi0_guide.md)).
     backbone: str = "mlp"
+    # VLA backbones: a LeRobot checkpoint directory or hub id of the base `pi0` / `pi05` / `smolvla` policy; its
+    # `config.json` starts `backbone_config` and its weights are loaded by the base policy's own `from_pretrained`.
+    # LeRobot's `pretrained_path` already names *this* policy's checkpoint, hence the other name. Not read when a
+    # saved `pi_rl` checkpoint is loaded (its weights and `backbone_config` are in it).
     base_model_path: str | None = None
+    # VLA backbones: fields of the base LeRobot config (`PI0Config` / `PI05Config` / `SmolVLAConfig`), e.g.
+    # `{"dtype": "bfloat16", "gradient_checkpointing": true}` or `'{"tokenizer_max_length": 16}'` on the CLI. When
+    # the policy is built it is filled with every resolved field and saved with the checkpoint, so the architecture
+    # rebuilds offline. `chunk_size`, `n_action_steps`, `max_action_dim`, the features and the device are this
+    # config's own and may not appear here.
     backbone_config: dict[str, Any] = field(default_factory=dict)
+    # VLA backbones: build the real modeling code at a reduced size for CPU tests and benchmarks, with a stand-in
+    # word-level tokenizer (`backbones/reduced.py`). A mapping of `ReducedSize` fields (`vlm_width` 64, `vlm_depth`
+    # 2, `expert_width` 32, `num_heads` 8, `head_dim` 8, `vision_width` 32, `vision_depth` 1, `vision_heads` 2,
+    # `patch_size` 8, `image_size` 32); `{}` takes those defaults. With `base_model_path` only for `smolvla`
+    # (LeRobot's pi0 loader builds the full 257k-token vocabulary before loading).
     backbone_reduced: dict[str, int] | None = None
+    # VLA backbones: tokenizer of the task instruction. Default: `google/paligemma-3b-pt-224` for pi0 / pi05, the
+    # VLM's (`vlm_model_name`) for SmolVLA, the stand-in for reduced sizes. Prompts are always padded to the base
+    # config's `tokenizer_max_length` (48 for pi0 / SmolVLA, 200 for pi0.5), so records and exported graphs have one
+    # shape.
     tokenizer_name: str | None = None
 
+    # H, actions predicted per decision. SFT loads H future actions per sample (`action_delta_indices =
+    # range(chunk_size)`).
     chunk_size: int = 8
+    # actions executed per decision (by `select_action` and by RL rollouts). Only these chunk positions count in the
+    # RL log-prob.
     n_action_steps: int = 4
+    # pad actions to this many dims inside the model; `None` keeps the dataset's action dim. Padded dims count
+    # neither in the flow-matching loss nor in the log-prob.
     max_action_dim: int | None = None
 
+    # K, denoise steps per chunk, for every sampler including the deterministic ODE.
     num_denoise_steps: int = 4
+    # sampler for RL rollouts: `flow_ode` (deterministic), `flow_noise` (learned per-element std), `flow_sde`
+    # (ODE-to-SDE). `select_action` / `predict_action_chunk` (evaluation, `lerobot-eval`) always run the ODE.
     noise_method: str = "flow_sde"
+    # `flow_sde` only: each sample draws one denoise index uniformly from `0..K-1`; that step is stochastic, the
+    # others are ODE steps. Ignored by the other methods.
     hybrid: bool = True
+    # Flow-SDE noise level `a`.
     noise_level: float = 0.5
+    # if set (and `noise_anneal_updates > 0`), `a` goes linearly from `noise_level` to this value over
+    # `noise_anneal_updates` updates (`noise_level_at(update)`, queried by `run_pirl` at every update).
     noise_level_final: float | None = None
+    # length of that anneal in updates; `<= 0` means no anneal.
     noise_anneal_updates: int = 0
+    # Flow-Noise: lower bound of the noise head's std. std = min + (max - min) * (tanh(h) + 1) / 2.
     noise_std_min: float = 0.08
+    # Flow-Noise: upper bound of that std.
     noise_std_max: float = 0.16
 
+    # critic input: `prefix` (pooled observation features; for a VLA the mean of the VLM's prefix hidden states over
+    # real image and language tokens) or `expert` (action-expert features averaged over action tokens and over the K
+    # denoise steps; the learner then re-evaluates all K steps). The input is always detached. Default: `prefix` for
+    # `mlp` and `pi05`, `expert` for `pi0` and `smolvla` (the paper's pi0 / pi0.5 choices).
     critic_placement: str | None = None
+    # hidden widths of the value MLP (its output layer is zero-initialised).
     critic_hidden_dims: list[int] = field(default_factory=lambda: [256, 256, 128])
 
+    # RL also trains the observation encoder (prefix; for a VLA: vision tower, VLM, and SmolVLA's state projection).
+    # Frozen (the paper's choice), the prefix runs without gradient in the learner and is computed once per update
+    # (`reuse_frozen_prefix`).
     rl_train_prefix: bool = False
+    # RL trains the velocity network (MLP: trunk and velocity head; VLA: the action expert with its
+    # action/time/state projections; never the unused language-model heads). The value head (PPO) and the noise head
+    # (`flow_noise`) always train.
     rl_train_expert: bool = True
 
+    # width of the velocity MLP's hidden layers.
     hidden_dim: int = 256
+    # number of hidden layers of width `hidden_dim` in the velocity MLP.
     num_layers: int = 3
+    # per-action-token width E of the expert features: the velocity MLP's output layer has `chunk_size *
+    # expert_token_dim` units, reshaped to `[H, E]`; a shared linear map turns each token into its velocity. The
+    # noise head and the `expert` critic read these features.
     expert_token_dim: int = 32
+    # width of the observation encoder output (state MLP, one conv encoder per camera, projection).
     prefix_dim: int = 128
+    # width of the sinusoidal flow-time embedding.
     time_embed_dim: int = 32
+    # channel widths of the per-camera conv encoder (3x3, stride 2, then global average pool). Used only with image
+    # inputs.
     image_channels: list[int] = field(default_factory=lambda: [16, 32, 32])
 
+    # SFT flow time t ~ Beta(alpha, beta) * 0.999 + 0.001.
     time_beta_alpha: float = 1.5
+    # see `time_beta_alpha`.
     time_beta_beta: float = 1.0
 
+    # AdamW learning rate of LeRobot's training preset (`lerobot-train`, SFT) and peak of its scheduler.
     optimizer_lr: float = 1e-3
+    # AdamW betas (SFT).
     optimizer_betas: tuple[float, float] = (0.9, 0.95)
+    # AdamW eps (SFT).
     optimizer_eps: float = 1e-8
+    # AdamW weight decay (SFT).
     optimizer_weight_decay: float = 1e-4
+    # gradient-norm clip (SFT).
     optimizer_grad_clip_norm: float = 1.0
+    # warm-up steps of the cosine-decay-with-warm-up scheduler (SFT).
     scheduler_warmup_steps: int = 100
+    # decay steps of that scheduler. `pirl-sft` / `train_sft` set it to the number of training steps.
     scheduler_decay_steps: int = 5000
+    # learning rate at the end of the decay.
     scheduler_decay_lr: float = 1e-5
 
     def __post_init__(self) -> None:

@@ -20,25 +20,31 @@ from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, evaluat
 
 @dataclass
 class LearnSettings:
-    """Loop settings (the algorithm's hyperparameters live in PiRLAlgorithmConfig).
+    """Settings of the in-process loop ``run_pirl`` (the algorithm's hyperparameters live in
+    PiRLAlgorithmConfig). Each field is documented beside it; docs/configuration.md is generated from these."""
 
-    iterations: PI-RL updates. num_envs: episodes collected per update (one per env).
-    eval_every: deterministic evaluation period, in updates. eval_episodes: episodes per evaluation.
-    eval_seed: reset seed of the (fixed) evaluation episodes, disjoint from training seeds.
-    seed: seeds torch and the training episodes ((seed + 1) * 10^9 + ...).
-    env_kwargs: passed to ReachGraspVecEnv (default: the observation mode the policy reads).
-    target_success: stop early once a deterministic evaluation reaches it (None = run all).
-    time_limit_s: stop after this much wall time (None = no limit).
-    """
-
+    # maximum number of PI-RL updates.
     iterations: int = 200
+    # training envs = episodes per update. For GRPO, a multiple of `grpo_group_size`.
     num_envs: int = 256
+    # deterministic (ODE) evaluation every this many updates, plus one before the first update (the SFT score),
+    # after the last update and when the time limit is hit.
     eval_every: int = 20
+    # episodes per evaluation, run `min(eval_episodes, 500)` envs at a time.
     eval_episodes: int = 200
+    # evaluation episode j is reset with seed `eval_seed + j`; it also seeds the ODE's initial noise, so every
+    # evaluation uses the same episodes and noise.
     eval_seed: int = 1_000_000
+    # `torch.manual_seed`, the rollout noise generator, and the training reset seeds: at update `it` (0-based) the
+    # base seed is `(seed + 1) * 10**9 + it * num_envs` (disjoint across seeds and from the evaluation seeds); PPO
+    # resets env i with `base + i`, GRPO resets every env of group g with `base + g`.
     seed: int = 0
+    # stop after an evaluation reaches this success rate.
     target_success: float | None = None
+    # stop once this much wall time (counted from before the first evaluation) has passed; checked after each
+    # update, which is then evaluated.
     time_limit_s: float | None = None
+    # keyword arguments for both `ReachGraspVecEnv`s (training and evaluation), e.g. `max_steps`, `obs_type`.
     env_kwargs: dict = field(default_factory=dict)
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 NOISE_METHODS = ("flow_ode", "flow_noise", "flow_sde")
+RL_NOISE_METHODS = ("flow_noise", "flow_sde")  # the stochastic ones: what rollouts for RL sample with
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 

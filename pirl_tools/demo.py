@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge.backend_choice import BACKENDS
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides
 from pirl.cli import check_bounds, run_cli, write_json
 from pirl_tools.common import plot_curves, sft_checkpoint
@@ -462,7 +463,7 @@ def main() -> None:
     )
     p.add_argument(
         "--backend",
-        choices=["auto", "tensorrt", "onnxruntime", "torch"],
+        choices=BACKENDS,
         default="torch",
         help="inference backend of the paced edge, as pirl-edge --backend: auto = TensorRT where it can "
         "build (CUDA + tensorrt with its builder), else ONNX Runtime; tensorrt falls back the same "

@@ -19,6 +19,7 @@ import argparse
 import json
 from pathlib import Path
 
+from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES
 from pirl.cli import run_cli
 
 
@@ -76,7 +77,7 @@ def main() -> None:
         prog="pirl-init", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--out", required=True, help="output pretrained_model directory")
-    p.add_argument("--backbone", required=True, choices=["pi0", "pi05", "smolvla"])
+    p.add_argument("--backbone", required=True, choices=[b for b in BACKBONE_CHOICES if b != "mlp"])
     p.add_argument(
         "--base-model-path",
         help="LeRobot checkpoint directory or hub id of the base policy (omit only for a randomly initialised model)",

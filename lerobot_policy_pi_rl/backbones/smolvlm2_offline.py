@@ -10,7 +10,7 @@ reconstructed below.
 
 The values below are SmolVLM2-500M's published architecture (text model: SmolLM2-360M; vision:
 SigLIP base, patch 16, 512 px; pixel shuffle 4), written out by hand because its config.json could
-not be read from here, so they are a reconstruction: ``tests/test_vla_backbones.py`` checks that
+not be read from here, so they are a reconstruction: ``tests/plugin/test_vla_backbones.py`` checks that
 the SmolVLA built on them has SmolVLA's published size (about 0.45 B parameters with LeRobot's
 default 16 of the 32 text layers). The tokenizer is the project's stand-in (``reduced.py``): token
 ids stay inside the 49 280-row embedding, so shapes and cost are the real model's; the words it

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lerobot_policy_pi_rl.samplers import check_noise_method
+from lerobot_policy_pi_rl.samplers import NOISE_METHODS, check_noise_method
 
 log = logging.getLogger(__name__)
 
@@ -575,7 +575,7 @@ def main() -> None:
     parser.add_argument("--out", required=True, help="output directory")
     parser.add_argument(
         "--noise-method",
-        choices=["flow_sde", "flow_noise", "flow_ode"],
+        choices=NOISE_METHODS,
         default=None,
         help="sampler baked into the graph (default: the policy's configured one)",
     )

@@ -32,7 +32,7 @@ version, and the 11.x ones) and imported lazily (``import_tensorrt``): nothing h
   refit; it says nothing about graphs captured before one, so they are not reused.
 
 The CPU tests exercise the key, cache, ordering and orchestration logic (with a fake TensorRT
-module for the orchestration; see tests/test_tensorrt_backend.py); the ``-m gpu`` tests build,
+module for the orchestration; see tests/edge/test_tensorrt_backend.py); the ``-m gpu`` tests build,
 refit, run and compare with PyTorch where CUDA and TensorRT are present (BENCHMARKS.md says where
 they have run).
 """

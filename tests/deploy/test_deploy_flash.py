@@ -14,8 +14,8 @@ import sys
 import tarfile
 
 import pytest
-from deploy_support import ROOT
 
+from helpers.deploy import ROOT
 from pirl.security import make_dev_pki
 
 FLASH = ROOT / "deploy" / "edge" / "pirl-flash"

@@ -30,6 +30,7 @@ def make_batch(cfg: PiRLConfig, batch_size=5, seed=0):
     return batch
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_plugin_discovered_by_lerobot_in_fresh_interpreter():
     """No import of ours: LeRobot's own plugin discovery must find the policy and the env."""
     code = textwrap.dedent(

@@ -296,6 +296,7 @@ def test_learner_validates_token_ids(tmp_path):
         decode_record(record(bad), shapes, 1 << 20)
 
 
+@pytest.mark.slow  # pirl-init as a process
 def test_pirl_init_wraps_a_lerobot_checkpoint_with_dataset_stats(tmp_path):
     """pirl-init: a LeRobot SmolVLA checkpoint + a LeRobot dataset -> a pi_rl pretrained_model that
     load_policy (the learner's and the edge's loader) reads back and samples from."""
@@ -404,6 +405,7 @@ def test_gradient_checkpointing_gives_the_same_update_gradient():
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow  # a full-size SmolVLA
 def test_offline_smolvlm2_config_builds_smolvla_at_its_published_size():
     """The SmolVLM2-500M architecture written out for offline full-size timing: LeRobot's SmolVLA
     built on it (16 of the 32 text layers, its default) has SmolVLA's published 0.45 B parameters,
@@ -441,6 +443,7 @@ def test_offline_smolvlm2_config_builds_smolvla_at_its_published_size():
     assert len(vlm.get_vlm_model().text_model.layers) == 16 and vlm.lm_expert.config.hidden_size == 720
 
 
+@pytest.mark.slow  # a full-size SmolVLA
 def test_full_size_smolvla_from_the_hub_without_a_network_is_a_clear_error(tmp_path, monkeypatch, capsys):
     import sys
 

@@ -11,7 +11,7 @@ hit / published engine is used, that refitted weights are what is served after a
 flags passed (strongly typed, REFIT, TF32 off, workspace, profile), and that the golden-input check
 refuses an engine that does not match its weights. They do NOT prove that TensorRT parses this ONNX,
 builds, refits or computes correctly, nor anything about CUDA graphs: that is what the ``-m gpu``
-tests in tests/test_tensorrt_gpu.py are for (they need CUDA and TensorRT).
+tests in tests/edge/test_tensorrt_gpu.py are for (they need CUDA and TensorRT).
 """
 
 from __future__ import annotations
@@ -27,12 +27,12 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from builtin_policy import builtin_policy
 from prometheus_client import REGISTRY
 
 from edge.backend_choice import choose_backend
 from edge.backends import GoldenMismatchError
 from edge.inference import InferenceWorker
+from helpers.policy import shifted, small_policy
 from pirl.export import trt_engine
 from pirl.export.onnx_export import export_onnx, graph_structure_sha256, load_manifest
 from pirl.export.trt_engine import (
@@ -46,32 +46,7 @@ from pirl.export.trt_engine import (
     profile_shapes,
 )
 
-SMALL = {
-    "hidden_dim": 32,
-    "num_layers": 2,
-    "expert_token_dim": 8,
-    "prefix_dim": 16,
-    "time_embed_dim": 8,
-    "critic_hidden_dims": [16],
-}
 DEVICE = {"name": "NVIDIA Jetson AGX Orin (fake)", "compute_capability": "8.7"}
-
-
-def small_policy(seed=0, **overrides):
-    policy, pre, post = builtin_policy(seed, **SMALL, **overrides)
-    with torch.no_grad():
-        for p in policy.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return policy.eval(), pre, post
-
-
-def shifted(policy, delta, seed):
-    """A copy of ``policy``'s weights moved by ``delta`` * noise (a 'new version')."""
-    g = torch.Generator().manual_seed(seed)
-    return {
-        k: v + delta * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
-        for k, v in policy.state_dict().items()
-    }
 
 
 def metric(name, **labels):

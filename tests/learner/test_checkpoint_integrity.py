@@ -11,7 +11,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,12 +20,13 @@ from pathlib import Path
 import grpc
 import pytest
 import torch
-from builtin_policy import builtin_policy
 from prometheus_client import REGISTRY
 from safetensors.torch import load as load_safetensors, load_file
 
 from edge.backends import TorchBackend
 from edge.records import Decision, Outcome, make_record
+from helpers.net import free_port
+from helpers.policy import builtin_policy
 from learner import checkpoints, metrics
 from learner.checkpoints import CheckpointRefusedError, NoIntactCheckpointError
 from learner.service import Publisher
@@ -119,12 +119,6 @@ def refused(reason: str) -> float:
 
 def files_under(directory: Path) -> set[str]:
     return {p.relative_to(directory).as_posix() for p in directory.rglob("*") if p.is_file()}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------------------------------------- unit
@@ -387,6 +381,7 @@ def subscribe(port: int, pki: dict) -> pirl_pb2.PolicyUpdate:
             call.cancel()
 
 
+@pytest.mark.slow  # pirl-learner as a process
 def test_learner_process_refuses_damaged_checkpoints_and_republishes_under_a_new_version(learner, pki):
     out = learner.out
     build_checkpoints(out)  # versions 1, 2, 3, each published: robots may hold version 3
@@ -421,6 +416,7 @@ def test_learner_process_refuses_damaged_checkpoints_and_republishes_under_a_new
     checkpoints.verify(ckpt(out, upd.version))  # a restart finds these weights under this number
 
 
+@pytest.mark.slow  # pirl-learner as a process
 def test_learner_process_with_every_checkpoint_corrupt_exits_with_one_error_line(tmp_path, pki):
     out = tmp_path / "learner"
     build_checkpoints(out, versions=(1, 2))

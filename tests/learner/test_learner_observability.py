@@ -11,10 +11,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from builtin_policy import builtin_policy
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import REGISTRY
 
+from helpers.policy import builtin_policy
 from learner import metrics
 from learner.contacts import RobotContacts
 from learner.service import LearnerService, Publisher, build_health_server, build_server
@@ -22,7 +22,7 @@ from learner.store import PolicyShapes, RolloutStore
 from pirl.security import TokenAuthenticator, auth_metadata, channel_credentials, make_dev_pki, server_credentials
 from pirl.v1 import pirl_pb2
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ROBOTS = ["obs-robot-a", "obs-robot-b"]  # ids of their own: the prometheus registry is process-wide
 SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
 

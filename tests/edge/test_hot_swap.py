@@ -24,13 +24,13 @@ import time
 import numpy as np
 import pytest
 import torch
-from builtin_policy import builtin_policy
 from prometheus_client import REGISTRY
 
 from edge.control import LoopStats, PacedLoop, RecordWriter
 from edge.inference import InferenceWorker
 from edge.link import LearnerAddress, Subscriber, SyncClock, lower_thread_priority
 from edge.spool import Spool
+from helpers.policy import builtin_policy
 from learner.trainer import policy_update_message
 from lerobot_policy_pi_rl.envs.reach_grasp import ReachGraspVecEnv
 from pirl.v1 import pirl_pb2
@@ -77,6 +77,7 @@ def edge_process_settings():
     sys.setswitchinterval(interval)
 
 
+@pytest.mark.slow  # a real paced loop at 50 Hz for several seconds
 def test_zero_missed_ticks_across_swaps_and_bad_artifacts_are_refused(tmp_path, edge_process_settings):
     rid = "hot-swap"
     policy, pre, post = builtin_policy(0)  # the default policy of the built-in task (what pirl-demo runs)

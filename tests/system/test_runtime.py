@@ -2,12 +2,8 @@
 every record is accepted exactly once, and crashes (kill -9) of the learner or an edge lose nothing."""
 
 import json
-import os
-import re
 import signal
-import socket
 import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -15,164 +11,16 @@ from pathlib import Path
 
 import grpc
 import pytest
-from builtin_policy import builtin_policy, sampled_decision, save_checkpoint
 
 from edge.records import Outcome, make_record
+from helpers.cluster import BIN, HOGS, ROBOTS, Cluster, assert_every_record_accepted_once
+from helpers.net import free_port
+from helpers.policy import builtin_policy, sampled_decision
 from pirl.refusals import judged_record
-from pirl.security import auth_metadata, channel_credentials, make_dev_pki
+from pirl.security import auth_metadata, channel_credentials
 from pirl.v1 import pirl_pb2
 
-BIN = Path(sys.executable).parent
-ROBOTS = ["robot-0", "robot-1"]
-HOGS = ["hog-0", "hog-1"]  # robots of the fleet (tokens) that only hold calls open
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("runtime")
-    ckpt = save_checkpoint(root / "policy", *builtin_policy(0))
-    pki = make_dev_pki(root / "certs", ROBOTS + HOGS)
-    return root, ckpt, pki
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Cluster:
-    def __init__(self, root: Path, ckpt: Path, pki: dict, name: str):
-        self.dir = root / name
-        self.dir.mkdir()
-        self.ckpt, self.pki = ckpt, pki
-        self.port = free_port()
-        self.procs: dict[str, subprocess.Popen] = {}
-
-    def _start(self, name, cmd):
-        log = open(self.dir / f"{name}.log", "a")  # noqa: SIM115  the child writes to it for its lifetime
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-        self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-
-    def learner(self, *extra):
-        self._start(
-            "learner",
-            [
-                str(BIN / "pirl-learner"),
-                "--policy-path",
-                str(self.ckpt),
-                "--output-dir",
-                str(self.dir / "learner"),
-                "--address",
-                f"127.0.0.1:{self.port}",
-                "--tokens",
-                str(self.pki["tokens"]),
-                "--tls-cert",
-                str(self.pki["server_cert"]),
-                "--tls-key",
-                str(self.pki["server_key"]),
-                "--episodes-per-update",
-                "16",
-                "--eval-every",
-                "0",
-                "--max-version-lag",
-                "3",
-                *extra,
-            ],
-        )
-
-    def edge(self, robot, mode, *extra):
-        self._start(
-            robot,
-            [
-                str(BIN / "pirl-edge"),
-                "--learner",
-                f"127.0.0.1:{self.port}",
-                "--robot-id",
-                robot,
-                "--tokens",
-                str(self.pki["tokens"]),
-                "--tls-ca",
-                str(self.pki["ca_cert"]),
-                "--policy-path",
-                str(self.ckpt),
-                "--mode",
-                mode,
-                "--num-envs",
-                "16",
-                "--spool-dir",
-                str(self.dir / robot / "spool"),
-                "--stats-file",
-                str(self.dir / robot / "stats.json"),
-                "--drain-timeout",
-                "60",
-                *extra,
-            ],
-        )
-
-    def status(self) -> dict:
-        p = self.dir / "learner" / "status.json"
-        return json.loads(p.read_text()) if p.is_file() else {}
-
-    def wait_version(self, version: int, timeout: float = 180.0) -> dict:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for name, p in self.procs.items():
-                assert p.poll() is None or name != "learner", (self.dir / "learner.log").read_text()[-3000:]
-            st = self.status()
-            if st.get("version", -1) >= version:
-                return st
-            time.sleep(0.3)
-        raise AssertionError(
-            f"learner did not reach version {version}: {self.status()}\n"
-            + (self.dir / "learner.log").read_text()[-3000:]
-        )
-
-    def stop(self, name, sig=signal.SIGTERM, timeout=120):
-        p = self.procs[name]
-        p.send_signal(sig)
-        return p.wait(timeout)
-
-    def edge_stats(self, robot) -> dict:
-        return json.loads((self.dir / robot / "stats.json").read_text())
-
-    def close(self):
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-
-@pytest.fixture
-def cluster(setup, request):
-    root, ckpt, pki = setup
-    c = Cluster(root, ckpt, pki, request.node.name)
-    yield c
-    c.close()
-
-
-def assert_every_record_accepted_once(c: Cluster, status: dict):
-    total = 0
-    for robot in ROBOTS:
-        stats = c.edge_stats(robot)
-        assert stats["records_left_in_spool"] == 0, stats
-        assert stats["records_refused"] == {}, stats
-        from edge.spool import Spool
-
-        with Spool(c.dir / robot / "spool") as spool:
-            allocated = spool.next_sequence
-        # A record whose spool write was cut by a kill -9 never existed durably: its temporary file
-        # is removed when the edge restarts (logged) and its sequence number is never reused; the
-        # edge tells the learner so and the learner closes that gap. Every other sequence 0..N-1
-        # the edge allocated must have been accepted, exactly once.
-        torn = {
-            int(m)
-            for m in re.findall(r"removing leftover temporary file (\d+)\.rec", (c.dir / f"{robot}.log").read_text())
-        }
-        assert status["acked"][robot] == {"below": allocated, "above": []}, (robot, status["acked"][robot], allocated)
-        total += allocated - len(torn)
-    assert status["counts"]["accepted"] == total
-    assert not any(k.startswith("rejected_") for k in status["counts"]), status["counts"]
+pytestmark = pytest.mark.slow  # learner and edges as real processes
 
 
 def test_two_edges_one_learner_several_versions(cluster):
@@ -248,8 +96,8 @@ def test_learner_kill9_resume_and_edge_kill9_lose_nothing(cluster):
     assert "resumed from" in (c.dir / "learner.log").read_text()
 
 
-def test_learner_refuses_plaintext_on_a_public_address(setup):
-    root, ckpt, pki = setup
+def test_learner_refuses_plaintext_on_a_public_address(runtime_setup):
+    root, ckpt, pki = runtime_setup
     res = subprocess.run(
         [
             str(BIN / "pirl-learner"),
@@ -270,8 +118,8 @@ def test_learner_refuses_plaintext_on_a_public_address(setup):
     assert res.stderr.startswith("error:") and "--insecure" in res.stderr and "Traceback" not in res.stderr
 
 
-def test_edge_refuses_unknown_robot_cleanly(setup):
-    root, ckpt, pki = setup
+def test_edge_refuses_unknown_robot_cleanly(runtime_setup):
+    root, ckpt, pki = runtime_setup
     res = subprocess.run(
         [
             str(BIN / "pirl-edge"),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -13,23 +12,17 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 DOCKER = ROOT / "deploy" / "docker"
 ROBOTS = ["robot-0", "robot-1"]
 
 
 def make_checkpoint(root: Path) -> Path:
-    """A small untrained pi_rl policy saved like an SFT checkpoint (what tests/test_runtime.py uses)."""
-    from builtin_policy import builtin_policy, save_checkpoint
+    """A small untrained pi_rl policy saved like an SFT checkpoint (what tests/system/test_runtime.py uses)."""
+    from helpers.policy import builtin_policy, save_checkpoint
 
     return save_checkpoint(root / "policy", *builtin_policy(0))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def process_env(**extra: str) -> dict[str, str]:

@@ -6,11 +6,13 @@ trained-only versions applied on both robots, every record accepted exactly once
 import time
 
 import pytest
-from builtin_policy import STATE_DIM, builtin_policy, save_checkpoint
 from lerobot.configs.types import FeatureType, PolicyFeature
-from test_runtime import ROBOTS, Cluster, assert_every_record_accepted_once
 
+from helpers.cluster import ROBOTS, Cluster, assert_every_record_accepted_once
+from helpers.policy import STATE_DIM, builtin_policy, save_checkpoint
 from pirl.security import make_dev_pki
+
+pytestmark = pytest.mark.slow  # learner and edges as real processes
 
 
 @pytest.fixture

@@ -16,12 +16,15 @@ import urllib.parse
 import urllib.request
 from pathlib import Path
 
-import promql_names
 import pytest
 import yaml
-from deploy_support import BIN, Processes, free_port, make_checkpoint, process_env, require_tool, wait_until
 
+import helpers.promql as promql_names
+from helpers.deploy import BIN, Processes, make_checkpoint, process_env, require_tool, wait_until
+from helpers.net import free_port
 from pirl.security import make_dev_pki
+
+pytestmark = pytest.mark.slow  # a real Prometheus scraping real processes
 
 STALE_AFTER_S = 15
 

@@ -60,3 +60,31 @@ def sampled_decision(policy, seed: int = 0):
         noise = policy.draw_noise(1, generator=torch.Generator().manual_seed(seed + 1))
         sample = TorchBackend(policy).sample(obs, *noise, torch.full((1,), policy.config.noise_level))
     return Decision.from_sample(0, obs, sample, sample.actions.detach().cpu().numpy(), 0, policy.config.n_action_steps)
+
+
+# a smaller network for the backend tests (TensorRT, hot swap), moved off its init
+SMALL_SIZES = {
+    "hidden_dim": 32,
+    "num_layers": 2,
+    "expert_token_dim": 8,
+    "prefix_dim": 16,
+    "time_embed_dim": 8,
+    "critic_hidden_dims": [16],
+}
+
+
+def small_policy(seed=0, **overrides):
+    policy, pre, post = builtin_policy(seed, **SMALL_SIZES, **overrides)
+    with torch.no_grad():
+        for p in policy.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return policy.eval(), pre, post
+
+
+def shifted(policy, delta, seed):
+    """A copy of ``policy``'s weights moved by ``delta`` * noise (a 'new version')."""
+    g = torch.Generator().manual_seed(seed)
+    return {
+        k: v + delta * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
+        for k, v in policy.state_dict().items()
+    }

@@ -5,11 +5,11 @@ import copy
 import numpy as np
 import pytest
 import torch
-from builtin_policy import builtin_policy
 
 from edge.backend_choice import make_backend
 from edge.backends import OnnxRuntimeBackend, TorchBackend
 from edge.inference import InferenceWorker
+from helpers.policy import builtin_policy
 
 
 def policy_and_processors(seed=0):

@@ -21,6 +21,7 @@ import subprocess
 import sys
 
 import huggingface_hub.constants
+import pytest
 import torch
 from lerobot.configs.policies import PreTrainedConfig
 from lerobot.configs.types import FeatureType, PolicyFeature
@@ -208,6 +209,7 @@ def test_plugin_leaves_lerobot_sac_path_working(monkeypatch, caplog):
     assert weights and all(torch.isfinite(t).all() for t in weights.values())
 
 
+@pytest.mark.slow  # a fresh interpreter
 def test_plugin_discovery_alone_registers_everything():
     """What a LeRobot script sees: nothing of ours imported, only register_third_party_plugins()."""
     code = (

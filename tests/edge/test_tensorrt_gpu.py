@@ -36,19 +36,19 @@ RATIO_TOL = 1e-2
 
 
 def _cases():
-    from test_export import CASES
+    from helpers.export_cases import CASES
 
     return CASES
 
 
 def _policy(overrides, with_image, seed=0):
-    from test_export import make_policy
+    from helpers.export_cases import make_policy
 
     return make_policy(overrides, with_image, seed)
 
 
 def _inputs(policy, batch, seed):
-    from test_export import random_inputs
+    from helpers.export_cases import random_inputs
 
     return random_inputs(policy, batch, seed)
 
@@ -151,9 +151,9 @@ def test_engine_cache_is_used_on_restart_and_survives_corruption(tmp_path):
 
 def test_worker_on_tensorrt_swaps_refitted_versions(tmp_path):
     from safetensors.torch import load as load_safetensors
-    from test_tensorrt_backend import shifted, small_policy
 
     from edge.inference import InferenceWorker
+    from helpers.policy import shifted, small_policy
     from learner.trainer import policy_update_message
 
     policy, pre, post = small_policy()
@@ -180,9 +180,8 @@ def test_worker_on_tensorrt_swaps_refitted_versions(tmp_path):
 
 
 def test_published_engine_is_used_by_a_matching_edge(tmp_path):
-    from test_tensorrt_backend import small_policy
-
     from edge.tensorrt_backend import TensorRTBackend
+    from helpers.policy import small_policy
     from learner.trainer import policy_update_message
     from pirl.export.trt_engine import EnginePublisher
 

@@ -20,16 +20,14 @@ import numpy as np
 import pytest
 import torch
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from lerobot.configs.types import FeatureType, PolicyFeature
 from safetensors.torch import load as load_safetensors
 
 from edge.backends import TorchBackend
 from edge.records import Decision, Outcome, make_record
+from helpers.policy import builtin_policy
 from learner.service import LearnerService, Publisher, build_server
 from learner.store import PolicyShapes, RolloutStore
 from learner.trainer import policy_update_message
-from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
-from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 from pirl.codec import to_tensor_msg
 from pirl.security import TokenAuthenticator, auth_metadata, channel_credentials, make_dev_pki, server_credentials
 from pirl.v1 import pirl_pb2
@@ -48,13 +46,7 @@ SC = grpc.StatusCode
 
 @pytest.fixture(scope="module")
 def policy():
-    torch.manual_seed(0)
-    cfg = PiRLConfig(
-        device="cpu",
-        input_features={OBS_KEY: PolicyFeature(FeatureType.STATE, (STATE,))},
-        output_features={"action": PolicyFeature(FeatureType.ACTION, (ACTION_DIM,))},
-    )
-    return PiRLPolicy(cfg).eval()
+    return builtin_policy(0)[0].eval()
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ import pytest
 import edge.spool as spool_mod
 from edge.spool import HEADER_SIZE, Spool, SpoolClosedError, SpoolFullError, SpoolLockedError
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def payload_for(seq: int, size: int = 32) -> bytes:

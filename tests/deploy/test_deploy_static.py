@@ -12,11 +12,11 @@ import shutil
 import subprocess
 import sys
 
-import promql_names
 import pytest
 import yaml
-from deploy_support import ROOT, require_tool
 
+import helpers.promql as promql_names
+from helpers.deploy import ROOT, require_tool
 from pirl.security import make_dev_pki
 
 DEPLOY = ROOT / "deploy"

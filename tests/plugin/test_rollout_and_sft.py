@@ -8,8 +8,8 @@ import sys
 import numpy as np
 import pytest
 import torch
-from builtin_policy import builtin_policy
 
+from helpers.policy import builtin_policy
 from lerobot_policy_pi_rl.envs.reach_grasp import ReachGraspVecEnv
 from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, evaluate_success
 from lerobot_policy_pi_rl.sft import REPO_ID, SFTSettings, load_policy, record_demos, train_sft
@@ -92,6 +92,7 @@ def test_sft_through_lerobot_train_and_reload(demo_dataset, tmp_path):
         load_policy(tmp_path)
 
 
+@pytest.mark.slow  # lerobot-train as a process
 def test_lerobot_train_cli_trains_pi_rl_without_patches(demo_dataset, tmp_path):
     """The stock `lerobot-train` console script, policy type pi_rl, on our recorded dataset."""
     exe = os.path.join(os.path.dirname(sys.executable), "lerobot-train")

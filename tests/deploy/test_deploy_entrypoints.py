@@ -11,9 +11,12 @@ import sys
 from pathlib import Path
 
 import pytest
-from deploy_support import DOCKER, ROOT, Processes, free_port, make_checkpoint, process_env, wait_until
 
+from helpers.deploy import DOCKER, ROOT, Processes, make_checkpoint, process_env, wait_until
+from helpers.net import free_port
 from pirl.security import make_dev_pki
+
+pytestmark = pytest.mark.slow  # the container entrypoints start real processes
 
 EDGE = str(DOCKER / "edge-entrypoint.sh")
 LEARNER = str(DOCKER / "learner-entrypoint.sh")

@@ -14,10 +14,14 @@ from pathlib import Path
 
 import psutil
 import pytest
-from builtin_policy import builtin_policy, save_checkpoint
+
+from helpers.policy import builtin_policy, save_checkpoint
 
 BIN = Path(sys.executable).parent
-pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and psutil trees: Linux")
+pytestmark = [
+    pytest.mark.slow,  # the real pirl-demo with its learner and edges
+    pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG and psutil trees: Linux"),
+]
 
 
 @pytest.fixture

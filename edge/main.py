@@ -1,97 +1,35 @@
 """pirl-edge: run a pi_rl policy on a robot or simulated env, record rollouts, sync with the learner.
 
-    pirl-edge --learner 127.0.0.1:50051 --robot-id robot-0 --tokens certs/tokens.json \\
-              --tls-ca certs/ca.pem --policy-path SFT/pretrained_model [--mode paced --control-hz 50]
+    pirl-edge --link.learner=127.0.0.1:50051 --link.robot_id=robot-0 --link.tokens=certs/tokens.json \\
+              --link.tls_ca=certs/ca.pem --policy.path=SFT/pretrained_model [--control.mode=paced --control.hz=50]
 
-The control loop keeps running on the policy it has when the learner is unreachable; records wait
-in the on-disk spool (--spool-dir) and are uploaded when it comes back. New policy versions are
-hash-checked and swapped in at a chunk boundary. On SIGTERM / SIGINT (or when --duration or
---episodes is reached) it stops controlling, uploads what is spooled (up to --drain-timeout
-seconds) and writes --stats-file.
+Every field of edge/configuration.py's EdgeConfig is a flag (--help lists them with their
+documentation; --config_path=edge.yaml reads them from a file). The control loop keeps running on the
+policy it has when the learner is unreachable; records wait in the on-disk spool (spool.dir) and are
+uploaded when it comes back. New policy versions are hash-checked and swapped in at a chunk boundary.
+On SIGTERM / SIGINT (or when control.duration_s or control.episodes is reached) it stops controlling,
+uploads what is spooled (up to spool.drain_timeout_s seconds) and writes stats_file.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import signal
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
-from edge.backend_choice import BACKENDS
-from lerobot_policy_pi_rl.samplers import RL_NOISE_METHODS
-from pirl.cli import check_bounds, run_cli, write_json
-from pirl.export.trt_engine import add_tensorrt_arguments, settings_from_args
+from edge.configuration import EdgeConfig
+from pirl.cli import parse_config, run_cli, write_json
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="pirl-edge", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--learner", required=True, help="learner address host:port")
-    p.add_argument("--robot-id", required=True)
-    p.add_argument("--tokens", required=True, help="JSON file {robot_id: token}; this robot's entry is used")
-    p.add_argument("--tls-ca", help="CA certificate that signed the learner's certificate (enables TLS)")
-    p.add_argument("--tls-client-cert", help="client certificate for mutual TLS")
-    p.add_argument("--tls-client-key", help="client private key for mutual TLS")
-    p.add_argument("--insecure", action="store_true", help="allow plaintext to a non-loopback learner")
-    p.add_argument("--policy-path", required=True, help="initial policy (LeRobot pretrained_model dir): version 0")
-    p.add_argument("--noise-method", choices=RL_NOISE_METHODS, help="must match the learner's")
-    p.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="auto",
-        help="inference backend of the paced loop; auto = TensorRT when tensorrt and CUDA are present, "
-        "else ONNX Runtime (CUDA provider when available), else PyTorch; a backend that cannot "
-        "load falls back (logged, counted) to the next; the unpaced simulation loop samples "
-        "with PyTorch",
-    )
-    p.add_argument(
-        "--golden-check",
-        choices=["on", "off"],
-        default="on",
-        help="compare every newly prepared backend with the PyTorch policy on a fixed input before it "
-        "serves; a mismatch refuses the version (default on)",
-    )
-    p.add_argument("--env", default="pirl_reach", help="'pirl_reach' (built-in task) or a gymnasium id")
-    p.add_argument("--task", help="language instruction for VLA policies (default: the env's task description)")
-    p.add_argument(
-        "--mode",
-        choices=["paced", "unpaced"],
-        default="paced",
-        help="paced: one env at --control-hz (a robot); unpaced: --num-envs sims flat out",
-    )
-    p.add_argument("--control-hz", type=float, default=50.0)
-    p.add_argument("--num-envs", type=int, default=64, help="unpaced mode only")
-    p.add_argument("--spool-dir", help="default: outputs/edge/<robot-id>/spool")
-    p.add_argument("--spool-max-records", type=int, default=100_000)
-    p.add_argument(
-        "--spool-fsync",
-        choices=["on", "off"],
-        help="fsync every spooled record (default: on in paced mode, off in unpaced simulation, "
-        "where records survive an edge crash but not a power loss)",
-    )
-    p.add_argument("--duration", type=float, help="seconds to run (default: until signalled)")
-    p.add_argument("--episodes", type=int, help="episodes to run (default: until signalled)")
-    p.add_argument("--drain-timeout", type=float, default=30.0, help="seconds to upload the spool at exit")
-    p.add_argument("--stats-file", help="write a JSON summary here at exit")
-    p.add_argument("--metrics-port", type=int, default=0, help="serve Prometheus /metrics here (0: off)")
-    p.add_argument("--metrics-address", default="127.0.0.1")
-    p.add_argument(
-        "--device",
-        default="cpu",
-        help="torch device of the policy: the torch backend samples there; ONNX Runtime and TensorRT take host inputs (default cpu)",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    add_tensorrt_arguments(p, cache_default_help="default: outputs/edge/<robot-id>/tensorrt-cache")
-    return p
-
-
-def run(args) -> int:
-    trt_settings = settings_from_args(args, cache_dir=f"outputs/edge/{args.robot_id}/tensorrt-cache")
+def run(cfg: EdgeConfig) -> int:
+    link_cfg, pol, ctl = cfg.link, cfg.policy, cfg.control
+    robot_id = link_cfg.robot_id
+    trt_settings = replace(cfg.tensorrt, cache_dir=cfg.tensorrt.cache_dir or f"outputs/edge/{robot_id}/tensorrt-cache")
     import torch
     from prometheus_client import start_http_server
 
@@ -106,35 +44,37 @@ def run(args) -> int:
     from pirl.security import is_loopback, load_tokens
 
     logging.getLogger().setLevel(logging.INFO)
-    torch.manual_seed(args.seed)
+    torch.manual_seed(cfg.seed)
     torch.set_num_threads(1)  # leave cores to the control loop and the other processes
     # the control thread shares the GIL with the worker, uploader and subscriber threads: a short
     # switch interval (default 5 ms) keeps its wake-up latency well under a 20 ms tick
     sys.setswitchinterval(0.0005)
-    tokens = load_tokens(args.tokens)
-    if args.robot_id not in tokens:
-        raise KeyError(f"--tokens has no entry for robot {args.robot_id!r}")
-    if not args.tls_ca and not is_loopback(args.learner) and not args.insecure:
-        raise ValueError(f"refusing plaintext to non-loopback learner {args.learner}: pass --tls-ca (or --insecure)")
+    tokens = load_tokens(link_cfg.tokens)
+    if robot_id not in tokens:
+        raise KeyError(f"link.tokens: {link_cfg.tokens} has no entry for robot {robot_id!r}")
+    if not link_cfg.tls_ca and not is_loopback(link_cfg.learner) and not link_cfg.insecure:
+        raise ValueError(
+            f"refusing plaintext to non-loopback learner {link_cfg.learner}: set link.tls_ca (or link.insecure=true)"
+        )
     link = LearnerAddress(
-        args.learner, args.robot_id, tokens[args.robot_id], args.tls_ca, args.tls_client_cert, args.tls_client_key
+        link_cfg.learner, robot_id, tokens[robot_id], link_cfg.tls_ca, link_cfg.tls_client_cert, link_cfg.tls_client_key
     )
 
-    overrides = {"noise_method": args.noise_method} if args.noise_method else {}
-    policy, pre, post = load_policy(args.policy_path, device=args.device, **overrides)
-    num_envs = args.num_envs if args.mode == "unpaced" else 1
-    env_kwargs = builtin_obs_kwargs(policy.config) if args.env in BUILTIN_NAMES else {}
-    env = make_vec_env(args.env, num_envs, autoreset=False, **env_kwargs)
-    spool_dir = Path(args.spool_dir or f"outputs/edge/{args.robot_id}/spool")
-    fsync = (args.spool_fsync or ("on" if args.mode == "paced" else "off")) == "on"
+    overrides = {"noise_method": pol.noise_method} if pol.noise_method else {}
+    policy, pre, post = load_policy(pol.path, device=pol.device, **overrides)
+    num_envs = ctl.num_envs if ctl.mode == "unpaced" else 1
+    env_kwargs = builtin_obs_kwargs(policy.config) if ctl.env in BUILTIN_NAMES else {}
+    env = make_vec_env(ctl.env, num_envs, autoreset=False, **env_kwargs)
+    spool_dir = Path(cfg.spool.dir or f"outputs/edge/{robot_id}/spool")
+    fsync = cfg.spool.fsync if cfg.spool.fsync is not None else ctl.mode == "paced"
     # quarantining happens mostly here, at open after a crash: count it, and export both metrics at once
     spool = Spool(
         spool_dir,
-        max_records=args.spool_max_records,
+        max_records=cfg.spool.max_records,
         fsync=fsync,
-        on_quarantine=metrics.spool_quarantine_hook(args.robot_id),
+        on_quarantine=metrics.spool_quarantine_hook(robot_id),
     )
-    metrics.update_spool_quarantine(args.robot_id, spool)
+    metrics.update_spool_quarantine(robot_id, spool)
     pending = spool.stats()["records"]
     if pending:
         logging.info("spool %s holds %d unacked records from an earlier run: they will be uploaded", spool_dir, pending)
@@ -142,27 +82,27 @@ def run(args) -> int:
     stats = LoopStats()
     # the unpaced simulation loop samples whole batches with the PyTorch policy: preparing another
     # backend for every version there would only cost time (and, for a VLA, a local export)
-    backend = args.backend if args.mode == "paced" else "torch"
-    if backend != args.backend:
-        logging.info("unpaced mode samples with PyTorch: --backend %s applies to the paced loop only", args.backend)
+    backend = pol.backend if ctl.mode == "paced" else "torch"
+    if backend != pol.backend:
+        logging.info("unpaced mode samples with PyTorch: policy.backend=%s applies to the paced loop only", pol.backend)
     worker = InferenceWorker(
         policy,
         pre,
         post,
-        robot_id=args.robot_id,
-        seed=args.seed,
+        robot_id=robot_id,
+        seed=cfg.seed,
         backend=backend,
-        task=args.task or env_task(env),
+        task=pol.task or env_task(env),
         tensorrt_settings=trt_settings,
-        golden_check=args.golden_check == "on",
+        golden_check=pol.golden_check,
     )
     logging.info("inference backend: %s", worker.backend)
-    writer = RecordWriter(spool, args.robot_id, stats)
-    clock = SyncClock(args.robot_id)
+    writer = RecordWriter(spool, robot_id, stats)
+    clock = SyncClock(robot_id)
     uploader = Uploader(link, spool, clock, backend=worker.backend)
     subscriber = Subscriber(link, worker, clock)
-    if args.metrics_port:
-        start_http_server(args.metrics_port, addr=args.metrics_address)
+    if cfg.metrics.port:
+        start_http_server(cfg.metrics.port, addr=cfg.metrics.address)
 
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -170,19 +110,19 @@ def run(args) -> int:
     worker.start()
     uploader.start()
     subscriber.start()
-    if args.mode == "paced":
-        loop = PacedLoop(env, worker, writer, robot_id=args.robot_id, control_hz=args.control_hz, seed=args.seed)
+    if ctl.mode == "paced":
+        loop = PacedLoop(env, worker, writer, robot_id=robot_id, control_hz=ctl.hz, seed=cfg.seed)
     else:
-        loop = UnpacedLoop(env, worker, writer, robot_id=args.robot_id, seed=args.seed)
+        loop = UnpacedLoop(env, worker, writer, robot_id=robot_id, seed=cfg.seed)
     heartbeat = Heartbeat(link, worker, spool, clock, rate_fn=lambda: getattr(loop, "current_rate", 0.0))
     heartbeat.start()
-    logging.info("%s control of %s started (%s)", args.mode, args.env, args.robot_id)
+    logging.info("%s control of %s started (%s)", ctl.mode, ctl.env, robot_id)
     started = time.time()
-    loop.run(stop, duration_s=args.duration, max_episodes=args.episodes)
+    loop.run(stop, duration_s=ctl.duration_s, max_episodes=ctl.episodes)
     control_seconds = time.time() - started
     worker.stop()  # finishes queued jobs first: every finished step is in the spool now
 
-    deadline = time.monotonic() + args.drain_timeout
+    deadline = time.monotonic() + cfg.spool.drain_timeout_s
     while spool.stats()["records"] and time.monotonic() < deadline:
         time.sleep(0.1)
     left = spool.stats()["records"]
@@ -190,17 +130,17 @@ def run(args) -> int:
         logging.warning(
             "%d records still unacked after %.0fs: they stay in %s for the next run",
             left,
-            args.drain_timeout,
+            cfg.spool.drain_timeout_s,
             spool_dir,
         )
     uploader.stop()
     subscriber.stop()
     heartbeat.stop()
     summary = {
-        "robot_id": args.robot_id,
-        "mode": args.mode,
+        "robot_id": robot_id,
+        "mode": ctl.mode,
         "backend": worker.backend,
-        "control_hz": args.control_hz,
+        "control_hz": ctl.hz,
         "control_seconds": control_seconds,
         **stats.summary(),
         "records_sent": uploader.sent,
@@ -216,25 +156,18 @@ def run(args) -> int:
         "versions_refused_by_worker": worker.refused,
         "sync_latencies_s": [lat for _, lat in subscriber.received],
     }
-    if args.stats_file:
-        write_json(Path(args.stats_file), summary)
+    if cfg.stats_file:
+        write_json(Path(cfg.stats_file), summary)
     logging.info(
-        "edge %s done: %s", args.robot_id, json.dumps({k: v for k, v in summary.items() if k != "sync_latencies_s"})
+        "edge %s done: %s", robot_id, json.dumps({k: v for k, v in summary.items() if k != "sync_latencies_s"})
     )
     spool.close()
     return 0
 
 
 def main() -> None:
-    parser = build_parser()
-    args = parser.parse_args()
-    check_bounds(
-        parser,
-        args,
-        at_least={"num_envs": 1, "episodes": 1, "spool_max_records": 1, "drain_timeout": 0, "metrics_port": 0},
-        above={"control_hz": 0, "duration": 0},
-    )
-    run_cli(lambda: run(args))
+    cfg = parse_config(EdgeConfig, prog="pirl-edge")
+    run_cli(lambda: run(cfg))
 
 
 if __name__ == "__main__":

@@ -14,10 +14,8 @@ DEADLINE_MISSES = Counter(
     "pirl_edge_tick_deadline_misses_total", "Ticks that started late or had no action ready", ["robot_id"]
 )
 CONTROL_RATE = Gauge("pirl_edge_control_rate_hz", "Achieved control rate over the last second", ["robot_id"])
-# the rate the paced loop aims at (--control-hz), so one alert rule serves robots with different rates
-CONTROL_TARGET = Gauge(
-    "pirl_edge_control_target_hz", "Control rate the paced loop aims at (--control-hz)", ["robot_id"]
-)
+# the rate the paced loop aims at (control.hz), so one alert rule serves robots with different rates
+CONTROL_TARGET = Gauge("pirl_edge_control_target_hz", "Control rate the paced loop aims at (control.hz)", ["robot_id"])
 INFERENCE_LATENCY = Histogram(
     "pirl_edge_inference_latency_seconds",
     "One chunk inference (prefix + K denoise steps)",

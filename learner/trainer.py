@@ -20,6 +20,7 @@ from learner.service import Publisher
 from learner.store import RolloutStore, episodes_to_batch
 from learner.wal import read_entries, write_entries
 from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, load_checkpoint, save_checkpoint
+from pirl.cli import require
 from pirl.v1 import pirl_pb2
 
 log = logging.getLogger(__name__)
@@ -27,17 +28,37 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class TrainerSettings:
+    """The update loop: the ``trainer`` group of ``pirl-learner`` (``--trainer.<field>=...``)."""
+
+    # complete episodes per PI-RL update (one batch)
     episodes_per_update: int = 64
-    max_updates: int = 0  # 0: run until stopped
-    eval_every: int = 5  # updates; 0: never
+    # stop updating after this many updates (0: run until stopped)
+    max_updates: int = 0
+    # deterministic evaluation on the built-in task every this many versions (0: off)
+    eval_every: int = 5
+    # episodes per deterministic evaluation
     eval_episodes: int = 200
-    target_success: float | None = None  # stop updating once deterministic eval reaches it
+    # stop updating once the deterministic evaluation reaches this success rate (None: never)
+    target_success: float | None = None
+    # checkpoints (and exported versions) kept; the write-ahead log is kept from the oldest one on
     keep_checkpoints: int = 3
-    export_onnx: bool = True  # publish the ONNX export of every version (edges on ONNX Runtime load it)
-    # also publish a TensorRT engine of every version (needs export_onnx, tensorrt and a GPU on the
-    # learner; edges use it only when its key equals theirs: same TensorRT version, GPU and settings)
+    # publish the ONNX export of every version (edges on ONNX Runtime load it); off: weights only, and
+    # edges on ONNX Runtime export each version themselves
+    export_onnx: bool = True
+    # also build a TensorRT engine of every version and publish it with the export (needs export_onnx,
+    # tensorrt with its builder and a GPU here; edges use it only when their TensorRT version, GPU and
+    # tensorrt settings match: give the learner the same --tensorrt.* values as the edges)
     export_tensorrt: bool = False
-    tensorrt: object | None = None  # pirl.export.trt_engine.TensorRTSettings for export_tensorrt
+
+    def __post_init__(self):
+        one, zero = ("episodes_per_update", "eval_episodes", "keep_checkpoints"), ("max_updates", "eval_every")
+        require(self, "trainer", at_least={**dict.fromkeys(one, 1), **dict.fromkeys(zero, 0)})
+        if self.target_success is not None and not 0 < self.target_success <= 1:
+            raise ValueError(f"trainer.target_success: must be in (0, 1] (got {self.target_success})")
+        if self.export_tensorrt and not self.export_onnx:
+            raise ValueError(
+                "trainer.export_tensorrt: the engine is built from the ONNX export: keep trainer.export_onnx on"
+            )
 
 
 def policy_update_message(
@@ -105,6 +126,7 @@ class Trainer:
         preprocessor=None,
         postprocessor=None,
         evaluator=None,
+        tensorrt=None,  # pirl.export.trt_engine.TensorRTSettings of the engines (settings.export_tensorrt)
     ):
         self.algo, self.store, self.publisher = algorithm, store, publisher
         self.output_dir = Path(output_dir)
@@ -117,11 +139,8 @@ class Trainer:
         if settings.export_tensorrt:
             from pirl.export.trt_engine import EngineManager, EnginePublisher, TensorRTSettings
 
-            if not settings.export_onnx:
-                raise ValueError("export_tensorrt needs export_onnx (the engine is built from the ONNX export)")
-            self.engines = EnginePublisher(
-                EngineManager(settings.tensorrt or TensorRTSettings())
-            )  # TensorRTUnavailableError
+            # TensorRTUnavailableError where it cannot build
+            self.engines = EnginePublisher(EngineManager(tensorrt or TensorRTSettings()))
         self.history: list[dict] = []
         self.eval_curve: list[tuple[int, int, float]] = []  # (version, env_steps, success)
         self.env_steps = 0

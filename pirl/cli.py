@@ -7,6 +7,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 USER_ERRORS = (ValueError, KeyError, FileExistsError, FileNotFoundError, NotADirectoryError)
@@ -30,15 +31,56 @@ def run_cli(main: Callable[[], int | None]) -> None:
         sys.exit(130)
 
 
-def check_bounds(parser, args, *, at_least: dict[str, float] | None = None, above: dict[str, float] | None = None):
-    """``parser.error`` (usage, one ``error:`` line naming the flag, exit 2) for the first option out of
-    its bounds, before any work starts; options left unset (None) pass. ``at_least``: value >= bound;
-    ``above``: value > bound."""
+@dataclass
+class MetricsConfig:
+    """Prometheus /metrics of a runtime (the ``metrics`` group of pirl-learner and pirl-edge)."""
+
+    # serve /metrics on this port (0: off)
+    port: int = 0
+    # address /metrics listens on
+    address: str = "127.0.0.1"
+
+    def __post_init__(self):
+        if not 0 <= self.port <= 65535:
+            raise ValueError(f"metrics.port: must be in [0, 65535] (got {self.port})")
+
+
+def parse_config[T](cls: type[T], *, prog: str, args: list[str] | None = None) -> T:
+    """The draccus config ``cls`` from the command line, the way LeRobot's CLIs take theirs:
+    ``--group.field=value`` for every field, ``--config_path=run.yaml`` for a file (flags override it),
+    ``--help`` showing the comment beside each field. A user mistake (an unknown field, a value that does
+    not parse, one that a config class's validation refuses, a missing config file) prints one
+    ``error:`` line naming the field and exits 2, before any work starts."""
+    import draccus
+    from draccus.utils import DecodingError, ParsingError
+
+    argv = sys.argv[1:] if args is None else args
+    try:
+        return draccus.parse(cls, args=argv, prog=prog)
+    except DecodingError as e:  # a value that does not parse, or a field a config file does not have
+        _user_error(prog, str(e).replace("`", ""))
+    except ParsingError as e:  # raised while building the config: its validation said why
+        cause = e.__cause__
+        _user_error(prog, str(cause) if isinstance(cause, ValueError | TypeError) and str(cause) else str(e))
+    except FileNotFoundError as e:
+        _user_error(prog, f"--config_path: no such file {e.filename}")
+    raise AssertionError("unreachable")
+
+
+def _user_error(prog: str, message: str) -> None:
+    print(f"{prog}: error: {' '.join(message.split())}", file=sys.stderr)
+    sys.exit(2)
+
+
+def require(cfg, group: str = "", *, at_least: dict | None = None, above: dict | None = None) -> None:
+    """ValueError naming the first field of ``cfg`` out of its bounds (``group.field: must be >= 1 (got
+    0)``): what a config class's ``__post_init__`` calls so the check travels with the field. Fields
+    left at None pass (optional)."""
     for bounds, ok, word in ((at_least or {}, lambda v, b: v >= b, ">="), (above or {}, lambda v, b: v > b, ">")):
         for name, bound in bounds.items():
-            value = getattr(args, name)
+            value = getattr(cfg, name)
             if value is not None and not ok(value, bound):
-                parser.error(f"--{name.replace('_', '-')} must be {word} {bound:g} (got {value:g})")
+                raise ValueError(f"{group + '.' if group else ''}{name}: must be {word} {bound} (got {value})")
 
 
 def write_json(path: Path, obj) -> None:

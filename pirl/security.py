@@ -270,13 +270,14 @@ def check_bind_allowed(address: str, tls: bool, insecure: bool) -> None:
         return
     if insecure:
         log.warning(
-            "serving PLAINTEXT on non-loopback address %s (--insecure): tokens and rollouts travel unencrypted", address
+            "serving PLAINTEXT on non-loopback address %s (server.insecure): tokens and rollouts travel unencrypted",
+            address,
         )
         return
     raise ValueError(
-        f"refusing to listen on non-loopback address {address} without TLS: pass --tls-cert and "
-        "--tls-key (make them with pirl-certs), listen on 127.0.0.1, or pass --insecure to allow "
-        "plaintext"
+        f"refusing to listen on non-loopback address {address} without TLS: set server.tls_cert and "
+        "server.tls_key (make them with pirl-certs), listen on 127.0.0.1, or set server.insecure=true to "
+        "allow plaintext"
     )
 
 

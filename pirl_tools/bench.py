@@ -1,10 +1,13 @@
 """pirl-bench: measured runs whose figures go into BENCHMARKS.md.
 
-    pirl-bench learn --out DIR [--noise-method flow_sde flow_noise] [--seeds 0 1 2] [--grpo]
-                     [--denoise-steps 4] [--noise-levels 0.5] [--iterations 200] ...
+    pirl-bench learn --out=DIR [--noise_method='[flow_sde,flow_noise]'] [--seeds='[0,1,2]'] [--grpo=true]
+                     [--denoise_steps='[4]'] [--noise_levels='[0.5]'] [--iterations=200] ...
 
-    pirl-bench infer --out DIR [--batch 1] [--iterations 200] [--warmup 20] [--threads 1]
-                     [--policy-path PRETRAINED_DIR] [--noise-method flow_sde]
+    pirl-bench infer --out=DIR [--batch=1] [--iterations=200] [--warmup=20] [--threads=1]
+                     [--policy_path=PRETRAINED_DIR] [--noise_method=flow_sde] [--backends='[torch_eager]']
+
+Each command takes a draccus config (BenchLearnConfig, BenchInferConfig below): `pirl-bench learn
+--help` lists every field with its documentation.
 
 ``learn``: in one process (no network) SFT from scripted demos (LeRobot's train loop), then PI-RL
 with periodic deterministic evaluation; writes DIR/learn.json and DIR/learn.png.
@@ -20,21 +23,22 @@ Writes DIR/infer.json.
 
 from __future__ import annotations
 
-import argparse
 import gc
 import itertools
 import os
 import platform
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides, builtin_task_algorithm_config
-from pirl.cli import run_cli, write_json
+from lerobot_policy_pi_rl.samplers import NOISE_METHODS, RL_NOISE_METHODS
+from pirl.cli import parse_config, require, run_cli, write_json
 from pirl_tools.common import plot_curves, sft_checkpoint
 
 
-def _learn(args) -> int:
+def _learn(args: BenchLearnConfig, command: str) -> int:
     from lerobot_policy_pi_rl.learn import LearnSettings, run_pirl
     from lerobot_policy_pi_rl.sft import load_policy
 
@@ -92,15 +96,15 @@ def _learn(args) -> int:
             f"[{i}/{len(grid)}] done: SFT {res.sft_success:.3f} -> final {res.final_success:.3f} "
             f"(best {res.best_success:.3f}) in {res.wall_seconds:.0f}s, {res.env_steps} env steps"
         )
-        write_json(out / "learn.json", _report(args, runs))
+        write_json(out / "learn.json", _report(command, runs))
     plot_curves(out / "learn.png", runs, "PI-RL on pirl_reach (deterministic eval)")
     print(f"wrote {out / 'learn.json'} and {out / 'learn.png'} ({time.monotonic() - started:.0f}s)")
     return 0
 
 
-def _report(args, runs) -> dict:
+def _report(command: str, runs) -> dict:
     return {
-        "command": "pirl-bench " + " ".join(args.argv),
+        "command": command,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''} {_cpus()} CPUs, {platform.python_version()}".strip(),
         "runs": runs,
@@ -123,8 +127,8 @@ INFER_BACKENDS = CPU_BACKENDS + GPU_BACKENDS
 
 
 def _infer_policy(args):
-    """(policy, description): the checkpoint at --policy-path, a randomly initialised VLA
-    (--backbone), or a fresh default pi_rl policy."""
+    """(policy, description): the checkpoint at policy_path, a randomly initialised VLA
+    (backbone), or a fresh default pi_rl policy."""
     import torch
 
     if args.policy_path:
@@ -202,8 +206,8 @@ def _vla_policy(args):
     except OSError as e:  # transformers' "couldn't connect to huggingface.co" for the hub config
         if vlm_from_hub:
             raise ValueError(
-                f"--backbone smolvla --size full reads {HUB_ID}'s config from the hub, which is out of "
-                f"reach here ({str(e).splitlines()[0]}); --smolvlm-config offline builds the same "
+                f"backbone=smolvla size=full reads {HUB_ID}'s config from the hub, which is out of "
+                f"reach here ({str(e).splitlines()[0]}); smolvlm_config=offline builds the same "
                 f"architecture from the copy in backbones/smolvlm2_offline.py"
             ) from None
         raise
@@ -317,7 +321,7 @@ def _torch_cuda_graph_backend(policy, inp, noise_method):
 def _tensorrt_backend(export_dir: Path, inp: dict, batch: int, cuda_graph: bool, refit: bool, notes: dict, built: dict):
     """An engine built by the TensorRT backend's own code (pirl.export.trt_engine: strongly
     typed FP32, TF32 off, fixed batch profile = the timed batch, no REFIT: the bench measures the
-    plain engine; ``--trt-refit`` builds a refittable one to measure REFIT's cost), run by its runner
+    plain engine; ``trt_refit=true`` builds a refittable one to measure REFIT's cost), run by its runner
     (static buffers; CUDA-graph replay when ``cuda_graph``)."""
     from pirl.export.onnx_export import load_manifest, make_feeds
     from pirl.export.trt_engine import EngineManager, EngineRunner, TensorRTSettings
@@ -340,7 +344,7 @@ def _tensorrt_backend(export_dir: Path, inp: dict, batch: int, cuda_graph: bool,
     return lambda: runner.run(feeds)
 
 
-def _infer(args) -> int:
+def _infer(args: BenchInferConfig, command: str) -> int:
     import copy
 
     import numpy as np
@@ -360,7 +364,7 @@ def _infer(args) -> int:
     backends, skipped, notes = {}, {}, {}
     for name in INFER_BACKENDS:
         if name not in selected:
-            skipped[name] = "not selected (--backends)"
+            skipped[name] = "not selected (backends)"
     manifest, export_seconds, split_manifest = None, None, None
     if selected & {"onnxruntime_cpu", "onnxruntime_cuda", "tensorrt", "tensorrt_cuda_graph"}:
         print(f"[infer] exporting the {noise_method} sampler to {out / 'onnx'}")
@@ -454,7 +458,7 @@ def _infer(args) -> int:
         "skipped": skipped,
         "machine": _machine(),
         "load_average_1_5_15": [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None,
-        "command": "pirl-bench " + " ".join(args.argv),
+        "command": command,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "batch": args.batch,
         "threads": args.threads,
@@ -562,118 +566,134 @@ def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+@dataclass
+class BenchLearnConfig:
+    """pirl-bench learn: SFT from scripted demos, then PI-RL for every combination of the grid; writes
+    OUT/learn.json and OUT/learn.png. Lists are given as --seeds='[0,1,2]'."""
+
+    # output directory (SFT checkpoints under OUT/sft are reused) (required)
+    out: str | None = None
+    # samplers to run (flow_sde, flow_noise)
+    noise_method: list[str] = field(default_factory=lambda: ["flow_sde", "flow_noise"])
+    # seeds to run
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # also run the critic-free GRPO variant
+    grpo: bool = False
+    # K values (ablation grid)
+    denoise_steps: list[int] = field(default_factory=lambda: [4])
+    # Flow-SDE noise levels a (ablation grid)
+    noise_levels: list[float] = field(default_factory=lambda: [0.5])
+    # PI-RL updates per run
+    iterations: int = 400
+    # episodes per update
+    num_envs: int = 256
+    # deterministic evaluation every this many updates
+    eval_every: int = 20
+    # episodes per deterministic evaluation
+    eval_episodes: int = 200
+    # actor learning rate (the rest: the built-in task preset)
+    actor_lr: float = 3e-5
+    # wall-time cap per run, seconds
+    time_limit: float = 600.0
+    # scripted demonstrations for SFT
+    num_demos: int = 10
+    # action noise of the scripted expert
+    demo_noise: float = 0.1
+    # SFT training steps
+    sft_steps: int = 2000
+    # mlp, or LeRobot's pi0 / pi05 / smolvla at the reduced CPU size (camera + instruction)
+    backbone: str = "mlp"
+
+    def __post_init__(self):
+        if not self.out:
+            raise ValueError("out: required (the output directory)")
+        positive = ("iterations", "num_envs", "eval_every", "eval_episodes", "num_demos", "sft_steps")
+        require(self, at_least=dict.fromkeys(positive, 1))
+        if not self.denoise_steps or any(k < 1 for k in self.denoise_steps):
+            raise ValueError(f"denoise_steps: every K must be >= 1 (got {self.denoise_steps})")
+        if not self.noise_method or set(self.noise_method) - set(RL_NOISE_METHODS):
+            raise ValueError(f"noise_method: each must be one of {RL_NOISE_METHODS} (got {self.noise_method})")
+        if self.backbone not in BACKBONE_CHOICES:
+            raise ValueError(f"backbone: must be one of {BACKBONE_CHOICES} (got {self.backbone!r})")
+
+
+@dataclass
+class BenchInferConfig:
+    """pirl-bench infer: export to ONNX and time one chunk inference per backend, side by side; writes
+    OUT/infer.json. Lists are given as --backends='[torch_eager,onnxruntime_cpu]'."""
+
+    # output directory (the export goes to OUT/onnx) (required)
+    out: str | None = None
+    # pretrained_model directory (default: a freshly initialised pi_rl policy for the built-in task)
+    policy_path: str | None = None
+    # decisions per inference call
+    batch: int = 1
+    # timed calls per backend
+    iterations: int = 200
+    # untimed calls per backend first
+    warmup: int = 20
+    # torch and ONNX Runtime intra-op threads (1: comparable figures on a shared machine)
+    threads: int = 1
+    # sampler to time (default: the policy's configured one)
+    noise_method: str | None = None
+    # ONNX opset of the export
+    opset: int = 17
+    # torch.compile mode on GPU
+    compile_mode: str = "default"
+    # build the TensorRT engines refittable (BuilderFlag.REFIT), to measure what REFIT costs
+    trt_refit: bool = False
+    # policy init (without policy_path) and inputs
+    seed: int = 0
+    # time a randomly initialised VLA (pi0 / pi05 / smolvla) instead of the default MLP policy
+    backbone: str = "mlp"
+    # VLA size: full (the released architecture; default with CUDA) or reduced (default on CPU)
+    size: str | None = None
+    # full-size SmolVLA: read SmolVLM2-500M's architecture from the hub (LeRobot's path) or from the copy
+    # written out in backbones/smolvlm2_offline.py (offline: no network)
+    smolvlm_config: str = "hub"
+    # VLA cameras (default 3 at full size, 1 reduced)
+    cameras: int | None = None
+    # VLA K (default 10 at full size, as the public pi0.5 anchors; 4 reduced)
+    num_denoise_steps: int | None = None
+    # time only these (default: all; torch_eager always runs, as the baseline); exports happen only for the
+    # ONNX / TensorRT ones, so a full-size VLA on a CPU box can run torch_eager alone
+    backends: list[str] | None = None
+
+    def __post_init__(self):
+        if not self.out:
+            raise ValueError("out: required (the output directory)")
+        require(self, at_least={"batch": 1, "iterations": 1, "threads": 1, "warmup": 0})
+        if self.noise_method is not None and self.noise_method not in NOISE_METHODS:
+            raise ValueError(f"noise_method: must be one of {NOISE_METHODS} (got {self.noise_method!r})")
+        if self.backbone not in BACKBONE_CHOICES:
+            raise ValueError(f"backbone: must be one of {BACKBONE_CHOICES} (got {self.backbone!r})")
+        if self.size not in (None, "full", "reduced"):
+            raise ValueError(f"size: must be full or reduced (got {self.size!r})")
+        if self.smolvlm_config not in ("hub", "offline"):
+            raise ValueError(f"smolvlm_config: must be hub or offline (got {self.smolvlm_config!r})")
+        unknown = sorted(set(self.backends or ()) - set(INFER_BACKENDS))
+        if unknown:
+            raise ValueError(f"backends: unknown {unknown}; choices: {', '.join(INFER_BACKENDS)}")
+
+
+COMMANDS = {"learn": (BenchLearnConfig, "_learn"), "infer": (BenchInferConfig, "_infer")}
+
+
 def main() -> None:
     import sys
 
-    parser = argparse.ArgumentParser(
-        prog="pirl-bench", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("learn", help="SFT from scripted demos, then PI-RL; writes learn.json and learn.png")
-    p.add_argument("--out", required=True, help="output directory (SFT checkpoints under OUT/sft are reused)")
-    p.add_argument("--noise-method", nargs="+", default=["flow_sde", "flow_noise"], choices=["flow_sde", "flow_noise"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    p.add_argument("--grpo", action="store_true", help="also run the critic-free GRPO variant")
-    p.add_argument("--denoise-steps", nargs="+", type=int, default=[4], help="K values (ablation grid)")
-    p.add_argument("--noise-levels", nargs="+", type=float, default=[0.5], help="Flow-SDE a values (ablation grid)")
-    p.add_argument("--iterations", type=int, default=400, help="PI-RL updates per run")
-    p.add_argument("--num-envs", type=int, default=256, help="episodes per update")
-    p.add_argument("--eval-every", type=int, default=20)
-    p.add_argument("--eval-episodes", type=int, default=200)
-    p.add_argument("--actor-lr", type=float, default=3e-5)
-    p.add_argument("--time-limit", type=float, default=600.0, help="wall-time cap per run, seconds")
-    p.add_argument("--num-demos", type=int, default=10)
-    p.add_argument("--demo-noise", type=float, default=0.1)
-    p.add_argument("--sft-steps", type=int, default=2000)
-    p.add_argument(
-        "--backbone",
-        choices=BACKBONE_CHOICES,
-        default="mlp",
-        help="mlp, or LeRobot's pi0 / pi05 / smolvla at the reduced CPU size (camera + instruction)",
-    )
-
-    p = sub.add_parser("infer", help="export to ONNX and time one chunk inference per backend; writes infer.json")
-    p.add_argument("--out", required=True, help="output directory (the export goes to OUT/onnx)")
-    p.add_argument(
-        "--policy-path",
-        default=None,
-        help="pretrained_model directory (default: a freshly initialised pi_rl policy for the built-in task)",
-    )
-    p.add_argument("--batch", type=int, default=1, help="decisions per inference call")
-    p.add_argument("--iterations", type=int, default=200, help="timed calls per backend")
-    p.add_argument("--warmup", type=int, default=20, help="untimed calls per backend first")
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=1,
-        help="torch and ONNX Runtime intra-op threads (1: comparable figures on a shared machine)",
-    )
-    p.add_argument(
-        "--noise-method",
-        choices=["flow_sde", "flow_noise", "flow_ode"],
-        default=None,
-        help="sampler to time (default: the policy's configured one)",
-    )
-    p.add_argument("--opset", type=int, default=17)
-    p.add_argument("--compile-mode", default="default", help="torch.compile mode on GPU")
-    p.add_argument(
-        "--trt-refit",
-        action="store_true",
-        help="build the TensorRT engines refittable (BuilderFlag.REFIT), to measure what REFIT costs",
-    )
-    p.add_argument("--seed", type=int, default=0, help="policy init (without --policy-path) and inputs")
-    p.add_argument(
-        "--backbone",
-        choices=BACKBONE_CHOICES,
-        default="mlp",
-        help="time a randomly initialised VLA (pi0 / pi05 / smolvla) instead of the default MLP policy",
-    )
-    p.add_argument(
-        "--size",
-        choices=["full", "reduced"],
-        default=None,
-        help="VLA size: full (the released architecture; default with CUDA) or reduced (default on CPU)",
-    )
-    p.add_argument(
-        "--smolvlm-config",
-        choices=["hub", "offline"],
-        default="hub",
-        help="full-size SmolVLA: read SmolVLM2-500M's architecture from the hub (LeRobot's path) or "
-        "from the copy written out in backbones/smolvlm2_offline.py (no network)",
-    )
-    p.add_argument("--cameras", type=int, default=None, help="VLA cameras (default 3 at full size, 1 reduced)")
-    p.add_argument(
-        "--num-denoise-steps",
-        type=int,
-        default=None,
-        help="VLA K (default 10 at full size, as the public pi0.5 anchors; 4 reduced)",
-    )
-    p.add_argument(
-        "--backends",
-        nargs="+",
-        choices=INFER_BACKENDS,
-        default=None,
-        metavar="NAME",
-        help=f"time only these (default: all; {TORCH} always runs, as the baseline). Exports happen "
-        f"only for the ONNX / TensorRT ones: a full-size VLA on a CPU box can run {TORCH} alone. "
-        f"Choices: {', '.join(INFER_BACKENDS)}",
-    )
-    args = parser.parse_args()
-    args.argv = sys.argv[1:]
-    if args.cmd == "infer":
-        for name in ("batch", "iterations", "threads"):
-            if getattr(args, name) < 1:
-                parser.error(f"--{name} must be >= 1")
-        if args.warmup < 0:
-            parser.error("--warmup must be >= 0")
-        run_cli(lambda: _infer(args))
-        return
-    for name in ("iterations", "num_envs", "eval_every", "eval_episodes", "num_demos", "sft_steps"):
-        if getattr(args, name) < 1:
-            parser.error(f"--{name.replace('_', '-')} must be >= 1")
-    if any(k < 1 for k in args.denoise_steps):
-        parser.error("--denoise-steps: K must be >= 1")
-    run_cli(lambda: _learn(args))
+    argv = sys.argv[1:]
+    if not argv or argv[0] not in COMMANDS:
+        if argv and argv[0] in ("-h", "--help"):
+            print("usage: pirl-bench {learn,infer} [--field=value ...]   (pirl-bench learn --help: its fields)\n")
+            print(__doc__)
+            sys.exit(0)
+        print(f"pirl-bench: error: the first argument must be one of {', '.join(COMMANDS)}", file=sys.stderr)
+        sys.exit(2)
+    cls, run = COMMANDS[argv[0]]
+    cfg = parse_config(cls, prog=f"pirl-bench {argv[0]}", args=argv[1:])
+    command = "pirl-bench " + " ".join(argv)
+    run_cli(lambda: globals()[run](cfg, command))
 
 
 if __name__ == "__main__":

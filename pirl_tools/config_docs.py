@@ -22,11 +22,15 @@ from pathlib import Path
 from draccus.wrappers.docstring import get_attribute_docstring
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "configuration.md"
-MARKER = re.compile(r"(<!-- fields: (?P<target>[\w.]+:\w+) -->\n)(?P<body>.*?)(<!-- /fields -->)", re.DOTALL)
+MARKER = re.compile(
+    r"(<!-- fields: (?P<target>[\w.]+:\w+)(?: (?P<prefix>[\w.]+))? -->\n)(?P<body>.*?)(<!-- /fields -->)", re.DOTALL
+)
 
 
 def _show(value) -> str:
     """A default as a reader would write it: enum names, double-quoted strings, JSON-ish containers."""
+    if dataclasses.is_dataclass(value):
+        return "(a group: its fields below)"
     if isinstance(value, enum.Enum):
         return value.name
     if isinstance(value, bool) or value is None:
@@ -47,6 +51,8 @@ def default_of(f: dataclasses.Field) -> str:
     if f.default is not dataclasses.MISSING:
         return _show(f.default)
     if f.default_factory is not dataclasses.MISSING:
+        if dataclasses.is_dataclass(f.default_factory):  # a group (building it may need required fields)
+            return _show(f.default_factory)
         return _show(f.default_factory())
     return "(required)"
 
@@ -68,10 +74,12 @@ def undocumented(cls: type) -> list[str]:
     return [f.name for f in own_fields(cls) if not meaning_of(cls, f.name)]
 
 
-def table(cls: type) -> str:
+def table(cls: type, prefix: str = "") -> str:
+    """Markdown rows of ``cls``'s fields; ``prefix``: the group's flag prefix (``server`` -> ``server.address``)."""
     rows = ["| field | default | meaning |", "|---|---|---|"]
     for f in own_fields(cls):
-        rows.append(f"| `{f.name}` | `{default_of(f)}` | {meaning_of(cls, f.name).replace('|', '&#124;')} |")
+        name = f"{prefix}.{f.name}" if prefix else f.name
+        rows.append(f"| `{name}` | `{default_of(f)}` | {meaning_of(cls, f.name).replace('|', '&#124;')} |")
     return "\n".join(rows) + "\n"
 
 
@@ -88,7 +96,7 @@ def render(text: str) -> str:
         missing = undocumented(cls)
         if missing:
             raise ValueError(f"{m['target']}: no comment beside field(s) {', '.join(missing)}")
-        return m.group(1) + table(cls) + m.group(4)
+        return m.group(1) + table(cls, m["prefix"] or "") + m.group(5)
 
     return MARKER.sub(one, text)
 

@@ -22,7 +22,6 @@ outright, Linux sends its learner and edges SIGTERM (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -30,13 +29,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edge.backend_choice import BACKENDS
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides
-from pirl.cli import check_bounds, run_cli, write_json
+from pirl.cli import parse_config, require, run_cli, write_json
 from pirl_tools.common import plot_curves, sft_checkpoint
 
 ROBOTS = ("robot-0", "robot-1")
@@ -241,33 +241,33 @@ def _run(args, signals: Signals) -> int:
             "learner",
             [
                 _bin("pirl-learner"),
-                "--policy-path",
+                "--policy_path",
                 str(ckpt),
-                "--output-dir",
+                "--output_dir",
                 str(learner_dir),
-                "--address",
+                "--server.address",
                 "127.0.0.1:0",
-                "--port-file",
+                "--server.port_file",
                 str(out / "learner.port"),
                 "--tokens",
                 str(pki["tokens"]),
-                "--tls-cert",
+                "--server.tls_cert",
                 str(pki["server_cert"]),
-                "--tls-key",
+                "--server.tls_key",
                 str(pki["server_key"]),
-                "--episodes-per-update",
+                "--trainer.episodes_per_update",
                 str(args.episodes_per_update),
-                "--eval-every",
+                "--trainer.eval_every",
                 str(args.eval_every),
-                "--eval-episodes",
+                "--trainer.eval_episodes",
                 str(args.eval_episodes),
-                "--target-success",
+                "--trainer.target_success",
                 str(args.target),
-                "--actor-lr",
+                "--algorithm.actor_lr",
                 str(args.actor_lr),
                 "--seed",
                 str(args.seed),
-                "--max-version-lag",
+                "--intake.max_version_lag",
                 str(args.max_version_lag),
             ],
             nice=10,
@@ -276,15 +276,15 @@ def _run(args, signals: Signals) -> int:
         port = _wait_for(out / "learner.port", procs, "learner", timeout=120)
         address = f"127.0.0.1:{port}"
         common = [
-            "--learner",
+            "--link.learner",
             address,
-            "--tokens",
+            "--link.tokens",
             str(pki["tokens"]),
-            "--tls-ca",
+            "--link.tls_ca",
             str(pki["ca_cert"]),
-            "--policy-path",
+            "--policy.path",
             str(ckpt),
-            "--drain-timeout",
+            "--spool.drain_timeout_s",
             "60",
         ]
         procs.start(
@@ -292,17 +292,17 @@ def _run(args, signals: Signals) -> int:
             [
                 _bin("pirl-edge"),
                 *common,
-                "--robot-id",
+                "--link.robot_id",
                 "robot-0",
-                "--mode",
+                "--control.mode",
                 "paced",
-                "--backend",
+                "--policy.backend",
                 args.backend,
-                "--control-hz",
+                "--control.hz",
                 str(args.control_hz),
-                "--spool-dir",
+                "--spool.dir",
                 str(out / "edges/robot-0/spool"),
-                "--stats-file",
+                "--stats_file",
                 str(out / "edges/robot-0/stats.json"),
                 "--seed",
                 str(args.seed + 1),
@@ -314,15 +314,15 @@ def _run(args, signals: Signals) -> int:
             [
                 _bin("pirl-edge"),
                 *common,
-                "--robot-id",
+                "--link.robot_id",
                 "robot-1",
-                "--mode",
+                "--control.mode",
                 "unpaced",
-                "--num-envs",
+                "--control.num_envs",
                 str(args.num_envs),
-                "--spool-dir",
+                "--spool.dir",
                 str(out / "edges/robot-1/spool"),
-                "--stats-file",
+                "--stats_file",
                 str(out / "edges/robot-1/stats.json"),
                 "--seed",
                 str(args.seed + 2),
@@ -436,57 +436,72 @@ def _run(args, signals: Signals) -> int:
     )
     print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}; logs in {out / 'logs'}")
     if report["final_success"] < args.target:
-        print(f"the target success {args.target} was not reached within --time-limit {args.time_limit:.0f}s")
+        print(f"the target success {args.target} was not reached within time_limit={args.time_limit:.0f}s")
         return 1 if args.require_target else 0
     return 0
 
 
+@dataclass
+class DemoConfig:
+    """pirl-demo: the product's shape on one machine, on the built-in task (see pirl_tools/demo.py).
+
+    pirl-demo [--out=outputs/demo] [--target=0.9] [--time_limit=540] [--backbone=pi0] [--backend=onnxruntime]
+    """
+
+    # output directory (a finished SFT checkpoint there is reused)
+    out: str = "outputs/demo"
+    # stop once the learner's deterministic success reaches this
+    target: float = 0.9
+    # cap on the whole run, seconds (SFT included)
+    time_limit: float = 540.0
+    # learner: complete episodes per PI-RL update
+    episodes_per_update: int = 128
+    # learner: deterministic evaluation every this many policy versions
+    eval_every: int = 5
+    # learner: episodes per deterministic evaluation
+    eval_episodes: int = 200
+    # learner: actor learning rate (the rest of the algorithm is the built-in task preset)
+    actor_lr: float = 5e-5
+    # envs of the unpaced simulated edge (robot-1)
+    num_envs: int = 128
+    # control rate of the paced edge (robot-0), Hz
+    control_hz: float = 50.0
+    # mlp (state); or LeRobot's pi0 / pi05 / smolvla at a reduced CPU size, reading the camera image, the state
+    # and the task instruction (use a fresh out: the SFT checkpoint is reused)
+    backbone: str = "mlp"
+    # inference backend of the paced edge, as pirl-edge's policy.backend: auto = TensorRT where it can build
+    # (CUDA + tensorrt with its builder), else ONNX Runtime; tensorrt falls back the same way when it cannot,
+    # counted in pirl_edge_backend_fallbacks_total. The report names the backend that served
+    backend: str = "torch"
+    # learner: accept records this many versions old
+    max_version_lag: int = 2
+    # scripted demonstrations recorded for SFT
+    num_demos: int = 10
+    # SFT training steps
+    sft_steps: int = 2000
+    # seed of SFT, the learner and the edges
+    seed: int = 0
+    # exit 1 when target is not reached
+    require_target: bool = False
+
+    def __post_init__(self):  # before SFT: a bad value must not cost minutes of work first
+        if not 0.0 < self.target <= 1.0:
+            raise ValueError(f"target: must be in (0, 1] (got {self.target})")
+        positive = ("episodes_per_update", "eval_every", "eval_episodes", "num_envs", "num_demos", "sft_steps")
+        require(
+            self,
+            at_least={**dict.fromkeys(positive, 1), "max_version_lag": 0},
+            above=dict.fromkeys(("time_limit", "actor_lr", "control_hz"), 0),
+        )
+        if self.backbone not in BACKBONE_CHOICES:
+            raise ValueError(f"backbone: must be one of {BACKBONE_CHOICES} (got {self.backbone!r})")
+        if self.backend not in BACKENDS:
+            raise ValueError(f"backend: must be one of {BACKENDS} (got {self.backend!r})")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(
-        prog="pirl-demo", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", default="outputs/demo", help="output directory (a finished SFT checkpoint there is reused)")
-    p.add_argument("--target", type=float, default=0.9, help="stop once deterministic success reaches this")
-    p.add_argument("--time-limit", type=float, default=540.0, help="cap on the whole run, seconds (SFT included)")
-    p.add_argument("--episodes-per-update", type=int, default=128)
-    p.add_argument("--eval-every", type=int, default=5, help="learner evaluation period, in policy versions")
-    p.add_argument("--eval-episodes", type=int, default=200)
-    p.add_argument("--actor-lr", type=float, default=5e-5)
-    p.add_argument("--num-envs", type=int, default=128, help="envs of the unpaced simulated edge")
-    p.add_argument("--control-hz", type=float, default=50.0, help="rate of the paced edge")
-    p.add_argument(
-        "--backbone",
-        choices=BACKBONE_CHOICES,
-        default="mlp",
-        help="mlp (state); or LeRobot's pi0 / pi05 / smolvla at a reduced CPU size, reading the camera "
-        "image, the state and the task instruction (use a fresh --out: the SFT checkpoint is reused)",
-    )
-    p.add_argument(
-        "--backend",
-        choices=BACKENDS,
-        default="torch",
-        help="inference backend of the paced edge, as pirl-edge --backend: auto = TensorRT where it can "
-        "build (CUDA + tensorrt with its builder), else ONNX Runtime; tensorrt falls back the same "
-        "way when it cannot, counted in pirl_edge_backend_fallbacks_total. The report names the "
-        "backend that served",
-    )
-    p.add_argument("--max-version-lag", type=int, default=2, help="learner: accept records this many versions old")
-    p.add_argument("--num-demos", type=int, default=10)
-    p.add_argument("--sft-steps", type=int, default=2000)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--require-target", action="store_true", help="exit 1 when --target is not reached")
-    args = p.parse_args()
-    if not 0.0 < args.target <= 1.0:
-        p.error("--target must be in (0, 1]")
-    # before SFT: a bad value must not cost minutes of work first
-    positive = ("episodes_per_update", "eval_episodes", "num_envs", "num_demos", "sft_steps")
-    check_bounds(
-        p,
-        args,
-        at_least={**dict.fromkeys(positive, 1), "eval_every": 1, "max_version_lag": 0},
-        above={"time_limit": 0, "actor_lr": 0, "control_hz": 0},
-    )
-    run_cli(lambda: _run_interruptible(args))
+    cfg = parse_config(DemoConfig, prog="pirl-demo")
+    run_cli(lambda: _run_interruptible(cfg))
 
 
 def _run_interruptible(args) -> int:

@@ -40,11 +40,23 @@ opt() {
   fi
 }
 
-# switch VAR --flag adds "--flag" when VAR is 1/true/yes/on; 0/false/no/off/empty add nothing
+# switch VAR --flag adds "--flag=true" when VAR is 1/true/yes/on and "--flag=false" when it is
+# 0/false/no/off (the programs' boolean fields take a value); empty adds nothing (the default)
 switch() {
   case "${!1:-}" in
-    1 | true | yes | on) ARGS+=("$2") ;;
-    "" | 0 | false | no | off) ;;
+    1 | true | yes | on) ARGS+=("$2=true") ;;
+    0 | false | no | off) ARGS+=("$2=false") ;;
+    "") ;;
+    *) die "$1 must be 1/true/yes/on or 0/false/no/off, got '${!1}'" ;;
+  esac
+}
+
+# switch_not VAR --flag: the opposite (VAR=1 sets the field false), for variables named PIRL_NO_*
+switch_not() {
+  case "${!1:-}" in
+    1 | true | yes | on) ARGS+=("$2=false") ;;
+    0 | false | no | off) ARGS+=("$2=true") ;;
+    "") ;;
     *) die "$1 must be 1/true/yes/on or 0/false/no/off, got '${!1}'" ;;
   esac
 }

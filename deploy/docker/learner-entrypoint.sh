@@ -13,31 +13,32 @@ learner-entrypoint.sh: run pirl-learner configured by environment variables and/
   PIRL_CONFIG              KEY=VALUE file read for variables not set in the environment
                            (default /etc/pirl/learner.env, used when it exists)
   PIRL_TOKENS              tokens JSON of the robots allowed to connect  (required) --tokens
-  PIRL_POLICY_PATH         SFT checkpoint to start from (pretrained_model dir)      --policy-path
-  PIRL_OUTPUT_DIR          checkpoints, WAL, status (a volume)                      --output-dir
+  PIRL_POLICY_PATH         SFT checkpoint to start from (pretrained_model dir)      --policy_path
+  PIRL_OUTPUT_DIR          checkpoints, WAL, status (a volume)                      --output_dir
   PIRL_RESUME              1 (default): continue from OUTPUT_DIR's last checkpoint  --resume
-  PIRL_ADDRESS             host:port of the gRPC service                            --address
-  PIRL_HEALTH_ADDRESS      host:port of the plaintext gRPC health port (probes)     --health-address
-  PIRL_TLS_CERT / PIRL_TLS_KEY     server certificate and key           --tls-cert / --tls-key
-  PIRL_TLS_CLIENT_CA       require robot certificates signed by this CA             --tls-client-ca
-  PIRL_INSECURE            1: allow plaintext on a non-loopback address             --insecure
-  PIRL_NOISE_METHOD        flow_sde | flow_noise                                    --noise-method
+  PIRL_ADDRESS             host:port of the gRPC service                            --server.address
+  PIRL_HEALTH_ADDRESS      host:port of the plaintext gRPC health port (probes)     --server.health_address
+  PIRL_TLS_CERT / PIRL_TLS_KEY     server certificate and key           --server.tls_cert / --server.tls_key
+  PIRL_TLS_CLIENT_CA       require robot certificates signed by this CA             --server.tls_client_ca
+  PIRL_INSECURE            1: allow plaintext on a non-loopback address             --server.insecure
+  PIRL_NOISE_METHOD        flow_sde | flow_noise                                    --noise_method
   PIRL_DEVICE              torch device of the policy and its updates (cuda, cpu)   --device
-  PIRL_EPISODES_PER_UPDATE / PIRL_MAX_UPDATES      --episodes-per-update / --max-updates
-  PIRL_MAX_VERSION_LAG / PIRL_MAX_RECORD_BYTES     --max-version-lag / --max-record-bytes
-  PIRL_WAL_FSYNC           1: fsync every accepted record                           --wal-fsync
-  PIRL_MAX_STREAMS_PER_ROBOT   open calls of each streaming RPC per robot     --max-streams-per-robot
-  PIRL_STREAM_IDLE_TIMEOUT     close a rollout stream idle this long (s)      --stream-idle-timeout
-  PIRL_MAX_CONCURRENT_CALLS    call slots (0: sized for the fleet)            --max-concurrent-calls
-  PIRL_MAX_SEQUENCE_AHEAD      refuse sequences this far above the watermark  --max-sequence-ahead
-  PIRL_ALGORITHM_CONFIG / PIRL_ACTOR_LR            --algorithm-config / --actor-lr
+  PIRL_EPISODES_PER_UPDATE / PIRL_MAX_UPDATES      --trainer.episodes_per_update / --trainer.max_updates
+  PIRL_MAX_VERSION_LAG / PIRL_MAX_RECORD_BYTES     --intake.max_version_lag / --intake.max_record_bytes
+  PIRL_WAL_FSYNC           1: fsync every accepted record                           --intake.wal_fsync
+  PIRL_MAX_STREAMS_PER_ROBOT   open calls of each streaming RPC per robot     --server.max_streams_per_robot
+  PIRL_STREAM_IDLE_TIMEOUT     close a rollout stream idle this long (s)      --server.stream_idle_timeout_s
+  PIRL_MAX_CONCURRENT_CALLS    call slots (0: sized for the fleet)            --server.max_concurrent_calls
+  PIRL_MAX_SEQUENCE_AHEAD      refuse sequences this far above the watermark  --intake.max_sequence_ahead
+  PIRL_CONFIG_PATH         YAML of any pirl-learner fields (flags override it)   --config_path
+  PIRL_ACTOR_LR            actor learning rate                                    --algorithm.actor_lr
   PIRL_EVAL_EVERY / PIRL_EVAL_EPISODES / PIRL_TARGET_SUCCESS
-                                    --eval-every / --eval-episodes / --target-success
-  PIRL_NO_EXPORT_ONNX      1: publish weights only                                  --no-export-onnx
-  PIRL_EXPORT_TENSORRT     1: also publish a TensorRT engine of every version       --export-tensorrt
-  PIRL_METRICS_PORT        Prometheus /metrics port (0: off)                        --metrics-port
-  PIRL_METRICS_ADDRESS     address /metrics listens on                              --metrics-address
-  PIRL_PORT_FILE / PIRL_SEED                                         --port-file / --seed
+                    --trainer.eval_every / --trainer.eval_episodes / --trainer.target_success
+  PIRL_NO_EXPORT_ONNX      1: publish weights only                                  --trainer.export_onnx=false
+  PIRL_EXPORT_TENSORRT     1: also publish a TensorRT engine of every version       --trainer.export_tensorrt
+  PIRL_METRICS_PORT        Prometheus /metrics port (0: off)                        --metrics.port
+  PIRL_METRICS_ADDRESS     address /metrics listens on                              --metrics.address
+  PIRL_PORT_FILE / PIRL_SEED                                         --server.port_file / --seed
   PIRL_LEARNER_ARGS        further pirl-learner flags, verbatim
 
 pirl-learner's own help follows.
@@ -61,36 +62,36 @@ require PIRL_TOKENS "path of the tokens JSON of the robots allowed to connect"
 PIRL_RESUME=${PIRL_RESUME:-1}
 
 opt PIRL_TOKENS --tokens
-opt PIRL_POLICY_PATH --policy-path
-opt PIRL_OUTPUT_DIR --output-dir
+opt PIRL_POLICY_PATH --policy_path
+opt PIRL_OUTPUT_DIR --output_dir
 switch PIRL_RESUME --resume
-opt PIRL_ADDRESS --address
-opt PIRL_HEALTH_ADDRESS --health-address
-opt PIRL_TLS_CERT --tls-cert
-opt PIRL_TLS_KEY --tls-key
-opt PIRL_TLS_CLIENT_CA --tls-client-ca
-switch PIRL_INSECURE --insecure
-opt PIRL_NOISE_METHOD --noise-method
+opt PIRL_ADDRESS --server.address
+opt PIRL_HEALTH_ADDRESS --server.health_address
+opt PIRL_TLS_CERT --server.tls_cert
+opt PIRL_TLS_KEY --server.tls_key
+opt PIRL_TLS_CLIENT_CA --server.tls_client_ca
+switch PIRL_INSECURE --server.insecure
+opt PIRL_NOISE_METHOD --noise_method
 opt PIRL_DEVICE --device
-opt PIRL_EPISODES_PER_UPDATE --episodes-per-update
-opt PIRL_MAX_UPDATES --max-updates
-opt PIRL_MAX_VERSION_LAG --max-version-lag
-opt PIRL_MAX_RECORD_BYTES --max-record-bytes
-switch PIRL_WAL_FSYNC --wal-fsync
-opt PIRL_MAX_STREAMS_PER_ROBOT --max-streams-per-robot
-opt PIRL_STREAM_IDLE_TIMEOUT --stream-idle-timeout
-opt PIRL_MAX_CONCURRENT_CALLS --max-concurrent-calls
-opt PIRL_MAX_SEQUENCE_AHEAD --max-sequence-ahead
-opt PIRL_ALGORITHM_CONFIG --algorithm-config
-opt PIRL_ACTOR_LR --actor-lr
-opt PIRL_EVAL_EVERY --eval-every
-opt PIRL_EVAL_EPISODES --eval-episodes
-opt PIRL_TARGET_SUCCESS --target-success
-switch PIRL_NO_EXPORT_ONNX --no-export-onnx
-switch PIRL_EXPORT_TENSORRT --export-tensorrt
-opt PIRL_METRICS_PORT --metrics-port
-opt PIRL_METRICS_ADDRESS --metrics-address
-opt PIRL_PORT_FILE --port-file
+opt PIRL_EPISODES_PER_UPDATE --trainer.episodes_per_update
+opt PIRL_MAX_UPDATES --trainer.max_updates
+opt PIRL_MAX_VERSION_LAG --intake.max_version_lag
+opt PIRL_MAX_RECORD_BYTES --intake.max_record_bytes
+switch PIRL_WAL_FSYNC --intake.wal_fsync
+opt PIRL_MAX_STREAMS_PER_ROBOT --server.max_streams_per_robot
+opt PIRL_STREAM_IDLE_TIMEOUT --server.stream_idle_timeout_s
+opt PIRL_MAX_CONCURRENT_CALLS --server.max_concurrent_calls
+opt PIRL_MAX_SEQUENCE_AHEAD --intake.max_sequence_ahead
+opt PIRL_CONFIG_PATH --config_path
+opt PIRL_ACTOR_LR --algorithm.actor_lr
+opt PIRL_EVAL_EVERY --trainer.eval_every
+opt PIRL_EVAL_EPISODES --trainer.eval_episodes
+opt PIRL_TARGET_SUCCESS --trainer.target_success
+switch_not PIRL_NO_EXPORT_ONNX --trainer.export_onnx
+switch PIRL_EXPORT_TENSORRT --trainer.export_tensorrt
+opt PIRL_METRICS_PORT --metrics.port
+opt PIRL_METRICS_ADDRESS --metrics.address
+opt PIRL_PORT_FILE --server.port_file
 opt PIRL_SEED --seed
 extra PIRL_LEARNER_ARGS
 

@@ -142,7 +142,7 @@ def fleet() -> dict:
                 (f"pirl_edge_control_target_hz{sel}", "{{robot_id}} target"),
             ],
             unit="hz",
-            description="Ticks in the last second, and the rate the paced loop aims at (--control-hz).",
+            description="Ticks in the last second, and the rate the paced loop aims at (control.hz).",
         ),
         panel(
             "Robots under 90% of their target rate",

@@ -39,7 +39,6 @@ they have run).
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import logging
@@ -82,43 +81,42 @@ class RefitError(RuntimeError):
 
 @dataclass
 class TensorRTSettings:
-    """How engines are built, cached and run (edge: ``pirl-edge --trt-*``; learner: the same flags).
+    """How engines are built, cached and run: the ``tensorrt`` group of ``pirl-edge`` and ``pirl-learner``
+    (``--tensorrt.<field>=...``; give the learner the same values as the edges, or its engines are not
+    used). Equal ``batch_min`` and ``batch_max`` make the shapes fixed: CUDA graphs are used."""
 
-    Attributes:
-        batch_min, batch_opt, batch_max: the optimization profile of the batch axis (the paced edge
-            decides for one env: 1, 1, 1). ``batch_opt`` is also the batch of the warm-up and of
-            the golden-input check. Equal min and max make the shapes fixed: CUDA graphs are used.
-        workspace_mib: builder workspace limit (``MemoryPoolType.WORKSPACE``), MiB.
-        refit: build refittable engines (``BuilderFlag.REFIT``) and refit them on a weight sync
-            instead of rebuilding. REFIT may cost some fusions: measure it against a non-refit
-            build on the target (``pirl-bench infer``) before relying on it.
-        tf32: allow TF32 math for FP32 layers (TensorRT's default is on; off here so FP32 engines
-            match PyTorch within the golden-check tolerance).
-        cuda_graph: replay the enqueue as a CUDA graph when the batch is fixed.
-        cache_dir: engine cache directory (None: no cache, every engine is built or refitted).
-        cache_entries: engines kept in the cache (least recently used ones are deleted).
-    """
-
+    # optimization profile of the batch axis: smallest batch (the paced edge decides for one env: 1, 1, 1)
     batch_min: int = 1
+    # the batch the engine is tuned for; also the batch of the warm-up and of the golden-input check
     batch_opt: int = 1
+    # largest batch
     batch_max: int = 1
+    # builder workspace limit (MemoryPoolType.WORKSPACE), MiB
     workspace_mib: int = 1024
+    # build refittable engines (BuilderFlag.REFIT) and refit them on a weight sync instead of rebuilding;
+    # REFIT may cost some fusions: measure it against a non-refit build on the target (pirl-bench infer)
     refit: bool = True
+    # allow TF32 math for FP32 layers (TensorRT's default is on; off so FP32 engines match PyTorch within
+    # the golden-check tolerance)
     tf32: bool = False
+    # replay the enqueue as a CUDA graph when the batch is fixed
     cuda_graph: bool = True
+    # engine cache directory (None: the runtime's default, OUTPUT_DIR/tensorrt-cache on the learner,
+    # outputs/edge/<robot_id>/tensorrt-cache on an edge)
     cache_dir: str | None = None
+    # engines kept in the cache (the least recently used ones are deleted)
     cache_entries: int = 4
 
     def __post_init__(self):
         if not 1 <= self.batch_min <= self.batch_opt <= self.batch_max:
             raise ValueError(
-                f"TensorRT batch profile must satisfy 1 <= min <= opt <= max, got "
-                f"{self.batch_min},{self.batch_opt},{self.batch_max}"
+                f"tensorrt.batch_min/opt/max: the profile must satisfy 1 <= min <= opt <= max "
+                f"(got {self.batch_min},{self.batch_opt},{self.batch_max})"
             )
         if self.workspace_mib < 1:
-            raise ValueError(f"TensorRT workspace must be >= 1 MiB, got {self.workspace_mib}")
+            raise ValueError(f"tensorrt.workspace_mib: must be >= 1 (got {self.workspace_mib})")
         if self.cache_entries < 1:
-            raise ValueError(f"TensorRT cache entries must be >= 1, got {self.cache_entries}")
+            raise ValueError(f"tensorrt.cache_entries: must be >= 1 (got {self.cache_entries})")
 
     @property
     def fixed_batch(self) -> bool:
@@ -751,57 +749,3 @@ class EngineRunner:
                     self._capture()  # after this first enqueue at these shapes; replayed from the next run
             out = {n: b.cpu().numpy() for n, b in self._out.items()}  # .cpu() waits for the stream
         return out
-
-
-# --- command-line flags shared by pirl-edge and pirl-learner ------------------------------------
-
-
-def _profile(text: str) -> tuple[int, int, int]:
-    try:
-        values = tuple(int(x) for x in text.split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3:
-        raise argparse.ArgumentTypeError(f"expected MIN,OPT,MAX batch sizes like 1,1,1; got {text!r}")
-    return values  # type: ignore[return-value]
-
-
-def add_tensorrt_arguments(parser: argparse.ArgumentParser, *, cache_default_help: str) -> None:
-    g = parser.add_argument_group("TensorRT (used when the TensorRT backend / engine export is on)")
-    g.add_argument(
-        "--trt-profile",
-        type=_profile,
-        default=(1, 1, 1),
-        metavar="MIN,OPT,MAX",
-        help="batch-axis optimization profile (default 1,1,1: fixed batch 1, CUDA graphs on)",
-    )
-    g.add_argument("--trt-workspace-mib", type=int, default=1024, help="builder workspace limit, MiB (default 1024)")
-    g.add_argument(
-        "--trt-refit",
-        choices=["on", "off"],
-        default="on",
-        help="build refittable engines and refit them on weight syncs (default on)",
-    )
-    g.add_argument(
-        "--trt-cuda-graph",
-        choices=["on", "off"],
-        default="on",
-        help="replay the enqueue as a CUDA graph when the batch is fixed (default on)",
-    )
-    g.add_argument("--trt-cache-dir", default=None, help=f"engine cache directory ({cache_default_help})")
-    g.add_argument("--trt-cache-entries", type=int, default=4, help="engines kept in the cache (default 4)")
-
-
-def settings_from_args(args, cache_dir: str | None) -> TensorRTSettings:
-    """TensorRTSettings from ``add_tensorrt_arguments`` flags (ValueError names a bad value)."""
-    lo, opt, hi = args.trt_profile
-    return TensorRTSettings(
-        batch_min=lo,
-        batch_opt=opt,
-        batch_max=hi,
-        workspace_mib=args.trt_workspace_mib,
-        refit=args.trt_refit == "on",
-        cuda_graph=args.trt_cuda_graph == "on",
-        cache_dir=args.trt_cache_dir or cache_dir,
-        cache_entries=args.trt_cache_entries,
-    )

@@ -82,9 +82,9 @@ def test_help_lists_the_variables_then_the_programs_own_help(script, prog):
 @pytest.mark.parametrize("script, prog", [(EDGE, "pirl-edge"), (LEARNER, "pirl-learner")])
 def test_every_mapped_variable_becomes_a_flag_the_program_has(script, prog):
     text = Path(script).read_text()
-    mapped = dict(re.findall(r"^(?:opt|switch) (PIRL_[A-Z0-9_]+) (--[a-z-]+)$", text, re.MULTILINE))
+    mapped = dict(re.findall(r"^(?:opt|switch|switch_not) (PIRL_[A-Z0-9_]+) (--[a-z_.]+)$", text, re.MULTILINE))
     assert len(mapped) >= 20
-    helped = set(re.findall(r"--[a-z][a-z-]+", run([prog, "--help"], process_env()).stdout))
+    helped = set(re.findall(r"--[a-z][a-z_.]+", run([prog, "--help"], process_env()).stdout))
     missing = set(mapped.values()) - helped
     assert not missing, f"{script} maps to flags {prog} does not have: {sorted(missing)}"
     documented = set(re.findall(r"PIRL_[A-Z0-9_]+", text[text.index("usage()") : text.index("TEXT\n}")]))
@@ -102,12 +102,12 @@ def test_edge_flags_from_environment_and_config_file(stub_bin, tmp_path):
         "PIRL_SPOOL_DIR=$HOME/spool\n"  # never expanded: the file is data, not shell
         "\n"
         "PIRL_INSECURE=yes\n"
-        "PIRL_EDGE_ARGS=--seed 7 --episodes 3\n"
+        "PIRL_EDGE_ARGS=--seed 7 --control.episodes 3\n"
     )
     argv = argv_from(
         stub_bin,
         EDGE,
-        "--control-hz",
+        "--control.hz",
         "30",
         config=config,
         PIRL_LEARNER="env-host:2",
@@ -115,26 +115,26 @@ def test_edge_flags_from_environment_and_config_file(stub_bin, tmp_path):
         PIRL_METRICS_PORT="9101",
     )
     assert argv == [
-        "--learner",
+        "--link.learner",
         "env-host:2",
-        "--robot-id",
+        "--link.robot_id",
         "robot-0",
-        "--tokens",
+        "--link.tokens",
         "/etc/pirl/tokens.json",
-        "--policy-path",
+        "--policy.path",
         "/var/lib/pirl/my policy",
-        "--insecure",
-        "--backend",
+        "--link.insecure=true",
+        "--policy.backend",
         "tensorrt",
-        "--spool-dir",
+        "--spool.dir",
         "$HOME/spool",
-        "--metrics-port",
+        "--metrics.port",
         "9101",
         "--seed",
         "7",
-        "--episodes",
+        "--control.episodes",
         "3",
-        "--control-hz",
+        "--control.hz",
         "30",
     ]
 
@@ -142,8 +142,16 @@ def test_edge_flags_from_environment_and_config_file(stub_bin, tmp_path):
 def test_learner_resumes_by_default_and_maps_switches(stub_bin):
     base = {"PIRL_TOKENS": "/t.json", "PIRL_HEALTH_ADDRESS": "0.0.0.0:8081", "PIRL_WAL_FSYNC": "1"}
     argv = argv_from(stub_bin, LEARNER, **base)
-    assert argv == ["--tokens", "/t.json", "--resume", "--health-address", "0.0.0.0:8081", "--wal-fsync"]
-    assert "--resume" not in argv_from(stub_bin, LEARNER, PIRL_RESUME="0", **base)
+    assert argv == [
+        "--tokens",
+        "/t.json",
+        "--resume=true",
+        "--server.health_address",
+        "0.0.0.0:8081",
+        "--intake.wal_fsync=true",
+    ]
+    assert "--resume=false" in argv_from(stub_bin, LEARNER, PIRL_RESUME="0", **base)
+    assert "--trainer.export_onnx=false" in argv_from(stub_bin, LEARNER, PIRL_NO_EXPORT_ONNX="1", **base)
 
 
 @pytest.mark.parametrize(

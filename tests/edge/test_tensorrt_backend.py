@@ -333,29 +333,27 @@ def test_engine_key_fields_round_trip_and_are_validated(exports):
 
 
 def test_settings_and_cli_flags_are_validated():
-    for bad in (
-        {"batch_min": 2, "batch_opt": 1, "batch_max": 2},
-        {"batch_min": 0},
-        {"workspace_mib": 0},
-        {"cache_entries": 0},
+    for bad, field in (
+        ({"batch_min": 2, "batch_opt": 1, "batch_max": 2}, "batch_min/opt/max"),
+        ({"batch_min": 0}, "batch_min/opt/max"),
+        ({"workspace_mib": 0}, "workspace_mib"),
+        ({"cache_entries": 0}, "cache_entries"),
     ):
-        with pytest.raises(ValueError, match="TensorRT"):
+        with pytest.raises(ValueError, match=f"tensorrt.{field}"):
             TensorRTSettings(**bad)
-    p = argparse.ArgumentParser()
-    trt_engine.add_tensorrt_arguments(p, cache_default_help="x")
-    args = p.parse_args(["--trt-profile", "1,2,4", "--trt-refit", "off", "--trt-workspace-mib", "64"])
-    s = trt_engine.settings_from_args(args, cache_dir="/tmp/c")
-    assert (s.batch_min, s.batch_opt, s.batch_max, s.refit, s.workspace_mib, s.cache_dir) == (
-        1,
-        2,
-        4,
-        False,
-        64,
-        "/tmp/c",
-    )
+    from edge.configuration import EdgeConfig
+    from pirl.cli import parse_config
+
+    required = ["--link.learner=h:1", "--link.robot_id=r", "--link.tokens=t", "--policy.path=p"]
+    flags = [
+        "--tensorrt.batch_opt=2",
+        "--tensorrt.batch_max=4",
+        "--tensorrt.refit=false",
+        "--tensorrt.workspace_mib=64",
+    ]
+    s = parse_config(EdgeConfig, prog="pirl-edge", args=[*required, *flags]).tensorrt
+    assert (s.batch_min, s.batch_opt, s.batch_max, s.refit, s.workspace_mib, s.cache_dir) == (1, 2, 4, False, 64, None)
     assert not s.fixed_batch and TensorRTSettings().fixed_batch
-    with pytest.raises(SystemExit):
-        p.parse_args(["--trt-profile", "1,2"])
 
 
 def test_edge_cli_reports_bad_tensorrt_settings_as_a_user_error(tmp_path, monkeypatch, capsys):
@@ -368,22 +366,22 @@ def test_edge_cli_reports_bad_tensorrt_settings_as_a_user_error(tmp_path, monkey
         "argv",
         [
             "pirl-edge",
-            "--learner",
+            "--link.learner",
             "127.0.0.1:1",
-            "--robot-id",
+            "--link.robot_id",
             "r",
-            "--tokens",
+            "--link.tokens",
             str(tokens),
-            "--policy-path",
+            "--policy.path",
             str(tmp_path),
-            "--trt-profile",
-            "4,1,1",
+            "--tensorrt.batch_min=4",
         ],
     )
     with pytest.raises(SystemExit) as exc:
         edge.main.main()
     assert exc.value.code == 2
-    assert "error: TensorRT batch profile must satisfy 1 <= min <= opt <= max, got 4,1,1" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "error: tensorrt.batch_min/opt/max: the profile must satisfy 1 <= min <= opt <= max (got 4,1,1)" in err
 
 
 def test_profile_shapes_only_the_batch_axis_is_dynamic():
@@ -702,17 +700,17 @@ def test_learner_export_tensorrt_without_tensorrt_is_a_user_error(no_trt, tmp_pa
         "argv",
         [
             "pirl-learner",
-            "--policy-path",
+            "--policy_path",
             str(tmp_path),
             "--tokens",
             str(tokens),
-            "--output-dir",
+            "--output_dir",
             str(tmp_path / "out"),
-            "--export-tensorrt",
+            "--trainer.export_tensorrt=true",
         ],
     )
     with pytest.raises(SystemExit) as exc:
         learner.main.main()
     assert exc.value.code == 2
     err = capsys.readouterr().err
-    assert "error: --export-tensorrt: TensorRT cannot build engines here: import tensorrt failed" in err
+    assert "error: trainer.export_tensorrt: TensorRT cannot build engines here: import tensorrt failed" in err

@@ -459,9 +459,9 @@ def test_check_bind_allowed():
     check_bind_allowed("[::1]:0", tls=False, insecure=False)
     check_bind_allowed("0.0.0.0:50051", tls=True, insecure=False)
     check_bind_allowed("0.0.0.0:50051", tls=False, insecure=True)
-    with pytest.raises(ValueError, match=r"0\.0\.0\.0:50051 without TLS.*--tls-cert.*--insecure"):
+    with pytest.raises(ValueError, match=r"0\.0\.0\.0:50051 without TLS.*server.tls_cert.*server.insecure"):
         check_bind_allowed("0.0.0.0:50051", tls=False, insecure=False)
-    with pytest.raises(ValueError, match="--insecure"):
+    with pytest.raises(ValueError, match="server.insecure"):
         check_bind_allowed("[::]:1", tls=False, insecure=False)
 
 

@@ -456,17 +456,13 @@ def test_full_size_smolvla_from_the_hub_without_a_network_is_a_clear_error(tmp_p
         [
             "pirl-bench",
             "infer",
-            "--out",
-            str(tmp_path),
-            "--backbone",
-            "smolvla",
-            "--size",
-            "full",
-            "--backends",
-            "torch_eager",
+            f"--out={tmp_path}",
+            "--backbone=smolvla",
+            "--size=full",
+            "--backends=[torch_eager]",
         ],
     )
     with pytest.raises(SystemExit) as exc:
         bench.main()
     err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 2 and err[-1].startswith("error: ") and "--smolvlm-config offline" in err[-1]
+    assert exc.value.code == 2 and err[-1].startswith("error: ") and "smolvlm_config=offline" in err[-1]

@@ -26,8 +26,8 @@ pytestmark = pytest.mark.slow  # learner and edges as real processes
 def test_two_edges_one_learner_several_versions(cluster):
     c = cluster
     ports = free_port(), free_port()
-    c.learner("--max-updates", "3", "--metrics-port", str(ports[0]))
-    c.edge("robot-0", "paced", "--control-hz", "50", "--metrics-port", str(ports[1]), "--backend", "onnxruntime")
+    c.learner("--trainer.max_updates", "3", "--metrics.port", str(ports[0]))
+    c.edge("robot-0", "paced", "--control.hz", "50", "--metrics.port", str(ports[1]), "--policy.backend", "onnxruntime")
     c.edge("robot-1", "unpaced")
     c.wait_version(3)
     time.sleep(1.0)
@@ -70,15 +70,15 @@ def test_two_edges_one_learner_several_versions(cluster):
 def test_learner_kill9_resume_and_edge_kill9_lose_nothing(cluster):
     c = cluster
     # delivery is under test here, not freshness: accept any version lag so no record goes stale
-    lag = ("--max-version-lag", "1000")
-    c.learner(*lag, "--max-updates", "2")
-    c.edge("robot-0", "paced", "--control-hz", "50")
+    lag = ("--intake.max_version_lag", "1000")
+    c.learner(*lag, "--trainer.max_updates", "2")
+    c.edge("robot-0", "paced", "--control.hz", "50")
     c.edge("robot-1", "unpaced")
     before = c.wait_version(2)
     time.sleep(1.0)  # records keep flowing into the learner's store (no more updates)
     c.stop("learner", signal.SIGKILL)  # crash mid-run
     time.sleep(3.0)  # edges keep controlling and spooling while the learner is down
-    c.learner(*lag, "--resume", "--max-updates", "4")
+    c.learner(*lag, "--resume=true", "--trainer.max_updates", "4")
     after = c.wait_version(4)
     assert before["version"] == 2 and after["version"] == 4  # the version counter continued
     # an edge crashes mid-upload and comes back on the same spool
@@ -101,13 +101,13 @@ def test_learner_refuses_plaintext_on_a_public_address(runtime_setup):
     res = subprocess.run(
         [
             str(BIN / "pirl-learner"),
-            "--policy-path",
+            "--policy_path",
             str(ckpt),
             "--tokens",
             str(pki["tokens"]),
-            "--address",
+            "--server.address",
             "0.0.0.0:0",
-            "--output-dir",
+            "--output_dir",
             str(root / "refuse"),
         ],
         capture_output=True,
@@ -115,7 +115,7 @@ def test_learner_refuses_plaintext_on_a_public_address(runtime_setup):
         timeout=120,
     )
     assert res.returncode == 2
-    assert res.stderr.startswith("error:") and "--insecure" in res.stderr and "Traceback" not in res.stderr
+    assert res.stderr.startswith("error:") and "server.insecure" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_edge_refuses_unknown_robot_cleanly(runtime_setup):
@@ -123,13 +123,13 @@ def test_edge_refuses_unknown_robot_cleanly(runtime_setup):
     res = subprocess.run(
         [
             str(BIN / "pirl-edge"),
-            "--learner",
+            "--link.learner",
             "127.0.0.1:1",
-            "--robot-id",
+            "--link.robot_id",
             "robot-9",
-            "--tokens",
+            "--link.tokens",
             str(pki["tokens"]),
-            "--policy-path",
+            "--policy.path",
             str(ckpt),
         ],
         capture_output=True,
@@ -213,7 +213,9 @@ def test_learner_at_its_call_limit_keeps_edge_records(cluster):
     """gRPC refuses calls past the learner's call slots with RESOURCE_EXHAUSTED ("Concurrent RPC limit
     exceeded"): the edge must keep every record through it and upload them once there is room."""
     c = cluster
-    c.learner("--max-concurrent-calls", "4", "--episodes-per-update", "100000")  # no updates: nothing goes stale
+    c.learner(
+        "--server.max_concurrent_calls", "4", "--trainer.episodes_per_update", "100000"
+    )  # no updates: nothing goes stale
     client = Client(c)
     try:
         client.wait_serving(c)
@@ -222,7 +224,7 @@ def test_learner_at_its_call_limit_keeps_edge_records(cluster):
         with pytest.raises(grpc.RpcError) as ei:
             client.register("robot-1")
         assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and judged_record(ei.value) is None
-        c.edge("robot-0", "unpaced", "--episodes", "32", "--drain-timeout", "120")
+        c.edge("robot-0", "unpaced", "--control.episodes", "32", "--spool.drain_timeout_s", "120")
         log = c.dir / "robot-0.log"
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline and "at a limit" not in (log.read_text() if log.exists() else ""):
@@ -250,7 +252,7 @@ def test_learner_at_its_call_limit_keeps_edge_records(cluster):
 def test_one_robot_holding_many_streams_does_not_lock_out_another(cluster):
     c = cluster
     metrics_port = free_port()
-    c.learner("--metrics-port", str(metrics_port))  # call slots sized for the fleet's 4 robots
+    c.learner("--metrics.port", str(metrics_port))  # call slots sized for the fleet's 4 robots
     client = Client(c)
     try:
         client.wait_serving(c)

@@ -40,8 +40,8 @@ def cluster(tmp_path):
 
 def test_reduced_pi0_learner_and_two_edges(cluster):
     c = cluster
-    c.learner("--max-updates", "2")
-    c.edge("robot-0", "paced", "--control-hz", "50", "--backend", "onnxruntime")
+    c.learner("--trainer.max_updates", "2")
+    c.edge("robot-0", "paced", "--control.hz", "50", "--policy.backend", "onnxruntime")
     c.edge("robot-1", "unpaced")
     c.wait_version(2, timeout=300)
     time.sleep(1.0)

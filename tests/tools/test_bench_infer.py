@@ -20,9 +20,7 @@ GPU_COLUMNS = {
 
 
 def test_infer_writes_backends_side_by_side_and_skip_reasons(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        sys, "argv", ["pirl-bench", "infer", "--out", str(tmp_path), "--iterations", "3", "--warmup", "1"]
-    )
+    monkeypatch.setattr(sys, "argv", ["pirl-bench", "infer", f"--out={tmp_path}", "--iterations=3", "--warmup=1"])
     with pytest.raises(SystemExit) as exc:
         bench.main()
     assert exc.value.code == 0
@@ -41,7 +39,7 @@ def test_infer_writes_backends_side_by_side_and_skip_reasons(tmp_path, monkeypat
 
 
 def test_infer_times_only_the_selected_backends_and_exports_only_for_them(tmp_path, monkeypatch):
-    """--backends torch_eager (a full-size VLA on a CPU box): no export, every other column skipped as
+    """backends=[torch_eager] (a full-size VLA on a CPU box): no export, every other column skipped as
     not selected; the parameter breakdown names the policy's parts."""
     monkeypatch.setattr(
         sys,
@@ -49,14 +47,10 @@ def test_infer_times_only_the_selected_backends_and_exports_only_for_them(tmp_pa
         [
             "pirl-bench",
             "infer",
-            "--out",
-            str(tmp_path),
-            "--iterations",
-            "2",
-            "--warmup",
-            "0",
-            "--backends",
-            "torch_eager",
+            f"--out={tmp_path}",
+            "--iterations=2",
+            "--warmup=0",
+            "--backends=[torch_eager]",
         ],
     )
     with pytest.raises(SystemExit) as exc:
@@ -65,7 +59,7 @@ def test_infer_times_only_the_selected_backends_and_exports_only_for_them(tmp_pa
     report = json.loads((tmp_path / "infer.json").read_text())
     assert set(report["backends"]) == {"torch_eager"}
     assert set(report["skipped"]) == {"onnxruntime_cpu", "onnxruntime_cpu_split"} | GPU_COLUMNS
-    assert set(report["skipped"].values()) == {"not selected (--backends)"}
+    assert set(report["skipped"].values()) == {"not selected (backends)"}
     assert report["export_seconds"] is None and report["parity_max_abs_err"] is None
     assert not (tmp_path / "onnx").exists() and not (tmp_path / "onnx_split").exists()
     parts = report["policy"]["parameters_by_module"]
@@ -74,7 +68,7 @@ def test_infer_times_only_the_selected_backends_and_exports_only_for_them(tmp_pa
 
 
 def test_infer_refuses_an_unknown_backend(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", ["pirl-bench", "infer", "--out", str(tmp_path), "--backends", "tensorrtt"])
+    monkeypatch.setattr(sys, "argv", ["pirl-bench", "infer", f"--out={tmp_path}", "--backends=[tensorrtt]"])
     with pytest.raises(SystemExit) as exc:
         bench.main()
-    assert exc.value.code == 2 and "invalid choice: 'tensorrtt'" in capsys.readouterr().err
+    assert exc.value.code == 2 and "backends: unknown ['tensorrtt']" in capsys.readouterr().err

@@ -15,26 +15,33 @@ from edge import main as edge_main
 from learner import main as learner_main
 from pirl_tools import demo, init
 
-LEARNER = ["pirl-learner", "--tokens", "tokens.json"]
-EDGE = ["pirl-edge", "--learner", "127.0.0.1:1", "--robot-id", "r", "--tokens", "t.json", "--policy-path", "p"]
+LEARNER = ["pirl-learner", "--tokens=tokens.json"]
+EDGE = ["pirl-edge", "--link.learner=127.0.0.1:1", "--link.robot_id=r", "--link.tokens=t.json", "--policy.path=p"]
 CASES = [
-    (learner_main.main, [*LEARNER, "--max-record-bytes", "-1"], "--max-record-bytes"),
-    (learner_main.main, [*LEARNER, "--max-version-lag", "-1"], "--max-version-lag"),
-    (learner_main.main, [*LEARNER, "--max-updates", "-1"], "--max-updates"),
-    (learner_main.main, [*LEARNER, "--eval-every", "-1"], "--eval-every"),
-    (learner_main.main, [*LEARNER, "--max-streams-per-robot", "0"], "--max-streams-per-robot"),
-    (learner_main.main, [*LEARNER, "--target-success", "1.5"], "--target-success"),
-    (demo.main, ["pirl-demo", "--num-demos", "-1"], "--num-demos"),
-    (demo.main, ["pirl-demo", "--time-limit", "-5"], "--time-limit"),
-    (demo.main, ["pirl-demo", "--num-envs", "-1"], "--num-envs"),
-    (demo.main, ["pirl-demo", "--episodes-per-update", "-1"], "--episodes-per-update"),
-    (edge_main.main, [*EDGE, "--episodes", "-1"], "--episodes"),
-    (edge_main.main, [*EDGE, "--duration", "-5"], "--duration"),
-    (edge_main.main, [*EDGE, "--control-hz", "0"], "--control-hz"),
+    (learner_main.main, [*LEARNER, "--intake.max_record_bytes=-1"], "intake.max_record_bytes"),
+    (learner_main.main, [*LEARNER, "--intake.max_version_lag=-1"], "intake.max_version_lag"),
+    (learner_main.main, [*LEARNER, "--trainer.max_updates=-1"], "trainer.max_updates"),
+    (learner_main.main, [*LEARNER, "--trainer.eval_every=-1"], "trainer.eval_every"),
+    (learner_main.main, [*LEARNER, "--server.max_streams_per_robot=0"], "server.max_streams_per_robot"),
+    (learner_main.main, [*LEARNER, "--trainer.target_success=1.5"], "trainer.target_success"),
+    (learner_main.main, [*LEARNER, "--algorithm.update_epochs=0"], "algorithm.update_epochs"),
+    (learner_main.main, [*LEARNER, "--algorithm.actor_lr=fast"], "algorithm.actor_lr"),
+    (learner_main.main, [*LEARNER, "--trainer.episodes_per_updates=3"], "--trainer.episodes_per_updates"),
+    (learner_main.main, ["pirl-learner"], "tokens"),
+    (demo.main, ["pirl-demo", "--num_demos=-1"], "num_demos"),
+    (demo.main, ["pirl-demo", "--time_limit=-5"], "time_limit"),
+    (demo.main, ["pirl-demo", "--num_envs=-1"], "num_envs"),
+    (demo.main, ["pirl-demo", "--episodes_per_update=-1"], "episodes_per_update"),
+    (demo.main, ["pirl-demo", "--config_path=missing.yaml"], "missing.yaml"),
+    (edge_main.main, [*EDGE, "--control.episodes=-1"], "control.episodes"),
+    (edge_main.main, [*EDGE, "--control.duration_s=-5"], "control.duration_s"),
+    (edge_main.main, [*EDGE, "--control.hz=0"], "control.hz"),
+    (edge_main.main, [*EDGE, "--policy.backend=cuda-magic"], "policy.backend"),
+    (edge_main.main, EDGE[:-1], "policy.path"),
 ]
 
 
-@pytest.mark.parametrize(("main", "argv", "flag"), CASES, ids=[" ".join(c[1][-2:]) for c in CASES])
+@pytest.mark.parametrize(("main", "argv", "flag"), CASES, ids=[c[1][-1] for c in CASES])
 def test_bad_values_are_one_error_line_before_any_work(main, argv, flag, monkeypatch, capsys, tmp_path):
     monkeypatch.chdir(tmp_path)  # nothing may be written: the folder must stay empty
     monkeypatch.setattr(sys, "argv", argv)

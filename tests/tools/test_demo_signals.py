@@ -35,7 +35,7 @@ def out(tmp_path) -> Path:
 def start_demo(out: Path) -> subprocess.Popen:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     return subprocess.Popen(
-        [str(BIN / "pirl-demo"), "--out", str(out), "--num-envs", "4", "--eval-episodes", "20", "--time-limit", "300"],
+        [str(BIN / "pirl-demo"), "--out", str(out), "--num_envs", "4", "--eval_episodes", "20", "--time_limit", "300"],
         stdout=open(out.parent / "demo.stdout", "w"),
         stderr=open(out.parent / "demo.stderr", "w"),
         env=env,

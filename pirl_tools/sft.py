@@ -1,18 +1,18 @@
 """pirl-sft: record scripted demonstrations as a LeRobotDataset, behaviour-clone ``pi_rl`` on it with
 LeRobot's training loop, and report the deterministic success of the result.
 
-    pirl-sft --out DIR [--num-demos 10] [--steps 2000] [--seed 0] [--eval-episodes 200] [--backbone mlp]
+    pirl-sft --out=DIR [--num_demos=10] [--steps=2000] [--seed=0] [--eval_episodes=200] [--backbone=mlp]
 
 Writes DIR/data (the dataset), DIR/train (LeRobot checkpoints) and DIR/sft.json.
 """
 
 from __future__ import annotations
 
-import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides
-from pirl.cli import run_cli, write_json
+from pirl.cli import parse_config, require, run_cli, write_json
 from pirl_tools.common import sft_checkpoint
 
 
@@ -50,28 +50,38 @@ def _run(args) -> int:
     return 0
 
 
+@dataclass
+class SFTConfig:
+    """pirl-sft: record scripted demonstrations of the built-in task, behaviour-clone the pi_rl policy with
+    LeRobot's train loop, report its deterministic success (OUT/sft.json)."""
+
+    # output directory (a finished checkpoint there is reused) (required)
+    out: str | None = None
+    # scripted demonstrations to record
+    num_demos: int = 10
+    # std of the noise in the scripted expert's actions
+    demo_noise: float = 0.1
+    # flow-matching training steps
+    steps: int = 2000
+    # seed of the demonstrations, the training and the evaluation
+    seed: int = 0
+    # episodes of the deterministic evaluation
+    eval_episodes: int = 200
+    # velocity field: the small MLP (state), or LeRobot's pi0 / pi05 / smolvla at a reduced CPU size (camera
+    # image + state + task instruction)
+    backbone: str = "mlp"
+
+    def __post_init__(self):
+        if not self.out:
+            raise ValueError("out: required (the output directory)")
+        require(self, at_least={"num_demos": 1, "steps": 1, "eval_episodes": 1, "demo_noise": 0})
+        if self.backbone not in BACKBONE_CHOICES:
+            raise ValueError(f"backbone: must be one of {BACKBONE_CHOICES} (got {self.backbone!r})")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(
-        prog="pirl-sft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--out", required=True, help="output directory (a finished checkpoint there is reused)")
-    p.add_argument("--num-demos", type=int, default=10, help="scripted demonstrations to record")
-    p.add_argument("--demo-noise", type=float, default=0.1, help="std of the noise in the scripted expert's actions")
-    p.add_argument("--steps", type=int, default=2000, help="flow-matching training steps")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--eval-episodes", type=int, default=200)
-    p.add_argument(
-        "--backbone",
-        choices=BACKBONE_CHOICES,
-        default="mlp",
-        help="velocity field: the small MLP (state), or LeRobot's pi0 / pi05 / smolvla at a reduced "
-        "CPU size (camera image + state + task instruction)",
-    )
-    args = p.parse_args()
-    for name in ("num_demos", "steps", "eval_episodes"):
-        if getattr(args, name) < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1")
-    run_cli(lambda: _run(args))
+    cfg = parse_config(SFTConfig, prog="pirl-sft")
+    run_cli(lambda: _run(cfg))
 
 
 if __name__ == "__main__":

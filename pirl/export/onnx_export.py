@@ -46,7 +46,6 @@ up to opset 20).
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import json
@@ -54,6 +53,7 @@ import logging
 import tempfile
 import time
 import warnings
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -564,31 +564,44 @@ class OnnxSampler:
         return dict(zip(OUTPUTS, results, strict=True))
 
 
-def main() -> None:
-    from pirl.cli import run_cli
+@dataclass
+class ExportConfig:
+    """pirl-export: export a pi_rl policy's sampler to ONNX (+ weights and a sha256 manifest)."""
 
-    parser = argparse.ArgumentParser(
-        prog="pirl-export",
-        description="Export a pi_rl policy's sampler to ONNX (+ weights and a sha256 manifest).",
-    )
-    parser.add_argument("--policy-path", required=True, help="a LeRobot pretrained_model directory")
-    parser.add_argument("--out", required=True, help="output directory")
-    parser.add_argument(
-        "--noise-method",
-        choices=NOISE_METHODS,
-        default=None,
-        help="sampler baked into the graph (default: the policy's configured one)",
-    )
-    parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET} (default 17)")
-    parser.add_argument("--batch-size", type=int, default=None, help="fix the batch axis (default: dynamic)")
-    parser.add_argument("--version", default="0", help="policy version recorded in the manifest")
-    args = parser.parse_args()
+    # a LeRobot pretrained_model directory (required)
+    policy_path: str | None = None
+    # output directory (required)
+    out: str | None = None
+    # sampler baked into the graph (default: the policy's configured one)
+    noise_method: str | None = None
+    # ONNX opset
+    opset: int = 17
+    # fix the batch axis (default: dynamic)
+    batch_size: int | None = None
+    # policy version recorded in the manifest
+    version: int = 0
+
+    def __post_init__(self):
+        for name in ("policy_path", "out"):
+            if not getattr(self, name):
+                raise ValueError(f"{name}: required")
+        if self.noise_method is not None and self.noise_method not in NOISE_METHODS:
+            raise ValueError(f"noise_method: must be one of {NOISE_METHODS} (got {self.noise_method!r})")
+        if not MIN_OPSET <= self.opset <= MAX_OPSET:
+            raise ValueError(f"opset: must be in [{MIN_OPSET}, {MAX_OPSET}] (got {self.opset})")
+        if self.batch_size is not None and self.batch_size < 1:
+            raise ValueError(f"batch_size: must be >= 1 (got {self.batch_size})")
+
+
+def main() -> None:
+    from pirl.cli import parse_config, run_cli
+
+    args = parse_config(ExportConfig, prog="pirl-export")
 
     def _run() -> int:
         from lerobot_policy_pi_rl.sft import load_policy
 
         policy, _, _ = load_policy(args.policy_path)
-        version = int(args.version) if args.version.isdigit() else args.version
         started = time.perf_counter()
         manifest = export_onnx(
             policy,
@@ -596,7 +609,7 @@ def main() -> None:
             opset=args.opset,
             batch_size=args.batch_size,
             noise_method=args.noise_method,
-            version=version,
+            version=args.version,
         )
         total = time.perf_counter() - started
         out = Path(args.out)

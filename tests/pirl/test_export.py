@@ -205,14 +205,10 @@ def test_cli_exports_a_pretrained_dir(tmp_path, monkeypatch, capsys):
         "argv",
         [
             "pirl-export",
-            "--policy-path",
-            str(ckpt),
-            "--out",
-            str(out),
-            "--noise-method",
-            "flow_noise",
-            "--version",
-            "3",
+            f"--policy_path={ckpt}",
+            f"--out={out}",
+            "--noise_method=flow_noise",
+            "--version=3",
         ],
     )
     with pytest.raises(SystemExit) as exc:
@@ -222,7 +218,7 @@ def test_cli_exports_a_pretrained_dir(tmp_path, monkeypatch, capsys):
     assert "model.onnx" in printed and "export took" in printed
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["noise_method"] == "flow_noise" and manifest["version"] == 3
-    monkeypatch.setattr(sys, "argv", ["pirl-export", "--policy-path", str(tmp_path / "nope"), "--out", str(out)])
+    monkeypatch.setattr(sys, "argv", ["pirl-export", f"--policy_path={tmp_path / 'nope'}", f"--out={out}"])
     with pytest.raises(SystemExit) as exc:
         export.main()
     assert exc.value.code == 2

@@ -311,20 +311,13 @@ def test_pirl_init_wraps_a_lerobot_checkpoint_with_dataset_stats(tmp_path):
     record_demos(tmp_path / "data", 2, obs_type="pixels_agent_pos", image_size=IMAGE)
     cmd = [
         str(Path(sys.executable).parent / "pirl-init"),
-        "--out",
-        str(tmp_path / "policy"),
-        "--backbone",
-        "smolvla",
-        "--base-model-path",
-        str(tmp_path / "base"),
-        "--dataset-repo-id",
-        "local/pirl_reach",
-        "--dataset-root",
-        str(tmp_path / "data"),
-        "--reduced",
-        "{}",
-        "--policy-overrides",
-        '{"backbone_config": {"tokenizer_max_length": 16}, "n_action_steps": 2}',
+        f"--out={tmp_path / 'policy'}",
+        "--backbone=smolvla",
+        f"--base_model_path={tmp_path / 'base'}",
+        "--dataset_repo_id=local/pirl_reach",
+        f"--dataset_root={tmp_path / 'data'}",
+        "--reduced={}",
+        '--policy_overrides={"backbone_config": {"tokenizer_max_length": 16}, "n_action_steps": 2}',
     ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]

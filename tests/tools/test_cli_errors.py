@@ -63,14 +63,10 @@ def test_init_refuses_a_folder_that_is_not_a_dataset(tmp_path, monkeypatch, caps
         "argv",
         [
             "pirl-init",
-            "--out",
-            str(tmp_path / "out"),
-            "--backbone",
-            "pi0",
-            "--dataset-repo-id",
-            "me/data",
-            "--dataset-root",
-            str(not_a_dataset),
+            f"--out={tmp_path / 'out'}",
+            "--backbone=pi0",
+            "--dataset_repo_id=me/data",
+            f"--dataset_root={not_a_dataset}",
         ],
     )
     with pytest.raises(SystemExit) as ei:

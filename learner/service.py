@@ -86,8 +86,6 @@ class LearnerService:
         # last-seen times, exported again after a restart (from contacts_path) for the sync-stale alert
         self.contacts = RobotContacts(contacts_path, auth.robot_ids)
         self._stop = threading.Event()
-        self._connected: dict[str, int] = {}
-        self._lock = threading.Lock()
         # labelled counters exported at 0 from the start (robot ids come from the tokens file: the fleet)
         for reason in metrics.REJECT_REASONS:
             metrics.LEARNER_REJECTED.labels(reason=reason)
@@ -128,13 +126,6 @@ class LearnerService:
             context.set_trailing_metadata(refusal_metadata(e.reason, sequence))
         context.abort(e.code, bounded(e.message))
 
-    def _robot_connected(self, robot_id: str, delta: int) -> None:
-        with self._lock:
-            self._connected[robot_id] = self._connected.get(robot_id, 0) + delta
-            if self._connected[robot_id] <= 0:
-                del self._connected[robot_id]
-            metrics.LEARNER_CONNECTED.set(len(self._connected))
-
     # --- RPCs -------------------------------------------------------------------------------------
 
     def _request(self, cls, data: bytes, context):
@@ -171,7 +162,6 @@ class LearnerService:
         robot_id = self.auth.robot_for(context)
         self._seen(robot_id)
         stream = self.streams.open(robot_id, "StreamRollouts", context)  # aborts past the per-robot limit
-        self._robot_connected(robot_id, +1)
         try:
             for data in request_iterator:
                 stream.touch()
@@ -198,7 +188,6 @@ class LearnerService:
                     metrics.LEARNER_DUPLICATES.inc()
                 yield pirl_pb2.RolloutAck(sequence=rec.sequence, status=status).SerializeToString()
         finally:
-            self._robot_connected(robot_id, -1)
             self.streams.close(stream)
 
     def subscribe_policy(self, data: bytes, context):

@@ -101,6 +101,7 @@ class StreamRegistry:
                 stream = _Stream(robot_id, rpc, context)
                 streams.add(stream)
                 metrics.LEARNER_STREAMS_OPEN.labels(rpc=rpc).inc()
+                self._export_connected()
                 return stream
         metrics.LEARNER_STREAMS_REFUSED.labels(robot_id=robot_id, rpc=rpc).inc()
         self._refusals.warning(
@@ -124,6 +125,11 @@ class StreamRegistry:
                 metrics.LEARNER_STREAMS_OPEN.labels(rpc=stream.rpc).dec()
                 if not streams:
                     del self._open[(stream.robot_id, stream.rpc)]
+                self._export_connected()
+
+    def _export_connected(self) -> None:
+        """Robots with an open rollout stream (caller holds the lock): derived from the open streams."""
+        metrics.LEARNER_CONNECTED.set(sum(rpc == "StreamRollouts" for _, rpc in self._open))
 
     def count(self, robot_id: str, rpc: str) -> int:
         with self._lock:

@@ -6,19 +6,12 @@ from __future__ import annotations
 import torch
 from lerobot.configs.types import FeatureType, PolicyFeature
 
+from helpers.policy import ACTION_DIM, SMALL_SIZES, STATE_DIM
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
 from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 
-STATE, ACTION_DIM = 6, 3
-SMALL = {
-    "hidden_dim": 32,
-    "num_layers": 2,
-    "expert_token_dim": 8,
-    "prefix_dim": 16,
-    "time_embed_dim": 8,
-    "critic_hidden_dims": [16],
-    "image_channels": [4, 8],
-}
+STATE = STATE_DIM
+SMALL = {**SMALL_SIZES, "image_channels": [4, 8]}  # the backend tests' sizes, with the image encoder's
 
 # (id, config overrides, image feature?)
 CASES = [

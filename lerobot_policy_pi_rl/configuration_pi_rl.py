@@ -52,6 +52,7 @@ class PiRLConfig(PreTrainedConfig):
         default_factory=lambda: {
             "VISUAL": NormalizationMode.IDENTITY,
             "STATE": NormalizationMode.MEAN_STD,
+            "ENV": NormalizationMode.MEAN_STD,
             "ACTION": NormalizationMode.MEAN_STD,
         }
     )
@@ -319,8 +320,11 @@ class PiRLConfig(PreTrainedConfig):
                 f"policy.input_features: the {self.backbone} backbone needs '{OBS_STATE}' and at least one image "
                 f"feature; got {sorted((self.input_features or {}).keys())}"
             )
+        # the MLP backbone also reads the environment's state (observation.environment_state: an object's
+        # pose, as LeRobot's gym-hil and PushT datasets carry it); the VLAs read the robot's state and images
+        supported = (FeatureType.STATE, FeatureType.VISUAL) + ((FeatureType.ENV,) if not self.is_vla else ())
         for key, ft in (self.input_features or {}).items():
-            if ft.type not in (FeatureType.STATE, FeatureType.VISUAL):
+            if ft.type not in supported:
                 raise PiRLConfigError(
                     f"policy.input_features['{key}']: type {ft.type} is not supported by the {self.backbone} backbone"
                 )

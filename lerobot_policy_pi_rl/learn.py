@@ -14,7 +14,7 @@ from math import nan
 import torch
 
 from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, PiRLAlgorithmConfig
-from lerobot_policy_pi_rl.envs import ReachGraspVecEnv, builtin_obs_kwargs
+from lerobot_policy_pi_rl.envs import BUILTIN_NAMES, builtin_obs_kwargs, make_vec_env
 from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, evaluate_success
 
 
@@ -44,7 +44,10 @@ class LearnSettings:
     # stop once this much wall time (counted from before the first evaluation) has passed; checked after each
     # update, which is then evaluated.
     time_limit_s: float | None = None
-    # keyword arguments for both `ReachGraspVecEnv`s (training and evaluation), e.g. `max_steps`, `obs_type`.
+    # the vector env to learn on: the built-in task 'pirl_reach', a name registered with
+    # `lerobot_policy_pi_rl.envs.register_vec_env` (e.g. 'pirl_sim'), or a gymnasium id.
+    env: str = "pirl_reach"
+    # keyword arguments for both envs (training and evaluation), e.g. `max_steps`, `obs_type`.
     env_kwargs: dict = field(default_factory=dict)
 
 
@@ -68,13 +71,15 @@ def run_pirl(
     settings: LearnSettings,
     progress: Callable[[str], None] | None = print,
 ) -> LearnResult:
-    """Fine-tune ``policy`` in place with PI-RL on the built-in task."""
+    """Fine-tune ``policy`` in place with PI-RL on ``settings.env`` (the built-in task by default)."""
     torch.manual_seed(settings.seed)
     runner = PolicyRunner(policy, preprocessor, postprocessor)
     algo = PiRLAlgorithm(policy, algo_config)
-    env_kwargs = settings.env_kwargs or builtin_obs_kwargs(policy.config)
-    env = ReachGraspVecEnv(settings.num_envs, autoreset=False, **env_kwargs)
-    eval_env = ReachGraspVecEnv(min(settings.eval_episodes, 500), autoreset=False, **env_kwargs)
+    env_kwargs = dict(settings.env_kwargs)
+    if not env_kwargs and settings.env in BUILTIN_NAMES:
+        env_kwargs = builtin_obs_kwargs(policy.config)
+    env = make_vec_env(settings.env, settings.num_envs, autoreset=False, **env_kwargs)
+    eval_env = make_vec_env(settings.env, min(settings.eval_episodes, 500), autoreset=False, **env_kwargs)
     generator = torch.Generator().manual_seed(settings.seed)
     grpo = algo_config.advantage_estimator == "grpo"
     G = algo_config.grpo_group_size

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 
 import torch
-from lerobot.utils.constants import OBS_STATE
+from lerobot.utils.constants import OBS_ENV_STATE, OBS_STATE
 from torch import Tensor, nn
 
 from lerobot_policy_pi_rl.backbones.base import FlowBackbone, Prefix
@@ -61,10 +61,15 @@ class MLPFlowBackbone(FlowBackbone):
         self.expert_dim = config.expert_token_dim
         self.state_key = OBS_STATE if config.robot_state_feature is not None else None
         self.image_keys = sorted(config.image_features)
+        env_state = config.env_state_feature
+        self.env_state_key = OBS_ENV_STATE if env_state is not None else None
 
         parts = 0
         if self.state_key is not None:
             self.state_encoder = mlp([config.robot_state_feature.shape[0], config.prefix_dim, config.prefix_dim])
+            parts += 1
+        if self.env_state_key is not None:  # an object's pose: its own encoder, like a camera's
+            self.env_state_encoder = mlp([env_state.shape[0], config.prefix_dim, config.prefix_dim])
             parts += 1
         self.image_encoders = nn.ModuleDict(
             {
@@ -85,6 +90,8 @@ class MLPFlowBackbone(FlowBackbone):
         feats = []
         if self.state_key is not None:
             feats.append(self.state_encoder(batch[self.state_key]))
+        if self.env_state_key is not None:
+            feats.append(self.env_state_encoder(batch[self.env_state_key]))
         for key in self.image_keys:
             feats.append(self.image_encoders[key.replace(".", "_")](batch[key]))
         return Prefix(features=self.prefix_proj(torch.cat(feats, dim=-1)))
@@ -97,6 +104,7 @@ class MLPFlowBackbone(FlowBackbone):
 
     def prefix_parameters(self) -> list[nn.Parameter]:
         mods = [self.prefix_proj, self.image_encoders] + ([self.state_encoder] if self.state_key else [])
+        mods += [self.env_state_encoder] if self.env_state_key else []
         return [p for m in mods for p in m.parameters()]
 
     def expert_parameters(self) -> list[nn.Parameter]:

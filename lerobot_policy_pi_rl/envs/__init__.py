@@ -50,10 +50,15 @@ __all__ = [
     "ReachGraspVecEnv",
     "builtin_obs_kwargs",
     "make_vec_env",
+    "register_vec_env",
     "scripted_expert",
 ]
 
 BUILTIN_NAMES = ("pirl_reach", GYM_ID)
+
+# vector envs other packages provide under a short name (e.g. the simulated robot's task, registered
+# by ``lerobot_robot_pirl_sim`` when it is imported): name -> factory(num_envs, **kwargs)
+_VEC_ENVS: dict[str, Any] = {}
 
 register_gym_envs()
 
@@ -73,11 +78,21 @@ def builtin_obs_kwargs(policy_config) -> dict[str, Any]:
     return {"obs_type": "pixels_agent_pos", "image_size": side}
 
 
-def make_vec_env(name_or_gym_id: str, num_envs: int, **kwargs: Any) -> ReachGraspVecEnv | GymVecAdapter:
+def register_vec_env(name: str, factory: Any) -> None:
+    """Make ``make_vec_env(name, num_envs, **kwargs)`` call ``factory(num_envs, **kwargs)``; the factory
+    returns an env of the vector-env protocol above."""
+    if name in BUILTIN_NAMES:
+        raise ValueError(f"{name!r} is the built-in task's name")
+    _VEC_ENVS[name] = factory
+
+
+def make_vec_env(name_or_gym_id: str, num_envs: int, **kwargs: Any) -> Any:
     """Build a batched env: ``"pirl_reach"`` (or ``"pirl/ReachGrasp-v0"``) gives
-    :class:`ReachGraspVecEnv` (``kwargs`` are its constructor arguments); anything else is a gymnasium
-    id wrapped in :class:`GymVecAdapter` (``kwargs``: ``seed``, ``autoreset`` and ``gymnasium.make``
-    arguments)."""
+    :class:`ReachGraspVecEnv` (``kwargs`` are its constructor arguments); a name given to
+    :func:`register_vec_env` calls its factory; anything else is a gymnasium id wrapped in
+    :class:`GymVecAdapter` (``kwargs``: ``seed``, ``autoreset`` and ``gymnasium.make`` arguments)."""
     if name_or_gym_id in BUILTIN_NAMES:
         return ReachGraspVecEnv(num_envs, **kwargs)
+    if name_or_gym_id in _VEC_ENVS:
+        return _VEC_ENVS[name_or_gym_id](num_envs, **kwargs)
     return GymVecAdapter(name_or_gym_id, num_envs, **kwargs)

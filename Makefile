@@ -13,7 +13,7 @@ FIND_PYTHON = for c in "$$PYTHON" python3.12 python3; do \
 	for c in $$(ls -d "$$root"/versions/3.12*/bin/python3 2>/dev/null | sort -V -r) $$(ls -d "$$root"/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -V); do "$$c" -c '' && { echo "$$c"; exit 0; }; done; \
 	exit 1
 
-.PHONY: demo test test-fast lint format docs venv sft proto certs clean help which-python deploy-tools deploy-render deploy-check
+.PHONY: demo test test-fast lint format docs venv sft proto certs clean help which-python deploy-tools deploy-render deploy-check sim-tools
 
 which-python:
 	@$(FIND_PYTHON)
@@ -32,14 +32,27 @@ help:
 	@echo "make deploy-render - regenerate dashboards JSON, PrometheusRule and dashboard ConfigMaps (deploy/render.py)"
 	@echo "make deploy-check  - hadolint, shellcheck, kustomize + schema validation, promtool, compose schema, pirl-flash"
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml sim/pyproject.toml
 	@if [ ! -x $(PY) ]; then \
 	  py=$$( $(FIND_PYTHON) ) || { echo "error: Python >= 3.12 not found (set PYTHON=/path/to/python3.12)" >&2; exit 1; }; \
 	  echo "creating $(VENV) with $$py"; "$$py" -m venv $(VENV); \
 	fi
 	$(PY) -m pip install --upgrade pip >/dev/null
-	$(PY) -m pip install -e '.[test]'
+	$(PY) -m pip install -e '.[test]' -e ./sim
+	@$(MAKE) --no-print-directory sim-tools
 	touch $@
+
+# the simulated robot (sim/, lerobot_robot_pirl_sim) renders its cameras offscreen with MuJoCo on the
+# CPU: EGL with Mesa's software driver (or OSMesa). Installed when missing and we are root with apt-get
+# (CI, containers); otherwise a note: set MUJOCO_GL=osmesa or install them yourself.
+SIM_GL_PACKAGES = libegl1 libegl-mesa0 libgl1-mesa-dri libosmesa6
+sim-tools:
+	@if ldconfig -p 2>/dev/null | grep -q 'libEGL.so.1' && ldconfig -p 2>/dev/null | grep -q 'libOSMesa.so'; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  echo "installing $(SIM_GL_PACKAGES) (offscreen rendering of the simulated robot's cameras)"; \
+	  (apt-get install -y -qq --no-install-recommends $(SIM_GL_PACKAGES) >/dev/null 2>&1 || \
+	   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(SIM_GL_PACKAGES) >/dev/null)); \
+	else echo "note: EGL / OSMesa not found (apt-get install $(SIM_GL_PACKAGES)): the simulated robot cannot render its cameras"; fi
 
 venv: $(VENV)/.installed
 

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lerobot.robots.config import RobotConfig
+
 from edge.backend_choice import BACKENDS
+from edge.safety import SafetyConfig
+from edge.session_dataset import DatasetConfig
 from lerobot_policy_pi_rl.samplers import RL_NOISE_METHODS
 from pirl.cli import MetricsConfig, require
 from pirl.export.trt_engine import TensorRTSettings
@@ -79,9 +83,10 @@ class PolicyConfig:
 class ControlConfig:
     """What the edge drives and for how long."""
 
-    # 'pirl_reach' (the built-in task) or a gymnasium id
+    # simulation (when no --robot.type is given): 'pirl_reach' (the built-in task), a vector env an installed
+    # plugin registers (e.g. 'pirl_sim', the simulated robot's task), or a gymnasium id
     env: str = "pirl_reach"
-    # paced: one env at control.hz (a robot); unpaced: control.num_envs simulated envs flat out
+    # paced: one env or the robot at control.hz; unpaced: control.num_envs simulated envs flat out
     mode: str = "paced"
     # control rate of the paced loop, Hz
     hz: float = 50.0
@@ -96,6 +101,41 @@ class ControlConfig:
         if self.mode not in MODES:
             raise ValueError(f"control.mode: must be one of {MODES} (got {self.mode!r})")
         require(self, "control", at_least={"num_envs": 1, "episodes": 1}, above={"hz": 0, "duration_s": 0})
+
+
+START_MODES = ("operator", "delay")
+
+
+@dataclass
+class EpisodeConfig:
+    """The episode protocol of robot mode (--robot.type=...): reset pose, start, time limit."""
+
+    # pose the robot moves to before and after every episode: action name -> value, e.g.
+    # '{shoulder_pan.pos: 0, gripper.pos: 10}' (None: no move; the robot starts where it is)
+    reset_pose: dict[str, float] | None = None
+    # speed of the moves to and from the reset pose, in the action's units per second
+    reset_speed: float = 20.0
+    # the reset pose counts as reached when every action value is within this of it
+    reset_tolerance: float = 1.0
+    # give up on reaching the reset pose after this many seconds (logged, counted) and go on
+    reset_timeout_s: float = 10.0
+    # how an episode starts: 'operator' (Enter on the edge's terminal, or POST /start on
+    # safety.estop_port) or 'delay' (after start_delay_s, time for a person to reset the scene)
+    start: str = "operator"
+    # seconds between the reset pose and the episode's start when start=delay
+    start_delay_s: float = 3.0
+    # an episode ends after this many seconds (truncated) unless it ended before
+    time_limit_s: float = 30.0
+
+    def __post_init__(self):
+        if self.start not in START_MODES:
+            raise ValueError(f"episode.start: must be one of {START_MODES} (got {self.start!r})")
+        require(
+            self,
+            "episode",
+            at_least={"start_delay_s": 0, "reset_tolerance": 0},
+            above={"reset_speed": 0, "reset_timeout_s": 0, "time_limit_s": 0},
+        )
 
 
 @dataclass
@@ -123,12 +163,23 @@ class EdgeConfig:
 
     pirl-edge --link.learner=127.0.0.1:50051 --link.robot_id=robot-0 --link.tokens=certs/tokens.json
               --link.tls_ca=certs/ca.pem --policy.path=SFT/pretrained_model [--control.mode=paced --control.hz=50]
+              [--robot.type=so101_follower --robot.port=/dev/ttyACM0 --robot.id=arm0
+               --robot.cameras='{front: {type: opencv, index_or_path: 0, width: 640, height: 480, fps: 30}}']
     """
 
     # the connection to the learner
     link: LinkConfig = field(default_factory=LinkConfig)
     # the policy the edge starts with, and how it samples
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    # a LeRobot robot to drive (--robot.type=so101_follower --robot.port=...; any LeRobot robot type or
+    # installed lerobot_robot_* plugin, cameras included): robot mode. None: the simulated env of control.env
+    robot: RobotConfig | None = None
+    # the episode protocol of robot mode
+    episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    # the safety layer between the policy and the robot (robot mode; always on there)
+    safety: SafetyConfig = field(default_factory=SafetyConfig)
+    # every robot session recorded as a local LeRobotDataset v3
+    dataset: DatasetConfig = field(default_factory=DatasetConfig)
     # what the edge drives and for how long
     control: ControlConfig = field(default_factory=ControlConfig)
     # the on-disk spool of records waiting for upload
@@ -141,3 +192,7 @@ class EdgeConfig:
     seed: int = 0
     # engines of the TensorRT backend (cache default: outputs/edge/<robot_id>/tensorrt-cache)
     tensorrt: TensorRTSettings = field(default_factory=TensorRTSettings)
+
+    def __post_init__(self):
+        if self.robot is not None and self.control.mode != "paced":
+            raise ValueError("control.mode: a robot runs paced (control.mode=unpaced is for simulated envs)")

@@ -37,8 +37,9 @@ def run(cfg: EdgeConfig) -> int:
     from edge.control import LoopStats, PacedLoop, RecordWriter, UnpacedLoop
     from edge.inference import InferenceWorker
     from edge.link import Heartbeat, LearnerAddress, Subscriber, SyncClock, Uploader
+    from edge.robot_mode import RobotSide
     from edge.spool import Spool
-    from lerobot_policy_pi_rl.envs import BUILTIN_NAMES, builtin_obs_kwargs, make_vec_env
+    from lerobot_policy_pi_rl.envs import BUILTIN_NAMES, builtin_obs_kwargs, known_vec_env, make_vec_env
     from lerobot_policy_pi_rl.rollout import env_task
     from lerobot_policy_pi_rl.sft import load_policy
     from pirl.security import is_loopback, load_tokens
@@ -62,9 +63,22 @@ def run(cfg: EdgeConfig) -> int:
 
     overrides = {"noise_method": pol.noise_method} if pol.noise_method else {}
     policy, pre, post = load_policy(pol.path, device=pol.device, **overrides)
-    num_envs = ctl.num_envs if ctl.mode == "unpaced" else 1
-    env_kwargs = builtin_obs_kwargs(policy.config) if ctl.env in BUILTIN_NAMES else {}
-    env = make_vec_env(ctl.env, num_envs, autoreset=False, **env_kwargs)
+    env = robot = None
+    if cfg.robot is not None:
+        # everything that can refuse to start does so before the spool is opened: a robot that is not
+        # there, a policy that does not fit it, missing action bounds
+        robot_side = RobotSide.start(cfg, policy, post)
+        robot, task = robot_side.robot, pol.task
+    else:
+        if not known_vec_env(ctl.env):
+            raise ValueError(
+                f"control.env: unknown env {ctl.env!r} (the built-in 'pirl_reach', an env an installed plugin "
+                "registers such as 'pirl_sim', or a gymnasium id); drive a robot with --robot.type=..."
+            )
+        num_envs = ctl.num_envs if ctl.mode == "unpaced" else 1
+        env_kwargs = builtin_obs_kwargs(policy.config) if ctl.env in BUILTIN_NAMES else {}
+        env = make_vec_env(ctl.env, num_envs, autoreset=False, **env_kwargs)
+        task = pol.task or env_task(env)
     spool_dir = Path(cfg.spool.dir or f"outputs/edge/{robot_id}/spool")
     fsync = cfg.spool.fsync if cfg.spool.fsync is not None else ctl.mode == "paced"
     # quarantining happens mostly here, at open after a crash: count it, and export both metrics at once
@@ -92,7 +106,7 @@ def run(cfg: EdgeConfig) -> int:
         robot_id=robot_id,
         seed=cfg.seed,
         backend=backend,
-        task=pol.task or env_task(env),
+        task=task,
         tensorrt_settings=trt_settings,
         golden_check=pol.golden_check,
     )
@@ -110,16 +124,25 @@ def run(cfg: EdgeConfig) -> int:
     worker.start()
     uploader.start()
     subscriber.start()
-    if ctl.mode == "paced":
+    if robot is not None:
+        loop = robot_side.loop(worker, writer, stop)
+        what = f"robot {cfg.robot.type}"
+    elif ctl.mode == "paced":
         loop = PacedLoop(env, worker, writer, robot_id=robot_id, control_hz=ctl.hz, seed=cfg.seed)
+        what = ctl.env
     else:
         loop = UnpacedLoop(env, worker, writer, robot_id=robot_id, seed=cfg.seed)
+        what = ctl.env
     heartbeat = Heartbeat(link, worker, spool, clock, rate_fn=lambda: getattr(loop, "current_rate", 0.0))
     heartbeat.start()
-    logging.info("%s control of %s started (%s)", ctl.mode, ctl.env, robot_id)
+    logging.info("%s control of %s started (%s)", ctl.mode, what, robot_id)
     started = time.time()
-    loop.run(stop, duration_s=ctl.duration_s, max_episodes=ctl.episodes)
-    control_seconds = time.time() - started
+    try:
+        loop.run(stop, duration_s=ctl.duration_s, max_episodes=ctl.episodes)
+    finally:
+        control_seconds = time.time() - started
+        if robot is not None:
+            robot_side.close(loop)  # records queued, the dataset finalized, the robot disconnected
     worker.stop()  # finishes queued jobs first: every finished step is in the spool now
 
     deadline = time.monotonic() + cfg.spool.drain_timeout_s
@@ -156,6 +179,8 @@ def run(cfg: EdgeConfig) -> int:
         "versions_refused_by_worker": worker.refused,
         "sync_latencies_s": [lat for _, lat in subscriber.received],
     }
+    if robot is not None:
+        summary.update(robot_side.summary())
     if cfg.stats_file:
         write_json(Path(cfg.stats_file), summary)
     logging.info(
@@ -166,6 +191,10 @@ def run(cfg: EdgeConfig) -> int:
 
 
 def main() -> None:
+    from edge.devices import register_devices
+
+    # LeRobot's robot and camera types and every installed lerobot_* plugin, before --robot.type is parsed
+    register_devices()
     cfg = parse_config(EdgeConfig, prog="pirl-edge")
     run_cli(lambda: run(cfg))
 

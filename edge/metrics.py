@@ -90,6 +90,27 @@ TRT_REFIT_FAILURES = Counter(
     ["robot_id"],
 )
 SWAPS = Counter("pirl_edge_policy_swaps_total", "Policy versions swapped in", ["robot_id"])
+# robot mode (edge/robot_loop.py): the episode protocol
+EPISODE_PHASE = Gauge(
+    "pirl_edge_episode_phase",
+    "Phase of the robot's episode protocol (1 for the current one: reset, wait, run, return, estop)",
+    ["robot_id", "phase"],
+)
+EPISODES = Counter(
+    "pirl_edge_episodes_total",
+    "Robot episodes ended, by how (success, failure, time_limit, operator_end, estop, watchdog, stop)",
+    ["robot_id", "reason"],
+)
+DATASET_FRAMES_DROPPED = Counter(
+    "pirl_edge_dataset_frames_dropped_total",
+    "Frames of the session dataset dropped because its writer fell behind (the control loop never waits)",
+    ["robot_id"],
+)
+RESET_TIMEOUTS = Counter(
+    "pirl_edge_reset_timeouts_total",
+    "Moves to the reset pose that did not arrive in episode.reset_timeout_s",
+    ["robot_id"],
+)
 
 
 _TRT_METHOD_COUNTERS = {
@@ -150,3 +171,41 @@ def update_spool_quarantine(robot_id: str, spool, stats: dict | None = None) -> 
             files = seen  # unreadable: what the spool knows
         _quarantine_counts[key] = (now, seen, files)
     SPOOL_QUARANTINE_FILES.labels(robot_id).set(files)
+
+
+# ---- safety layer and operator inputs (edge/safety.py, edge/operator_inputs.py) -------------------------------
+# Every command to the motors passes the safety layer; these count what it changed or refused, so a
+# policy that keeps pushing against its bounds, stalls, or a robot that keeps being e-stopped shows.
+SAFETY_CLAMPED_TICKS = Counter(
+    "pirl_edge_safety_clamped_ticks_total",
+    "Ticks whose command had at least one dim clamped to the action bounds",
+    ["robot_id"],
+)
+SAFETY_LIMITED_TICKS = Counter(
+    "pirl_edge_safety_jump_limited_ticks_total",
+    "Ticks whose command had at least one dim limited to max_delta from the last sent command",
+    ["robot_id"],
+)
+SAFETY_HELD_TICKS = Counter(
+    "pirl_edge_safety_held_ticks_total",
+    "Ticks without a usable policy action, the last command repeated, by reason (no_action: none ready; "
+    "nonfinite: NaN or inf in it)",
+    ["robot_id", "reason"],
+)
+SAFETY_WATCHDOG_TRIPS = Counter(
+    "pirl_edge_safety_watchdog_trips_total",
+    "Control-loop stalls: no tick for safety.watchdog_s (one per stall)",
+    ["robot_id"],
+)
+SAFETY_ESTOPS = Counter(
+    "pirl_edge_safety_estops_total",
+    "E-stops latched, by the source that latched it (key, http, sigusr1, watchdog, ...)",
+    ["robot_id", "source"],
+)
+SAFETY_ESTOP_LATCHED = Gauge("pirl_edge_safety_estop_latched", "1 while an e-stop is latched", ["robot_id"])
+SAFETY_ESTOP_ACTIONS = Counter(
+    "pirl_edge_safety_estop_actions_total",
+    "E-stop actions applied to the robot, by what was done (torque_off, hold, none: nothing to hold, "
+    "failed: the robot call raised)",
+    ["robot_id", "action"],
+)

@@ -57,6 +57,8 @@ class Outcome:
     success: bool = False
     env_steps: int = 0
     final_observation: dict[str, np.ndarray] | None = field(default=None)
+    # robot mode: what the safety layer did while the chunk ran (pirl.v1.SafetyMarks fields)
+    safety: dict[str, int | bool] | None = field(default=None)
 
 
 def make_record(robot_id: str, seq: int, episode_id: str, step_index: int, d: Decision, o: Outcome) -> bytes:
@@ -82,4 +84,6 @@ def make_record(robot_id: str, seq: int, episode_id: str, step_index: int, d: De
     if o.truncated and o.final_observation is not None:
         for k, v in o.final_observation.items():
             rec.final_observation[k].CopyFrom(to_tensor_msg(v))
+    if o.safety:
+        rec.safety.CopyFrom(pirl_pb2.SafetyMarks(**o.safety))
     return rec.SerializeToString()

@@ -80,8 +80,20 @@ def serve(cfg: LearnerConfig) -> int:
         max_sequence_ahead=cfg.intake.max_sequence_ahead,
     )
     publisher = Publisher()
+    if cfg.trainer.eval_every:
+        from lerobot.utils.import_utils import register_third_party_plugins
+
+        from lerobot_policy_pi_rl.envs import known_vec_env
+
+        register_third_party_plugins()  # an installed lerobot_* plugin may provide the evaluation env
+        if not known_vec_env(cfg.trainer.eval_env):
+            raise ValueError(
+                f"trainer.eval_env: unknown env {cfg.trainer.eval_env!r} (the built-in 'pirl_reach', an env an "
+                "installed plugin registers such as 'pirl_sim', or a gymnasium id); --trainer.eval_every=0 turns "
+                "evaluation off"
+            )
     evaluator = (
-        make_evaluator(pre, post, cfg.trainer.eval_episodes, policy_config=policy.config)
+        make_evaluator(pre, post, cfg.trainer.eval_episodes, policy_config=policy.config, env_name=cfg.trainer.eval_env)
         if cfg.trainer.eval_every
         else None
     )

@@ -34,8 +34,11 @@ class TrainerSettings:
     episodes_per_update: int = 64
     # stop updating after this many updates (0: run until stopped)
     max_updates: int = 0
-    # deterministic evaluation on the built-in task every this many versions (0: off)
+    # deterministic evaluation every this many versions (0: off)
     eval_every: int = 5
+    # the simulated env the evaluation runs on: the built-in task 'pirl_reach', or a vector env another
+    # installed plugin registers (e.g. 'pirl_sim', the simulated robot's task from lerobot_robot_pirl_sim)
+    eval_env: str = "pirl_reach"
     # episodes per deterministic evaluation
     eval_episodes: int = 200
     # stop updating once the deterministic evaluation reaches this success rate (None: never)
@@ -400,14 +403,17 @@ class Trainer:
         tmp.replace(self.output_dir / "status.json")
 
 
-def make_evaluator(preprocessor, postprocessor, episodes: int, seed: int = 1_000_000, policy_config=None):
-    """Deterministic success on the built-in task (observed the way ``policy_config`` reads it),
-    for the learner's own progress figure."""
-    from lerobot_policy_pi_rl.envs import ReachGraspVecEnv, builtin_obs_kwargs
+def make_evaluator(
+    preprocessor, postprocessor, episodes: int, seed: int = 1_000_000, policy_config=None, env_name: str = "pirl_reach"
+):
+    """Deterministic success on ``env_name`` (the built-in task observed the way ``policy_config``
+    reads it, or a registered vector env), for the learner's own progress figure."""
+    from lerobot_policy_pi_rl.envs import BUILTIN_NAMES, builtin_obs_kwargs, make_vec_env
     from lerobot_policy_pi_rl.rollout import PolicyRunner, evaluate_success
 
-    obs = builtin_obs_kwargs(policy_config) if policy_config is not None else {}
-    env = ReachGraspVecEnv(min(episodes, 500), autoreset=False, **obs)
+    builtin = env_name in BUILTIN_NAMES
+    obs = builtin_obs_kwargs(policy_config) if builtin and policy_config is not None else {}
+    env = make_vec_env(env_name, min(episodes, 500), autoreset=False, **obs)
 
     def evaluate(policy) -> float:
         with torch.no_grad():

@@ -49,6 +49,7 @@ __all__ = [
     "ReachGraspEnv",
     "ReachGraspVecEnv",
     "builtin_obs_kwargs",
+    "known_vec_env",
     "make_vec_env",
     "register_vec_env",
     "scripted_expert",
@@ -84,6 +85,13 @@ def register_vec_env(name: str, factory: Any) -> None:
     if name in BUILTIN_NAMES:
         raise ValueError(f"{name!r} is the built-in task's name")
     _VEC_ENVS[name] = factory
+
+
+def known_vec_env(name_or_gym_id: str) -> bool:
+    """Whether :func:`make_vec_env` can build ``name_or_gym_id`` (built-in, registered, or a gymnasium id)."""
+    import gymnasium as gym
+
+    return name_or_gym_id in BUILTIN_NAMES or name_or_gym_id in _VEC_ENVS or name_or_gym_id in gym.registry
 
 
 def make_vec_env(name_or_gym_id: str, num_envs: int, **kwargs: Any) -> Any:

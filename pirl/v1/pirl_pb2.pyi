@@ -93,7 +93,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, policy_version: _Optional[int] = ...) -> None: ...
 
 class RolloutRecord(_message.Message):
-    __slots__ = ("robot_id", "episode_id", "sequence", "step_index", "policy_version", "observation", "chain", "stochastic", "noise_level", "log_prob", "value", "reward", "terminated", "truncated", "success", "env_steps", "final_observation")
+    __slots__ = ("robot_id", "episode_id", "sequence", "step_index", "policy_version", "observation", "chain", "stochastic", "noise_level", "log_prob", "value", "reward", "terminated", "truncated", "success", "env_steps", "final_observation", "safety")
     class ObservationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,6 +125,7 @@ class RolloutRecord(_message.Message):
     SUCCESS_FIELD_NUMBER: _ClassVar[int]
     ENV_STEPS_FIELD_NUMBER: _ClassVar[int]
     FINAL_OBSERVATION_FIELD_NUMBER: _ClassVar[int]
+    SAFETY_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     episode_id: str
     sequence: int
@@ -142,7 +143,22 @@ class RolloutRecord(_message.Message):
     success: bool
     env_steps: int
     final_observation: _containers.MessageMap[str, Tensor]
-    def __init__(self, robot_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., sequence: _Optional[int] = ..., step_index: _Optional[int] = ..., policy_version: _Optional[int] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., chain: _Optional[_Union[Tensor, _Mapping]] = ..., stochastic: _Optional[_Union[Tensor, _Mapping]] = ..., noise_level: _Optional[float] = ..., log_prob: _Optional[float] = ..., value: _Optional[float] = ..., reward: _Optional[float] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., success: _Optional[bool] = ..., env_steps: _Optional[int] = ..., final_observation: _Optional[_Mapping[str, Tensor]] = ...) -> None: ...
+    safety: SafetyMarks
+    def __init__(self, robot_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., sequence: _Optional[int] = ..., step_index: _Optional[int] = ..., policy_version: _Optional[int] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., chain: _Optional[_Union[Tensor, _Mapping]] = ..., stochastic: _Optional[_Union[Tensor, _Mapping]] = ..., noise_level: _Optional[float] = ..., log_prob: _Optional[float] = ..., value: _Optional[float] = ..., reward: _Optional[float] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., success: _Optional[bool] = ..., env_steps: _Optional[int] = ..., final_observation: _Optional[_Mapping[str, Tensor]] = ..., safety: _Optional[_Union[SafetyMarks, _Mapping]] = ...) -> None: ...
+
+class SafetyMarks(_message.Message):
+    __slots__ = ("clamped_ticks", "limited_ticks", "held_ticks", "estop", "watchdog")
+    CLAMPED_TICKS_FIELD_NUMBER: _ClassVar[int]
+    LIMITED_TICKS_FIELD_NUMBER: _ClassVar[int]
+    HELD_TICKS_FIELD_NUMBER: _ClassVar[int]
+    ESTOP_FIELD_NUMBER: _ClassVar[int]
+    WATCHDOG_FIELD_NUMBER: _ClassVar[int]
+    clamped_ticks: int
+    limited_ticks: int
+    held_ticks: int
+    estop: bool
+    watchdog: bool
+    def __init__(self, clamped_ticks: _Optional[int] = ..., limited_ticks: _Optional[int] = ..., held_ticks: _Optional[int] = ..., estop: _Optional[bool] = ..., watchdog: _Optional[bool] = ...) -> None: ...
 
 class RolloutAck(_message.Message):
     __slots__ = ("sequence", "status")

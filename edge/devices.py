@@ -1,0 +1,85 @@
+"""LeRobot robots (and their cameras) for ``pirl-edge --robot.type=...``, found the way LeRobot's own
+``lerobot-record`` / ``lerobot-rollout`` find them.
+
+Importing a LeRobot robot / camera module registers its config type in draccus' choice registry;
+``register_third_party_plugins()`` imports every installed ``lerobot_robot_*`` / ``lerobot_camera_*`` /
+``lerobot_teleoperator_*`` (and ``lerobot_policy_*`` / ``lerobot_env_*``) distribution, so a plugin
+robot works unchanged. This must run before the command line is parsed.
+"""
+
+from __future__ import annotations
+
+import logging
+
+log = logging.getLogger(__name__)
+
+
+class RobotStartError(ValueError):
+    """The robot could not be built or connected (no hardware, wrong port, ...): one line, exit 2."""
+
+
+def register_devices() -> None:
+    """Register LeRobot's robot, camera and teleoperator config types and every installed plugin."""
+    # the modules lerobot-record imports for the same purpose
+    from lerobot.cameras import opencv, reachy2_camera, realsense, zmq  # noqa: F401
+    from lerobot.robots import (  # noqa: F401
+        bi_openarm_follower,
+        bi_rebot_b601_follower,
+        bi_so_follower,
+        earthrover_mini_plus,
+        hope_jr,
+        koch_follower,
+        omx_follower,
+        openarm_follower,
+        reachy2,
+        rebot_b601_follower,
+        so_follower,
+        unitree_g1,
+    )
+    from lerobot.utils.import_utils import register_third_party_plugins
+
+    register_third_party_plugins()
+
+
+def build_robot(robot_config):
+    """The robot of ``robot_config``, not connected yet (its features are known without hardware)."""
+    from lerobot.robots.utils import make_robot_from_config
+
+    try:
+        return make_robot_from_config(robot_config)
+    except Exception as e:  # noqa: BLE001  any failure to build it is the user's config or install
+        raise RobotStartError(f"robot.type={robot_config.type}: could not be built: {_one_line(e)}") from e
+
+
+def connect_robot(robot, robot_config) -> None:
+    """Connect ``robot``; a failure is a ``RobotStartError`` naming the robot and what went wrong
+    (LeRobot raises ConnectionError, serial errors, OSError, ...)."""
+    kind = robot_config.type
+    try:
+        # calibration needs a person at the robot (lerobot-calibrate); never start one from here
+        robot.connect(calibrate=False)
+    except Exception as e:  # noqa: BLE001  no hardware, a wrong port, a busy bus: all reported the same way
+        _disconnect_quietly(robot)
+        raise RobotStartError(f"robot.type={kind}: could not connect: {_one_line(e)}") from e
+    if not robot.is_calibrated:
+        _disconnect_quietly(robot)
+        raise RobotStartError(
+            f"robot.type={kind} (id {robot_config.id!r}) is not calibrated: run lerobot-calibrate for it first"
+        )
+
+
+def disconnect_robot(robot) -> None:
+    _disconnect_quietly(robot)
+
+
+def _disconnect_quietly(robot) -> None:
+    try:
+        if robot.is_connected:
+            robot.disconnect()
+    except Exception:  # noqa: BLE001  at shutdown: log, do not mask the real exit status
+        log.exception("disconnecting the robot failed")
+
+
+def _one_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return f"{type(e).__name__}: {text}" if type(e).__name__ not in text else text

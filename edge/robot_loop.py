@@ -1,0 +1,500 @@
+"""Robot mode: the episode protocol and the paced loop through a LeRobot ``Robot``, behind the safety layer.
+
+Every episode goes through these phases (each one logged and exported in ``pirl_edge_episode_phase``):
+
+``reset``
+    move to ``episode.reset_pose`` at ``episode.reset_speed`` (skipped without a pose); a robot with a
+    scene of its own (the simulated robot's ``reset_scene()``) resets it, as a person would.
+``wait``
+    until the operator starts the episode (Enter, or ``POST /start`` on the local port) or
+    ``episode.start_delay_s`` has passed.
+``run``
+    paced ticks at ``control.hz``: read the observation, take the next action of the current chunk,
+    pass it through the safety layer, send it. It ends at the time limit, on the operator's "end", on
+    the robot's own verdict (``episode_status()`` where the robot has one, e.g. the simulated robot),
+    on an e-stop or on a watchdog trip.
+``return``
+    back to the reset pose.
+``estop``
+    latched: nothing is sent until the operator releases the e-stop; then ``reset``.
+
+Chunk timing (as in ``edge.control.PacedLoop``): at the tick that sends a chunk's last action, that
+tick's observation goes to the inference worker, which has one tick period to deliver the next chunk;
+a tick never waits for inference (it holds the last command, counted as a deadline miss). The record
+carries the decision observation and the chunk exactly as sampled; the safety layer's clamps and jump
+limits are deterministic functions of it, i.e. part of the environment, and are marked in the record.
+The next issue brings labels and reward models: until then a robot that does not judge its own
+episodes yields reward 0, and its records train only the value function.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from edge import metrics
+from edge.control import LoopStats, RecordWriter
+from edge.records import Decision, Outcome
+from edge.robot_features import RobotIO
+
+log = logging.getLogger(__name__)
+
+PHASES = ("reset", "wait", "run", "return", "estop")
+
+
+@dataclass
+class EpisodeEnd:
+    reason: str  # success | failure | time_limit | operator_end | estop | watchdog | stop
+    success: bool = False
+
+    @property
+    def terminated(self) -> bool:
+        """The episode's own end (the learner bootstraps nothing after it); the others cut it short."""
+        return self.reason in ("success", "failure", "estop", "watchdog")
+
+
+@dataclass
+class RobotLoopStats(LoopStats):
+    episode_ends: dict[str, int] = field(default_factory=dict)
+    reset_timeouts: int = 0
+
+    def summary(self) -> dict:
+        out = super().summary()
+        out["episode_ends"] = dict(self.episode_ends)
+        return out
+
+
+class RobotLoop:
+    """Drives ``robot`` through episodes with ``worker``'s policy; see the module docstring."""
+
+    def __init__(
+        self,
+        robot,
+        io: RobotIO,
+        worker,
+        writer: RecordWriter,
+        safety,
+        estop,
+        *,
+        robot_id: str,
+        control_hz: float,
+        episode,
+        inputs=None,
+        watchdog=None,
+        recorder=None,
+        estop_action: str = "hold",
+        late_fraction: float = 0.5,
+    ):
+        self.robot, self.io, self.worker, self.writer = robot, io, worker, writer
+        self.safety, self.estop, self.inputs, self.watchdog, self.recorder = safety, estop, inputs, watchdog, recorder
+        self.robot_id, self.period, self.episode_cfg = robot_id, 1.0 / control_hz, episode
+        self.estop_action = estop_action
+        self.late_after = late_fraction * self.period
+        self.stats: RobotLoopStats = writer.stats
+        self.phase = ""
+        self.current_rate = 0.0
+        self._rate_window: list[float] = []
+        self._last_tick: float | None = None
+        self._next_tick = time.perf_counter()
+        self._last_sent: np.ndarray | None = None
+        self._last_obs: dict | None = None
+        self._watchdog_tripped = threading.Event()
+        self._ready: Decision | None = None
+        self._waiting = False
+        self._token = 0
+        self._lock = threading.Lock()
+        self._records: queue.Queue = queue.Queue()
+        self._record_writer = threading.Thread(target=self._record_thread, name="pirl-records", daemon=True)
+        self._record_writer.start()
+        self.reset_pose = None
+        if episode.reset_pose:
+            unknown = sorted(set(episode.reset_pose) - set(io.action_names))
+            if unknown:
+                raise ValueError(f"episode.reset_pose: {unknown} are not actions of this robot ({io.action_names})")
+            missing = sorted(set(io.action_names) - set(episode.reset_pose))
+            if missing:
+                raise ValueError(f"episode.reset_pose: give every action of this robot a value (missing {missing})")
+            self.reset_pose = np.asarray([episode.reset_pose[k] for k in io.action_names], np.float32)
+        metrics.CONTROL_TARGET.labels(robot_id).set(control_hz)
+        metrics.DEADLINE_MISSES.labels(robot_id)
+        for phase in PHASES:
+            metrics.EPISODE_PHASE.labels(robot_id, phase).set(0)
+
+    # --- phases -----------------------------------------------------------------------------------
+
+    def _enter(self, phase: str) -> None:
+        if self.phase:
+            metrics.EPISODE_PHASE.labels(self.robot_id, self.phase).set(0)
+        self.phase = phase
+        metrics.EPISODE_PHASE.labels(self.robot_id, phase).set(1)
+        log.info("robot %s: %s", self.robot_id, phase)
+
+    def run(self, stop: threading.Event, *, duration_s: float | None = None, max_episodes: int | None = None):
+        started = time.perf_counter()
+        if self.watchdog is not None:
+            self.watchdog.on_trip = self._on_watchdog
+        try:
+            while not stop.is_set():
+                if duration_s is not None and time.perf_counter() - started >= duration_s:
+                    break
+                if max_episodes is not None and self.stats.episodes >= max_episodes:
+                    break
+                if self.estop.is_set():
+                    self._estopped(stop)
+                    continue
+                self._enter("reset")
+                if hasattr(self.robot, "reset_scene"):
+                    self.robot.reset_scene()
+                if not self._move_to_reset_pose(stop):
+                    continue
+                self._enter("wait")
+                if not self._wait_for_start(stop, started, duration_s):
+                    continue
+                self._enter("run")
+                end = self._run_episode(stop, started, duration_s)
+                self.stats.episode_ends[end.reason] = self.stats.episode_ends.get(end.reason, 0) + 1
+                metrics.EPISODES.labels(self.robot_id, end.reason).inc()
+                if end.reason != "estop":
+                    self._enter("return")
+                    self._move_to_reset_pose(stop, on_stop=True)
+        finally:
+            if self.phase:
+                metrics.EPISODE_PHASE.labels(self.robot_id, self.phase).set(0)
+            self.phase = ""
+        return self.stats
+
+    def _estopped(self, stop: threading.Event) -> None:
+        """Latched: send nothing until the operator releases the e-stop (or the edge stops)."""
+        self._enter("estop")
+        if self.watchdog is not None:
+            self.watchdog.pause()
+        while self.estop.is_set() and not stop.is_set():
+            self._poll_inputs()
+            stop.wait(0.02)
+        if self.watchdog is not None:
+            self.watchdog.resume()
+        if not stop.is_set():
+            log.warning("robot %s: e-stop released", self.robot_id)
+
+    def _wait_for_start(self, stop: threading.Event, started: float, duration_s: float | None) -> bool:
+        cfg = self.episode_cfg
+        if self.watchdog is not None:
+            self.watchdog.pause()
+        deadline = time.monotonic() + cfg.start_delay_s if cfg.start == "delay" else None
+        if cfg.start == "operator":
+            log.warning("robot %s: press Enter (or POST /start) to start the episode", self.robot_id)
+        try:
+            while not stop.is_set() and not self.estop.is_set():
+                if duration_s is not None and time.perf_counter() - started >= duration_s:
+                    return False
+                events = self._poll_inputs()
+                if "start" in events or (deadline is not None and time.monotonic() >= deadline):
+                    return True
+                stop.wait(0.01)
+            return False
+        finally:
+            if self.watchdog is not None:
+                self.watchdog.resume()
+                self.watchdog.kick()
+
+    def _poll_inputs(self) -> set[str]:
+        if self.inputs is None:
+            return set()
+        events = set(self.inputs.poll())
+        if "release" in events and self.estop.is_set():
+            self.estop.release()
+        return events
+
+    # --- ticks ------------------------------------------------------------------------------------
+
+    def _tick(self) -> float:
+        """Sleep to the next tick of the fixed grid; returns its start time (counts ticks and rate)."""
+        delay = self._next_tick - time.perf_counter()
+        if delay > 0:
+            time.sleep(delay)
+        now = time.perf_counter()
+        if self.watchdog is not None:
+            self.watchdog.kick()
+        s, rid = self.stats, self.robot_id
+        s.ticks += 1
+        metrics.TICKS.labels(rid).inc()
+        if self._last_tick is not None and now - self._last_tick < 2 * self.period + 1.0:
+            s.tick_intervals_s.append(now - self._last_tick)
+        self._last_tick = now
+        self._rate_window.append(now)
+        while self._rate_window and self._rate_window[0] < now - 1.0:
+            self._rate_window.pop(0)
+        self.current_rate = float(len(self._rate_window))
+        metrics.CONTROL_RATE.labels(rid).set(self.current_rate)
+        late = now - self._next_tick > self.late_after
+        # stay on the grid; after a long stall skip ahead (no burst of catch-up ticks)
+        self._next_tick += self.period
+        if time.perf_counter() - self._next_tick > self.period:
+            self._next_tick = time.perf_counter()
+        return late
+
+    def _observe(self) -> dict:
+        obs = self.robot.get_observation()
+        self._last_obs = obs
+        return obs
+
+    def _send(self, command: np.ndarray) -> np.ndarray:
+        """Send through the robot's API; returns what it actually sent (after its own clipping)."""
+        sent = self.robot.send_action(self.io.action_dict(command))
+        self._last_sent = self.io.action_vector(sent) if sent else command
+        return self._last_sent
+
+    def _move_to_reset_pose(self, stop: threading.Event, on_stop: bool = False) -> bool:
+        """Bounded-speed move to the reset pose through the safety layer; False if an e-stop or stop
+        cut it short (the stop during ``return`` still completes the move: the arm is left at rest)."""
+        if self.reset_pose is None:
+            return not self.estop.is_set()
+        cfg = self.episode_cfg
+        obs = self._observe()
+        current = self.io.positions(obs)
+        if current is None:
+            raise ValueError(
+                f"episode.reset_pose: robot {self.robot_id} does not report its action values in get_observation(), "
+                "so a bounded-speed move cannot be planned (leave episode.reset_pose unset)"
+            )
+        command = self._last_sent if self._last_sent is not None else current
+        step = cfg.reset_speed * self.period
+        deadline = time.monotonic() + cfg.reset_timeout_s
+        self._next_tick = time.perf_counter()
+        while True:
+            if self.estop.is_set():
+                return False
+            if stop.is_set() and not on_stop:
+                return False
+            if np.max(np.abs(current - self.reset_pose)) <= cfg.reset_tolerance:
+                return True
+            if time.monotonic() >= deadline:
+                self.stats.reset_timeouts += 1
+                metrics.RESET_TIMEOUTS.labels(self.robot_id).inc()
+                log.warning(
+                    "robot %s: reset pose not reached in %.1fs (off by %.3f): going on",
+                    self.robot_id,
+                    cfg.reset_timeout_s,
+                    float(np.max(np.abs(current - self.reset_pose))),
+                )
+                return True
+            self._tick()
+            target = command + np.clip(self.reset_pose - command, -step, step)
+            safe = self.safety.filter(target, self._last_sent)
+            if self.estop.is_set():
+                return False
+            if safe.command is not None:
+                command = self._send(safe.command)
+            current = self.io.positions(self._observe())
+
+    def _on_watchdog(self) -> None:
+        """Watchdog thread: the loop is stuck (a blocked bus read, a stalled process). A position-
+        controlled arm holds its last goal by itself; with estop_action=torque_off the torque goes off now.
+        The loop ends the episode as failed when it runs again."""
+        self._watchdog_tripped.set()
+        if self.estop_action == "torque_off":
+            from edge.safety import apply_estop_action
+
+            apply_estop_action(self.robot, "torque_off", None, robot_id=self.robot_id)  # never raises
+
+    # decisions arrive on the worker thread; a token ties each to its request, so a chunk requested
+    # for an episode that has ended since is never executed in the next one
+    def _request(self, raw) -> None:
+        with self._lock:
+            self._token += 1
+            token, self._ready, self._waiting = self._token, None, True
+
+        def deliver(decision: Decision | None) -> None:
+            with self._lock:
+                if token == self._token:
+                    self._ready, self._waiting = decision, False
+
+        self.worker.submit(raw, deliver)
+
+    def _take(self) -> Decision | None:
+        with self._lock:
+            d, self._ready = self._ready, None
+            return d
+
+    def _run_episode(self, stop: threading.Event, started: float, duration_s: float | None) -> EpisodeEnd:
+        s, rid, io = self.stats, self.robot_id, self.io
+        episode, step_index = uuid.uuid4().hex, 0
+        self._watchdog_tripped.clear()
+        obs = self._observe()
+        # the jump limit of the first command is measured from where the arm is
+        present = io.positions(obs)
+        if present is not None:
+            self._last_sent = present
+        self._request(io.raw_observation(obs))
+        # the first chunk, before the first tick (start-up); the robot holds its pose meanwhile
+        wait_until = time.monotonic() + 30.0
+        while self._waiting and not stop.is_set() and not self.estop.is_set() and time.monotonic() < wait_until:
+            if self.watchdog is not None:
+                self.watchdog.kick()
+            time.sleep(0.001)
+        # A finished chunk's record is written once it is known what follows it: the next chunk
+        # (an ordinary step) or the episode's end (its terminal or truncated step). Records are
+        # written by the record thread, never on the control thread.
+        chunk: Decision | None = None
+        idx, outcome, marks, holds = 0, Outcome(), _marks(), 0
+        finished: tuple | None = None  # (step_index, chunk, outcome, marks) waiting for what follows
+        limit_ticks = max(1, round(self.episode_cfg.time_limit_s / self.period))
+        ticks = 0
+        self._next_tick = time.perf_counter()
+        end: EpisodeEnd | None = None
+        while end is None:
+            late = self._tick()
+            ticks += 1
+            events = self._poll_inputs()
+            if self.estop.is_set():
+                end = EpisodeEnd("estop")
+                break
+            if self._watchdog_tripped.is_set():
+                end = EpisodeEnd("watchdog")
+                break
+            if stop.is_set():
+                end = EpisodeEnd("stop")
+                break
+            obs = self._observe()
+            action = None
+            if chunk is None:
+                chunk = self._take()
+                if chunk is not None:
+                    idx, outcome, marks = 0, Outcome(), _marks()
+                    marks["held_ticks"], holds = holds, 0
+                    if finished is not None:
+                        self._write(episode, *finished)
+                        finished = None
+            if chunk is not None:
+                action = chunk.actions[idx]
+                idx += 1
+                outcome.env_steps += 1
+            if action is None or late:
+                s.deadline_misses += 1
+                metrics.DEADLINE_MISSES.labels(rid).inc()
+                if late:
+                    s.late_ticks += 1
+                else:
+                    s.starved_ticks += 1
+            safe = self.safety.filter(action, self._last_sent)
+            if self.estop.is_set():  # checked again right before the motors: an e-stop always wins
+                end = EpisodeEnd("estop")
+                break
+            executed = self._send(safe.command) if safe.command is not None else None
+            if action is None:
+                holds += int(safe.held)
+            else:
+                marks["clamped_ticks"] += int(safe.clamped)
+                marks["limited_ticks"] += int(safe.limited)
+            status = self.robot.episode_status() if hasattr(self.robot, "episode_status") else None
+            if status is not None:
+                end = EpisodeEnd(status, success=status == "success")
+            elif "end" in events:
+                end = EpisodeEnd("operator_end")
+            elif ticks >= limit_ticks:
+                end = EpisodeEnd("time_limit")
+            elif duration_s is not None and time.perf_counter() - started >= duration_s:
+                end = EpisodeEnd("stop")
+            reward = 1.0 if end is not None and end.success else 0.0
+            outcome.reward += reward
+            self._record_frame(obs, executed, chunk, safe, end, reward)
+            if end is None and chunk is not None and idx == len(chunk.actions):
+                finished = (step_index, chunk, outcome, marks)
+                step_index += 1
+                chunk = None
+                self._request(io.raw_observation(obs))
+        if end.reason in ("estop", "watchdog"):
+            self._fail_safe(end)
+        # the episode's last macro-step: the chunk that ran when it ended, else the last finished one
+        last = (step_index, chunk, outcome, marks) if chunk is not None and outcome.env_steps else finished
+        if chunk is not None and outcome.env_steps and finished is not None:
+            self._write(episode, *finished)
+        if last is not None:
+            _, _, out, mk = last
+            mk["held_ticks"] += holds
+            mk["estop"], mk["watchdog"] = end.reason == "estop", end.reason == "watchdog"
+            out.terminated, out.truncated, out.success = end.terminated, not end.terminated, end.success
+            if out.truncated:
+                cut = self._last_obs if self._last_obs is not None else obs
+                out.final_observation = {
+                    k: v[0].numpy() for k, v in self.worker.observe(io.raw_observation(cut)).items()
+                }
+            self._write(episode, *last)
+        with self._lock:
+            self._token += 1  # a chunk still being sampled for this episode is dropped on arrival
+            self._ready, self._waiting = None, False
+        s.episodes += 1
+        s.successes += int(end.success)
+        if self.recorder is not None:
+            self.recorder.end_episode(success=end.success, reason=end.reason)
+        log.info("robot %s: episode ended (%s)", rid, end.reason)
+        return end
+
+    def _write(self, episode: str, step_index: int, chunk: Decision, outcome: Outcome, marks: dict) -> None:
+        outcome.safety = dict(marks)
+        self._records.put((episode, step_index, chunk, outcome))
+
+    def _record_thread(self) -> None:
+        while True:
+            item = self._records.get()
+            if item is None:
+                return
+            try:
+                self.writer.write(*item)
+            except Exception:  # noqa: BLE001  RecordWriter counts a full spool itself; anything else is logged
+                log.exception("writing a rollout record failed")
+
+    def close(self) -> None:
+        """Write every record still queued (call after run)."""
+        self._records.put(None)
+        self._record_writer.join(timeout=30)
+
+    def _fail_safe(self, end: EpisodeEnd) -> None:
+        """After an e-stop or watchdog trip: the e-stop action on the robot (hold its present position,
+        or torque off where the robot's API allows), counted in the safety layer's metrics."""
+        from edge.safety import apply_estop_action, positions_from_observation
+
+        self.estop.poll()  # counts and logs the latch (off the signal handler that may have set it)
+        obs = self._last_obs or {}
+        # never raises: a failed robot call is logged and counted; the latch keeps policy actions away
+        apply_estop_action(
+            self.robot,
+            self.estop_action,
+            positions_from_observation(obs, self.io.action_names),
+            robot_id=self.robot_id,
+        )
+        if end.reason == "estop":
+            log.error(
+                "robot %s: E-STOP (%s): no policy action is sent until released", self.robot_id, self.estop.source
+            )
+
+    def _record_frame(self, obs, executed, chunk, safe, end: EpisodeEnd | None, reward: float) -> None:
+        if self.recorder is None:
+            return
+        frame = self.io.frame(obs)
+        frame["action"] = np.asarray(executed if executed is not None else self._last_sent_or_zeros(), np.float32)
+        frame["policy_version"] = np.asarray([chunk.version if chunk is not None else self.worker.version], np.int64)
+        frame["next.reward"] = np.asarray([reward], np.float32)
+        frame["next.done"] = np.asarray([end is not None], bool)
+        frame["next.success"] = np.asarray([end is not None and end.success], bool)
+        frame["safety.clamped"] = np.asarray([bool(safe.clamped)], bool)
+        frame["safety.limited"] = np.asarray([bool(safe.limited)], bool)
+        frame["safety.held"] = np.asarray([bool(safe.held)], bool)
+        frame["safety.estop"] = np.asarray([end is not None and end.reason == "estop"], bool)
+        frame["safety.watchdog"] = np.asarray([end is not None and end.reason == "watchdog"], bool)
+        self.recorder.add_frame(frame)
+
+    def _last_sent_or_zeros(self) -> np.ndarray:
+        if self._last_sent is not None:
+            return self._last_sent
+        return np.zeros(len(self.io.action_names), np.float32)
+
+
+def _marks() -> dict[str, int | bool]:
+    return {"clamped_ticks": 0, "limited_ticks": 0, "held_ticks": 0, "estop": False, "watchdog": False}

@@ -10,6 +10,7 @@ robot works unchanged. This must run before the command line is parsed.
 from __future__ import annotations
 
 import logging
+import sys
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,15 @@ def register_devices() -> None:
     register_third_party_plugins()
 
 
+def given_type(robot_config) -> str:
+    """The robot type as the user wrote it (LeRobot registers some configs under two names, e.g.
+    so100_follower / so101_follower, and reports the first)."""
+    for arg in sys.argv[1:]:
+        if arg.startswith("--robot.type="):
+            return arg.split("=", 1)[1]
+    return robot_config.type
+
+
 def build_robot(robot_config):
     """The robot of ``robot_config``, not connected yet (its features are known without hardware)."""
     from lerobot.robots.utils import make_robot_from_config
@@ -48,13 +58,13 @@ def build_robot(robot_config):
     try:
         return make_robot_from_config(robot_config)
     except Exception as e:  # noqa: BLE001  any failure to build it is the user's config or install
-        raise RobotStartError(f"robot.type={robot_config.type}: could not be built: {_one_line(e)}") from e
+        raise RobotStartError(f"robot.type={given_type(robot_config)}: could not be built: {_one_line(e)}") from e
 
 
 def connect_robot(robot, robot_config) -> None:
     """Connect ``robot``; a failure is a ``RobotStartError`` naming the robot and what went wrong
     (LeRobot raises ConnectionError, serial errors, OSError, ...)."""
-    kind = robot_config.type
+    kind = given_type(robot_config)
     try:
         # calibration needs a person at the robot (lerobot-calibrate); never start one from here
         robot.connect(calibrate=False)

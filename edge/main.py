@@ -37,6 +37,7 @@ def run(cfg: EdgeConfig) -> int:
     from edge.control import LoopStats, PacedLoop, RecordWriter, UnpacedLoop
     from edge.inference import InferenceWorker
     from edge.link import Heartbeat, LearnerAddress, Subscriber, SyncClock, Uploader
+    from edge.robot_loop import RobotLoopStats
     from edge.robot_mode import RobotSide
     from edge.spool import Spool
     from lerobot_policy_pi_rl.envs import BUILTIN_NAMES, builtin_obs_kwargs, known_vec_env, make_vec_env
@@ -93,7 +94,7 @@ def run(cfg: EdgeConfig) -> int:
     if pending:
         logging.info("spool %s holds %d unacked records from an earlier run: they will be uploaded", spool_dir, pending)
 
-    stats = LoopStats()
+    stats = RobotLoopStats() if robot is not None else LoopStats()
     # the unpaced simulation loop samples whole batches with the PyTorch policy: preparing another
     # backend for every version there would only cost time (and, for a VLA, a local export)
     backend = pol.backend if ctl.mode == "paced" else "torch"

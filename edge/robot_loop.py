@@ -46,11 +46,12 @@ from edge.robot_features import RobotIO
 log = logging.getLogger(__name__)
 
 PHASES = ("reset", "wait", "run", "return", "estop")
+END_REASONS = ("success", "failure", "time_limit", "operator_end", "estop", "watchdog", "stop")
 
 
 @dataclass
 class EpisodeEnd:
-    reason: str  # success | failure | time_limit | operator_end | estop | watchdog | stop
+    reason: str  # one of END_REASONS
     success: bool = False
 
     @property
@@ -108,6 +109,7 @@ class RobotLoop:
         self._ready: Decision | None = None
         self._waiting = False
         self._token = 0
+        self._estop_applied = 0  # the e-stop latch whose action was applied to the robot
         self._lock = threading.Lock()
         self._records: queue.Queue = queue.Queue()
         self._record_writer = threading.Thread(target=self._record_thread, name="pirl-records", daemon=True)
@@ -125,6 +127,12 @@ class RobotLoop:
         metrics.DEADLINE_MISSES.labels(robot_id)
         for phase in PHASES:
             metrics.EPISODE_PHASE.labels(robot_id, phase).set(0)
+        # exported at 0 from the start, so increase() sees the first one
+        for reason in END_REASONS:
+            metrics.EPISODES.labels(robot_id, reason)
+        metrics.RESET_TIMEOUTS.labels(robot_id)
+        for action in ("torque_off", "hold", "none", "failed"):
+            metrics.SAFETY_ESTOP_ACTIONS.labels(robot_id, action)
 
     # --- phases -----------------------------------------------------------------------------------
 
@@ -172,6 +180,8 @@ class RobotLoop:
     def _estopped(self, stop: threading.Event) -> None:
         """Latched: send nothing until the operator releases the e-stop (or the edge stops)."""
         self._enter("estop")
+        if self._estop_applied != self.estop.latch_id:  # latched outside an episode (reset, wait): stop the arm too
+            self._fail_safe(EpisodeEnd("estop"))
         if self.watchdog is not None:
             self.watchdog.pause()
         while self.estop.is_set() and not stop.is_set():
@@ -393,7 +403,9 @@ class RobotLoop:
                 marks["clamped_ticks"] += int(safe.clamped)
                 marks["limited_ticks"] += int(safe.limited)
             status = self.robot.episode_status() if hasattr(self.robot, "episode_status") else None
-            if status is not None:
+            if status is not None and getattr(self.robot, "episode_truncated", lambda: False)():
+                end = EpisodeEnd("time_limit")  # the robot's own step limit: cut short, not a failure
+            elif status is not None:
                 end = EpisodeEnd(status, success=status == "success")
             elif "end" in events:
                 end = EpisodeEnd("operator_end")
@@ -461,6 +473,8 @@ class RobotLoop:
         from edge.safety import apply_estop_action, positions_from_observation
 
         self.estop.poll()  # counts and logs the latch (off the signal handler that may have set it)
+        if end.reason == "estop":
+            self._estop_applied = self.estop.latch_id
         obs = self._last_obs or {}
         # never raises: a failed robot call is logged and counted; the latch keeps policy actions away
         apply_estop_action(

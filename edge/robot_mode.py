@@ -14,7 +14,7 @@ import threading
 from dataclasses import dataclass
 
 from edge import metrics
-from edge.devices import build_robot, connect_robot, disconnect_robot
+from edge.devices import build_robot, connect_robot, disconnect_robot, given_type
 from edge.robot_features import RobotIO, check_policy_fits, trained_feature_names
 from edge.robot_loop import RobotLoop
 from edge.safety import EStop, SafetyLayer, Watchdog, resolve_bounds, robot_action_limits
@@ -46,7 +46,7 @@ class RobotSide:
 
     @classmethod
     def start(cls, cfg, policy, postprocessor) -> RobotSide:
-        robot_type = cfg.robot.type
+        robot_type = given_type(cfg.robot)
         # the features are known before connecting: a policy that does not fit fails without touching the robot
         probe = build_robot(cfg.robot)
         io = RobotIO.of(probe)
@@ -94,7 +94,7 @@ class RobotSide:
                 root,
                 repo_id=repo_id,
                 fps=round(cfg.control.hz),
-                robot_type=cfg.robot.type,
+                robot_type=given_type(cfg.robot),
                 features=self.io.dataset_features(use_videos=cfg.dataset.video),
                 task=self.task or "",
                 use_videos=cfg.dataset.video,
@@ -142,7 +142,7 @@ class RobotSide:
 
     def summary(self) -> dict:
         out = {
-            "robot_type": self.cfg.robot.type,
+            "robot_type": given_type(self.cfg.robot),
             "safety": self.safety.stats.summary(),
             "action_bounds": {
                 "source": self.safety.bounds.source,

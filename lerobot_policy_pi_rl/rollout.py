@@ -110,7 +110,14 @@ class PolicyRunner:
                 "task_description and none was given"
             )
         batch = self.pre(batch)
-        return {k: v for k, v in batch.items() if k.startswith("observation.") and isinstance(v, Tensor)}
+        # what the policy reads: its input features, and the tokenized instruction of a VLA. A robot or
+        # env may observe more (a camera only recorded in the dataset): that stays out of the records.
+        reads = set(self.policy.config.input_features or {})
+        return {
+            k: v
+            for k, v in batch.items()
+            if (k in reads or k.startswith("observation.language")) and isinstance(v, Tensor)
+        }
 
     def to_env_actions(self, normalised_chunk: Tensor) -> np.ndarray:
         """``[N, H, D_model]`` normalised chunk -> ``[N, H, action_dim]`` env actions."""

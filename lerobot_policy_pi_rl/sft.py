@@ -114,8 +114,9 @@ class SFTSettings:
     policy_overrides: dict = field(default_factory=dict)
 
 
-def train_sft(dataset_root: str | Path, output_dir: str | Path, settings: SFTSettings) -> Path:
-    """Behaviour-clone ``pi_rl`` with LeRobot's ``train()``; returns the last ``pretrained_model`` dir."""
+def train_sft(dataset_root: str | Path, output_dir: str | Path, settings: SFTSettings, repo_id: str = REPO_ID) -> Path:
+    """Behaviour-clone ``pi_rl`` on the local dataset ``repo_id`` at ``dataset_root`` with LeRobot's
+    ``train()``; returns the last ``pretrained_model`` dir."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the hub
     from lerobot.configs.default import DatasetConfig
     from lerobot.configs.train import TrainPipelineConfig
@@ -124,7 +125,7 @@ def train_sft(dataset_root: str | Path, output_dir: str | Path, settings: SFTSet
 
     policy_cfg = make_policy_config("pi_rl", device="cpu", push_to_hub=False, **settings.policy_overrides)
     cfg = TrainPipelineConfig(
-        dataset=DatasetConfig(repo_id=REPO_ID, root=str(dataset_root)),
+        dataset=DatasetConfig(repo_id=repo_id, root=str(dataset_root)),
         policy=policy_cfg,
         output_dir=Path(output_dir),
         steps=settings.steps,

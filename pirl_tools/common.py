@@ -7,12 +7,20 @@ from pathlib import Path
 
 
 def sft_checkpoint(
-    out: Path, *, seed: int, num_demos: int, steps: int, noise_std: float, policy_overrides: dict | None = None
+    out: Path,
+    *,
+    seed: int,
+    num_demos: int,
+    steps: int,
+    noise_std: float,
+    policy_overrides: dict | None = None,
+    task: str = "pirl_reach",
 ) -> Path:
     """Record demos and behaviour-clone with LeRobot's train(); reuse a finished checkpoint.
 
-    A VLA backbone (``policy_overrides["backbone"]``) gets demos with camera images."""
-    from lerobot_policy_pi_rl.sft import SFTSettings, record_demos, train_sft
+    ``task``: 'pirl_reach' (the built-in task; a VLA backbone, ``policy_overrides["backbone"]``, gets demos
+    with camera images) or 'sim' (the simulated robot's scripted expert, lerobot_robot_pirl_sim)."""
+    from lerobot_policy_pi_rl.sft import REPO_ID, SFTSettings, record_demos, train_sft
 
     ckpt = out / "train" / "checkpoints" / "last" / "pretrained_model"
     if (ckpt / "model.safetensors").is_file():
@@ -27,15 +35,24 @@ def sft_checkpoint(
         return ckpt
     if (out / "train").exists():
         raise FileExistsError(f"{out / 'train'} exists but holds no finished checkpoint; delete it and rerun")
+    repo_id = REPO_ID
+    if task == "sim":
+        from lerobot_robot_pirl_sim import demos as sim_demos
+
+        repo_id = sim_demos.REPO_ID
     if not (out / "data" / "meta" / "info.json").is_file():
         print(f"[sft] recording {num_demos} scripted demonstrations (seed {seed}) -> {out / 'data'}")
-        images = (policy_overrides or {}).get("backbone", "mlp") != "mlp"
-        record_demos(
-            out / "data", num_demos, seed=seed, noise_std=noise_std, obs_type="pixels_agent_pos" if images else "state"
-        )
+        if task == "sim":
+            from lerobot_robot_pirl_sim import record_demos as record_sim_demos
+
+            record_sim_demos(out / "data", num_demos, seed=seed, noise_std=noise_std)
+        else:
+            images = (policy_overrides or {}).get("backbone", "mlp") != "mlp"
+            obs_type = "pixels_agent_pos" if images else "state"
+            record_demos(out / "data", num_demos, seed=seed, noise_std=noise_std, obs_type=obs_type)
     print(f"[sft] behaviour cloning pi_rl with lerobot's train() for {steps} steps -> {out / 'train'}")
     settings = SFTSettings(steps=steps, seed=seed, policy_overrides=policy_overrides or {})
-    return train_sft(out / "data", out / "train", settings)
+    return train_sft(out / "data", out / "train", settings, repo_id=repo_id)
 
 
 def plot_curves(path: Path, runs: list[dict], title: str) -> None:

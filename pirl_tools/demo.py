@@ -1,6 +1,12 @@
-"""pirl-demo: the product's shape on one machine, on the built-in task.
+"""pirl-demo: the product's shape on one machine, on the built-in task or on the simulated robot.
 
-    pirl-demo [--out outputs/demo] [--target 0.9] [--time-limit 420]
+    pirl-demo [--out=outputs/demo] [--target=0.9] [--time_limit=540]
+    pirl-demo --robot=sim [--out=outputs/demo_robot]
+
+With ``--robot=sim`` the paced edge drives the simulated LeRobot robot (``lerobot_robot_pirl_sim``:
+MuJoCo physics, its camera rendered offscreen and recorded) through the Robot API, behind the safety
+layer, recording the session as a LeRobotDataset; the unpaced edge and the learner's evaluation run the
+same task's batched twin (``--control.env=pirl_sim``). The SFT demos are the robot's scripted expert.
 
 1. few-shot SFT: scripted demonstrations -> LeRobotDataset -> LeRobot's training loop (reused when
    OUT/sft already holds a finished checkpoint);
@@ -218,9 +224,12 @@ def _run(args, signals: Signals) -> int:
         seed=args.seed,
         num_demos=args.num_demos,
         steps=args.sft_steps,
-        noise_std=0.1,
+        noise_std=0.1 if args.robot is None else 0.02,
         policy_overrides=builtin_policy_overrides(args.backbone),
+        task="sim" if args.robot == "sim" else "pirl_reach",
     )
+    sim = args.robot == "sim"
+    control_hz = args.control_hz or (SIM_HZ if sim else 50.0)
     signals.raise_if_received()  # in case the training loop swallowed the KeyboardInterrupt
 
     print("== 2/4 certificates and tokens", flush=True)
@@ -269,6 +278,7 @@ def _run(args, signals: Signals) -> int:
                 str(args.seed),
                 "--intake.max_version_lag",
                 str(args.max_version_lag),
+                *(["--trainer.eval_env=pirl_sim"] if sim else []),
             ],
             nice=10,
             cpus=farm_cpus,
@@ -299,7 +309,8 @@ def _run(args, signals: Signals) -> int:
                 "--policy.backend",
                 args.backend,
                 "--control.hz",
-                str(args.control_hz),
+                str(control_hz),
+                *(_sim_robot_args(args, out, control_hz) if sim else []),
                 "--spool.dir",
                 str(out / "edges/robot-0/spool"),
                 "--stats_file",
@@ -320,6 +331,7 @@ def _run(args, signals: Signals) -> int:
                 "unpaced",
                 "--control.num_envs",
                 str(args.num_envs),
+                *(["--control.env=pirl_sim"] if sim else []),
                 "--spool.dir",
                 str(out / "edges/robot-1/spool"),
                 "--stats_file",
@@ -374,6 +386,8 @@ def _run(args, signals: Signals) -> int:
     latencies = [x for e in edges.values() for x in e["sync_latencies_s"]]
     report = {
         "backbone": args.backbone,
+        "robot_type": "pirl_sim" if sim else None,
+        "task": "pirl_sim" if sim else "pirl_reach",
         "sft_success": curve[0][2] if curve else float("nan"),
         "final_success": curve[-1][2] if curve else float("nan"),
         "best_success": max((c[2] for c in curve), default=float("nan")),
@@ -394,6 +408,17 @@ def _run(args, signals: Signals) -> int:
         "sync_latency_p50_s": _pct(latencies, 50),
         "sync_latency_p99_s": _pct(latencies, 99),
         "env_steps": status.get("env_steps", 0),
+        "episodes": sum(e["episodes"] for e in edges.values()),
+        "paced_episodes": paced["episodes"],
+        # what the paced robot spent: its control time (a fleet of real robots would spend env steps / hz)
+        "paced_robot_seconds": round(paced["control_seconds"], 1),
+        "safety_clamps": paced.get("safety", {}).get("clamped_ticks", 0),
+        "safety_jump_limits": paced.get("safety", {}).get("limited_ticks", 0),
+        "estops": paced.get("safety", {}).get("estops", 0),
+        "dataset_root": paced.get("dataset", {}).get("root"),
+        "dataset_frames": paced.get("dataset", {}).get("frames_written", 0),
+        "dataset_episodes": paced.get("dataset", {}).get("episodes_saved", 0),
+        "dataset_bytes": paced.get("dataset", {}).get("size_bytes", 0),
         "wall_seconds": round(time.monotonic() - started, 1),
         "eval_curve": curve,
         "edges": edges,
@@ -424,6 +449,22 @@ def _run(args, signals: Signals) -> int:
         ),
         ("wall time", f"{report['wall_seconds']:.0f} s"),
     ]
+    if sim:
+        rows[-1:-1] = [
+            (
+                "simulated robot (robot-0): episodes, robot time",
+                f"{report['paced_episodes']} episodes, {report['paced_robot_seconds']:.0f} s",
+            ),
+            (
+                "safety layer: clamped / jump-limited ticks, e-stops",
+                f"{report['safety_clamps']} / {report['safety_jump_limits']}, {report['estops']}",
+            ),
+            (
+                "session dataset (LeRobotDataset, camera as video)",
+                f"{report['dataset_episodes']} episodes, {report['dataset_frames']} frames, "
+                f"{report['dataset_bytes'] / 1e6:.1f} MB at {report['dataset_root']}",
+            ),
+        ]
     width = max(len(k) for k, _ in rows)
     print()
     for k, v in rows:
@@ -432,13 +473,36 @@ def _run(args, signals: Signals) -> int:
     plot_curves(
         out / "demo.png",
         [{"label": "learner deterministic eval", "curve": [(c[1], c[2]) for c in curve]}],
-        f"pirl-demo ({args.backbone}): learner + 2 edges over gRPC",
+        f"pirl-demo ({'simulated robot' if sim else args.backbone}): learner + 2 edges over gRPC",
     )
     print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}; logs in {out / 'logs'}")
     if report["final_success"] < args.target:
         print(f"the target success {args.target} was not reached within time_limit={args.time_limit:.0f}s")
         return 1 if args.require_target else 0
     return 0
+
+
+SIM_HZ = 25.0  # the simulated robot's control rate (its task's physics step, lerobot_robot_pirl_sim TaskParams)
+
+
+def _sim_robot_args(args, out: Path, control_hz: float) -> list[str]:
+    """pirl-edge flags of the paced edge on the simulated robot: the robot and its camera, an episode
+    protocol without a person (the simulator resets its scene; episodes start at once and last as long as
+    the batched twin's), the session dataset."""
+    from lerobot_robot_pirl_sim.vec_env import DEFAULT_MAX_STEPS
+
+    cam = (
+        f"{{front: {{type: pirl_sim, width: {args.camera_size}, height: {args.camera_size}, fps: {args.camera_fps}}}}}"
+    )
+    return [
+        "--robot.type=pirl_sim",
+        f"--robot.cameras={cam}",
+        f"--robot.seed={args.seed + 1}",
+        "--episode.start=delay",
+        "--episode.start_delay_s=0",
+        f"--episode.time_limit_s={DEFAULT_MAX_STEPS / control_hz}",
+        f"--dataset.root={out / 'edges/robot-0/session'}",
+    ]
 
 
 @dataclass
@@ -464,8 +528,15 @@ class DemoConfig:
     actor_lr: float = 5e-5
     # envs of the unpaced simulated edge (robot-1)
     num_envs: int = 128
-    # control rate of the paced edge (robot-0), Hz
-    control_hz: float = 50.0
+    # control rate of the paced edge (robot-0), Hz (default: 50; the simulated robot's own 25 with --robot=sim)
+    control_hz: float | None = None
+    # 'sim': the paced edge drives the simulated LeRobot robot (MuJoCo, a rendered camera, the safety layer, a
+    # session dataset) and the task is its reach-and-grasp; None: the built-in task as a paced env
+    robot: str | None = None
+    # --robot=sim: side of the robot's square camera image, pixels (rendered, recorded, not read by the policy)
+    camera_size: int = 64
+    # --robot=sim: frame rate of the robot's camera
+    camera_fps: int = 30
     # mlp (state); or LeRobot's pi0 / pi05 / smolvla at a reduced CPU size, reading the camera image, the state
     # and the task instruction (use a fresh out: the SFT checkpoint is reused)
     backbone: str = "mlp"
@@ -497,6 +568,11 @@ class DemoConfig:
             raise ValueError(f"backbone: must be one of {BACKBONE_CHOICES} (got {self.backbone!r})")
         if self.backend not in BACKENDS:
             raise ValueError(f"backend: must be one of {BACKENDS} (got {self.backend!r})")
+        if self.robot not in (None, "sim"):
+            raise ValueError(f"robot: 'sim' (the simulated robot) or unset (got {self.robot!r})")
+        if self.robot == "sim" and self.backbone != "mlp":
+            raise ValueError("robot: the simulated robot's demo runs the mlp backbone (its policy reads state)")
+        require(self, at_least={"camera_size": 8, "camera_fps": 1})
 
 
 def main() -> None:

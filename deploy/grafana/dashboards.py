@@ -28,8 +28,11 @@ def panel(
     thresholds: list[tuple[float, str]] | None = None,
     minimum: float | None = None,
     maximum: float | None = None,
+    mappings: dict[int, tuple[str, str]] | None = None,
+    options: dict | None = None,
 ) -> dict:
-    """One panel; ``targets`` is [(PromQL, legend)]. Grid position is assigned by ``dashboard``."""
+    """One panel; ``targets`` is [(PromQL, legend)]. Grid position is assigned by ``dashboard``.
+    ``mappings``: value -> (text, color) shown instead of the number; ``options``: the panel type's own."""
     defaults: dict = {"unit": unit}
     if minimum is not None:
         defaults["min"] = minimum
@@ -37,6 +40,17 @@ def panel(
         defaults["max"] = maximum
     if thresholds:
         defaults["thresholds"] = {"mode": "absolute", "steps": [{"color": c, "value": v} for v, c in thresholds]}
+    if mappings:
+        defaults["mappings"] = [
+            {
+                "type": "value",
+                "options": {
+                    str(v): {"text": text, "color": color, "index": i}
+                    for i, (v, (text, color)) in enumerate(mappings.items())
+                },
+            }
+        ]
+        defaults["color"] = {"mode": "thresholds"}
     out = {
         "type": kind,
         "title": title,
@@ -51,6 +65,8 @@ def panel(
             "legend": {"displayMode": "table", "placement": "right", "calcs": ["lastNotNull", "max"]},
             "tooltip": {"mode": "multi", "sort": "desc"},
         }
+    if options:
+        out["options"] = {**out.get("options", {}), **options}
     return out
 
 
@@ -131,6 +147,158 @@ def _quantiles(metric: str, by: str, selector: str = "") -> list[tuple[str, str]
     ]
 
 
+# robot mode's episode protocol (edge/robot_loop.py PHASES; a test keeps them equal): value of the
+# "Episode phase" state timeline -> (phase, color)
+PHASES = {
+    1: ("reset", "blue"),
+    2: ("wait", "yellow"),
+    3: ("run", "green"),
+    4: ("return", "purple"),
+    5: ("estop", "red"),
+}
+
+
+def _rate_ratio(metric: str, sel: str, by: str = "robot_id") -> str:
+    """Share of each robot's control ticks counted by ``metric`` (over ``$__rate_interval``)."""
+    ticks = f"sum by (robot_id) (rate(pirl_edge_ticks_total{sel}[$__rate_interval]))"
+    share = f"sum by ({by}) (rate({metric}{sel}[$__rate_interval]))"
+    return f"{share} / {ticks}" if by == "robot_id" else f"{share} / on (robot_id) group_left () {ticks}"
+
+
+def safety(sel: str) -> list[dict]:
+    """Robot mode (pirl-edge --robot.type=...): the safety layer, the episode protocol, the session dataset.
+    Edges that drive simulated envs export none of these series: their panels show no data."""
+    phase_code = "\n  or ".join(
+        f'(pirl_edge_episode_phase{{phase="{name}",{ROBOT}}} == 1) * {code}' for code, (name, _) in PHASES.items()
+    )
+    return [
+        row("Safety (robot mode)"),
+        panel(
+            "E-stop latched",
+            [(f"max by (robot_id) (pirl_edge_safety_estop_latched{sel})", "{{robot_id}}")],
+            kind="stat",
+            w=18,
+            h=5,
+            thresholds=[(None, "green"), (1, "red")],
+            mappings={0: ("released", "green"), 1: ("LATCHED", "red")},
+            options={"colorMode": "background", "graphMode": "none", "textMode": "value_and_name"},
+            description="Per robot: LATCHED while its e-stop holds (no policy action reaches it until an operator "
+            "releases it); alert PirlEdgeEStopLatched after 1 minute.",
+        ),
+        panel(
+            "Robots e-stopped now",
+            [("fleet:pirl_edge_safety_estops_latched:count", "robots")],
+            kind="stat",
+            w=6,
+            h=5,
+            thresholds=[(None, "green"), (1, "red")],
+            description="Recording rule fleet:pirl_edge_safety_estops_latched:count (the whole fleet).",
+        ),
+        panel(
+            "Episode phase",
+            [(f"max by (robot_id) (\n    {phase_code}\n)", "{{robot_id}}")],
+            kind="state-timeline",
+            unit="none",
+            w=24,
+            h=7,
+            mappings=PHASES,
+            options={
+                "mergeValues": True,
+                "showValue": "auto",
+                "alignValue": "left",
+                "rowHeight": 0.8,
+                "legend": {"displayMode": "list", "placement": "bottom", "showLegend": True},
+                "tooltip": {"mode": "single", "sort": "none"},
+            },
+            description="The episode protocol per robot: reset (moving to the reset pose), wait (for the start), "
+            "run (the policy acts), return (back to the reset pose), estop (latched). Empty: not in robot mode.",
+        ),
+        panel(
+            "E-stops by source (1 h)",
+            [(f"robot_id_source:pirl_edge_safety_estops:increase1h{sel}", "{{robot_id}}: {{source}}")],
+            unit="none",
+            minimum=0,
+            description="E-stops latched in the last hour, by what latched them (key, http, sigusr1, ...). Recording "
+            "rule robot_id_source:pirl_edge_safety_estops:increase1h; alert PirlEdgeEStopsFrequent at 3.",
+        ),
+        panel(
+            "E-stop actions (1 h)",
+            [(f"robot_id_action:pirl_edge_safety_estop_actions:increase1h{sel}", "{{robot_id}}: {{action}}")],
+            unit="none",
+            minimum=0,
+            description="What each e-stop did to the motors: torque_off, hold, none (no observed position to hold) "
+            "or failed (the robot call raised). Alert PirlEdgeEStopActionFailed on none or failed.",
+        ),
+        panel(
+            "Clamped ticks",
+            [(_rate_ratio("pirl_edge_safety_clamped_ticks_total", sel), "{{robot_id}}")],
+            unit="percentunit",
+            w=8,
+            minimum=0,
+            thresholds=[(None, "green"), (0.2, "red")],
+            description="Share of ticks whose command the safety layer clamped to the action bounds: the policy "
+            "pushes against them (alert PirlEdgeClampRateHigh over 20% for 10 minutes).",
+        ),
+        panel(
+            "Jump-limited ticks",
+            [(_rate_ratio("pirl_edge_safety_jump_limited_ticks_total", sel), "{{robot_id}}")],
+            unit="percentunit",
+            w=8,
+            minimum=0,
+            description="Share of ticks whose command was limited to safety.max_delta from the last one sent "
+            "(only with safety.max_delta set).",
+        ),
+        panel(
+            "Held ticks by reason",
+            [
+                (
+                    _rate_ratio("pirl_edge_safety_held_ticks_total", sel, by="robot_id, reason"),
+                    "{{robot_id}}: {{reason}}",
+                )
+            ],
+            unit="percentunit",
+            w=8,
+            minimum=0,
+            description="Share of ticks that repeated the last command: no_action (none ready in time), nonfinite "
+            "(NaN or inf in the policy's action: alert PirlEdgeNonFiniteActions).",
+        ),
+        panel(
+            "Episodes ended (1 h) by reason",
+            [(f"robot_id_reason:pirl_edge_episodes:increase1h{sel}", "{{robot_id}}: {{reason}}")],
+            unit="none",
+            minimum=0,
+            description="success, failure, time_limit, operator_end, estop, watchdog, stop. Recording rule "
+            "robot_id_reason:pirl_edge_episodes:increase1h.",
+        ),
+        panel(
+            "Watchdog trips (1 h)",
+            [(f"sum by (robot_id) (increase(pirl_edge_safety_watchdog_trips_total{sel}[1h]))", "{{robot_id}}")],
+            unit="none",
+            minimum=0,
+            thresholds=[(None, "green"), (1, "red")],
+            description="Control-loop stalls: no tick for safety.watchdog_s (alert PirlEdgeWatchdogTripped).",
+        ),
+        panel(
+            "Reset timeouts (1 h)",
+            [(f"robot_id:pirl_edge_reset_timeouts:increase1h{sel}", "{{robot_id}}")],
+            unit="none",
+            minimum=0,
+            thresholds=[(None, "green"), (1, "orange")],
+            description="Moves to episode.reset_pose that did not arrive in episode.reset_timeout_s "
+            "(alert PirlEdgeResetTimeouts).",
+        ),
+        panel(
+            "Dataset frames dropped (1 h)",
+            [(f"sum by (robot_id) (increase(pirl_edge_dataset_frames_dropped_total{sel}[1h]))", "{{robot_id}}")],
+            unit="none",
+            minimum=0,
+            thresholds=[(None, "green"), (1, "orange")],
+            description="Frames of the session dataset dropped because its writer fell behind "
+            "(alert PirlEdgeDatasetFramesDropped).",
+        ),
+    ]
+
+
 def fleet() -> dict:
     sel = "{" + ROBOT + "}"
     panels = [
@@ -193,6 +361,7 @@ def fleet() -> dict:
             thresholds=[(None, "green"), (1, "orange")],
             description="A requested backend that could not load (label: the one that failed).",
         ),
+        *safety(sel),
         row("Sync with the learner"),
         panel(
             "Seconds since last sync",
@@ -291,7 +460,7 @@ def fleet() -> dict:
     return dashboard(
         "pirl-fleet",
         "PI-RL fleet",
-        "Robots: control rate, inference latency, sync with the learner, spool.",
+        "Robots: control rate, inference latency, safety and episodes (robot mode), sync with the learner, spool.",
         panels,
         robot_variable=True,
     )

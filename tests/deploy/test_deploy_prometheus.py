@@ -1,8 +1,13 @@
-"""A real Prometheus server (Debian's `prometheus`) on loopback scrapes a real learner and two edges
+"""A real Prometheus server (Debian's `prometheus`) on loopback scrapes a real learner and three edges
 with the shipped recording and alert rules loaded. Every metric the dashboards and alerts read is
 in the scraped data, every dashboard query evaluates (with data) on that server, every rule
 evaluates without error, and stopping an edge makes the sync-stale alert fire for that robot only
 (from the learner's side: the stopped edge's own /metrics is gone).
+
+The third edge drives a robot (robot mode, behind the safety layer): a test robot plugin whose arm
+never moves, so every move to the reset pose times out, with tight action bounds and a jump limit, so
+commands are clamped and limited; the test e-stops it (SIGUSR1) once it has run episodes, so the
+e-stop series exist and PirlEdgeEStopLatched is raised for that robot only.
 
 The only change to the shipped rules: the sync-stale threshold and `for` are shortened (120 s / 1 m
 to 15 s / 2 s) so the test takes seconds, not minutes; promtool tests the real numbers.
@@ -11,6 +16,8 @@ to 15 s / 2 s) so the test takes seconds, not minutes; promtool tests the real n
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 import urllib.parse
 import urllib.request
@@ -27,6 +34,81 @@ from pirl.security import make_dev_pki
 pytestmark = pytest.mark.slow  # a real Prometheus scraping real processes
 
 STALE_AFTER_S = 15
+ROBOT = "robot-2"  # the edge in robot mode
+
+# A LeRobot robot plugin (found by its distribution name, as one from PyPI would be): six float
+# observations, three of them the positions of its three actions, which never move.
+STUCKARM = """
+from dataclasses import dataclass
+
+from lerobot.robots.config import RobotConfig
+from lerobot.robots.robot import Robot
+
+ACTIONS = ["a.pos", "b.pos", "c.pos"]
+STATE = ACTIONS + ["load", "temperature", "voltage"]
+
+
+@RobotConfig.register_subclass("stuckarm")
+@dataclass
+class StuckArmConfig(RobotConfig):
+    pass
+
+
+class StuckArm(Robot):
+    config_class = StuckArmConfig
+    name = "stuckarm"
+
+    def __init__(self, config):
+        super().__init__(config)
+        self._connected = False
+
+    @property
+    def observation_features(self):
+        return dict.fromkeys(STATE, float)
+
+    @property
+    def action_features(self):
+        return dict.fromkeys(ACTIONS, float)
+
+    @property
+    def is_connected(self):
+        return self._connected
+
+    def connect(self, calibrate=True):
+        self._connected = True
+
+    @property
+    def is_calibrated(self):
+        return True
+
+    def calibrate(self):
+        pass
+
+    def configure(self):
+        pass
+
+    def get_observation(self):
+        return dict.fromkeys(STATE, 0.0)
+
+    def send_action(self, action):
+        return action
+
+    def disconnect(self):
+        self._connected = False
+"""
+
+
+def install_stuckarm(root: Path) -> Path:
+    """The ``lerobot_robot_stuckarm`` distribution under ``root``; returns the directory for PYTHONPATH."""
+    name = "lerobot_robot_stuckarm"
+    site = root / "site"
+    (site / name).mkdir(parents=True)
+    (site / name / "__init__.py").write_text(STUCKARM)
+    info = site / f"{name}-0.1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    (info / "top_level.txt").write_text(name + "\n")
+    return site
 
 
 def shortened_rules(dst: Path) -> list[Path]:
@@ -73,9 +155,9 @@ def stack(tmp_path_factory):
     prometheus = require_tool("prometheus", "apt-get install prometheus (Debian), or run `make deploy-tools` as root")
     root = tmp_path_factory.mktemp("prometheus-stack")
     ckpt = make_checkpoint(root)
-    pki = make_dev_pki(root / "certs", ["robot-0", "robot-1"])
+    pki = make_dev_pki(root / "certs", ["robot-0", "robot-1", ROBOT])
     grpc_port, prom_port = free_port(), free_port()
-    metrics = {"learner": free_port(), "robot-0": free_port(), "robot-1": free_port()}
+    metrics = {"learner": free_port(), "robot-0": free_port(), "robot-1": free_port(), ROBOT: free_port()}
     procs = Processes(root / "logs")
     common = [
         "--link.learner",
@@ -159,6 +241,35 @@ def stack(tmp_path_factory):
             ],
             process_env(),
         )
+        # robot-2: a robot (the stuck arm) behind the safety layer, episodes of 0.5 s, its session recorded
+        site = install_stuckarm(root / "plugin")
+        procs.start(
+            ROBOT,
+            [
+                str(BIN / "pirl-edge"),
+                *common,
+                "--link.robot_id",
+                ROBOT,
+                "--robot.type=stuckarm",
+                "--control.hz=50",
+                "--episode.start=delay",
+                "--episode.start_delay_s=0.1",
+                "--episode.time_limit_s=0.5",
+                "--episode.reset_pose={a.pos: 0.03, b.pos: 0.03, c.pos: 0.03}",
+                "--episode.reset_tolerance=0.01",
+                "--episode.reset_timeout_s=0.3",
+                "--safety.action_min=[-0.05,-0.05,-0.05]",
+                "--safety.action_max=[0.05,0.05,0.05]",
+                "--safety.max_delta=0.01",
+                "--dataset.video=false",
+                f"--dataset.root={root / 'session-2'}",
+                "--spool.dir",
+                str(root / "spool-2"),
+                "--metrics.port",
+                str(metrics[ROBOT]),
+            ],
+            process_env(PYTHONPATH=os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))),
+        )
         config = {
             "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
             "rule_files": [str(p) for p in shortened_rules(root)],
@@ -167,7 +278,7 @@ def stack(tmp_path_factory):
                 {
                     "job_name": "pirl-edge",
                     "static_configs": [
-                        {"targets": [f"127.0.0.1:{metrics['robot-0']}", f"127.0.0.1:{metrics['robot-1']}"]}
+                        {"targets": [f"127.0.0.1:{metrics[name]}" for name in ("robot-0", "robot-1", ROBOT)]}
                     ],
                 },
             ],
@@ -196,16 +307,35 @@ def stack(tmp_path_factory):
                 return False
 
         wait_until(ready, 60, "Prometheus ready", check=all_alive)
-        # learner at version >= 1 and both robots serving it: every histogram has observations
+        # learner at version >= 1 and every robot serving it: every histogram has observations
         wait_until(
-            lambda: prom.query("min(pirl_edge_policy_version) >= 1 and on() count(pirl_edge_policy_version) == 2")[
+            lambda: prom.query("min(pirl_edge_policy_version) >= 1 and on() count(pirl_edge_policy_version) == 3")[
                 "data"
             ]["result"],
             240,
-            "both robots on policy version 1",
+            "all three robots on policy version 1",
             check=all_alive,
         )
-        wait_until(lambda: prom.query('count(up{job=~"pirl-.*"} == 1) == 3')["data"]["result"], 30, "3 targets up")
+        wait_until(lambda: prom.query('count(up{job=~"pirl-.*"} == 1) == 4')["data"]["result"], 30, "4 targets up")
+        # the robot ran episodes (its reset moves time out), then an operator e-stops it
+        robot = f'{{robot_id="{ROBOT}"}}'
+        wait_until(
+            lambda: prom.query(f"pirl_edge_reset_timeouts_total{robot} and on () pirl_edge_episodes_total{robot}")[
+                "data"
+            ]["result"],
+            60,
+            f"{ROBOT}'s episodes and reset timeouts scraped",
+            check=all_alive,
+        )
+        procs.procs[ROBOT].send_signal(signal.SIGUSR1)
+        wait_until(
+            lambda: prom.query(
+                f"pirl_edge_safety_estop_latched{robot} == 1 and on () pirl_edge_safety_estop_actions_total{robot}"
+            )["data"]["result"],
+            30,
+            f"{ROBOT}'s e-stop latched and applied",
+            check=all_alive,
+        )
         time.sleep(5)  # a few more scrapes and rule evaluations over the running system
         yield prom, procs
     finally:
@@ -253,6 +383,25 @@ def test_tensorrt_fallback_alert_is_raised_for_the_robot_that_asked_for_tensorrt
     prom, _ = stack
     states = wait_until(lambda: prom.alerts("PirlEdgeBackendFellBackFromTensorRT"), 30, "the fallback alert")
     assert set(states) == {"robot-0"} and states["robot-0"] in ("pending", "firing")
+
+
+def test_the_estop_latched_alert_is_raised_for_the_robot_that_was_estopped(stack):
+    prom, _ = stack
+    states = wait_until(lambda: prom.alerts("PirlEdgeEStopLatched"), 30, "the e-stop alert")
+    assert set(states) == {ROBOT} and states[ROBOT] in ("pending", "firing")
+    # what the SIGUSR1 e-stop left: its source, the hold the robot took, the episode it ended, the phase
+    robot = f'{{robot_id="{ROBOT}"}}'
+    assert prom.query(
+        f'robot_id_source:pirl_edge_safety_estops:increase1h{{robot_id="{ROBOT}",source="sigusr1"}} == 1'
+    )["data"]["result"]
+    assert prom.query(f'pirl_edge_safety_estop_actions_total{{robot_id="{ROBOT}",action="hold"}} == 1')["data"][
+        "result"
+    ]
+    assert prom.query(f'pirl_edge_episode_phase{{robot_id="{ROBOT}",phase="estop"}} == 1')["data"]["result"]
+    # the stuck arm's reset moves timed out; the tight bounds clamped the policy's commands
+    assert prom.query(f"robot_id:pirl_edge_reset_timeouts:increase1h{robot} >= 1")["data"]["result"]
+    assert prom.query(f"pirl_edge_safety_clamped_ticks_total{robot} > 0")["data"]["result"]
+    assert prom.alerts("PirlEdgeEStopActionFailed") == {}  # the hold was taken
 
 
 def test_stopping_an_edge_makes_sync_stale_fire_for_that_robot_only(stack):

@@ -204,13 +204,26 @@ def test_every_alert_has_for_severity_runbook_and_a_firing_unit_test():
         re.sub(r"[^a-z0-9]", "", h.lower())
         for h in re.findall(r"^#+ (.+)$", (ROOT / "docs" / "deploy.md").read_text(), re.MULTILINE)
     }
-    assert len(alerts) == 10
+    assert len(alerts) == 18
     for a in alerts:
         name = a["alert"]
         assert re.fullmatch(r"\d+[smh]", a["for"]) and a["labels"]["severity"] in ("warning", "critical"), name
         anchor = a["annotations"]["runbook_url"].split("#")[1]
         assert a["annotations"]["runbook_url"] == f"docs/deploy.md#{name.lower()}" and anchor in headings, name
         assert name in fired and name in quiet, f"{name}: needs a firing and a not-(yet)-firing promtool case"
+
+
+def test_the_episode_phase_panel_knows_every_phase_of_robot_mode():
+    from edge.robot_loop import PHASES
+
+    fleet = json.loads((DEPLOY / "grafana" / "dashboards" / "pirl-fleet.json").read_text())
+    (panel,) = [p for p in fleet["panels"] if p["title"] == "Episode phase"]
+    (mapping,) = panel["fieldConfig"]["defaults"]["mappings"]
+    shown = {int(v): m["text"] for v, m in mapping["options"].items()}
+    assert sorted(shown.values()) == sorted(PHASES)
+    (target,) = panel["targets"]
+    for code, phase in shown.items():  # the query gives each phase the value its mapping shows
+        assert f'(pirl_edge_episode_phase{{phase="{phase}",robot_id=~"$robot_id"}} == 1) * {code}' in target["expr"]
 
 
 def test_every_metric_the_rules_and_dashboards_read_is_defined_in_the_code():

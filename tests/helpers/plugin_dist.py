@@ -40,6 +40,7 @@ class FakeArm(Robot):
 
     def __init__(self, config):
         super().__init__(config)
+        self.config = config
         self._connected = False
         self.p = [0.5, -0.5]
         self._log = None

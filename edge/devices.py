@@ -45,9 +45,12 @@ def register_devices() -> None:
 def given_type(robot_config) -> str:
     """The robot type as the user wrote it (LeRobot registers some configs under two names, e.g.
     so100_follower / so101_follower, and reports the first)."""
-    for arg in sys.argv[1:]:
+    args = sys.argv[1:]
+    for i, arg in enumerate(args):
         if arg.startswith("--robot.type="):
             return arg.split("=", 1)[1]
+        if arg == "--robot.type" and i + 1 < len(args):
+            return args[i + 1]
     return robot_config.type
 
 

@@ -82,6 +82,9 @@ class DatasetConfig:
     # dataset directory (default: outputs/edge/<robot_id>/sessions/<UTC time>); an existing non-empty
     # directory is refused, a recorded session is never overwritten
     root: str | None = None
+    # parent directory of the per-session datasets when root is unset: <sessions_dir>/<UTC time> (default
+    # outputs/edge/<robot_id>/sessions; in the edge container, a volume)
+    sessions_dir: str | None = None
     # repo_id written in the dataset's metadata (default: local/<robot_id>); nothing is ever pushed to the hub
     repo_id: str | None = None
     # camera frames as MP4 video, encoded while the episode runs (LeRobot's streaming encoding); false: PNG
@@ -112,14 +115,16 @@ class DatasetConfig:
 
     def resolve(self, robot_id: str, now: datetime | None = None) -> tuple[Path, str]:
         """(root, repo_id) of this session: the configured ones, else the defaults for ``robot_id``."""
-        root = Path(self.root) if self.root else default_session_root(robot_id, now)
+        root = Path(self.root) if self.root else default_session_root(robot_id, now, self.sessions_dir)
         return root, self.repo_id or default_repo_id(robot_id)
 
 
-def default_session_root(robot_id: str, now: datetime | None = None) -> Path:
-    """``outputs/edge/<robot_id>/sessions/<UTC time>``: one new directory per session."""
+def default_session_root(robot_id: str, now: datetime | None = None, sessions_dir: str | None = None) -> Path:
+    """``<sessions_dir>/<UTC time>`` (default ``outputs/edge/<robot_id>/sessions/<UTC time>``): one new
+    directory per session."""
     stamp = (now or datetime.now(UTC)).astimezone(UTC).strftime("%Y%m%dT%H%M%SZ")
-    return Path("outputs") / "edge" / _safe_name(robot_id) / "sessions" / stamp
+    parent = Path(sessions_dir) if sessions_dir else Path("outputs") / "edge" / _safe_name(robot_id) / "sessions"
+    return parent / stamp
 
 
 def default_repo_id(robot_id: str) -> str:

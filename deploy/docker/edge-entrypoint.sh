@@ -21,7 +21,14 @@ edge-entrypoint.sh: run pirl-edge configured by environment variables and/or a c
   PIRL_INSECURE          1: allow plaintext to a non-loopback learner          --link.insecure
   PIRL_BACKEND           auto | tensorrt | onnxruntime | torch                 --policy.backend
   PIRL_NOISE_METHOD      flow_sde | flow_noise                                 --policy.noise_method
-  PIRL_ENV               pirl_reach or a gymnasium id                          --control.env
+  PIRL_ROBOT_TYPE        a LeRobot robot type or plugin (robot mode)          --robot.type
+  PIRL_ROBOT_PORT        the robot's motor bus, e.g. /dev/ttyACM0              --robot.port
+  PIRL_ROBOT_CALIBRATION_ID  the robot's calibration id (lerobot-calibrate --robot.id) --robot.id
+  PIRL_ROBOT_CAMERAS     cameras, e.g. '{front: {type: opencv, index_or_path: 0, width: 640, height: 480, fps: 30}}' --robot.cameras
+  PIRL_ESTOP_PORT        local e-stop / start / end HTTP port (127.0.0.1)      --safety.estop_port
+  PIRL_EPISODE_START     operator | delay                                      --episode.start
+  PIRL_SESSIONS_DIR      where each session's LeRobotDataset goes (a volume)   --dataset.sessions_dir
+  PIRL_ENV               simulation: pirl_reach, pirl_sim or a gymnasium id    --control.env
   PIRL_TASK              language instruction for VLA policies                 --policy.task
   PIRL_DEVICE            torch device of the policy (cpu, cuda)                --policy.device
   PIRL_MODE              paced | unpaced                                       --control.mode
@@ -66,6 +73,13 @@ opt PIRL_TLS_CLIENT_KEY --link.tls_client_key
 switch PIRL_INSECURE --link.insecure
 opt PIRL_BACKEND --policy.backend
 opt PIRL_NOISE_METHOD --policy.noise_method
+opt PIRL_ROBOT_TYPE --robot.type
+opt PIRL_ROBOT_PORT --robot.port
+opt PIRL_ROBOT_CALIBRATION_ID --robot.id
+opt PIRL_ROBOT_CAMERAS --robot.cameras
+opt PIRL_ESTOP_PORT --safety.estop_port
+opt PIRL_EPISODE_START --episode.start
+opt PIRL_SESSIONS_DIR --dataset.sessions_dir
 opt PIRL_ENV --control.env
 opt PIRL_TASK --policy.task
 opt PIRL_DEVICE --policy.device

@@ -1,0 +1,72 @@
+"""pirl-demo --robot=sim end to end, cut short: SFT on a few scripted demos of the simulated robot, the
+learner evaluating on its batched twin, a paced edge on the simulated robot (camera rendered and
+recorded) and an unpaced simulated edge; demo.json carries the robot's figures and its session dataset
+loads. (The full run and its figures: BENCHMARKS.md.)"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+KEYS_BEFORE = {
+    "sft_success",
+    "final_success",
+    "policy_versions",
+    "rollouts_sent",
+    "rollouts_accepted",
+    "duplicates",
+    "rollouts_left_in_spools",
+    "rollouts_dropped",
+    "deadline_miss_ratio",
+    "control_rate_hz_p50",
+    "sync_latency_p50_s",
+    "eval_curve",
+    "edges",
+}
+ROBOT_KEYS = {"robot_type", "dataset_root", "episodes", "safety_clamps", "estops"}
+
+
+def test_demo_on_the_simulated_robot_reports_the_robot_and_its_dataset(tmp_path):
+    out = tmp_path / "demo"
+    p = subprocess.run(
+        [
+            str(BIN / "pirl-demo"),
+            f"--out={out}",
+            "--robot=sim",
+            "--num_demos=3",
+            "--sft_steps=60",
+            "--episodes_per_update=16",
+            "--num_envs=16",
+            "--eval_every=2",
+            "--eval_episodes=20",
+            "--time_limit=150",
+            "--target=1.0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    report = json.loads((out / "demo.json").read_text())
+    assert set(report) >= KEYS_BEFORE | ROBOT_KEYS, sorted(KEYS_BEFORE | ROBOT_KEYS - set(report))
+    assert report["robot_type"] == "pirl_sim" and report["task"] == "pirl_sim"
+    assert report["policy_versions"] >= 2
+    assert report["rollouts_accepted"] == report["rollouts_sent"] - report["rollouts_resent"]
+    assert report["duplicates"] == 0 and report["rollouts_left_in_spools"] == 0
+    assert report["paced_episodes"] >= 1 and report["dataset_episodes"] == report["paced_episodes"]
+    assert report["estops"] == 0
+
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    ds = LeRobotDataset("local/robot-0", root=report["dataset_root"], video_backend="pyav")
+    assert ds.num_frames == report["dataset_frames"] > 0
+    assert tuple(ds[0]["observation.images.front"].shape) == (3, 64, 64)

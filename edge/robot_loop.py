@@ -403,7 +403,7 @@ class RobotLoop:
                 marks["clamped_ticks"] += int(safe.clamped)
                 marks["limited_ticks"] += int(safe.limited)
             status = self.robot.episode_status() if hasattr(self.robot, "episode_status") else None
-            if status is not None and getattr(self.robot, "episode_truncated", lambda: False)():
+            if status is not None and _robot_truncated(self.robot):
                 end = EpisodeEnd("time_limit")  # the robot's own step limit: cut short, not a failure
             elif status is not None:
                 end = EpisodeEnd(status, success=status == "success")
@@ -508,6 +508,13 @@ class RobotLoop:
         if self._last_sent is not None:
             return self._last_sent
         return np.zeros(len(self.io.action_names), np.float32)
+
+
+def _robot_truncated(robot) -> bool:
+    """Whether the robot ended its episode at its own step limit (``episode_truncated``, a property or a
+    method, where the robot has one)."""
+    truncated = getattr(robot, "episode_truncated", False)
+    return bool(truncated() if callable(truncated) else truncated)
 
 
 def _marks() -> dict[str, int | bool]:

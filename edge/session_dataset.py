@@ -51,6 +51,9 @@ SAFETY_FLAGS = ("safety.clamped", "safety.limited", "safety.held", "safety.estop
 # why an episode ended (end_episode's reason); any other string is kept as given
 END_REASONS = ("time_limit", "operator_end", "estop", "watchdog", "success", "failure", "stop")
 SESSION_LOG = "sessions.jsonl"
+# shorter episodes are not kept: a one-frame episode breaks LeRobot 0.6.1's episode metadata (its image
+# stats take another shape), and with it every later save and finalize() of the session
+MIN_EPISODE_FRAMES = 2
 
 # The edge's columns. None of them starts with "observation" or "action", so LeRobot's
 # dataset_to_policy_features leaves them out of the policy's features (pi_rl accepts STATE/VISUAL/ENV only).
@@ -230,6 +233,7 @@ class SessionRecorder:
         self.frames_discarded = 0
         self.episodes_saved = 0
         self.episodes_discarded = 0
+        self.episodes_too_short = 0  # under MIN_EPISODE_FRAMES frames: not kept (see _end_episode)
         self.writer_errors = 0
         self.finalized = False
         self._error: str | None = None
@@ -303,6 +307,7 @@ class SessionRecorder:
             "frames_discarded": self.frames_discarded,
             "episodes_saved": self.episodes_saved,
             "episodes_discarded": self.episodes_discarded,
+            "episodes_too_short": self.episodes_too_short,
             "writer_errors": self.writer_errors,
             "size_bytes": self.size_bytes(),
             "finalized": self.finalized,
@@ -386,6 +391,14 @@ class SessionRecorder:
         ep, self._ep = self._ep, _EpisodeState()
         if ep.frames == 0:
             return  # nothing recorded: nothing to save
+        if ep.frames < MIN_EPISODE_FRAMES:
+            # LeRobot 0.6.1 stores a one-frame episode's image stats with another shape, and every later
+            # save_episode and finalize() then fail on the metadata table: such an episode is not kept
+            self.episodes_too_short += 1
+            self.frames_discarded += ep.frames
+            logger.warning("session dataset %s: a %d-frame episode is not kept (%s)", self.root, ep.frames, reason)
+            self._clear_buffer()
+            return
         if not ep.broken:
             index = self._ds.meta.total_episodes
             try:
@@ -402,6 +415,9 @@ class SessionRecorder:
         self.episodes_discarded += 1
         self.frames_discarded += ep.frames
         logger.error("session dataset %s: episode of %d frames discarded (%s)", self.root, ep.frames, reason)
+        self._clear_buffer()
+
+    def _clear_buffer(self) -> None:
         try:
             self._ds.clear_episode_buffer()
         except Exception:  # noqa: BLE001

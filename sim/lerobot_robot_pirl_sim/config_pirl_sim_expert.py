@@ -6,6 +6,8 @@ from dataclasses import dataclass
 
 from lerobot.teleoperators import TeleoperatorConfig
 
+from lerobot_robot_pirl_sim.expert import DEFAULT_CLOSE_MARGIN
+
 __all__ = ["PirlSimExpertConfig"]
 
 
@@ -20,7 +22,11 @@ class PirlSimExpertConfig(TeleoperatorConfig):
     noise_std: float = 0.0
     # seed of the noise generator; None: fresh entropy
     seed: int | None = None
+    # close once within close_margin x the task's success radius and grasp speed (smaller: waits longer to settle)
+    close_margin: float = DEFAULT_CLOSE_MARGIN
 
     def __post_init__(self) -> None:
         if self.noise_std < 0:
             raise ValueError(f"noise_std: must be >= 0, got {self.noise_std}")
+        if self.close_margin <= 0:
+            raise ValueError(f"close_margin: must be > 0, got {self.close_margin}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lerobot_robot_pirl_sim.expert import scripted_expert
+from lerobot_robot_pirl_sim.expert import DEFAULT_CLOSE_MARGIN, scripted_expert
 from lerobot_robot_pirl_sim.physics import ACTION_NAMES, ENV_STATE_NAMES, STATE_NAMES, TASK_DESCRIPTION
 from lerobot_robot_pirl_sim.vec_env import DEFAULT_MAX_STEPS, PirlSimVecEnv
 
@@ -37,7 +37,13 @@ def dataset_features() -> dict:
 
 
 def scripted_episodes(
-    num_episodes: int, *, seed: int, noise_std: float, max_steps: int = DEFAULT_MAX_STEPS, **task
+    num_episodes: int,
+    *,
+    seed: int,
+    noise_std: float,
+    close_margin: float = DEFAULT_CLOSE_MARGIN,
+    max_steps: int = DEFAULT_MAX_STEPS,
+    **task,
 ) -> list[list[dict]]:
     """Run the scripted expert on vec envs and keep the first ``num_episodes`` successful episodes
     (demonstrations are successes, as in the few-shot SFT sets of the paper and the built-in task)."""
@@ -54,7 +60,9 @@ def scripted_episodes(
         success = np.zeros(n, dtype=bool)
         expert_kw = {k: task[k] for k in ("success_radius", "max_speed_at_grasp") if k in task}
         while alive.any():
-            act = scripted_expert(obs["agent_pos"], obs["environment_state"], rng, noise_std, **expert_kw)
+            act = scripted_expert(
+                obs["agent_pos"], obs["environment_state"], rng, noise_std, close_margin=close_margin, **expert_kw
+            )
             for i in np.flatnonzero(alive):
                 frames[i].append(
                     {
@@ -78,6 +86,7 @@ def record_demos(
     noise_std: float = 0.02,
     fps: int = DEFAULT_FPS,
     repo_id: str = REPO_ID,
+    close_margin: float = DEFAULT_CLOSE_MARGIN,
     max_steps: int = DEFAULT_MAX_STEPS,
     **task,
 ):
@@ -88,7 +97,9 @@ def record_demos(
     root = Path(root)
     if root.exists():
         raise FileExistsError(f"dataset root {root} already exists; choose a new one or delete it")
-    episodes = scripted_episodes(num_episodes, seed=seed, noise_std=noise_std, max_steps=max_steps, **task)
+    episodes = scripted_episodes(
+        num_episodes, seed=seed, noise_std=noise_std, close_margin=close_margin, max_steps=max_steps, **task
+    )
     ds = LeRobotDataset.create(
         repo_id=repo_id, fps=fps, features=dataset_features(), root=root, robot_type="pirl_sim", use_videos=False
     )

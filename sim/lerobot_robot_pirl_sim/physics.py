@@ -104,6 +104,9 @@ class TaskParams:
     damping: float = 11.0
     # x / y servo force limit, N
     force_limit: float = 3.3
+    # x / y Coulomb friction of the rails, N: the servo's force must exceed it to move the carriage, so a target that
+    # jitters by less than friction / kp (6 mm) leaves a settled arm standing still, as real rails do
+    friction: float = 0.3
     # finger servo stiffness, N/m (the close is first order with time constant finger_damping / finger_kp)
     finger_kp: float = 50.0
     # finger joint damping, N s/m
@@ -164,10 +167,12 @@ def build_mjcf(params: TaskParams, cameras: dict[str, tuple[int, int]] | None = 
     <camera name="front" pos="0 -0.42 0.62" xyaxes="1 0 0 0 0.83 0.56" fovy="50"/>
     <camera name="top" pos="0 0 0.8" xyaxes="1 0 0 0 1 0" fovy="45"/>
     <body name="beam" pos="0 0 {EE_HEIGHT + 0.03}">
-      <joint name="x" type="slide" axis="1 0 0" range="{-lim} {lim}" damping="{p.damping}"/>
+      <joint name="x" type="slide" axis="1 0 0" range="{-lim} {lim}" damping="{p.damping}"
+             frictionloss="{p.friction}"/>
       <geom name="beam" type="box" size="0.012 0.27 0.008" rgba="0.25 0.25 0.3 1" mass="0.001"/>
       <body name="carriage" pos="0 0 -0.03">
-        <joint name="y" type="slide" axis="0 1 0" range="{-lim} {lim}" damping="{p.damping}"/>
+        <joint name="y" type="slide" axis="0 1 0" range="{-lim} {lim}" damping="{p.damping}"
+               frictionloss="{p.friction}"/>
         <geom name="carriage" type="box" size="0.025 0.025 0.015" rgba="0.9 0.55 0.1 1" mass="{carriage_mass}"/>
         <geom name="shaft" type="cylinder" size="0.006 0.035" pos="0 0 -0.045" rgba="0.3 0.3 0.3 1" mass="0"/>
         <site name="ee" pos="0 0 {-EE_HEIGHT + 0.03 + half}" size="0.004" rgba="1 1 0 0.6"/>

@@ -79,6 +79,7 @@ class PirlSimExpert(Teleoperator):
             self.config.noise_std,
             success_radius=robot.params.success_radius,
             max_speed_at_grasp=robot.params.max_speed_at_grasp,
+            close_margin=self.config.close_margin,
         )[0]
         return dict(zip(ACTION_NAMES, action.astype(float).tolist(), strict=True))
 

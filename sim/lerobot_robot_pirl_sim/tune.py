@@ -23,6 +23,7 @@ from pathlib import Path
 import draccus
 
 from lerobot_robot_pirl_sim.demos import record_demos, train_sft
+from lerobot_robot_pirl_sim.expert import DEFAULT_CLOSE_MARGIN
 from lerobot_robot_pirl_sim.vec_env import DEFAULT_MAX_STEPS, register
 
 DEFAULT_NUM_DEMOS = 20  # the tuned few-shot set (see README.md for the figures)
@@ -39,6 +40,8 @@ class TuneConfig:
     num_demos: int = DEFAULT_NUM_DEMOS
     # noise of the scripted expert, as a fraction of each action's half-range (see expert.scripted_expert)
     demo_noise: float = DEFAULT_DEMO_NOISE
+    # the scripted expert closes once within close_margin x the success radius and speed (see expert.scripted_expert)
+    close_margin: float = DEFAULT_CLOSE_MARGIN
     # SFT training steps (LeRobot's train loop)
     sft_steps: int = 2000
     # PI-RL: envs per update (= episodes per update)
@@ -61,6 +64,9 @@ class TuneConfig:
     task: dict = field(default_factory=dict)
     # also save each fine-tuned policy (with its processors) to OUT/seed<S>/pirl/pretrained_model
     save_policy: bool = False
+    # torch intra-op threads (None: torch's default, one per core). On a machine other jobs share, 1 avoids OpenMP
+    # threads spin-waiting for a core (measured here: 40x slower updates with 2 threads next to a busy process)
+    threads: int | None = None
 
 
 def sft_checkpoint(cfg: TuneConfig, out: Path, seed: int) -> tuple[Path, dict]:
@@ -75,7 +81,9 @@ def sft_checkpoint(cfg: TuneConfig, out: Path, seed: int) -> tuple[Path, dict]:
     if not (out / "data" / "meta" / "info.json").is_file():
         t = time.monotonic()
         task = {"max_steps": cfg.max_steps, **cfg.task}
-        record_demos(out / "data", cfg.num_demos, seed=seed, noise_std=cfg.demo_noise, **task)
+        record_demos(
+            out / "data", cfg.num_demos, seed=seed, noise_std=cfg.demo_noise, close_margin=cfg.close_margin, **task
+        )
         timings["record_s"] = round(time.monotonic() - t, 1)
     t = time.monotonic()
     settings = SFTSettings(steps=cfg.sft_steps, seed=seed, policy_overrides=builtin_policy_overrides("mlp"))
@@ -147,6 +155,10 @@ def summary_lines(runs: list[dict]) -> list[str]:
 
 def run(cfg: TuneConfig) -> dict:
     register()  # the vec env "pirl_sim" (importing the package did it too)
+    if cfg.threads is not None:
+        import torch
+
+        torch.set_num_threads(cfg.threads)
     started = time.monotonic()
     runs = []
     out = Path(cfg.out)

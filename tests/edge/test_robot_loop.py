@@ -313,3 +313,20 @@ def test_a_policy_that_does_not_fit_the_robot_is_named():
         check_policy_fits(cfg({"observation.state": PolicyFeature(FeatureType.STATE, (5,))}), io, "fake")
     with pytest.raises(FeatureMismatchError, match=r"action: the policy was trained on names"):
         check_policy_fits(cfg(state), io, "fake", {"action": ["x", "y"]})
+
+
+def test_the_robots_own_step_limit_truncates_instead_of_failing(tmp_path):
+    class StepLimitedRobot(FakeRobot):
+        episode_truncated = True  # a property on the simulated robot: its step limit was reached
+
+        def episode_status(self):
+            return "failure" if len(self.sent) >= 5 else None
+
+    robot = StepLimitedRobot()
+    episode = EpisodeConfig(start="delay", start_delay_s=0, time_limit_s=5)
+    loop, spool, _, _ = make_loop(tmp_path, robot, ScriptedWorker(step=0.01), episode=episode)
+    loop.run(threading.Event(), max_episodes=1)
+    loop.close()
+    assert loop.stats.episode_ends == {"time_limit": 1}
+    last = records(spool)[-1]
+    assert last.truncated and not last.terminated

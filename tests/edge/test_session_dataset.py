@@ -306,3 +306,18 @@ def test_lerobot_train_pi_rl_on_a_session(recorded, tmp_path):
     assert (model / "model.safetensors").is_file()
     config = (model / "config.json").read_text()
     assert "observation.environment_state" in config and "policy_version" not in config
+
+
+def test_a_one_frame_episode_is_not_kept_and_does_not_break_the_session(tmp_path):
+    # LeRobot 0.6.1 cannot store a one-frame video episode beside longer ones (its metadata table breaks,
+    # and every later save and finalize with it): an e-stop right after a start must not cost the session
+    rec = new_recorder(tmp_path / "ds")
+    for ep, length in enumerate((4, 1, 3)):
+        for i in range(length):
+            assert rec.add_frame(frame(ep, i))
+        rec.end_episode(success=False, reason="estop" if length == 1 else "time_limit")
+    summary = rec.close(timeout_s=120)
+    assert summary["finalized"] and summary["error"] is None, summary
+    assert summary["episodes_saved"] == 2 and summary["episodes_too_short"] == 1
+    ds = load(tmp_path / "ds")
+    assert ds.num_episodes == 2 and ds.num_frames == 7

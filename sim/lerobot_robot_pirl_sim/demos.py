@@ -8,8 +8,6 @@ and PI-RL fine-tunes it on :class:`~lerobot_robot_pirl_sim.vec_env.PirlSimVecEnv
 
 from __future__ import annotations
 
-import logging
-import os
 from pathlib import Path
 
 import numpy as np
@@ -112,29 +110,8 @@ def record_demos(
 
 
 def train_sft(dataset_root: str | Path, output_dir: str | Path, settings, repo_id: str = REPO_ID) -> Path:
-    """``lerobot_policy_pi_rl.sft.train_sft`` for a dataset of another repo id: behaviour-clone ``pi_rl``
-    with LeRobot's ``train()`` (``settings``: an ``SFTSettings``); returns the last ``pretrained_model``."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach for the hub
-    from lerobot.configs.default import DatasetConfig
-    from lerobot.configs.train import TrainPipelineConfig
-    from lerobot.policies.factory import make_policy_config
-    from lerobot.scripts.lerobot_train import train
+    """``lerobot_policy_pi_rl.sft.train_sft`` on this task's dataset (``settings``: an ``SFTSettings``):
+    behaviour-clone ``pi_rl`` with LeRobot's ``train()``; returns the last ``pretrained_model`` dir."""
+    from lerobot_policy_pi_rl.sft import train_sft as train_pi_rl
 
-    import lerobot_policy_pi_rl  # noqa: F401  (registers the pi_rl policy type)
-
-    policy_cfg = make_policy_config("pi_rl", device="cpu", push_to_hub=False, **settings.policy_overrides)
-    cfg = TrainPipelineConfig(
-        dataset=DatasetConfig(repo_id=repo_id, root=str(dataset_root)),
-        policy=policy_cfg,
-        output_dir=Path(output_dir),
-        steps=settings.steps,
-        batch_size=settings.batch_size,
-        num_workers=0,
-        seed=settings.seed,
-        save_freq=settings.steps,
-        log_freq=max(1, settings.steps // 10),
-    )
-    cfg.policy.scheduler_decay_steps = settings.steps
-    logging.getLogger().setLevel(logging.WARNING)
-    train(cfg)
-    return Path(output_dir) / "checkpoints" / "last" / "pretrained_model"
+    return train_pi_rl(dataset_root, output_dir, settings, repo_id=repo_id)

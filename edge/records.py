@@ -59,6 +59,12 @@ class Outcome:
     final_observation: dict[str, np.ndarray] | None = field(default=None)
     # robot mode: what the safety layer did while the chunk ran (pirl.v1.SafetyMarks fields)
     safety: dict[str, int | bool] | None = field(default=None)
+    # robot mode, on the episode's last macro-step: (source, verdict, detector score) as pirl.v1.EpisodeLabel
+    # names, e.g. ("OPERATOR", "SUCCESS", 0.0)
+    label: tuple[str, str, float] | None = field(default=None)
+    # robot mode, when a teleoperator drove any tick of this macro-step: the actions sent ([n, action_dim],
+    # robot units) and which ticks the teleoperator drove ([n] bool)
+    intervention: tuple[np.ndarray, np.ndarray] | None = field(default=None)
 
 
 def make_record(robot_id: str, seq: int, episode_id: str, step_index: int, d: Decision, o: Outcome) -> bytes:
@@ -86,4 +92,11 @@ def make_record(robot_id: str, seq: int, episode_id: str, step_index: int, d: De
             rec.final_observation[k].CopyFrom(to_tensor_msg(v))
     if o.safety:
         rec.safety.CopyFrom(pirl_pb2.SafetyMarks(**o.safety))
+    if o.label is not None:
+        source, verdict, score = o.label
+        rec.label.CopyFrom(pirl_pb2.EpisodeLabel(source=source, verdict=verdict, detector_score=score))
+    if o.intervention is not None:
+        executed, teleop = o.intervention
+        rec.intervention.executed.CopyFrom(to_tensor_msg(np.asarray(executed, np.float32)))
+        rec.intervention.teleop.CopyFrom(to_tensor_msg(np.asarray(teleop, bool)))
     return rec.SerializeToString()

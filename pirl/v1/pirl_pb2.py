@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12pirl/v1/pirl.proto\x12\x07pirl.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"k\n\x0fRegisterRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65\x64ge_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1f\n\x17lowest_pending_sequence\x18\x04 \x01(\x03\"\x97\x01\n\x10RegisterResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x15\n\rnext_sequence\x18\x02 \x01(\x03\x12\x17\n\x0fmax_version_lag\x18\x03 \x01(\x03\x12\x18\n\x10max_record_bytes\x18\x04 \x01(\x03\x12!\n\x04spec\x18\x05 \x01(\x0b\x32\x13.pirl.v1.PolicySpec\"\x8b\x02\n\nPolicySpec\x12\x39\n\x0bobservation\x18\x01 \x03(\x0b\x32$.pirl.v1.PolicySpec.ObservationEntry\x12\"\n\x05\x63hain\x18\x02 \x01(\x0b\x32\x13.pirl.v1.TensorSpec\x12\'\n\nstochastic\x18\x03 \x01(\x0b\x32\x13.pirl.v1.TensorSpec\x12\x14\n\x0cnoise_method\x18\x04 \x01(\t\x12\x16\n\x0en_action_steps\x18\x05 \x01(\x05\x1aG\n\x10ObservationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.pirl.v1.TensorSpec:\x02\x38\x01\"*\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\x8d\x01\n\x10HeartbeatRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x15\n\rspool_records\x18\x03 \x01(\x03\x12\x17\n\x0f\x63ontrol_rate_hz\x18\x04 \x01(\x01\x12\x1f\n\x17lowest_pending_sequence\x18\x05 \x01(\x03\"+\n\x11HeartbeatResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\"\x85\x05\n\rRolloutRecord\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x12\n\nstep_index\x18\x04 \x01(\x05\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12<\n\x0bobservation\x18\x06 \x03(\x0b\x32\'.pirl.v1.RolloutRecord.ObservationEntry\x12\x1e\n\x05\x63hain\x18\x07 \x01(\x0b\x32\x0f.pirl.v1.Tensor\x12#\n\nstochastic\x18\x08 \x01(\x0b\x32\x0f.pirl.v1.Tensor\x12\x13\n\x0bnoise_level\x18\t \x01(\x02\x12\x10\n\x08log_prob\x18\n \x01(\x02\x12\r\n\x05value\x18\x0b \x01(\x02\x12\x0e\n\x06reward\x18\x0c \x01(\x02\x12\x12\n\nterminated\x18\r \x01(\x08\x12\x11\n\ttruncated\x18\x0e \x01(\x08\x12\x0f\n\x07success\x18\x0f \x01(\x08\x12\x11\n\tenv_steps\x18\x10 \x01(\x05\x12G\n\x11\x66inal_observation\x18\x11 \x03(\x0b\x32,.pirl.v1.RolloutRecord.FinalObservationEntry\x12$\n\x06safety\x18\x12 \x01(\x0b\x32\x14.pirl.v1.SafetyMarks\x1a\x43\n\x10ObservationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.pirl.v1.Tensor:\x02\x38\x01\x1aH\n\x15\x46inalObservationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.pirl.v1.Tensor:\x02\x38\x01\"p\n\x0bSafetyMarks\x12\x15\n\rclamped_ticks\x18\x01 \x01(\r\x12\x15\n\rlimited_ticks\x18\x02 \x01(\r\x12\x12\n\nheld_ticks\x18\x03 \x01(\r\x12\r\n\x05\x65stop\x18\x04 \x01(\x08\x12\x10\n\x08watchdog\x18\x05 \x01(\x08\"\x89\x01\n\nRolloutAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.pirl.v1.RolloutAck.Status\"=\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\r\n\tDUPLICATE\x10\x02\":\n\x10SubscribeRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x14\n\x0chave_version\x18\x02 \x01(\x03\"\xfb\x01\n\x0cPolicyUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07weights\x18\x02 \x01(\x0c\x12#\n\x08manifest\x18\x03 \x01(\x0b\x32\x11.pirl.v1.Manifest\x12\x18\n\x10published_unix_s\x18\x04 \x01(\x01\x12/\n\x05\x66iles\x18\x05 \x03(\x0b\x32 .pirl.v1.PolicyUpdate.FilesEntry\x12\x14\n\x0ctrained_only\x18\x06 \x01(\x08\x12\x15\n\rfrozen_sha256\x18\x07 \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"H\n\x08Manifest\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12$\n\tartifacts\x18\x02 \x03(\x0b\x32\x11.pirl.v1.Artifact\"<\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x32\x98\x02\n\x07Learner\x12?\n\x08Register\x12\x18.pirl.v1.RegisterRequest\x1a\x19.pirl.v1.RegisterResponse\x12\x42\n\tHeartbeat\x12\x19.pirl.v1.HeartbeatRequest\x1a\x1a.pirl.v1.HeartbeatResponse\x12\x41\n\x0eStreamRollouts\x12\x16.pirl.v1.RolloutRecord\x1a\x13.pirl.v1.RolloutAck(\x01\x30\x01\x12\x45\n\x0fSubscribePolicy\x12\x19.pirl.v1.SubscribeRequest\x1a\x15.pirl.v1.PolicyUpdate0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12pirl/v1/pirl.proto\x12\x07pirl.v1\"4\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\x0c\n\x04\x64\x61ta\x18\x03 \x01(\x0c\"k\n\x0fRegisterRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x14\n\x0c\x65\x64ge_version\x18\x02 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x03 \x01(\t\x12\x1f\n\x17lowest_pending_sequence\x18\x04 \x01(\x03\"\x97\x01\n\x10RegisterResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12\x15\n\rnext_sequence\x18\x02 \x01(\x03\x12\x17\n\x0fmax_version_lag\x18\x03 \x01(\x03\x12\x18\n\x10max_record_bytes\x18\x04 \x01(\x03\x12!\n\x04spec\x18\x05 \x01(\x0b\x32\x13.pirl.v1.PolicySpec\"\x8b\x02\n\nPolicySpec\x12\x39\n\x0bobservation\x18\x01 \x03(\x0b\x32$.pirl.v1.PolicySpec.ObservationEntry\x12\"\n\x05\x63hain\x18\x02 \x01(\x0b\x32\x13.pirl.v1.TensorSpec\x12\'\n\nstochastic\x18\x03 \x01(\x0b\x32\x13.pirl.v1.TensorSpec\x12\x14\n\x0cnoise_method\x18\x04 \x01(\t\x12\x16\n\x0en_action_steps\x18\x05 \x01(\x05\x1aG\n\x10ObservationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\"\n\x05value\x18\x02 \x01(\x0b\x32\x13.pirl.v1.TensorSpec:\x02\x38\x01\"*\n\nTensorSpec\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\"\x8d\x01\n\x10HeartbeatRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x16\n\x0epolicy_version\x18\x02 \x01(\x03\x12\x15\n\rspool_records\x18\x03 \x01(\x03\x12\x17\n\x0f\x63ontrol_rate_hz\x18\x04 \x01(\x01\x12\x1f\n\x17lowest_pending_sequence\x18\x05 \x01(\x03\"+\n\x11HeartbeatResponse\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\"\xd8\x05\n\rRolloutRecord\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x12\n\nepisode_id\x18\x02 \x01(\t\x12\x10\n\x08sequence\x18\x03 \x01(\x03\x12\x12\n\nstep_index\x18\x04 \x01(\x05\x12\x16\n\x0epolicy_version\x18\x05 \x01(\x03\x12<\n\x0bobservation\x18\x06 \x03(\x0b\x32\'.pirl.v1.RolloutRecord.ObservationEntry\x12\x1e\n\x05\x63hain\x18\x07 \x01(\x0b\x32\x0f.pirl.v1.Tensor\x12#\n\nstochastic\x18\x08 \x01(\x0b\x32\x0f.pirl.v1.Tensor\x12\x13\n\x0bnoise_level\x18\t \x01(\x02\x12\x10\n\x08log_prob\x18\n \x01(\x02\x12\r\n\x05value\x18\x0b \x01(\x02\x12\x0e\n\x06reward\x18\x0c \x01(\x02\x12\x12\n\nterminated\x18\r \x01(\x08\x12\x11\n\ttruncated\x18\x0e \x01(\x08\x12\x0f\n\x07success\x18\x0f \x01(\x08\x12\x11\n\tenv_steps\x18\x10 \x01(\x05\x12G\n\x11\x66inal_observation\x18\x11 \x03(\x0b\x32,.pirl.v1.RolloutRecord.FinalObservationEntry\x12$\n\x06safety\x18\x12 \x01(\x0b\x32\x14.pirl.v1.SafetyMarks\x12$\n\x05label\x18\x13 \x01(\x0b\x32\x15.pirl.v1.EpisodeLabel\x12+\n\x0cintervention\x18\x14 \x01(\x0b\x32\x15.pirl.v1.Intervention\x1a\x43\n\x10ObservationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.pirl.v1.Tensor:\x02\x38\x01\x1aH\n\x15\x46inalObservationEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\x1e\n\x05value\x18\x02 \x01(\x0b\x32\x0f.pirl.v1.Tensor:\x02\x38\x01\"\xa4\x02\n\x0c\x45pisodeLabel\x12,\n\x06source\x18\x01 \x01(\x0e\x32\x1c.pirl.v1.EpisodeLabel.Source\x12.\n\x07verdict\x18\x02 \x01(\x0e\x32\x1d.pirl.v1.EpisodeLabel.Verdict\x12\x16\n\x0e\x64\x65tector_score\x18\x03 \x01(\x02\"U\n\x06Source\x12\x16\n\x12SOURCE_UNSPECIFIED\x10\x00\x12\x07\n\x03\x45NV\x10\x01\x12\x0c\n\x08OPERATOR\x10\x02\x12\x0c\n\x08\x44\x45TECTOR\x10\x03\x12\x0e\n\nTIME_LIMIT\x10\x04\"G\n\x07Verdict\x12\x17\n\x13VERDICT_UNSPECIFIED\x10\x00\x12\x0b\n\x07SUCCESS\x10\x01\x12\x0b\n\x07\x46\x41ILURE\x10\x02\x12\t\n\x05\x41\x42ORT\x10\x03\"R\n\x0cIntervention\x12!\n\x08\x65xecuted\x18\x01 \x01(\x0b\x32\x0f.pirl.v1.Tensor\x12\x1f\n\x06teleop\x18\x02 \x01(\x0b\x32\x0f.pirl.v1.Tensor\"p\n\x0bSafetyMarks\x12\x15\n\rclamped_ticks\x18\x01 \x01(\r\x12\x15\n\rlimited_ticks\x18\x02 \x01(\r\x12\x12\n\nheld_ticks\x18\x03 \x01(\r\x12\r\n\x05\x65stop\x18\x04 \x01(\x08\x12\x10\n\x08watchdog\x18\x05 \x01(\x08\"\x89\x01\n\nRolloutAck\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12*\n\x06status\x18\x02 \x01(\x0e\x32\x1a.pirl.v1.RolloutAck.Status\"=\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\r\n\tDUPLICATE\x10\x02\":\n\x10SubscribeRequest\x12\x10\n\x08robot_id\x18\x01 \x01(\t\x12\x14\n\x0chave_version\x18\x02 \x01(\x03\"\xfb\x01\n\x0cPolicyUpdate\x12\x0f\n\x07version\x18\x01 \x01(\x03\x12\x0f\n\x07weights\x18\x02 \x01(\x0c\x12#\n\x08manifest\x18\x03 \x01(\x0b\x32\x11.pirl.v1.Manifest\x12\x18\n\x10published_unix_s\x18\x04 \x01(\x01\x12/\n\x05\x66iles\x18\x05 \x03(\x0b\x32 .pirl.v1.PolicyUpdate.FilesEntry\x12\x14\n\x0ctrained_only\x18\x06 \x01(\x08\x12\x15\n\rfrozen_sha256\x18\x07 \x01(\t\x1a,\n\nFilesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x0c:\x02\x38\x01\"H\n\x08Manifest\x12\x16\n\x0epolicy_version\x18\x01 \x01(\x03\x12$\n\tartifacts\x18\x02 \x03(\x0b\x32\x11.pirl.v1.Artifact\"<\n\x08\x41rtifact\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06sha256\x18\x02 \x01(\t\x12\x12\n\nsize_bytes\x18\x03 \x01(\x03\x32\x98\x02\n\x07Learner\x12?\n\x08Register\x12\x18.pirl.v1.RegisterRequest\x1a\x19.pirl.v1.RegisterResponse\x12\x42\n\tHeartbeat\x12\x19.pirl.v1.HeartbeatRequest\x1a\x1a.pirl.v1.HeartbeatResponse\x12\x41\n\x0eStreamRollouts\x12\x16.pirl.v1.RolloutRecord\x1a\x13.pirl.v1.RolloutAck(\x01\x30\x01\x12\x45\n\x0fSubscribePolicy\x12\x19.pirl.v1.SubscribeRequest\x1a\x15.pirl.v1.PolicyUpdate0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -56,27 +56,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HEARTBEATRESPONSE']._serialized_start=806
   _globals['_HEARTBEATRESPONSE']._serialized_end=849
   _globals['_ROLLOUTRECORD']._serialized_start=852
-  _globals['_ROLLOUTRECORD']._serialized_end=1497
-  _globals['_ROLLOUTRECORD_OBSERVATIONENTRY']._serialized_start=1356
-  _globals['_ROLLOUTRECORD_OBSERVATIONENTRY']._serialized_end=1423
-  _globals['_ROLLOUTRECORD_FINALOBSERVATIONENTRY']._serialized_start=1425
-  _globals['_ROLLOUTRECORD_FINALOBSERVATIONENTRY']._serialized_end=1497
-  _globals['_SAFETYMARKS']._serialized_start=1499
-  _globals['_SAFETYMARKS']._serialized_end=1611
-  _globals['_ROLLOUTACK']._serialized_start=1614
-  _globals['_ROLLOUTACK']._serialized_end=1751
-  _globals['_ROLLOUTACK_STATUS']._serialized_start=1690
-  _globals['_ROLLOUTACK_STATUS']._serialized_end=1751
-  _globals['_SUBSCRIBEREQUEST']._serialized_start=1753
-  _globals['_SUBSCRIBEREQUEST']._serialized_end=1811
-  _globals['_POLICYUPDATE']._serialized_start=1814
-  _globals['_POLICYUPDATE']._serialized_end=2065
-  _globals['_POLICYUPDATE_FILESENTRY']._serialized_start=2021
-  _globals['_POLICYUPDATE_FILESENTRY']._serialized_end=2065
-  _globals['_MANIFEST']._serialized_start=2067
-  _globals['_MANIFEST']._serialized_end=2139
-  _globals['_ARTIFACT']._serialized_start=2141
-  _globals['_ARTIFACT']._serialized_end=2201
-  _globals['_LEARNER']._serialized_start=2204
-  _globals['_LEARNER']._serialized_end=2484
+  _globals['_ROLLOUTRECORD']._serialized_end=1580
+  _globals['_ROLLOUTRECORD_OBSERVATIONENTRY']._serialized_start=1439
+  _globals['_ROLLOUTRECORD_OBSERVATIONENTRY']._serialized_end=1506
+  _globals['_ROLLOUTRECORD_FINALOBSERVATIONENTRY']._serialized_start=1508
+  _globals['_ROLLOUTRECORD_FINALOBSERVATIONENTRY']._serialized_end=1580
+  _globals['_EPISODELABEL']._serialized_start=1583
+  _globals['_EPISODELABEL']._serialized_end=1875
+  _globals['_EPISODELABEL_SOURCE']._serialized_start=1717
+  _globals['_EPISODELABEL_SOURCE']._serialized_end=1802
+  _globals['_EPISODELABEL_VERDICT']._serialized_start=1804
+  _globals['_EPISODELABEL_VERDICT']._serialized_end=1875
+  _globals['_INTERVENTION']._serialized_start=1877
+  _globals['_INTERVENTION']._serialized_end=1959
+  _globals['_SAFETYMARKS']._serialized_start=1961
+  _globals['_SAFETYMARKS']._serialized_end=2073
+  _globals['_ROLLOUTACK']._serialized_start=2076
+  _globals['_ROLLOUTACK']._serialized_end=2213
+  _globals['_ROLLOUTACK_STATUS']._serialized_start=2152
+  _globals['_ROLLOUTACK_STATUS']._serialized_end=2213
+  _globals['_SUBSCRIBEREQUEST']._serialized_start=2215
+  _globals['_SUBSCRIBEREQUEST']._serialized_end=2273
+  _globals['_POLICYUPDATE']._serialized_start=2276
+  _globals['_POLICYUPDATE']._serialized_end=2527
+  _globals['_POLICYUPDATE_FILESENTRY']._serialized_start=2483
+  _globals['_POLICYUPDATE_FILESENTRY']._serialized_end=2527
+  _globals['_MANIFEST']._serialized_start=2529
+  _globals['_MANIFEST']._serialized_end=2601
+  _globals['_ARTIFACT']._serialized_start=2603
+  _globals['_ARTIFACT']._serialized_end=2663
+  _globals['_LEARNER']._serialized_start=2666
+  _globals['_LEARNER']._serialized_end=2946
 # @@protoc_insertion_point(module_scope)

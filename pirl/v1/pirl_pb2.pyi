@@ -93,7 +93,7 @@ class HeartbeatResponse(_message.Message):
     def __init__(self, policy_version: _Optional[int] = ...) -> None: ...
 
 class RolloutRecord(_message.Message):
-    __slots__ = ("robot_id", "episode_id", "sequence", "step_index", "policy_version", "observation", "chain", "stochastic", "noise_level", "log_prob", "value", "reward", "terminated", "truncated", "success", "env_steps", "final_observation", "safety")
+    __slots__ = ("robot_id", "episode_id", "sequence", "step_index", "policy_version", "observation", "chain", "stochastic", "noise_level", "log_prob", "value", "reward", "terminated", "truncated", "success", "env_steps", "final_observation", "safety", "label", "intervention")
     class ObservationEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -126,6 +126,8 @@ class RolloutRecord(_message.Message):
     ENV_STEPS_FIELD_NUMBER: _ClassVar[int]
     FINAL_OBSERVATION_FIELD_NUMBER: _ClassVar[int]
     SAFETY_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    INTERVENTION_FIELD_NUMBER: _ClassVar[int]
     robot_id: str
     episode_id: str
     sequence: int
@@ -144,7 +146,49 @@ class RolloutRecord(_message.Message):
     env_steps: int
     final_observation: _containers.MessageMap[str, Tensor]
     safety: SafetyMarks
-    def __init__(self, robot_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., sequence: _Optional[int] = ..., step_index: _Optional[int] = ..., policy_version: _Optional[int] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., chain: _Optional[_Union[Tensor, _Mapping]] = ..., stochastic: _Optional[_Union[Tensor, _Mapping]] = ..., noise_level: _Optional[float] = ..., log_prob: _Optional[float] = ..., value: _Optional[float] = ..., reward: _Optional[float] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., success: _Optional[bool] = ..., env_steps: _Optional[int] = ..., final_observation: _Optional[_Mapping[str, Tensor]] = ..., safety: _Optional[_Union[SafetyMarks, _Mapping]] = ...) -> None: ...
+    label: EpisodeLabel
+    intervention: Intervention
+    def __init__(self, robot_id: _Optional[str] = ..., episode_id: _Optional[str] = ..., sequence: _Optional[int] = ..., step_index: _Optional[int] = ..., policy_version: _Optional[int] = ..., observation: _Optional[_Mapping[str, Tensor]] = ..., chain: _Optional[_Union[Tensor, _Mapping]] = ..., stochastic: _Optional[_Union[Tensor, _Mapping]] = ..., noise_level: _Optional[float] = ..., log_prob: _Optional[float] = ..., value: _Optional[float] = ..., reward: _Optional[float] = ..., terminated: _Optional[bool] = ..., truncated: _Optional[bool] = ..., success: _Optional[bool] = ..., env_steps: _Optional[int] = ..., final_observation: _Optional[_Mapping[str, Tensor]] = ..., safety: _Optional[_Union[SafetyMarks, _Mapping]] = ..., label: _Optional[_Union[EpisodeLabel, _Mapping]] = ..., intervention: _Optional[_Union[Intervention, _Mapping]] = ...) -> None: ...
+
+class EpisodeLabel(_message.Message):
+    __slots__ = ("source", "verdict", "detector_score")
+    class Source(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        SOURCE_UNSPECIFIED: _ClassVar[EpisodeLabel.Source]
+        ENV: _ClassVar[EpisodeLabel.Source]
+        OPERATOR: _ClassVar[EpisodeLabel.Source]
+        DETECTOR: _ClassVar[EpisodeLabel.Source]
+        TIME_LIMIT: _ClassVar[EpisodeLabel.Source]
+    SOURCE_UNSPECIFIED: EpisodeLabel.Source
+    ENV: EpisodeLabel.Source
+    OPERATOR: EpisodeLabel.Source
+    DETECTOR: EpisodeLabel.Source
+    TIME_LIMIT: EpisodeLabel.Source
+    class Verdict(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        VERDICT_UNSPECIFIED: _ClassVar[EpisodeLabel.Verdict]
+        SUCCESS: _ClassVar[EpisodeLabel.Verdict]
+        FAILURE: _ClassVar[EpisodeLabel.Verdict]
+        ABORT: _ClassVar[EpisodeLabel.Verdict]
+    VERDICT_UNSPECIFIED: EpisodeLabel.Verdict
+    SUCCESS: EpisodeLabel.Verdict
+    FAILURE: EpisodeLabel.Verdict
+    ABORT: EpisodeLabel.Verdict
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    DETECTOR_SCORE_FIELD_NUMBER: _ClassVar[int]
+    source: EpisodeLabel.Source
+    verdict: EpisodeLabel.Verdict
+    detector_score: float
+    def __init__(self, source: _Optional[_Union[EpisodeLabel.Source, str]] = ..., verdict: _Optional[_Union[EpisodeLabel.Verdict, str]] = ..., detector_score: _Optional[float] = ...) -> None: ...
+
+class Intervention(_message.Message):
+    __slots__ = ("executed", "teleop")
+    EXECUTED_FIELD_NUMBER: _ClassVar[int]
+    TELEOP_FIELD_NUMBER: _ClassVar[int]
+    executed: Tensor
+    teleop: Tensor
+    def __init__(self, executed: _Optional[_Union[Tensor, _Mapping]] = ..., teleop: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class SafetyMarks(_message.Message):
     __slots__ = ("clamped_ticks", "limited_ticks", "held_ticks", "estop", "watchdog")

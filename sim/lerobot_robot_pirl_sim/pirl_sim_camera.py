@@ -85,7 +85,10 @@ class PirlSimCamera(Camera):
             error = self._error
             self.disconnect()
             if error is not None:
-                raise RuntimeError(f"{self} could not render (MUJOCO_GL=egl or osmesa needs its library): {error}")
+                raise RuntimeError(
+                    f"{self} could not render: {error}. Offscreen rendering needs MUJOCO_GL=egl (libEGL) or osmesa "
+                    "(libOSMesa) set before mujoco is first imported; this package sets egl unless MUJOCO_GL is set"
+                )
             raise TimeoutError(f"{self} rendered no frame within {CONNECT_TIMEOUT_S:.0f}s")
 
     def _run(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from lerobot.robots.config import RobotConfig
+from lerobot.teleoperators.config import TeleoperatorConfig
 
 from edge.backend_choice import BACKENDS
 from edge.safety import SafetyConfig
@@ -104,6 +105,7 @@ class ControlConfig:
 
 
 START_MODES = ("operator", "delay")
+OUTCOME_SOURCES = ("robot", "operator", "detector")
 
 
 @dataclass
@@ -126,10 +128,18 @@ class EpisodeConfig:
     start_delay_s: float = 3.0
     # an episode ends after this many seconds (truncated) unless it ended before
     time_limit_s: float = 30.0
+    # who says whether an episode succeeded (its reward: 1 on success, else 0): 'robot' (the robot's own
+    # verdict, episode_status(), where it has one: a simulated robot), 'operator' (a person's labels: keys
+    # s / f / a, POST /success /failure /abort, a teleoperator's success / failure buttons), 'detector' (the
+    # learned success detector at --detector.path; an operator's label still wins). Every episode's last
+    # record carries who decided (pirl.v1.EpisodeLabel)
+    outcome: str = "robot"
 
     def __post_init__(self):
         if self.start not in START_MODES:
             raise ValueError(f"episode.start: must be one of {START_MODES} (got {self.start!r})")
+        if self.outcome not in OUTCOME_SOURCES:
+            raise ValueError(f"episode.outcome: must be one of {OUTCOME_SOURCES} (got {self.outcome!r})")
         require(
             self,
             "episode",
@@ -176,6 +186,11 @@ class EdgeConfig:
     robot: RobotConfig | None = None
     # the episode protocol of robot mode
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
+    # a LeRobot teleoperator a person takes over with (robot mode): --teleop.type=so101_leader
+    # --teleop.port=..., gamepad, keyboard_ee, or any lerobot_teleoperator_* plugin. Its actions pass the same
+    # safety layer and are recorded as interventions; its success / failure / intervention buttons are operator
+    # inputs. None: no interventions
+    teleop: TeleoperatorConfig | None = None
     # the safety layer between the policy and the robot (robot mode; always on there)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     # every robot session recorded as a local LeRobotDataset v3
@@ -196,3 +211,5 @@ class EdgeConfig:
     def __post_init__(self):
         if self.robot is not None and self.control.mode != "paced":
             raise ValueError("control.mode: a robot runs paced (control.mode=unpaced is for simulated envs)")
+        if self.robot is None and self.teleop is not None:
+            raise ValueError("teleop: a teleoperator takes over a robot: give --robot.type too")

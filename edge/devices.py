@@ -1,4 +1,4 @@
-"""LeRobot robots (and their cameras) for ``pirl-edge --robot.type=...``, found the way LeRobot's own
+"""LeRobot robots (their cameras, and the teleoperators people take over with) for ``pirl-edge --robot.type=...``, found the way LeRobot's own
 ``lerobot-record`` / ``lerobot-rollout`` find them.
 
 Importing a LeRobot robot / camera module registers its config type in draccus' choice registry;
@@ -37,21 +37,58 @@ def register_devices() -> None:
         so_follower,
         unitree_g1,
     )
+    from lerobot.teleoperators import (  # noqa: F401
+        bi_openarm_leader,
+        bi_so_leader,
+        gamepad,
+        homunculus,
+        keyboard,
+        koch_leader,
+        omx_leader,
+        openarm_leader,
+        so_leader,
+    )
     from lerobot.utils.import_utils import register_third_party_plugins
 
     register_third_party_plugins()
 
 
-def given_type(robot_config) -> str:
-    """The robot type as the user wrote it (LeRobot registers some configs under two names, e.g.
+def given_type(config, group: str = "robot") -> str:
+    """The device type as the user wrote it (LeRobot registers some configs under two names, e.g.
     so100_follower / so101_follower, and reports the first)."""
     args = sys.argv[1:]
     for i, arg in enumerate(args):
-        if arg.startswith("--robot.type="):
+        if arg.startswith(f"--{group}.type="):
             return arg.split("=", 1)[1]
-        if arg == "--robot.type" and i + 1 < len(args):
+        if arg == f"--{group}.type" and i + 1 < len(args):
             return args[i + 1]
-    return robot_config.type
+    return config.type
+
+
+def build_teleop(teleop_config):
+    """The teleoperator of ``teleop_config``, not connected yet."""
+    from lerobot.teleoperators.utils import make_teleoperator_from_config
+
+    kind = given_type(teleop_config, "teleop")
+    try:
+        return make_teleoperator_from_config(teleop_config)
+    except Exception as e:  # noqa: BLE001  any failure to build it is the user's config or install
+        raise RobotStartError(f"teleop.type={kind}: could not be built: {_one_line(e)}") from e
+
+
+def connect_teleop(teleop, teleop_config) -> None:
+    """Connect ``teleop`` (no calibration from here, as for the robot); one-line ``RobotStartError`` on failure."""
+    kind = given_type(teleop_config, "teleop")
+    try:
+        teleop.connect(calibrate=False)
+    except Exception as e:  # noqa: BLE001  no hardware, a wrong port: reported the same way
+        _disconnect_quietly(teleop)
+        raise RobotStartError(f"teleop.type={kind}: could not connect: {_one_line(e)}") from e
+    if not teleop.is_calibrated:
+        _disconnect_quietly(teleop)
+        raise RobotStartError(
+            f"teleop.type={kind} (id {teleop_config.id!r}) is not calibrated: run lerobot-calibrate for it first"
+        )
 
 
 def build_robot(robot_config):
@@ -85,12 +122,12 @@ def disconnect_robot(robot) -> None:
     _disconnect_quietly(robot)
 
 
-def _disconnect_quietly(robot) -> None:
+def _disconnect_quietly(device) -> None:
     try:
-        if robot.is_connected:
-            robot.disconnect()
+        if device.is_connected:
+            device.disconnect()
     except Exception:  # noqa: BLE001  at shutdown: log, do not mask the real exit status
-        log.exception("disconnecting the robot failed")
+        log.exception("disconnecting %s failed", type(device).__name__)
 
 
 def _one_line(e: BaseException) -> str:

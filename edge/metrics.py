@@ -98,8 +98,34 @@ EPISODE_PHASE = Gauge(
 )
 EPISODES = Counter(
     "pirl_edge_episodes_total",
-    "Robot episodes ended, by how (success, failure, time_limit, operator_end, estop, watchdog, stop)",
+    "Robot episodes ended, by how (success, failure, abort, time_limit, operator_end, estop, watchdog, stop)",
     ["robot_id", "reason"],
+)
+EPISODE_LABELS = Counter(
+    "pirl_edge_episode_labels_total",
+    "Robot episodes by who decided the outcome (env, operator, detector, time_limit) and the verdict "
+    "(success, failure, abort)",
+    ["robot_id", "source", "verdict"],
+)
+INTERVENTIONS = Counter(
+    "pirl_edge_interventions_total",
+    "Times a person took over the robot with the teleoperator",
+    ["robot_id"],
+)
+TELEOP_TICKS = Counter(
+    "pirl_edge_teleop_ticks_total",
+    "Control ticks a person's teleoperator drove (through the safety layer)",
+    ["robot_id"],
+)
+INTERVENED_STEPS = Counter(
+    "pirl_edge_intervened_steps_total",
+    "Macro-steps a teleoperator drove any tick of (never PPO data; BC data from their first tick)",
+    ["robot_id"],
+)
+INTERVENING = Gauge(
+    "pirl_edge_intervening",
+    "1 while a person drives the robot through the teleoperator",
+    ["robot_id"],
 )
 DATASET_FRAMES_DROPPED = Counter(
     "pirl_edge_dataset_frames_dropped_total",

@@ -1,21 +1,26 @@
 """The operator's inputs to the robot episode protocol, usable over SSH without a display.
 
-Commands: ``start`` (begin the next episode), ``end`` (end the current episode now), ``estop`` and
-``release`` (clear a latched e-stop). Three sources feed them:
+Commands: ``start`` (begin the next episode), ``end`` (end the current episode now, unlabelled),
+``success`` / ``failure`` / ``abort`` (end it with that label: an aborted episode is trained on by nobody),
+``intervene`` (toggle: a person takes over with the teleoperator, or hands control back), ``takeover`` /
+``handback`` (the same, explicit), ``estop`` and ``release`` (clear a latched e-stop). Three sources feed them:
 
 - the keyboard, when stdin is a terminal in the foreground: cbreak mode (keys act without Enter, no
   echo), read off a daemon thread, the terminal restored on ``stop()`` and at exit. Enter = start,
-  ``n`` = end, the e-stop key (``safety.estop_key``, default ``x``, either case) = e-stop, ``c`` =
-  release, ``?`` = help. Without a terminal (systemd, ``docker run`` without ``-t``, a background job)
-  the keyboard is off, logged once;
-- HTTP on ``127.0.0.1:safety.estop_port``: ``POST /estop``, ``/release``, ``/start``, ``/end``, ``GET
-  /status`` (``curl -X POST 127.0.0.1:PORT/estop``);
+  ``s`` = success, ``f`` = failure, ``a`` = abort, ``n`` = end, space or ``i`` = intervene, the e-stop
+  key (``safety.estop_key``, default ``x``, either case) = e-stop, ``c`` = release, ``?`` = help. A USB
+  foot pedal that types a key works as that key. Without a terminal (systemd, ``docker run`` without
+  ``-t``, a background job) the keyboard is off, logged once;
+- HTTP on ``127.0.0.1:safety.estop_port``: ``POST /<command>`` for every command above, ``GET /status``
+  (``curl -X POST 127.0.0.1:PORT/estop``);
 - SIGUSR1: e-stop (``kill -USR1 <pid>``).
+
+A teleoperator's own buttons (LeRobot's gamepad and keyboard teleoperators report success, failure,
+re-record and intervention events) reach the robot loop directly (``edge.robot_loop``).
 
 An e-stop from any source latches the shared ``EStop`` on the spot (the loop sees it at its next tick);
 a release clears it on the spot too, but moves nothing: the next episode waits for a ``start``. The
-other commands wait, pending, until the loop takes them (``take`` / ``wait``). New commands (the next
-episode labels, interventions) are one more entry in ``COMMANDS`` and ``KEYS``.
+other commands wait, pending, until the loop takes them (``take`` / ``wait``).
 """
 
 from __future__ import annotations
@@ -41,9 +46,24 @@ from edge.safety import EStop, install_sigusr1
 log = logging.getLogger(__name__)
 
 # every command an operator can give; estop and release act on the EStop at once, the rest wait for the loop
-COMMANDS = ("start", "end", "estop", "release")
-# the keyboard, beside the configurable e-stop key ("help" is no command: it prints HELP)
-KEYS = {"\n": "start", "\r": "start", "n": "end", "c": "release", "?": "help"}
+COMMANDS = ("start", "end", "success", "failure", "abort", "intervene", "takeover", "handback", "estop", "release")
+# the episode labels among them (what they end an episode as)
+LABELS = ("success", "failure", "abort")
+# the keyboard, beside the configurable e-stop key ("help" is no command: it prints HELP); s / f and space
+# as in LeRobot's HIL-SERL keyboard (which uses Esc for failure: a lone Esc cannot be told from the start of
+# an arrow key's sequence in a terminal, so failure is f here)
+KEYS = {
+    "\n": "start",
+    "\r": "start",
+    "n": "end",
+    "s": "success",
+    "f": "failure",
+    "a": "abort",
+    " ": "intervene",
+    "i": "intervene",
+    "c": "release",
+    "?": "help",
+}
 # e-stop is the only command a browser page may send (a request with an Origin header or a non-loopback
 # Host, e.g. a malicious page or DNS rebinding): stopping more is safe, starting the robot is not
 BROWSER_SAFE = ("estop",)
@@ -61,7 +81,8 @@ def command_for_key(ch: str, estop_key: str = "x") -> str | None:
 
 def help_text(estop_key: str = "x") -> str:
     return (
-        f"operator keys: Enter = start the next episode, n = end the episode, {estop_key} = E-STOP, "
+        "operator keys: Enter = start the next episode, s = success, f = failure, a = abort (not trained on), "
+        f"n = end unlabelled, space / i = take over or hand back (teleoperator), {estop_key} = E-STOP, "
         "c = release the e-stop, ? = this help"
     )
 

@@ -9,10 +9,11 @@ Every episode goes through these phases (each one logged and exported in ``pirl_
     until the operator starts the episode (Enter, or ``POST /start`` on the local port) or
     ``episode.start_delay_s`` has passed.
 ``run``
-    paced ticks at ``control.hz``: read the observation, take the next action of the current chunk,
-    pass it through the safety layer, send it. It ends at the time limit, on the operator's "end", on
-    the robot's own verdict (``episode_status()`` where the robot has one, e.g. the simulated robot),
-    on an e-stop or on a watchdog trip.
+    paced ticks at ``control.hz``: read the observation, take the next action of the current chunk (or,
+    while a person has taken over, the teleoperator's), pass it through the safety layer, send it. It ends
+    at the time limit, on the operator's label (success / failure / abort) or "end", on the outcome source's
+    verdict (``episode.outcome``: the robot's own ``episode_status()`` where it has one, e.g. the simulated
+    robot, or the success detector), on an e-stop or on a watchdog trip.
 ``return``
     back to the reset pose.
 ``estop``
@@ -23,8 +24,30 @@ tick's observation goes to the inference worker, which has one tick period to de
 a tick never waits for inference (it holds the last command, counted as a deadline miss). The record
 carries the decision observation and the chunk exactly as sampled; the safety layer's clamps and jump
 limits are deterministic functions of it, i.e. part of the environment, and are marked in the record.
-The next issue brings labels and reward models: until then a robot that does not judge its own
-episodes yields reward 0, and its records train only the value function.
+
+Outcomes: the reward is 1 at the step an episode ends in success, else 0. Who says "success" is
+``episode.outcome``; whoever it was, the episode's last record carries it (``pirl.v1.EpisodeLabel``):
+
+=====================================  =====================  ===========================
+end                                    label source           verdict
+=====================================  =====================  ===========================
+operator's s / f / a (key, HTTP, pad)  OPERATOR               SUCCESS / FAILURE / ABORT
+operator's "end" (n)                   OPERATOR               FAILURE (truncated)
+robot's own verdict (outcome=robot)    ENV                    SUCCESS / FAILURE
+success detector (outcome=detector)    DETECTOR               SUCCESS (with its score)
+time limit, robot's step limit         TIME_LIMIT             FAILURE (truncated)
+e-stop / watchdog                      OPERATOR / ENV         FAILURE
+edge stopping mid-episode              OPERATOR               ABORT (never trained on)
+=====================================  =====================  ===========================
+
+Interventions (``--teleop.type=...``): on the operator's "intervene" (space / ``i``, ``POST /takeover``, a
+teleoperator's own intervention button) the teleoperator's action replaces the policy's from the next tick,
+through the same safety layer. The policy keeps sampling a chunk at every macro-step boundary (the
+learner needs the record's shape and value), but a macro-step a person drove any tick of is marked in
+its record (``pirl.v1.Intervention``: what was sent and which ticks the teleoperator drove): the
+learner never uses it as PPO data, and one the person drove from its first tick is a BC sample. On
+"hand back" control returns to the policy at the next chunk boundary: the teleoperator drives until
+then, so the policy's next chunk is sampled from where the person left the robot.
 """
 
 from __future__ import annotations
@@ -46,28 +69,48 @@ from edge.robot_features import RobotIO
 log = logging.getLogger(__name__)
 
 PHASES = ("reset", "wait", "run", "return", "estop")
-END_REASONS = ("success", "failure", "time_limit", "operator_end", "estop", "watchdog", "stop")
+END_REASONS = ("success", "failure", "abort", "time_limit", "operator_end", "estop", "watchdog", "stop")
 
 
 @dataclass
 class EpisodeEnd:
     reason: str  # one of END_REASONS
     success: bool = False
+    # (source, verdict, detector score) in pirl.v1.EpisodeLabel names (see the module's table)
+    label: tuple[str, str, float] = ("ENV", "FAILURE", 0.0)
 
     @property
     def terminated(self) -> bool:
         """The episode's own end (the learner bootstraps nothing after it); the others cut it short."""
-        return self.reason in ("success", "failure", "estop", "watchdog")
+        return self.reason in ("success", "failure", "abort", "estop", "watchdog")
+
+
+def _teleop_flag(events: dict, name: str) -> bool:
+    """A LeRobot teleoperator event (``TeleopEvents`` member or its string value) from get_teleop_events()."""
+    for key, value in events.items():
+        if getattr(key, "value", key) == name:
+            return bool(value)
+    return False
 
 
 @dataclass
 class RobotLoopStats(LoopStats):
     episode_ends: dict[str, int] = field(default_factory=dict)
     reset_timeouts: int = 0
+    labels: dict[str, int] = field(default_factory=dict)  # "SOURCE/VERDICT" -> episodes
+    interventions: int = 0  # takeovers by a person
+    teleop_ticks: int = 0  # ticks a teleoperator drove
+    intervened_steps: int = 0  # macro-steps a teleoperator drove any tick of (never PPO data)
+    teleop_errors: int = 0  # teleoperator reads that failed (the tick held)
 
     def summary(self) -> dict:
         out = super().summary()
         out["episode_ends"] = dict(self.episode_ends)
+        out["labels"] = dict(self.labels)
+        out["interventions"] = self.interventions
+        out["teleop_ticks"] = self.teleop_ticks
+        out["intervened_steps"] = self.intervened_steps
+        out["teleop_errors"] = self.teleop_errors
         return out
 
 
@@ -91,8 +134,16 @@ class RobotLoop:
         recorder=None,
         estop_action: str = "hold",
         late_fraction: float = 0.5,
+        teleop=None,
+        outcome: str = "robot",
+        detector=None,
     ):
         self.robot, self.io, self.worker, self.writer = robot, io, worker, writer
+        self.teleop, self.outcome, self.detector = teleop, outcome, detector
+        self.intervening = False  # a person drives (through the teleoperator)
+        self._handback = False  # ... until the next chunk boundary, then the policy
+        self._last_teleop: np.ndarray | None = None
+        self._pad_held = False  # a teleoperator's intervention button was held at the last tick
         self.safety, self.estop, self.inputs, self.watchdog, self.recorder = safety, estop, inputs, watchdog, recorder
         self.robot_id, self.period, self.episode_cfg = robot_id, 1.0 / control_hz, episode
         self.estop_action = estop_action
@@ -133,6 +184,18 @@ class RobotLoop:
         metrics.RESET_TIMEOUTS.labels(robot_id)
         for action in ("torque_off", "hold", "none", "failed"):
             metrics.SAFETY_ESTOP_ACTIONS.labels(robot_id, action)
+        for source in ("ENV", "OPERATOR", "DETECTOR", "TIME_LIMIT"):
+            for verdict in ("SUCCESS", "FAILURE", "ABORT"):
+                metrics.EPISODE_LABELS.labels(robot_id, source.lower(), verdict.lower())
+        metrics.INTERVENTIONS.labels(robot_id)
+        metrics.TELEOP_TICKS.labels(robot_id)
+        metrics.INTERVENED_STEPS.labels(robot_id)
+        metrics.INTERVENING.labels(robot_id).set(0)
+
+    def status(self) -> dict:
+        """What ``GET /status`` on the operator port adds: the phase, the episode's number (episodes ended
+        before it) and whether a person drives."""
+        return {"phase": self.phase, "episode": self.stats.episodes, "intervening": self.intervening}
 
     # --- phases -----------------------------------------------------------------------------------
 
@@ -168,6 +231,10 @@ class RobotLoop:
                 end = self._run_episode(stop, started, duration_s)
                 self.stats.episode_ends[end.reason] = self.stats.episode_ends.get(end.reason, 0) + 1
                 metrics.EPISODES.labels(self.robot_id, end.reason).inc()
+                source, verdict, _ = end.label
+                key = f"{source}/{verdict}"
+                self.stats.labels[key] = self.stats.labels.get(key, 0) + 1
+                metrics.EPISODE_LABELS.labels(self.robot_id, source.lower(), verdict.lower()).inc()
                 if end.reason != "estop":
                     self._enter("return")
                     self._move_to_reset_pose(stop, on_stop=True)
@@ -336,6 +403,9 @@ class RobotLoop:
         s, rid, io = self.stats, self.robot_id, self.io
         episode, step_index = uuid.uuid4().hex, 0
         self._watchdog_tripped.clear()
+        self._set_intervening(False)
+        if self.detector is not None:
+            self.detector.reset()
         obs = self._observe()
         # the jump limit of the first command is measured from where the arm is
         present = io.positions(obs)
@@ -353,6 +423,8 @@ class RobotLoop:
         # written by the record thread, never on the control thread.
         chunk: Decision | None = None
         idx, outcome, marks, holds = 0, Outcome(), _marks(), 0
+        ticks_sent: list[np.ndarray] = []  # what each tick of the current chunk sent, and who drove it
+        ticks_teleop: list[bool] = []
         finished: tuple | None = None  # (step_index, chunk, outcome, marks) waiting for what follows
         limit_ticks = max(1, round(self.episode_cfg.time_limit_s / self.period))
         ticks = 0
@@ -362,27 +434,37 @@ class RobotLoop:
             late = self._tick()
             ticks += 1
             events = self._poll_inputs()
+            teleop_events = self._teleop_events()
             if self.estop.is_set():
-                end = EpisodeEnd("estop")
+                end = EpisodeEnd("estop", label=("OPERATOR", "FAILURE", 0.0))
                 break
             if self._watchdog_tripped.is_set():
-                end = EpisodeEnd("watchdog")
+                end = EpisodeEnd("watchdog", label=("ENV", "FAILURE", 0.0))
                 break
             if stop.is_set():
-                end = EpisodeEnd("stop")
+                end = EpisodeEnd("stop", label=("OPERATOR", "ABORT", 0.0))
                 break
+            self._update_intervention(events, teleop_events)
             obs = self._observe()
-            action = None
+            if self.detector is not None:
+                self.detector.submit(obs)
+            action, teleop_tick = None, False
             if chunk is None:
                 chunk = self._take()
                 if chunk is not None:
                     idx, outcome, marks = 0, Outcome(), _marks()
                     marks["held_ticks"], holds = holds, 0
+                    ticks_sent, ticks_teleop = [], []
+                    if self._handback:  # a chunk boundary: the policy drives again, from this chunk on
+                        self._set_intervening(False)
                     if finished is not None:
                         self._write(episode, *finished)
                         finished = None
-            if chunk is not None:
+            if self.intervening:
+                action, teleop_tick = self._teleop_action(), True
+            elif chunk is not None:
                 action = chunk.actions[idx]
+            if chunk is not None:
                 idx += 1
                 outcome.env_steps += 1
             if action is None or late:
@@ -394,44 +476,45 @@ class RobotLoop:
                     s.starved_ticks += 1
             safe = self.safety.filter(action, self._last_sent)
             if self.estop.is_set():  # checked again right before the motors: an e-stop always wins
-                end = EpisodeEnd("estop")
+                end = EpisodeEnd("estop", label=("OPERATOR", "FAILURE", 0.0))
                 break
             executed = self._send(safe.command) if safe.command is not None else None
+            if teleop_tick:
+                s.teleop_ticks += 1
+                metrics.TELEOP_TICKS.labels(rid).inc()
+            if chunk is not None:
+                ticks_sent.append(np.asarray(executed if executed is not None else self._last_sent_or_zeros()))
+                ticks_teleop.append(teleop_tick)
             if action is None:
                 holds += int(safe.held)
             else:
                 marks["clamped_ticks"] += int(safe.clamped)
                 marks["limited_ticks"] += int(safe.limited)
-            status = self.robot.episode_status() if hasattr(self.robot, "episode_status") else None
-            if status is not None and _robot_truncated(self.robot):
-                end = EpisodeEnd("time_limit")  # the robot's own step limit: cut short, not a failure
-            elif status is not None:
-                end = EpisodeEnd(status, success=status == "success")
-            elif "end" in events:
-                end = EpisodeEnd("operator_end")
-            elif ticks >= limit_ticks:
-                end = EpisodeEnd("time_limit")
-            elif duration_s is not None and time.perf_counter() - started >= duration_s:
-                end = EpisodeEnd("stop")
+            end = self._episode_end(events, teleop_events, ticks, limit_ticks, started, duration_s)
             reward = 1.0 if end is not None and end.success else 0.0
             outcome.reward += reward
-            self._record_frame(obs, executed, chunk, safe, end, reward)
+            self._record_frame(obs, executed, chunk, safe, end, reward, teleop_tick)
             if end is None and chunk is not None and idx == len(chunk.actions):
+                self._mark_intervention(outcome, ticks_sent, ticks_teleop)
                 finished = (step_index, chunk, outcome, marks)
                 step_index += 1
                 chunk = None
                 self._request(io.raw_observation(obs))
         if end.reason in ("estop", "watchdog"):
             self._fail_safe(end)
+        self._set_intervening(False)
         # the episode's last macro-step: the chunk that ran when it ended, else the last finished one
         last = (step_index, chunk, outcome, marks) if chunk is not None and outcome.env_steps else finished
-        if chunk is not None and outcome.env_steps and finished is not None:
-            self._write(episode, *finished)
+        if chunk is not None and outcome.env_steps:
+            self._mark_intervention(outcome, ticks_sent, ticks_teleop)
+            if finished is not None:
+                self._write(episode, *finished)
         if last is not None:
             _, _, out, mk = last
             mk["held_ticks"] += holds
             mk["estop"], mk["watchdog"] = end.reason == "estop", end.reason == "watchdog"
             out.terminated, out.truncated, out.success = end.terminated, not end.terminated, end.success
+            out.label = end.label
             if out.truncated:
                 cut = self._last_obs if self._last_obs is not None else obs
                 out.final_observation = {
@@ -444,9 +527,104 @@ class RobotLoop:
         s.episodes += 1
         s.successes += int(end.success)
         if self.recorder is not None:
-            self.recorder.end_episode(success=end.success, reason=end.reason)
-        log.info("robot %s: episode ended (%s)", rid, end.reason)
+            self.recorder.end_episode(success=end.success, reason=end.reason, label=end.label[0].lower())
+        log.info("robot %s: episode ended (%s; %s %s)", rid, end.reason, *end.label[:2])
         return end
+
+    def _episode_end(self, events, teleop_events, ticks, limit_ticks, started, duration_s) -> EpisodeEnd | None:
+        """Whether this tick ends the episode, and how (see the module's table). An operator's label wins
+        over every other source; the robot's own verdict counts only with episode.outcome=robot."""
+        for verdict in ("abort", "failure", "success"):
+            if verdict in events:
+                return EpisodeEnd(verdict, success=verdict == "success", label=("OPERATOR", verdict.upper(), 0.0))
+        if _teleop_flag(teleop_events, "rerecord_episode"):
+            return EpisodeEnd("abort", label=("OPERATOR", "ABORT", 0.0))
+        if _teleop_flag(teleop_events, "success"):
+            return EpisodeEnd("success", success=True, label=("OPERATOR", "SUCCESS", 0.0))
+        if _teleop_flag(teleop_events, "failure") or _teleop_flag(teleop_events, "terminate_episode"):
+            return EpisodeEnd("failure", label=("OPERATOR", "FAILURE", 0.0))
+        # the robot's own step limit cuts the episode short whoever judges it; its verdict (episode_status) is
+        # not even read unless it is the outcome source
+        if _robot_truncated(self.robot):
+            return EpisodeEnd("time_limit", label=("TIME_LIMIT", "FAILURE", 0.0))
+        if self.outcome == "robot" and hasattr(self.robot, "episode_status"):
+            status = self.robot.episode_status()
+            if status is not None:
+                return EpisodeEnd(status, success=status == "success", label=("ENV", status.upper(), 0.0))
+        if self.detector is not None:
+            fired, score = self.detector.poll()
+            if fired:
+                return EpisodeEnd("success", success=True, label=("DETECTOR", "SUCCESS", float(score)))
+        if "end" in events:
+            return EpisodeEnd("operator_end", label=("OPERATOR", "FAILURE", 0.0))
+        if ticks >= limit_ticks:
+            return EpisodeEnd("time_limit", label=("TIME_LIMIT", "FAILURE", 0.0))
+        if duration_s is not None and time.perf_counter() - started >= duration_s:
+            return EpisodeEnd("stop", label=("OPERATOR", "ABORT", 0.0))
+        return None
+
+    # --- interventions ----------------------------------------------------------------------------
+
+    def _teleop_events(self) -> dict:
+        """The teleoperator's own buttons (LeRobot's gamepad / keyboard teleoperators have them)."""
+        if self.teleop is None or not hasattr(self.teleop, "get_teleop_events"):
+            return {}
+        try:
+            return self.teleop.get_teleop_events() or {}
+        except Exception:  # noqa: BLE001  a flaky pad must not stop the robot: no events this tick
+            log.exception("teleop.get_teleop_events() failed")
+            return {}
+
+    def _update_intervention(self, events: set, teleop_events: dict) -> None:
+        if self.teleop is None:
+            if events & {"intervene", "takeover"}:
+                log.warning("robot %s: no teleoperator to take over with (give --teleop.type=...)", self.robot_id)
+            return
+        active = self.intervening and not self._handback  # a person drives and means to go on
+        want = None
+        if "takeover" in events or ("intervene" in events and not active):
+            want = True
+        elif "handback" in events or ("intervene" in events and active):
+            want = False
+        held = _teleop_flag(teleop_events, "is_intervention")
+        if held and not self.intervening:
+            want = True  # a pad's intervention button: held = a person drives
+        elif not held and self.intervening and self._pad_held:
+            want = False
+        self._pad_held = held
+        if want is True and not active:
+            if not self.intervening:
+                self.stats.interventions += 1
+                metrics.INTERVENTIONS.labels(self.robot_id).inc()
+                log.warning("robot %s: a person has taken over", self.robot_id)
+            self._set_intervening(True)
+        elif want is False and self.intervening and not self._handback:
+            self._handback = True  # the policy drives again at the next chunk boundary
+            log.warning("robot %s: handing back to the policy at the next chunk boundary", self.robot_id)
+
+    def _set_intervening(self, on: bool) -> None:
+        self.intervening, self._handback = on, False
+        metrics.INTERVENING.labels(self.robot_id).set(int(on))
+        if not on:
+            self._last_teleop = None
+
+    def _teleop_action(self) -> np.ndarray | None:
+        """The teleoperator's action in the robot's action order (None when its read failed: the tick holds)."""
+        try:
+            action = self.io.action_vector(self.teleop.get_action())
+        except Exception:  # noqa: BLE001  counted and logged; the safety layer holds the arm this tick
+            self.stats.teleop_errors += 1
+            log.exception("teleop.get_action() failed: holding")
+            return None
+        self._last_teleop = action
+        return action
+
+    def _mark_intervention(self, outcome: Outcome, sent: list, teleop: list) -> None:
+        """A macro-step a person drove any tick of carries what was sent and which ticks they drove."""
+        if any(teleop):
+            outcome.intervention = (np.stack(sent).astype(np.float32), np.asarray(teleop, bool))
+            self.stats.intervened_steps += 1
+            metrics.INTERVENED_STEPS.labels(self.robot_id).inc()
 
     def _write(self, episode: str, step_index: int, chunk: Decision, outcome: Outcome, marks: dict) -> None:
         outcome.safety = dict(marks)
@@ -488,7 +666,7 @@ class RobotLoop:
                 "robot %s: E-STOP (%s): no policy action is sent until released", self.robot_id, self.estop.source
             )
 
-    def _record_frame(self, obs, executed, chunk, safe, end: EpisodeEnd | None, reward: float) -> None:
+    def _record_frame(self, obs, executed, chunk, safe, end: EpisodeEnd | None, reward: float, teleop: bool) -> None:
         if self.recorder is None:
             return
         frame = self.io.frame(obs)
@@ -502,6 +680,7 @@ class RobotLoop:
         frame["safety.held"] = np.asarray([bool(safe.held)], bool)
         frame["safety.estop"] = np.asarray([end is not None and end.reason == "estop"], bool)
         frame["safety.watchdog"] = np.asarray([end is not None and end.reason == "watchdog"], bool)
+        frame["intervention"] = np.asarray([teleop], bool)
         self.recorder.add_frame(frame)
 
     def _last_sent_or_zeros(self) -> np.ndarray:

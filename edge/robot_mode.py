@@ -3,7 +3,8 @@ dataset, set up around the robot loop (``edge.robot_loop``) and taken down after
 
 Start-up refuses, with one line naming what is wrong and before the spool is opened: a robot that
 cannot be built or connected, a policy that does not fit the robot's features, missing action bounds,
-an operator start without any way for an operator to start.
+an operator start or operator labels without any way for an operator to give them, a teleoperator whose
+actions are not the robot's.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import threading
 from dataclasses import dataclass
 
 from edge import metrics
-from edge.devices import build_robot, connect_robot, disconnect_robot, given_type
+from edge.devices import build_robot, build_teleop, connect_robot, connect_teleop, disconnect_robot, given_type
 from edge.robot_features import RobotIO, check_policy_fits, trained_feature_names
 from edge.robot_loop import RobotLoop
 from edge.safety import EStop, SafetyLayer, Watchdog, resolve_bounds, robot_action_limits
@@ -31,6 +32,16 @@ def action_stats(postprocessor) -> dict | None:
     return None
 
 
+def check_teleop_fits(teleop, io: RobotIO, teleop_type: str, robot_type: str) -> None:
+    """A teleoperator takes over only if its actions are the robot's (same names): one line otherwise."""
+    names = list(getattr(teleop, "action_features", {}) or {})
+    if sorted(names) != sorted(io.action_names):
+        raise ValueError(
+            f"teleop.type={teleop_type}: its actions {names} are not robot.type={robot_type}'s {io.action_names}; "
+            "take over with a teleoperator that commands the robot's own actions (e.g. its leader arm)"
+        )
+
+
 @dataclass
 class RobotSide:
     cfg: object  # EdgeConfig
@@ -42,6 +53,7 @@ class RobotSide:
     inputs: object = None
     watchdog: Watchdog | None = None
     recorder: object = None
+    teleop: object = None
     closed: bool = False
 
     @classmethod
@@ -68,11 +80,33 @@ class RobotSide:
                 "episode.start=operator: no way for an operator to start episodes here (stdin is not a terminal "
                 "and safety.estop_port is 0): give --safety.estop_port=PORT (POST /start) or --episode.start=delay"
             )
+        if cfg.episode.outcome == "operator" and not interactive and not cfg.safety.estop_port and cfg.teleop is None:
+            raise ValueError(
+                "episode.outcome=operator: no way for an operator to label episodes here (stdin is not a terminal, "
+                "safety.estop_port is 0 and there is no teleoperator): give --safety.estop_port=PORT (POST /success "
+                "/failure /abort)"
+            )
+        teleop = None
+        if cfg.teleop is not None:
+            teleop = build_teleop(cfg.teleop)
+            check_teleop_fits(teleop, io, given_type(cfg.teleop, "teleop"), robot_type)
+        if cfg.episode.outcome == "robot" and not hasattr(probe, "episode_status"):
+            log.warning(
+                "episode.outcome=robot: robot.type=%s does not judge its own episodes, so every episode ends at the time "
+                "limit without success (reward 0): use --episode.outcome=operator (labels) or detector",
+                robot_type,
+            )
         robot = probe
         connect_robot(robot, cfg.robot)
+        if teleop is not None:
+            try:
+                connect_teleop(teleop, cfg.teleop)
+            except Exception:
+                disconnect_robot(robot)
+                raise
         estop = EStop(robot_id=cfg.link.robot_id)
         safety = SafetyLayer(bounds, cfg.safety.max_delta, io.action_names, estop=estop, robot_id=cfg.link.robot_id)
-        return cls(cfg, robot, io, safety, estop, cfg.policy.task)
+        return cls(cfg, robot, io, safety, estop, cfg.policy.task, teleop=teleop)
 
     def loop(self, worker, writer, stop: threading.Event) -> RobotLoop:
         """The robot loop, with the operator's inputs, the watchdog and the session dataset running."""
@@ -83,7 +117,7 @@ class RobotSide:
             self.estop,
             estop_key=cfg.safety.estop_key,
             estop_port=cfg.safety.estop_port,
-            status=lambda: {"phase": self._loop.phase if getattr(self, "_loop", None) else "starting"},
+            status=lambda: self._loop.status() if getattr(self, "_loop", None) else {"phase": "starting"},
         )
         self.inputs.start()
         if cfg.dataset.enabled:
@@ -118,6 +152,8 @@ class RobotSide:
             watchdog=self.watchdog,
             recorder=self.recorder,
             estop_action=cfg.safety.estop_action,
+            teleop=self.teleop,
+            outcome=cfg.episode.outcome,
         )
         self.watchdog.start()
         return self._loop
@@ -138,6 +174,8 @@ class RobotSide:
             loop.close()
         if self.recorder is not None:
             self._dataset = self.recorder.close()
+        if self.teleop is not None:
+            disconnect_robot(self.teleop)
         disconnect_robot(self.robot)
 
     def summary(self) -> dict:

@@ -48,8 +48,10 @@ logger = logging.getLogger(__name__)
 SUCCESS = "next.success"
 POLICY_VERSION = "policy_version"
 SAFETY_FLAGS = ("safety.clamped", "safety.limited", "safety.held", "safety.estop", "safety.watchdog")
+# the frame's action came from a person's teleoperator, not the policy (LeRobot's HIL-SERL marks it the same way)
+INTERVENTION = "intervention"
 # why an episode ended (end_episode's reason); any other string is kept as given
-END_REASONS = ("time_limit", "operator_end", "estop", "watchdog", "success", "failure", "stop")
+END_REASONS = ("time_limit", "operator_end", "estop", "watchdog", "success", "failure", "abort", "stop")
 SESSION_LOG = "sessions.jsonl"
 # shorter episodes are not kept: a one-frame episode breaks LeRobot 0.6.1's episode metadata (its image
 # stats take another shape), and with it every later save and finalize() of the session
@@ -64,6 +66,7 @@ EDGE_FEATURES: dict[str, tuple[dict, object]] = {
     DONE: ({"dtype": "bool", "shape": (1,), "names": None}, False),
     SUCCESS: ({"dtype": "bool", "shape": (1,), "names": None}, False),
     **{flag: ({"dtype": "bool", "shape": (1,), "names": None}, False) for flag in SAFETY_FLAGS},
+    INTERVENTION: ({"dtype": "bool", "shape": (1,), "names": None}, False),
 }
 
 # libx264 at "ultrafast" was the cheapest encoder measured here at LeRobot's crf (libx265 gets its
@@ -261,11 +264,13 @@ class SessionRecorder:
         self._items.put(("frame", {k: v.copy() if isinstance(v, np.ndarray) else v for k, v in frame.items()}))
         return True
 
-    def end_episode(self, *, success: bool | None, reason: str) -> None:
-        """End the current episode (reason: one of ``END_REASONS``, e.g. "time_limit", "estop"); the writer
-        marks its last frame done (and its success when given) and saves it."""
+    def end_episode(self, *, success: bool | None, reason: str, label: str | None = None) -> None:
+        """End the current episode (reason: one of ``END_REASONS``, e.g. "time_limit", "estop"; label: who
+        decided its outcome, e.g. "operator", kept in sessions.jsonl); the writer marks its last frame done (and
+        its success when given) and saves it."""
         if not self._close_requested:
-            self._items.put(("end", {"success": success, "reason": reason, "dropped": self._frames_dropped}))
+            payload = {"success": success, "reason": reason, "dropped": self._frames_dropped, "label": label}
+            self._items.put(("end", payload))
 
     def close(self, timeout_s: float = 60.0) -> dict:
         """Flush the queue, save a partly recorded episode (done, reason "stop"), finalize the dataset and
@@ -330,7 +335,7 @@ class SessionRecorder:
                 if kind == "frame":
                     self._on_frame(payload)
                 else:
-                    self._end_episode(payload["success"], payload["reason"], payload["dropped"])
+                    self._end_episode(payload["success"], payload["reason"], payload["dropped"], payload.get("label"))
             except Exception:  # noqa: BLE001 - the writer outlives any one item
                 self.writer_errors += 1
                 logger.exception("session dataset %s: writer error", self.root)
@@ -378,7 +383,7 @@ class SessionRecorder:
         except Exception as e:  # noqa: BLE001
             self._fail(f"add_frame: {e}")
 
-    def _end_episode(self, success: bool | None, reason: str, dropped_total: int) -> None:
+    def _end_episode(self, success: bool | None, reason: str, dropped_total: int, label: str | None = None) -> None:
         # the control thread counts drops in all; this episode's are those since the previous end
         dropped, self._drops_before = dropped_total - self._drops_before, dropped_total
         if self._held is not None:
@@ -410,7 +415,7 @@ class SessionRecorder:
             else:
                 self.episodes_saved += 1
                 self.frames_written += ep.frames
-                self._log_episode(index, reason, success, ep, dropped)
+                self._log_episode(index, reason, success, ep, dropped, label)
                 return
         self.episodes_discarded += 1
         self.frames_discarded += ep.frames
@@ -430,11 +435,14 @@ class SessionRecorder:
             logger.error("session dataset %s: %s; the episode will be discarded", self.root, message)
         self._ep.broken = True
 
-    def _log_episode(self, index: int, reason: str, success: bool | None, ep: _EpisodeState, dropped: int) -> None:
+    def _log_episode(
+        self, index: int, reason: str, success: bool | None, ep: _EpisodeState, dropped: int, label: str | None
+    ) -> None:
         line = {
             "episode_index": index,
             "reason": reason,
             "success": success,
+            "label": label,
             "frames": ep.frames,
             "frames_dropped": dropped,
             "policy_versions": sorted(ep.versions),

@@ -71,6 +71,22 @@ class PirlSimConfig(RobotConfig):
     start_range: float = _TASK.start_range
     # minimum start distance between end-effector and cube, metres
     min_start_distance: float = _TASK.min_start_distance
+    # start a scripted person (lerobot_robot_pirl_sim.operator) that labels episodes and takes over when the policy
+    # drifts, through the edge's operator HTTP port: give the edge's --safety.estop_port here (None: no one)
+    operator_port: int | None = None
+    # the scripted person's reaction time: seconds of robot time between an attempt ending and the label
+    operator_reaction_s: float = 0.3
+    # fraction of episodes the scripted person labels the wrong way round
+    operator_mislabel: float = 0.0
+    # the scripted person takes over (POST /takeover; the edge's --teleop drives) when, this many seconds into an
+    # episode, the gripper is still farther than operator_intervene_distance from the cube (None: never)
+    operator_intervene_after_s: float | None = None
+    # metres; see operator_intervene_after_s
+    operator_intervene_distance: float = 0.03
+    # fraction of drifting episodes the scripted person takes over
+    operator_intervene_fraction: float = 1.0
+    # seed of the scripted person's choices (mislabels, which episodes they take over)
+    operator_seed: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()  # LeRobot's check: every camera needs width, height and fps
@@ -83,6 +99,23 @@ class PirlSimConfig(RobotConfig):
         if self.max_episode_steps is not None and self.max_episode_steps < 1:
             raise ValueError(f"max_episode_steps: must be >= 1 or None, got {self.max_episode_steps}")
         self.task_params()  # checks control_hz
+        if self.operator_port is not None:
+            self.operator_settings()  # checks the operator_* fields
+
+    def operator_settings(self):
+        """The scripted person's settings (lerobot_robot_pirl_sim.operator.OperatorSettings)."""
+        from lerobot_robot_pirl_sim.operator import OperatorSettings
+
+        return OperatorSettings(
+            reaction_s=self.operator_reaction_s,
+            grasp_radius=self.success_radius,
+            grasp_speed=self.max_speed_at_grasp,
+            mislabel=self.operator_mislabel,
+            intervene_after_s=self.operator_intervene_after_s,
+            intervene_distance=self.operator_intervene_distance,
+            intervene_fraction=self.operator_intervene_fraction,
+            seed=self.operator_seed,
+        )
 
     def task_params(self) -> TaskParams:
         return TaskParams(

@@ -70,6 +70,7 @@ class PirlSim(Robot):
         self._stop = threading.Event()
         self._physics: threading.Thread | None = None
         self._physics_error: BaseException | None = None
+        self.operator = None  # the scripted person (config.operator_port), while connected
 
     # ------------------------------------------------------------------ features
     @cached_property
@@ -122,12 +123,21 @@ class PirlSim(Robot):
             for cam in self.cameras.values():
                 cam.attach(self)
                 cam.connect()
+            if self.config.operator_port is not None:
+                from lerobot_robot_pirl_sim.operator import SceneView, ScriptedOperator, http_operator_interface
+
+                status, send = http_operator_interface(self.config.operator_port)
+                self.operator = ScriptedOperator(SceneView(self), status, send, self.config.operator_settings())
+                self.operator.start()
         except BaseException:
             self._shutdown()
             raise
         logger.info(f"{self} connected ({'realtime' if self.config.realtime else 'lock-step'}).")
 
     def _shutdown(self) -> None:
+        if self.operator is not None:
+            self.operator.stop()
+            self.operator = None
         self._stop.set()
         if self._physics is not None and self._physics is not threading.current_thread():
             self._physics.join(timeout=10.0)

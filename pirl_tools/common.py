@@ -55,8 +55,11 @@ def sft_checkpoint(
     return train_sft(out / "data", out / "train", settings, repo_id=repo_id)
 
 
-def plot_curves(path: Path, runs: list[dict], title: str) -> None:
-    """Deterministic success vs env steps, one line per run, one colour per label."""
+def plot_curves(
+    path: Path, runs: list[dict], title: str, xlabel: str = "environment steps", target: float = 0.9
+) -> None:
+    """Deterministic success against ``xlabel`` (each run's ``curve``: (x, success) pairs), one line per run, one
+    colour per label, a dashed line at ``target``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -72,8 +75,8 @@ def plot_curves(path: Path, runs: list[dict], title: str) -> None:
         ax.plot(
             xs, ys, color=colour, alpha=0.8, label=label if label not in ax.get_legend_handles_labels()[1] else None
         )
-    ax.axhline(0.9, color="k", lw=0.8, ls="--")
-    ax.set_xlabel("environment steps")
+    ax.axhline(target, color="k", lw=0.8, ls="--")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("deterministic success")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)

@@ -32,7 +32,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
@@ -44,163 +43,9 @@ from edge.backend_choice import BACKENDS
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides
 from pirl.cli import parse_config, require, run_cli, write_json
 from pirl_tools.common import plot_curves, sft_checkpoint
+from pirl_tools.processes import Interrupted, Procs, Signals, bin_path, wait_for_file
 
 ROBOTS = ("robot-0", "robot-1")
-
-
-class ChildFailedError(ValueError):
-    """A demo process died or hung: reported as one error (with its log tail), not a traceback."""
-
-
-class Interrupted(KeyboardInterrupt):
-    """SIGTERM or SIGINT reached the demo (raised once, by ``Signals``)."""
-
-    def __init__(self, signum: int):
-        super().__init__(signum)
-        self.signum = signum
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-
-class Signals:
-    """SIGTERM and SIGINT raise ``Interrupted`` in the main thread, once: a later signal (a second
-    Ctrl-C while the learner and edges are being stopped) is noted and ignored, so the cleanup
-    completes. While ``held`` (the cleanup of a run that was not interrupted), the first one is noted
-    too and raised by ``raise_if_received`` afterwards. The previous handlers come back on exit."""
-
-    def __init__(self):
-        self.received: int | None = None
-        self.held = False
-        self._previous: dict = {}
-
-    def __enter__(self) -> Signals:
-        for sig in STOP_SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    def _handle(self, signum, frame) -> None:
-        if self.received is None:
-            self.received = signum
-            if not self.held:
-                raise Interrupted(signum)
-        else:  # os.write: print() may be in the middle of writing the same stream
-            os.write(2, b"pirl-demo: still stopping the learner and edges, please wait\n")
-
-    def hold(self) -> None:
-        self.held = True
-
-    def raise_if_received(self) -> None:
-        if self.received is not None:
-            raise Interrupted(self.received)
-
-
-def _prctl():
-    """libc's prctl where there is one (Linux), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (OSError, AttributeError):
-        return None
-
-
-PR_SET_PDEATHSIG = 1
-
-
-def _bin(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else name
-
-
-class Procs:
-    """Child processes that are always stopped, whatever happens to the demo: by ``stop_all`` (also on
-    SIGTERM / SIGINT, see ``Signals``), and on Linux by the kernel (SIGTERM to each, PR_SET_PDEATHSIG)
-    when the demo itself dies without cleaning up (SIGKILL, out of memory)."""
-
-    def __init__(self, logs: Path):
-        self.logs, self.procs = logs, {}
-        self._prctl = _prctl()
-
-    def start(self, name: str, cmd: list[str], nice: int = 0, cpus: set[int] | None = None) -> subprocess.Popen:
-        log = open(self.logs / f"{name}.log", "w")  # noqa: SIM115  the child writes to it for its lifetime
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-        parent, prctl = os.getpid(), self._prctl
-
-        def place():  # in the child, before exec
-            if (
-                prctl is not None
-                and prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) == 0
-                and os.getppid() != parent
-            ):
-                os._exit(1)  # the demo died before the request took effect
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-            if nice:
-                os.nice(nice)
-            if cpus:
-                os.sched_setaffinity(0, cpus)
-
-        # a stop signal waits until the child is registered here (so that it is stopped too); the
-        # child unblocks them in place(). Children get a session of their own: a terminal's Ctrl-C
-        # reaches the demo only, which stops them in order.
-        signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
-        try:
-            p = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, preexec_fn=place
-            )
-            self.procs[name] = p
-        finally:
-            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
-        return p
-
-    def stop(self, name: str, timeout: float = 60.0) -> int | None:
-        p = self.procs.get(name)
-        if p is None or p.poll() is not None:
-            return None if p is None else p.returncode
-        p.send_signal(signal.SIGTERM)
-        try:
-            return p.wait(timeout)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            return p.wait()
-
-    def stop_all(self, order: tuple[tuple[str, ...], ...] = (), timeout: float = 10.0) -> None:
-        """Stop every child still running: the groups in ``order`` one after the other, then the rest;
-        within a group, SIGTERM to each, then a wait of up to ``timeout`` seconds, then SIGKILL."""
-        rest = tuple(n for n in self.procs if not any(n in group for group in order))
-        for group in (*order, rest):
-            running = [self.procs[n] for n in group if n in self.procs and self.procs[n].poll() is None]
-            for p in running:
-                p.send_signal(signal.SIGTERM)
-            deadline = time.monotonic() + timeout
-            for p in running:
-                try:
-                    p.wait(max(0.0, deadline - time.monotonic()))
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait()
-
-    def check_alive(self, name: str) -> None:
-        p = self.procs[name]
-        if p.poll() is not None:
-            tail = (self.logs / f"{name}.log").read_text()[-2000:]
-            raise ChildFailedError(f"{name} exited with status {p.returncode}; end of its log:\n{tail}")
-
-
-def _wait_for(path: Path, procs: Procs, name: str, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if path.is_file():
-            return path.read_text().strip()
-        procs.check_alive(name)
-        time.sleep(0.2)
-    raise ChildFailedError(f"{name} did not write {path} within {timeout:.0f}s")
 
 
 def _pct(xs, q):
@@ -253,7 +98,7 @@ def _run(args, signals: Signals) -> int:
         procs.start(
             "learner",
             [
-                _bin("pirl-learner"),
+                bin_path("pirl-learner"),
                 "--policy_path",
                 str(ckpt),
                 "--output_dir",
@@ -287,7 +132,7 @@ def _run(args, signals: Signals) -> int:
             nice=10,
             cpus=farm_cpus,
         )
-        port = _wait_for(out / "learner.port", procs, "learner", timeout=120)
+        port = wait_for_file(out / "learner.port", procs, "learner", timeout=120)
         address = f"127.0.0.1:{port}"
         common = [
             "--link.learner",
@@ -304,7 +149,7 @@ def _run(args, signals: Signals) -> int:
         procs.start(
             "robot-0",
             [
-                _bin("pirl-edge"),
+                bin_path("pirl-edge"),
                 *common,
                 "--link.robot_id",
                 "robot-0",
@@ -327,7 +172,7 @@ def _run(args, signals: Signals) -> int:
         procs.start(
             "robot-1",
             [
-                _bin("pirl-edge"),
+                bin_path("pirl-edge"),
                 *common,
                 "--link.robot_id",
                 "robot-1",
@@ -521,7 +366,7 @@ class DemoConfig:
     # stop once the learner's deterministic success reaches this (default: 0.9 on the built-in task, 0.85 on
     # the simulated robot's, whose few-shot SFT starts near 0.6)
     target: float | None = None
-    # cap on the whole run, seconds (SFT included; default: 540, 900 with --robot=sim)
+    # cap on the whole run, seconds (SFT included; default: 540, 1200 with --robot=sim); it stops at the target
     time_limit: float | None = None
     # learner: complete episodes per PI-RL update
     episodes_per_update: int = 128
@@ -570,7 +415,7 @@ class DemoConfig:
         if self.sft_steps is None:
             self.sft_steps = 1000 if sim else 2000
         if self.time_limit is None:
-            self.time_limit = 900.0 if sim else 540.0
+            self.time_limit = 1200.0 if sim else 540.0
         if not 0.0 < self.target <= 1.0:
             raise ValueError(f"target: must be in (0, 1] (got {self.target})")
         positive = ("episodes_per_update", "eval_every", "eval_episodes", "num_envs", "num_demos", "sft_steps")

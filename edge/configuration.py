@@ -17,6 +17,7 @@ from lerobot.teleoperators.config import TeleoperatorConfig
 from edge.backend_choice import BACKENDS
 from edge.safety import SafetyConfig
 from edge.session_dataset import DatasetConfig
+from edge.success_detector import DetectorConfig
 from lerobot_policy_pi_rl.samplers import RL_NOISE_METHODS
 from pirl.cli import MetricsConfig, require
 from pirl.export.trt_engine import TensorRTSettings
@@ -191,6 +192,8 @@ class EdgeConfig:
     # safety layer and are recorded as interventions; its success / failure / intervention buttons are operator
     # inputs. None: no interventions
     teleop: TeleoperatorConfig | None = None
+    # the learned success detector of episode.outcome=detector (pirl-success train; docs/success_detector.md)
+    detector: DetectorConfig = field(default_factory=DetectorConfig)
     # the safety layer between the policy and the robot (robot mode; always on there)
     safety: SafetyConfig = field(default_factory=SafetyConfig)
     # every robot session recorded as a local LeRobotDataset v3
@@ -213,3 +216,12 @@ class EdgeConfig:
             raise ValueError("control.mode: a robot runs paced (control.mode=unpaced is for simulated envs)")
         if self.robot is None and self.teleop is not None:
             raise ValueError("teleop: a teleoperator takes over a robot: give --robot.type too")
+        if self.episode.outcome == "detector" and self.detector.path is None:
+            raise ValueError(
+                "episode.outcome=detector: give the trained detector, --detector.path=DIR (pirl-success train)"
+            )
+        if self.detector.path is not None and self.episode.outcome != "detector":
+            raise ValueError(
+                "detector.path: the detector decides outcomes only with --episode.outcome=detector "
+                f"(got episode.outcome={self.episode.outcome})"
+            )

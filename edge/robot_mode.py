@@ -54,6 +54,7 @@ class RobotSide:
     watchdog: Watchdog | None = None
     recorder: object = None
     teleop: object = None
+    detector: object = None
     closed: bool = False
 
     @classmethod
@@ -96,6 +97,11 @@ class RobotSide:
                 "limit without success (reward 0): use --episode.outcome=operator (labels) or detector",
                 robot_type,
             )
+        detector = None
+        if cfg.detector.path is not None:
+            from edge.success_detector import SuccessDetector
+
+            detector = SuccessDetector.from_config(cfg.detector, cameras=io.cameras)
         robot = probe
         connect_robot(robot, cfg.robot)
         if teleop is not None:
@@ -106,7 +112,7 @@ class RobotSide:
                 raise
         estop = EStop(robot_id=cfg.link.robot_id)
         safety = SafetyLayer(bounds, cfg.safety.max_delta, io.action_names, estop=estop, robot_id=cfg.link.robot_id)
-        return cls(cfg, robot, io, safety, estop, cfg.policy.task, teleop=teleop)
+        return cls(cfg, robot, io, safety, estop, cfg.policy.task, teleop=teleop, detector=detector)
 
     def loop(self, worker, writer, stop: threading.Event) -> RobotLoop:
         """The robot loop, with the operator's inputs, the watchdog and the session dataset running."""
@@ -154,6 +160,7 @@ class RobotSide:
             estop_action=cfg.safety.estop_action,
             teleop=self.teleop,
             outcome=cfg.episode.outcome,
+            detector=self.detector,
         )
         self.watchdog.start()
         return self._loop
@@ -172,6 +179,8 @@ class RobotSide:
                     log.exception("stopping %s failed", type(part).__name__)
         if loop is not None:
             loop.close()
+        if self.detector is not None:
+            self.detector.close()
         if self.recorder is not None:
             self._dataset = self.recorder.close()
         if self.teleop is not None:
@@ -190,4 +199,6 @@ class RobotSide:
         }
         if self.recorder is not None:
             out["dataset"] = {"root": str(self.recorder.root), **self.recorder.summary()}
+        if self.detector is not None:
+            out["detector"] = self.detector.stats()
         return out

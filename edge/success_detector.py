@@ -71,6 +71,8 @@ class DetectorConfig:
             raise ValueError(f"detector.threshold: must be in [0, 1] (got {self.threshold})")
         if self.path is not None and not Path(self.path).is_dir():
             raise ValueError(f"detector.path: {self.path} is not a directory (a pirl-success train --out)")
+        if self.path is not None and not (Path(self.path) / MANIFEST).is_file():
+            raise ValueError(f"detector.path: {self.path} has no {MANIFEST} (not a pirl-success train output)")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -108,8 +110,9 @@ def read_manifest(path: str | Path) -> dict:
         raise ValueError(f"detector: {manifest_path} is not valid JSON ({e})") from e
     if manifest.get("format") != FORMAT:
         raise ValueError(f"detector: {manifest_path} has format {manifest.get('format')!r}, expected {FORMAT!r}")
-    files: dict[str, str] = manifest.get("files", {})
-    if files.get(WEIGHTS) != manifest.get("weights_sha256"):
+    files: dict[str, str] = manifest.get("files") or {}
+    weights_sha = manifest.get("weights_sha256")
+    if not weights_sha or files.get(WEIGHTS) != weights_sha:
         raise ValueError(f"detector: {manifest_path} lists no sha256 for {WEIGHTS}")
     for rel, want in files.items():
         file = root / rel
@@ -277,11 +280,14 @@ class SuccessDetector:
         self._thread.start()
 
     @classmethod
-    def from_config(cls, cfg: DetectorConfig) -> SuccessDetector:
-        """The detector ``cfg.path`` names, loaded and verified; ``cfg.threshold`` unset takes the detector's."""
+    def from_config(cls, cfg: DetectorConfig, cameras: list[str] | set[str] | None = None) -> SuccessDetector:
+        """The detector ``cfg.path`` names, loaded and verified; ``cfg.threshold`` unset takes the detector's.
+        ``cameras``: the robot's camera names, checked against the detector's (ValueError naming the missing)."""
         if cfg.path is None:
             raise ValueError("detector.path: required to load a success detector")
         loaded = load_detector(cfg.path, device=cfg.device)
+        if cameras is not None:
+            loaded.check_cameras(cameras)
         threshold = loaded.threshold if cfg.threshold is None else cfg.threshold
         detector = cls(loaded.score_observation, threshold=threshold, consecutive=cfg.consecutive)
         detector.loaded = loaded

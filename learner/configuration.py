@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from learner.bc_data import BCSettings, OfflineDatasetConfig
 from learner.store import DEFAULT_MAX_SEQUENCE_AHEAD
 from learner.streams import StreamLimits
 from learner.trainer import TrainerSettings
@@ -109,6 +110,10 @@ class LearnerConfig:
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
     # PPO / GRPO hyperparameters; defaults: the built-in task preset (lerobot_policy_pi_rl/presets.py)
     algorithm: BuiltinTaskAlgorithmConfig = field(default_factory=BuiltinTaskAlgorithmConfig)
+    # the BC term's data (algorithm.bc_coef > 0): teleoperator interventions and offline demonstrations
+    bc: BCSettings = field(default_factory=BCSettings)
+    # offline demonstrations for the BC term: a local LeRobotDataset
+    offline_dataset: OfflineDatasetConfig = field(default_factory=OfflineDatasetConfig)
     # Prometheus /metrics
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # engines built for trainer.export_tensorrt (cache default: OUTPUT_DIR/tensorrt-cache)
@@ -119,3 +124,8 @@ class LearnerConfig:
             raise ValueError("tokens: required (a JSON file {robot_id: token} of the robots allowed to connect)")
         if self.noise_method is not None and self.noise_method not in RL_NOISE_METHODS:
             raise ValueError(f"noise_method: must be one of {RL_NOISE_METHODS} (got {self.noise_method!r})")
+        if self.offline_dataset.root is not None and self.algorithm.bc_coef <= 0:
+            raise ValueError(
+                "offline_dataset.root: offline demonstrations train only through the BC term: set "
+                "--algorithm.bc_coef > 0 (e.g. 0.1), or leave offline_dataset.root unset"
+            )

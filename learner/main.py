@@ -70,7 +70,18 @@ def serve(cfg: LearnerConfig) -> int:
         )
     else:
         policy, pre, post = load_policy(policy_path, device=cfg.device, **overrides)
-    algo = PiRLAlgorithm(policy, cfg.algorithm.plain())
+    bc_data = None
+    if cfg.algorithm.bc_coef > 0:  # the BC term's data: interventions as they come, and the offline set if given
+        from learner.bc_data import BCData
+
+        bc_data = BCData(policy, pre, cfg.bc, cfg.offline_dataset, seed=cfg.seed)
+        if bc_data.offline is None:
+            logging.info(
+                "algorithm.bc_coef=%g and no --offline_dataset.root: the BC term trains on teleoperator "
+                "interventions only; until the first one arrives, updates have no BC term",
+                cfg.algorithm.bc_coef,
+            )
+    algo = PiRLAlgorithm(policy, cfg.algorithm.plain(), demo_iterator=None if bc_data is None else iter(bc_data))
     wal = RecordLog(out / "wal", fsync=cfg.intake.wal_fsync)
     store = RolloutStore(
         PolicyShapes.from_policy(policy),
@@ -78,6 +89,7 @@ def serve(cfg: LearnerConfig) -> int:
         max_record_bytes=cfg.intake.max_record_bytes,
         wal=wal,
         max_sequence_ahead=cfg.intake.max_sequence_ahead,
+        require_outcome=cfg.trainer.require_outcome,
     )
     publisher = Publisher()
     if cfg.trainer.eval_every:
@@ -108,6 +120,7 @@ def serve(cfg: LearnerConfig) -> int:
         post,
         evaluator,
         tensorrt=trt_settings,
+        bc_data=bc_data,
     )
     if picker is not None:
         trainer.resume(picker)  # the state of the same checkpoint (or an older one if that one does not load)

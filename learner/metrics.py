@@ -8,7 +8,11 @@ LEARNER_ACCEPTED = Counter("pirl_learner_rollouts_accepted_total", "Rollout reco
 LEARNER_REJECTED = Counter("pirl_learner_rollouts_rejected_total", "Rollout records rejected, by reason", ["reason"])
 # every reason the service and the store reject with; exported at 0 from the start so that rate() and
 # increase() see the first rejection (a series born at 1 has no increase) and alerts can rely on it
-REJECT_REASONS = refusals.REASONS
+REJECT_REASONS = (
+    *refusals.REASONS,
+    # an episode's last record without an outcome label while --trainer.require_outcome is on
+    *(r for r in ("no_outcome",) if r not in refusals.REASONS),
+)
 LEARNER_DUPLICATES = Counter("pirl_learner_rollouts_duplicate_total", "Resent records acked again as duplicates")
 # set whenever a robot registers, heartbeats, subscribes or streams a record: a stopped edge's own
 # /metrics disappears with it, so "sync stale" for a robot that is down is seen from here
@@ -43,6 +47,22 @@ LEARNER_PUBLISH_SECONDS = Histogram(
 )
 LEARNER_EPISODES_PENDING = Gauge("pirl_learner_episodes_pending", "Complete episodes waiting for the next update")
 LEARNER_STALE_EPISODES = Counter("pirl_learner_stale_episodes_total", "Episodes dropped for policy-version lag")
+# people in the loop: teleoperator interventions (never PPO samples; BC samples from their first tick) and
+# outcome labels (an operator's ABORT drops the whole episode)
+LEARNER_INTERVENED_STEPS = Counter(
+    "pirl_learner_intervened_steps_total", "Accepted macro-steps a teleoperator drove (left out of the PPO loss)"
+)
+LEARNER_ABORTED_EPISODES = Counter(
+    "pirl_learner_aborted_episodes_total", "Complete episodes an operator aborted (label ABORT): never trained on"
+)
+BC_SAMPLES = Counter(
+    "pirl_learner_bc_samples_total",
+    "Samples the BC term trained on, by source (intervention: teleoperated actions; offline: --offline_dataset)",
+    ["source"],
+)
+BC_SOURCES = ("intervention", "offline")  # BC_SAMPLES' label values, exported at 0 from the start
+BC_BUFFER = Gauge("pirl_learner_bc_intervention_samples", "Intervention samples in the BC buffer")
+PPO_BC_LOSS = Gauge("pirl_learner_bc_loss", "Flow-matching BC loss of the last update (algorithm.bc_coef > 0)")
 PPO_APPROX_KL = Gauge("pirl_learner_approx_kl", "Approximate KL of the last update")
 PPO_CLIP_FRACTION = Gauge("pirl_learner_clip_fraction", "Clip fraction of the last update")
 PPO_ENTROPY = Gauge("pirl_learner_entropy", "Mean per-element sampler entropy (Flow-Noise)")

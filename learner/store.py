@@ -14,6 +14,7 @@ import grpc
 import numpy as np
 import torch
 
+from learner import metrics
 from lerobot_policy_pi_rl.rollout import RolloutBatch
 from pirl.codec import WireError, from_tensor_msg, spec_msg
 from pirl.logs import some
@@ -42,6 +43,9 @@ class PolicyShapes:
     noise_method: str
     n_action_steps: int
     token_limit: int = 0  # integer observations (token ids) must lie in [0, token_limit)
+    # the robot's action dim (the policy's output_features["action"]): an intervention's executed actions
+    # are [env_steps, action_dim]; 0: not checked
+    action_dim: int = 0
 
     @classmethod
     def from_policy(cls, policy) -> PolicyShapes:
@@ -54,6 +58,7 @@ class PolicyShapes:
             c.noise_method,
             c.n_action_steps,
             token_limit=getattr(policy.backbone, "vocab_size", 0),
+            action_dim=c.action_dim,
         )
 
     def to_msg(self) -> pirl_pb2.PolicySpec:
@@ -88,6 +93,23 @@ class Step:
     env_steps: int
     final_observation: dict[str, np.ndarray] | None
     raw: bytes = b""  # the record as received (kept for the write-ahead log / checkpoint)
+    # a teleoperator drove at least one tick: the sampled chunk is not what ran (no PPO sample; BC from
+    # tick 0 on when teleop[0])
+    intervened: bool = False
+    executed: np.ndarray | None = None  # [env_steps, action_dim] float32 actions sent, robot units (intervention)
+    teleop: np.ndarray | None = None  # [env_steps] bool: ticks the teleoperator drove (intervention)
+    # who decided the outcome and what it was (pirl.v1.EpisodeLabel enum values; 0: no label)
+    label_source: int = 0
+    label_verdict: int = 0
+    detector_score: float = 0.0
+
+    @property
+    def labelled(self) -> bool:
+        return self.label_verdict != 0
+
+    @property
+    def aborted(self) -> bool:
+        return self.label_verdict == pirl_pb2.EpisodeLabel.ABORT
 
 
 def decode_record(rec: pirl_pb2.RolloutRecord, shapes: PolicyShapes, max_bytes: int) -> Step:
@@ -144,6 +166,8 @@ def decode_record(rec: pirl_pb2.RolloutRecord, shapes: PolicyShapes, max_bytes: 
         final = obs_map(rec.final_observation, "final_observation")
     elif len(rec.final_observation):
         raise bad("final_observation is only allowed on a truncated step")
+    label = _decode_label(rec, bad)
+    executed, teleop = _decode_intervention(rec, shapes, max_bytes, bad)
     return Step(
         seq=rec.sequence,
         step_index=rec.step_index,
@@ -160,7 +184,58 @@ def decode_record(rec: pirl_pb2.RolloutRecord, shapes: PolicyShapes, max_bytes: 
         success=rec.success,
         env_steps=rec.env_steps,
         final_observation=final,
+        intervened=teleop is not None and bool(teleop.any()),
+        executed=executed,
+        teleop=teleop,
+        label_source=label[0],
+        label_verdict=label[1],
+        detector_score=label[2],
     )
+
+
+def _decode_label(rec: pirl_pb2.RolloutRecord, bad) -> tuple[int, int, float]:
+    """(source, verdict, detector score) of the record's EpisodeLabel; (0, 0, 0.0) without one."""
+    if not rec.HasField("label"):
+        return 0, 0, 0.0
+    lab = rec.label
+    E = pirl_pb2.EpisodeLabel
+    if not (rec.terminated or rec.truncated):
+        raise bad("label is only allowed on an episode's last record (terminated or truncated)")
+    # proto3 enums are open: a peer can send any integer
+    sources = [v for v in E.Source.values() if v != E.SOURCE_UNSPECIFIED]
+    verdicts = [v for v in E.Verdict.values() if v != E.VERDICT_UNSPECIFIED]
+    if lab.source not in sources:
+        raise bad(f"label.source is {lab.source}; must be one of {[E.Source.Name(v) for v in sources]}")
+    if lab.verdict not in verdicts:
+        raise bad(f"label.verdict is {lab.verdict}; must be one of {[E.Verdict.Name(v) for v in verdicts]}")
+    if not (math.isfinite(lab.detector_score) and 0.0 <= lab.detector_score <= 1.0):
+        raise bad(f"label.detector_score must be a probability in [0, 1] (got {lab.detector_score})")
+    return lab.source, lab.verdict, float(lab.detector_score)
+
+
+def _decode_intervention(
+    rec: pirl_pb2.RolloutRecord, shapes: PolicyShapes, max_bytes: int, bad
+) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """(executed [env_steps, action_dim] float32, teleop [env_steps] bool), or (None, None) without one."""
+    if not rec.HasField("intervention"):
+        return None, None
+    n = rec.env_steps
+    try:
+        executed = from_tensor_msg(
+            rec.intervention.executed,
+            expect_dtype="float32",
+            expect_shape=(n, shapes.action_dim or None),
+            max_bytes=max_bytes,
+        )
+    except WireError as e:
+        raise bad(f"intervention.executed ([env_steps={n}, action_dim={shapes.action_dim or '?'}]): {e}") from None
+    try:
+        teleop = from_tensor_msg(rec.intervention.teleop, expect_dtype="bool", expect_shape=(n,), max_bytes=max_bytes)
+    except WireError as e:
+        raise bad(f"intervention.teleop ([env_steps={n}]): {e}") from None
+    if not np.isfinite(executed).all():
+        raise bad("intervention.executed has non-finite values")
+    return executed, teleop.astype(bool)
 
 
 class AckedSequences:
@@ -220,8 +295,11 @@ class RolloutStore:
         max_record_bytes: int,
         wal=None,
         max_sequence_ahead: int = DEFAULT_MAX_SEQUENCE_AHEAD,
+        require_outcome: bool = False,
     ):
         self.shapes = shapes
+        # refuse an episode's last record without an EpisodeLabel (trainer.require_outcome)
+        self.require_outcome = require_outcome
         self.wal = wal  # learner.wal.RecordLog: every accepted record is logged before its ack
         self.max_version_lag = max_version_lag
         self.max_record_bytes = max_record_bytes
@@ -233,7 +311,8 @@ class RolloutStore:
         self._acked: dict[str, AckedSequences] = defaultdict(AckedSequences)
         self._open: dict[tuple[str, str], Episode] = {}
         self._complete: list[Episode] = []
-        self.counts = defaultdict(int)  # accepted, duplicate, rejected_<reason>, episodes, stale_episodes
+        # accepted, duplicate, rejected_<reason>, episodes, stale_episodes, intervened_steps, aborted_episodes
+        self.counts = defaultdict(int)
 
     # --- intake (gRPC threads) --------------------------------------------------------------------
 
@@ -285,6 +364,15 @@ class RolloutStore:
                 f"{current} and accepts a lag of {self.max_version_lag}",
             )
         step = decode_record(rec, self.shapes, self.max_record_bytes)
+        if self.require_outcome and (step.terminated or step.truncated) and not step.labelled:
+            raise RecordError(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                "no_outcome",
+                f"record seq={rec.sequence} ends episode {rec.episode_id!r} without an outcome label, and this learner "
+                "requires one (--trainer.require_outcome=true): start the edge with an outcome source (operator "
+                "labels or a success detector: pirl-edge --episode.outcome=operator or --episode.outcome=detector), "
+                "or run the learner with --trainer.require_outcome=false",
+            )
         step.raw = raw or rec.SerializeToString()
         with self._lock:
             if step.seq in self._acked[robot_id]:  # a concurrent resend won the race
@@ -294,6 +382,9 @@ class RolloutStore:
                 self.wal.append(robot_id, step.raw)
             self._insert(robot_id, rec.episode_id, step)
             self.counts["accepted"] += 1
+            if step.intervened:
+                self.counts["intervened_steps"] += 1
+                metrics.LEARNER_INTERVENED_STEPS.inc()
             return pirl_pb2.RolloutAck.ACCEPTED
 
     def restore(self, robot_id: str, raw: bytes, *, pending: bool) -> bool:
@@ -311,6 +402,7 @@ class RolloutStore:
                 if step.seq in self._acked[robot_id]:
                     return False
                 self.counts["accepted"] += 1  # accepted after the checkpoint's counts were taken
+                self.counts["intervened_steps"] += step.intervened
             self._insert(robot_id, rec.episode_id, step)
             return True
 
@@ -347,20 +439,32 @@ class RolloutStore:
         with self._lock:
             return self._lock.wait_for(lambda: len(self._complete) >= n, timeout=timeout)
 
-    def take_episodes(self, n: int) -> list[Episode]:
-        """Up to ``n`` complete episodes whose every step is within the allowed version lag."""
+    def take_episodes(self, n: int, *, whole: bool = False) -> list[Episode]:
+        """Up to ``n`` complete episodes whose every step is within the allowed version lag (``whole``: ``n``
+        or none, the fresh ones staying for the next call). Stale episodes and episodes an operator aborted
+        (label verdict ABORT) are dropped here; an aborted one is never trained on (neither PPO nor BC)."""
         with self._lock:
-            fresh, stale = [], []
+            fresh, stale, aborted = [], [], 0
             for ep in self._complete:
+                if ep.steps[-1].aborted:
+                    aborted += 1
+                    continue
                 ok = min(s.version for s in ep.steps) >= self.version - self.max_version_lag
                 (fresh if ok else stale).append(ep)
+            self.counts["aborted_episodes"] += aborted
+            metrics.LEARNER_ABORTED_EPISODES.inc(aborted)
             self.counts["stale_episodes"] += len(stale)
-            take, self._complete = fresh[:n], fresh[n:]
+            metrics.LEARNER_STALE_EPISODES.inc(len(stale))
+            if whole and len(fresh) < n:  # keep them: the update waits for a full batch
+                take, self._complete = [], fresh
+            else:
+                take, self._complete = fresh[:n], fresh[n:]
             # unfinished episodes that can no longer complete within the lag: forget them
             oldest = self.version - self.max_version_lag
             for key in [k for k, ep in self._open.items() if ep.steps[-1].version < oldest]:
                 del self._open[key]
                 self.counts["stale_episodes"] += 1
+                metrics.LEARNER_STALE_EPISODES.inc()
             return take
 
     def set_version(self, version: int) -> None:
@@ -399,7 +503,8 @@ class RolloutStore:
 
 
 def episodes_to_batch(episodes: list[Episode], policy) -> RolloutBatch:
-    """Time-major RolloutBatch (padded with invalid steps) from complete episodes."""
+    """Time-major RolloutBatch (padded with invalid steps) from complete episodes; ``intervened`` marks the
+    macro-steps a teleoperator drove (in the GAE, out of every loss)."""
     n = len(episodes)
     T = max(len(ep.steps) for ep in episodes)
     K1, H, D = episodes[0].steps[0].chain.shape
@@ -409,7 +514,7 @@ def episodes_to_batch(episodes: list[Episode], policy) -> RolloutBatch:
     chains = torch.zeros(T, n, K1, H, D)
     stochastic = torch.zeros(T, n, K1 - 1, dtype=torch.bool)
     f = {name: torch.zeros(T, n) for name in ("noise_level", "log_prob", "value", "reward", "bootstrap")}
-    b = {name: torch.zeros(T, n, dtype=torch.bool) for name in ("terminated", "truncated", "valid")}
+    b = {name: torch.zeros(T, n, dtype=torch.bool) for name in ("terminated", "truncated", "valid", "intervened")}
     returns, success = torch.zeros(n), torch.zeros(n, dtype=torch.bool)
     final_obs: dict[str, list] = {k: [] for k in obs_keys}
     final_at: list[tuple[int, int]] = []
@@ -423,6 +528,7 @@ def episodes_to_batch(episodes: list[Episode], policy) -> RolloutBatch:
             f["noise_level"][t, j], f["log_prob"][t, j], f["value"][t, j] = s.noise_level, s.log_prob, s.value
             f["reward"][t, j] = s.reward
             b["terminated"][t, j], b["truncated"][t, j], b["valid"][t, j] = s.terminated, s.truncated, True
+            b["intervened"][t, j] = s.intervened
             returns[j] += s.reward
             success[j] |= s.success
             env_steps += s.env_steps
@@ -452,4 +558,5 @@ def episodes_to_batch(episodes: list[Episode], policy) -> RolloutBatch:
         episode_success=success,
         group_ids=torch.arange(n),
         env_steps=env_steps,
+        intervened=b["intervened"],
     )

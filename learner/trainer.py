@@ -52,6 +52,11 @@ class TrainerSettings:
     # tensorrt with its builder and a GPU here; edges use it only when their TensorRT version, GPU and
     # tensorrt settings match: give the learner the same --tensorrt.* values as the edges)
     export_tensorrt: bool = False
+    # refuse (FAILED_PRECONDITION, reason no_outcome) an episode's last record that carries no outcome label
+    # (pirl.v1.EpisodeLabel: an operator's verdict, a success detector's, or the time limit): on a real robot an
+    # episode nobody judged has no trustworthy success or reward. Edges then need an outcome source (operator
+    # labels or a success detector); off: the records' own reward and success are taken as they are
+    require_outcome: bool = False
 
     def __post_init__(self):
         one, zero = ("episodes_per_update", "eval_episodes", "keep_checkpoints"), ("max_updates", "eval_every")
@@ -130,12 +135,14 @@ class Trainer:
         postprocessor=None,
         evaluator=None,
         tensorrt=None,  # pirl.export.trt_engine.TensorRTSettings of the engines (settings.export_tensorrt)
+        bc_data=None,  # learner.bc_data.BCData: interventions of every batch join its buffer (algorithm.bc_coef > 0)
     ):
         self.algo, self.store, self.publisher = algorithm, store, publisher
         self.output_dir = Path(output_dir)
         self.settings = settings
         self.pre, self.post = preprocessor, postprocessor
         self.evaluator = evaluator  # callable(policy) -> success in [0, 1], or None
+        self.bc_data = bc_data
         self.version = 0
         self.frozen_sha256 = algorithm.policy.frozen_sha256()  # what RL never changes: hashed once
         self.engines = None
@@ -300,9 +307,10 @@ class Trainer:
                 metrics.LEARNER_EPISODES_PENDING.set(self.store.pending_episodes())
                 if not self.store.wait_for_episodes(s.episodes_per_update, timeout=0.5):
                     continue
-                episodes = self.store.take_episodes(s.episodes_per_update)
+                # all or none: when some were stale or aborted (dropped), the fresh ones wait for more
+                episodes = self.store.take_episodes(s.episodes_per_update, whole=True)
                 if len(episodes) < s.episodes_per_update:
-                    continue  # some were stale; wait for fresh ones
+                    continue
                 self._update(episodes)
                 if self._reached_target():
                     log.info("deterministic success reached the target %.2f: updates stop", s.target_success)
@@ -330,6 +338,8 @@ class Trainer:
 
     def _update(self, episodes) -> None:
         start = time.monotonic()
+        if self.bc_data is not None:  # before the update: this batch's interventions are BC data at once
+            self.bc_data.add_episodes(episodes)
         batch = episodes_to_batch(episodes, self.algo.policy)
         level = self.algo.policy.config.noise_level_at(self.algo.num_updates)
         stats = self.algo.update_on(batch)
@@ -353,6 +363,7 @@ class Trainer:
             (metrics.PPO_VALUE_LOSS, "value_loss"),
             (metrics.PPO_EXPLAINED_VARIANCE, "explained_variance"),
             (metrics.PPO_POLICY_LOSS, "policy_loss"),
+            (metrics.PPO_BC_LOSS, "bc_loss"),
         ):
             if key in d and d[key] == d[key]:
                 gauge.set(d[key])
@@ -367,12 +378,17 @@ class Trainer:
             **d,
         }
         self.history.append(row)
+        bc = ""
+        if self.algo.config.bc_coef > 0:  # the BC term's loss and what it trained on (none yet: no data)
+            bc = f", bc_loss {d.get('bc_loss', float('nan')):.4f} on {int(d.get('bc_samples', 0))} samples"
         log.info(
-            "version %d: rollout success %.3f, approx_kl %.4f, clip %.3f (%.2fs)",
+            "version %d: rollout success %.3f, approx_kl %.4f, clip %.3f, %d intervened steps left out%s (%.2fs)",
             self.version,
             batch.success_rate,
             d.get("approx_kl", float("nan")),
             d.get("clip_fraction", float("nan")),
+            int(d.get("intervened", 0)),
+            bc,
             time.monotonic() - start,
         )
         if self.evaluator is not None and self.settings.eval_every and self.version % self.settings.eval_every == 0:

@@ -93,8 +93,9 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
     # length of the cosine schedule in updates (not the loop length; that is `LearnSettings.iterations`).
     total_updates: int = 500
 
-    # weight of a flow-matching BC loss on batches from `demo_iterator`, added to the actor loss. `run_pirl` passes
-    # no `demo_iterator`, so it only works when `PiRLAlgorithm` is built directly.
+    # weight of a flow-matching BC loss on batches from `demo_iterator`, added to the actor loss (a batch of None:
+    # no BC term for that minibatch). `run_pirl` passes no `demo_iterator`, so it only works when `PiRLAlgorithm`
+    # is built directly; `pirl-learner` builds one from teleoperator interventions and `--offline_dataset`.
     bc_coef: float = 0.0
 
     # with the prefix frozen (`rl_train_prefix=False`), compute every sample's prefix (a VLA's KV cache) once per
@@ -211,9 +212,14 @@ class PiRLAlgorithm(RLAlgorithm):
         return self.update_on(next(batch_iterator))
 
     def compute_advantages(self, rollouts: RolloutBatch) -> tuple[Tensor, Tensor, Tensor]:
-        """(advantages, returns, sample weight mask) ``[T, N]`` for the configured estimator."""
+        """(advantages, returns, sample weight mask) ``[T, N]`` for the configured estimator.
+
+        GAE runs over every valid step, intervened ones included (their rewards and values are part of the
+        episode); the mask, and the advantage normalisation, keep only the steps whose sampled chunk ran
+        (``rollouts.trainable``): a chunk a teleoperator overrode has no ratio to clip."""
         c = self.config
         valid = rollouts.valid
+        trainable = rollouts.trainable
         if c.advantage_estimator == "ppo":
             adv, ret = compute_gae(
                 rollouts.rewards,
@@ -226,13 +232,13 @@ class PiRLAlgorithm(RLAlgorithm):
                 c.gae_lambda,
             )
             if c.normalize_advantages:
-                adv = normalize_advantages(adv, valid)
-            return adv, ret, valid
+                adv = normalize_advantages(adv, trainable)
+            return adv, ret, trainable
         # GRPO: one advantage per episode, broadcast to its macro-steps
         adv_ep, _, _ = grpo_advantages(rollouts.episode_returns, rollouts.group_ids)
         _, group_success, _ = grpo_advantages(rollouts.episode_success.float(), rollouts.group_ids)
         keep = (group_success >= c.grpo_filter_low) & (group_success <= c.grpo_filter_high)
-        mask = valid & keep.unsqueeze(0)
+        mask = trainable & keep.unsqueeze(0)
         adv = torch.where(mask, adv_ep.unsqueeze(0).expand_as(valid), torch.zeros_like(rollouts.rewards))
         return adv, torch.zeros_like(adv), mask
 
@@ -252,6 +258,7 @@ class PiRLAlgorithm(RLAlgorithm):
         data["advantages"], data["returns"] = adv[mask], ret[mask]
         n = data["advantages"].shape[0]
         stats = TrainingStats(extra={"samples": float(n), "num_updates": float(self.num_updates)})
+        stats.extra["intervened"] = float((rollouts.valid & rollouts.intervened).sum())  # left out of the loss
         if n == 0:  # e.g. GRPO with every group filtered out
             stats.extra["skipped"] = 1.0
             self.num_updates += 1
@@ -270,6 +277,7 @@ class PiRLAlgorithm(RLAlgorithm):
                 "approx_kl",
                 "clip_fraction",
                 "bc_loss",
+                "bc_samples",
                 "actor",
                 "critic",
             )
@@ -309,11 +317,16 @@ class PiRLAlgorithm(RLAlgorithm):
                 if policy.config.noise_method == "flow_noise" and c.entropy_coef > 0:
                     loss = loss - c.entropy_coef * entropy
 
-                # hybrid online + offline: flow-matching BC on demonstrations
+                # hybrid online + offline: flow-matching BC on demonstrations. An iterator that has no
+                # data yet (a learner before the first intervention, with no offline set) yields None:
+                # this minibatch has no BC term
                 if c.bc_coef > 0:
-                    bc_loss = policy.flow_matching_loss(next(self.demo_iterator))
-                    loss = loss + c.bc_coef * bc_loss
-                    logs["bc_loss"].append(bc_loss.item())
+                    demo = next(self.demo_iterator, None)
+                    if demo is not None:
+                        bc_loss = policy.flow_matching_loss(demo)
+                        loss = loss + c.bc_coef * bc_loss
+                        logs["bc_loss"].append(bc_loss.item())
+                        logs["bc_samples"].append(float(demo["action"].shape[0]))
 
                 for opt in self.optimizers.values():
                     opt.zero_grad(set_to_none=True)
@@ -350,6 +363,8 @@ class PiRLAlgorithm(RLAlgorithm):
             early_stopped=float(stop),
             actor_lr=self.optimizers["actor"].param_groups[0]["lr"],
         )
+        if c.bc_coef > 0:  # demonstration samples the BC term saw over the update (0: none yet)
+            stats.extra["bc_samples"] = float(sum(logs["bc_samples"]))
         if c.advantage_estimator == "ppo":
             stats.extra["explained_variance"] = explained_variance(data["values"], data["returns"])
         return stats

@@ -43,6 +43,23 @@ class RolloutBatch:
     env_steps: int = 0  # environment steps executed
     # "final_observation": normalised obs [N, ...] each env ended on; "step_env_steps": [T, N]
     info: dict = field(default_factory=dict)
+    # [T, N] bool: a person's teleoperator drove (part of) this macro-step, so its sampled chunk is not what
+    # ran: GAE runs through it (its reward and value still count) but no loss term uses it. None: all False
+    # (simulation, in-process run_pirl).
+    intervened: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if self.intervened is None:
+            self.intervened = torch.zeros_like(self.valid, dtype=torch.bool)
+        elif self.intervened.shape != self.valid.shape:
+            raise ValueError(
+                f"intervened has shape {tuple(self.intervened.shape)}; it must match valid {tuple(self.valid.shape)}"
+            )
+
+    @property
+    def trainable(self) -> Tensor:
+        """``[T, N]`` bool: the steps whose sampled chunk ran (valid and not intervened): the loss samples."""
+        return self.valid & ~self.intervened
 
     def check_finite(self) -> None:
         """Refuse NaN/inf anywhere the update reads, naming the field."""

@@ -16,7 +16,16 @@ from __future__ import annotations
 import grpc
 
 # every reason the learner refuses a record with (the label values of both sides' refusal counters)
-REASONS = ("malformed", "oversized", "invalid", "robot_mismatch", "future_version", "stale_version", "sequence_ahead")
+REASONS = (
+    "malformed",
+    "oversized",
+    "invalid",
+    "robot_mismatch",
+    "future_version",
+    "stale_version",
+    "sequence_ahead",
+    "no_outcome",
+)
 
 # trailing-metadata keys (gRPC metadata keys are lower case)
 REFUSED_RECORD = "pirl-refused-record"  # the reason the learner refused the record it was reading

@@ -18,7 +18,7 @@ class PirlSimExpertConfig(TeleoperatorConfig):
     ``--robot.id``): it reads that robot's state through the process-wide registry (``registry.py``)."""
 
     # std of the Gaussian noise added to each action, as a fraction of the action's half-range (0.2 m for x / y,
-    # 50 % for the gripper); 0: the noiseless expert
+    # 50 percent for the gripper); 0: the noiseless expert
     noise_std: float = 0.0
     # seed of the noise generator; None: fresh entropy
     seed: int | None = None

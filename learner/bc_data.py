@@ -1,0 +1,223 @@
+"""The learner's behaviour-cloning data: teleoperator interventions and offline demonstrations.
+
+With ``--algorithm.bc_coef > 0`` every PPO minibatch adds ``bc_coef`` times the policy's flow-matching loss
+on one BC batch (``PiRLAlgorithm.demo_iterator``). Its samples come from two sources:
+
+* **interventions**: a macro-step whose first tick a person's teleoperator drove (``teleop[0]``) is one
+  sample: the record's normalised observation at decision time, and the teleoperated actions from tick 0
+  up to the first tick the policy drove again, normalised with the policy's own action statistics (its
+  pre-processor) and padded to ``chunk_size`` (``action_is_pad``). Samples join the buffer when their
+  episode is taken for an update (complete, within the version lag, not aborted: an aborted episode is
+  never trained on); the bounded buffer keeps the newest ``bc.buffer_size`` and starts empty after a
+  restart. Such a macro-step is never a PPO sample (its chunk is not what ran).
+* **offline demonstrations** (``--offline_dataset.root=DIR``): a local LeRobotDataset, loaded with the
+  policy's delta timestamps and run through its pre-processor exactly as ``lerobot-train`` feeds SFT.
+
+Each BC batch takes ``bc.offline_fraction`` of its ``bc.batch_size`` samples from the offline set and the
+rest from the buffer when both have data; with one source, all of them from it; with none yet (no
+intervention so far, no offline set) the iterator yields None and the minibatch has no BC term.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from learner import metrics
+from pirl.cli import require
+
+log = logging.getLogger(__name__)
+
+ACTION, PAD = "action", "action_is_pad"
+
+
+@dataclass
+class OfflineDatasetConfig:
+    """Offline demonstrations for the BC term: a local LeRobotDataset (``--offline_dataset.root=DIR``)."""
+
+    # a local LeRobotDataset directory (meta/, data/) whose frames join the BC term (needs algorithm.bc_coef
+    # > 0); its features must hold the policy's inputs and its action (None: no offline demonstrations)
+    root: str | None = None
+    # the dataset's repo id, as LeRobot names it (read from ROOT only, never downloaded)
+    repo_id: str = "local/offline_demos"
+
+    def __post_init__(self):
+        if self.root is not None and not (Path(self.root) / "meta" / "info.json").is_file():
+            raise ValueError(
+                f"offline_dataset.root: {self.root} is not a LeRobotDataset (no meta/info.json); give the directory "
+                "lerobot-record or LeRobotDataset.create wrote"
+            )
+
+
+@dataclass
+class BCSettings:
+    """Where the BC term's samples come from (``algorithm.bc_coef > 0``): interventions and offline demos."""
+
+    # samples in one BC batch (one BC batch per PPO minibatch)
+    batch_size: int = 32
+    # share of a BC batch taken from the offline dataset when both sources have data (the rest: interventions);
+    # with only one source the whole batch comes from it
+    offline_fraction: float = 0.5
+    # intervention samples kept for BC (the oldest are dropped first); the buffer starts empty after a restart
+    buffer_size: int = 4096
+
+    def __post_init__(self):
+        require(self, "bc", at_least={"batch_size": 1, "buffer_size": 1})
+        if not 0.0 <= self.offline_fraction <= 1.0:
+            raise ValueError(f"bc.offline_fraction: must be in [0, 1] (got {self.offline_fraction})")
+
+
+def action_normalizer(preprocessor):
+    """``f(actions [..., action_dim] robot units) -> normalised`` with the pre-processor's own statistics
+    (its NormalizerProcessorStep, what SFT normalised the dataset's actions with)."""
+    from lerobot.processor import NormalizerProcessorStep, TransitionKey
+    from lerobot.processor.converters import create_transition
+
+    steps = [s for s in getattr(preprocessor, "steps", []) if isinstance(s, NormalizerProcessorStep)]
+    if not steps:
+        raise ValueError("the policy's pre-processor has no normalisation step: cannot normalise teleoperated actions")
+    step = steps[-1]
+    return lambda actions: step(create_transition(action=actions))[TransitionKey.ACTION]
+
+
+class OfflineDemos:
+    """Random frames of a local LeRobotDataset as pre-processed SFT batches (what lerobot-train feeds)."""
+
+    def __init__(self, cfg: OfflineDatasetConfig, policy, preprocessor, keys: list[str], generator: torch.Generator):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")  # a local dataset: never reach for the hub
+        from lerobot.datasets.factory import resolve_delta_timestamps
+        from lerobot.datasets.lerobot_dataset import LeRobotDataset, LeRobotDatasetMetadata
+
+        meta = LeRobotDatasetMetadata(cfg.repo_id, root=cfg.root)
+        needed = [*(policy.config.input_features or {}), ACTION]
+        missing = [k for k in needed if k not in meta.features]
+        if missing:
+            raise ValueError(
+                f"offline_dataset.root: {cfg.root} has no {missing} (the policy reads {needed}; the dataset has "
+                f"{sorted(meta.features)})"
+            )
+        action_shape = tuple(meta.features[ACTION]["shape"])
+        if action_shape != (policy.config.action_dim,):
+            raise ValueError(
+                f"offline_dataset.root: {cfg.root}'s actions have shape {action_shape}; the policy's are "
+                f"({policy.config.action_dim},): demonstrations of another robot or action space"
+            )
+        self.dataset = LeRobotDataset(
+            cfg.repo_id, root=cfg.root, delta_timestamps=resolve_delta_timestamps(policy.config, meta)
+        )
+        if len(self.dataset) == 0:
+            raise ValueError(f"offline_dataset.root: {cfg.root} holds no frames")
+        from lerobot.utils.collate import lerobot_collate_fn
+        from torch.utils.data import default_collate
+
+        self.collate = lerobot_collate_fn if meta.has_language_columns else default_collate
+        self.pre, self.keys, self.generator = preprocessor, keys, generator
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def batch(self, n: int) -> dict[str, Tensor]:
+        idx = torch.randint(len(self.dataset), (n,), generator=self.generator).tolist()
+        batch = self.pre(self.collate([self.dataset[i] for i in idx]))
+        return {k: batch[k] for k in self.keys}
+
+
+class BCData:
+    """The intervention buffer and the optional offline set; ``iter(bc_data)`` is the algorithm's
+    ``demo_iterator`` (it yields a batch on the policy's device, or None while there is no data)."""
+
+    def __init__(
+        self,
+        policy,
+        preprocessor,
+        settings: BCSettings,
+        offline: OfflineDatasetConfig | None = None,
+        seed: int = 0,
+    ):
+        c = policy.config
+        self.settings = settings
+        self.device = policy.action_mask.device  # the policy's: where the BC loss runs
+        self.chunk_size, self.action_dim = c.chunk_size, c.action_dim
+        self.obs_keys = list(c.observation_spec())  # what a record carries, and all the policy reads
+        self.normalize = action_normalizer(preprocessor)
+        self.generator = torch.Generator().manual_seed(seed)
+        # (observation, normalised actions [chunk_size, action_dim], action_is_pad [chunk_size]) on the CPU
+        self.buffer: deque[tuple[dict[str, Tensor], Tensor, Tensor]] = deque(maxlen=settings.buffer_size)
+        self.offline = None
+        if offline is not None and offline.root is not None:
+            self.offline = OfflineDemos(offline, policy, preprocessor, [*self.obs_keys, ACTION, PAD], self.generator)
+            log.info("BC: %d offline demonstration frames from %s", len(self.offline), offline.root)
+        for source in metrics.BC_SOURCES:
+            metrics.BC_SAMPLES.labels(source=source)
+
+    # --- interventions --------------------------------------------------------------------------
+
+    def sample_of(self, step) -> tuple[dict[str, Tensor], Tensor, Tensor] | None:
+        """The BC sample of one macro-step (``learner.store.Step``), or None when its first tick was not
+        teleoperated (the observation at decision time is then not what the operator acted on)."""
+        if step.teleop is None or not step.teleop.size or not step.teleop[0]:
+            return None
+        ran = int(np.argmin(step.teleop)) if not step.teleop.all() else step.teleop.size  # up to the first policy tick
+        n = min(ran, self.chunk_size)
+        executed = torch.from_numpy(np.ascontiguousarray(step.executed[:n], dtype=np.float32))
+        with torch.no_grad():
+            normalised = self.normalize(executed.to(self.device)).float().cpu()
+        actions = torch.zeros(self.chunk_size, self.action_dim)
+        actions[:n] = normalised
+        pad = torch.ones(self.chunk_size, dtype=torch.bool)
+        pad[:n] = False
+        obs = {k: torch.from_numpy(step.observation[k]) for k in self.obs_keys}
+        return obs, actions, pad
+
+    def add_episodes(self, episodes) -> int:
+        """Buffer the intervention samples of ``episodes`` (complete, not aborted); how many were added."""
+        added = 0
+        for ep in episodes:
+            for step in ep.steps:
+                sample = self.sample_of(step)
+                if sample is not None:
+                    self.buffer.append(sample)
+                    added += 1
+        metrics.BC_BUFFER.set(len(self.buffer))
+        return added
+
+    # --- batches --------------------------------------------------------------------------------
+
+    def split(self) -> tuple[int, int]:
+        """(offline, intervention) samples of the next BC batch."""
+        b = self.settings.batch_size
+        if self.offline is None:
+            return 0, b if self.buffer else 0
+        if not self.buffer:
+            return b, 0
+        off = round(b * self.settings.offline_fraction)
+        return off, b - off
+
+    def next_batch(self) -> dict[str, Tensor] | None:
+        n_off, n_int = self.split()
+        if n_off + n_int == 0:
+            return None
+        parts: list[dict[str, Tensor]] = []
+        if n_int:
+            idx = torch.randint(len(self.buffer), (n_int,), generator=self.generator).tolist()
+            picked = [self.buffer[i] for i in idx]
+            part = {k: torch.stack([p[0][k] for p in picked]) for k in self.obs_keys}
+            part[ACTION] = torch.stack([p[1] for p in picked])
+            part[PAD] = torch.stack([p[2] for p in picked])
+            parts.append({k: v.to(self.device) for k, v in part.items()})
+            metrics.BC_SAMPLES.labels(source="intervention").inc(n_int)
+        if n_off:
+            parts.append({k: v.to(self.device) for k, v in self.offline.batch(n_off).items()})
+            metrics.BC_SAMPLES.labels(source="offline").inc(n_off)
+        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+    def __iter__(self):
+        while True:
+            yield self.next_batch()

@@ -67,6 +67,10 @@ class BCSettings:
     offline_fraction: float = 0.5
     # intervention samples kept for BC (the oldest are dropped first); the buffer starts empty after a restart
     buffer_size: int = 4096
+    # also imitate the policy's own successes (self-imitation, success-filtered BC): every macro-step of an
+    # episode that ended in success, not intervened, joins the buffer with the chunk the policy sampled and ran
+    # (its chain's x_0, already normalised). Off: only what people did is imitated
+    successes: bool = False
 
     def __post_init__(self):
         require(self, "bc", at_least={"batch_size": 1, "buffer_size": 1})
@@ -148,8 +152,9 @@ class BCData:
         self.obs_keys = list(c.observation_spec())  # what a record carries, and all the policy reads
         self.normalize = action_normalizer(preprocessor)
         self.generator = torch.Generator().manual_seed(seed)
-        # (observation, normalised actions [chunk_size, action_dim], action_is_pad [chunk_size]) on the CPU
-        self.buffer: deque[tuple[dict[str, Tensor], Tensor, Tensor]] = deque(maxlen=settings.buffer_size)
+        # (observation, normalised actions [chunk_size, action_dim], action_is_pad [chunk_size], source) on the
+        # CPU; source: "intervention", or "success" (bc.successes)
+        self.buffer: deque[tuple[dict[str, Tensor], Tensor, Tensor, str]] = deque(maxlen=settings.buffer_size)
         self.offline = None
         if offline is not None and offline.root is not None:
             self.offline = OfflineDemos(offline, policy, preprocessor, [*self.obs_keys, ACTION, PAD], self.generator)
@@ -176,14 +181,32 @@ class BCData:
         obs = {k: torch.from_numpy(step.observation[k]) for k in self.obs_keys}
         return obs, actions, pad
 
+    def success_sample_of(self, step) -> tuple[dict[str, Tensor], Tensor, Tensor] | None:
+        """The self-imitation sample of one macro-step of a successful episode: the policy's own chunk (the
+        chain's last state, x_0, in the normalised action space) over the ticks it ran; None when intervened."""
+        if step.intervened or step.env_steps < 1:
+            return None
+        n = min(int(step.env_steps), self.chunk_size)
+        actions = torch.zeros(self.chunk_size, self.action_dim)
+        actions[:n] = torch.from_numpy(np.ascontiguousarray(step.chain[-1, :n, : self.action_dim], dtype=np.float32))
+        pad = torch.ones(self.chunk_size, dtype=torch.bool)
+        pad[:n] = False
+        obs = {k: torch.from_numpy(step.observation[k]) for k in self.obs_keys}
+        return obs, actions, pad
+
     def add_episodes(self, episodes) -> int:
-        """Buffer the intervention samples of ``episodes`` (complete, not aborted); how many were added."""
+        """Buffer the intervention samples of ``episodes`` (complete, not aborted), and with ``bc.successes`` the
+        policy's own macro-steps of the successful ones; how many were added."""
         added = 0
         for ep in episodes:
+            success = self.settings.successes and any(s.success for s in ep.steps)
             for step in ep.steps:
                 sample = self.sample_of(step)
+                source = "intervention"
+                if sample is None and success:
+                    sample, source = self.success_sample_of(step), "success"
                 if sample is not None:
-                    self.buffer.append(sample)
+                    self.buffer.append((*sample, source))
                     added += 1
         metrics.BC_BUFFER.set(len(self.buffer))
         return added
@@ -212,7 +235,8 @@ class BCData:
             part[ACTION] = torch.stack([p[1] for p in picked])
             part[PAD] = torch.stack([p[2] for p in picked])
             parts.append({k: v.to(self.device) for k, v in part.items()})
-            metrics.BC_SAMPLES.labels(source="intervention").inc(n_int)
+            for source in {p[3] for p in picked}:
+                metrics.BC_SAMPLES.labels(source=source).inc(sum(p[3] == source for p in picked))
         if n_off:
             parts.append({k: v.to(self.device) for k, v in self.offline.batch(n_off).items()})
             metrics.BC_SAMPLES.labels(source="offline").inc(n_off)

@@ -57,11 +57,14 @@ LEARNER_ABORTED_EPISODES = Counter(
 )
 BC_SAMPLES = Counter(
     "pirl_learner_bc_samples_total",
-    "Samples the BC term trained on, by source (intervention: teleoperated actions; offline: --offline_dataset)",
+    "Samples the BC term trained on, by source (intervention: teleoperated actions; success: the policy's own "
+    "successful chunks, bc.successes; offline: --offline_dataset)",
     ["source"],
 )
-BC_SOURCES = ("intervention", "offline")  # BC_SAMPLES' label values, exported at 0 from the start
-BC_BUFFER = Gauge("pirl_learner_bc_intervention_samples", "Intervention samples in the BC buffer")
+BC_SOURCES = ("intervention", "success", "offline")  # BC_SAMPLES' label values, exported at 0 from the start
+BC_BUFFER = Gauge(
+    "pirl_learner_bc_intervention_samples", "Samples in the BC buffer (interventions, and successes with bc.successes)"
+)
 PPO_BC_LOSS = Gauge("pirl_learner_bc_loss", "Flow-matching BC loss of the last update (algorithm.bc_coef > 0)")
 PPO_APPROX_KL = Gauge("pirl_learner_approx_kl", "Approximate KL of the last update")
 PPO_CLIP_FRACTION = Gauge("pirl_learner_clip_fraction", "Clip fraction of the last update")

@@ -3,6 +3,8 @@
     pirl-bench learn --out=DIR [--noise_method='[flow_sde,flow_noise]'] [--seeds='[0,1,2]'] [--grpo=true]
                      [--denoise_steps='[4]'] [--noise_levels='[0.5]'] [--iterations=200] ...
 
+    pirl-bench robot --out=DIR [--methods='[baseline,small_updates,interventions_bc]'] [--seeds='[0]'] [--target=0.9]
+
     pirl-bench infer --out=DIR [--batch=1] [--iterations=200] [--warmup=20] [--threads=1]
                      [--policy_path=PRETRAINED_DIR] [--noise_method=flow_sde] [--backends='[torch_eager]']
 
@@ -19,6 +21,10 @@ Runtime CPU; with CUDA also PyTorch eager CUDA, the torch sampler replayed as a 
 torch.compile, ONNX Runtime CUDA, and TensorRT (the backend's own strongly typed engine, plain
 enqueue and CUDA-graph replay); each one that cannot run is listed under "skipped" with the reason.
 Writes DIR/infer.json.
+
+``robot``: episodes and robot-time from few-shot SFT to a success target on ONE simulated robot with a
+scripted person labelling and taking over, learner and edge as processes (pirl_tools/bench_robot.py);
+writes DIR/robot.json and DIR/robot.png.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ from pathlib import Path
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides, builtin_task_algorithm_config
 from lerobot_policy_pi_rl.samplers import NOISE_METHODS, RL_NOISE_METHODS
 from pirl.cli import parse_config, require, run_cli, write_json
+from pirl_tools import bench_robot
+from pirl_tools.bench_robot import BenchRobotConfig
 from pirl_tools.common import plot_curves, sft_checkpoint
 
 
@@ -676,7 +684,15 @@ class BenchInferConfig:
             raise ValueError(f"backends: unknown {unknown}; choices: {', '.join(INFER_BACKENDS)}")
 
 
-COMMANDS = {"learn": (BenchLearnConfig, "_learn"), "infer": (BenchInferConfig, "_infer")}
+def _robot(cfg: BenchRobotConfig, command: str) -> int:
+    return bench_robot.run(cfg, command)
+
+
+COMMANDS = {
+    "learn": (BenchLearnConfig, "_learn"),
+    "infer": (BenchInferConfig, "_infer"),
+    "robot": (BenchRobotConfig, "_robot"),
+}
 
 
 def main() -> None:
@@ -685,7 +701,7 @@ def main() -> None:
     argv = sys.argv[1:]
     if not argv or argv[0] not in COMMANDS:
         if argv and argv[0] in ("-h", "--help"):
-            print("usage: pirl-bench {learn,infer} [--field=value ...]   (pirl-bench learn --help: its fields)\n")
+            print("usage: pirl-bench {learn,infer,robot} [--field=value ...]   (pirl-bench learn --help: its fields)\n")
             print(__doc__)
             sys.exit(0)
         print(f"pirl-bench: error: the first argument must be one of {', '.join(COMMANDS)}", file=sys.stderr)

@@ -74,6 +74,9 @@ class PirlSimConfig(RobotConfig):
     # start a scripted person (lerobot_robot_pirl_sim.operator) that labels episodes and takes over when the policy
     # drifts, through the edge's operator HTTP port: give the edge's --safety.estop_port here (None: no one)
     operator_port: int | None = None
+    # the scripted person labels episodes (success / failure); false: they only take over (e.g. a success detector
+    # judges the outcomes)
+    operator_labels: bool = True
     # the scripted person's reaction time: seconds of robot time between an attempt ending and the label
     operator_reaction_s: float = 0.3
     # fraction of episodes the scripted person labels the wrong way round
@@ -107,6 +110,7 @@ class PirlSimConfig(RobotConfig):
         from lerobot_robot_pirl_sim.operator import OperatorSettings
 
         return OperatorSettings(
+            labels=self.operator_labels,
             reaction_s=self.operator_reaction_s,
             grasp_radius=self.success_radius,
             grasp_speed=self.max_speed_at_grasp,

@@ -79,6 +79,8 @@ class SceneView:
 class OperatorSettings:
     """How the scripted person behaves (the robot's ``operator_*`` config fields)."""
 
+    # label episodes (success / failure); off: the person only takes over (another source judges outcomes)
+    labels: bool = True
     # seconds of robot time between seeing an attempt end and pressing the label (a person's reaction)
     reaction_s: float = 0.3
     # what counts as a grasp for this person: the gripper closed within this distance of the cube, metres ...
@@ -168,7 +170,7 @@ class ScriptedOperator:
             return
         sight = self.view.look()
         s = self.settings
-        if self._judged is None and sight.closed:
+        if self._judged is None and sight.closed and s.labels:
             grasped = sight.distance <= s.grasp_radius and sight.gripper_speed <= s.grasp_speed
             label = "success" if grasped != self._mislabel else "failure"
             self._judged = (label, sight.time_s)

@@ -412,3 +412,35 @@ def test_offline_dataset_settings_are_checked(tmp_path, demo_dataset):
         BCSettings(offline_fraction=1.5)
     with pytest.raises(ValueError, match="bc.batch_size"):
         BCSettings(batch_size=0)
+
+
+def test_with_bc_successes_the_policys_own_successful_chunks_join_the_bc_buffer(policy_pre, decisions):
+    """Self-imitation: every macro-step of a successful episode that a person did not drive becomes a BC sample of
+    the chunk the policy sampled (its chain's x_0) over the ticks it ran; failed episodes add nothing."""
+    policy, pre = policy_pre
+    d = decisions
+    store = store_for(policy)
+    for r in [
+        rec(0, "won", 0, d[0], env_steps=3),
+        rec(1, "won", 1, d[1], intervention=teleop("FTTT", seed=3)),  # a person drove part of it: neither
+        rec(2, "won", 2, d[2], last=True, success=True),
+        rec(3, "lost", 0, d[3]),
+        rec(4, "lost", 1, d[4], last=True),
+    ]:
+        store.add(ROBOT, r)
+    episodes = store.take_episodes(2)
+    assert BCData(policy, pre, BCSettings()).add_episodes(episodes) == 0  # off by default
+    bc = BCData(policy, pre, BCSettings(batch_size=8, successes=True))
+    assert bc.add_episodes(episodes) == 2
+    assert {p[3] for p in bc.buffer} == {"success"}
+    by_obs = {obs_row(d[i]): d[i] for i in (0, 2)}
+    for obs, actions, pad, _ in bc.buffer:
+        decision = by_obs[key(obs[OBS])]
+        n = 3 if decision is d[0] else 4
+        want = torch.zeros(policy.config.chunk_size, ACTION_DIM)
+        want[:n] = torch.from_numpy(decision.chain[-1, :n, :ACTION_DIM])
+        torch.testing.assert_close(actions, want)
+        assert pad.tolist() == [False] * n + [True] * (policy.config.chunk_size - n)
+    before = REGISTRY.get_sample_value("pirl_learner_bc_samples_total", {"source": "success"}) or 0.0
+    assert rows_of(bc.next_batch()[OBS]) <= set(by_obs)
+    assert REGISTRY.get_sample_value("pirl_learner_bc_samples_total", {"source": "success"}) == before + 8

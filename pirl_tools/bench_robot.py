@@ -1,0 +1,358 @@
+"""pirl-bench robot: episodes and robot-time from few-shot SFT to a success target, on the simulated robot,
+with people in the loop played by scripts.
+
+    pirl-bench robot --out=DIR [--methods='[baseline, small_updates, interventions_bc]'] [--seeds='[0]']
+                     [--target=0.9] [--max_episodes=1500] [--speedup=4]
+
+Each (method, seed) run is the product's own path, as processes on this machine: ``pirl-learner`` and ONE
+``pirl-edge`` in robot mode on the simulated robot (``--robot.type=pirl_sim``, lock-step physics), over gRPC
+with TLS. There is no vector of simulated envs: every episode the learner trains on is one the robot ran.
+
+- Outcomes come from a scripted person (``--robot.operator_port``, lerobot_robot_pirl_sim.operator) who
+  watches the scene and labels each attempt over the edge's operator HTTP port (``--episode.outcome=operator``);
+  the learner requires an outcome on every episode (``--trainer.require_outcome``).
+- Methods with interventions give the edge a teleoperator (``--teleop.type=pirl_sim_expert``, the scripted
+  expert) and let the scripted person take over when the policy drifts; the learner uses those segments as
+  flow-matching BC data, with the SFT demonstrations as offline data (``--offline_dataset.root``).
+- Simulation runs ``speedup`` times faster than real time (the loop ticks at speedup x 25 Hz; each tick
+  advances the physics by 1/25 s). Robot-time is what the robot would have spent at its real rate: its env
+  steps / 25 Hz. Episodes and robot-time at an evaluation are the robot's own counts (its /metrics) when the
+  learner finished evaluating that version: everything the robot ran before, also episodes that were never
+  trained on (stale, aborted).
+- Success is the learner's deterministic evaluation on the simulated task's batched twin (``pirl_sim``, the
+  same fixed episodes for every method), every ``eval_every`` versions.
+
+Writes DIR/robot.json (``runs``: method, seed, sft_success, final_success, episodes_to_target,
+robot_seconds_to_target (null where a run never got there), interventions, curve; ``target``; the machine)
+and DIR/robot.png (success against robot episodes, one line per run). Logs of every process: DIR/<run>/logs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import platform
+import shutil
+import time
+import urllib.request
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from pirl.cli import parse_config, require, run_cli, write_json
+from pirl_tools.processes import Procs, Signals, bin_path, wait_for_file
+
+ROBOT_HZ = 25.0  # the simulated robot's control rate (lerobot_robot_pirl_sim.physics.TaskParams)
+ROBOT_ID = "robot-0"
+# the camera a detector run gives the robot: what pirl-demo --robot=sim records (and a detector is trained on)
+DETECTOR_CAMERA = "{front: {type: pirl_sim, width: 64, height: 64, fps: 15}}"
+
+_SMALL = {"trainer.episodes_per_update": 16, "trainer.eval_every": 2, "algorithm.actor_lr": 3e-5}
+# Each method: what the learner and the edge are given beyond the common flags. "Today's PPO settings on that
+# robot" are pirl-demo's: 128 episodes per update at actor_lr 3e-5.
+METHODS: dict[str, dict] = {
+    "baseline": {
+        "about": "today's PPO settings (pirl-demo's): 128 episodes per update, actor_lr 3e-5",
+        "learner": {"trainer.episodes_per_update": 128, "trainer.eval_every": 1, "algorithm.actor_lr": 3e-5},
+        "interventions": False,
+    },
+    "small_updates": {
+        "about": "16 episodes per update (8x more frequent, smaller updates), actor_lr 3e-5",
+        "learner": _SMALL,
+        "interventions": False,
+    },
+    "interventions_bc": {
+        "about": "small_updates + a scripted person takes over drifting episodes; their segments and the SFT "
+        "demos are flow-matching BC data (bc_coef 0.1)",
+        "learner": {**_SMALL, "algorithm.bc_coef": 0.1},
+        "interventions": True,
+    },
+    "success_bc": {
+        "about": "small updates at actor_lr 1e-4 + self-imitation: the policy's own successful chunks and the SFT "
+        "demos as BC data (bc_coef 1)",
+        "learner": {**_SMALL, "algorithm.actor_lr": 1e-4, "algorithm.bc_coef": 1.0, "bc.successes": "true"},
+        "interventions": False,
+    },
+    "interventions_success_bc": {
+        "about": "success_bc + the scripted person's takeovers as BC data",
+        "learner": {**_SMALL, "algorithm.actor_lr": 1e-4, "algorithm.bc_coef": 1.0, "bc.successes": "true"},
+        "interventions": True,
+    },
+}
+
+
+@dataclass
+class BenchRobotConfig:
+    """pirl-bench robot: episodes and robot-time to a success target on the simulated robot (see the module)."""
+
+    # output directory: DIR/robot.json, DIR/robot.png, DIR/sft (shared SFT), DIR/<method>-s<seed>/ per run
+    out: str = "outputs/bench_robot"
+    # methods to run, in order (see METHODS in pirl_tools/bench_robot.py)
+    methods: list[str] = field(default_factory=lambda: list(METHODS))
+    # seeds: one run per method and seed (the learner's and the robot's seed)
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # the success target
+    target: float = 0.9
+    # a run stops (target not reached) once the robot has run this many episodes
+    max_episodes: int = 1500
+    # and after this many seconds of wall time
+    max_run_s: float = 1800.0
+    # the simulated robot runs this many times faster than real time (lock-step physics)
+    speedup: float = 4.0
+    # deterministic evaluation episodes per evaluation
+    eval_episodes: int = 200
+    # scripted demonstrations for SFT
+    num_demos: int = 10
+    # SFT steps (1000: deterministic success 0.555 with the 10 demos, see pirl-demo)
+    sft_steps: int = 1000
+    # when the scripted person takes over (interventions methods): this many seconds of robot time into an
+    # episode, if the gripper is still farther than 3 cm from the cube
+    intervene_after_s: float = 1.0
+    # the scripted person's reaction time before a label, seconds of robot time
+    reaction_s: float = 0.3
+    # who judges the outcomes: 'operator' (the scripted person's labels) or 'detector' (a success detector at
+    # detector_path, the only success signal: the person then only takes over; the robot gets its 64x64 camera)
+    outcome: str = "operator"
+    # a pirl-success train output (outcome=detector), trained on the simulated robot's 64x64 `front` camera
+    detector_path: str | None = None
+
+    def __post_init__(self):
+        unknown = [m for m in self.methods if m not in METHODS]
+        if unknown or not self.methods:
+            raise ValueError(f"methods: unknown {unknown or '(none given)'}; choose from {list(METHODS)}")
+        if not self.seeds:
+            raise ValueError("seeds: give at least one")
+        if not 0 < self.target <= 1:
+            raise ValueError(f"target: must be in (0, 1] (got {self.target})")
+        require(
+            self,
+            "",
+            at_least={"max_episodes": 1, "eval_episodes": 1, "num_demos": 1, "sft_steps": 1},
+            above={"max_run_s": 0, "speedup": 0, "intervene_after_s": 0},
+        )
+        if self.reaction_s < 0:
+            raise ValueError(f"reaction_s: must be >= 0 (got {self.reaction_s})")
+        if self.outcome not in ("operator", "detector"):
+            raise ValueError(f"outcome: must be 'operator' or 'detector' (got {self.outcome!r})")
+        if (self.outcome == "detector") != (self.detector_path is not None):
+            raise ValueError("detector_path: give it exactly when outcome=detector (a pirl-success train output)")
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The edge's counters that matter here, from its /metrics (summed over labels)."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        text = r.read().decode()
+    want = {"pirl_edge_ticks": "ticks", "pirl_edge_episodes": "episodes", "pirl_edge_interventions": "interventions"}
+    out = dict.fromkeys(want.values(), 0.0)
+    for family in text_string_to_metric_families(text):
+        if family.name in want:
+            out[want[family.name]] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+    return out
+
+
+def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path, pki, signals: Signals) -> dict:
+    spec = METHODS[method]
+    out = Path(cfg.out) / f"{method}-s{seed}{'-detector' if cfg.outcome == 'detector' else ''}"
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "logs").mkdir(parents=True)
+    procs = Procs(out / "logs")
+    metrics_port, operator_port = _free_port(), _free_port()
+    learner_flags = [f"--{k}={v}" for k, v in spec["learner"].items()]
+    if float(spec["learner"].get("algorithm.bc_coef", 0)) > 0:  # the SFT demos are offline BC data
+        from lerobot_robot_pirl_sim.demos import REPO_ID
+
+        learner_flags += [f"--offline_dataset.root={demos}", f"--offline_dataset.repo_id={REPO_ID}"]
+    started = time.monotonic()
+    curve: list[dict] = []
+    try:
+        procs.start(
+            "learner",
+            [
+                bin_path("pirl-learner"),
+                f"--policy_path={ckpt}",
+                f"--output_dir={out / 'learner'}",
+                "--server.address=127.0.0.1:0",
+                f"--server.port_file={out / 'learner.port'}",
+                f"--tokens={pki['tokens']}",
+                f"--server.tls_cert={pki['server_cert']}",
+                f"--server.tls_key={pki['server_key']}",
+                f"--trainer.eval_episodes={cfg.eval_episodes}",
+                "--trainer.eval_env=pirl_sim",
+                "--trainer.require_outcome=true",
+                f"--seed={seed}",
+                *learner_flags,
+            ],
+            nice=10,
+        )
+        port = wait_for_file(out / "learner.port", procs, "learner", timeout=120)
+        edge = [
+            bin_path("pirl-edge"),
+            f"--link.learner=127.0.0.1:{port}",
+            f"--link.robot_id={ROBOT_ID}",
+            f"--link.tokens={pki['tokens']}",
+            f"--link.tls_ca={pki['ca_cert']}",
+            f"--policy.path={ckpt}",
+            "--policy.backend=torch",
+            f"--control.hz={ROBOT_HZ * cfg.speedup}",
+            "--robot.type=pirl_sim",
+            "--robot.id=sim0",
+            "--robot.cameras={}" if cfg.outcome == "operator" else f"--robot.cameras={DETECTOR_CAMERA}",
+            "--robot.realtime=false",
+            f"--robot.seed={seed + 1}",
+            f"--robot.operator_port={operator_port}",
+            f"--robot.operator_reaction_s={cfg.reaction_s}",
+            f"--robot.operator_seed={seed}",
+            "--episode.start=delay",
+            "--episode.start_delay_s=0",
+            f"--episode.outcome={cfg.outcome}",
+            "--episode.time_limit_s=30",  # the robot's own step limit (50 steps) ends an attempt first
+            f"--safety.estop_port={operator_port}",
+            "--dataset.enabled=false",
+            f"--metrics.port={metrics_port}",
+            f"--spool.dir={out / 'spool'}",
+            f"--stats_file={out / 'edge_stats.json'}",
+            f"--seed={seed + 2}",
+        ]
+        if cfg.outcome == "detector":
+            edge += [
+                f"--detector.path={cfg.detector_path}",
+                "--robot.operator_labels=false",
+            ]
+        if spec["interventions"]:
+            edge += [
+                "--teleop.type=pirl_sim_expert",
+                "--teleop.id=sim0",
+                f"--robot.operator_intervene_after_s={cfg.intervene_after_s}",
+            ]
+        procs.start(ROBOT_ID, edge)
+        status_path = out / "learner" / "status.json"
+        seen, last_print, robot = 0, 0.0, {"ticks": 0.0, "episodes": 0.0, "interventions": 0.0}
+        while True:
+            signals.raise_if_received()
+            for name in ("learner", ROBOT_ID):
+                procs.check_alive(name)
+            with contextlib.suppress(OSError):  # the edge is still starting
+                robot = _scrape(metrics_port)
+            status = json.loads(status_path.read_text()) if status_path.is_file() else {}
+            evals = status.get("eval_curve", [])
+            for version, _steps, success in evals[seen:]:
+                curve.append(
+                    {
+                        "version": version,
+                        "success": success,
+                        "episodes": int(robot["episodes"]),
+                        "robot_seconds": round(robot["ticks"] / ROBOT_HZ, 1),
+                        "interventions": int(robot["interventions"]),
+                        "wall_s": round(time.monotonic() - started, 1),
+                    }
+                )
+            seen = len(evals)
+            if time.monotonic() - last_print > 10 and curve:
+                c = curve[-1]
+                print(
+                    f"  [{method} s{seed} {time.monotonic() - started:5.0f}s] robot {int(robot['episodes'])} episodes "
+                    f"{robot['ticks'] / ROBOT_HZ / 60:.1f} robot-min, {int(robot['interventions'])} takeovers; "
+                    f"v{c['version']} success {c['success']:.3f}",
+                    flush=True,
+                )
+                last_print = time.monotonic()
+            if curve and curve[-1]["success"] >= cfg.target:
+                break
+            if robot["episodes"] >= cfg.max_episodes or time.monotonic() - started > cfg.max_run_s:
+                break
+            time.sleep(0.5)
+    finally:
+        signals.hold()
+        procs.stop_all(order=((ROBOT_ID,), ("learner",)), timeout=30)
+        signals.unhold()
+    signals.raise_if_received()
+    reached = next((c for c in curve if c["success"] >= cfg.target), None)
+    edge_stats = json.loads((out / "edge_stats.json").read_text()) if (out / "edge_stats.json").is_file() else {}
+    return {
+        "method": method if cfg.outcome == "operator" else f"{method} (detector)",
+        "about": spec["about"],
+        "outcome": cfg.outcome,
+        "seed": seed,
+        "sft_success": curve[0]["success"] if curve else None,
+        "final_success": curve[-1]["success"] if curve else None,
+        "best_success": max((c["success"] for c in curve), default=None),
+        "episodes_to_target": reached["episodes"] if reached else None,
+        "robot_seconds_to_target": reached["robot_seconds"] if reached else None,
+        "interventions": int(robot["interventions"]),
+        "episodes": int(robot["episodes"]),
+        "robot_seconds": round(robot["ticks"] / ROBOT_HZ, 1),
+        "labels": edge_stats.get("labels"),
+        "wall_s": round(time.monotonic() - started, 1),
+        "curve": curve,
+    }
+
+
+def run(cfg: BenchRobotConfig, command: str) -> int:
+    from lerobot_policy_pi_rl.presets import builtin_policy_overrides
+    from pirl.security import make_dev_pki
+    from pirl_tools.common import plot_curves, sft_checkpoint
+
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    print("== few-shot SFT (shared by every run)", flush=True)
+    ckpt = sft_checkpoint(
+        out / "sft",
+        seed=0,
+        num_demos=cfg.num_demos,
+        steps=cfg.sft_steps,
+        noise_std=0.02,
+        policy_overrides=builtin_policy_overrides("mlp"),
+        task="sim",
+    )
+    pki = make_dev_pki(out / "certs", [ROBOT_ID])
+    runs = []
+    with Signals() as signals:
+        for method in cfg.methods:
+            for seed in cfg.seeds:
+                print(f"== {method} (seed {seed}): {METHODS[method]['about']}", flush=True)
+                runs.append(_run(cfg, method, seed, ckpt, out / "sft" / "data", pki, signals))
+                r = runs[-1]
+                print(
+                    f"   {method} s{seed}: SFT {r['sft_success']} -> {r['final_success']} after {r['episodes']} "
+                    f"episodes ({r['robot_seconds'] / 3600:.2f} robot-h); to {cfg.target}: "
+                    f"{r['episodes_to_target']} episodes, {r['robot_seconds_to_target']} robot-s",
+                    flush=True,
+                )
+                report = {
+                    "target": cfg.target,
+                    "command": command,
+                    "config": asdict(cfg),
+                    "machine": f"{platform.machine()} {platform.processor()}, Python {platform.python_version()}",
+                    "date": time.strftime("%Y-%m-%d"),
+                    "runs": runs,
+                }
+                write_json(out / "robot.json", report)
+    plot_curves(
+        out / "robot.png",
+        [
+            {"label": r["method"], "curve": [(c["episodes"], c["success"]) for c in r["curve"]]}
+            for r in runs
+            if r["curve"]
+        ],
+        f"pirl-bench robot: one simulated robot, scripted operator (target {cfg.target})",
+        xlabel="robot episodes",
+        target=cfg.target,
+    )
+    print(f"wrote {out / 'robot.json'} and {out / 'robot.png'}")
+    return 0
+
+
+def main() -> None:
+    import sys
+
+    cfg = parse_config(BenchRobotConfig, prog="pirl-bench robot", args=sys.argv[1:])
+    run_cli(lambda: run(cfg, "pirl-bench robot " + " ".join(sys.argv[1:])))

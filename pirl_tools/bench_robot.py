@@ -62,19 +62,19 @@ METHODS: dict[str, dict] = {
     },
     "interventions_bc": {
         "about": "small_updates + a scripted person takes over drifting episodes; their segments and the SFT "
-        "demos are flow-matching BC data (bc_coef 0.1)",
-        "learner": {**_SMALL, "algorithm.bc_coef": 0.1},
+        "demos are flow-matching BC data (bc_coef 0.1); updates stop early past approx KL 0.05",
+        "learner": {**_SMALL, "algorithm.bc_coef": 0.1, "algorithm.target_kl": 0.05},
         "interventions": True,
     },
     "success_bc": {
-        "about": "small updates at actor_lr 1e-4 + self-imitation: the policy's own successful chunks and the SFT "
-        "demos as BC data (bc_coef 1)",
-        "learner": {**_SMALL, "algorithm.actor_lr": 1e-4, "algorithm.bc_coef": 1.0, "bc.successes": "true"},
+        "about": "small_updates + self-imitation: the policy's own successful chunks and the SFT demos as BC data "
+        "(bc_coef 1); updates stop early past approx KL 0.05",
+        "learner": {**_SMALL, "algorithm.bc_coef": 1.0, "bc.successes": "true", "algorithm.target_kl": 0.05},
         "interventions": False,
     },
     "interventions_success_bc": {
         "about": "success_bc + the scripted person's takeovers as BC data",
-        "learner": {**_SMALL, "algorithm.actor_lr": 1e-4, "algorithm.bc_coef": 1.0, "bc.successes": "true"},
+        "learner": {**_SMALL, "algorithm.bc_coef": 1.0, "bc.successes": "true", "algorithm.target_kl": 0.05},
         "interventions": True,
     },
 }

@@ -27,6 +27,11 @@ edge-entrypoint.sh: run pirl-edge configured by environment variables and/or a c
   PIRL_ROBOT_CAMERAS     cameras, e.g. '{front: {type: opencv, index_or_path: 0, width: 640, height: 480, fps: 30}}' --robot.cameras
   PIRL_ESTOP_PORT        local e-stop / start / end HTTP port (127.0.0.1)      --safety.estop_port
   PIRL_EPISODE_START     operator | delay                                      --episode.start
+  PIRL_EPISODE_OUTCOME   robot | operator | detector (who says success)        --episode.outcome
+  PIRL_DETECTOR_PATH     a pirl-success train output (outcome detector)        --detector.path
+  PIRL_TELEOP_TYPE       a LeRobot teleoperator to take over with              --teleop.type
+  PIRL_TELEOP_PORT       the teleoperator's bus, e.g. /dev/ttyACM1             --teleop.port
+  PIRL_TELEOP_ID         the teleoperator's calibration id                     --teleop.id
   PIRL_SESSIONS_DIR      where each session's LeRobotDataset goes (a volume)   --dataset.sessions_dir
   PIRL_ENV               simulation: pirl_reach, pirl_sim or a gymnasium id    --control.env
   PIRL_TASK              language instruction for VLA policies                 --policy.task
@@ -79,6 +84,11 @@ opt PIRL_ROBOT_CALIBRATION_ID --robot.id
 opt PIRL_ROBOT_CAMERAS --robot.cameras
 opt PIRL_ESTOP_PORT --safety.estop_port
 opt PIRL_EPISODE_START --episode.start
+opt PIRL_EPISODE_OUTCOME --episode.outcome
+opt PIRL_DETECTOR_PATH --detector.path
+opt PIRL_TELEOP_TYPE --teleop.type
+opt PIRL_TELEOP_PORT --teleop.port
+opt PIRL_TELEOP_ID --teleop.id
 opt PIRL_SESSIONS_DIR --dataset.sessions_dir
 opt PIRL_ENV --control.env
 opt PIRL_TASK --policy.task

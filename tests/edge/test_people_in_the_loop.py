@@ -213,3 +213,30 @@ def test_a_teleoperator_whose_actions_are_not_the_robots_is_refused_in_one_line(
     with pytest.raises(ValueError, match=r"teleop.type=gamepad: its actions \['delta_x'.*are not robot.type=fake"):
         check_teleop_fits(pad, io, "gamepad", "fake")
     check_teleop_fits(FakeTeleop(), io, "leader", "fake")
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--episode.outcome=judge"], "episode.outcome: must be one of ('robot', 'operator', 'detector')"),
+        (["--episode.outcome=detector"], "episode.outcome=detector: give the trained detector, --detector.path=DIR"),
+        (["--detector.path=DIR"], "detector.path: the detector decides outcomes only with --episode.outcome=detector"),
+        (["--teleop.type=pirl_sim_expert", "--robot.type=None"], "teleop: a teleoperator takes over a robot"),
+    ],
+)
+def test_outcome_and_teleoperator_flags_are_checked_in_one_line(tmp_path, capsys, flags, message):
+    from edge.configuration import EdgeConfig
+    from edge.devices import register_devices
+    from edge.success_detector import MANIFEST
+    from pirl.cli import parse_config
+
+    register_devices()
+    (tmp_path / MANIFEST).write_text("{}")  # a directory that looks like a detector: the flag check comes first
+    required = ["--link.learner=h:1", "--link.robot_id=r", "--link.tokens=t.json", "--policy.path=p"]
+    robot = [] if any(f.startswith("--robot.type") for f in flags) else ["--robot.type=pirl_sim"]
+    args = [f.replace("DIR", str(tmp_path)) for f in flags if f != "--robot.type=None"]
+    with pytest.raises(SystemExit) as e:
+        parse_config(EdgeConfig, prog="pirl-edge", args=[*required, *robot, *args])
+    assert e.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and message in err, err

@@ -93,6 +93,9 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
     # length of the cosine schedule in updates (not the loop length; that is `LearnSettings.iterations`).
     total_updates: int = 500
 
+    # weight of the PPO clipped surrogate in the actor loss. 1: PI-RL. 0: the actor gets no RL gradient and learns
+    # only from the BC term (with teleoperated interventions as its data: HG-DAgger); the critic still trains.
+    ppo_coef: float = 1.0
     # weight of a flow-matching BC loss on batches from `demo_iterator`, added to the actor loss (a batch of None:
     # no BC term for that minibatch). `run_pirl` passes no `demo_iterator`, so it only works when `PiRLAlgorithm`
     # is built directly; `pirl-learner` builds one from teleoperator interventions and `--offline_dataset`.
@@ -120,7 +123,7 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
         for name in ("clip_eps", "max_grad_norm"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be > 0")
-        for name in ("actor_lr", "critic_lr", "value_clip", "entropy_coef", "bc_coef"):
+        for name in ("actor_lr", "critic_lr", "value_clip", "entropy_coef", "bc_coef", "ppo_coef"):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
 
@@ -301,7 +304,7 @@ class PiRLAlgorithm(RLAlgorithm):
                 policy_loss, ratio, log_ratio = clipped_surrogate_loss(
                     ev.log_prob, mb["log_probs"], mb["advantages"], c.clip_eps
                 )
-                loss = policy_loss
+                loss = c.ppo_coef * policy_loss
                 with torch.no_grad():
                     approx_kl = ((ratio - 1) - log_ratio).mean().item()
                     clip_fraction = ((ratio - 1).abs() > c.clip_eps).float().mean().item()

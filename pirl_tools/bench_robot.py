@@ -72,6 +72,23 @@ METHODS: dict[str, dict] = {
         "learner": {**_SMALL, "algorithm.bc_coef": 1.0, "bc.successes": "true", "algorithm.target_kl": 0.05},
         "interventions": False,
     },
+    "hg_dagger": {
+        "about": "no PPO gradient for the actor (ppo_coef 0): it learns only from flow-matching BC on the scripted "
+        "person's takeovers and the SFT demos (HG-DAgger), actor_lr 1e-4; 16 episodes per update",
+        "learner": {**_SMALL, "algorithm.ppo_coef": 0.0, "algorithm.bc_coef": 1.0, "algorithm.actor_lr": 1e-4},
+        "interventions": True,
+    },
+    "hg_dagger_successes": {
+        "about": "hg_dagger + the policy's own successful chunks as BC data",
+        "learner": {
+            **_SMALL,
+            "algorithm.ppo_coef": 0.0,
+            "algorithm.bc_coef": 1.0,
+            "algorithm.actor_lr": 1e-4,
+            "bc.successes": "true",
+        },
+        "interventions": True,
+    },
     "interventions_success_bc": {
         "about": "success_bc + the scripted person's takeovers as BC data",
         "learner": {**_SMALL, "algorithm.bc_coef": 1.0, "bc.successes": "true", "algorithm.target_kl": 0.05},

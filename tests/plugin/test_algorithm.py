@@ -280,3 +280,18 @@ def test_hybrid_bc_term_uses_demonstrations():
     algo = PiRLAlgorithm(policy, PiRLAlgorithmConfig(bc_coef=0.5, actor_lr=1e-4), demo_iterator=demos())
     stats = algo.update_on(make_batch(policy))
     assert stats.losses["bc_loss"] > 0
+
+
+def test_ppo_coef_zero_leaves_the_actor_to_the_bc_term():
+    """HG-DAgger: with ppo_coef 0 the surrogate gives the actor no gradient (without BC its weights stay put, the
+    critic still learns); with a BC term the actor follows the demonstrations only."""
+    policy = make_policy()
+    actor_before = [p.detach().clone() for p in policy.rl_actor_parameters()]
+    critic_before = [p.detach().clone() for p in policy.rl_critic_parameters()]
+    algo = PiRLAlgorithm(policy, PiRLAlgorithmConfig(ppo_coef=0.0, weight_decay=0.0, actor_lr=1e-3))
+    stats = algo.update_on(make_batch(policy))
+    assert stats.grad_norms["actor"] == 0.0
+    assert all(torch.equal(a, b) for a, b in zip(policy.rl_actor_parameters(), actor_before, strict=True))
+    assert any(not torch.equal(a, b) for a, b in zip(policy.rl_critic_parameters(), critic_before, strict=True))
+    with pytest.raises(ValueError, match="algorithm.ppo_coef: must be >= 0"):
+        PiRLAlgorithmConfig(ppo_coef=-1.0)

@@ -231,7 +231,9 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
             "--episode.start=delay",
             "--episode.start_delay_s=0",
             f"--episode.outcome={cfg.outcome}",
-            "--episode.time_limit_s=30",  # the robot's own step limit (50 steps) ends an attempt first
+            # 60 ticks (2.4 s of robot time): the robot's own 50-step limit ends an attempt that never closes the
+            # gripper; this ends one whose close nobody judged (a detector that does not fire)
+            f"--episode.time_limit_s={60 / (ROBOT_HZ * cfg.speedup)}",
             f"--safety.estop_port={operator_port}",
             "--dataset.enabled=false",
             f"--metrics.port={metrics_port}",

@@ -89,6 +89,8 @@ class LearnerService:
         # labelled counters exported at 0 from the start (robot ids come from the tokens file: the fleet)
         for reason in metrics.REJECT_REASONS:
             metrics.LEARNER_REJECTED.labels(reason=reason)
+        for source in metrics.BC_SOURCES:  # 0 without a BC term too: the dashboard's panel shows that
+            metrics.BC_SAMPLES.labels(source=source)
         for robot_id in auth.robot_ids:
             metrics.LEARNER_ACCEPTED.labels(robot_id=robot_id)
 

@@ -334,7 +334,7 @@ def run(cfg: BenchRobotConfig, command: str) -> int:
     )
     pki = make_dev_pki(out / "certs", [ROBOT_ID])
     runs = []
-    with Signals() as signals:
+    with Signals("pirl-bench robot") as signals:
         for method in cfg.methods:
             for seed in cfg.seeds:
                 print(f"== {method} (seed {seed}): {METHODS[method]['about']}", flush=True)

@@ -1,12 +1,14 @@
 """pirl-demo: the product's shape on one machine, on the built-in task or on the simulated robot.
 
     pirl-demo [--out=outputs/demo] [--target=0.9] [--time_limit=540]
-    pirl-demo --robot=sim [--out=outputs/demo_robot]
+    pirl-demo --robot=sim [--out=outputs/demo_robot] [--operator=scripted]
 
 With ``--robot=sim`` the paced edge drives the simulated LeRobot robot (``lerobot_robot_pirl_sim``:
 MuJoCo physics, its camera rendered offscreen and recorded) through the Robot API, behind the safety
 layer, recording the session as a LeRobotDataset; the unpaced edge and the learner's evaluation run the
-same task's batched twin (``--control.env=pirl_sim``). The SFT demos are the robot's scripted expert.
+same task's batched twin (``--control.env=pirl_sim``). The SFT demos are the robot's scripted expert. With
+``--operator=scripted`` a scripted person labels the robot's episodes and takes over when its policy drifts
+(docs/people_in_the_loop.md); the learner adds their takeovers and the SFT demos as BC data.
 
 1. few-shot SFT: scripted demonstrations -> LeRobotDataset -> LeRobot's training loop (reused when
    OUT/sft already holds a finished checkpoint);
@@ -128,6 +130,7 @@ def _run(args, signals: Signals) -> int:
                 "--intake.max_version_lag",
                 str(args.max_version_lag),
                 *(["--trainer.eval_env=pirl_sim"] if sim else []),
+                *(_operator_learner_args(out) if args.operator else []),
             ],
             nice=10,
             cpus=farm_cpus,
@@ -259,6 +262,9 @@ def _run(args, signals: Signals) -> int:
         "env_steps": status.get("env_steps", 0),
         "episodes": sum(e["episodes"] for e in edges.values()),
         "paced_episodes": paced["episodes"],
+        "operator": args.operator,
+        "labels": paced.get("labels", {}),
+        "interventions": paced.get("interventions", 0),
         # what the paced robot spent: its control time (a fleet of real robots would spend env steps / hz)
         "paced_robot_seconds": round(paced["control_seconds"], 1),
         "safety_clamps": paced.get("safety", {}).get("clamped_ticks", 0),
@@ -305,6 +311,10 @@ def _run(args, signals: Signals) -> int:
                 f"{report['paced_episodes']} episodes, {report['paced_robot_seconds']:.0f} s",
             ),
             (
+                "outcomes (who decided / verdict), takeovers",
+                f"{report['labels']}, {report['interventions']}",
+            ),
+            (
                 "safety layer: clamped / jump-limited ticks, e-stops",
                 f"{report['safety_clamps']} / {report['safety_jump_limits']}, {report['estops']}",
             ),
@@ -343,15 +353,49 @@ def _sim_robot_args(args, out: Path, control_hz: float) -> list[str]:
     cam = (
         f"{{front: {{type: pirl_sim, width: {args.camera_size}, height: {args.camera_size}, fps: {args.camera_fps}}}}}"
     )
-    return [
+    # with a person labelling, ten more ticks: time for their label after a close at the last step
+    steps = DEFAULT_MAX_STEPS + (10 if args.operator else 0)
+    flags = [
         "--robot.type=pirl_sim",
         f"--robot.cameras={cam}",
         f"--robot.seed={args.seed + 1}",
         "--episode.start=delay",
         "--episode.start_delay_s=0",
-        f"--episode.time_limit_s={DEFAULT_MAX_STEPS / control_hz}",
+        f"--episode.time_limit_s={steps / control_hz}",
         f"--dataset.root={out / 'edges/robot-0/session'}",
     ]
+    if args.operator == "scripted":
+        port = _free_port()
+        flags += [
+            "--robot.id=sim0",
+            f"--robot.operator_port={port}",
+            f"--robot.operator_seed={args.seed}",
+            "--robot.operator_intervene_after_s=1.0",
+            f"--safety.estop_port={port}",
+            "--episode.outcome=operator",
+            "--teleop.type=pirl_sim_expert",
+            "--teleop.id=sim0",
+        ]
+    return flags
+
+
+def _operator_learner_args(out: Path) -> list[str]:
+    """pirl-learner flags of --operator=scripted: the person's takeovers and the SFT demos as BC data."""
+    from lerobot_robot_pirl_sim.demos import REPO_ID
+
+    return [
+        "--algorithm.bc_coef=0.1",
+        f"--offline_dataset.root={out / 'sft' / 'data'}",
+        f"--offline_dataset.repo_id={REPO_ID}",
+    ]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 @dataclass
@@ -384,6 +428,11 @@ class DemoConfig:
     # 'sim': the paced edge drives the simulated LeRobot robot (MuJoCo, a rendered camera, the safety layer, a
     # session dataset) and the task is its reach-and-grasp; None: the built-in task as a paced env
     robot: str | None = None
+    # --robot=sim: 'scripted' puts a scripted person at the simulated robot: they label its episodes over the
+    # edge's operator port (--episode.outcome=operator) and take over with the scripted expert teleoperator when
+    # the policy drifts; the learner trains on their takeovers and the SFT demos as BC data (bc_coef 0.1) beside
+    # PPO. None: the robot judges its own episodes
+    operator: str | None = None
     # --robot=sim: side of the robot's square camera image, pixels (rendered, recorded, not read by the policy)
     camera_size: int = 64
     # --robot=sim: frame rate of the robot's camera (15: rendering, encoding and the robot share one of two cores)
@@ -432,6 +481,10 @@ class DemoConfig:
             raise ValueError(f"robot: 'sim' (the simulated robot) or unset (got {self.robot!r})")
         if self.robot == "sim" and self.backbone != "mlp":
             raise ValueError("robot: the simulated robot's demo runs the mlp backbone (its policy reads state)")
+        if self.operator not in (None, "scripted"):
+            raise ValueError(f"operator: 'scripted' or unset (got {self.operator!r})")
+        if self.operator is not None and self.robot != "sim":
+            raise ValueError("operator: a scripted person stands at the simulated robot: give --robot=sim too")
         require(self, at_least={"camera_size": 8, "camera_fps": 1})
 
 
@@ -443,7 +496,7 @@ def main() -> None:
 def _run_interruptible(args) -> int:
     """SIGTERM / SIGINT: the learner and edges are stopped as at the end of a run (SIGTERM, wait, then
     SIGKILL), then one line and the exit status 128 + the signal number."""
-    with Signals() as signals:
+    with Signals("pirl-demo") as signals:
         try:
             return _run(args, signals)
         except Interrupted as e:

@@ -33,7 +33,8 @@ class Signals:
     completes. While ``held`` (the cleanup of a run that was not interrupted), the first one is noted
     too and raised by ``raise_if_received`` afterwards. The previous handlers come back on exit."""
 
-    def __init__(self):
+    def __init__(self, prog: str):
+        self.prog = prog  # the tool's name, for its messages
         self.received: int | None = None
         self.held = False
         self._previous: dict = {}
@@ -53,7 +54,7 @@ class Signals:
             if not self.held:
                 raise Interrupted(signum)
         else:  # os.write: print() may be in the middle of writing the same stream
-            os.write(2, b"still stopping the learner and edges, please wait\n")
+            os.write(2, f"{self.prog}: still stopping the learner and edges, please wait\n".encode())
 
     def hold(self) -> None:
         self.held = True

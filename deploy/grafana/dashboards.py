@@ -299,6 +299,51 @@ def safety(sel: str) -> list[dict]:
     ]
 
 
+def people(sel: str) -> list[dict]:
+    """The robots' people-in-the-loop panels: who decides outcomes, and how often people take over."""
+    return [
+        row("People in the loop (robot mode)"),
+        panel(
+            "Episode outcomes (1 h) by who decided",
+            [
+                (
+                    f"sum by (robot_id, source, verdict) (increase(pirl_edge_episode_labels_total{sel}[1h]))",
+                    "{{robot_id}}: {{source}} {{verdict}}",
+                )
+            ],
+            unit="none",
+            minimum=0,
+            description="operator (a person's label), detector (the success detector), env (the robot's own "
+            "verdict), time_limit; success, failure, abort (never trained on). --episode.outcome chooses the source.",
+        ),
+        panel(
+            "Takeovers (1 h)",
+            [(f"sum by (robot_id) (increase(pirl_edge_interventions_total{sel}[1h]))", "{{robot_id}}")],
+            unit="none",
+            minimum=0,
+            w=8,
+            description="Times a person took over with the teleoperator (--teleop.type).",
+        ),
+        panel(
+            "Teleoperated ticks",
+            [(_rate_ratio("pirl_edge_teleop_ticks_total", sel), "{{robot_id}}")],
+            unit="percentunit",
+            minimum=0,
+            w=8,
+            description="Share of ticks a person's teleoperator drove (through the safety layer).",
+        ),
+        panel(
+            "A person drives now",
+            [(f"max by (robot_id) (pirl_edge_intervening{sel})", "{{robot_id}}")],
+            kind="stat",
+            w=8,
+            mappings={0: ("policy", "green"), 1: ("PERSON", "blue")},
+            options={"colorMode": "background", "graphMode": "none", "textMode": "value_and_name"},
+            description="PERSON while a takeover lasts (until the chunk boundary after the hand-back).",
+        ),
+    ]
+
+
 def fleet() -> dict:
     sel = "{" + ROBOT + "}"
     panels = [
@@ -362,6 +407,7 @@ def fleet() -> dict:
             description="A requested backend that could not load (label: the one that failed).",
         ),
         *safety(sel),
+        *people(sel),
         row("Sync with the learner"),
         panel(
             "Seconds since last sync",
@@ -535,6 +581,33 @@ def learner() -> dict:
             "Entropy and explained variance",
             [("max(pirl_learner_entropy)", "entropy"), ("max(pirl_learner_explained_variance)", "explained variance")],
             w=8,
+        ),
+        row("People in the loop"),
+        panel(
+            "BC loss",
+            [("max(pirl_learner_bc_loss)", "flow-matching BC loss of the last update")],
+            w=8,
+            description="The BC term of the actor loss (algorithm.bc_coef > 0) on takeovers, offline demos and, "
+            "with bc.successes, the policy's own successes.",
+        ),
+        panel(
+            "BC samples by source",
+            [("sum by (source) (rate(pirl_learner_bc_samples_total[$__rate_interval]))", "{{source}}")],
+            w=8,
+            minimum=0,
+            description="intervention (teleoperated actions), success (self-imitation), offline (--offline_dataset).",
+        ),
+        panel(
+            "Intervened steps and aborted episodes",
+            [
+                (
+                    "sum(rate(pirl_learner_intervened_steps_total[$__rate_interval]))",
+                    "intervened macro-steps (never PPO)",
+                ),
+                ("sum(rate(pirl_learner_aborted_episodes_total[$__rate_interval]))", "aborted episodes (dropped)"),
+            ],
+            w=8,
+            minimum=0,
         ),
         row("Success"),
         panel(

@@ -1,5 +1,5 @@
 """A fake LeRobot robot, a scripted inference worker and a robot loop around them (no learner), for the
-robot-mode tests (tests/edge/test_robot_loop.py, tests/edge/test_people_in_the_loop.py)."""
+robot-mode tests (tests/edge/test_robot_loop.py, tests/edge/test_labels_and_takeovers.py)."""
 
 from __future__ import annotations
 

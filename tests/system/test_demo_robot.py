@@ -1,7 +1,8 @@
 """pirl-demo --robot=sim end to end, cut short: SFT on a few scripted demos of the simulated robot, the
 learner evaluating on its batched twin, a paced edge on the simulated robot (camera rendered and
 recorded) and an unpaced simulated edge; demo.json carries the robot's figures and its session dataset
-loads. (The full run and its figures: BENCHMARKS.md.)"""
+loads; and with a scripted person labelling and taking over (--operator=scripted). (The full run and its
+figures: BENCHMARKS.md.)"""
 
 from __future__ import annotations
 
@@ -34,28 +35,33 @@ KEYS_BEFORE = {
 ROBOT_KEYS = {"robot_type", "dataset_root", "episodes", "safety_clamps", "estops"}
 
 
-def test_demo_on_the_simulated_robot_reports_the_robot_and_its_dataset(tmp_path):
-    out = tmp_path / "demo"
+SHORT = [
+    "--robot=sim",
+    "--num_demos=3",
+    "--sft_steps=60",
+    "--episodes_per_update=16",
+    "--num_envs=16",
+    "--eval_every=2",
+    "--eval_episodes=20",
+    "--time_limit=150",
+    "--target=1.0",
+]
+
+
+def run_demo(out: Path, *extra: str) -> None:
     p = subprocess.run(
-        [
-            str(BIN / "pirl-demo"),
-            f"--out={out}",
-            "--robot=sim",
-            "--num_demos=3",
-            "--sft_steps=60",
-            "--episodes_per_update=16",
-            "--num_envs=16",
-            "--eval_every=2",
-            "--eval_episodes=20",
-            "--time_limit=150",
-            "--target=1.0",
-        ],
+        [str(BIN / "pirl-demo"), f"--out={out}", *SHORT, *extra],
         capture_output=True,
         text=True,
         timeout=600,
         env={**os.environ, "HF_HUB_OFFLINE": "1"},
     )
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+
+
+def test_demo_on_the_simulated_robot_reports_the_robot_and_its_dataset(tmp_path):
+    out = tmp_path / "demo"
+    run_demo(out)
     report = json.loads((out / "demo.json").read_text())
     assert set(report) >= KEYS_BEFORE | ROBOT_KEYS, sorted(KEYS_BEFORE | ROBOT_KEYS - set(report))
     assert report["robot_type"] == "pirl_sim" and report["task"] == "pirl_sim"
@@ -70,3 +76,17 @@ def test_demo_on_the_simulated_robot_reports_the_robot_and_its_dataset(tmp_path)
     ds = LeRobotDataset("local/robot-0", root=report["dataset_root"], video_backend="pyav")
     assert ds.num_frames == report["dataset_frames"] > 0
     assert tuple(ds[0]["observation.images.front"].shape) == (3, 64, 64)
+
+
+def test_demo_with_a_scripted_operator_labels_and_takes_over(tmp_path):
+    out = tmp_path / "demo"
+    run_demo(out, "--operator=scripted")
+    report = json.loads((out / "demo.json").read_text())
+    assert report["operator"] == "scripted" and report["policy_versions"] >= 2
+    labels = report["labels"]
+    # every episode of the robot was judged by the person (or cut by the time limit / the demo's end)
+    assert labels and set(labels) <= {"OPERATOR/SUCCESS", "OPERATOR/FAILURE", "OPERATOR/ABORT", "TIME_LIMIT/FAILURE"}
+    assert sum(v for k, v in labels.items() if k.startswith("OPERATOR/")) >= 1
+    # a 60-step SFT drifts: the person takes over, and the learner trains on it beside PPO
+    assert report["interventions"] >= 1
+    assert "bc_loss" in (out / "logs" / "learner.log").read_text()

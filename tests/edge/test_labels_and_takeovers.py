@@ -240,3 +240,21 @@ def test_outcome_and_teleoperator_flags_are_checked_in_one_line(tmp_path, capsys
     assert e.value.code == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and message in err, err
+
+
+def test_an_estop_wins_over_a_takeover_within_one_tick(tmp_path):
+    """While a person drives, an e-stop still stops everything: the teleoperator's next action never reaches the
+    robot, and the episode ends as an e-stop failure."""
+    robot = HookedRobot({})
+    teleop = FakeTeleop(target=(0.5, 0.5))
+    robot.hooks[3] = lambda: robot.inputs.post("takeover", "test")
+    reads_at_estop = {}
+    robot.hooks[8] = lambda: (reads_at_estop.setdefault("reads", teleop.reads), robot.inputs.post("estop", "test"))
+    loop, recs, _ = run_one(tmp_path, robot, teleop=teleop)
+    assert loop.stats.episode_ends == {"estop": 1} and loop.stats.interventions == 1
+    # after the tick the e-stop came in, only the e-stop's own hold reached the robot: its present position
+    assert len(robot.sent) == 9
+    np.testing.assert_array_equal(robot.sent[8][1], robot.sent[7][1])
+    assert teleop.reads == reads_at_estop["reads"]  # the teleoperator was not even read again
+    last = recs[-1]
+    assert last.safety.estop and last.label.verdict == last.label.FAILURE and last.reward == 0.0

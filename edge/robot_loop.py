@@ -142,7 +142,6 @@ class RobotLoop:
         self.teleop, self.outcome, self.detector = teleop, outcome, detector
         self.intervening = False  # a person drives (through the teleoperator)
         self._handback = False  # ... until the next chunk boundary, then the policy
-        self._last_teleop: np.ndarray | None = None
         self._pad_held = False  # a teleoperator's intervention button was held at the last tick
         self.safety, self.estop, self.inputs, self.watchdog, self.recorder = safety, estop, inputs, watchdog, recorder
         self.robot_id, self.period, self.episode_cfg = robot_id, 1.0 / control_hz, episode
@@ -605,19 +604,15 @@ class RobotLoop:
     def _set_intervening(self, on: bool) -> None:
         self.intervening, self._handback = on, False
         metrics.INTERVENING.labels(self.robot_id).set(int(on))
-        if not on:
-            self._last_teleop = None
 
     def _teleop_action(self) -> np.ndarray | None:
         """The teleoperator's action in the robot's action order (None when its read failed: the tick holds)."""
         try:
-            action = self.io.action_vector(self.teleop.get_action())
+            return self.io.action_vector(self.teleop.get_action())
         except Exception:  # noqa: BLE001  counted and logged; the safety layer holds the arm this tick
             self.stats.teleop_errors += 1
             log.exception("teleop.get_action() failed: holding")
             return None
-        self._last_teleop = action
-        return action
 
     def _mark_intervention(self, outcome: Outcome, sent: list, teleop: list) -> None:
         """A macro-step a person drove any tick of carries what was sent and which ticks they drove."""

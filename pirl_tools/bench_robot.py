@@ -78,6 +78,13 @@ METHODS: dict[str, dict] = {
         "learner": {**_SMALL, "algorithm.ppo_coef": 0.0, "algorithm.bc_coef": 1.0, "algorithm.actor_lr": 1e-4},
         "interventions": True,
     },
+    "hg_dagger_rush": {
+        "about": "hg_dagger, with a person who also takes over when the gripper starts closing while the arm still "
+        "moves too fast (the SFT policy's usual mistake)",
+        "learner": {**_SMALL, "algorithm.ppo_coef": 0.0, "algorithm.bc_coef": 1.0, "algorithm.actor_lr": 1e-4},
+        "interventions": True,
+        "rush": True,
+    },
     "hg_dagger_successes": {
         "about": "hg_dagger + the policy's own successful chunks as BC data",
         "learner": {
@@ -252,6 +259,8 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
                 "--teleop.id=sim0",
                 f"--robot.operator_intervene_after_s={cfg.intervene_after_s}",
             ]
+            if spec.get("rush"):
+                edge.append("--robot.operator_intervene_on_rush=true")
         procs.start(ROBOT_ID, edge)
         status_path = out / "learner" / "status.json"
         seen, last_print, robot = 0, 0.0, {"ticks": 0.0, "episodes": 0.0, "interventions": 0.0}

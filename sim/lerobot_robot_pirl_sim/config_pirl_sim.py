@@ -86,6 +86,8 @@ class PirlSimConfig(RobotConfig):
     operator_intervene_after_s: float | None = None
     # metres; see operator_intervene_after_s
     operator_intervene_distance: float = 0.03
+    # the scripted person also takes over when the gripper starts closing while the arm still moves too fast
+    operator_intervene_on_rush: bool = False
     # fraction of drifting episodes the scripted person takes over
     operator_intervene_fraction: float = 1.0
     # seed of the scripted person's choices (mislabels, which episodes they take over)
@@ -117,6 +119,7 @@ class PirlSimConfig(RobotConfig):
             mislabel=self.operator_mislabel,
             intervene_after_s=self.operator_intervene_after_s,
             intervene_distance=self.operator_intervene_distance,
+            intervene_on_rush=self.operator_intervene_on_rush,
             intervene_fraction=self.operator_intervene_fraction,
             seed=self.operator_seed,
         )

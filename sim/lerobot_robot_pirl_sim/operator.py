@@ -94,6 +94,11 @@ class OperatorSettings:
     intervene_after_s: float | None = None
     # metres; see intervene_after_s
     intervene_distance: float = 0.03
+    # also take over when the gripper starts closing (under rush_opening % open, not yet closed) while the arm still
+    # moves faster than grasp_speed: the few-shot policy's usual mistake, a grasp before the arm has settled
+    intervene_on_rush: bool = False
+    # %: the opening under which the person sees the gripper closing (fully open is 100)
+    rush_opening: float = 90.0
     # fraction of episodes in which the person is watching closely enough to take over (1: every drifting one)
     intervene_fraction: float = 1.0
     # seed of the person's choices (mislabels, which episodes they watch)
@@ -180,13 +185,18 @@ class ScriptedOperator:
                 self._press(label)
                 self._sent_label = True
             return
-        if (
+        drifting = (
             s.intervene_after_s is not None
-            and self._watching
-            and not self._driving
             and sight.time_s >= s.intervene_after_s
             and sight.distance > s.intervene_distance
-        ):
+        )
+        rushing = (
+            s.intervene_on_rush
+            and not sight.closed
+            and sight.gripper_opening < s.rush_opening
+            and sight.gripper_speed > s.grasp_speed
+        )
+        if self._watching and not self._driving and (drifting or rushing):
             self._press("takeover")
             self._driving = True  # until the episode ends: the person finishes the grasp
             self.takeovers += 1

@@ -223,3 +223,15 @@ def test_the_view_reads_only_the_scene_state_and_a_clock():
     s = SceneView(Scene()).look()
     assert s.time_s == pytest.approx(1.0) and s.gripper_speed == pytest.approx(0.05)
     assert s.distance == pytest.approx(0.01) and s.closed
+
+
+def test_with_intervene_on_rush_it_takes_over_a_grasp_that_starts_before_the_arm_has_settled():
+    s = OperatorSettings(intervene_on_rush=True)
+    rushing = Script([sight(0.4, 0.01, 0.2, 100.0), sight(0.5, 0.01, 0.2, 80.0), sight(0.6, 0.01, 0.1, 70.0)])
+    op = run_script(rushing, s, 3)
+    assert rushing.sent == ["takeover"] and op.takeovers == 1  # once, at the first sight of closing too fast
+    settled = Script([sight(0.5, 0.01, 0.01, 80.0)])
+    run_script(settled, s, 1)
+    assert settled.sent == []  # closing at rest is what the person wants to see
+    run_script(off := Script([sight(0.5, 0.01, 0.2, 80.0)]), OperatorSettings(), 1)
+    assert off.sent == []  # off by default

@@ -78,17 +78,7 @@ def build_teleop(teleop_config):
 
 def connect_teleop(teleop, teleop_config) -> None:
     """Connect ``teleop`` (no calibration from here, as for the robot); one-line ``RobotStartError`` on failure."""
-    kind = given_type(teleop_config, "teleop")
-    try:
-        teleop.connect(calibrate=False)
-    except Exception as e:  # noqa: BLE001  no hardware, a wrong port: reported the same way
-        _disconnect_quietly(teleop)
-        raise RobotStartError(f"teleop.type={kind}: could not connect: {_one_line(e)}") from e
-    if not teleop.is_calibrated:
-        _disconnect_quietly(teleop)
-        raise RobotStartError(
-            f"teleop.type={kind} (id {teleop_config.id!r}) is not calibrated: run lerobot-calibrate for it first"
-        )
+    _connect(teleop, teleop_config, "teleop")
 
 
 def build_robot(robot_config):
@@ -104,17 +94,22 @@ def build_robot(robot_config):
 def connect_robot(robot, robot_config) -> None:
     """Connect ``robot``; a failure is a ``RobotStartError`` naming the robot and what went wrong
     (LeRobot raises ConnectionError, serial errors, OSError, ...)."""
-    kind = given_type(robot_config)
+    _connect(robot, robot_config, "robot")
+
+
+def _connect(device, config, group: str) -> None:
+    """Connect a robot or teleoperator (``group``: its flag group), never calibrating: calibration needs a person
+    at the device (lerobot-calibrate). A failure, or a device that is not calibrated, is one RobotStartError."""
+    kind = given_type(config, group)
     try:
-        # calibration needs a person at the robot (lerobot-calibrate); never start one from here
-        robot.connect(calibrate=False)
+        device.connect(calibrate=False)
     except Exception as e:  # noqa: BLE001  no hardware, a wrong port, a busy bus: all reported the same way
-        _disconnect_quietly(robot)
-        raise RobotStartError(f"robot.type={kind}: could not connect: {_one_line(e)}") from e
-    if not robot.is_calibrated:
-        _disconnect_quietly(robot)
+        _disconnect_quietly(device)
+        raise RobotStartError(f"{group}.type={kind}: could not connect: {_one_line(e)}") from e
+    if not device.is_calibrated:
+        _disconnect_quietly(device)
         raise RobotStartError(
-            f"robot.type={kind} (id {robot_config.id!r}) is not calibrated: run lerobot-calibrate for it first"
+            f"{group}.type={kind} (id {config.id!r}) is not calibrated: run lerobot-calibrate for it first"
         )
 
 

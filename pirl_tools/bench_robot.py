@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from pirl.cli import parse_config, require, run_cli, write_json
-from pirl_tools.processes import Procs, Signals, bin_path, wait_for_file
+from pirl_tools.processes import Procs, Signals, bin_path, free_port, wait_for_file
 
 ROBOT_HZ = 25.0  # the simulated robot's control rate (lerobot_robot_pirl_sim.physics.TaskParams)
 ROBOT_ID = "robot-0"
@@ -161,14 +161,6 @@ class BenchRobotConfig:
             raise ValueError("detector_path: give it exactly when outcome=detector (a pirl-success train output)")
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _scrape(port: int) -> dict[str, float]:
     """The edge's counters that matter here, from its /metrics (summed over labels)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -189,7 +181,7 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
     shutil.rmtree(out, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
     procs = Procs(out / "logs")
-    metrics_port, operator_port = _free_port(), _free_port()
+    metrics_port, operator_port = free_port(), free_port()
     learner_flags = [f"--{k}={v}" for k, v in spec["learner"].items()]
     if float(spec["learner"].get("algorithm.bc_coef", 0)) > 0:  # the SFT demos are offline BC data
         from lerobot_robot_pirl_sim.demos import REPO_ID

@@ -45,7 +45,7 @@ from edge.backend_choice import BACKENDS
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides
 from pirl.cli import parse_config, require, run_cli, write_json
 from pirl_tools.common import plot_curves, sft_checkpoint
-from pirl_tools.processes import Interrupted, Procs, Signals, bin_path, wait_for_file
+from pirl_tools.processes import Interrupted, Procs, Signals, bin_path, free_port, wait_for_file
 
 ROBOTS = ("robot-0", "robot-1")
 
@@ -365,7 +365,7 @@ def _sim_robot_args(args, out: Path, control_hz: float) -> list[str]:
         f"--dataset.root={out / 'edges/robot-0/session'}",
     ]
     if args.operator == "scripted":
-        port = _free_port()
+        port = free_port()
         flags += [
             "--robot.id=sim0",
             f"--robot.operator_port={port}",
@@ -388,14 +388,6 @@ def _operator_learner_args(out: Path) -> list[str]:
         f"--offline_dataset.root={out / 'sft' / 'data'}",
         f"--offline_dataset.repo_id={REPO_ID}",
     ]
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass

@@ -171,3 +171,12 @@ def wait_for_file(path: Path, procs: Procs, name: str, timeout: float) -> str:
         procs.check_alive(name)
         time.sleep(0.2)
     raise ChildFailedError(f"{name} did not write {path} within {timeout:.0f}s")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a child's /metrics or operator port)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]

@@ -22,6 +22,7 @@ from torch.optim import Optimizer
 
 from lerobot_policy_pi_rl.advantages import compute_gae, explained_variance, grpo_advantages, normalize_advantages
 from lerobot_policy_pi_rl.rollout import NonFiniteBatchError, RolloutBatch
+from lerobot_policy_pi_rl.samplers import NOISE_STEER
 
 ADVANTAGE_ESTIMATORS = ("ppo", "grpo")
 logger = logging.getLogger(__name__)
@@ -62,7 +63,8 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
     huber_delta: float = 10.0
     # weight of the value loss.
     value_coef: float = 1.0
-    # entropy bonus, applied only when the policy's `noise_method` is `flow_noise`.
+    # entropy bonus, applied only when the policy's `noise_method` is `flow_noise` or `noise_steer` (the methods with
+    # a learned std).
     entropy_coef: float = 0.005
     # passes over the batch per update.
     update_epochs: int = 4
@@ -178,6 +180,11 @@ class PiRLAlgorithm(RLAlgorithm):
         disable_dropout(policy)
         if config.bc_coef > 0 and demo_iterator is None:
             raise ValueError("algorithm.bc_coef > 0 needs demonstration data (demo_iterator)")
+        if config.bc_coef > 0 and policy.config.noise_method == NOISE_STEER:
+            raise ValueError(
+                "algorithm.bc_coef > 0 with noise_method=noise_steer: the flow policy is frozen under noise "
+                "steering, so flow-matching BC has nothing to train; set algorithm.bc_coef=0"
+            )
         self.make_optimizers_and_scheduler()
 
     # --- optimisers ------------------------------------------------------------------------------
@@ -315,9 +322,9 @@ class PiRLAlgorithm(RLAlgorithm):
                     loss = loss + c.value_coef * value_loss
                     logs["value_loss"].append(value_loss.item())
 
-                # Flow-Noise entropy bonus (Flow-SDE's std is fixed by a: no gradient to gain)
+                # entropy bonus where the std is learned (Flow-SDE's is fixed by a: no gradient to gain)
                 entropy = ev.entropy.mean()
-                if policy.config.noise_method == "flow_noise" and c.entropy_coef > 0:
+                if policy.config.noise_method in ("flow_noise", NOISE_STEER) and c.entropy_coef > 0:
                     loss = loss - c.entropy_coef * entropy
 
                 # hybrid online + offline: flow-matching BC on demonstrations. An iterator that has no

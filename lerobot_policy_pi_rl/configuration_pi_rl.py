@@ -13,7 +13,7 @@ from lerobot.configs import FeatureType, NormalizationMode, PreTrainedConfig
 from lerobot.optim import AdamWConfig, CosineDecayWithWarmupSchedulerConfig
 from lerobot.utils.constants import ACTION, OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TOKENS, OBS_STATE
 
-from lerobot_policy_pi_rl.samplers import NOISE_METHODS
+from lerobot_policy_pi_rl.samplers import NOISE_METHODS, NOISE_STEER
 
 BACKBONES = ("mlp", "pi0", "pi05", "smolvla")
 CRITIC_PLACEMENTS = ("prefix", "expert")
@@ -97,7 +97,9 @@ class PiRLConfig(PreTrainedConfig):
     # K, denoise steps per chunk, for every sampler including the deterministic ODE.
     num_denoise_steps: int = 4
     # sampler for RL rollouts: `flow_ode` (deterministic), `flow_noise` (learned per-element std), `flow_sde`
-    # (ODE-to-SDE). `select_action` / `predict_action_chunk` (evaluation, `lerobot-eval`) always run the ODE.
+    # (ODE-to-SDE), `noise_steer` (noise-space steering: a small head chooses the initial noise x_1, the flow policy
+    # stays frozen and runs the ODE; docs/method.md). `select_action` / `predict_action_chunk` (evaluation,
+    # `lerobot-eval`) always run the ODE, from the steering head's x_1 under `noise_steer`.
     noise_method: str = "flow_sde"
     # `flow_sde` only: each sample draws one denoise index uniformly from `0..K-1`; that step is stochastic, the
     # others are ODE steps. Ignored by the other methods.
@@ -113,6 +115,15 @@ class PiRLConfig(PreTrainedConfig):
     noise_std_min: float = 0.08
     # Flow-Noise: upper bound of that std.
     noise_std_max: float = 0.16
+    # `noise_steer`: the steering head's mean of x_1 is `steer_bound * tanh(.)` per element.
+    steer_bound: float = 2.0
+    # `noise_steer`: lower bound of the steering std (it starts at `steer_std_max`).
+    steer_std_min: float = 0.05
+    # `noise_steer`: upper bound and initial value of the steering std; 1 starts from the N(0, I) the policy was
+    # trained with.
+    steer_std_max: float = 1.0
+    # `noise_steer`: hidden widths of the steering head's MLP (it reads the detached prefix features).
+    steer_hidden_dims: list[int] = field(default_factory=lambda: [256, 256])
 
     # critic input: `prefix` (pooled observation features; for a VLA the mean of the VLM's prefix hidden states over
     # real image and language tokens) or `expert` (action-expert features averaged over action tokens and over the K
@@ -234,7 +245,7 @@ class PiRLConfig(PreTrainedConfig):
             raise bad("noise_level_final", "the final Flow-SDE noise level must be >= 0")
         if self.noise_anneal_updates < 0:
             raise bad("noise_anneal_updates", "must be >= 0")
-        if not (self.rl_train_expert or self.rl_train_prefix or self.noise_method == "flow_noise"):
+        if not (self.rl_train_expert or self.rl_train_prefix or self.noise_method in ("flow_noise", NOISE_STEER)):
             raise bad("rl_train_expert", "nothing would train during RL: enable rl_train_expert or rl_train_prefix")
         if self.time_beta_alpha <= 0 or self.time_beta_beta <= 0:
             raise bad("time_beta_alpha", "Beta parameters must be > 0")
@@ -242,6 +253,12 @@ class PiRLConfig(PreTrainedConfig):
             raise bad("image_channels", "every width must be >= 1")
         if not 0 < self.noise_std_min <= self.noise_std_max:
             raise bad("noise_std_min", f"need 0 < noise_std_min <= noise_std_max={self.noise_std_max}")
+        if not 0 < self.steer_std_min <= self.steer_std_max:
+            raise bad("steer_std_min", f"need 0 < steer_std_min <= steer_std_max={self.steer_std_max}")
+        if self.steer_bound <= 0:
+            raise bad("steer_bound", "must be > 0")
+        if any(d < 1 for d in self.steer_hidden_dims):
+            raise bad("steer_hidden_dims", "every width must be >= 1")
         if self.max_action_dim is not None and self.max_action_dim < 1:
             raise bad("max_action_dim", "must be >= 1 or None")
         for name in ("hidden_dim", "num_layers", "expert_token_dim", "prefix_dim", "time_embed_dim"):

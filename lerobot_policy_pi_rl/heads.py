@@ -36,3 +36,39 @@ class ValueHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.net(features).squeeze(-1)
+
+
+class SteerHead(nn.Module):
+    """``noise_steer``: the law of the initial noise x_1 the frozen flow policy starts from.
+
+    The mean reads the (detached) observation prefix features, bounded by ``bound * tanh``; the std is
+    one learned value per steered element (state-independent, PPO's usual Gaussian), clamped to
+    [std_min, std_max]. The output layer is zero-initialised and the std starts at 1, so before any
+    update x_1 ~ N(0, I): exactly the sampling the policy was trained with.
+    """
+
+    def __init__(
+        self,
+        prefix_dim: int,
+        steer_mask: Tensor,
+        hidden_dims: list[int],
+        bound: float,
+        std_min: float,
+        std_max: float,
+    ):
+        super().__init__()
+        self.register_buffer("steer_mask", steer_mask.float(), persistent=False)
+        self.net = mlp([prefix_dim, *hidden_dims, steer_mask.numel()])
+        nn.init.zeros_(self.net[-1].weight)
+        nn.init.zeros_(self.net[-1].bias)
+        self.log_std = nn.Parameter(torch.zeros(steer_mask.shape))
+        self.bound, self.std_min, self.std_max = bound, std_min, std_max
+
+    def forward(self, prefix_features: Tensor) -> tuple[Tensor, Tensor]:
+        """(mean, std), each ``[B, H, D]``: mean 0 and std 1 outside the steered elements."""
+        mask = self.steer_mask
+        raw = self.net(prefix_features).reshape(-1, *mask.shape)
+        mean = self.bound * torch.tanh(raw) * mask
+        std = self.log_std.exp().clamp(self.std_min, self.std_max)
+        std = (std * mask + (1.0 - mask)).expand_as(mean)
+        return mean, std

@@ -24,9 +24,11 @@ from torch import Tensor, nn
 
 from lerobot_policy_pi_rl.backbones import Prefix, make_backbone
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
-from lerobot_policy_pi_rl.heads import NoiseHead, ValueHead
+from lerobot_policy_pi_rl.heads import NoiseHead, SteerHead, ValueHead
 from lerobot_policy_pi_rl.samplers import (
+    NOISE_STEER,
     ChainSample,
+    Steering,
     draw_sampling_noise,
     evaluate_chain,
     make_action_mask,
@@ -72,7 +74,33 @@ class PiRLPolicy(PreTrainedPolicy):
         self.value_head = ValueHead(critic_in, list(config.critic_hidden_dims))
         mask = make_action_mask(config.chunk_size, config.model_action_dim, config.n_action_steps, config.action_dim)
         self.register_buffer("action_mask", mask, persistent=False)
+        self.steer_head: SteerHead | None = None
+        if config.noise_method == NOISE_STEER:
+            self.start_noise_steering()
         self.reset()
+
+    def start_noise_steering(self) -> None:
+        """Give the policy a steering head (``noise_steer``) if it has none: a fresh one leaves the policy's
+        behaviour unchanged (x_1 ~ N(0, I)) until RL trains it. Steered: every chunk position, real dims."""
+        c = self.config
+        c.noise_method = NOISE_STEER
+        if self.steer_head is None:
+            steer_mask = make_action_mask(c.chunk_size, c.model_action_dim, c.chunk_size, c.action_dim)
+            self.steer_head = SteerHead(
+                self.backbone.prefix_dim,
+                steer_mask,
+                list(c.steer_hidden_dims),
+                c.steer_bound,
+                c.steer_std_min,
+                c.steer_std_max,
+            ).to(self.action_mask.device)
+
+    def steering(self, prefix: Prefix) -> Steering | None:
+        """The law of x_1 for this prefix under ``noise_steer`` (None otherwise)."""
+        if self.steer_head is None:
+            return None
+        mean, std = self.steer_head(prefix.features.detach())
+        return Steering(mean=mean, std=std, mask=self.steer_head.steer_mask)
 
     @classmethod
     def from_pretrained(cls, pretrained_name_or_path, **kwargs):
@@ -171,6 +199,7 @@ class PiRLPolicy(PreTrainedPolicy):
             num_steps=self.config.num_denoise_steps,
             noise_level=noise_level,
             noise_std_fn=self.noise_head,
+            steer=self.steering(prefix),
         )
 
     def _value(self, prefix: Prefix, expert_features: Tensor | None) -> Tensor:
@@ -234,6 +263,7 @@ class PiRLPolicy(PreTrainedPolicy):
             num_steps=self.config.num_denoise_steps,
             noise_level=level,
             noise_std_fn=self.noise_head,
+            steer=self.steering(prefix),
         )
         return PolicySample(chain=chain, value=self._value(prefix, chain.expert_features), noise_level=level.clone())
 
@@ -273,6 +303,7 @@ class PiRLPolicy(PreTrainedPolicy):
             noise_level=level,
             noise_std_fn=self.noise_head,
             all_steps=expert_critic,
+            steer=self.steering(prefix),
         )
         return PolicyEvaluation(log_prob=ev.log_prob, entropy=ev.entropy, value=self._value(prefix, ev.expert_features))
 
@@ -289,6 +320,8 @@ class PiRLPolicy(PreTrainedPolicy):
 
     def rl_actor_parameters(self) -> list[nn.Parameter]:
         """What the PPO/GRPO actor loss trains (see PiRLConfig ``rl_train_*``)."""
+        if self.steer_head is not None:  # noise-space steering: the flow policy stays frozen
+            return list(self.steer_head.parameters())
         params: list[nn.Parameter] = []
         if self.config.rl_train_expert:
             params += self.backbone.expert_parameters()

@@ -15,6 +15,9 @@ Every transition x_{t_k} -> x_{t_{k+1}} is Gaussian with a mean and a per-elemen
 * ``flow_sde``   sigma_t = a * sqrt(t / (1 - t')), t' = t except t' = 1 - 1/K at t = 1,
                  mean = x_t - delta * (v + sigma_t^2 / (2 t) * (x_t + (1 - t) v)),
                  std = sigma_t * sqrt(delta)     (two-layer MDP, same marginals as the ODE).
+* ``noise_steer`` every step is the ODE step; the randomness is in the initial noise instead:
+                 x_1 = mean(o) + std * eps from a small steering head, so the policy's action is
+                 the noise it hands the frozen flow policy (noise-space steering, as in DSRL).
 
 With ``hybrid`` Flow-SDE, one denoise index per sample is stochastic and every other step is the
 ODE step. Which steps are stochastic is an explicit ``[B, K]`` boolean mask, so the same
@@ -24,10 +27,12 @@ All randomness enters as tensors (initial noise ``[B, H, D]``, per-step noise ``
 and the stochastic-step mask), so sampling is a pure function of its inputs: identical on
 PyTorch, ONNX Runtime and TensorRT, and replayable by the learner.
 
-Log-prob: the sum over stochastic steps, executed chunk positions and real action dimensions
-of log N(x_{k+1}; mean_k, std_k). Two deliberate choices (see docs/method.md):
+Log-prob: the sum over stochastic steps (and, for ``noise_steer``, the steered initial noise),
+executed chunk positions and real action dimensions of log N(x_{k+1}; mean_k, std_k). Two deliberate choices (see docs/method.md):
 * the initial-noise term log N(x_1; 0, I) is left out: it does not depend on the parameters,
-  so it cancels in every PPO ratio and contributes no gradient;
+  so it cancels in every PPO ratio and contributes no gradient (``noise_steer`` is the exception:
+  there x_1 is what the policy chooses, and log N(x_1; mean(o), std) over the steered elements is
+  the whole log-prob);
 * steps are summed, not averaged (the reference implementation averages the K + 1 terms,
   which scales the log-ratio by 1 / (K + 1) and with it the effective clip range).
 """
@@ -41,8 +46,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-NOISE_METHODS = ("flow_ode", "flow_noise", "flow_sde")
-RL_NOISE_METHODS = ("flow_noise", "flow_sde")  # the stochastic ones: what rollouts for RL sample with
+NOISE_STEER = "noise_steer"
+NOISE_METHODS = ("flow_ode", "flow_noise", "flow_sde", NOISE_STEER)
+RL_NOISE_METHODS = ("flow_noise", "flow_sde", NOISE_STEER)  # the stochastic ones: what rollouts for RL sample with
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 
@@ -111,7 +117,7 @@ def transition(
     tt = _per_sample(t, x_t)
     ode_mean = x_t - delta * velocity
     zeros = torch.zeros_like(x_t)
-    if noise_method == "flow_ode":
+    if noise_method in ("flow_ode", NOISE_STEER):
         return ode_mean, zeros
     if noise_method == "flow_noise":
         if noise_std is None:
@@ -145,11 +151,11 @@ def stochastic_step_mask(
 ) -> Tensor:
     """``[B, K]`` bool: which denoise steps are stochastic for each sample.
 
-    flow_ode: none. flow_noise: all. flow_sde: all, or only ``hybrid_index[b]`` when given
+    flow_ode and noise_steer: none. flow_noise: all. flow_sde: all, or only ``hybrid_index[b]`` when given
     (hybrid ODE-SDE: one step per sample is an SDE step, the rest are ODE steps).
     """
     check_noise_method(noise_method)
-    if noise_method == "flow_ode":
+    if noise_method in ("flow_ode", NOISE_STEER):
         return torch.zeros(batch_size, num_steps, dtype=torch.bool, device=device)
     if noise_method == "flow_sde" and hybrid_index is not None:
         if hybrid_index.shape != (batch_size,):
@@ -157,6 +163,27 @@ def stochastic_step_mask(
         steps = torch.arange(num_steps, device=hybrid_index.device)
         return steps.unsqueeze(0) == hybrid_index.long().unsqueeze(1)
     return torch.ones(batch_size, num_steps, dtype=torch.bool, device=device)
+
+
+@dataclass
+class Steering:
+    """``noise_steer``: the law of the initial noise x_1 the steering head chose for each row.
+
+    ``mask`` ``[H, D]`` marks the steered elements (every chunk position, real action dims); the
+    others keep mean 0 and std 1, a law with no parameters, so they are left out of the log-prob
+    like the initial noise of the other methods.
+    """
+
+    mean: Tensor  # [B, H, D]
+    std: Tensor  # [B, H, D]
+    mask: Tensor  # [H, D] float
+
+    def log_prob(self, x_1: Tensor) -> Tensor:
+        return gaussian_log_prob(x_1, self.mean, self.std, self.mask.expand_as(x_1)).flatten(1).sum(-1)
+
+    def entropy_sum_and_count(self) -> tuple[Tensor, Tensor]:
+        mask = self.mask.expand_as(self.std)
+        return gaussian_entropy(self.std, mask).flatten(1).sum(-1), mask.flatten(1).sum(-1)
 
 
 @dataclass
@@ -183,11 +210,13 @@ def sample_chain(
     num_steps: int,
     noise_level: Tensor | float = 0.5,
     noise_std_fn: NoiseStdFn | None = None,
+    steer: Steering | None = None,
 ) -> ChainSample:
     """Run the K-step sampler as a pure function of its noise tensors.
 
     x_{k+1} = mean_k + std_k * step_noise[:, k]. With ``noise_method="flow_ode"`` (or an all-False
-    ``stochastic`` mask) this is exactly LeRobot's Euler integration.
+    ``stochastic`` mask) this is exactly LeRobot's Euler integration. With ``steer`` the chain
+    starts from x_1 = steer.mean + steer.std * initial_noise and its log-prob counts in the total.
     """
     batch = initial_noise.shape[0]
     if step_noise.shape[:2] != (batch, num_steps) or step_noise.shape[2:] != initial_noise.shape[1:]:
@@ -196,7 +225,7 @@ def sample_chain(
         )
     rows = torch.arange(batch, device=initial_noise.device)
     grid = time_grid(num_steps, device=initial_noise.device, dtype=initial_noise.dtype)
-    x = initial_noise
+    x = initial_noise if steer is None else steer.mean + steer.std * initial_noise
     chain, means, stds, feats = [x], [], [], []
     for k in range(num_steps):
         t = grid[k].expand(batch)
@@ -220,6 +249,8 @@ def sample_chain(
     chain_t = torch.stack(chain, dim=1)
     means_t, stds_t = torch.stack(means, dim=1), torch.stack(stds, dim=1)
     log_prob = gaussian_log_prob(chain_t[:, 1:], means_t, stds_t, action_mask.unsqueeze(-3)).flatten(1).sum(-1)
+    if steer is not None:
+        log_prob = log_prob + steer.log_prob(chain_t[:, 0])
     return ChainSample(
         actions=x,
         chain=chain_t,
@@ -251,12 +282,14 @@ def evaluate_chain(
     noise_level: Tensor | float = 0.5,
     noise_std_fn: NoiseStdFn | None = None,
     all_steps: bool = False,
+    steer: Steering | None = None,
 ) -> ChainEvaluation:
     """Recompute log pi(chain | obs), the entropy and (optionally) every step's expert features.
 
     Only the (sample, step) pairs that are stochastic are evaluated (hybrid Flow-SDE: one expert
     pass per sample instead of K), all gathered into ONE ``denoise_fn`` call. ``all_steps=True``
-    evaluates every pair, for a critic that reads the expert features of all K steps.
+    evaluates every pair, for a critic that reads the expert features of all K steps. ``steer``
+    adds the steered initial noise's log-prob and entropy (``noise_steer``).
     """
     batch = chain.shape[0]
     if chain.shape[1] != num_steps + 1:
@@ -290,6 +323,10 @@ def evaluate_chain(
         count = count.index_add(0, b_idx, ((std > 0).to(mask.dtype) * mask).flatten(1).sum(-1))
         if all_steps:
             features = expert.reshape(batch, num_steps, *expert.shape[1:])
+    if steer is not None:
+        log_prob = log_prob + steer.log_prob(chain[:, 0])
+        steer_entropy, steer_count = steer.entropy_sum_and_count()
+        entropy_sum, count = entropy_sum + steer_entropy, count + steer_count
     entropy = entropy_sum / count.clamp_min(1.0)
     return ChainEvaluation(log_prob=log_prob, entropy=entropy, expert_features=features)
 

@@ -148,18 +148,27 @@ def load_policy(pretrained_dir: str | Path, device: str = "cpu", **config_overri
     from lerobot.policies.factory import make_pre_post_processors
 
     from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
+    from lerobot_policy_pi_rl.samplers import NOISE_STEER
 
     pretrained_dir = Path(pretrained_dir)
     if not (pretrained_dir / "model.safetensors").is_file():
         raise FileNotFoundError(f"no model.safetensors in {pretrained_dir}: not a LeRobot pretrained_model directory")
     config = PreTrainedConfig.from_pretrained(pretrained_dir)
     config.device = device
+    saved_noise_method = config.noise_method
     for k, v in config_overrides.items():
         if not hasattr(config, k):
             raise ValueError(f"policy.{k}: unknown pi_rl config field")
         setattr(config, k, v)
     config.validate()
+    # noise_steer on a checkpoint that never steered (an SFT policy): load it as saved, then add a fresh
+    # steering head (it leaves the behaviour unchanged until RL trains it)
+    fresh_steering = config.noise_method == NOISE_STEER and saved_noise_method != NOISE_STEER
+    if fresh_steering:
+        config.noise_method = saved_noise_method
     policy = PiRLPolicy.from_pretrained(pretrained_dir, config=config, strict=True)
+    if fresh_steering:
+        policy.start_noise_steering()
     policy.eval()
     overrides = {}
     if config.is_vla and config.tokenizer_name is None:

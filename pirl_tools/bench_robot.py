@@ -96,6 +96,20 @@ METHODS: dict[str, dict] = {
         },
         "interventions": True,
     },
+    "noise_steer": {
+        "about": "noise-space steering (noise_method=noise_steer): the SFT flow policy stays frozen and a small head "
+        "learns, with PPO, which initial noise x_1 to hand it; actor_lr 3e-4, no entropy bonus, updates stop early "
+        "past approx KL 0.05; 16 episodes per update",
+        "learner": {
+            **_SMALL,
+            "noise_method": "noise_steer",
+            "algorithm.actor_lr": 3e-4,
+            "algorithm.entropy_coef": 0.0,
+            "algorithm.target_kl": 0.05,
+        },
+        "edge": {"policy.noise_method": "noise_steer"},
+        "interventions": False,
+    },
     "interventions_success_bc": {
         "about": "success_bc + the scripted person's takeovers as BC data",
         "learner": {**_SMALL, "algorithm.bc_coef": 1.0, "bc.successes": "true", "algorithm.target_kl": 0.05},
@@ -239,6 +253,7 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
             f"--spool.dir={out / 'spool'}",
             f"--stats_file={out / 'edge_stats.json'}",
             f"--seed={seed + 2}",
+            *(f"--{k}={v}" for k, v in spec.get("edge", {}).items()),
         ]
         if cfg.outcome == "detector":
             edge += [

@@ -59,28 +59,37 @@ def plot_curves(
     path: Path, runs: list[dict], title: str, xlabel: str = "environment steps", target: float = 0.9
 ) -> None:
     """Deterministic success against ``xlabel`` (each run's ``curve``: (x, success) pairs), one line per run, one
-    colour per label, a dashed line at ``target``."""
+    colour (and line style) per label, a dashed line at ``target``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.2))
-    colours: dict[str, str] = {}
+    fig, ax = plt.subplots(figsize=(7, 4.2) if len(runs) <= 6 else (9.5, 4.2))
+    styles: dict[str, tuple[str, str]] = {}
     palette = ["tab:blue", "tab:orange", "tab:green", "tab:red", "tab:purple", "tab:brown", "tab:pink", "tab:gray"]
     for run in runs:
         label = run["label"]
-        colour = colours.setdefault(label, palette[len(colours) % len(palette)])
+        n = len(styles)  # past eight labels the colours repeat with another line style
+        colour, ls = styles.setdefault(label, (palette[n % len(palette)], ("-", "--", ":")[n // len(palette) % 3]))
         xs, ys = zip(*run["curve"], strict=True)
         ax.plot(
-            xs, ys, color=colour, alpha=0.8, label=label if label not in ax.get_legend_handles_labels()[1] else None
+            xs,
+            ys,
+            color=colour,
+            ls=ls,
+            alpha=0.8,
+            label=label if label not in ax.get_legend_handles_labels()[1] else None,
         )
     ax.axhline(target, color="k", lw=0.8, ls="--")
     ax.set_xlabel(xlabel)
     ax.set_ylabel("deterministic success")
     ax.set_ylim(0, 1.02)
     ax.set_title(title)
-    ax.legend(loc="lower right")
+    if len(styles) <= 6:
+        ax.legend(loc="lower right")
+    else:  # many lines: the legend beside the axes, not over the curves
+        ax.legend(loc="center left", bbox_to_anchor=(1.01, 0.5), fontsize="small")
     ax.grid(alpha=0.3)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

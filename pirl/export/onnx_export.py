@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from lerobot_policy_pi_rl.samplers import NOISE_METHODS, check_noise_method
+from lerobot_policy_pi_rl.samplers import NOISE_METHODS, NOISE_STEER, check_noise_method
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +113,11 @@ class SamplerGraph(nn.Module):
         self.policy = policy
         self.noise_method = noise_method or policy.config.noise_method
         check_noise_method(self.noise_method)
+        if self.noise_method == NOISE_STEER and getattr(policy, "steer_head", None) is None:
+            raise ValueError(
+                "noise_method=noise_steer needs a policy with a steering head: load it with "
+                "load_policy(path, noise_method='noise_steer')"
+            )
         self.observation_keys = observation_keys(policy.config)
 
     def forward(self, *inputs: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -601,7 +606,11 @@ def main() -> None:
     def _run() -> int:
         from lerobot_policy_pi_rl.sft import load_policy
 
-        policy, _, _ = load_policy(args.policy_path)
+        # the edge's rule: a sampler override is applied at load (noise_steer gives a checkpoint without one a
+        # fresh steering head)
+        policy, _, _ = load_policy(
+            args.policy_path, **({"noise_method": args.noise_method} if args.noise_method else {})
+        )
         started = time.perf_counter()
         manifest = export_onnx(
             policy,

@@ -156,3 +156,30 @@ def test_trained_only_updates_need_the_same_frozen_weights_and_trained_set(tmp_p
     msg = policy_update_message(noisy, 3, frozen_sha256=worker.frozen_sha256)
     assert not worker.offer(3, load(msg.weights), frozen_sha256=msg.frozen_sha256)
     assert worker.decide(raw)[0].version == 1  # version 1 keeps serving
+
+
+def test_a_steered_version_reaches_the_edge_and_its_chains_replay(tmp_path):
+    """noise_steer through the runtime's own path: the learner publishes the steering head and the critic (with
+    the ONNX export), the edge's ONNX Runtime sampler serves them, and the learner replays its chains to ratio 1."""
+    from safetensors.torch import load
+
+    from learner.trainer import policy_update_message
+
+    policy, pre, post = policy_and_processors()
+    policy.start_noise_steering()
+    worker = InferenceWorker(copy.deepcopy(policy), pre, post, robot_id="t", backend="onnxruntime")
+    newer = trained_copy(policy)  # the steering head and the critic moved
+    msg = policy_update_message(newer, 1, tmp_path / "artifacts")
+    assert set(load(msg.weights)) == set(policy.rl_state_names())
+    assert all(n.startswith(("steer_head.", "value_head.")) for n in load(msg.weights))
+    assert worker.offer(1, load(msg.weights), dict(msg.files), frozen_sha256=msg.frozen_sha256)
+    raw = {"agent_pos": np.ones((1, 6), np.float32)}
+    d = worker.decide(raw)[0]
+    assert d.version == 1 and worker.backend == "onnxruntime" and not d.stochastic.any()
+    with torch.no_grad():
+        ev = newer.evaluate_chains(
+            {k: torch.from_numpy(v)[None] for k, v in d.observation.items()},
+            torch.from_numpy(d.chain)[None],
+            torch.from_numpy(d.stochastic)[None],
+        )
+    assert d.log_prob != 0 and abs(float(ev.log_prob[0]) - d.log_prob) < 1e-4

@@ -19,6 +19,7 @@ CASES = [
     ("flow_noise_padded", {"noise_method": "flow_noise", "max_action_dim": 5, "critic_placement": "expert"}, False),
     ("flow_sde_hybrid_image", {"noise_method": "flow_sde", "hybrid": True}, True),
     ("flow_sde", {"noise_method": "flow_sde", "hybrid": False, "critic_placement": "expert"}, False),
+    ("noise_steer_padded", {"noise_method": "noise_steer", "max_action_dim": 5}, False),
 ]
 
 

@@ -61,7 +61,9 @@ def test_onnxruntime_matches_pytorch(exported, batch_size, seed):
             torch.from_numpy(got[key]), want, rtol=RTOL, atol=ATOL, msg=lambda m, k=key: f"{k}: {m}"
         )
     c = policy.config
-    if c.noise_method == "flow_ode" or not stochastic.any():
+    if c.noise_method == "noise_steer":  # the steered x_1 is the decision: never a zero log-prob
+        assert not stochastic.any() and np.all(np.abs(got["log_prob"]) > 0)
+    elif c.noise_method == "flow_ode" or not stochastic.any():
         assert np.all(got["log_prob"] == 0)
     else:
         assert np.all(np.abs(got["log_prob"]) > 0)
@@ -82,19 +84,20 @@ def test_learner_replays_onnx_chains(exported):
 
 def test_noise_level_and_mask_are_live_inputs(exported):
     """The stochastic mask and the per-sample noise level are graph inputs, not trace-time constants
-    (for flow_ode, which reads neither, the outputs do not depend on them)."""
+    (for flow_ode and noise_steer, which read neither, the outputs do not depend on them)."""
     policy, out, manifest = exported
     sampler = OnnxSampler(out)
     obs, initial, steps, stochastic, level = random_inputs(policy, 4, 4)
     o = {k: v.numpy() for k, v in obs.items()}
     a = sampler.run(o, initial.numpy(), steps.numpy(), stochastic.numpy(), level.numpy())
     ode = sampler.run(o, initial.numpy(), steps.numpy(), np.zeros_like(stochastic.numpy()), level.numpy())
-    if manifest["noise_method"] == "flow_ode":
+    if manifest["noise_method"] in ("flow_ode", "noise_steer"):
         b = sampler.run(o, initial.numpy(), steps.numpy(), stochastic.numpy(), 2 * level.numpy())
         for key in a:
             np.testing.assert_array_equal(a[key], ode[key], err_msg=key)
             np.testing.assert_array_equal(a[key], b[key], err_msg=key)
-        assert np.all(a["log_prob"] == 0)
+        # noise_steer's decision is the steered x_1: it has a log-prob, the ODE steps add none
+        assert np.all(a["log_prob"] == 0) == (manifest["noise_method"] == "flow_ode")
         return
     assert np.all(ode["log_prob"] == 0) and not np.allclose(a["actions"], ode["actions"])
     with torch.no_grad():
@@ -225,7 +228,7 @@ def test_cli_exports_a_pretrained_dir(tmp_path, monkeypatch, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("method", ["flow_sde", "flow_noise"])
+@pytest.mark.parametrize("method", ["flow_sde", "flow_noise", "noise_steer"])
 def test_split_export_prefix_and_velocity_graphs_match_torch(method, tmp_path):
     """The measured alternative to the one graph: prefix.onnx + velocity.onnx with the sampler loop on
     the host (split_export.SplitSampler) computes the same chunk, log-prob and value as PyTorch."""

@@ -1,0 +1,133 @@
+"""noise_steer: a steering head chooses the initial noise x_1 of the frozen flow policy (noise-space steering)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from helpers.policy import ACTION_DIM, SMALL_SIZES, STATE_DIM, builtin_policy, save_checkpoint
+from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, PiRLAlgorithmConfig
+from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfigError
+from lerobot_policy_pi_rl.rollout import RolloutBatch
+from lerobot_policy_pi_rl.sft import load_policy
+
+SMALL = {**SMALL_SIZES, "steer_hidden_dims": [16]}
+
+
+def _obs(n: int, seed: int) -> dict:
+    return {"observation.state": torch.randn(n, STATE_DIM, generator=torch.Generator().manual_seed(seed))}
+
+
+def _perturb(module: torch.nn.Module, seed: int = 1, scale: float = 0.2) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(scale * torch.randn(p.shape, generator=g))
+
+
+def test_a_fresh_steering_head_leaves_the_policy_unchanged():
+    """x_1 ~ N(0, I) before any update: the same chunks as the ODE from the same noise."""
+    steer, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
+    plain, _, _ = builtin_policy(0, noise_method="flow_ode", **SMALL)
+    plain.load_state_dict({k: v for k, v in steer.state_dict().items() if not k.startswith("steer_head.")})
+    obs = _obs(4, 0)
+    noise = steer.draw_noise(4, generator=torch.Generator().manual_seed(2))
+    assert not noise[2].any()  # every denoise step is the ODE step
+    with torch.no_grad():
+        a = steer.sample_chains(obs, *noise)
+        b = plain.sample_chains(obs, *noise)
+    torch.testing.assert_close(a.actions, b.actions, rtol=0, atol=0)
+    torch.testing.assert_close(a.chain.chain[:, 0], noise[0], rtol=0, atol=0)
+    # the decision's log-prob is that of x_1 under N(0, I), over every chunk position and real action dim
+    steered = noise[0][..., :ACTION_DIM]
+    want = (-0.5 * steered**2 - 0.5 * math.log(2 * math.pi)).flatten(1).sum(-1)
+    torch.testing.assert_close(a.chain.log_prob, want)
+
+
+def test_the_learner_replays_a_steered_chain_to_ratio_one():
+    policy, _, _ = builtin_policy(0, noise_method="noise_steer", max_action_dim=5, **SMALL)
+    _perturb(policy.steer_head)
+    obs = _obs(6, 3)
+    noise = policy.draw_noise(6, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        sample = policy.sample_chains(obs, *noise)
+        ev = policy.evaluate_chains(obs, sample.chain.chain, sample.chain.stochastic)
+    torch.testing.assert_close(ev.log_prob, sample.chain.log_prob, rtol=0, atol=1e-5)
+    # padded action dims are not steered: x_1 there is the drawn noise itself
+    torch.testing.assert_close(sample.chain.chain[:, 0, :, ACTION_DIM:], noise[0][..., ACTION_DIM:], rtol=0, atol=0)
+    assert not torch.allclose(sample.chain.chain[:, 0, :, :ACTION_DIM], noise[0][..., :ACTION_DIM])
+    assert torch.all(ev.entropy > 0)
+
+
+def test_ppo_trains_only_the_steering_head_and_the_critic():
+    policy, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
+    T, N = 3, 16
+    obs = torch.randn(T, N, STATE_DIM, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        noise = policy.draw_noise(T * N, generator=torch.Generator().manual_seed(1))
+        s = policy.sample_chains({"observation.state": obs.reshape(T * N, STATE_DIM)}, *noise)
+    # reward the chunks whose first action dim is large: a direction the steering can learn
+    rewards = s.actions[:, :4, 0].mean(-1).reshape(T, N)
+    terminated = torch.zeros(T, N, dtype=torch.bool)
+    terminated[-1] = True
+    batch = RolloutBatch(
+        observations={"observation.state": obs},
+        chains=s.chain.chain.reshape(T, N, *s.chain.chain.shape[1:]),
+        stochastic=s.chain.stochastic.reshape(T, N, -1),
+        noise_level=s.noise_level.reshape(T, N),
+        log_probs=s.chain.log_prob.reshape(T, N),
+        values=s.value.reshape(T, N),
+        rewards=rewards,
+        terminated=terminated,
+        truncated=torch.zeros(T, N, dtype=torch.bool),
+        valid=torch.ones(T, N, dtype=torch.bool),
+        bootstrap_values=torch.zeros(T, N),
+        episode_returns=rewards.sum(0),
+        episode_success=rewards.sum(0) > 0,
+        group_ids=torch.arange(N),
+    )
+    assert {id(p) for p in policy.rl_actor_parameters()} == {id(p) for p in policy.steer_head.parameters()}
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    algo = PiRLAlgorithm(policy, PiRLAlgorithmConfig(actor_lr=1e-2, critic_lr=1e-3))
+    stats = algo.update_on(batch)
+    assert stats.extra["approx_kl"] > 0 and stats.grad_norms["actor"] > 0
+    changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("steer_head.", "value_head.")) for k in changed), changed
+    assert any(k.startswith("steer_head.") for k in changed)
+    # what a version publishes: the steering head and the critic, never the frozen flow policy
+    assert all(n.startswith(("steer_head.", "value_head.")) for n in policy.rl_state_names())
+
+
+def test_bc_is_refused_under_noise_steering():
+    policy, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
+    with pytest.raises(ValueError, match="bc_coef=0"):
+        PiRLAlgorithm(policy, PiRLAlgorithmConfig(bc_coef=0.1), demo_iterator=iter([]))
+
+
+def test_a_checkpoint_without_steering_loads_with_a_fresh_head(tmp_path):
+    """An SFT checkpoint (flow_sde) run with noise_method=noise_steer: loaded strictly, then a fresh head."""
+    policy, pre, post = builtin_policy(0, **SMALL)
+    ckpt = save_checkpoint(tmp_path / "sft", policy, pre, post)
+    steer, _, _ = load_policy(ckpt, noise_method="noise_steer")
+    assert steer.config.noise_method == "noise_steer" and steer.steer_head is not None
+    for k, v in policy.state_dict().items():
+        torch.testing.assert_close(steer.state_dict()[k], v, rtol=0, atol=0)
+    plain, _, _ = load_policy(ckpt)
+    assert plain.steer_head is None
+    # a steering run's own checkpoint keeps its trained head
+    _perturb(steer.steer_head)
+    again = save_checkpoint(tmp_path / "steer", steer, pre, post)
+    reloaded, _, _ = load_policy(again)
+    for k, v in steer.steer_head.state_dict().items():
+        torch.testing.assert_close(reloaded.steer_head.state_dict()[k], v, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [("steer_bound", 0.0), ("steer_std_min", 2.0), ("steer_hidden_dims", [0])],
+)
+def test_steering_fields_are_validated(field, value):
+    with pytest.raises(PiRLConfigError, match=f"policy.{field}"):
+        builtin_policy(0, noise_method="noise_steer", **{field: value})

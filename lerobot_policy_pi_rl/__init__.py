@@ -8,6 +8,7 @@ Importing this package registers the ``pi_rl`` policy type, the ``pirl_reach`` e
 from lerobot_policy_pi_rl import (
     algorithm,  # noqa: F401  (registers the "pi_rl" RLAlgorithmConfig)
     envs,  # noqa: F401  (registers "pirl_reach")
+    processor_pi_rl,  # noqa: F401  (registers the "pi_rl_clamp_state" processor step saved pre-processors name)
 )
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig  # noqa: F401  (registers "pi_rl")
 

@@ -94,6 +94,11 @@ class PiRLConfig(PreTrainedConfig):
     # neither in the flow-matching loss nor in the log-prob.
     max_action_dim: int | None = None
 
+    # the pre-processor clamps normalised state inputs (state and environment state) to +-this many standard
+    # deviations; `None` turns the clamp off. It keeps a state dim that barely varied in a few demos from reaching
+    # hundreds of sigmas once RL moves it (docs/method.md). 10 is Stable-Baselines3's VecNormalize default.
+    state_clip: float | None = 10.0
+
     # K, denoise steps per chunk, for every sampler including the deterministic ODE.
     num_denoise_steps: int = 4
     # sampler for RL rollouts: `flow_ode` (deterministic), `flow_noise` (learned per-element std), `flow_sde`
@@ -255,6 +260,8 @@ class PiRLConfig(PreTrainedConfig):
             raise bad("noise_std_min", f"need 0 < noise_std_min <= noise_std_max={self.noise_std_max}")
         if not 0 < self.steer_std_min <= self.steer_std_max:
             raise bad("steer_std_min", f"need 0 < steer_std_min <= steer_std_max={self.steer_std_max}")
+        if self.state_clip is not None and self.state_clip <= 0:
+            raise bad("state_clip", "must be > 0, or None to turn the clamp off")
         if self.steer_bound <= 0:
             raise bad("steer_bound", "must be > 0")
         if any(d < 1 for d in self.steer_hidden_dims):

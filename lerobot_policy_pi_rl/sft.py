@@ -7,6 +7,7 @@ Everything stays local: the dataset lives under a local root (no hub), and ``ler
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from dataclasses import dataclass, field
@@ -137,8 +138,23 @@ def train_sft(dataset_root: str | Path, output_dir: str | Path, settings: SFTSet
     )
     cfg.policy.scheduler_decay_steps = settings.steps
     logging.getLogger().setLevel(logging.WARNING)
+    _warn_near_constant_demos(policy_cfg, Path(dataset_root), repo_id)
     train(cfg)
     return Path(output_dir) / "checkpoints" / "last" / "pretrained_model"
+
+
+def _warn_near_constant_demos(policy_cfg, dataset_root: Path, repo_id: str) -> None:
+    """Before SFT: the dataset's state dims that barely vary (the policy's features come from the dataset)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDatasetMetadata
+    from lerobot.utils.feature_utils import dataset_to_policy_features
+
+    from lerobot_policy_pi_rl.input_stats import warn_near_constant
+
+    meta = LeRobotDatasetMetadata(repo_id, root=dataset_root)
+    features = dataset_to_policy_features(meta.features)
+    cfg = copy.copy(policy_cfg)
+    cfg.input_features = {k: ft for k, ft in features.items() if k.startswith("observation.")}
+    warn_near_constant(cfg, meta.stats or {}, f"SFT on {dataset_root}")
 
 
 def load_policy(pretrained_dir: str | Path, device: str = "cpu", **config_overrides):
@@ -147,7 +163,9 @@ def load_policy(pretrained_dir: str | Path, device: str = "cpu", **config_overri
     from lerobot.configs.policies import PreTrainedConfig
     from lerobot.policies.factory import make_pre_post_processors
 
+    from lerobot_policy_pi_rl.input_stats import normalizer_stats, warn_near_constant
     from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
+    from lerobot_policy_pi_rl.processor_pi_rl import ensure_state_clamp
     from lerobot_policy_pi_rl.samplers import NOISE_STEER
 
     pretrained_dir = Path(pretrained_dir)
@@ -178,4 +196,6 @@ def load_policy(pretrained_dir: str | Path, device: str = "cpu", **config_overri
 
         overrides = {"tokenizer_processor": {"tokenizer_name": tokenizer_settings(config)[0]}}
     pre, post = make_pre_post_processors(config, pretrained_path=str(pretrained_dir), preprocessor_overrides=overrides)
+    ensure_state_clamp(pre, config)
+    warn_near_constant(config, normalizer_stats(pre), f"policy {pretrained_dir}")
     return policy, pre, post

@@ -16,6 +16,7 @@ from lerobot.utils.constants import OBS_LANGUAGE_ATTENTION_MASK, OBS_LANGUAGE_TO
 from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, PiRLAlgorithmConfig
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig, PiRLConfigError
 from lerobot_policy_pi_rl.envs.reach_grasp import ReachGraspVecEnv
+from lerobot_policy_pi_rl.input_stats import normalizer_stats
 from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts
 
@@ -329,7 +330,7 @@ def test_pirl_init_wraps_a_lerobot_checkpoint_with_dataset_stats(tmp_path):
     ):
         assert torch.equal(a, b), n
     # normalisation stats came from the dataset, not a default
-    stats = pre.steps[-1].stats["observation.state"]["mean"]
+    stats = normalizer_stats(pre)["observation.state"]["mean"]
     assert float(np.abs(np.asarray(stats)).sum()) > 0
     obs = observations(policy, pre, n=2)
     with torch.no_grad():

@@ -41,7 +41,7 @@ def run(cfg: EdgeConfig) -> int:
     from edge.robot_mode import RobotSide
     from edge.spool import Spool
     from lerobot_policy_pi_rl.envs import BUILTIN_NAMES, builtin_obs_kwargs, known_vec_env, make_vec_env
-    from lerobot_policy_pi_rl.rollout import env_task
+    from lerobot_policy_pi_rl.rollout import PolicyRunner, env_mismatch, env_task
     from lerobot_policy_pi_rl.sft import load_policy
     from pirl.security import is_loopback, load_tokens
 
@@ -80,6 +80,9 @@ def run(cfg: EdgeConfig) -> int:
         env_kwargs = builtin_obs_kwargs(policy.config) if ctl.env in BUILTIN_NAMES else {}
         env = make_vec_env(ctl.env, num_envs, autoreset=False, **env_kwargs)
         task = pol.task or env_task(env)
+        why = env_mismatch(PolicyRunner(policy, pre, post, task=task), env)
+        if why is not None:
+            raise ValueError(f"control.env: {ctl.env!r} does not fit the policy {pol.path}: {why}")
     spool_dir = Path(cfg.spool.dir or f"outputs/edge/{robot_id}/spool")
     fsync = cfg.spool.fsync if cfg.spool.fsync is not None else ctl.mode == "paced"
     # quarantining happens mostly here, at open after a crash: count it, and export both metrics at once

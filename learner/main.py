@@ -29,7 +29,7 @@ def serve(cfg: LearnerConfig) -> int:
     from learner.checkpoints import CheckpointPicker, numbered
     from learner.service import LearnerService, Publisher, build_health_server, build_server
     from learner.store import PolicyShapes, RolloutStore
-    from learner.trainer import Trainer, make_evaluator
+    from learner.trainer import Trainer, choose_evaluator
     from learner.wal import RecordLog
     from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm
     from lerobot_policy_pi_rl.sft import load_policy
@@ -95,20 +95,8 @@ def serve(cfg: LearnerConfig) -> int:
     if cfg.trainer.eval_every:
         from lerobot.utils.import_utils import register_third_party_plugins
 
-        from lerobot_policy_pi_rl.envs import known_vec_env
-
         register_third_party_plugins()  # an installed lerobot_* plugin may provide the evaluation env
-        if not known_vec_env(cfg.trainer.eval_env):
-            raise ValueError(
-                f"trainer.eval_env: unknown env {cfg.trainer.eval_env!r} (the built-in 'pirl_reach', an env an "
-                "installed plugin registers such as 'pirl_sim', or a gymnasium id); --trainer.eval_every=0 turns "
-                "evaluation off"
-            )
-    evaluator = (
-        make_evaluator(pre, post, cfg.trainer.eval_episodes, policy_config=policy.config, env_name=cfg.trainer.eval_env)
-        if cfg.trainer.eval_every
-        else None
-    )
+    evaluator = choose_evaluator(cfg.trainer, policy, pre, post)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(
         algo,

@@ -36,9 +36,11 @@ class TrainerSettings:
     max_updates: int = 0
     # deterministic evaluation every this many versions (0: off)
     eval_every: int = 5
-    # the simulated env the evaluation runs on: the built-in task 'pirl_reach', or a vector env another
-    # installed plugin registers (e.g. 'pirl_sim', the simulated robot's task from lerobot_robot_pirl_sim)
-    eval_env: str = "pirl_reach"
+    # the simulated env the evaluation runs on: the built-in task 'pirl_reach', a vector env another installed
+    # plugin registers (e.g. 'pirl_sim', the simulated robot's task from lerobot_robot_pirl_sim), or a gymnasium
+    # id. None: the built-in task when the policy fits it, else no evaluation (with a warning at start). An env
+    # that does not fit the policy (its observations or actions) is refused at start, with the reason
+    eval_env: str | None = None
     # episodes per deterministic evaluation
     eval_episodes: int = 200
     # stop updating once the deterministic evaluation reaches this success rate (None: never)
@@ -437,4 +439,41 @@ def make_evaluator(
                 PolicyRunner(policy, preprocessor, postprocessor), env, episodes=episodes, seed=seed
             )
 
+    evaluate.env = env
     return evaluate
+
+
+def choose_evaluator(settings: TrainerSettings, policy, preprocessor, postprocessor):
+    """The learner's evaluator, or None: ``eval_every=0``; or no ``eval_env`` given and the policy does not fit
+    the built-in task (a warning says so). A given ``eval_env`` that is unknown or does not fit the policy is a
+    ValueError naming the field and the reason."""
+    from lerobot_policy_pi_rl.envs import known_vec_env
+    from lerobot_policy_pi_rl.rollout import PolicyRunner, env_mismatch
+
+    if not settings.eval_every:
+        return None
+    name = settings.eval_env or "pirl_reach"
+    if settings.eval_env is not None and not known_vec_env(name):
+        raise ValueError(
+            f"trainer.eval_env: unknown env {name!r} (the built-in 'pirl_reach', an env an installed plugin registers "
+            "such as 'pirl_sim', or a gymnasium id); --trainer.eval_every=0 turns evaluation off"
+        )
+    try:
+        evaluator = make_evaluator(
+            preprocessor, postprocessor, settings.eval_episodes, policy_config=policy.config, env_name=name
+        )
+        why = env_mismatch(PolicyRunner(policy, preprocessor, postprocessor), evaluator.env)
+    except ValueError as e:  # the built-in task cannot even be observed the way this policy reads
+        evaluator, why = None, str(e)
+    if why is None:
+        return evaluator
+    if settings.eval_env is None:
+        logging.getLogger(__name__).warning(
+            "evaluation off: the policy does not fit the built-in task (%s); give --trainer.eval_env=<your task's "
+            "env> to evaluate on it",
+            why,
+        )
+        return None
+    raise ValueError(
+        f"trainer.eval_env: {name!r} does not fit the policy: {why}; --trainer.eval_every=0 turns evaluation off"
+    )

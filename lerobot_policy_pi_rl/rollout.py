@@ -251,6 +251,32 @@ def collect_rollouts(
     return batch
 
 
+def env_mismatch(runner: PolicyRunner, env) -> str | None:
+    """Why ``env`` cannot run ``runner``'s policy (None when it can): its first observation, pre-processed,
+    must hold every input the policy reads with the policy's shapes, and its actions the policy's width. A
+    user who points a policy at another task gets this reason at start-up instead of a traceback mid-run."""
+    cfg = runner.policy.config
+    if getattr(env, "action_dim", cfg.action_dim) != cfg.action_dim:
+        return f"the env's actions have {env.action_dim} dims, the policy's {cfg.action_dim}"
+    raw, _ = env.reset(seed=0)
+    try:
+        obs = runner.observe(
+            {k: v[:1] if not isinstance(v, dict) else {c: a[:1] for c, a in v.items()} for k, v in raw.items()},
+            env_task(env),
+        )
+    except (KeyError, ValueError, RuntimeError) as e:
+        return f"its observation ({sorted(raw)}) cannot be pre-processed for the policy: {e}"
+    want = {k: shape for k, (_dtype, shape) in cfg.observation_spec().items()}
+    got = {k: tuple(v.shape[1:]) for k, v in obs.items()}
+    missing = sorted(set(want) - set(got))
+    if missing:
+        return f"its observation gives {sorted(got)}, the policy also reads {missing}"
+    wrong = {k: (got[k], want[k]) for k in want if got[k] != want[k]}
+    if wrong:
+        return "shapes differ (env, policy): " + ", ".join(f"{k} {a} vs {b}" for k, (a, b) in sorted(wrong.items()))
+    return None
+
+
 def evaluate_success(runner: PolicyRunner, env, *, episodes: int, seed: int) -> float:
     """Deterministic (ODE) success rate over ``episodes`` episodes, ``env.num_envs`` at a time.
 
@@ -268,4 +294,4 @@ def evaluate_success(runner: PolicyRunner, env, *, episodes: int, seed: int) -> 
     return successes / episodes
 
 
-__all__ = ["RolloutBatch", "PolicyRunner", "collect_rollouts", "env_task", "evaluate_success"]
+__all__ = ["RolloutBatch", "PolicyRunner", "collect_rollouts", "env_mismatch", "env_task", "evaluate_success"]

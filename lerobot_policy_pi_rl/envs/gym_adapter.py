@@ -1,13 +1,19 @@
 """Any gymnasium continuous-control env behind the same batched interface as ``ReachGraspVecEnv``.
 
 The adapter keeps ``num_envs`` independent ``gymnasium.make(env_id)`` copies and loops over them in
-Python (fine for the small envs this is meant for). Observations are flattened to float32 and served
-as ``{"agent_pos": [num_envs, state_dim]}``; actions are clipped to the Box bounds; finished envs are
-reset in the same ``step`` call and their terminal observation is kept in ``info["final_obs"]``.
+Python (fine for the small envs this is meant for). Observations are served in LeRobot's raw env keys:
+a Dict observation space whose keys are among ``agent_pos`` / ``environment_state`` / ``pixels`` passes
+through as is (batched); any other space is flattened to float32 ``{"agent_pos": [num_envs, state_dim]}``.
+Actions are clipped to the Box bounds; finished envs are reset in the same ``step`` call and their terminal
+observation is kept in ``info["final_obs"]``. Success is read from ``info[success_key]`` (gymnasium's
+``is_success`` by default; MetaWorld reports ``success``), with a warning when an episode ends and the env
+never reported that key. At construction the adapter checks that ``reset(seed=...)`` is honoured and warns
+when it is not (fixed evaluation episodes and GRPO groups would not be what they claim).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +23,11 @@ import numpy as np
 from lerobot_policy_pi_rl.envs.vector import active_mask, reset_targets
 
 __all__ = ["GymVecAdapter"]
+
+log = logging.getLogger(__name__)
+
+# Dict observation keys served as they are: LeRobot's raw env keys (``preprocess_observation``)
+PASSTHROUGH_KEYS = ("agent_pos", "environment_state", "pixels")
 
 
 class GymVecAdapter:
@@ -28,6 +39,8 @@ class GymVecAdapter:
         seed: if given, the envs are reset at construction with ``seed + i``.
         autoreset: same-step autoreset (default); with ``False`` finished envs stay finished and
             stepping them is a no-op until :meth:`reset`.
+        success_key: the ``info`` key that says an episode succeeded.
+        check_seed: reset one copy twice with the same seed and warn if the observations differ.
         **make_kwargs: forwarded to ``gymnasium.make``.
 
     Raises:
@@ -43,6 +56,8 @@ class GymVecAdapter:
         seed: int | None = None,
         *,
         autoreset: bool = True,
+        success_key: str = "is_success",
+        check_seed: bool = True,
         **make_kwargs: Any,
     ):
         if int(num_envs) < 1:
@@ -59,9 +74,19 @@ class GymVecAdapter:
             )
         self.envs: list[gym.Env] = [first] + [gym.make(env_id, **make_kwargs) for _ in range(self.num_envs - 1)]
         self.single_action_space: gym.spaces.Box = first.action_space
-        self.single_observation_space = first.observation_space
+        self.single_observation_space = space = first.observation_space
+        self.passthrough = (
+            isinstance(space, gym.spaces.Dict) and bool(space.spaces) and set(space.spaces) <= set(PASSTHROUGH_KEYS)
+        )
         self.action_dim = int(np.prod(first.action_space.shape))
-        self.state_dim = int(gym.spaces.flatdim(first.observation_space))
+        if self.passthrough:
+            self.state_dim = int(np.prod(space["agent_pos"].shape)) if "agent_pos" in space.spaces else 0
+            self.obs_type = "pixels_agent_pos" if "pixels" in space.spaces else "state"
+        else:
+            self.state_dim = int(gym.spaces.flatdim(space))
+        self.success_key = success_key
+        self._reported_success_key = False
+        self._missing_success_warned = False
         self.action_low = np.broadcast_to(first.action_space.low, first.action_space.shape).reshape(-1)
         self.action_high = np.broadcast_to(first.action_space.high, first.action_space.shape).reshape(-1)
         self.action_low = self.action_low.astype(np.float32)
@@ -77,17 +102,53 @@ class GymVecAdapter:
         self.metadata = first.metadata
 
         n = self.num_envs
-        self._obs = np.zeros((n, self.state_dim), dtype=np.float32)
+        self._obs: list[dict[str, Any]] = [{} for _ in range(n)]
         self._done = np.zeros(n, dtype=bool)
         self._t = np.zeros(n, dtype=np.int64)
+        self.seed_honoured = self._seed_is_honoured() if check_seed else None
         self.reset(seed=seed)
 
-    def _flat(self, obs: Any) -> np.ndarray:
-        return np.asarray(gym.spaces.flatten(self.single_observation_space, obs), dtype=np.float32)
+    def _convert(self, obs: Any) -> dict[str, Any]:
+        """One env's observation in LeRobot's raw keys (float32 state, images as they are)."""
+        if not self.passthrough:
+            return {"agent_pos": np.asarray(gym.spaces.flatten(self.single_observation_space, obs), dtype=np.float32)}
+        out = {}
+        for key, value in obs.items():
+            if key == "pixels":
+                out[key] = (
+                    {k: np.asarray(v) for k, v in value.items()} if isinstance(value, dict) else np.asarray(value)
+                )
+            else:
+                out[key] = np.asarray(value, dtype=np.float32).reshape(-1)
+        return out
+
+    def _batched(self) -> dict[str, Any]:
+        first = self._obs[0]
+        out: dict[str, Any] = {}
+        for key, value in first.items():
+            if isinstance(value, dict):
+                out[key] = {k: np.stack([o[key][k] for o in self._obs]) for k in value}
+            else:
+                out[key] = np.stack([o[key] for o in self._obs])
+        return out
+
+    def _seed_is_honoured(self) -> bool:
+        """Reset the first copy twice with one seed: the same first observation, or a warning."""
+        env = self.envs[0]
+        a = gym.spaces.flatten(self.single_observation_space, env.reset(seed=12345)[0])
+        b = gym.spaces.flatten(self.single_observation_space, env.reset(seed=12345)[0])
+        if np.array_equal(a, b):
+            return True
+        log.warning(
+            "%s does not honour reset(seed=...): two resets with one seed started differently, so fixed evaluation "
+            "episodes and GRPO groups (which need equal start states) are not reproducible on it",
+            self.env_id,
+        )
+        return False
 
     def _reset_one(self, i: int, seed: int | None) -> None:
         obs, _ = self.envs[i].reset(seed=seed)
-        self._obs[i] = self._flat(obs)
+        self._obs[i] = self._convert(obs)
         self._done[i] = False
         self._t[i] = 0
 
@@ -101,7 +162,7 @@ class GymVecAdapter:
         mask, seeds = reset_targets(n, seed, options)
         for i in np.flatnonzero(mask):
             self._reset_one(int(i), seeds[i])
-        return {"agent_pos": self._obs.copy()}, {"is_success": np.zeros(n, dtype=bool)}
+        return self._batched(), {"is_success": np.zeros(n, dtype=bool)}
 
     def step(
         self, actions: np.ndarray, active: np.ndarray | None = None
@@ -122,15 +183,26 @@ class GymVecAdapter:
         shape = self.single_action_space.shape
         for i in np.flatnonzero(m):
             obs, r, te, tr, info = self.envs[i].step(a[i].reshape(shape))
-            self._obs[i] = self._flat(obs)
+            self._obs[i] = self._convert(obs)
             self._t[i] += 1
             reward[i] = float(r)
             terminated[i] = bool(te)
             truncated[i] = bool(tr)
-            success[i] = bool(info.get("is_success", False))
+            if self.success_key in info:
+                self._reported_success_key = True
+                success[i] = bool(info[self.success_key])
+            elif (te or tr) and not self._reported_success_key and not self._missing_success_warned:
+                self._missing_success_warned = True
+                log.warning(
+                    "%s ended an episode without ever reporting info[%r] (its info has %s): success is never "
+                    "counted; give the key the env uses (e.g. success_key='success' for MetaWorld)",
+                    self.env_id,
+                    self.success_key,
+                    sorted(info),
+                )
         done = terminated | truncated
         elapsed = self._t.copy()
-        final_obs = {"agent_pos": self._obs.copy()}
+        final_obs = self._batched()
         if self.autoreset:
             for i in np.flatnonzero(done):
                 self._reset_one(int(i), None)
@@ -142,7 +214,7 @@ class GymVecAdapter:
             "done": done,
             "elapsed_steps": elapsed,
         }
-        return {"agent_pos": self._obs.copy()}, reward, terminated, truncated, info_out
+        return self._batched(), reward, terminated, truncated, info_out
 
     def close(self) -> None:
         for env in self.envs:

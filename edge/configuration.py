@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lerobot.envs.configs import EnvConfig
 from lerobot.robots.config import RobotConfig
 from lerobot.teleoperators.config import TeleoperatorConfig
 
@@ -85,9 +86,12 @@ class PolicyConfig:
 class ControlConfig:
     """What the edge drives and for how long."""
 
-    # simulation (when no --robot.type is given): 'pirl_reach' (the built-in task), a vector env an installed
-    # plugin registers (e.g. 'pirl_sim', the simulated robot's task), or a gymnasium id
+    # simulation (when no --robot.type or --env.type is given): 'pirl_reach' (the built-in task), a vector env an
+    # installed plugin registers (e.g. 'pirl_sim', the simulated robot's task), or a gymnasium id
     env: str = "pirl_reach"
+    # the info key a simulated env (--env.type or a gymnasium id) reports success under: LeRobot's 'is_success';
+    # MetaWorld's gymnasium envs say 'success'
+    success_key: str = "is_success"
     # paced: one env or the robot at control.hz; unpaced: control.num_envs simulated envs flat out
     mode: str = "paced"
     # control rate of the paced loop, Hz
@@ -183,8 +187,13 @@ class EdgeConfig:
     # the policy the edge starts with, and how it samples
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     # a LeRobot robot to drive (--robot.type=so101_follower --robot.port=...; any LeRobot robot type or
-    # installed lerobot_robot_* plugin, cameras included): robot mode. None: the simulated env of control.env
+    # installed lerobot_robot_* plugin, cameras included): robot mode. None: the simulated env of --env.* or
+    # control.env
     robot: RobotConfig | None = None
+    # a LeRobot env type to simulate, as lerobot-eval takes it (--env.type=pirl_reach|metaworld|libero|pusht|...
+    # --env.task=...; an installed lerobot_env_* plugin's type too), built by LeRobot's env factory with its env
+    # processors. None: control.env
+    env: EnvConfig | None = None
     # the episode protocol of robot mode
     episode: EpisodeConfig = field(default_factory=EpisodeConfig)
     # a LeRobot teleoperator a person takes over with (robot mode): --teleop.type=so101_leader
@@ -212,6 +221,8 @@ class EdgeConfig:
     tensorrt: TensorRTSettings = field(default_factory=TensorRTSettings)
 
     def __post_init__(self):
+        if self.robot is not None and self.env is not None:
+            raise ValueError("env: a robot mode edge drives --robot.type, not a simulated --env.type: give one of them")
         if self.robot is not None and self.control.mode != "paced":
             raise ValueError("control.mode: a robot runs paced (control.mode=unpaced is for simulated envs)")
         if self.robot is None and self.teleop is not None:

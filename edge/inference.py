@@ -42,18 +42,22 @@ class InferenceWorker:
         backend: str = "torch",
         seed: int = 0,
         task: str | None = None,
+        env_processor=None,
         tensorrt_settings=None,
         golden_check: bool = True,
     ):
         """``backend``: one of edge.backend_choice.BACKENDS (with fallback, see ``choose_backend``);
         ``task``: the language instruction tokenized with every observation (VLA backbones);
+        ``env_processor``: a LeRobot env type's observation processor (``PolicyRunner``);
         ``tensorrt_settings``: pirl.export.trt_engine.TensorRTSettings for the TensorRT
         backend; ``golden_check``: compare every newly prepared backend with the PyTorch policy on a
         fixed input before it may serve (refusing the version on a mismatch)."""
         self.robot_id = robot_id
         self.golden_check = golden_check
-        self._active = PolicyRunner(policy, preprocessor, postprocessor, task=task)
-        self._spare = PolicyRunner(copy.deepcopy(policy), preprocessor, postprocessor, task=task)
+        self._active = PolicyRunner(policy, preprocessor, postprocessor, task=task, env_processor=env_processor)
+        self._spare = PolicyRunner(
+            copy.deepcopy(policy), preprocessor, postprocessor, task=task, env_processor=env_processor
+        )
         self._active_backend, self.fallbacks = choose_backend(
             backend, self._active.policy, version, tensorrt_settings=tensorrt_settings, golden_check=golden_check
         )

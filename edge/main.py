@@ -40,7 +40,7 @@ def run(cfg: EdgeConfig) -> int:
     from edge.robot_loop import RobotLoopStats
     from edge.robot_mode import RobotSide
     from edge.spool import Spool
-    from lerobot_policy_pi_rl.envs import BUILTIN_NAMES, builtin_obs_kwargs, known_vec_env, make_vec_env
+    from lerobot_policy_pi_rl.envs import known_vec_env, make_vec_env, sim_env_kwargs
     from lerobot_policy_pi_rl.rollout import PolicyRunner, env_mismatch, env_task
     from lerobot_policy_pi_rl.sft import load_policy
     from pirl.security import is_loopback, load_tokens
@@ -71,18 +71,23 @@ def run(cfg: EdgeConfig) -> int:
         robot_side = RobotSide.start(cfg, policy, post)
         robot, task = robot_side.robot, pol.task
     else:
-        if not known_vec_env(ctl.env):
+        sim_env = cfg.env if cfg.env is not None else ctl.env
+        if cfg.env is None and not known_vec_env(ctl.env):
             raise ValueError(
                 f"control.env: unknown env {ctl.env!r} (the built-in 'pirl_reach', an env an installed plugin "
-                "registers such as 'pirl_sim', or a gymnasium id); drive a robot with --robot.type=..."
+                "registers such as 'pirl_sim', or a gymnasium id); a LeRobot env type: --env.type=...; drive a "
+                "robot with --robot.type=..."
             )
+        field_name = f"env.type={cfg.env.type}" if cfg.env is not None else f"control.env={ctl.env}"
         num_envs = ctl.num_envs if ctl.mode == "unpaced" else 1
-        env_kwargs = builtin_obs_kwargs(policy.config) if ctl.env in BUILTIN_NAMES else {}
-        env = make_vec_env(ctl.env, num_envs, autoreset=False, **env_kwargs)
+        env = make_vec_env(
+            sim_env, num_envs, autoreset=False, **sim_env_kwargs(sim_env, policy.config, ctl.success_key)
+        )
         task = pol.task or env_task(env)
-        why = env_mismatch(PolicyRunner(policy, pre, post, task=task), env)
+        why = env_mismatch(PolicyRunner.for_env(policy, pre, post, env, task=task), env)
         if why is not None:
-            raise ValueError(f"control.env: {ctl.env!r} does not fit the policy {pol.path}: {why}")
+            env.close()
+            raise ValueError(f"{field_name} does not fit the policy {pol.path}: {why}")
     spool_dir = Path(cfg.spool.dir or f"outputs/edge/{robot_id}/spool")
     fsync = cfg.spool.fsync if cfg.spool.fsync is not None else ctl.mode == "paced"
     # quarantining happens mostly here, at open after a crash: count it, and export both metrics at once
@@ -111,6 +116,7 @@ def run(cfg: EdgeConfig) -> int:
         seed=cfg.seed,
         backend=backend,
         task=task,
+        env_processor=getattr(env, "processor", None),
         tensorrt_settings=trt_settings,
         golden_check=pol.golden_check,
     )

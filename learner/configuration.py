@@ -11,6 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from lerobot.envs.configs import EnvConfig
+
 from learner.bc_data import BCSettings, OfflineDatasetConfig
 from learner.store import DEFAULT_MAX_SEQUENCE_AHEAD
 from learner.streams import StreamLimits
@@ -108,6 +110,10 @@ class LearnerConfig:
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     # the update loop
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    # the env the learner evaluates on, as lerobot-eval takes it: a LeRobot env type (--env.type=pirl_reach,
+    # metaworld, libero, ... with --env.task=...; an installed lerobot_env_* plugin's type too). Set, it replaces
+    # trainer.eval_env. None: trainer.eval_env
+    env: EnvConfig | None = None
     # PPO / GRPO hyperparameters; defaults: the built-in task preset (lerobot_policy_pi_rl/presets.py)
     algorithm: BuiltinTaskAlgorithmConfig = field(default_factory=BuiltinTaskAlgorithmConfig)
     # the BC term's data (algorithm.bc_coef > 0): teleoperator interventions and offline demonstrations

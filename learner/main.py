@@ -92,11 +92,7 @@ def serve(cfg: LearnerConfig) -> int:
         require_outcome=cfg.trainer.require_outcome,
     )
     publisher = Publisher()
-    if cfg.trainer.eval_every:
-        from lerobot.utils.import_utils import register_third_party_plugins
-
-        register_third_party_plugins()  # an installed lerobot_* plugin may provide the evaluation env
-    evaluator = choose_evaluator(cfg.trainer, policy, pre, post)
+    evaluator = choose_evaluator(cfg.trainer, policy, pre, post, env_cfg=cfg.env)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(
         algo,
@@ -168,6 +164,10 @@ def serve(cfg: LearnerConfig) -> int:
 
 
 def main() -> None:
+    from lerobot.utils.import_utils import register_third_party_plugins
+
+    # every installed lerobot_* plugin, before --env.type is parsed (an env type) or the evaluation env is built
+    register_third_party_plugins()
     cfg = parse_config(LearnerConfig, prog="pirl-learner")
     run_cli(lambda: serve(cfg))
 

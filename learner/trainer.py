@@ -41,6 +41,9 @@ class TrainerSettings:
     # id. None: the built-in task when the policy fits it, else no evaluation (with a warning at start). An env
     # that does not fit the policy (its observations or actions) is refused at start, with the reason
     eval_env: str | None = None
+    # the info key the evaluation env (--env.type or a gymnasium id) reports success under: LeRobot's 'is_success';
+    # MetaWorld's gymnasium envs say 'success'
+    eval_success_key: str = "is_success"
     # episodes per deterministic evaluation
     eval_episodes: int = 200
     # stop updating once the deterministic evaluation reaches this success rate (None: never)
@@ -422,58 +425,70 @@ class Trainer:
 
 
 def make_evaluator(
-    preprocessor, postprocessor, episodes: int, seed: int = 1_000_000, policy_config=None, env_name: str = "pirl_reach"
+    preprocessor,
+    postprocessor,
+    episodes: int,
+    seed: int = 1_000_000,
+    policy_config=None,
+    env_name="pirl_reach",
+    success_key: str = "is_success",
 ):
-    """Deterministic success on ``env_name`` (the built-in task observed the way ``policy_config``
-    reads it, or a registered vector env), for the learner's own progress figure."""
-    from lerobot_policy_pi_rl.envs import BUILTIN_NAMES, builtin_obs_kwargs, make_vec_env
+    """Deterministic success on ``env_name`` (the built-in task observed the way ``policy_config`` reads it, a
+    registered vector env, a gymnasium id, or a LeRobot ``EnvConfig``), for the learner's own progress figure."""
+    from lerobot_policy_pi_rl.envs import make_vec_env, sim_env_kwargs
     from lerobot_policy_pi_rl.rollout import PolicyRunner, evaluate_success
 
-    builtin = env_name in BUILTIN_NAMES
-    obs = builtin_obs_kwargs(policy_config) if builtin and policy_config is not None else {}
-    env = make_vec_env(env_name, min(episodes, 500), autoreset=False, **obs)
+    kwargs = sim_env_kwargs(env_name, policy_config, success_key)
+    env = make_vec_env(env_name, min(episodes, 500), autoreset=False, **kwargs)
 
     def evaluate(policy) -> float:
         with torch.no_grad():
             return evaluate_success(
-                PolicyRunner(policy, preprocessor, postprocessor), env, episodes=episodes, seed=seed
+                PolicyRunner.for_env(policy, preprocessor, postprocessor, env), env, episodes=episodes, seed=seed
             )
 
     evaluate.env = env
     return evaluate
 
 
-def choose_evaluator(settings: TrainerSettings, policy, preprocessor, postprocessor):
-    """The learner's evaluator, or None: ``eval_every=0``; or no ``eval_env`` given and the policy does not fit
-    the built-in task (a warning says so). A given ``eval_env`` that is unknown or does not fit the policy is a
-    ValueError naming the field and the reason."""
+def choose_evaluator(settings: TrainerSettings, policy, preprocessor, postprocessor, env_cfg=None):
+    """The learner's evaluator, or None: ``eval_every=0``; or no env given (neither ``env_cfg``, a LeRobot
+    ``EnvConfig`` from ``--env.type``, nor ``eval_env``) and the policy does not fit the built-in task (a
+    warning says so). A given env that is unknown or does not fit the policy is a ValueError naming the field
+    and the reason."""
     from lerobot_policy_pi_rl.envs import known_vec_env
     from lerobot_policy_pi_rl.rollout import PolicyRunner, env_mismatch
 
     if not settings.eval_every:
         return None
-    name = settings.eval_env or "pirl_reach"
-    if settings.eval_env is not None and not known_vec_env(name):
+    given = env_cfg is not None or settings.eval_env is not None
+    target = env_cfg if env_cfg is not None else settings.eval_env or "pirl_reach"
+    field_name = f"env.type={env_cfg.type}" if env_cfg is not None else f"trainer.eval_env={target}"
+    if not known_vec_env(target):
         raise ValueError(
-            f"trainer.eval_env: unknown env {name!r} (the built-in 'pirl_reach', an env an installed plugin registers "
-            "such as 'pirl_sim', or a gymnasium id); --trainer.eval_every=0 turns evaluation off"
+            f"trainer.eval_env: unknown env {target!r} (the built-in 'pirl_reach', an env an installed plugin "
+            "registers such as 'pirl_sim', a gymnasium id; or a LeRobot env type with --env.type=...); "
+            "--trainer.eval_every=0 turns evaluation off"
         )
     try:
         evaluator = make_evaluator(
-            preprocessor, postprocessor, settings.eval_episodes, policy_config=policy.config, env_name=name
+            preprocessor,
+            postprocessor,
+            settings.eval_episodes,
+            policy_config=policy.config,
+            env_name=target,
+            success_key=settings.eval_success_key,
         )
-        why = env_mismatch(PolicyRunner(policy, preprocessor, postprocessor), evaluator.env)
+        why = env_mismatch(PolicyRunner.for_env(policy, preprocessor, postprocessor, evaluator.env), evaluator.env)
     except ValueError as e:  # the built-in task cannot even be observed the way this policy reads
         evaluator, why = None, str(e)
     if why is None:
         return evaluator
-    if settings.eval_env is None:
+    if not given:
         logging.getLogger(__name__).warning(
-            "evaluation off: the policy does not fit the built-in task (%s); give --trainer.eval_env=<your task's "
-            "env> to evaluate on it",
+            "evaluation off: the policy does not fit the built-in task (%s); give --env.type=... or "
+            "--trainer.eval_env=<your task's env> to evaluate on it",
             why,
         )
         return None
-    raise ValueError(
-        f"trainer.eval_env: {name!r} does not fit the policy: {why}; --trainer.eval_every=0 turns evaluation off"
-    )
+    raise ValueError(f"{field_name} does not fit the policy: {why}; --trainer.eval_every=0 turns evaluation off")

@@ -10,6 +10,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from math import nan
+from typing import Any
 
 import torch
 
@@ -45,8 +46,9 @@ class LearnSettings:
     # update, which is then evaluated.
     time_limit_s: float | None = None
     # the vector env to learn on: the built-in task 'pirl_reach', a name registered with
-    # `lerobot_policy_pi_rl.envs.register_vec_env` (e.g. 'pirl_sim'), or a gymnasium id.
-    env: str = "pirl_reach"
+    # `lerobot_policy_pi_rl.envs.register_vec_env` (e.g. 'pirl_sim'), a gymnasium id, or (from Python) a LeRobot
+    # `EnvConfig` such as `make_env_config("metaworld", task=...)`.
+    env: Any = "pirl_reach"
     # keyword arguments for both envs (training and evaluation), e.g. `max_steps`, `obs_type`.
     env_kwargs: dict = field(default_factory=dict)
 
@@ -73,13 +75,13 @@ def run_pirl(
 ) -> LearnResult:
     """Fine-tune ``policy`` in place with PI-RL on ``settings.env`` (the built-in task by default)."""
     torch.manual_seed(settings.seed)
-    runner = PolicyRunner(policy, preprocessor, postprocessor)
     algo = PiRLAlgorithm(policy, algo_config)
     env_kwargs = dict(settings.env_kwargs)
-    if not env_kwargs and settings.env in BUILTIN_NAMES:
+    if not env_kwargs and isinstance(settings.env, str) and settings.env in BUILTIN_NAMES:
         env_kwargs = builtin_obs_kwargs(policy.config)
     env = make_vec_env(settings.env, settings.num_envs, autoreset=False, **env_kwargs)
     eval_env = make_vec_env(settings.env, min(settings.eval_episodes, 500), autoreset=False, **env_kwargs)
+    runner = PolicyRunner.for_env(policy, preprocessor, postprocessor, env)
     generator = torch.Generator().manual_seed(settings.seed)
     grpo = algo_config.advantage_estimator == "grpo"
     G = algo_config.grpo_group_size

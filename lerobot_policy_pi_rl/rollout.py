@@ -110,11 +110,20 @@ class PolicyRunner:
 
     ``task``: the language instruction handed to the pre-processor with every observation (what
     LeRobot's env wrappers put in ``complementary_data["task"]``); VLA backbones need one.
+    ``PolicyRunner.for_env`` also takes the env's own observation processor (LeRobot env types).
     """
 
-    def __init__(self, policy, preprocessor, postprocessor, task: str | None = None):
+    def __init__(self, policy, preprocessor, postprocessor, task: str | None = None, env_processor=None):
         self.policy, self.pre, self.post = policy, preprocessor, postprocessor
         self.task = task
+        # a LeRobot env type's own observation processor (``make_env_pre_post_processors``, e.g. LIBERO's),
+        # applied after LeRobot's raw-key mapping and before the policy's pre-processor, as lerobot-eval does
+        self.env_processor = env_processor
+
+    @classmethod
+    def for_env(cls, policy, preprocessor, postprocessor, env, task: str | None = None) -> PolicyRunner:
+        """A runner for ``env``: its task instruction (unless ``task`` is given) and its observation processor."""
+        return cls(policy, preprocessor, postprocessor, task or env_task(env), getattr(env, "processor", None))
 
     def observe(self, raw_obs: dict[str, np.ndarray], task: str | None = None) -> dict[str, Tensor]:
         batch = preprocess_observation(raw_obs)
@@ -126,6 +135,8 @@ class PolicyRunner:
                 f"the {self.policy.config.backbone} backbone needs a language instruction: the env has no "
                 "task_description and none was given"
             )
+        if self.env_processor is not None:
+            batch = self.env_processor(batch)
         batch = self.pre(batch)
         # what the policy reads: its input features, and the tokenized instruction of a VLA. A robot or
         # env may observe more (a camera only recorded in the dataset): that stays out of the records.

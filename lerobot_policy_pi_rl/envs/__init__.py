@@ -32,6 +32,7 @@ from typing import Any
 
 from lerobot_policy_pi_rl.envs.configs import PiRLReachEnvConfig
 from lerobot_policy_pi_rl.envs.gym_adapter import GymVecAdapter
+from lerobot_policy_pi_rl.envs.lerobot_env import LeRobotVecEnv
 from lerobot_policy_pi_rl.envs.reach_grasp import (
     GYM_ID,
     TASK_DESCRIPTION,
@@ -45,6 +46,7 @@ __all__ = [
     "GYM_ID",
     "TASK_DESCRIPTION",
     "GymVecAdapter",
+    "LeRobotVecEnv",
     "PiRLReachEnvConfig",
     "ReachGraspEnv",
     "ReachGraspVecEnv",
@@ -53,6 +55,7 @@ __all__ = [
     "make_vec_env",
     "register_vec_env",
     "scripted_expert",
+    "sim_env_kwargs",
 ]
 
 BUILTIN_NAMES = ("pirl_reach", GYM_ID)
@@ -79,6 +82,17 @@ def builtin_obs_kwargs(policy_config) -> dict[str, Any]:
     return {"obs_type": "pixels_agent_pos", "image_size": side}
 
 
+def sim_env_kwargs(target: Any, policy_config=None, success_key: str = "is_success") -> dict[str, Any]:
+    """What :func:`make_vec_env` is given besides the name for a policy: the built-in task observed the way
+    the policy reads (``builtin_obs_kwargs``); a registered vector env nothing (its factory decides); a
+    gymnasium id or a LeRobot ``EnvConfig`` the info key it reports success under."""
+    if isinstance(target, str) and target in BUILTIN_NAMES:
+        return builtin_obs_kwargs(policy_config) if policy_config is not None else {}
+    if isinstance(target, str) and target in _VEC_ENVS:
+        return {}
+    return {"success_key": success_key}
+
+
 def register_vec_env(name: str, factory: Any) -> None:
     """Make ``make_vec_env(name, num_envs, **kwargs)`` call ``factory(num_envs, **kwargs)``; the factory
     returns an env of the vector-env protocol above."""
@@ -87,18 +101,28 @@ def register_vec_env(name: str, factory: Any) -> None:
     _VEC_ENVS[name] = factory
 
 
-def known_vec_env(name_or_gym_id: str) -> bool:
-    """Whether :func:`make_vec_env` can build ``name_or_gym_id`` (built-in, registered, or a gymnasium id)."""
+def known_vec_env(name_or_gym_id: Any) -> bool:
+    """Whether :func:`make_vec_env` can build ``name_or_gym_id`` (built-in, registered, a gymnasium id, or a
+    LeRobot ``EnvConfig``)."""
     import gymnasium as gym
+    from lerobot.envs.configs import EnvConfig
 
+    if isinstance(name_or_gym_id, EnvConfig):
+        return True
     return name_or_gym_id in BUILTIN_NAMES or name_or_gym_id in _VEC_ENVS or name_or_gym_id in gym.registry
 
 
-def make_vec_env(name_or_gym_id: str, num_envs: int, **kwargs: Any) -> Any:
+def make_vec_env(name_or_gym_id: Any, num_envs: int, **kwargs: Any) -> Any:
     """Build a batched env: ``"pirl_reach"`` (or ``"pirl/ReachGrasp-v0"``) gives
     :class:`ReachGraspVecEnv` (``kwargs`` are its constructor arguments); a name given to
-    :func:`register_vec_env` calls its factory; anything else is a gymnasium id wrapped in
-    :class:`GymVecAdapter` (``kwargs``: ``seed``, ``autoreset`` and ``gymnasium.make`` arguments)."""
+    :func:`register_vec_env` calls its factory; a LeRobot ``EnvConfig`` (``--env.type=...``) gives
+    :class:`LeRobotVecEnv` (``kwargs``: ``autoreset``, ``success_key``, ``use_async``, ``seed``); anything
+    else is a gymnasium id wrapped in :class:`GymVecAdapter` (``kwargs``: ``seed``, ``autoreset``,
+    ``success_key``, ``check_seed`` and ``gymnasium.make`` arguments)."""
+    from lerobot.envs.configs import EnvConfig
+
+    if isinstance(name_or_gym_id, EnvConfig):
+        return LeRobotVecEnv(name_or_gym_id, num_envs, **kwargs)
     if name_or_gym_id in BUILTIN_NAMES:
         return ReachGraspVecEnv(num_envs, **kwargs)
     if name_or_gym_id in _VEC_ENVS:

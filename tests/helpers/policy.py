@@ -88,3 +88,15 @@ def shifted(policy, delta, seed):
         k: v + delta * torch.randn(v.shape, generator=g) if v.is_floating_point() else v
         for k, v in policy.state_dict().items()
     }
+
+
+def other_task_policy():
+    """(policy, pre, post) for another task than the built-in one: MetaWorld's 39-dim state, 4-dim actions."""
+    cfg = PiRLConfig(
+        device="cpu",
+        input_features={"observation.state": PolicyFeature(FeatureType.STATE, (39,))},
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (4,))},
+        **SMALL_SIZES,
+    )
+    pre, post = make_pre_post_processors(cfg, dataset_stats=None)
+    return PiRLPolicy(cfg), pre, post

@@ -7,29 +7,10 @@ import logging
 
 import pytest
 
-from helpers.policy import builtin_policy
+from helpers.policy import builtin_policy, other_task_policy
 from learner.trainer import TrainerSettings, choose_evaluator
 from lerobot_policy_pi_rl.envs import ReachGraspVecEnv, make_vec_env
 from lerobot_policy_pi_rl.rollout import PolicyRunner, env_mismatch
-
-
-def other_task_policy():
-    """A policy for another task: MetaWorld's 39-dim state, 4-dim actions."""
-    from lerobot.configs.types import FeatureType, PolicyFeature
-    from lerobot.policies.factory import make_pre_post_processors
-
-    from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
-    from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
-
-    cfg = PiRLConfig(
-        device="cpu",
-        input_features={"observation.state": PolicyFeature(FeatureType.STATE, (39,))},
-        output_features={"action": PolicyFeature(FeatureType.ACTION, (4,))},
-        hidden_dim=32,
-        num_layers=2,
-    )
-    pre, post = make_pre_post_processors(cfg, dataset_stats=None)
-    return PiRLPolicy(cfg), pre, post
 
 
 def test_the_built_in_task_is_the_default_when_the_policy_fits_it():
@@ -50,7 +31,7 @@ def test_a_policy_for_another_task_turns_default_evaluation_off_with_a_warning(c
 
 def test_a_given_env_that_does_not_fit_is_refused_with_the_reason():
     policy, pre, post = other_task_policy()
-    with pytest.raises(ValueError, match=r"trainer.eval_env: 'pirl_reach' does not fit the policy: the env's actions"):
+    with pytest.raises(ValueError, match=r"trainer.eval_env=pirl_reach does not fit the policy: the env's actions"):
         choose_evaluator(TrainerSettings(eval_env="pirl_reach", eval_episodes=4), policy, pre, post)
     with pytest.raises(ValueError, match="trainer.eval_env: unknown env 'Meta-World/nope'"):
         choose_evaluator(TrainerSettings(eval_env="Meta-World/nope", eval_episodes=4), policy, pre, post)

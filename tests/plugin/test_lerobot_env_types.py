@@ -1,0 +1,127 @@
+"""LeRobot env types (``--env.type=...``) behind the vec-env protocol: the built-in task's own env type and a
+third-party ``lerobot_env_*`` plugin, with success read where LeRobot reads it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+import numpy as np
+import pytest
+import torch
+from lerobot.envs.factory import make_env_config
+
+from helpers.policy import builtin_policy
+from helpers.toy_env import install_toy_env_plugin
+from learner.trainer import TrainerSettings, choose_evaluator
+from lerobot_policy_pi_rl.envs import LeRobotVecEnv, known_vec_env, make_vec_env, scripted_expert
+from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, evaluate_success
+
+
+@pytest.fixture(scope="module")
+def toy_plugin(tmp_path_factory):
+    """The ``lerobot_env_pirltoy`` distribution, installed and registered the way LeRobot finds plugins."""
+    from lerobot.utils.import_utils import register_third_party_plugins
+
+    site = install_toy_env_plugin(tmp_path_factory.mktemp("plugin"))
+    sys.path.insert(0, str(site))
+    try:
+        register_third_party_plugins()
+        yield site
+    finally:
+        sys.path.remove(str(site))
+
+
+def test_the_built_in_task_through_lerobots_env_factory():
+    cfg = make_env_config("pirl_reach")
+    assert known_vec_env(cfg)
+    env = make_vec_env(cfg, 4, autoreset=False)
+    assert isinstance(env, LeRobotVecEnv) and env.action_dim == 3 and env.state_dim == 6 and env.max_steps == 60
+    assert env.task_description == "reach the target and grasp it"
+    first, _ = env.reset(seed=7)
+    again, _ = env.reset(seed=7)
+    np.testing.assert_array_equal(first["agent_pos"], again["agent_pos"])  # seeds are honoured, per env
+    assert not np.array_equal(first["agent_pos"][0], first["agent_pos"][1])
+    # the scripted expert succeeds; a do-nothing policy times out; frozen rows keep their terminal state
+    raw, _ = env.reset(seed=0)
+    alive, success = np.ones(4, bool), np.zeros(4, bool)
+    idle = np.array([False, False, True, True])
+    for _ in range(env.max_steps):
+        actions = scripted_expert(raw["agent_pos"])
+        actions[idle] = 0.0
+        raw, _, te, tr, info = env.step(actions, active=alive)
+        success |= info["is_success"]
+        frozen = raw["agent_pos"][~alive].copy()
+        alive &= ~(te | tr)
+        if not alive.any():
+            break
+    assert success[:2].all() and not success[2:].any()
+    raw_after, *_ = env.step(np.zeros((4, 3), np.float32), active=alive)
+    np.testing.assert_array_equal(raw_after["agent_pos"][~alive], raw["agent_pos"][~alive])
+    assert frozen.shape[0] <= 4
+    env.close()
+
+
+def test_a_plugin_env_type_with_its_own_success_key(toy_plugin, tmp_path, caplog):
+    log = tmp_path / "episodes.jsonl"
+    cfg = make_env_config("pirltoy", report_key="success", log_path=str(log))
+    with caplog.at_level(logging.WARNING):
+        quiet = make_vec_env(cfg, 1, autoreset=True)
+        quiet.reset(seed=0)
+        seen = [quiet.step(np.zeros((1, 3), np.float32))[4]["is_success"][0] for _ in range(9)]
+    assert not any(seen)  # LeRobot's is_success is never reported here: nothing counts, and a warning says why
+    (msg,) = [r.getMessage() for r in caplog.records if "without ever reporting" in r.getMessage()]
+    assert "info['is_success']" in msg and "'success'" in msg
+    quiet.close()
+
+    log.unlink()
+    env = make_vec_env(cfg, 1, autoreset=True, success_key="success")
+    env.reset(seed=0)
+    ended, successes = 0, 0
+    for _ in range(20):
+        _, _, te, tr, info = env.step(np.zeros((1, 3), np.float32))
+        ended += int(te[0] or tr[0])
+        successes += int(info["is_success"][0])
+    truth = [json.loads(line) for line in log.read_text().splitlines()]
+    # read from final_info: the env reset itself in the same call, and the reset's own info says False
+    assert ended == len(truth) and successes == sum(t["success"] for t in truth) > 0
+    assert any(not t["success"] for t in truth)
+    env.close()
+
+
+def test_rollouts_evaluation_and_the_learners_evaluator_on_an_env_type(toy_plugin):
+    policy, pre, post = builtin_policy(0)
+    env = make_vec_env(make_env_config("pirl_reach"), 3, autoreset=False)
+    runner = PolicyRunner.for_env(policy, pre, post, env)
+    torch.manual_seed(0)
+    batch = collect_rollouts(runner, env, generator=torch.Generator().manual_seed(0))
+    assert batch.valid.any() and batch.chains.shape[1] == 3
+    rate = evaluate_success(runner, env, episodes=3, seed=0)
+    assert rate == evaluate_success(runner, env, episodes=3, seed=0)  # fixed episodes and noise
+    # the learner evaluates on --env.type when given; an env type that does not fit the policy is refused
+    evaluator = choose_evaluator(
+        TrainerSettings(eval_episodes=3), policy, pre, post, env_cfg=make_env_config("pirltoy")
+    )
+    assert isinstance(evaluator.env, LeRobotVecEnv) and 0.0 <= evaluator(policy) <= 1.0
+    narrow, npre, npost = builtin_policy(0, max_action_dim=None)
+    narrow.config.output_features["action"].shape = (2,)
+    with pytest.raises(ValueError, match=r"env.type=pirltoy does not fit the policy"):
+        choose_evaluator(TrainerSettings(eval_episodes=3), narrow, npre, npost, env_cfg=make_env_config("pirltoy"))
+
+
+def test_a_multi_task_suite_is_refused():
+    """One env per task: a LIBERO-like suite of several tasks must be narrowed with --env.task."""
+    reach = make_env_config("pirl_reach")
+
+    class TwoTasks:
+        type = "two_tasks"
+        task = "a,b"
+
+        def create_envs(self, n_envs, use_async_envs=False):
+            return {
+                "suite": {0: reach.create_envs(n_envs)["pirl_reach"][0], 1: reach.create_envs(n_envs)["pirl_reach"][0]}
+            }
+
+    with pytest.raises(ValueError, match=r"env.type=two_tasks: task 'a,b' gives 2 tasks.*--env.task=<one task>"):
+        LeRobotVecEnv(TwoTasks(), 1)

@@ -1,0 +1,70 @@
+"""pirl-edge on LeRobot env types as a real process: ``--env.type`` of a third-party ``lerobot_env_*``
+plugin (installed for the test), success read under the env's own key, every episode's outcome matching
+what the env itself logged; and a policy that does not fit the env refused in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from helpers.toy_env import install_toy_env_plugin
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def edge(cluster, *extra, pythonpath: Path, timeout=240) -> subprocess.CompletedProcess:
+    c = cluster
+    cmd = [
+        str(BIN / "pirl-edge"),
+        f"--link.learner=127.0.0.1:{c.port}",
+        "--link.robot_id=robot-0",
+        f"--link.tokens={c.pki['tokens']}",
+        f"--link.tls_ca={c.pki['ca_cert']}",
+        f"--spool.dir={c.dir / 'robot-0' / 'spool'}",
+        f"--stats_file={c.dir / 'robot-0' / 'stats.json'}",
+        *extra,
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(pythonpath)}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def test_a_plugin_env_type_runs_through_pirl_edge_with_success_read_correctly(cluster, tmp_path):
+    site = install_toy_env_plugin(tmp_path / "plugin")
+    log = tmp_path / "episodes.jsonl"
+    cluster.learner()
+    p = edge(
+        cluster,
+        f"--policy.path={cluster.ckpt}",  # the built-in task's policy: the toy env has its widths
+        "--env.type=pirltoy",
+        "--env.report_key=success",
+        f"--env.log_path={log}",
+        "--control.success_key=success",
+        "--control.hz=100",
+        "--control.episodes=4",
+        pythonpath=site,
+    )
+    assert p.returncode == 0, p.stderr[-3000:]
+    truth = [json.loads(line) for line in log.read_text().splitlines()]
+    stats = cluster.edge_stats("robot-0")
+    # episodes 1 and 3 succeed at their 3rd step, 2 and 4 time out at the 6-step limit
+    assert [t["success"] for t in truth] == [True, False, True, False]
+    assert stats["episodes"] == 4 and stats["successes"] == 2
+    assert stats["records_acked"] == stats["records"] > 0 and stats["records_left_in_spool"] == 0
+
+
+def test_a_policy_that_does_not_fit_the_env_type_is_one_error_line(cluster, runtime_setup, tmp_path):
+    from helpers.policy import other_task_policy, save_checkpoint
+
+    site = install_toy_env_plugin(tmp_path / "plugin")
+    policy = save_checkpoint(tmp_path / "metaworld_policy", *other_task_policy())
+    p = edge(cluster, f"--policy.path={policy}", "--env.type=pirltoy", pythonpath=site, timeout=120)
+    assert p.returncode == 2, p.stderr[-3000:]
+    errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "env.type=pirltoy does not fit the policy" in errors[0], p.stderr[-2000:]
+    assert "actions have 3 dims, the policy's 4" in errors[0] and "Traceback" not in p.stderr

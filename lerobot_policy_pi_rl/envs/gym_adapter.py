@@ -20,7 +20,7 @@ from typing import Any
 import gymnasium as gym
 import numpy as np
 
-from lerobot_policy_pi_rl.envs.vector import active_mask, reset_targets
+from lerobot_policy_pi_rl.envs.vector import SuccessKeyWatch, reset_targets, step_inputs
 
 __all__ = ["GymVecAdapter"]
 
@@ -85,8 +85,9 @@ class GymVecAdapter:
         else:
             self.state_dim = int(gym.spaces.flatdim(space))
         self.success_key = success_key
-        self._reported_success_key = False
-        self._missing_success_warned = False
+        self._success_watch = SuccessKeyWatch(
+            env_id, success_key, "give the key the env uses (e.g. success_key='success' for MetaWorld)"
+        )
         self.action_low = np.broadcast_to(first.action_space.low, first.action_space.shape).reshape(-1)
         self.action_high = np.broadcast_to(first.action_space.high, first.action_space.shape).reshape(-1)
         self.action_low = self.action_low.astype(np.float32)
@@ -168,13 +169,7 @@ class GymVecAdapter:
         self, actions: np.ndarray, active: np.ndarray | None = None
     ) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:
         n = self.num_envs
-        a = np.asarray(actions, dtype=np.float64)
-        if a.shape != (n, self.action_dim):
-            raise ValueError(f"actions must have shape ({n}, {self.action_dim}), got {a.shape}")
-        a = np.clip(a, self.action_low, self.action_high).astype(self.single_action_space.dtype)
-        m = active_mask(n, active)
-        if not self.autoreset:
-            m &= ~self._done
+        a, m = step_inputs(self, actions, active)
 
         reward = np.zeros(n, dtype=np.float32)
         terminated = np.zeros(n, dtype=bool)
@@ -188,18 +183,8 @@ class GymVecAdapter:
             reward[i] = float(r)
             terminated[i] = bool(te)
             truncated[i] = bool(tr)
-            if self.success_key in info:
-                self._reported_success_key = True
-                success[i] = bool(info[self.success_key])
-            elif (te or tr) and not self._reported_success_key and not self._missing_success_warned:
-                self._missing_success_warned = True
-                log.warning(
-                    "%s ended an episode without ever reporting info[%r] (its info has %s): success is never "
-                    "counted; give the key the env uses (e.g. success_key='success' for MetaWorld)",
-                    self.env_id,
-                    self.success_key,
-                    sorted(info),
-                )
+            success[i] = bool(info.get(self.success_key, False))
+            self._success_watch.observe(info, bool(te or tr))
         done = terminated | truncated
         elapsed = self._t.copy()
         final_obs = self._batched()

@@ -20,18 +20,15 @@ What the protocol needs that a gymnasium vector env does not give:
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from typing import Any
 
 import gymnasium as gym
 import numpy as np
 
-from lerobot_policy_pi_rl.envs.vector import active_mask, reset_targets
+from lerobot_policy_pi_rl.envs.vector import SuccessKeyWatch, reset_targets, step_inputs
 
 __all__ = ["LeRobotVecEnv"]
-
-log = logging.getLogger(__name__)
 
 
 def _rows(obs: Any, rows: np.ndarray) -> Any:
@@ -104,7 +101,11 @@ class LeRobotVecEnv:
         self.num_envs = int(num_envs)
         self.autoreset = bool(autoreset)
         self.success_key = success_key
-        self._reported_success_key = self._missing_success_warned = False
+        self._success_watch = SuccessKeyWatch(
+            f"env.type={env_cfg.type}",
+            success_key,
+            "give the key the env uses (--control.success_key / --trainer.eval_success_key)",
+        )
         suites = make_env(env_cfg, n_envs=self.num_envs, use_async_envs=use_async)
         vec_envs = [env for tasks in suites.values() for env in tasks.values()]
         if len(vec_envs) != 1:
@@ -180,19 +181,13 @@ class LeRobotVecEnv:
 
     def step(self, actions: np.ndarray, active: np.ndarray | None = None):
         n = self.num_envs
-        a = np.asarray(actions, dtype=np.float64)
-        if a.shape != (n, self.action_dim):
-            raise ValueError(f"actions must have shape ({n}, {self.action_dim}), got {a.shape}")
-        a = np.clip(a, self.action_low, self.action_high).astype(self.single_action_space.dtype)
-        m = active_mask(n, active)
-        if not self.autoreset:
-            m &= ~self._done
+        a, m = step_inputs(self, actions, active)
         # every env steps (a vector env cannot hold one back); the frozen ones' results are dropped
         obs, r, te, tr, info = self.vec.step(a.reshape(n, *self.single_action_space.shape))
         te, tr = np.asarray(te, dtype=bool) & m, np.asarray(tr, dtype=bool) & m
         done = te | tr
         success = _flag(info, self.success_key, n) & m
-        self._check_success_key(info, done)
+        self._success_watch.observe([*info, *info.get("final_info", {})], bool(done.any()))
         final_obs = _copy(self._obs)
         _assign(final_obs, obs, m)
         if "final_info" in info:  # an env that ended in this call was already reset: its verdict is here
@@ -212,21 +207,6 @@ class LeRobotVecEnv:
         info_out = {"final_obs": final_obs, "is_success": success, "done": done, "elapsed_steps": elapsed}
         reward = np.where(m, np.asarray(r, dtype=np.float32), 0.0).astype(np.float32)
         return _copy(self._obs), reward, te, tr, info_out
-
-    def _check_success_key(self, info: dict, done: np.ndarray) -> None:
-        """Warn once when episodes end and the env has never reported ``success_key``."""
-        final = info.get("final_info", {})
-        if self.success_key in info or self.success_key in final:
-            self._reported_success_key = True
-        elif done.any() and not self._reported_success_key and not self._missing_success_warned:
-            self._missing_success_warned = True
-            log.warning(
-                "env.type=%s ended an episode without ever reporting info[%r] (its info has %s): success is never "
-                "counted; give the key the env uses (--control.success_key / --trainer.eval_success_key)",
-                self.env_cfg.type,
-                self.success_key,
-                sorted(k for k in {**info, **final} if not k.startswith("_")),
-            )
 
     def close(self) -> None:
         self.vec.close()

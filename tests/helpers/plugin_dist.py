@@ -89,14 +89,21 @@ class FakeArm(Robot):
 '''
 
 
+def install_dist(root: Path, name: str, source: str) -> Path:
+    """Write a one-module distribution ``name`` (package ``name`` with ``source`` as its ``__init__``, and the
+    ``.dist-info`` metadata ``pip install`` leaves) under ``root``; returns the directory to put on
+    ``PYTHONPATH``."""
+    site = root / "site"
+    (site / name).mkdir(parents=True, exist_ok=True)
+    (site / name / "__init__.py").write_text(source)
+    info = site / f"{name}-0.1.0.dist-info"
+    info.mkdir(exist_ok=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
+    (info / "top_level.txt").write_text(name + "\n")
+    return site
+
+
 def install_fake_robot_plugin(root: Path) -> Path:
     """Write the ``lerobot_robot_fakearm`` distribution under ``root``; returns the directory to put on
     ``PYTHONPATH``."""
-    site = root / "site"
-    (site / NAME).mkdir(parents=True, exist_ok=True)
-    (site / NAME / "__init__.py").write_text(PACKAGE)
-    info = site / f"{NAME}-0.1.0.dist-info"
-    info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {NAME}\nVersion: 0.1.0\n")
-    (info / "top_level.txt").write_text(NAME + "\n")
-    return site
+    return install_dist(root, NAME, PACKAGE)

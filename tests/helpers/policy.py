@@ -100,3 +100,31 @@ def other_task_policy():
     )
     pre, post = make_pre_post_processors(cfg, dataset_stats=None)
     return PiRLPolicy(cfg), pre, post
+
+
+def rollout_batch(observations: dict, sample, rewards, success_threshold: float = 0.0, groups: int = 1):
+    """A ``RolloutBatch`` of ``T x N`` decisions: ``sample`` (a ``PolicySample`` of ``T * N`` rows) taken on
+    ``observations`` (``{key: [T, N, ...]}``), ``rewards`` ``[T, N]``; every episode ends at step T, succeeds
+    when its return exceeds ``success_threshold``; ``groups`` consecutive envs share a group id."""
+    from lerobot_policy_pi_rl.rollout import RolloutBatch
+
+    T, N = rewards.shape
+    chain = sample.chain
+    terminated = torch.zeros(T, N, dtype=torch.bool)
+    terminated[-1] = True
+    return RolloutBatch(
+        observations=observations,
+        chains=chain.chain.reshape(T, N, *chain.chain.shape[1:]),
+        stochastic=chain.stochastic.reshape(T, N, -1),
+        noise_level=sample.noise_level.reshape(T, N),
+        log_probs=chain.log_prob.reshape(T, N),
+        values=sample.value.reshape(T, N),
+        rewards=rewards,
+        terminated=terminated,
+        truncated=torch.zeros(T, N, dtype=torch.bool),
+        valid=torch.ones(T, N, dtype=torch.bool),
+        bootstrap_values=torch.zeros(T, N),
+        episode_returns=rewards.sum(0),
+        episode_success=rewards.sum(0) > success_threshold,
+        group_ids=torch.arange(N) // groups,
+    )

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from helpers.plugin_dist import install_dist
+
 NAME = "lerobot_env_pirltoy"
 
 PACKAGE = '''
@@ -93,11 +95,4 @@ class PirlToyEnvConfig(EnvConfig):
 def install_toy_env_plugin(root: Path) -> Path:
     """Write the ``lerobot_env_pirltoy`` distribution under ``root``; returns the directory for ``PYTHONPATH``
     (and ``sys.path``)."""
-    site = root / "site"
-    (site / NAME).mkdir(parents=True, exist_ok=True)
-    (site / NAME / "__init__.py").write_text(PACKAGE)
-    info = site / f"{NAME}-0.1.0.dist-info"
-    info.mkdir(exist_ok=True)
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {NAME}\nVersion: 0.1.0\n")
-    (info / "top_level.txt").write_text(NAME + "\n")
-    return site
+    return install_dist(root, NAME, PACKAGE)

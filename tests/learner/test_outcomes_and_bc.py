@@ -15,7 +15,7 @@ import torch
 from prometheus_client import REGISTRY
 
 from edge.records import Outcome, make_record
-from helpers.policy import ACTION_DIM, STATE_DIM, sampled_decision, small_policy
+from helpers.policy import ACTION_DIM, STATE_DIM, rollout_batch, sampled_decision, small_policy
 from learner import metrics
 from learner.bc_data import BCData, BCSettings, OfflineDatasetConfig
 from learner.configuration import LearnerConfig
@@ -247,26 +247,8 @@ def make_batch(policy, T=4, N=6, seed=0) -> RolloutBatch:
     with torch.no_grad():
         noise = policy.draw_noise(T * N, generator=g)
         sample = policy.sample_chains({OBS: obs.reshape(T * N, STATE_DIM)}, *noise)
-    chain = sample.chain
-    terminated = torch.zeros(T, N, dtype=torch.bool)
-    terminated[-1] = True
     rewards = torch.rand(T, N, generator=g)
-    return RolloutBatch(
-        observations={OBS: obs},
-        chains=chain.chain.reshape(T, N, *chain.chain.shape[1:]),
-        stochastic=chain.stochastic.reshape(T, N, -1),
-        noise_level=sample.noise_level.reshape(T, N),
-        log_probs=chain.log_prob.reshape(T, N),
-        values=sample.value.reshape(T, N),
-        rewards=rewards,
-        terminated=terminated,
-        truncated=torch.zeros(T, N, dtype=torch.bool),
-        valid=torch.ones(T, N, dtype=torch.bool),
-        bootstrap_values=torch.zeros(T, N),
-        episode_returns=rewards.sum(0),
-        episode_success=rewards.sum(0) > 2,
-        group_ids=torch.arange(N) // 3,
-    )
+    return rollout_batch({OBS: obs}, sample, rewards, success_threshold=2, groups=3)
 
 
 def test_ppo_update_is_unchanged_when_nothing_is_intervened():

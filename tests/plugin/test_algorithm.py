@@ -7,6 +7,7 @@ import torch
 from lerobot.configs.types import FeatureType, PolicyFeature
 from lerobot.rl.algorithms.configs import RLAlgorithmConfig
 
+from helpers.policy import rollout_batch
 from lerobot_policy_pi_rl.advantages import compute_gae, explained_variance, grpo_advantages, normalize_advantages
 from lerobot_policy_pi_rl.algorithm import (
     PiRLAlgorithm,
@@ -18,7 +19,6 @@ from lerobot_policy_pi_rl.algorithm import (
 )
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
 from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
-from lerobot_policy_pi_rl.rollout import RolloutBatch
 
 
 def t(rows):
@@ -124,27 +124,9 @@ def make_batch(policy, T=3, N=32, seed=0, reward_fn=None):
     with torch.no_grad():
         noise = policy.draw_noise(T * N, generator=g)
         sample = policy.sample_chains({"observation.state": obs.reshape(T * N, STATE)}, *noise)
-    chain = sample.chain
-    actions = chain.actions.reshape(T, N, *chain.actions.shape[1:])
+    actions = sample.chain.actions.reshape(T, N, *sample.chain.actions.shape[1:])
     rewards = reward_fn(actions) if reward_fn else torch.rand(T, N, generator=g)
-    terminated = torch.zeros(T, N, dtype=torch.bool)
-    terminated[-1] = True
-    return RolloutBatch(
-        observations={"observation.state": obs},
-        chains=chain.chain.reshape(T, N, *chain.chain.shape[1:]),
-        stochastic=chain.stochastic.reshape(T, N, -1),
-        noise_level=sample.noise_level.reshape(T, N),
-        log_probs=chain.log_prob.reshape(T, N),
-        values=sample.value.reshape(T, N),
-        rewards=rewards,
-        terminated=terminated,
-        truncated=torch.zeros(T, N, dtype=torch.bool),
-        valid=torch.ones(T, N, dtype=torch.bool),
-        bootstrap_values=torch.zeros(T, N),
-        episode_returns=rewards.sum(0),
-        episode_success=rewards.sum(0) > 0,
-        group_ids=torch.arange(N) // 8,
-    )
+    return rollout_batch({"observation.state": obs}, sample, rewards, groups=8)
 
 
 @pytest.mark.parametrize("method", ["flow_sde", "flow_noise"])

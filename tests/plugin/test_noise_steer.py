@@ -7,10 +7,9 @@ import math
 import pytest
 import torch
 
-from helpers.policy import ACTION_DIM, SMALL_SIZES, STATE_DIM, builtin_policy, save_checkpoint
+from helpers.policy import ACTION_DIM, SMALL_SIZES, STATE_DIM, builtin_policy, rollout_batch, save_checkpoint
 from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, PiRLAlgorithmConfig
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfigError
-from lerobot_policy_pi_rl.rollout import RolloutBatch
 from lerobot_policy_pi_rl.sft import load_policy
 
 SMALL = {**SMALL_SIZES, "steer_hidden_dims": [16]}
@@ -70,24 +69,7 @@ def test_ppo_trains_only_the_steering_head_and_the_critic():
         s = policy.sample_chains({"observation.state": obs.reshape(T * N, STATE_DIM)}, *noise)
     # reward the chunks whose first action dim is large: a direction the steering can learn
     rewards = s.actions[:, :4, 0].mean(-1).reshape(T, N)
-    terminated = torch.zeros(T, N, dtype=torch.bool)
-    terminated[-1] = True
-    batch = RolloutBatch(
-        observations={"observation.state": obs},
-        chains=s.chain.chain.reshape(T, N, *s.chain.chain.shape[1:]),
-        stochastic=s.chain.stochastic.reshape(T, N, -1),
-        noise_level=s.noise_level.reshape(T, N),
-        log_probs=s.chain.log_prob.reshape(T, N),
-        values=s.value.reshape(T, N),
-        rewards=rewards,
-        terminated=terminated,
-        truncated=torch.zeros(T, N, dtype=torch.bool),
-        valid=torch.ones(T, N, dtype=torch.bool),
-        bootstrap_values=torch.zeros(T, N),
-        episode_returns=rewards.sum(0),
-        episode_success=rewards.sum(0) > 0,
-        group_ids=torch.arange(N),
-    )
+    batch = rollout_batch({"observation.state": obs}, s, rewards)
     assert {id(p) for p in policy.rl_actor_parameters()} == {id(p) for p in policy.steer_head.parameters()}
     before = {k: v.clone() for k, v in policy.state_dict().items()}
     algo = PiRLAlgorithm(policy, PiRLAlgorithmConfig(actor_lr=1e-2, critic_lr=1e-3))

@@ -9,13 +9,12 @@ import pytest
 import torch
 from lerobot.policies.factory import make_pre_post_processors
 
-from helpers.policy import ACTION_DIM, STATE_DIM, builtin_config, save_checkpoint
+from helpers.policy import ACTION_DIM, STATE_DIM, builtin_config, rollout_batch, save_checkpoint
 from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, PiRLAlgorithmConfig
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfigError
 from lerobot_policy_pi_rl.input_stats import near_constant_dims, normalizer_stats
 from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 from lerobot_policy_pi_rl.processor_pi_rl import ClampStateProcessorStep
-from lerobot_policy_pi_rl.rollout import RolloutBatch
 from lerobot_policy_pi_rl.sft import load_policy
 
 
@@ -49,24 +48,7 @@ def first_update_kl(state_clip: float | None) -> tuple[float, float, float]:
     with torch.no_grad():
         s = policy.sample_chains({"observation.state": obs}, *policy.draw_noise(T * N, generator=g))
     rewards = torch.rand(T, N, generator=g)
-    terminated = torch.zeros(T, N, dtype=torch.bool)
-    terminated[-1] = True
-    batch = RolloutBatch(
-        observations={"observation.state": obs.reshape(T, N, STATE_DIM)},
-        chains=s.chain.chain.reshape(T, N, *s.chain.chain.shape[1:]),
-        stochastic=s.chain.stochastic.reshape(T, N, -1),
-        noise_level=s.noise_level.reshape(T, N),
-        log_probs=s.chain.log_prob.reshape(T, N),
-        values=s.value.reshape(T, N),
-        rewards=rewards,
-        terminated=terminated,
-        truncated=torch.zeros(T, N, dtype=torch.bool),
-        valid=torch.ones(T, N, dtype=torch.bool),
-        bootstrap_values=torch.zeros(T, N),
-        episode_returns=rewards.sum(0),
-        episode_success=rewards.sum(0) > 2,
-        group_ids=torch.arange(N),
-    )
+    batch = rollout_batch({"observation.state": obs.reshape(T, N, STATE_DIM)}, s, rewards, success_threshold=2)
     algo = PiRLAlgorithm(policy, PiRLAlgorithmConfig(actor_lr=1e-4, critic_lr=1e-3, update_epochs=4, weight_decay=0.0))
     stats = algo.update_on(batch)
     return obs.abs().max().item(), stats.extra["approx_kl"], stats.extra["clip_fraction"]

@@ -89,6 +89,10 @@ class ControlConfig:
     # simulation (when no --robot.type or --env.type is given): 'pirl_reach' (the built-in task), a vector env an
     # installed plugin registers (e.g. 'pirl_sim', the simulated robot's task), or a gymnasium id
     env: str = "pirl_reach"
+    # keyword arguments of control.env: gymnasium.make's for a gymnasium id (e.g. '{env_name: reach-v3}' for
+    # 'metaworld:Meta-World/MT1'), a registered env's or the built-in task's constructor arguments. A LeRobot env
+    # type takes its own as --env.<field>
+    env_kwargs: dict = field(default_factory=dict)
     # the info key a simulated env (--env.type or a gymnasium id) reports success under: LeRobot's 'is_success';
     # MetaWorld's gymnasium envs say 'success'
     success_key: str = "is_success"
@@ -221,6 +225,10 @@ class EdgeConfig:
     tensorrt: TensorRTSettings = field(default_factory=TensorRTSettings)
 
     def __post_init__(self):
+        if self.env is not None and self.control.env_kwargs:
+            raise ValueError(
+                f"control.env_kwargs: apply to control.env; env.type={self.env.type} takes its arguments as --env.<field>"
+            )
         if self.robot is not None and self.env is not None:
             raise ValueError("env: a robot mode edge drives --robot.type, not a simulated --env.type: give one of them")
         if self.robot is not None and self.control.mode != "paced":

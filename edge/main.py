@@ -40,7 +40,7 @@ def run(cfg: EdgeConfig) -> int:
     from edge.robot_loop import RobotLoopStats
     from edge.robot_mode import RobotSide
     from edge.spool import Spool
-    from lerobot_policy_pi_rl.envs import known_vec_env, make_vec_env, sim_env_kwargs
+    from lerobot_policy_pi_rl.envs import known_vec_env, open_sim_env, sim_env_kwargs
     from lerobot_policy_pi_rl.rollout import PolicyRunner, env_mismatch, env_task
     from lerobot_policy_pi_rl.sft import load_policy
     from pirl.security import is_loopback, load_tokens
@@ -75,14 +75,14 @@ def run(cfg: EdgeConfig) -> int:
         if cfg.env is None and not known_vec_env(ctl.env):
             raise ValueError(
                 f"control.env: unknown env {ctl.env!r} (the built-in 'pirl_reach', an env an installed plugin "
-                "registers such as 'pirl_sim', or a gymnasium id); a LeRobot env type: --env.type=...; drive a "
-                "robot with --robot.type=..."
+                "registers such as 'pirl_sim', a gymnasium id, or 'module:id' for an id a package registers when "
+                "imported, e.g. 'metaworld:Meta-World/MT1'); a LeRobot env type: --env.type=...; drive a robot with "
+                "--robot.type=..."
             )
         field_name = f"env.type={cfg.env.type}" if cfg.env is not None else f"control.env={ctl.env}"
         num_envs = ctl.num_envs if ctl.mode == "unpaced" else 1
-        env = make_vec_env(
-            sim_env, num_envs, autoreset=False, **sim_env_kwargs(sim_env, policy.config, ctl.success_key)
-        )
+        kwargs = sim_env_kwargs(sim_env, policy.config, ctl.success_key, ctl.env_kwargs)
+        env = open_sim_env(sim_env, num_envs, field_name, autoreset=False, **kwargs)
         task = pol.task or env_task(env)
         why = env_mismatch(PolicyRunner.for_env(policy, pre, post, env, task=task), env)
         if why is not None:

@@ -9,7 +9,7 @@ import logging
 import shutil
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -41,6 +41,9 @@ class TrainerSettings:
     # id. None: the built-in task when the policy fits it, else no evaluation (with a warning at start). An env
     # that does not fit the policy (its observations or actions) is refused at start, with the reason
     eval_env: str | None = None
+    # keyword arguments of trainer.eval_env (gymnasium.make's for a gymnasium id, e.g. '{env_name: reach-v3}'; a
+    # registered env's or the built-in task's constructor arguments); --env.type takes its own as --env.<field>
+    eval_env_kwargs: dict = field(default_factory=dict)
     # the info key the evaluation env (--env.type or a gymnasium id) reports success under: LeRobot's 'is_success';
     # MetaWorld's gymnasium envs say 'success'
     eval_success_key: str = "is_success"
@@ -432,14 +435,16 @@ def make_evaluator(
     policy_config=None,
     env_name="pirl_reach",
     success_key: str = "is_success",
+    env_kwargs: dict | None = None,
+    field_name: str = "trainer.eval_env",
 ):
     """Deterministic success on ``env_name`` (the built-in task observed the way ``policy_config`` reads it, a
     registered vector env, a gymnasium id, or a LeRobot ``EnvConfig``), for the learner's own progress figure."""
-    from lerobot_policy_pi_rl.envs import make_vec_env, sim_env_kwargs
+    from lerobot_policy_pi_rl.envs import open_sim_env, sim_env_kwargs
     from lerobot_policy_pi_rl.rollout import PolicyRunner, evaluate_success
 
-    kwargs = sim_env_kwargs(env_name, policy_config, success_key)
-    env = make_vec_env(env_name, min(episodes, 500), autoreset=False, **kwargs)
+    kwargs = sim_env_kwargs(env_name, policy_config, success_key, env_kwargs)
+    env = open_sim_env(env_name, min(episodes, 500), field_name, autoreset=False, **kwargs)
 
     def evaluate(policy) -> float:
         with torch.no_grad():
@@ -467,8 +472,8 @@ def choose_evaluator(settings: TrainerSettings, policy, preprocessor, postproces
     if not known_vec_env(target):
         raise ValueError(
             f"trainer.eval_env: unknown env {target!r} (the built-in 'pirl_reach', an env an installed plugin "
-            "registers such as 'pirl_sim', a gymnasium id; or a LeRobot env type with --env.type=...); "
-            "--trainer.eval_every=0 turns evaluation off"
+            "registers such as 'pirl_sim', a gymnasium id or 'module:id' such as 'metaworld:Meta-World/MT1'; or a "
+            "LeRobot env type with --env.type=...); --trainer.eval_every=0 turns evaluation off"
         )
     try:
         evaluator = make_evaluator(
@@ -478,10 +483,15 @@ def choose_evaluator(settings: TrainerSettings, policy, preprocessor, postproces
             policy_config=policy.config,
             env_name=target,
             success_key=settings.eval_success_key,
+            env_kwargs=settings.eval_env_kwargs,
+            field_name=field_name,
         )
+    except ValueError as e:
+        if given:  # the env it was told to evaluate on cannot be built: the message names the field and why
+            raise
+        evaluator, why = None, str(e)  # the built-in task cannot even be observed the way this policy reads
+    else:
         why = env_mismatch(PolicyRunner.for_env(policy, preprocessor, postprocessor, evaluator.env), evaluator.env)
-    except ValueError as e:  # the built-in task cannot even be observed the way this policy reads
-        evaluator, why = None, str(e)
     if why is None:
         return evaluator
     if not given:

@@ -53,6 +53,7 @@ __all__ = [
     "builtin_obs_kwargs",
     "known_vec_env",
     "make_vec_env",
+    "open_sim_env",
     "register_vec_env",
     "scripted_expert",
     "sim_env_kwargs",
@@ -82,15 +83,45 @@ def builtin_obs_kwargs(policy_config) -> dict[str, Any]:
     return {"obs_type": "pixels_agent_pos", "image_size": side}
 
 
-def sim_env_kwargs(target: Any, policy_config=None, success_key: str = "is_success") -> dict[str, Any]:
+def sim_env_kwargs(
+    target: Any, policy_config=None, success_key: str = "is_success", extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """What :func:`make_vec_env` is given besides the name for a policy: the built-in task observed the way
     the policy reads (``builtin_obs_kwargs``); a registered vector env nothing (its factory decides); a
-    gymnasium id or a LeRobot ``EnvConfig`` the info key it reports success under."""
+    gymnasium id or a LeRobot ``EnvConfig`` the info key it reports success under. ``extra`` (a user's env
+    kwargs: ``gymnasium.make`` arguments, a factory's or the built-in task's constructor arguments) is added
+    on top; a LeRobot ``EnvConfig`` takes none (its fields are its arguments)."""
+    from lerobot.envs.configs import EnvConfig
+
+    if extra and isinstance(target, EnvConfig):
+        raise ValueError(
+            f"env kwargs {sorted(extra)} apply to a gymnasium id or a registered env; env.type={target.type} takes "
+            "its arguments as --env.<field>"
+        )
     if isinstance(target, str) and target in BUILTIN_NAMES:
-        return builtin_obs_kwargs(policy_config) if policy_config is not None else {}
-    if isinstance(target, str) and target in _VEC_ENVS:
-        return {}
-    return {"success_key": success_key}
+        base = builtin_obs_kwargs(policy_config) if policy_config is not None else {}
+    elif isinstance(target, str) and target in _VEC_ENVS:
+        base = {}
+    else:
+        base = {"success_key": success_key}
+    return {**base, **(extra or {})}
+
+
+def open_sim_env(target: Any, num_envs: int, field_name: str, **kwargs: Any) -> Any:
+    """:func:`make_vec_env` for a tool's start-up: an env that cannot be built (a gymnasium id missing its
+    arguments, a package that is not installed, an argument the env does not take) is a ValueError naming
+    ``field_name`` and the cause, not a traceback."""
+    import gymnasium as gym
+
+    try:
+        return make_vec_env(target, num_envs, **kwargs)
+    except (TypeError, ValueError, ImportError, AttributeError, gym.error.Error) as e:
+        hint = (
+            ""
+            if not isinstance(target, str) or target in BUILTIN_NAMES
+            else "; gymnasium.make arguments go in the env kwargs (e.g. --control.env_kwargs='{env_name: reach-v3}')"
+        )
+        raise ValueError(f"{field_name}: the env could not be built: {type(e).__name__}: {e}{hint}") from e
 
 
 def register_vec_env(name: str, factory: Any) -> None:
@@ -102,14 +133,25 @@ def register_vec_env(name: str, factory: Any) -> None:
 
 
 def known_vec_env(name_or_gym_id: Any) -> bool:
-    """Whether :func:`make_vec_env` can build ``name_or_gym_id`` (built-in, registered, a gymnasium id, or a
-    LeRobot ``EnvConfig``)."""
+    """Whether :func:`make_vec_env` can build ``name_or_gym_id`` (built-in, registered, a gymnasium id, a
+    gymnasium ``module:id`` whose module registers the id when imported, or a LeRobot ``EnvConfig``)."""
+    import importlib
+
     import gymnasium as gym
     from lerobot.envs.configs import EnvConfig
 
     if isinstance(name_or_gym_id, EnvConfig):
         return True
-    return name_or_gym_id in BUILTIN_NAMES or name_or_gym_id in _VEC_ENVS or name_or_gym_id in gym.registry
+    if name_or_gym_id in BUILTIN_NAMES or name_or_gym_id in _VEC_ENVS or name_or_gym_id in gym.registry:
+        return True
+    module, sep, gym_id = str(name_or_gym_id).partition(":")
+    if not sep:
+        return False
+    try:
+        importlib.import_module(module)
+    except ImportError:
+        return False
+    return gym_id in gym.registry
 
 
 def make_vec_env(name_or_gym_id: Any, num_envs: int, **kwargs: Any) -> Any:

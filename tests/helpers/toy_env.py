@@ -59,7 +59,7 @@ class ToyEnv(gym.Env):
         return self._obs(), float(ok), ok, timeout, {self.report_key: ok}
 
 
-gym.register("pirltoy/Toy-v0", entry_point=ToyEnv)
+gym.register("pirltoy/Toy-v0", entry_point=ToyEnv, max_episode_steps=6)
 
 
 @EnvConfig.register_subclass("pirltoy")

@@ -90,3 +90,21 @@ def test_the_algorithm_keeps_the_preset_for_every_field_not_given():
     assert preset.critic_lr != PiRLAlgorithmConfig().critic_lr  # the check above would otherwise prove nothing
     plain = cfg.algorithm.plain()
     assert type(plain) is PiRLAlgorithmConfig and plain.actor_lr == 1e-4 and plain.critic_lr == preset.critic_lr
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--env.type=pirl_reach", "--control.env_kwargs={a: 1}"], "control.env_kwargs: apply to control.env"),
+    ],
+)
+def test_edge_env_type_conflicts_are_one_error_line(args, message, capsys):
+    with pytest.raises(SystemExit) as ei:
+        parse_config(EdgeConfig, prog="pirl-edge", args=[*EDGE_REQUIRED, *args])
+    err = capsys.readouterr().err.strip()
+    assert ei.value.code == 2 and len(err.splitlines()) == 1 and message in err, err
+    # a LeRobot env type parses with its own fields, as lerobot-eval takes them
+    cfg = parse_config(
+        EdgeConfig, prog="pirl-edge", args=[*EDGE_REQUIRED, "--env.type=pirl_reach", "--env.episode_length=30"]
+    )
+    assert cfg.env.type == "pirl_reach" and cfg.env.episode_length == 30

@@ -125,3 +125,36 @@ def test_a_multi_task_suite_is_refused():
 
     with pytest.raises(ValueError, match=r"env.type=two_tasks: task 'a,b' gives 2 tasks.*--env.task=<one task>"):
         LeRobotVecEnv(TwoTasks(), 1)
+
+
+def test_gymnasium_module_ids_env_kwargs_and_build_errors(toy_plugin):
+    from lerobot_policy_pi_rl.envs import open_sim_env, sim_env_kwargs
+
+    # 'module:id': the module registers the id when imported (MetaWorld's 'metaworld:Meta-World/MT1')
+    assert known_vec_env("lerobot_env_pirltoy:pirltoy/Toy-v0")
+    assert not known_vec_env("no_such_module:Nope/Toy-v0") and not known_vec_env("Nope/Toy-v0")
+    kwargs = sim_env_kwargs("lerobot_env_pirltoy:pirltoy/Toy-v0", None, "success", {"report_key": "success"})
+    env = open_sim_env("lerobot_env_pirltoy:pirltoy/Toy-v0", 2, "control.env", autoreset=False, **kwargs)
+    assert env.success_key == "success" and env.state_dim == 6
+    # an argument the env does not take: one error naming the field, the cause, and where arguments go
+    with pytest.raises(
+        ValueError, match=r"control.env: the env could not be built: TypeError: .*bogus.*--control.env_kwargs"
+    ):
+        open_sim_env("Pendulum-v1", 1, "control.env", bogus=1)
+    # a LeRobot env type takes its arguments as --env.<field>, not as env kwargs
+    with pytest.raises(ValueError, match=r"env.type=pirltoy takes its arguments as --env.<field>"):
+        sim_env_kwargs(make_env_config("pirltoy"), None, "is_success", {"report_key": "success"})
+
+
+def test_the_learner_evaluates_on_a_gymnasium_id_with_its_kwargs_and_success_key(toy_plugin):
+    policy, pre, post = builtin_policy(0)
+    settings = TrainerSettings(
+        eval_episodes=4,
+        eval_env="lerobot_env_pirltoy:pirltoy/Toy-v0",
+        eval_env_kwargs={"report_key": "success"},
+        eval_success_key="success",
+    )
+    evaluator = choose_evaluator(settings, policy, pre, post)
+    assert evaluator(policy) > 0  # the toy's lucky episodes count: success is read under 'success'
+    with pytest.raises(ValueError, match=r"trainer.eval_env=Pendulum-v1: the env could not be built"):
+        choose_evaluator(TrainerSettings(eval_env="Pendulum-v1", eval_env_kwargs={"bogus": 1}), policy, pre, post)

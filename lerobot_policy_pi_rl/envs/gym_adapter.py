@@ -99,7 +99,9 @@ class GymVecAdapter:
             except AttributeError:
                 max_steps = None
         self.max_steps: int | None = None if max_steps is None else int(max_steps)
-        self.task = self.task_description = env_id
+        # the env's own instruction where it has one (LeRobot's envs call it task_description), else its id
+        own = getattr(first.unwrapped, "task_description", None)
+        self.task = self.task_description = own if isinstance(own, str) and own else env_id
         self.metadata = first.metadata
 
         n = self.num_envs

@@ -62,6 +62,11 @@ class ToyEnv(gym.Env):
 gym.register("pirltoy/Toy-v0", entry_point=ToyEnv, max_episode_steps=6)
 
 
+def zero_expert(obs, env):
+    """A scripted expert in pirl-sft's form (the toy succeeds whatever it is sent)."""
+    return np.zeros((env.num_envs, 3), np.float32)
+
+
 @EnvConfig.register_subclass("pirltoy")
 @dataclass
 class PirlToyEnvConfig(EnvConfig):

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 
 from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, PiRLAlgorithmConfig
-from lerobot_policy_pi_rl.envs import BUILTIN_NAMES, builtin_obs_kwargs, make_vec_env
-from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, evaluate_success
+from lerobot_policy_pi_rl.envs import BUILTIN_NAMES, builtin_obs_kwargs, open_sim_env
+from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, env_mismatch, evaluate_success
 
 
 @dataclass
@@ -79,9 +79,12 @@ def run_pirl(
     env_kwargs = dict(settings.env_kwargs)
     if not env_kwargs and isinstance(settings.env, str) and settings.env in BUILTIN_NAMES:
         env_kwargs = builtin_obs_kwargs(policy.config)
-    env = make_vec_env(settings.env, settings.num_envs, autoreset=False, **env_kwargs)
-    eval_env = make_vec_env(settings.env, min(settings.eval_episodes, 500), autoreset=False, **env_kwargs)
+    env = open_sim_env(settings.env, settings.num_envs, "env", autoreset=False, **env_kwargs)
+    eval_env = open_sim_env(settings.env, min(settings.eval_episodes, 500), "env", autoreset=False, **env_kwargs)
     runner = PolicyRunner.for_env(policy, preprocessor, postprocessor, env)
+    why = env_mismatch(runner, env)
+    if why is not None:
+        raise ValueError(f"env: {settings.env!r} does not fit the policy: {why}")
     generator = torch.Generator().manual_seed(settings.seed)
     grpo = algo_config.advantage_estimator == "grpo"
     G = algo_config.grpo_group_size

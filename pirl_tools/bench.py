@@ -2,6 +2,7 @@
 
     pirl-bench learn --out=DIR [--noise_method='[flow_sde,flow_noise]'] [--seeds='[0,1,2]'] [--grpo=true]
                      [--denoise_steps='[4]'] [--noise_levels='[0.5]'] [--iterations=200] ...
+                     [--policy_path=SFT --env.type=... | --sim_env=GYM_ID --env_kwargs='{...}']
 
     pirl-bench robot --out=DIR [--methods='[baseline,small_updates,interventions_bc]'] [--seeds='[0]'] [--target=0.9]
 
@@ -12,7 +13,8 @@ Each command takes a draccus config (BenchLearnConfig, BenchInferConfig below): 
 --help` lists every field with its documentation.
 
 ``learn``: in one process (no network) SFT from scripted demos (LeRobot's train loop), then PI-RL
-with periodic deterministic evaluation; writes DIR/learn.json and DIR/learn.png.
+with periodic deterministic evaluation; writes DIR/learn.json and DIR/learn.png. On your own env
+(``--env.type`` or ``--sim_env``) it starts from ``--policy_path`` (e.g. what ``pirl-sft`` wrote for it).
 
 ``infer``: exports the sampler to ONNX (DIR/onnx) and times one chunk inference (one
 ``sample_chains`` call: host numpy in, host numpy out) on every backend with the same inputs,
@@ -38,6 +40,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
+from lerobot.envs.configs import EnvConfig
+
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides, builtin_task_algorithm_config
 from lerobot_policy_pi_rl.samplers import NOISE_METHODS, RL_NOISE_METHODS
 from pirl.cli import parse_config, require, run_cli, write_json
@@ -47,6 +51,7 @@ from pirl_tools.common import plot_curves, sft_checkpoint
 
 
 def _learn(args: BenchLearnConfig, command: str) -> int:
+    from lerobot_policy_pi_rl.envs import sim_env_kwargs
     from lerobot_policy_pi_rl.learn import LearnSettings, run_pirl
     from lerobot_policy_pi_rl.sft import load_policy
 
@@ -56,15 +61,20 @@ def _learn(args: BenchLearnConfig, command: str) -> int:
     runs = []
     started = time.monotonic()
     sft_dir = "" if args.backbone == "mlp" else f"{args.backbone}-"
+    target = args.env if args.env is not None else (args.sim_env or "pirl_reach")
+    env_name = f"env.type={args.env.type}" if args.env is not None else target
     for i, (seed, estimator, method, k, level) in enumerate(grid, 1):
-        ckpt = sft_checkpoint(
-            out / "sft" / f"{sft_dir}seed{seed}",
-            seed=seed,
-            num_demos=args.num_demos,
-            steps=args.sft_steps,
-            noise_std=args.demo_noise,
-            policy_overrides=builtin_policy_overrides(args.backbone),
-        )
+        if args.policy_path is not None:
+            ckpt = Path(args.policy_path)
+        else:
+            ckpt = sft_checkpoint(
+                out / "sft" / f"{sft_dir}seed{seed}",
+                seed=seed,
+                num_demos=args.num_demos,
+                steps=args.sft_steps,
+                noise_std=args.demo_noise,
+                policy_overrides=builtin_policy_overrides(args.backbone),
+            )
         policy, pre, post = load_policy(ckpt, noise_method=method, num_denoise_steps=k, noise_level=level)
         label = (
             (f"{args.backbone} " if args.backbone != "mlp" else "")
@@ -80,11 +90,14 @@ def _learn(args: BenchLearnConfig, command: str) -> int:
             eval_episodes=args.eval_episodes,
             seed=seed,
             time_limit_s=args.time_limit,
+            env=target,
+            env_kwargs=sim_env_kwargs(target, policy.config, args.success_key, args.env_kwargs),
         )
         res = run_pirl(policy, pre, post, algo_cfg, settings)
         runs.append(
             {
                 "label": label,
+                "env": env_name,
                 "backbone": args.backbone,
                 "noise_method": method,
                 "estimator": estimator,
@@ -105,7 +118,7 @@ def _learn(args: BenchLearnConfig, command: str) -> int:
             f"(best {res.best_success:.3f}) in {res.wall_seconds:.0f}s, {res.env_steps} env steps"
         )
         write_json(out / "learn.json", _report(command, runs))
-    plot_curves(out / "learn.png", runs, "PI-RL on pirl_reach (deterministic eval)")
+    plot_curves(out / "learn.png", runs, f"PI-RL on {env_name} (deterministic eval)")
     print(f"wrote {out / 'learn.json'} and {out / 'learn.png'} ({time.monotonic() - started:.0f}s)")
     return 0
 
@@ -611,10 +624,30 @@ class BenchLearnConfig:
     sft_steps: int = 2000
     # mlp, or LeRobot's pi0 / pi05 / smolvla at the reduced CPU size (camera + instruction)
     backbone: str = "mlp"
+    # start every run from this SFT checkpoint (a LeRobot pretrained_model dir, e.g. pirl-sft's) instead of
+    # recording the built-in task's demos and training one
+    policy_path: str | None = None
+    # the env to learn and evaluate on: a LeRobot env type, as lerobot-eval takes it (--env.type=...
+    # --env.task=...). None: sim_env
+    env: EnvConfig | None = None
+    # or a gymnasium id ('module:id' imports the module first) or an env a plugin registers; None: the built-in
+    # task
+    sim_env: str | None = None
+    # keyword arguments of sim_env (gymnasium.make's for a gymnasium id)
+    env_kwargs: dict = field(default_factory=dict)
+    # the info key the env reports success under (LeRobot's 'is_success'; MetaWorld's gymnasium envs: 'success')
+    success_key: str = "is_success"
 
     def __post_init__(self):
         if not self.out:
             raise ValueError("out: required (the output directory)")
+        if self.env is not None and self.sim_env is not None:
+            raise ValueError("sim_env: give --env.type or --sim_env, not both")
+        if (self.env is not None or self.sim_env is not None) and self.policy_path is None:
+            raise ValueError(
+                "policy_path: PI-RL on your env starts from an SFT checkpoint of it (pirl-sft --env.type=... or "
+                "--sim_env=... writes one)"
+            )
         positive = ("iterations", "num_envs", "eval_every", "eval_episodes", "num_demos", "sft_steps")
         require(self, at_least=dict.fromkeys(positive, 1))
         if not self.denoise_steps or any(k < 1 for k in self.denoise_steps):
@@ -707,6 +740,9 @@ def main() -> None:
         print(f"pirl-bench: error: the first argument must be one of {', '.join(COMMANDS)}", file=sys.stderr)
         sys.exit(2)
     cls, run = COMMANDS[argv[0]]
+    from lerobot.utils.import_utils import register_third_party_plugins
+
+    register_third_party_plugins()  # lerobot_env_* plugins' env types, before --env.type is parsed
     cfg = parse_config(cls, prog=f"pirl-bench {argv[0]}", args=argv[1:])
     command = "pirl-bench " + " ".join(argv)
     run_cli(lambda: globals()[run](cfg, command))

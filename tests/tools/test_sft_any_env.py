@@ -92,3 +92,33 @@ def test_an_expert_that_cannot_be_loaded_names_it():
         load_expert("lerobot_policy_pi_rl.demos:nope")
     with pytest.raises(ValueError, match="module:callable"):
         load_expert("just_a_name")
+
+
+def test_pirl_bench_learn_on_a_gymnasium_id_from_an_sft_checkpoint(toy_plugin, tmp_path):
+    from helpers.policy import builtin_policy, save_checkpoint
+    from pirl_tools.bench import BenchLearnConfig, _learn
+
+    ckpt = save_checkpoint(tmp_path / "sft", *builtin_policy(0))  # the toy has the built-in task's widths
+    cfg = parse_config(
+        BenchLearnConfig,
+        prog="pirl-bench learn",
+        args=[
+            f"--out={tmp_path / 'bench'}",
+            f"--policy_path={ckpt}",
+            "--sim_env=lerobot_env_pirltoy:pirltoy/Toy-v0",
+            "--env_kwargs={report_key: success}",
+            "--success_key=success",
+            "--noise_method=[flow_sde]",
+            "--seeds=[0]",
+            "--iterations=2",
+            "--num_envs=4",
+            "--eval_every=1",
+            "--eval_episodes=4",
+        ],
+    )
+    assert _learn(cfg, "pirl-bench learn (test)") == 0
+    (run,) = json.loads((tmp_path / "bench" / "learn.json").read_text())["runs"]
+    assert run["env"] == "lerobot_env_pirltoy:pirltoy/Toy-v0" and run["updates"] == 2 and len(run["curve"]) == 3
+    assert run["sft_success"] > 0  # success read under the toy's 'success' key
+    with pytest.raises(SystemExit):  # an env without a checkpoint of it: one error line (checked in the config)
+        parse_config(BenchLearnConfig, prog="pirl-bench learn", args=[f"--out={tmp_path}", "--sim_env=Pendulum-v1"])

@@ -93,6 +93,9 @@ class ControlConfig:
     # 'metaworld:Meta-World/MT1'), a registered env's or the built-in task's constructor arguments. A LeRobot env
     # type takes its own as --env.<field>
     env_kwargs: dict = field(default_factory=dict)
+    # run the simulated envs of a gymnasium id or --env.type in subprocesses (gymnasium's AsyncVectorEnv): for
+    # envs slow to build or step in Python, with many unpaced envs
+    async_envs: bool = False
     # the info key a simulated env (--env.type or a gymnasium id) reports success under: LeRobot's 'is_success';
     # MetaWorld's gymnasium envs say 'success'
     success_key: str = "is_success"

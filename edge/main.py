@@ -81,7 +81,10 @@ def run(cfg: EdgeConfig) -> int:
             )
         field_name = f"env.type={cfg.env.type}" if cfg.env is not None else f"control.env={ctl.env}"
         num_envs = ctl.num_envs if ctl.mode == "unpaced" else 1
-        kwargs = sim_env_kwargs(sim_env, policy.config, ctl.success_key, ctl.env_kwargs)
+        try:
+            kwargs = sim_env_kwargs(sim_env, policy.config, ctl.success_key, ctl.env_kwargs, ctl.async_envs)
+        except ValueError as e:
+            raise ValueError(f"control: {e}") from None
         env = open_sim_env(sim_env, num_envs, field_name, autoreset=False, **kwargs)
         task = pol.task or env_task(env)
         why = env_mismatch(PolicyRunner.for_env(policy, pre, post, env, task=task), env)

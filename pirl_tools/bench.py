@@ -91,7 +91,7 @@ def _learn(args: BenchLearnConfig, command: str) -> int:
             seed=seed,
             time_limit_s=args.time_limit,
             env=target,
-            env_kwargs=sim_env_kwargs(target, policy.config, args.success_key, args.env_kwargs),
+            env_kwargs=sim_env_kwargs(target, policy.config, args.success_key, args.env_kwargs, args.async_envs),
         )
         res = run_pirl(policy, pre, post, algo_cfg, settings)
         runs.append(
@@ -637,6 +637,8 @@ class BenchLearnConfig:
     env_kwargs: dict = field(default_factory=dict)
     # the info key the env reports success under (LeRobot's 'is_success'; MetaWorld's gymnasium envs: 'success')
     success_key: str = "is_success"
+    # run the envs of env / sim_env in subprocesses (gymnasium's AsyncVectorEnv)
+    async_envs: bool = False
 
     def __post_init__(self):
         if not self.out:

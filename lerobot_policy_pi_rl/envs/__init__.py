@@ -31,7 +31,7 @@ from __future__ import annotations
 from typing import Any
 
 from lerobot_policy_pi_rl.envs.configs import PiRLReachEnvConfig
-from lerobot_policy_pi_rl.envs.gym_adapter import GymVecAdapter
+from lerobot_policy_pi_rl.envs.gym_adapter import AsyncGymVecEnv, GymVecAdapter
 from lerobot_policy_pi_rl.envs.lerobot_env import LeRobotVecEnv
 from lerobot_policy_pi_rl.envs.reach_grasp import (
     GYM_ID,
@@ -45,6 +45,7 @@ from lerobot_policy_pi_rl.envs.reach_grasp import (
 __all__ = [
     "GYM_ID",
     "TASK_DESCRIPTION",
+    "AsyncGymVecEnv",
     "GymVecAdapter",
     "LeRobotVecEnv",
     "PiRLReachEnvConfig",
@@ -84,13 +85,18 @@ def builtin_obs_kwargs(policy_config) -> dict[str, Any]:
 
 
 def sim_env_kwargs(
-    target: Any, policy_config=None, success_key: str = "is_success", extra: dict[str, Any] | None = None
+    target: Any,
+    policy_config=None,
+    success_key: str = "is_success",
+    extra: dict[str, Any] | None = None,
+    async_envs: bool = False,
 ) -> dict[str, Any]:
     """What :func:`make_vec_env` is given besides the name for a policy: the built-in task observed the way
     the policy reads (``builtin_obs_kwargs``); a registered vector env nothing (its factory decides); a
     gymnasium id or a LeRobot ``EnvConfig`` the info key it reports success under. ``extra`` (a user's env
     kwargs: ``gymnasium.make`` arguments, a factory's or the built-in task's constructor arguments) is added
-    on top; a LeRobot ``EnvConfig`` takes none (its fields are its arguments)."""
+    on top; a LeRobot ``EnvConfig`` takes none (its fields are its arguments). ``async_envs`` runs a gymnasium
+    id's or an ``EnvConfig``'s envs in subprocesses."""
     from lerobot.envs.configs import EnvConfig
 
     if extra and isinstance(target, EnvConfig):
@@ -98,12 +104,17 @@ def sim_env_kwargs(
             f"env kwargs {sorted(extra)} apply to a gymnasium id or a registered env; env.type={target.type} takes "
             "its arguments as --env.<field>"
         )
+    own = isinstance(target, str) and (target in BUILTIN_NAMES or target in _VEC_ENVS)
+    if async_envs and own:
+        raise ValueError(
+            f"async envs: {target!r} runs its envs its own way; subprocesses are for a gymnasium id or an env type"
+        )
     if isinstance(target, str) and target in BUILTIN_NAMES:
         base = builtin_obs_kwargs(policy_config) if policy_config is not None else {}
-    elif isinstance(target, str) and target in _VEC_ENVS:
+    elif own:
         base = {}
     else:
-        base = {"success_key": success_key}
+        base = {"success_key": success_key, **({"use_async": True} if async_envs else {})}
     return {**base, **(extra or {})}
 
 
@@ -160,13 +171,22 @@ def make_vec_env(name_or_gym_id: Any, num_envs: int, **kwargs: Any) -> Any:
     :func:`register_vec_env` calls its factory; a LeRobot ``EnvConfig`` (``--env.type=...``) gives
     :class:`LeRobotVecEnv` (``kwargs``: ``autoreset``, ``success_key``, ``use_async``, ``seed``); anything
     else is a gymnasium id wrapped in :class:`GymVecAdapter` (``kwargs``: ``seed``, ``autoreset``,
-    ``success_key``, ``check_seed`` and ``gymnasium.make`` arguments)."""
+    ``success_key``, ``check_seed`` and ``gymnasium.make`` arguments), or with ``use_async=True`` run in
+    subprocesses by :class:`AsyncGymVecEnv`."""
     from lerobot.envs.configs import EnvConfig
 
     if isinstance(name_or_gym_id, EnvConfig):
         return LeRobotVecEnv(name_or_gym_id, num_envs, **kwargs)
     if name_or_gym_id in BUILTIN_NAMES:
         return ReachGraspVecEnv(num_envs, **kwargs)
+    use_async = kwargs.pop("use_async", False)
     if name_or_gym_id in _VEC_ENVS:
+        if use_async:
+            raise ValueError(
+                f"{name_or_gym_id!r} is a registered vector env: it runs its envs its own way (no use_async)"
+            )
         return _VEC_ENVS[name_or_gym_id](num_envs, **kwargs)
+    if use_async:
+        kwargs.pop("check_seed", None)
+        return AsyncGymVecEnv(name_or_gym_id, num_envs, **kwargs)
     return GymVecAdapter(name_or_gym_id, num_envs, **kwargs)

@@ -21,8 +21,9 @@ import gymnasium as gym
 import numpy as np
 
 from lerobot_policy_pi_rl.envs.vector import SuccessKeyWatch, reset_targets, step_inputs
+from lerobot_policy_pi_rl.envs.vector_adapter import VectorEnvAdapter
 
-__all__ = ["GymVecAdapter"]
+__all__ = ["AsyncGymVecEnv", "GymVecAdapter"]
 
 log = logging.getLogger(__name__)
 
@@ -209,3 +210,68 @@ class GymVecAdapter:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.env_id!r}, num_envs={self.num_envs})"
+
+
+class _RawKeys(gym.ObservationWrapper):
+    """A gymnasium env's observation in LeRobot's raw keys, as ``GymVecAdapter`` serves it: a Dict of those keys as
+    it is, anything else flattened to float32 ``agent_pos``."""
+
+    def __init__(self, env: gym.Env):
+        super().__init__(env)
+        space = env.observation_space
+        self.passthrough = (
+            isinstance(space, gym.spaces.Dict) and bool(space.spaces) and set(space.spaces) <= set(PASSTHROUGH_KEYS)
+        )
+        if not self.passthrough:
+            flat = gym.spaces.Box(-np.inf, np.inf, (gym.spaces.flatdim(space),), np.float32)
+            self.observation_space = gym.spaces.Dict({"agent_pos": flat})
+
+    def observation(self, obs):
+        if self.passthrough:
+            return obs
+        return {"agent_pos": np.asarray(gym.spaces.flatten(self.env.observation_space, obs), dtype=np.float32)}
+
+
+def _make_raw_keys(env_id: str, make_kwargs: dict) -> gym.Env:
+    return _RawKeys(gym.make(env_id, **make_kwargs))
+
+
+class AsyncGymVecEnv(VectorEnvAdapter):
+    """``num_envs`` copies of a gymnasium env, each in its own subprocess (gymnasium's ``AsyncVectorEnv``,
+    forkserver), in the vec-env protocol: for envs whose construction or step is slow in Python (64 MetaWorld
+    copies take most of a minute to build in one process). Observations, actions and success as
+    ``GymVecAdapter``; the seed check is not run here."""
+
+    def __init__(
+        self,
+        env_id: str,
+        num_envs: int = 1,
+        seed: int | None = None,
+        *,
+        autoreset: bool = True,
+        success_key: str = "is_success",
+        **make_kwargs: Any,
+    ):
+        import functools
+        import importlib
+
+        if int(num_envs) < 1:
+            raise ValueError(f"num_envs must be >= 1, got {num_envs}")
+        self.env_id = env_id
+        fns = [functools.partial(_make_raw_keys, env_id, make_kwargs) for _ in range(int(num_envs))]
+        module, sep, gym_id = env_id.partition(":")
+        if sep:  # 'module:id': the module registers the id (the workers import it themselves)
+            importlib.import_module(module)
+        spec = gym.spec(gym_id if sep else env_id)
+        vec = gym.vector.AsyncVectorEnv(fns, autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, context="forkserver")
+        super().__init__(
+            vec,
+            env_id,
+            autoreset=autoreset,
+            success_key=success_key,
+            hint="give the key the env uses (e.g. success_key='success' for MetaWorld)",
+            max_steps=make_kwargs.get("max_episode_steps") or spec.max_episode_steps,
+            task=env_id,
+            seed=seed,
+            probe=False,
+        )

@@ -141,6 +141,10 @@ def test_gymnasium_module_ids_env_kwargs_and_build_errors(toy_plugin):
         ValueError, match=r"control.env: the env could not be built: TypeError: .*bogus.*--control.env_kwargs"
     ):
         open_sim_env("Pendulum-v1", 1, "control.env", bogus=1)
+    # subprocesses are for a gymnasium id or an env type; the built-in task and registered envs run their own way
+    assert sim_env_kwargs("Pendulum-v1", None, async_envs=True)["use_async"] is True
+    with pytest.raises(ValueError, match="async envs: 'pirl_reach' runs its envs its own way"):
+        sim_env_kwargs("pirl_reach", None, async_envs=True)
     # a LeRobot env type takes its arguments as --env.<field>, not as env kwargs
     with pytest.raises(ValueError, match=r"env.type=pirltoy takes its arguments as --env.<field>"):
         sim_env_kwargs(make_env_config("pirltoy"), None, "is_success", {"report_key": "success"})
@@ -158,3 +162,28 @@ def test_the_learner_evaluates_on_a_gymnasium_id_with_its_kwargs_and_success_key
     assert evaluator(policy) > 0  # the toy's lucky episodes count: success is read under 'success'
     with pytest.raises(ValueError, match=r"trainer.eval_env=Pendulum-v1: the env could not be built"):
         choose_evaluator(TrainerSettings(eval_env="Pendulum-v1", eval_env_kwargs={"bogus": 1}), policy, pre, post)
+
+
+def test_a_gymnasium_id_in_subprocesses_behaves_like_the_in_process_adapter(toy_plugin, tmp_path):
+    from lerobot_policy_pi_rl.envs import AsyncGymVecEnv, GymVecAdapter
+
+    gym_id = "lerobot_env_pirltoy:pirltoy/Toy-v0"
+    sub = make_vec_env(gym_id, 3, use_async=True, autoreset=False, success_key="success", report_key="success")
+    local = make_vec_env(gym_id, 3, autoreset=False, success_key="success", report_key="success")
+    assert isinstance(sub, AsyncGymVecEnv) and isinstance(local, GymVecAdapter)
+    assert sub.state_dim == local.state_dim == 6 and sub.max_steps == local.max_steps == 6
+    for env in (sub, local):
+        obs, _ = env.reset(seed=0)
+        alive, success, steps = np.ones(3, bool), np.zeros(3, bool), 0
+        while alive.any():
+            obs, _, te, tr, info = env.step(np.zeros((3, 3), np.float32), active=alive)
+            success |= info["is_success"]
+            alive &= ~(te | tr)
+            steps += 1
+        # every copy's first episode succeeds at its 3rd step; the rows stay at their terminal state
+        assert success.all() and steps == 3 and (obs["agent_pos"] == 0.3).all()
+    # a Box observation is served flattened as agent_pos, as in process
+    pend = make_vec_env("Pendulum-v1", 2, use_async=True)
+    assert set(pend.reset(seed=0)[0]) == {"agent_pos"} and pend.state_dim == 3
+    for env in (sub, local, pend):
+        env.close()

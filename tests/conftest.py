@@ -32,3 +32,22 @@ def cluster(runtime_setup, request):
     c = Cluster(root, ckpt, pki, request.node.name)
     yield c
     c.close()
+
+
+@pytest.fixture(scope="session")
+def toy_plugin(tmp_path_factory):
+    """The toy ``lerobot_env_pirltoy`` distribution (helpers/toy_env.py), installed on ``sys.path`` and registered
+    the way LeRobot finds plugins; yields the directory to put on a subprocess's ``PYTHONPATH``."""
+    import sys
+
+    from lerobot.utils.import_utils import register_third_party_plugins
+
+    from helpers.toy_env import install_toy_env_plugin
+
+    site = install_toy_env_plugin(tmp_path_factory.mktemp("toy_plugin"))
+    sys.path.insert(0, str(site))
+    try:
+        register_third_party_plugins()
+        yield site
+    finally:
+        sys.path.remove(str(site))

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 
 import numpy as np
 import pytest
@@ -13,24 +12,9 @@ import torch
 from lerobot.envs.factory import make_env_config
 
 from helpers.policy import builtin_policy
-from helpers.toy_env import install_toy_env_plugin
 from learner.trainer import TrainerSettings, choose_evaluator
 from lerobot_policy_pi_rl.envs import LeRobotVecEnv, known_vec_env, make_vec_env, scripted_expert
 from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, evaluate_success
-
-
-@pytest.fixture(scope="module")
-def toy_plugin(tmp_path_factory):
-    """The ``lerobot_env_pirltoy`` distribution, installed and registered the way LeRobot finds plugins."""
-    from lerobot.utils.import_utils import register_third_party_plugins
-
-    site = install_toy_env_plugin(tmp_path_factory.mktemp("plugin"))
-    sys.path.insert(0, str(site))
-    try:
-        register_third_party_plugins()
-        yield site
-    finally:
-        sys.path.remove(str(site))
 
 
 def test_the_built_in_task_through_lerobots_env_factory():

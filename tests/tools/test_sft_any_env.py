@@ -4,26 +4,11 @@ third-party plugin, and a LeRobot env type), LeRobot's train loop, the evaluatio
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
-from helpers.toy_env import install_toy_env_plugin
 from pirl.cli import parse_config
 from pirl_tools.sft import SFTConfig, _run
-
-
-@pytest.fixture(scope="module")
-def toy_plugin(tmp_path_factory):
-    from lerobot.utils.import_utils import register_third_party_plugins
-
-    site = install_toy_env_plugin(tmp_path_factory.mktemp("plugin"))
-    sys.path.insert(0, str(site))
-    try:
-        register_third_party_plugins()
-        yield site
-    finally:
-        sys.path.remove(str(site))
 
 
 def sft(*args):

@@ -124,7 +124,10 @@ def test_sigkill_mid_run_loses_no_returned_record(tmp_path, n_before_kill, size)
                 pytest.fail(f"child died early: {proc.stderr.read()}")
             lines.append(line)
         os.kill(proc.pid, signal.SIGKILL)
-        rest, _ = proc.communicate(timeout=10)
+        # read the rest through the same buffered stream: readline() may already hold lines it read ahead,
+        # which communicate() (reading the raw pipe) would never see
+        rest = proc.stdout.read()
+        proc.wait(timeout=10)
     finally:
         if proc.poll() is None:
             proc.kill()

@@ -44,6 +44,8 @@ class TrainerSettings:
     # keyword arguments of trainer.eval_env (gymnasium.make's for a gymnasium id, e.g. '{env_name: reach-v3}'; a
     # registered env's or the built-in task's constructor arguments); --env.type takes its own as --env.<field>
     eval_env_kwargs: dict = field(default_factory=dict)
+    # run the evaluation envs of a gymnasium id or --env.type in subprocesses (gymnasium's AsyncVectorEnv)
+    eval_async_envs: bool = False
     # the info key the evaluation env (--env.type or a gymnasium id) reports success under: LeRobot's 'is_success';
     # MetaWorld's gymnasium envs say 'success'
     eval_success_key: str = "is_success"
@@ -437,13 +439,14 @@ def make_evaluator(
     success_key: str = "is_success",
     env_kwargs: dict | None = None,
     field_name: str = "trainer.eval_env",
+    async_envs: bool = False,
 ):
     """Deterministic success on ``env_name`` (the built-in task observed the way ``policy_config`` reads it, a
     registered vector env, a gymnasium id, or a LeRobot ``EnvConfig``), for the learner's own progress figure."""
     from lerobot_policy_pi_rl.envs import open_sim_env, sim_env_kwargs
     from lerobot_policy_pi_rl.rollout import PolicyRunner, evaluate_success
 
-    kwargs = sim_env_kwargs(env_name, policy_config, success_key, env_kwargs)
+    kwargs = sim_env_kwargs(env_name, policy_config, success_key, env_kwargs, async_envs)
     env = open_sim_env(env_name, min(episodes, 500), field_name, autoreset=False, **kwargs)
 
     def evaluate(policy) -> float:
@@ -467,6 +470,8 @@ def choose_evaluator(settings: TrainerSettings, policy, preprocessor, postproces
     if not settings.eval_every:
         return None
     given = env_cfg is not None or settings.eval_env is not None
+    if settings.eval_async_envs and not given:
+        raise ValueError("trainer.eval_async_envs: applies to an evaluation env you give (--env.type or eval_env)")
     target = env_cfg if env_cfg is not None else settings.eval_env or "pirl_reach"
     field_name = f"env.type={env_cfg.type}" if env_cfg is not None else f"trainer.eval_env={target}"
     if not known_vec_env(target):
@@ -485,6 +490,7 @@ def choose_evaluator(settings: TrainerSettings, policy, preprocessor, postproces
             success_key=settings.eval_success_key,
             env_kwargs=settings.eval_env_kwargs,
             field_name=field_name,
+            async_envs=settings.eval_async_envs,
         )
     except ValueError as e:
         if given:  # the env it was told to evaluate on cannot be built: the message names the field and why

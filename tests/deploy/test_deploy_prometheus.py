@@ -29,6 +29,7 @@ import yaml
 import helpers.promql as promql_names
 from helpers.deploy import BIN, Processes, make_checkpoint, process_env, require_tool, wait_until
 from helpers.net import free_port
+from helpers.plugin_dist import install_dist
 from pirl.security import make_dev_pki
 
 pytestmark = pytest.mark.slow  # a real Prometheus scraping real processes
@@ -100,15 +101,7 @@ class StuckArm(Robot):
 
 def install_stuckarm(root: Path) -> Path:
     """The ``lerobot_robot_stuckarm`` distribution under ``root``; returns the directory for PYTHONPATH."""
-    name = "lerobot_robot_stuckarm"
-    site = root / "site"
-    (site / name).mkdir(parents=True)
-    (site / name / "__init__.py").write_text(STUCKARM)
-    info = site / f"{name}-0.1.0.dist-info"
-    info.mkdir()
-    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 0.1.0\n")
-    (info / "top_level.txt").write_text(name + "\n")
-    return site
+    return install_dist(root, "lerobot_robot_stuckarm", STUCKARM)
 
 
 def shortened_rules(dst: Path) -> list[Path]:

@@ -143,7 +143,16 @@ def test_the_learner_evaluates_on_a_gymnasium_id_with_its_kwargs_and_success_key
         eval_success_key="success",
     )
     evaluator = choose_evaluator(settings, policy, pre, post)
-    assert evaluator(policy) > 0  # the toy's lucky episodes count: success is read under 'success'
+    first = evaluator(policy)
+    assert first > 0  # the toy's lucky episodes count: success is read under 'success'
+    settings.eval_async_envs = True  # the same first evaluation with fresh envs in subprocesses
+    from lerobot_policy_pi_rl.envs import AsyncGymVecEnv
+
+    in_workers = choose_evaluator(settings, policy, pre, post)
+    assert isinstance(in_workers.env, AsyncGymVecEnv) and in_workers(policy) == first
+    in_workers.env.close()
+    with pytest.raises(ValueError, match="trainer.eval_async_envs: applies to an evaluation env you give"):
+        choose_evaluator(TrainerSettings(eval_async_envs=True), policy, pre, post)
     with pytest.raises(ValueError, match=r"trainer.eval_env=Pendulum-v1: the env could not be built"):
         choose_evaluator(TrainerSettings(eval_env="Pendulum-v1", eval_env_kwargs={"bogus": 1}), policy, pre, post)
 

@@ -40,7 +40,7 @@ def run(cfg: EdgeConfig) -> int:
     from edge.robot_loop import RobotLoopStats
     from edge.robot_mode import RobotSide
     from edge.spool import Spool
-    from lerobot_policy_pi_rl.envs import known_vec_env, open_sim_env, sim_env_kwargs
+    from lerobot_policy_pi_rl.envs import open_sim_env, require_known_env, sim_env_kwargs
     from lerobot_policy_pi_rl.rollout import PolicyRunner, env_mismatch, env_task
     from lerobot_policy_pi_rl.sft import load_policy
     from pirl.security import is_loopback, load_tokens
@@ -72,13 +72,8 @@ def run(cfg: EdgeConfig) -> int:
         robot, task = robot_side.robot, pol.task
     else:
         sim_env = cfg.env if cfg.env is not None else ctl.env
-        if cfg.env is None and not known_vec_env(ctl.env):
-            raise ValueError(
-                f"control.env: unknown env {ctl.env!r} (the built-in 'pirl_reach', an env an installed plugin "
-                "registers such as 'pirl_sim', a gymnasium id, or 'module:id' for an id a package registers when "
-                "imported, e.g. 'metaworld:Meta-World/MT1'); a LeRobot env type: --env.type=...; drive a robot with "
-                "--robot.type=..."
-            )
+        if cfg.env is None:
+            require_known_env(ctl.env, "control.env", "; drive a robot with --robot.type=...")
         field_name = f"env.type={cfg.env.type}" if cfg.env is not None else f"control.env={ctl.env}"
         num_envs = ctl.num_envs if ctl.mode == "unpaced" else 1
         try:

@@ -464,7 +464,7 @@ def choose_evaluator(settings: TrainerSettings, policy, preprocessor, postproces
     ``EnvConfig`` from ``--env.type``, nor ``eval_env``) and the policy does not fit the built-in task (a
     warning says so). A given env that is unknown or does not fit the policy is a ValueError naming the field
     and the reason."""
-    from lerobot_policy_pi_rl.envs import known_vec_env
+    from lerobot_policy_pi_rl.envs import require_known_env
     from lerobot_policy_pi_rl.rollout import PolicyRunner, env_mismatch
 
     if not settings.eval_every:
@@ -474,12 +474,7 @@ def choose_evaluator(settings: TrainerSettings, policy, preprocessor, postproces
         raise ValueError("trainer.eval_async_envs: applies to an evaluation env you give (--env.type or eval_env)")
     target = env_cfg if env_cfg is not None else settings.eval_env or "pirl_reach"
     field_name = f"env.type={env_cfg.type}" if env_cfg is not None else f"trainer.eval_env={target}"
-    if not known_vec_env(target):
-        raise ValueError(
-            f"trainer.eval_env: unknown env {target!r} (the built-in 'pirl_reach', an env an installed plugin "
-            "registers such as 'pirl_sim', a gymnasium id or 'module:id' such as 'metaworld:Meta-World/MT1'; or a "
-            "LeRobot env type with --env.type=...); --trainer.eval_every=0 turns evaluation off"
-        )
+    require_known_env(target, "trainer.eval_env", "; --trainer.eval_every=0 turns evaluation off")
     try:
         evaluator = make_evaluator(
             preprocessor,

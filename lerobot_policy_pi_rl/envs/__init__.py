@@ -56,6 +56,7 @@ __all__ = [
     "make_vec_env",
     "open_sim_env",
     "register_vec_env",
+    "require_known_env",
     "scripted_expert",
     "sim_env_kwargs",
 ]
@@ -163,6 +164,17 @@ def known_vec_env(name_or_gym_id: Any) -> bool:
     except ImportError:
         return False
     return gym_id in gym.registry
+
+
+def require_known_env(target: Any, field_name: str, what_else: str = "") -> None:
+    """ValueError naming ``field_name`` when :func:`make_vec_env` cannot build ``target``, listing the accepted
+    forms (``what_else``: the tool's own alternative, appended)."""
+    if not known_vec_env(target):
+        raise ValueError(
+            f"{field_name}: unknown env {target!r} (the built-in 'pirl_reach', an env an installed plugin registers "
+            "such as 'pirl_sim', a gymnasium id, or 'module:id' for an id a package registers when imported, e.g. "
+            f"'metaworld:Meta-World/MT1'; a LeRobot env type is --env.type=...){what_else}"
+        )
 
 
 def make_vec_env(name_or_gym_id: Any, num_envs: int, **kwargs: Any) -> Any:

@@ -1,4 +1,4 @@
-"""A gymnasium vector env (same-step autoreset) behind the project's vector-env protocol.
+"""A gymnasium vector env (same-step or next-step autoreset) behind the project's vector-env protocol.
 
 What the protocol needs that a gymnasium vector env does not give:
 
@@ -9,6 +9,12 @@ What the protocol needs that a gymnasium vector env does not give:
   (its row frozen at the terminal observation) until :meth:`reset`.
 * **Success where LeRobot reads it.** ``info[success_key]`` of the step, or, for an env that ended and
   was reset in that same call, ``info["final_info"][success_key]`` (the reset's own info would say False).
+* **Next-step autoreset.** LeRobot builds some env types' vector envs (MetaWorld, LIBERO) with gymnasium's
+  default ``NEXT_STEP`` autoreset: a finished env is reset by the *following* ``step`` call, which ignores
+  its action. The adapter resets such an env itself (``reset_mask``) in the call that finished it, so every
+  step it makes is a real one; every reset also carries LeRobot's ``lerobot_new_rollout`` option, which thaws
+  the ``FreezeAfterEpisodeEnd`` wrapper of LeRobot's subprocess envs (without it they would replay their
+  terminal step for ever).
 * **Seeds.** ``reset(seed=s)`` seeds env ``i`` with ``s + i``; a list seeds each env; ``reset_mask`` in
   ``options`` resets only some envs (gymnasium >= 1.1).
 
@@ -26,6 +32,18 @@ import numpy as np
 from lerobot_policy_pi_rl.envs.vector import SuccessKeyWatch, reset_targets, step_inputs
 
 __all__ = ["VectorEnvAdapter"]
+
+# lerobot.envs.utils.NEW_ROLLOUT_OPTION: an explicit reset (not gymnasium's autoreset) of a LeRobot env
+NEW_ROLLOUT_OPTION = "lerobot_new_rollout"
+
+
+def _autoreset_mode(vec: Any) -> Any:
+    """The vector env's autoreset mode (LeRobot's lazy subprocess env keeps the real one in ``_env``)."""
+    for env in (vec, getattr(vec, "_env", None)):
+        mode = getattr(env, "autoreset_mode", None)
+        if mode is not None:
+            return mode
+    return (getattr(vec, "metadata", None) or {}).get("autoreset_mode")
 
 
 def _rows(obs: Any, rows: np.ndarray) -> Any:
@@ -77,7 +95,8 @@ class VectorEnvAdapter:
             ``info["final_obs"]``); ``False`` (rollouts, evaluation): finished envs stay finished until reset.
         success_key: the info key that says an episode succeeded (LeRobot's ``is_success`` by default).
         hint: where the user sets ``success_key`` (the missing-key warning says it).
-        max_steps: the episode step limit (None: the envs' ``_max_episode_steps``).
+        max_steps: the episode step limit (None: the envs' ``_max_episode_steps``); an episode still running
+            at it is truncated here (a LeRobot env config's ``episode_length`` where the env's own limit is longer).
         task: the language instruction (None: the envs' ``task_description`` / ``task``).
         processor: the env's own observation processor (``PolicyRunner.for_env`` applies it), or None.
         seed: if given, the envs are reset at construction with ``seed + i``.
@@ -119,6 +138,7 @@ class VectorEnvAdapter:
         self.max_steps = max_steps if max_steps or not probe else self._attr_max_steps()
         self.task = self.task_description = task or (self._attr_task() if probe else None)
         self.metadata = getattr(vec, "metadata", {})
+        self._next_step_autoreset = None  # known after the first reset (a lazy env builds its vector env then)
         self._obs: Any = None
         self._done = np.zeros(self.num_envs, dtype=bool)
         self._t = np.zeros(self.num_envs, dtype=np.int64)
@@ -150,14 +170,19 @@ class VectorEnvAdapter:
         n = self.num_envs
         mask, seeds = reset_targets(n, seed, options)
         if mask.all() or self._obs is None:
-            obs, _ = self.vec.reset(seed=[None if s is None else int(s) for s in seeds])
+            obs, _ = self.vec.reset(
+                seed=[None if s is None else int(s) for s in seeds], options={NEW_ROLLOUT_OPTION: True}
+            )
             self._obs = _copy(obs)
             mask = np.ones(n, dtype=bool)
         else:
             obs, _ = self.vec.reset(
-                seed=[None if s is None else int(s) for s in seeds], options={"reset_mask": mask.copy()}
+                seed=[None if s is None else int(s) for s in seeds],
+                options={"reset_mask": mask.copy(), NEW_ROLLOUT_OPTION: True},
             )
             _assign(self._obs, obs, mask)
+        if self._next_step_autoreset is None:
+            self._next_step_autoreset = _autoreset_mode(self.vec) == gym.vector.AutoresetMode.NEXT_STEP
         self._done[mask] = False
         self._t[mask] = 0
         return _copy(self._obs), {"is_success": np.zeros(n, dtype=bool)}
@@ -167,7 +192,14 @@ class VectorEnvAdapter:
         a, m = step_inputs(self, actions, active)
         # every env steps (a vector env cannot hold one back); the frozen ones' results are dropped
         obs, r, te, tr, info = self.vec.step(a.reshape(n, *self.single_action_space.shape))
+        ended_raw = np.asarray(te, dtype=bool) | np.asarray(tr, dtype=bool)
         te, tr = np.asarray(te, dtype=bool) & m, np.asarray(tr, dtype=bool) & m
+        self._t[m] += 1
+        if self.max_steps:  # the step limit the config states, where the env's own is longer (MetaWorld's: 500)
+            capped = m & ~(te | tr) & (self._t >= self.max_steps)
+            tr |= capped
+        else:
+            capped = np.zeros(n, dtype=bool)
         done = te | tr
         success = _flag(info, self.success_key, n) & m
         self._success_watch.observe([*info, *info.get("final_info", {})], bool(done.any()))
@@ -176,9 +208,16 @@ class VectorEnvAdapter:
         if "final_info" in info:  # an env that ended in this call was already reset: its verdict is here
             ended = np.asarray(info.get("_final_info", np.zeros(n, dtype=bool)), dtype=bool) & m
             success = np.where(ended, _flag(info["final_info"], self.success_key, n), success)
-            for i in np.flatnonzero(ended & np.asarray(info.get("_final_obs", ended), dtype=bool)):
-                _assign_one(final_obs, info["final_obs"][i], int(i))
-        self._t[m] += 1
+            if "final_obs" in info:  # same-step autoreset (next-step: the step's obs is the terminal one)
+                for i in np.flatnonzero(ended & np.asarray(info.get("_final_obs", ended), dtype=bool)):
+                    _assign_one(final_obs, info["final_obs"][i], int(i))
+        # reset now what the vector env will not reset in this call: envs cut at the step limit, and under
+        # next-step autoreset the finished ones (else the next step would be spent on gymnasium's autoreset)
+        reset_now = capped | (ended_raw if self._next_step_autoreset else np.zeros(n, dtype=bool))
+        if reset_now.any():
+            obs = _copy(obs)
+            fresh, _ = self.vec.reset(options={"reset_mask": reset_now.copy(), NEW_ROLLOUT_OPTION: True})
+            _assign(obs, fresh, reset_now)
         elapsed = self._t.copy()
         if self.autoreset:
             # the vector env reset the finished ones in this call: serve their new first observation

@@ -1,7 +1,8 @@
 """Built-in CPU task(s) and a batched env interface for PI-RL rollouts.
 
-Importing this package registers the gymnasium id ``pirl/ReachGrasp-v0`` and the LeRobot env type
-``pirl_reach`` (``--env.type=pirl_reach``).
+Importing this package registers the gymnasium ids ``pirl/ReachGrasp-v0`` and ``pirl/MetaWorldState-v3``
+(``envs/metaworld.py``: MetaWorld on its full state) and the LeRobot env type ``pirl_reach``
+(``--env.type=pirl_reach``).
 
 Vector-env protocol, implemented by :class:`ReachGraspVecEnv` (numpy-batched built-in task) and
 :class:`GymVecAdapter` (any gymnasium env with a Box action space):
@@ -33,6 +34,7 @@ from typing import Any
 from lerobot_policy_pi_rl.envs.configs import PiRLReachEnvConfig
 from lerobot_policy_pi_rl.envs.gym_adapter import AsyncGymVecEnv, GymVecAdapter
 from lerobot_policy_pi_rl.envs.lerobot_env import LeRobotVecEnv
+from lerobot_policy_pi_rl.envs.metaworld import register_gym_env as _register_metaworld
 from lerobot_policy_pi_rl.envs.reach_grasp import (
     GYM_ID,
     TASK_DESCRIPTION,
@@ -68,6 +70,7 @@ BUILTIN_NAMES = ("pirl_reach", GYM_ID)
 _VEC_ENVS: dict[str, Any] = {}
 
 register_gym_envs()
+_register_metaworld()  # pirl/MetaWorldState-v3 (MetaWorld is imported only when one is made)
 
 
 def builtin_obs_kwargs(policy_config) -> dict[str, Any]:

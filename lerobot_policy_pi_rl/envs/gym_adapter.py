@@ -64,6 +64,7 @@ class GymVecAdapter:
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.env_id = env_id
+        self.make_kwargs = dict(make_kwargs)  # what the env was made with (a scripted expert may read its task)
         self.num_envs = int(num_envs)
         self.autoreset = bool(autoreset)
         first = gym.make(env_id, **make_kwargs)
@@ -258,6 +259,7 @@ class AsyncGymVecEnv(VectorEnvAdapter):
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.env_id = env_id
+        self.make_kwargs = dict(make_kwargs)
         fns = [functools.partial(_make_raw_keys, env_id, make_kwargs) for _ in range(int(num_envs))]
         module, sep, gym_id = env_id.partition(":")
         if sep:  # 'module:id': the module registers the id (the workers import it themselves)

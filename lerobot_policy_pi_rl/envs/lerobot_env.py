@@ -41,6 +41,10 @@ class LeRobotVecEnv(VectorEnvAdapter):
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         self.env_cfg = env_cfg
+        if env_cfg.type == "metaworld":  # MetaWorld 3.0.0 fails to build its envs under MuJoCo 4 unpatched
+            from lerobot_policy_pi_rl.envs.metaworld import patch_for_mujoco
+
+            patch_for_mujoco()
         suites = make_env(env_cfg, n_envs=int(num_envs), use_async_envs=use_async)
         vec_envs = [env for tasks in suites.values() for env in tasks.values()]
         if len(vec_envs) != 1:

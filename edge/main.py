@@ -137,10 +137,10 @@ def run(cfg: EdgeConfig) -> int:
         what = f"robot {cfg.robot.type}"
     elif ctl.mode == "paced":
         loop = PacedLoop(env, worker, writer, robot_id=robot_id, control_hz=ctl.hz, seed=cfg.seed)
-        what = ctl.env
     else:
         loop = UnpacedLoop(env, worker, writer, robot_id=robot_id, seed=cfg.seed)
-        what = ctl.env
+    if robot is None:
+        what = f"env.type={cfg.env.type}" if cfg.env is not None else ctl.env
     heartbeat = Heartbeat(link, worker, spool, clock, rate_fn=lambda: getattr(loop, "current_rate", 0.0))
     heartbeat.start()
     logging.info("%s control of %s started (%s)", ctl.mode, what, robot_id)

@@ -128,3 +128,22 @@ def rollout_batch(observations: dict, sample, rewards, success_threshold: float 
         episode_success=rewards.sum(0) > success_threshold,
         group_ids=torch.arange(N) // groups,
     )
+
+
+def constant_action_policy(state_dim: int, action: list[float]):
+    """(policy, pre, post) whose actions are ``action`` whatever it observes: the action statistics centre on it
+    with a spread of 1e-6, so the flow policy's bounded output moves it by micro-units. For tests that need a
+    known behaviour in a real env (a fixed push that succeeds from some starts and not others)."""
+    a = torch.tensor(action, dtype=torch.float32)
+    cfg = PiRLConfig(
+        device="cpu",
+        input_features={"observation.state": PolicyFeature(FeatureType.STATE, (state_dim,))},
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (len(action),))},
+        **SMALL_SIZES,
+    )
+    stats = {
+        "observation.state": {"mean": torch.zeros(state_dim), "std": torch.ones(state_dim)},
+        "action": {"mean": a, "std": torch.full_like(a, 1e-6)},
+    }
+    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
+    return PiRLPolicy(cfg), pre, post

@@ -68,3 +68,86 @@ def test_a_policy_that_does_not_fit_the_env_type_is_one_error_line(cluster, runt
     errors = [line for line in p.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "env.type=pirltoy does not fit the policy" in errors[0], p.stderr[-2000:]
     assert "actions have 3 dims, the policy's 4" in errors[0] and "Traceback" not in p.stderr
+
+
+# Wraps LeRobot's MetaworldEnv.step in the edge process, once lerobot.envs.metaworld is imported (lazily: a
+# sitecustomize that imported it at start-up would run in every Python the edge starts, e.g. the subprocess
+# pyGLFW spawns to probe its library, and each of those would start another): every success MetaWorld reports
+# is appended to a file, the ground truth the edge's count is compared with.
+_MW_SUCCESS_LOG = """
+import importlib.abc, importlib.util, json, os, sys
+
+
+def _patch(module):
+    step = module.MetaworldEnv.step
+
+    def logged_step(self, action):
+        out = step(self, action)
+        if out[4].get("is_success"):
+            with open(os.environ["PIRL_TEST_MW_LOG"], "a") as f:
+                f.write(json.dumps({"success": True}) + "\\n")
+        return out
+
+    module.MetaworldEnv.step = logged_step
+
+
+class _PatchOnImport(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        if name != "lerobot.envs.metaworld":
+            return None
+        sys.meta_path.remove(self)
+        spec = importlib.util.find_spec(name)
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            _patch(module)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _PatchOnImport())
+"""
+
+
+def test_lerobots_metaworld_env_type_runs_through_pirl_edge_with_success_read_correctly(
+    runtime_setup, tmp_path, monkeypatch
+):
+    """``--env.type=metaworld`` (480x480 camera + 4-dim state, next-step autoreset, the env resets inside step):
+    a policy that always pushes straight down on handle-press, which MetaWorld calls a success from some starts
+    and never from others within the 30 steps of ``--env.episode_length``."""
+    pytest.importorskip("metaworld")
+    from helpers.cluster import Cluster
+    from helpers.policy import constant_action_policy, save_checkpoint
+
+    root, _, pki = runtime_setup
+    ckpt = save_checkpoint(tmp_path / "push_down", *constant_action_policy(4, [0.0, 0.0, -1.0, 0.0]))
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(_MW_SUCCESS_LOG)
+    log = tmp_path / "metaworld_successes.jsonl"
+    monkeypatch.setenv("PIRL_TEST_MW_LOG", str(log))
+    cluster = Cluster(root, ckpt, pki, "metaworld")
+    try:
+        cluster.learner()
+        p = edge(
+            cluster,
+            f"--policy.path={ckpt}",
+            "--env.type=metaworld",
+            "--env.task=handle-press-v3",
+            "--env.episode_length=30",
+            "--control.hz=100",
+            "--control.episodes=5",
+            pythonpath=site,
+            timeout=400,
+        )
+        assert p.returncode == 0, p.stderr[-3000:]
+        stats = cluster.edge_stats("robot-0")
+    finally:
+        cluster.close()
+    successes = len(log.read_text().splitlines()) if log.exists() else 0
+    assert stats["episodes"] == 5
+    assert stats["successes"] == successes  # what MetaWorld itself said
+    assert 0 < successes < 5  # episodes that succeed and episodes that ran into the limit
+    assert stats["records_acked"] == stats["records"] > 0 and stats["records_left_in_spool"] == 0

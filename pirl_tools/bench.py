@@ -6,6 +6,8 @@
 
     pirl-bench robot --out=DIR [--methods='[baseline,small_updates,interventions_bc]'] [--seeds='[0]'] [--target=0.9]
 
+    pirl-bench metaworld --out=DIR [--tasks='[reach-v3,push-v3]'] [--noise_method='[flow_noise,flow_sde]'] [--time_limit=1800]
+
     pirl-bench infer --out=DIR [--batch=1] [--iterations=200] [--warmup=20] [--threads=1]
                      [--policy_path=PRETRAINED_DIR] [--noise_method=flow_sde] [--backends='[torch_eager]']
 
@@ -27,6 +29,10 @@ Writes DIR/infer.json.
 ``robot``: episodes and robot-time from few-shot SFT to a success target on ONE simulated robot with a
 scripted person labelling and taking over, learner and edge as processes (pirl_tools/bench_robot.py);
 writes DIR/robot.json and DIR/robot.png.
+
+``metaworld``: per MetaWorld task (MT10 by default) few-shot SFT from MetaWorld's scripted expert, then PI-RL
+per noise method on the full state observation, in process (pirl_tools/bench_metaworld.py); writes
+DIR/metaworld.json and DIR/metaworld.png.
 """
 
 from __future__ import annotations
@@ -45,7 +51,8 @@ from lerobot.envs.configs import EnvConfig
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides, builtin_task_algorithm_config
 from lerobot_policy_pi_rl.samplers import NOISE_METHODS, RL_NOISE_METHODS
 from pirl.cli import parse_config, require, run_cli, write_json
-from pirl_tools import bench_robot
+from pirl_tools import bench_metaworld, bench_robot
+from pirl_tools.bench_metaworld import BenchMetaWorldConfig
 from pirl_tools.bench_robot import BenchRobotConfig
 from pirl_tools.common import plot_curves, sft_checkpoint
 
@@ -723,10 +730,15 @@ def _robot(cfg: BenchRobotConfig, command: str) -> int:
     return bench_robot.run(cfg, command)
 
 
+def _metaworld(cfg: BenchMetaWorldConfig, command: str) -> int:
+    return bench_metaworld.run(cfg, command)
+
+
 COMMANDS = {
     "learn": (BenchLearnConfig, "_learn"),
     "infer": (BenchInferConfig, "_infer"),
     "robot": (BenchRobotConfig, "_robot"),
+    "metaworld": (BenchMetaWorldConfig, "_metaworld"),
 }
 
 
@@ -736,7 +748,9 @@ def main() -> None:
     argv = sys.argv[1:]
     if not argv or argv[0] not in COMMANDS:
         if argv and argv[0] in ("-h", "--help"):
-            print("usage: pirl-bench {learn,infer,robot} [--field=value ...]   (pirl-bench learn --help: its fields)\n")
+            print(
+                "usage: pirl-bench {learn,infer,robot,metaworld} [--field=value ...]   (pirl-bench learn --help: its fields)\n"
+            )
             print(__doc__)
             sys.exit(0)
         print(f"pirl-bench: error: the first argument must be one of {', '.join(COMMANDS)}", file=sys.stderr)

@@ -55,6 +55,50 @@ def sft_checkpoint(
     return train_sft(out / "data", out / "train", settings, repo_id=repo_id)
 
 
+def env_sft_checkpoint(
+    out: Path,
+    target,
+    env_kwargs: dict,
+    field: str,
+    *,
+    expert: str | None,
+    num_demos: int,
+    steps: int,
+    seed: int,
+    noise_std: float,
+    fps: int = 50,
+    repo_id: str = "local/pirl_demos",
+    dataset_root: Path | None = None,
+    policy_overrides: dict | None = None,
+) -> Path:
+    """SFT on any env: ``expert`` (``module:callable``) records ``num_demos`` successful episodes of ``target`` (a
+    LeRobot ``EnvConfig`` or a name ``make_vec_env`` takes, built with ``env_kwargs``) into OUT/data, unless a
+    dataset is there or ``dataset_root`` is given; then LeRobot's train() behaviour-clones ``pi_rl`` into OUT/train.
+    A finished checkpoint is reused. ``field`` names the env in errors (``env.type=...``, ``sim_env=...``)."""
+    from lerobot_policy_pi_rl.demos import load_expert, record_env_demos
+    from lerobot_policy_pi_rl.envs import open_sim_env
+    from lerobot_policy_pi_rl.sft import SFTSettings, train_sft
+
+    data = Path(dataset_root or out / "data")
+    if dataset_root is None and not (data / "meta" / "info.json").is_file():
+        if expert is None:
+            raise ValueError("expert: recording demonstrations needs a scripted expert (module:callable)")
+        expert_fn = load_expert(expert)
+        env = open_sim_env(target, min(num_demos, 8), field, autoreset=False, **env_kwargs)
+        print(f"[sft] recording {num_demos} demonstrations of {field} with {expert} -> {data}")
+        try:
+            record_env_demos(data, env, expert_fn, num_demos, repo_id=repo_id, seed=seed, noise_std=noise_std, fps=fps)
+        finally:
+            env.close()
+    ckpt = out / "train" / "checkpoints" / "last" / "pretrained_model"
+    if (ckpt / "model.safetensors").is_file():
+        print(f"[sft] reusing {ckpt}")
+        return ckpt
+    print(f"[sft] behaviour cloning on {data} ({steps} steps)")
+    settings = SFTSettings(steps=steps, seed=seed, policy_overrides=policy_overrides or {})
+    return train_sft(data, out / "train", settings, repo_id)
+
+
 def plot_curves(
     path: Path, runs: list[dict], title: str, xlabel: str = "environment steps", target: float = 0.9
 ) -> None:

@@ -19,7 +19,7 @@ from lerobot.envs.configs import EnvConfig
 
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides
 from pirl.cli import parse_config, require, run_cli, write_json
-from pirl_tools.common import sft_checkpoint
+from pirl_tools.common import env_sft_checkpoint, sft_checkpoint
 
 
 def _run(args) -> int:
@@ -51,33 +51,29 @@ def _run_builtin(args) -> int:
 def _run_any_env(args) -> int:
     """Demos from ``--expert`` on the given env (or ``--dataset_root``), SFT with LeRobot's train loop, and the
     deterministic success on that env (none without an env)."""
-    from lerobot_policy_pi_rl.demos import load_expert, record_env_demos
     from lerobot_policy_pi_rl.envs import open_sim_env, sim_env_kwargs
     from lerobot_policy_pi_rl.rollout import PolicyRunner, env_mismatch, evaluate_success
-    from lerobot_policy_pi_rl.sft import SFTSettings, load_policy, train_sft
+    from lerobot_policy_pi_rl.sft import load_policy
 
     out = Path(args.out)
     target = args.env if args.env is not None else args.sim_env
     field = f"env.type={args.env.type}" if args.env is not None else f"sim_env={args.sim_env}"
     kwargs = sim_env_kwargs(target, None, args.success_key, args.env_kwargs) if target is not None else {}
-    data, repo_id = Path(args.dataset_root or out / "data"), args.dataset_repo_id
-    if args.dataset_root is None and not (data / "meta" / "info.json").is_file():
-        expert = load_expert(args.expert)
-        env = open_sim_env(target, min(args.num_demos, 8), field, autoreset=False, **kwargs)
-        print(f"[sft] recording {args.num_demos} demonstrations of {field} with {args.expert} -> {data}")
-        record_env_demos(
-            data, env, expert, args.num_demos, repo_id=repo_id, seed=args.seed, noise_std=args.demo_noise, fps=args.fps
-        )
-        env.close()
-    ckpt = out / "train" / "checkpoints" / "last" / "pretrained_model"
-    if (ckpt / "model.safetensors").is_file():
-        print(f"[sft] reusing {ckpt}")
-    else:
-        print(f"[sft] behaviour cloning on {data} ({args.steps} steps)")
-        overrides = builtin_policy_overrides(args.backbone)
-        ckpt = train_sft(
-            data, out / "train", SFTSettings(steps=args.steps, seed=args.seed, policy_overrides=overrides), repo_id
-        )
+    ckpt = env_sft_checkpoint(
+        out,
+        target,
+        kwargs,
+        field,
+        expert=args.expert,
+        num_demos=args.num_demos,
+        steps=args.steps,
+        seed=args.seed,
+        noise_std=args.demo_noise,
+        fps=args.fps,
+        repo_id=args.dataset_repo_id,
+        dataset_root=Path(args.dataset_root) if args.dataset_root else None,
+        policy_overrides=builtin_policy_overrides(args.backbone),
+    )
     if target is None:
         return _report(args, ckpt, None, None)
     policy, pre, post = load_policy(ckpt)

@@ -1,0 +1,247 @@
+"""pirl-bench metaworld: few-shot SFT then PI-RL on MetaWorld tasks (MT10 by default), per task, on this machine.
+
+    pirl-bench metaworld --out=DIR [--tasks='[reach-v3,push-v3]'] [--noise_method='[flow_noise,flow_sde]']
+                         [--seeds='[0]'] [--time_limit=1800] [--num_demos=5] [--sft_steps=1000] ...
+
+The CPU policy (the small MLP flow policy) reads MetaWorld's full 39-dim state (``envs/metaworld.py``,
+``pirl/MetaWorldState-v3``); LeRobot's ``--env.type=metaworld`` serves a 480x480 image plus a 4-dim state,
+which is for VLA backbones on a GPU (docs/benchmarks.md). Per task and seed: MetaWorld's scripted expert
+records ``num_demos`` successful demonstrations (action noise ``demo_noise``) as a local LeRobotDataset,
+LeRobot's train() behaviour-clones ``pi_rl`` on them (``sft_steps``); then, per noise method, PI-RL with the
+built-in task's preset runs in process until ``time_limit`` seconds or ``iterations`` updates, evaluated
+deterministically (ODE, fixed seeds: the same episodes for every method) every ``eval_every`` updates.
+
+Writes DIR/metaworld.json (``runs``: task, noise_method, seed, sft_success, final_success, best_success,
+env_steps, wall_seconds, curve) after every run and DIR/metaworld.png (SFT and final success per task and
+method). Runs already in DIR/metaworld.json are kept and not run again, so a long benchmark can be run in
+parts (``--tasks``) or resumed; SFT checkpoints under DIR/sft are reused.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lerobot_policy_pi_rl.envs.metaworld import GYM_ID, MT10_TASKS
+from lerobot_policy_pi_rl.samplers import RL_NOISE_METHODS
+from pirl.cli import require, write_json
+
+EXPERT = "lerobot_policy_pi_rl.envs.metaworld:expert"
+# the paper's MetaWorld MT50 averages (pi0 / pi0.5, few-shot SFT -> Flow-SDE / Flow-Noise), shared/PIRL_METHOD.md
+PAPER_MT50 = {
+    "pi0": {"sft": 0.508, "flow_sde": 0.781, "flow_noise": 0.858},
+    "pi05": {"sft": 0.438, "flow_sde": 0.707, "flow_noise": 0.661},
+}
+
+
+@dataclass
+class BenchMetaWorldConfig:
+    """pirl-bench metaworld: per MetaWorld task, few-shot SFT from the scripted expert, then PI-RL per noise
+    method; writes OUT/metaworld.json and OUT/metaworld.png. Lists are given as --tasks='[reach-v3,push-v3]'."""
+
+    # output directory (SFT checkpoints under OUT/sft and finished runs in OUT/metaworld.json are reused) (required)
+    out: str | None = None
+    # MetaWorld v3 tasks to run (default: the ten MT10 tasks)
+    tasks: list[str] = field(default_factory=lambda: list(MT10_TASKS))
+    # samplers to fine-tune with (flow_noise, flow_sde)
+    noise_method: list[str] = field(default_factory=lambda: ["flow_noise", "flow_sde"])
+    # seeds: each gets its own demos, SFT and RL runs
+    seeds: list[int] = field(default_factory=lambda: [0])
+    # steps before an episode is truncated (the scripted experts solve MT10 well inside 150; MetaWorld's own
+    # limit is 500)
+    max_episode_steps: int = 150
+    # the RL reward: 'success' (1 at the step the task succeeds, else 0: the benchmark's measure) or 'dense'
+    # (MetaWorld's shaped reward / 10)
+    reward: str = "success"
+    # start states: 'mt1' (MetaWorld's benchmark protocol: one of the task's 50 MT1 train variants per episode) or
+    # 'random' (positions drawn from the reset ranges, as LeRobot's metaworld env does)
+    variants: str = "mt1"
+    # successful scripted demonstrations per task (few-shot: SFT should land at or below 60% success)
+    num_demos: int = 5
+    # std of the Gaussian noise added to the expert's actions (action units; actions are in [-1, 1])
+    demo_noise: float = 0.1
+    # SFT (flow-matching behaviour cloning) steps
+    sft_steps: int = 1000
+    # wall-time cap of each (task, method, seed) PI-RL run, seconds (the issue's budget: 30 minutes)
+    time_limit: float = 1800.0
+    # PI-RL updates at most per run
+    iterations: int = 1000
+    # training envs = episodes per update
+    num_envs: int = 64
+    # deterministic evaluation every this many updates (and before the first, after the last)
+    eval_every: int = 5
+    # episodes per deterministic evaluation
+    eval_episodes: int = 100
+    # stop a run once an evaluation reaches this success (saves time on solved tasks); None: run to the limit
+    target_success: float | None = None
+    # actor learning rate (the rest: the built-in task preset, pirl-bench learn's)
+    actor_lr: float = 3e-5
+
+    def __post_init__(self):
+        if not self.out:
+            raise ValueError("out: required (the output directory)")
+        positive = ("max_episode_steps", "num_demos", "sft_steps", "iterations", "num_envs", "eval_every")
+        require(self, at_least={**dict.fromkeys(positive, 1), "eval_episodes": 1, "demo_noise": 0, "time_limit": 1})
+        if self.max_episode_steps > 500:
+            raise ValueError(f"max_episode_steps: MetaWorld's limit is 500 (got {self.max_episode_steps})")
+        if not self.noise_method or set(self.noise_method) - set(RL_NOISE_METHODS):
+            raise ValueError(f"noise_method: each must be one of {RL_NOISE_METHODS} (got {self.noise_method})")
+        if not self.tasks or not self.seeds:
+            raise ValueError("tasks and seeds: give at least one of each")
+        if self.target_success is not None and not 0 < self.target_success <= 1:
+            raise ValueError(f"target_success: in (0, 1] (got {self.target_success})")
+        if self.variants not in ("mt1", "random"):
+            raise ValueError(f"variants: 'mt1' or 'random' (got {self.variants!r})")
+        if self.reward not in ("success", "dense"):
+            raise ValueError(f"reward: 'success' or 'dense' (got {self.reward!r})")
+
+
+def _known_tasks() -> list[str]:
+    from lerobot_policy_pi_rl.envs.metaworld import _import_metaworld
+
+    return sorted(_import_metaworld().ALL_V3_ENVIRONMENTS)
+
+
+def run(cfg: BenchMetaWorldConfig, command: str) -> int:
+    from lerobot_policy_pi_rl.envs import sim_env_kwargs
+    from lerobot_policy_pi_rl.learn import LearnSettings, run_pirl
+    from lerobot_policy_pi_rl.presets import builtin_task_algorithm_config
+    from lerobot_policy_pi_rl.sft import load_policy
+    from pirl_tools.bench import _report
+    from pirl_tools.common import env_sft_checkpoint
+
+    unknown = sorted(set(cfg.tasks) - set(_known_tasks()))
+    if unknown:
+        raise ValueError(f"tasks: unknown MetaWorld v3 tasks {unknown}; e.g. {', '.join(MT10_TASKS[:3])}")
+    out = Path(cfg.out)
+    path = out / "metaworld.json"
+    runs: list[dict] = json.loads(path.read_text())["runs"] if path.is_file() else []
+    done = {(r["task"], r["noise_method"], r["seed"]) for r in runs}
+    grid = list(itertools.product(cfg.tasks, cfg.seeds, cfg.noise_method))
+    started = time.monotonic()
+    for i, (task, seed, method) in enumerate(grid, 1):
+        if (task, method, seed) in done:
+            print(f"[{i}/{len(grid)}] {task} {method} seed={seed}: in {path} already, skipped")
+            continue
+        extra = {
+            "task": task,
+            "max_episode_steps": cfg.max_episode_steps,
+            "reward": cfg.reward,
+            "variants": cfg.variants,
+        }
+        kwargs = sim_env_kwargs(GYM_ID, extra=extra)
+        sft_started = time.monotonic()
+        ckpt = env_sft_checkpoint(
+            out / "sft" / f"{task}-seed{seed}",
+            GYM_ID,
+            kwargs,
+            f"metaworld {task}",
+            expert=EXPERT,
+            num_demos=cfg.num_demos,
+            steps=cfg.sft_steps,
+            seed=seed,
+            noise_std=cfg.demo_noise,
+            fps=80,
+            repo_id=f"local/metaworld_{task}",
+        )
+        sft_seconds = time.monotonic() - sft_started
+        policy, pre, post = load_policy(ckpt, noise_method=method)
+        print(f"[{i}/{len(grid)}] {task} {method} seed={seed}: PI-RL for at most {cfg.time_limit:.0f}s")
+        settings = LearnSettings(
+            iterations=cfg.iterations,
+            num_envs=cfg.num_envs,
+            eval_every=cfg.eval_every,
+            eval_episodes=cfg.eval_episodes,
+            seed=seed,
+            target_success=cfg.target_success,
+            time_limit_s=cfg.time_limit,
+            env=GYM_ID,
+            env_kwargs=kwargs,
+        )
+        res = run_pirl(policy, pre, post, builtin_task_algorithm_config(actor_lr=cfg.actor_lr), settings)
+        runs.append(
+            {
+                "task": task,
+                "noise_method": method,
+                "seed": seed,
+                "sft_success": res.sft_success,
+                "final_success": res.final_success,
+                "best_success": res.best_success,
+                "env_steps": res.env_steps,
+                "updates": res.updates,
+                "wall_seconds": round(res.wall_seconds, 1),
+                "sft_seconds": round(sft_seconds, 1),
+                "curve": [[s, v] for s, v in res.curve],
+            }
+        )
+        print(
+            f"[{i}/{len(grid)}] {task} {method} seed={seed}: SFT {res.sft_success:.2f} -> {res.final_success:.2f} "
+            f"(best {res.best_success:.2f}) in {res.wall_seconds:.0f}s, {res.env_steps} env steps"
+        )
+        write_json(path, _result(cfg, command, runs, _report))
+    write_json(path, _result(cfg, command, runs, _report))
+    plot(out / "metaworld.png", runs)
+    print(f"wrote {path} and {out / 'metaworld.png'} ({time.monotonic() - started:.0f}s)")
+    return 0
+
+
+def _result(cfg: BenchMetaWorldConfig, command: str, runs: list[dict], report) -> dict:
+    finals = [r["final_success"] for r in runs]
+    return {
+        **report(command, runs),
+        "settings": {
+            k: getattr(cfg, k)
+            for k in (
+                "max_episode_steps",
+                "reward",
+                "variants",
+                "num_demos",
+                "demo_noise",
+                "sft_steps",
+                "time_limit",
+                "num_envs",
+                "eval_episodes",
+                "actor_lr",
+            )
+        },
+        "mean_final_success": round(sum(finals) / len(finals), 4) if finals else None,
+        "paper_mt50": PAPER_MT50,
+    }
+
+
+def plot(path: Path, runs: list[dict]) -> None:
+    """Grouped bars: per task, the SFT success and each method's final success (mean over seeds)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    if not runs:
+        return
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    methods = list(dict.fromkeys(r["noise_method"] for r in runs))
+
+    def mean(key: str, task: str, method: str | None = None) -> float:
+        vals = [r[key] for r in runs if r["task"] == task and (method is None or r["noise_method"] == method)]
+        return float(np.mean(vals)) if vals else np.nan
+
+    series = [("SFT", [mean("sft_success", t) for t in tasks])]
+    series += [(f"PI-RL {m}", [mean("final_success", t, m) for t in tasks]) for m in methods]
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 4.2))
+    width = 0.8 / len(series)
+    x = np.arange(len(tasks))
+    for j, (label, ys) in enumerate(series):
+        ax.bar(x + (j - (len(series) - 1) / 2) * width, ys, width, label=label)
+    ax.set_xticks(x, [t.removesuffix("-v3") for t in tasks], rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_ylabel("deterministic success")
+    ax.set_title("MetaWorld (full state, small flow policy): few-shot SFT -> PI-RL")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

@@ -1,0 +1,67 @@
+"""pirl-bench metaworld end to end at a toy budget: MetaWorld's expert records demos, LeRobot's train loop runs the
+SFT, PI-RL updates once, metaworld.json and the plot are written; a second call skips what is done; bad input is
+one error line."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("metaworld", reason="MetaWorld is part of the test extra")
+
+from pirl.cli import parse_config  # noqa: E402
+from pirl_tools.bench_metaworld import BenchMetaWorldConfig, run  # noqa: E402
+
+TINY = [
+    "--tasks=[reach-v3]",
+    "--noise_method=[flow_sde]",
+    "--num_demos=2",
+    "--sft_steps=10",
+    "--iterations=1",
+    "--num_envs=4",
+    "--eval_every=1",
+    "--eval_episodes=4",
+    "--max_episode_steps=60",
+    "--time_limit=600",
+]
+
+
+def test_a_tiny_metaworld_benchmark_writes_its_results_and_resumes(tmp_path, capsys):
+    out = tmp_path / "mw"
+    cfg = parse_config(BenchMetaWorldConfig, prog="pirl-bench metaworld", args=[f"--out={out}", *TINY])
+    assert run(cfg, "pirl-bench metaworld (test)") == 0
+    report = json.loads((out / "metaworld.json").read_text())
+    (r,) = report["runs"]
+    assert (r["task"], r["noise_method"], r["seed"]) == ("reach-v3", "flow_sde", 0)
+    assert 0 <= r["sft_success"] <= 1 and 0 <= r["final_success"] <= 1 and r["updates"] == 1
+    assert r["env_steps"] > 0 and r["wall_seconds"] > 0 and len(r["curve"]) == 2
+    assert report["settings"]["variants"] == "mt1" and report["paper_mt50"]["pi0"]["flow_noise"] == 0.858
+    assert (out / "metaworld.png").stat().st_size > 0
+    assert (out / "sft" / "reach-v3-seed0" / "data" / "meta" / "info.json").is_file()
+    capsys.readouterr()
+    # the same command again: the run is in metaworld.json, nothing is run twice
+    assert run(cfg, "pirl-bench metaworld (test)") == 0
+    assert "in " in capsys.readouterr().out and len(json.loads((out / "metaworld.json").read_text())["runs"]) == 1
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["--tasks=[push-v9]"], "tasks: unknown MetaWorld v3 tasks ['push-v9']"),
+        (["--noise_method=[ode]"], "noise_method: each must be one of"),
+        (["--max_episode_steps=600"], "max_episode_steps: MetaWorld's limit is 500"),
+        (["--variants=mt50"], "variants: 'mt1' or 'random'"),
+    ],
+)
+def test_bad_input_is_one_error_line(tmp_path, args, message):
+    bench = Path(sys.executable).parent / "pirl-bench"
+    p = subprocess.run(
+        [str(bench), "metaworld", f"--out={tmp_path / 'x'}", *args], capture_output=True, text=True, timeout=300
+    )
+    assert p.returncode == 2, p.stderr[-2000:]
+    errors = [line for line in p.stderr.splitlines() if "error:" in line]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in p.stderr, p.stderr[-2000:]

@@ -54,7 +54,7 @@ from pirl.cli import parse_config, require, run_cli, write_json
 from pirl_tools import bench_metaworld, bench_robot
 from pirl_tools.bench_metaworld import BenchMetaWorldConfig
 from pirl_tools.bench_robot import BenchRobotConfig
-from pirl_tools.common import plot_curves, sft_checkpoint
+from pirl_tools.common import cpus as _cpus, plot_curves, run_report, sft_checkpoint
 
 
 def _learn(args: BenchLearnConfig, command: str) -> int:
@@ -131,12 +131,7 @@ def _learn(args: BenchLearnConfig, command: str) -> int:
 
 
 def _report(command: str, runs) -> dict:
-    return {
-        "command": command,
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": f"{platform.machine()} {platform.processor() or ''} {_cpus()} CPUs, {platform.python_version()}".strip(),
-        "runs": runs,
-    }
+    return run_report(command, runs)
 
 
 # --- infer: one chunk's latency per inference backend ---------------------------------------------
@@ -586,12 +581,6 @@ def _machine() -> str:
     if torch.cuda.is_available():
         m += f", {torch.cuda.get_device_name(0)}"
     return m.strip()
-
-
-def _cpus() -> int:
-    import os
-
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 @dataclass

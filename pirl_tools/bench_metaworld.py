@@ -110,7 +110,6 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
     from lerobot_policy_pi_rl.learn import LearnSettings, run_pirl
     from lerobot_policy_pi_rl.presets import builtin_task_algorithm_config
     from lerobot_policy_pi_rl.sft import load_policy
-    from pirl_tools.bench import _report
     from pirl_tools.common import env_sft_checkpoint
 
     unknown = sorted(set(cfg.tasks) - set(_known_tasks()))
@@ -181,17 +180,19 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
             f"[{i}/{len(grid)}] {task} {method} seed={seed}: SFT {res.sft_success:.2f} -> {res.final_success:.2f} "
             f"(best {res.best_success:.2f}) in {res.wall_seconds:.0f}s, {res.env_steps} env steps"
         )
-        write_json(path, _result(cfg, command, runs, _report))
-    write_json(path, _result(cfg, command, runs, _report))
+        write_json(path, _result(cfg, command, runs))
+    write_json(path, _result(cfg, command, runs))
     plot(out / "metaworld.png", runs)
     print(f"wrote {path} and {out / 'metaworld.png'} ({time.monotonic() - started:.0f}s)")
     return 0
 
 
-def _result(cfg: BenchMetaWorldConfig, command: str, runs: list[dict], report) -> dict:
+def _result(cfg: BenchMetaWorldConfig, command: str, runs: list[dict]) -> dict:
+    from pirl_tools.common import run_report
+
     finals = [r["final_success"] for r in runs]
     return {
-        **report(command, runs),
+        **run_report(command, runs),
         "settings": {
             k: getattr(cfg, k)
             for k in (

@@ -6,6 +6,26 @@ import json
 from pathlib import Path
 
 
+def cpus() -> int:
+    """CPUs this process may run on."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def run_report(command: str, runs: list[dict]) -> dict:
+    """A benchmark's JSON head: the command, the date, the machine, then its runs."""
+    import platform
+    from datetime import UTC, datetime
+
+    return {
+        "command": command,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{platform.machine()} {platform.processor() or ''} {cpus()} CPUs, {platform.python_version()}".strip(),
+        "runs": runs,
+    }
+
+
 def sft_checkpoint(
     out: Path,
     *,

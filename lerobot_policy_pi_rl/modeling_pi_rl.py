@@ -209,15 +209,19 @@ class PiRLPolicy(PreTrainedPolicy):
             return self.value_head(prefix.features.detach())
         return self.value_head(expert_features.detach().mean(dim=2)).mean(dim=1)
 
-    def draw_noise(self, batch_size: int, generator: torch.Generator | None = None, device=None):
-        """(initial_noise, step_noise, stochastic) for ``batch_size`` decisions with this config."""
+    def draw_noise(
+        self, batch_size: int, generator: torch.Generator | None = None, device=None, noise_method: str | None = None
+    ):
+        """(initial_noise, step_noise, stochastic) for ``batch_size`` decisions with this config (``noise_method``:
+        draw for another sampler, e.g. ``flow_ode`` for an evaluation that must see the same noise whatever the
+        policy's training sampler is)."""
         c = self.config
         return draw_sampling_noise(
             batch_size,
             c.chunk_size,
             c.model_action_dim,
             c.num_denoise_steps,
-            noise_method=c.noise_method,
+            noise_method=noise_method or c.noise_method,
             hybrid=c.hybrid,
             generator=generator,
             device=device if device is not None else self.action_mask.device,

@@ -187,7 +187,11 @@ def collect_rollouts(
             if not alive.any():
                 break
             obs = runner.observe(raw, task)
-            initial, step_noise, stochastic = policy.draw_noise(n, generator=generator)
+            # deterministic: drawn as the ODE draws (no hybrid-step index), so every noise method is evaluated on
+            # the same initial noise x_1 from the same generator
+            initial, step_noise, stochastic = policy.draw_noise(
+                n, generator=generator, noise_method="flow_ode" if deterministic else None
+            )
             method = None
             if deterministic:
                 step_noise, stochastic, method = torch.zeros_like(step_noise), torch.zeros_like(stochastic), "flow_ode"

@@ -147,3 +147,31 @@ def constant_action_policy(state_dim: int, action: list[float]):
     }
     pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
     return PiRLPolicy(cfg), pre, post
+
+
+def constant_action_vla(backbone: str, action: list[float], image_shape=(3, 480, 480), state_dim: int = 4):
+    """(policy, pre, post): a reduced-size LeRobot VLA backbone (``backbones/reduced.py``, randomly initialised)
+    that reads a camera image, the state and the task instruction, with the action statistics of
+    :func:`constant_action_policy`: it runs the VLA's whole pipeline and its actions are ``action``."""
+    a = torch.tensor(action, dtype=torch.float32)
+    torch.manual_seed(0)
+    cfg = PiRLConfig(
+        device="cpu",
+        backbone=backbone,
+        backbone_reduced={},
+        backbone_config={"tokenizer_max_length": 16},
+        chunk_size=8,
+        n_action_steps=4,
+        max_action_dim=len(action),
+        input_features={
+            "observation.image": PolicyFeature(FeatureType.VISUAL, tuple(image_shape)),
+            "observation.state": PolicyFeature(FeatureType.STATE, (state_dim,)),
+        },
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (len(action),))},
+    )
+    stats = {
+        "observation.state": {"mean": torch.zeros(state_dim), "std": torch.ones(state_dim)},
+        "action": {"mean": a, "std": torch.full_like(a, 1e-6)},
+    }
+    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
+    return PiRLPolicy(cfg).eval(), pre, post

@@ -111,26 +111,33 @@ sys.meta_path.insert(0, _PatchOnImport())
 """
 
 
+@pytest.mark.parametrize("backbone", ["mlp", "pi0", "smolvla"])
 def test_lerobots_metaworld_env_type_runs_through_pirl_edge_with_success_read_correctly(
-    runtime_setup, tmp_path, monkeypatch
+    backbone, runtime_setup, tmp_path, monkeypatch
 ):
-    """``--env.type=metaworld`` (480x480 camera + 4-dim state, next-step autoreset, the env resets inside step):
-    a policy that always pushes straight down on handle-press, which MetaWorld calls a success from some starts
-    and never from others within the 30 steps of ``--env.episode_length``."""
+    """``--env.type=metaworld`` (480x480 camera + 4-dim state + the task's instruction, next-step autoreset, the
+    env resets inside step) through a learner and an edge: a policy that always pushes straight down on
+    handle-press, which MetaWorld calls a success from some starts and never from others within the 30 steps of
+    ``--env.episode_length``. ``mlp`` reads the state; ``pi0`` / ``smolvla`` are reduced-size LeRobot VLAs that
+    read the camera image, the state and the instruction (random weights: the action statistics fix the push)."""
     pytest.importorskip("metaworld")
     from helpers.cluster import Cluster
-    from helpers.policy import constant_action_policy, save_checkpoint
+    from helpers.policy import constant_action_policy, constant_action_vla, save_checkpoint
 
     root, _, pki = runtime_setup
-    ckpt = save_checkpoint(tmp_path / "push_down", *constant_action_policy(4, [0.0, 0.0, -1.0, 0.0]))
+    push_down = [0.0, 0.0, -1.0, 0.0]
+    made = constant_action_policy(4, push_down) if backbone == "mlp" else constant_action_vla(backbone, push_down)
+    ckpt = save_checkpoint(tmp_path / f"push_down_{backbone}", *made)
     site = tmp_path / "site"
     site.mkdir()
     (site / "sitecustomize.py").write_text(_MW_SUCCESS_LOG)
     log = tmp_path / "metaworld_successes.jsonl"
     monkeypatch.setenv("PIRL_TEST_MW_LOG", str(log))
-    cluster = Cluster(root, ckpt, pki, "metaworld")
+    cluster = Cluster(root, ckpt, pki, f"metaworld_{backbone}")
     try:
-        cluster.learner()
+        # a VLA's record holds its 480x480 camera frame(s) as floats: over the learner's 4 MiB default when a
+        # truncated episode adds its final observation (refused and counted, never lost silently)
+        cluster.learner("--intake.max_record_bytes=33554432")
         p = edge(
             cluster,
             f"--policy.path={ckpt}",
@@ -139,6 +146,7 @@ def test_lerobots_metaworld_env_type_runs_through_pirl_edge_with_success_read_co
             "--env.episode_length=30",
             "--control.hz=100",
             "--control.episodes=5",
+            "--spool.drain_timeout_s=180",  # a VLA's PPO update on one loaded core can hold the last ack past 30 s
             pythonpath=site,
             timeout=400,
         )

@@ -5,6 +5,7 @@ one error line."""
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -30,7 +31,17 @@ TINY = [
 ]
 
 
-def test_a_tiny_metaworld_benchmark_writes_its_results_and_resumes(tmp_path, capsys):
+@pytest.fixture
+def root_logging():
+    """LeRobot's train() (the SFT stage) adds a root handler bound to this test's captured stderr; later tests
+    would log into that closed stream ("--- Logging error ---"): put the root logger back as it was."""
+    handlers, level = logging.root.handlers[:], logging.root.level
+    yield
+    logging.root.handlers[:] = handlers
+    logging.root.setLevel(level)
+
+
+def test_a_tiny_metaworld_benchmark_writes_its_results_and_resumes(tmp_path, capsys, root_logging):
     out = tmp_path / "mw"
     cfg = parse_config(BenchMetaWorldConfig, prog="pirl-bench metaworld", args=[f"--out={out}", *TINY])
     assert run(cfg, "pirl-bench metaworld (test)") == 0

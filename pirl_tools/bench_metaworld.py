@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lerobot_policy_pi_rl.envs.metaworld import GYM_ID, MT10_TASKS
+from lerobot_policy_pi_rl.envs.metaworld import GYM_ID, MT10_TASKS, REWARDS, VARIANTS
 from lerobot_policy_pi_rl.samplers import RL_NOISE_METHODS
 from pirl.cli import require, write_json
 
@@ -93,9 +93,9 @@ class BenchMetaWorldConfig:
             raise ValueError("tasks and seeds: give at least one of each")
         if self.target_success is not None and not 0 < self.target_success <= 1:
             raise ValueError(f"target_success: in (0, 1] (got {self.target_success})")
-        if self.variants not in ("mt1", "random"):
+        if self.variants not in VARIANTS:
             raise ValueError(f"variants: 'mt1' or 'random' (got {self.variants!r})")
-        if self.reward not in ("success", "dense"):
+        if self.reward not in REWARDS:
             raise ValueError(f"reward: 'success' or 'dense' (got {self.reward!r})")
 
 

@@ -33,6 +33,8 @@ os.environ.setdefault("MUJOCO_GL", "egl")
 
 GYM_ID = "pirl/MetaWorldState-v3"
 DEFAULT_TASK = "reach-v3"
+REWARDS = ("success", "dense")  # MetaWorldStateEnv's reward choices
+VARIANTS = ("mt1", "random")  # its start-state choices
 
 # the ten MT10 tasks, in MetaWorld's order
 MT10_TASKS = (
@@ -57,7 +59,7 @@ def _import_metaworld():
         import metaworld
     except ImportError as e:
         raise ImportError(
-            f"MetaWorld is not installed ({e}); `pip install metaworld==3.0.0` (LeRobot's pin) or `make metaworld`"
+            f"MetaWorld is not installed ({e}); `pip install -e '.[metaworld]'` (metaworld==3.0.0, LeRobot's pin)"
         ) from e
     return metaworld
 
@@ -109,9 +111,9 @@ class MetaWorldStateEnv(gym.Env):
     def __init__(
         self, task: str = DEFAULT_TASK, max_episode_steps: int = 150, reward: str = "success", variants: str = "mt1"
     ):
-        if reward not in ("success", "dense"):
+        if reward not in REWARDS:
             raise ValueError(f"reward: 'success' or 'dense' (got {reward!r})")
-        if variants not in ("mt1", "random"):
+        if variants not in VARIANTS:
             raise ValueError(f"variants: 'mt1' or 'random' (got {variants!r})")
         patch_for_mujoco()
         metaworld = _import_metaworld()

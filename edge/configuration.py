@@ -109,11 +109,25 @@ class ControlConfig:
     duration_s: float | None = None
     # episodes to run (None: until signalled)
     episodes: int | None = None
+    # ticks before a chunk runs out at which the paced loop asks for the next one (None: from the measured
+    # inference latency, see docs/runtime.md; 1: at the chunk's last tick, inference gets one tick period)
+    lead_ticks: int | None = None
+    # the percentile of recent request -> delivery inference latencies that sets the lead (lead_ticks=None)
+    lead_percentile: float = 99.0
+    # milliseconds added to that percentile: the control thread's own step and wake-up jitter
+    lead_margin_ms: float = 5.0
 
     def __post_init__(self):
         if self.mode not in MODES:
             raise ValueError(f"control.mode: must be one of {MODES} (got {self.mode!r})")
-        require(self, "control", at_least={"num_envs": 1, "episodes": 1}, above={"hz": 0, "duration_s": 0})
+        require(
+            self,
+            "control",
+            at_least={"num_envs": 1, "episodes": 1, "lead_ticks": 1, "lead_margin_ms": 0},
+            above={"hz": 0, "duration_s": 0},
+        )
+        if not 0 < self.lead_percentile <= 100:
+            raise ValueError(f"control.lead_percentile: must be in (0, 100] (got {self.lead_percentile})")
 
 
 START_MODES = ("operator", "delay")

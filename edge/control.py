@@ -1,11 +1,12 @@
 """The edge's control loops.
 
-Paced (what a robot runs): one env ticks at ``control_hz``. At the tick that executes a chunk's last
-action, the observation right after it is handed to the inference worker together with the
-finished macro-step's record; the next chunk is therefore sampled from the observation at its own
-decision time, and the worker has a whole tick period to deliver it. A tick never waits for
-inference: if no action is ready it holds (counted as a deadline miss). The executed actions are
-exactly the sampled chunk's first ``n_action_steps`` actions.
+Paced (what a robot runs): one env ticks at ``control_hz``. The next chunk is asked for while the
+current one still runs, ``lead`` ticks before it runs out (edge.chunk_schedule: the measured inference
+latency, a high percentile plus a margin, in ticks), from the observation at that tick; the record holds
+that decision observation and the chunk exactly as sampled. A tick never waits for inference: if no
+action is ready it holds (counted as a deadline miss). An episode's first chunk is sampled before its
+first tick, while the env waits at its reset state. The executed actions are exactly the sampled
+chunk's first ``n_action_steps`` actions; records are written by a background thread.
 
 Unpaced (simulation only): a vector of envs runs whole episodes as fast as the machine allows, with
 the same sampler, and records every macro-step.
@@ -14,6 +15,7 @@ the same sampler, and records every macro-step.
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 import time
 import uuid
@@ -22,6 +24,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge import metrics
+from edge.chunk_schedule import LeadTime
 from edge.records import Decision, Outcome, make_record
 from lerobot_policy_pi_rl.rollout import collect_rollouts
 
@@ -38,6 +41,7 @@ class LoopStats:
     successes: int = 0
     records: int = 0
     records_refused_spool_full: int = 0
+    reset_wait_s: float = 0.0  # waiting at a reset state for an episode's first chunk (not ticks)
     tick_intervals_s: list[float] = field(default_factory=list)
 
     def summary(self) -> dict:
@@ -54,11 +58,16 @@ class LoopStats:
 
 
 class RecordWriter:
-    """Appends finished macro-steps to the spool (never silently: a full spool is counted and logged)."""
+    """Appends finished macro-steps to the spool (never silently: a full spool is counted and logged).
+
+    ``write`` appends on the caller's thread; ``submit`` queues for a background thread, so a control loop
+    never waits for a disk write (``close`` writes what is still queued)."""
 
     def __init__(self, spool, robot_id: str, stats: LoopStats):
         self.spool, self.robot_id, self.stats = spool, robot_id, stats
         self._lock = threading.Lock()
+        self._queue: queue.Queue = queue.Queue()
+        self._thread: threading.Thread | None = None
 
     def write(self, episode_id: str, step_index: int, decision: Decision, outcome: Outcome) -> None:
         from edge.spool import SpoolFullError
@@ -75,6 +84,32 @@ class RecordWriter:
             metrics.RECORDS_REFUSED.labels(self.robot_id, "spool_full").inc()
             log.error("rollout record not kept: %s", e)
 
+    def submit(self, episode_id: str, step_index: int, decision: Decision, outcome: Outcome) -> None:
+        """Queue one record for the background writer (records keep their order)."""
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="pirl-records", daemon=True)
+                self._thread.start()
+        self._queue.put((episode_id, step_index, decision, outcome))
+
+    def close(self, timeout: float = 30.0) -> None:
+        """Write every queued record, then stop the background writer (idempotent)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            thread.join(timeout=timeout)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            try:
+                self.write(*item)
+            except Exception:  # noqa: BLE001  a full spool is counted by write; anything else is logged
+                log.exception("writing a rollout record failed")
+
 
 class PacedLoop:
     def __init__(
@@ -87,50 +122,69 @@ class PacedLoop:
         control_hz: float,
         seed: int = 0,
         late_fraction: float = 0.5,
+        lead: LeadTime | None = None,
     ):
+        """``lead``: when to ask for the next chunk (edge.chunk_schedule); default: measured."""
         if getattr(env, "num_envs", 1) != 1:
             raise ValueError("the paced control loop drives exactly one env (num_envs=1)")
         self.env, self.worker, self.writer = env, worker, writer
         self.robot_id, self.period, self.seed = robot_id, 1.0 / control_hz, seed
         self.late_after = late_fraction * self.period  # a tick starting this late counts as missed
+        self.lead = lead or LeadTime(self.period)
         self.stats = writer.stats
         self._ready: Decision | None = None
         self._waiting = False
+        self._token = 0
+        self._worker_busy = False  # a dropped request may still be running on the worker
         self.current_rate = 0.0  # ticks in the last second
         self._lock = threading.Lock()
         metrics.CONTROL_TARGET.labels(robot_id).set(control_hz)
         metrics.DEADLINE_MISSES.labels(robot_id)  # exported at 0, so rate() sees the first miss
 
-    # decisions arrive on the worker thread
-    def _deliver(self, decision: Decision | None) -> None:
+    # decisions arrive on the worker thread; a token ties each to its request, so a chunk requested
+    # for an episode that has ended since is never executed in the next one
+    def _request(self, raw, measure: bool = True) -> None:
         with self._lock:
-            self._ready, self._waiting = decision, False
+            self._token += 1
+            token, self._ready, self._waiting = self._token, None, True
+        asked = time.perf_counter() if measure else None
+        self.worker.submit(raw, lambda decision: self._deliver(decision, token, asked))
 
-    def _request(self, raw, record: tuple | None) -> None:
+    def _deliver(self, decision: Decision | None, token: int, asked: float | None) -> None:
+        if decision is not None and asked is not None:
+            self.lead.observe(time.perf_counter() - asked, decision.version)
         with self._lock:
-            self._waiting = True
+            if token == self._token:
+                self._ready, self._waiting = decision, False
 
-        def persist():  # on the worker, right after the next chunk is delivered
-            if record is not None:
-                self.writer.write(*record)
-
-        self.worker.submit(raw, self._deliver, after=persist)
+    def _drop_request(self) -> None:
+        with self._lock:
+            self._token += 1  # a chunk still being sampled is dropped on arrival
+            # ... and keeps the worker busy: the next request waits behind it, which says nothing
+            # about how long inference takes (not measured)
+            self._worker_busy = self._waiting
+            self._ready, self._waiting = None, False
 
     def _take(self) -> Decision | None:
         with self._lock:
             d, self._ready = self._ready, None
             return d
 
+    def _first_chunk(self, raw, stop: threading.Event) -> Decision | None:
+        """An episode's first chunk, sampled before its first tick: the env waits at its reset state."""
+        started = time.perf_counter()
+        self._request(raw, measure=not self._worker_busy)
+        while self._waiting and not stop.is_set():
+            time.sleep(0.001)
+        self.stats.reset_wait_s += time.perf_counter() - started
+        return self._take()
+
     def run(self, stop: threading.Event, *, duration_s: float | None = None, max_episodes: int | None = None):
         env, s, rid = self.env, self.stats, self.robot_id
         raw, _ = env.reset(seed=self.seed)
         episode, step_index = uuid.uuid4().hex, 0
-        chunk: Decision | None = None
-        idx = 0
         outcome = Outcome()
-        self._request(raw, None)
-        while self._waiting and not stop.is_set():  # the first chunk, before the first tick (start-up)
-            time.sleep(0.001)
+        chunk, idx, requested = self._first_chunk(raw, stop), 0, False
         start = time.perf_counter()
         next_tick = start
         last_tick = None
@@ -158,15 +212,15 @@ class PacedLoop:
             if now - next_tick > self.late_after:
                 missed = True
                 s.late_ticks += 1
-            if chunk is None or idx >= len(chunk.actions):
-                nxt = self._take()
-                if nxt is None:  # inference not back yet: hold this tick
+            if chunk is None:
+                chunk = self._take()
+                if chunk is None:  # inference not back yet: hold this tick
                     s.starved_ticks += 1
                     s.deadline_misses += 1
                     metrics.DEADLINE_MISSES.labels(rid).inc()
                     next_tick = max(next_tick + self.period, time.perf_counter())
                     continue
-                chunk, idx, outcome = nxt, 0, Outcome()
+                idx, requested, outcome = 0, False, Outcome()
             if missed:
                 s.deadline_misses += 1
                 metrics.DEADLINE_MISSES.labels(rid).inc()
@@ -174,27 +228,36 @@ class PacedLoop:
             idx += 1
             outcome.reward += float(r[0])
             outcome.env_steps += 1
-            ended = bool(te[0] or tr[0])
-            if ended:
+            if bool(te[0] or tr[0]):
                 outcome.terminated, outcome.truncated = bool(te[0]), bool(tr[0] and not te[0])
                 outcome.success = bool(info["is_success"][0])
                 if outcome.truncated:
                     outcome.final_observation = {k: v[0].numpy() for k, v in self.worker.observe(raw).items()}
                 s.episodes += 1
                 s.successes += int(outcome.success)
-                record = (episode, step_index, chunk, outcome)
+                self.writer.submit(episode, step_index, chunk, outcome)
+                self._drop_request()  # a chunk asked for this episode never runs: it is not recorded
+                if max_episodes is not None and s.episodes >= max_episodes:
+                    break
                 raw, _ = env.reset()
                 episode, step_index = uuid.uuid4().hex, 0
-                chunk = None
-                self._request(raw, record)
-            elif idx == len(chunk.actions):
-                record = (episode, step_index, chunk, outcome)
+                chunk, idx, requested, outcome = self._first_chunk(raw, stop), 0, False, Outcome()
+                next_tick, last_tick = time.perf_counter(), None  # the episode starts now, on a fresh grid
+                continue
+            left = len(chunk.actions) - idx
+            # ask for the next chunk while this one still runs: inference gets `lead` tick periods
+            if not requested and left <= self.lead.ticks(len(chunk.actions)) - 1:
+                self._request(raw)
+                requested = True
+            if left == 0:
+                self.writer.submit(episode, step_index, chunk, outcome)
                 step_index += 1
-                self._request(raw, record)
+                chunk = None
             # stay on the fixed grid; if we fell more than a period behind, skip ahead (no burst)
             next_tick += self.period
             if time.perf_counter() - next_tick > self.period:
                 next_tick = time.perf_counter()
+        self._drop_request()
         return s
 
 

@@ -34,6 +34,7 @@ def run(cfg: EdgeConfig) -> int:
     from prometheus_client import start_http_server
 
     from edge import metrics
+    from edge.chunk_schedule import LeadTime
     from edge.control import LoopStats, PacedLoop, RecordWriter, UnpacedLoop
     from edge.inference import InferenceWorker
     from edge.link import Heartbeat, LearnerAddress, Subscriber, SyncClock, Uploader
@@ -64,6 +65,7 @@ def run(cfg: EdgeConfig) -> int:
 
     overrides = {"noise_method": pol.noise_method} if pol.noise_method else {}
     policy, pre, post = load_policy(pol.path, device=pol.device, **overrides)
+    lead = LeadTime.for_control(ctl, policy.config.n_action_steps)  # checks control.lead_ticks fits the policy
     env = robot = None
     if cfg.robot is not None:
         # everything that can refuse to start does so before the spool is opened: a robot that is not
@@ -133,10 +135,10 @@ def run(cfg: EdgeConfig) -> int:
     uploader.start()
     subscriber.start()
     if robot is not None:
-        loop = robot_side.loop(worker, writer, stop)
+        loop = robot_side.loop(worker, writer, stop, lead=lead)
         what = f"robot {cfg.robot.type}"
     elif ctl.mode == "paced":
-        loop = PacedLoop(env, worker, writer, robot_id=robot_id, control_hz=ctl.hz, seed=cfg.seed)
+        loop = PacedLoop(env, worker, writer, robot_id=robot_id, control_hz=ctl.hz, seed=cfg.seed, lead=lead)
     else:
         loop = UnpacedLoop(env, worker, writer, robot_id=robot_id, seed=cfg.seed)
     if robot is None:
@@ -151,7 +153,8 @@ def run(cfg: EdgeConfig) -> int:
         control_seconds = time.time() - started
         if robot is not None:
             robot_side.close(loop)  # records queued, the dataset finalized, the robot disconnected
-    worker.stop()  # finishes queued jobs first: every finished step is in the spool now
+    worker.stop()  # finishes queued jobs first
+    writer.close()  # writes the queued records: every finished step is in the spool now
 
     deadline = time.monotonic() + cfg.spool.drain_timeout_s
     while spool.stats()["records"] and time.monotonic() < deadline:
@@ -182,6 +185,8 @@ def run(cfg: EdgeConfig) -> int:
         "records_left_in_spool": left,
         "policy_version": worker.version,
         "policy_swaps": len(worker.swap_times),
+        "lead_ticks_final": getattr(loop, "lead", None) and loop.lead.ticks(policy.config.n_action_steps),
+        "inference_budget_ms": getattr(loop, "lead", None) and round(1e3 * loop.lead.budget_s(), 2),
         "versions_rejected": subscriber.rejected,
         "backend_fallbacks": [f.__dict__ for f in worker.fallbacks],
         "versions_refused_by_worker": worker.refused,

@@ -19,11 +19,12 @@ Every episode goes through these phases (each one logged and exported in ``pirl_
 ``estop``
     latched: nothing is sent until the operator releases the e-stop; then ``reset``.
 
-Chunk timing (as in ``edge.control.PacedLoop``): at the tick that sends a chunk's last action, that
-tick's observation goes to the inference worker, which has one tick period to deliver the next chunk;
-a tick never waits for inference (it holds the last command, counted as a deadline miss). The record
-carries the decision observation and the chunk exactly as sampled; the safety layer's clamps and jump
-limits are deterministic functions of it, i.e. part of the environment, and are marked in the record.
+Chunk timing (as in ``edge.control.PacedLoop``, see ``edge.chunk_schedule``): the next chunk is asked
+for ``lead`` ticks before the current one runs out (the measured inference latency in ticks), from that
+tick's observation; a tick never waits for inference (it holds the last command, counted as a deadline
+miss). The record carries the decision observation and the chunk exactly as sampled; the safety layer's
+clamps and jump limits are deterministic functions of it, i.e. part of the environment, and are marked
+in the record.
 
 Outcomes: the reward is 1 at the step an episode ends in success, else 0. Who says "success" is
 ``episode.outcome``; whoever it was, the episode's last record carries it (``pirl.v1.EpisodeLabel``):
@@ -47,13 +48,13 @@ learner needs the record's shape and value), but a macro-step a person drove any
 its record (``pirl.v1.Intervention``: what was sent and which ticks the teleoperator drove): the
 learner never uses it as PPO data, and one the person drove from its first tick is a BC sample. On
 "hand back" control returns to the policy at the next chunk boundary: the teleoperator drives until
-then, so the policy's next chunk is sampled from where the person left the robot.
+then, so the policy's next chunk is sampled from where the person had the robot ``lead - 1`` ticks
+before that boundary (its decision tick).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
 import uuid
@@ -62,6 +63,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from edge import metrics
+from edge.chunk_schedule import LeadTime
 from edge.control import LoopStats, RecordWriter
 from edge.records import Decision, Outcome
 from edge.robot_features import RobotIO
@@ -137,8 +139,11 @@ class RobotLoop:
         teleop=None,
         outcome: str = "robot",
         detector=None,
+        lead: LeadTime | None = None,
     ):
         self.robot, self.io, self.worker, self.writer = robot, io, worker, writer
+        # when to ask for the next chunk (edge.chunk_schedule): measured by default
+        self.lead = lead or LeadTime(1.0 / control_hz)
         self.teleop, self.outcome, self.detector = teleop, outcome, detector
         self.intervening = False  # a person drives (through the teleoperator)
         self._handback = False  # ... until the next chunk boundary, then the policy
@@ -161,9 +166,6 @@ class RobotLoop:
         self._token = 0
         self._estop_applied = 0  # the e-stop latch whose action was applied to the robot
         self._lock = threading.Lock()
-        self._records: queue.Queue = queue.Queue()
-        self._record_writer = threading.Thread(target=self._record_thread, name="pirl-records", daemon=True)
-        self._record_writer.start()
         self.reset_pose = None
         if episode.reset_pose:
             unknown = sorted(set(episode.reset_pose) - set(io.action_names))
@@ -385,8 +387,11 @@ class RobotLoop:
         with self._lock:
             self._token += 1
             token, self._ready, self._waiting = self._token, None, True
+        asked = time.perf_counter()
 
         def deliver(decision: Decision | None) -> None:
+            if decision is not None:
+                self.lead.observe(time.perf_counter() - asked, decision.version)
             with self._lock:
                 if token == self._token:
                     self._ready, self._waiting = decision, False
@@ -421,6 +426,7 @@ class RobotLoop:
         # (an ordinary step) or the episode's end (its terminal or truncated step). Records are
         # written by the record thread, never on the control thread.
         chunk: Decision | None = None
+        requested = False  # the chunk after the current one has been asked for
         idx, outcome, marks, holds = 0, Outcome(), _marks(), 0
         ticks_sent: list[np.ndarray] = []  # what each tick of the current chunk sent, and who drove it
         ticks_teleop: list[bool] = []
@@ -451,7 +457,7 @@ class RobotLoop:
             if chunk is None:
                 chunk = self._take()
                 if chunk is not None:
-                    idx, outcome, marks = 0, Outcome(), _marks()
+                    idx, outcome, marks, requested = 0, Outcome(), _marks(), False
                     marks["held_ticks"], holds = holds, 0
                     ticks_sent, ticks_teleop = [], []
                     if self._handback:  # a chunk boundary: the policy drives again, from this chunk on
@@ -493,12 +499,17 @@ class RobotLoop:
             reward = 1.0 if end is not None and end.success else 0.0
             outcome.reward += reward
             self._record_frame(obs, executed, chunk, safe, end, reward, teleop_tick)
-            if end is None and chunk is not None and idx == len(chunk.actions):
-                self._mark_intervention(outcome, ticks_sent, ticks_teleop)
-                finished = (step_index, chunk, outcome, marks)
-                step_index += 1
-                chunk = None
-                self._request(io.raw_observation(obs))
+            if end is None and chunk is not None:
+                left = len(chunk.actions) - idx
+                # ask for the next chunk while this one still runs: inference gets `lead` tick periods
+                if not requested and left <= self.lead.ticks(len(chunk.actions)) - 1:
+                    self._request(io.raw_observation(obs))
+                    requested = True
+                if left == 0:
+                    self._mark_intervention(outcome, ticks_sent, ticks_teleop)
+                    finished = (step_index, chunk, outcome, marks)
+                    step_index += 1
+                    chunk = None
         if end.reason in ("estop", "watchdog"):
             self._fail_safe(end)
         self._set_intervening(False)
@@ -623,22 +634,11 @@ class RobotLoop:
 
     def _write(self, episode: str, step_index: int, chunk: Decision, outcome: Outcome, marks: dict) -> None:
         outcome.safety = dict(marks)
-        self._records.put((episode, step_index, chunk, outcome))
-
-    def _record_thread(self) -> None:
-        while True:
-            item = self._records.get()
-            if item is None:
-                return
-            try:
-                self.writer.write(*item)
-            except Exception:  # noqa: BLE001  RecordWriter counts a full spool itself; anything else is logged
-                log.exception("writing a rollout record failed")
+        self.writer.submit(episode, step_index, chunk, outcome)  # written off the control thread
 
     def close(self) -> None:
         """Write every record still queued (call after run)."""
-        self._records.put(None)
-        self._record_writer.join(timeout=30)
+        self.writer.close()
 
     def _fail_safe(self, end: EpisodeEnd) -> None:
         """After an e-stop or watchdog trip: the e-stop action on the robot (hold its present position,

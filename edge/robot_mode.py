@@ -114,8 +114,9 @@ class RobotSide:
         safety = SafetyLayer(bounds, cfg.safety.max_delta, io.action_names, estop=estop, robot_id=cfg.link.robot_id)
         return cls(cfg, robot, io, safety, estop, cfg.policy.task, teleop=teleop, detector=detector)
 
-    def loop(self, worker, writer, stop: threading.Event) -> RobotLoop:
-        """The robot loop, with the operator's inputs, the watchdog and the session dataset running."""
+    def loop(self, worker, writer, stop: threading.Event, lead=None) -> RobotLoop:
+        """The robot loop, with the operator's inputs, the watchdog and the session dataset running;
+        ``lead``: when to ask for the next chunk (edge.chunk_schedule.LeadTime; default: measured)."""
         from edge.operator_inputs import OperatorInputs
 
         cfg, rid = self.cfg, self.cfg.link.robot_id
@@ -161,6 +162,7 @@ class RobotSide:
             teleop=self.teleop,
             outcome=cfg.episode.outcome,
             detector=self.detector,
+            lead=lead,
         )
         self.watchdog.start()
         return self._loop

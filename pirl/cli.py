@@ -47,14 +47,15 @@ class MetricsConfig:
 
 def parse_config[T](cls: type[T], *, prog: str, args: list[str] | None = None) -> T:
     """The draccus config ``cls`` from the command line, the way LeRobot's CLIs take theirs:
-    ``--group.field=value`` for every field, ``--config_path=run.yaml`` for a file (flags override it),
-    ``--help`` showing the comment beside each field. A user mistake (an unknown field, a value that does
-    not parse, one that a config class's validation refuses, a missing config file) prints one
-    ``error:`` line naming the field and exits 2, before any work starts."""
+        ``--group.field=value`` for every field, ``--config_path=run.yaml`` for a file (flags override it),
+        ``--help`` showing the comment beside each field; ``--latency-ms`` is read as ``--latency_ms`` (the
+    spelling other tools use for flags). A user mistake (an unknown field, a value that does
+        not parse, one that a config class's validation refuses, a missing config file) prints one
+        ``error:`` line naming the field and exits 2, before any work starts."""
     import draccus
     from draccus.utils import DecodingError, ParsingError
 
-    argv = sys.argv[1:] if args is None else args
+    argv = [_underscored(a) for a in (sys.argv[1:] if args is None else args)]
     try:
         return draccus.parse(cls, args=argv, prog=prog)
     except DecodingError as e:  # a value that does not parse, or a field a config file does not have
@@ -65,6 +66,14 @@ def parse_config[T](cls: type[T], *, prog: str, args: list[str] | None = None) -
     except FileNotFoundError as e:
         _user_error(prog, f"--config_path: no such file {e.filename}")
     raise AssertionError("unreachable")
+
+
+def _underscored(arg: str) -> str:
+    """``--a-b.c-d=v-w`` -> ``--a_b.c_d=v-w``: dashes in a flag's name (never its value) read as underscores."""
+    if not arg.startswith("--"):
+        return arg
+    name, eq, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + eq + value
 
 
 def _user_error(prog: str, message: str) -> None:

@@ -11,6 +11,8 @@
     pirl-bench infer --out=DIR [--batch=1] [--iterations=200] [--warmup=20] [--threads=1]
                      [--policy_path=PRETRAINED_DIR] [--noise_method=flow_sde] [--backends='[torch_eager]']
 
+    pirl-bench schedule --out=DIR [--latency_ms=60] [--control_hz=50] [--swaps=10] [--duration_s=40]
+
 Each command takes a draccus config (BenchLearnConfig, BenchInferConfig below): `pirl-bench learn
 --help` lists every field with its documentation.
 
@@ -29,6 +31,10 @@ Writes DIR/infer.json.
 ``robot``: episodes and robot-time from few-shot SFT to a success target on ONE simulated robot with a
 scripted person labelling and taking over, learner and edge as processes (pirl_tools/bench_robot.py);
 writes DIR/robot.json and DIR/robot.png.
+
+``schedule``: a paced edge whose inference takes ``latency_ms`` (the real sampler plus a sleep) across
+``swaps`` policy swaps, with the measured lead and, side by side, the one-tick schedule; every record is
+replayed by its version's policy (pirl_tools/bench_schedule.py); writes DIR/schedule.json.
 
 ``metaworld``: per MetaWorld task (MT10 by default) few-shot SFT from MetaWorld's scripted expert, then PI-RL
 per noise method on the full state observation, in process (pirl_tools/bench_metaworld.py); writes
@@ -184,10 +190,12 @@ def _infer_policy(args):
     )
 
 
-def _vla_policy(args):
+def _vla_policy(args, device: str = "cpu", dtype: str | None = None):
     """A randomly initialised pi_rl VLA: LeRobot's real modeling code at full size (the released
     architectures: PaliGemma 2B + Gemma 300M for pi0 / pi0.5, SmolVLM2 500M for SmolVLA; no weights
-    needed to time it) or at the reduced CPU size of the tests."""
+    needed to time it) or at the reduced CPU size of the tests. ``device``: where its weights are
+    created (initialising 3.5 B parameters on a GPU takes seconds, on the CPU minutes); ``dtype``: pi0 /
+    pi0.5's ``dtype`` (default bfloat16 at full size with CUDA, else float32; SmolVLA has no such field)."""
     import torch
     from lerobot.configs.types import FeatureType, PolicyFeature
 
@@ -203,7 +211,7 @@ def _vla_policy(args):
     fields = {"chunk_size": 50, "n_action_steps": 5, "num_denoise_steps": args.num_denoise_steps or 10}
     vlm_source, vlm_from_hub = "", False  # a full-size SmolVLA's VLM architecture: hub config or offline copy
     if full:
-        base = {"dtype": "bfloat16" if torch.cuda.is_available() else "float32"}
+        base = {"dtype": dtype or ("bfloat16" if torch.cuda.is_available() else "float32")}
         if args.backbone == "smolvla":  # the VLM's architecture from its config; weights random
             from lerobot_policy_pi_rl.backbones.smolvlm2_offline import HUB_ID, smolvlm2_500m_dir
 
@@ -212,10 +220,10 @@ def _vla_policy(args):
             vlm_source = f"SmolVLM2-500M config from {'the hub' if vlm_from_hub else 'its offline copy'}; "
     else:
         fields.update(chunk_size=8, n_action_steps=4, num_denoise_steps=args.num_denoise_steps or 4)
-        base = {"tokenizer_max_length": 16}
+        base = {"tokenizer_max_length": 16, **({"dtype": dtype} if dtype and args.backbone != "smolvla" else {})}
     torch.manual_seed(args.seed)
     cfg = PiRLConfig(
-        device="cpu",
+        device=device,
         push_to_hub=False,
         backbone=args.backbone,
         backbone_config=base,
@@ -225,7 +233,8 @@ def _vla_policy(args):
         **fields,
     )
     try:
-        policy = PiRLPolicy(cfg).eval()
+        with torch.device(device):
+            policy = PiRLPolicy(cfg).eval()
     except OSError as e:  # transformers' "couldn't connect to huggingface.co" for the hub config
         if vlm_from_hub:
             raise ValueError(
@@ -729,28 +738,45 @@ COMMANDS = {
     "robot": (BenchRobotConfig, "_robot"),
     "metaworld": (BenchMetaWorldConfig, "_metaworld"),
 }
+# subcommands that live in their own module (pirl_tools/bench_<name>.py: a draccus config class and
+# run(cfg, command) -> exit code), imported only when asked for: name -> (module, config class)
+MODULE_COMMANDS = {
+    "schedule": ("pirl_tools.bench_schedule", "BenchScheduleConfig"),
+    "sync": ("pirl_tools.bench_sync", "BenchSyncConfig"),
+    "gpu": ("pirl_tools.gpu_check", "GpuCheckConfig"),
+    "fleet": ("pirl_tools.bench_fleet", "BenchFleetConfig"),
+}
 
 
 def main() -> None:
     import sys
 
     argv = sys.argv[1:]
-    if not argv or argv[0] not in COMMANDS:
+    names = [*COMMANDS, *MODULE_COMMANDS]
+    if not argv or argv[0] not in names:
         if argv and argv[0] in ("-h", "--help"):
             print(
-                "usage: pirl-bench {learn,infer,robot,metaworld} [--field=value ...]   (pirl-bench learn --help: its fields)\n"
+                f"usage: pirl-bench {{{','.join(names)}}} [--field=value ...]   (pirl-bench learn --help: its fields)\n"
             )
             print(__doc__)
             sys.exit(0)
-        print(f"pirl-bench: error: the first argument must be one of {', '.join(COMMANDS)}", file=sys.stderr)
+        print(f"pirl-bench: error: the first argument must be one of {', '.join(names)}", file=sys.stderr)
         sys.exit(2)
-    cls, run = COMMANDS[argv[0]]
+    if argv[0] in MODULE_COMMANDS:
+        import importlib
+
+        module_name, cls_name = MODULE_COMMANDS[argv[0]]
+        module = importlib.import_module(module_name)
+        cls, run = getattr(module, cls_name), module.run
+    else:
+        cls, run_name = COMMANDS[argv[0]]
+        run = globals()[run_name]
     from lerobot.utils.import_utils import register_third_party_plugins
 
     register_third_party_plugins()  # lerobot_env_* plugins' env types, before --env.type is parsed
     cfg = parse_config(cls, prog=f"pirl-bench {argv[0]}", args=argv[1:])
     command = "pirl-bench " + " ".join(argv)
-    run_cli(lambda: globals()[run](cfg, command))
+    run_cli(lambda: run(cfg, command))
 
 
 if __name__ == "__main__":

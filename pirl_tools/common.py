@@ -13,17 +13,17 @@ def cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def run_report(command: str, runs: list[dict]) -> dict:
-    """A benchmark's JSON head: the command, the date, the machine, then its runs."""
+def run_report(command: str, runs: list[dict] | None = None) -> dict:
+    """A benchmark's JSON head: the command, the date, the machine, then its runs (when it has several)."""
     import platform
     from datetime import UTC, datetime
 
-    return {
+    head = {
         "command": command,
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{platform.machine()} {platform.processor() or ''} {cpus()} CPUs, {platform.python_version()}".strip(),
-        "runs": runs,
     }
+    return head if runs is None else {**head, "runs": runs}
 
 
 def sft_checkpoint(

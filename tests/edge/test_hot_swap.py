@@ -115,7 +115,7 @@ def test_zero_missed_ticks_across_swaps_and_bad_artifacts_are_refused(tmp_path, 
     subscriber = Subscriber(LearnerAddress("127.0.0.1:1", rid, "token"), worker, SyncClock(rid))
     delivered: list[tuple[float, object]] = []  # (time, Decision) as the control loop receives them
     deliver = loop._deliver
-    loop._deliver = lambda d: (delivered.append((time.perf_counter(), d)), deliver(d))
+    loop._deliver = lambda d, *request: (delivered.append((time.perf_counter(), d)), deliver(d, *request))
     failures0, swaps0 = metric("pirl_edge_swap_failures_total", rid), metric("pirl_edge_policy_swaps_total", rid)
 
     stop = threading.Event()

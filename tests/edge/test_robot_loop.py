@@ -72,8 +72,9 @@ def test_a_jump_above_the_limit_is_cut(tmp_path):
 
 def test_stalled_inference_holds_the_last_command_and_counts(tmp_path):
     robot = FakeRobot()
-    # every chunk after the first takes 3 ticks to arrive: the robot holds meanwhile
-    worker = ScriptedWorker(step=0.01, delay_s=3 / HZ)
+    # every chunk takes 6 ticks to arrive, longer than a chunk of 4 runs: however early the next one is
+    # asked for, the robot holds meanwhile
+    worker = ScriptedWorker(step=0.01, delay_s=6 / HZ)
     loop, spool, _, layer = make_loop(
         tmp_path, robot, worker, episode=EpisodeConfig(start="delay", start_delay_s=0, time_limit_s=0.3)
     )

@@ -13,7 +13,7 @@ FIND_PYTHON = for c in "$$PYTHON" python3.12 python3; do \
 	for c in $$(ls -d "$$root"/versions/3.12*/bin/python3 2>/dev/null | sort -V -r) $$(ls -d "$$root"/versions/3.1[3-9]*/bin/python3 2>/dev/null | sort -V); do "$$c" -c '' && { echo "$$c"; exit 0; }; done; \
 	exit 1
 
-.PHONY: demo test test-fast lint format docs venv sft proto certs clean help which-python deploy-tools deploy-render deploy-check sim-tools
+.PHONY: demo test test-fast lint format docs venv sft proto certs clean help which-python deploy-tools deploy-render deploy-check sim-tools gpu-check gpu-wheels
 
 which-python:
 	@$(FIND_PYTHON)
@@ -31,6 +31,8 @@ help:
 	@echo "make deploy-tools  - install promtool/prometheus (Debian package, as root) for the deployment tests"
 	@echo "make deploy-render - regenerate dashboards JSON, PrometheusRule and dashboard ConfigMaps (deploy/render.py)"
 	@echo "make deploy-check  - hadolint, shellcheck, kustomize + schema validation, promtool, compose schema, pirl-flash"
+	@echo "make gpu-check  - on a bare GPU box (no venv, only PyTorch + wheels/gpu-check): real-size VLA latency and PPO -> $(GPU_OUT)/gpu_check.json"
+	@echo "make gpu-wheels - download the wheels gpu-check needs into $(GPU_WHEELS), print their size, fail over 64 MiB"
 
 $(VENV)/.installed: pyproject.toml sim/pyproject.toml
 	@if [ ! -x $(PY) ]; then \
@@ -101,6 +103,24 @@ docs: $(VENV)/.installed
 format: $(VENV)/.installed
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
+
+# The GPU check (docs/gpu_check.md) runs on a bare GPU box with the box's own Python (only PyTorch there) and no
+# venv: the wheels `make gpu-wheels` put in $(GPU_WHEELS) fill in what it lacks (pip keeps what is installed), and
+# `timeout` holds it to 8 minutes (the JSON is rewritten after every part, so a kill still leaves the figures).
+GPU_PYTHON ?= python3
+GPU_WHEELS ?= wheels/gpu-check
+GPU_OUT ?= outputs/gpu_check
+GPU_ARGS ?=
+GPU_WHEELS_ARGS ?=
+gpu-check:
+	@if [ -f $(GPU_WHEELS)/requirements.txt ]; then \
+	  echo "installing what $(GPU_PYTHON) lacks from $(GPU_WHEELS)"; \
+	  PIP_BREAK_SYSTEM_PACKAGES=1 $(GPU_PYTHON) -m pip install -q --no-index --no-deps --find-links $(GPU_WHEELS) -r $(GPU_WHEELS)/requirements.txt; \
+	else echo "note: no $(GPU_WHEELS)/requirements.txt (make gpu-wheels builds it): using what $(GPU_PYTHON) has"; fi
+	PYTHONPATH=. HF_HUB_OFFLINE=1 timeout 480 $(GPU_PYTHON) -m pirl_tools.gpu_check --out=$(GPU_OUT) $(GPU_ARGS)
+
+gpu-wheels: $(VENV)/.installed
+	$(PY) -m pirl_tools.gpu_check wheels --dest=$(GPU_WHEELS) $(GPU_WHEELS_ARGS)
 
 clean:
 	rm -rf outputs .pytest_cache

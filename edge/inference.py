@@ -56,7 +56,7 @@ class InferenceWorker:
         self.golden_check = golden_check
         self._active = PolicyRunner(policy, preprocessor, postprocessor, task=task, env_processor=env_processor)
         self._spare = PolicyRunner(
-            copy.deepcopy(policy), preprocessor, postprocessor, task=task, env_processor=env_processor
+            _spare_copy(policy), preprocessor, postprocessor, task=task, env_processor=env_processor
         )
         self._active_backend, self.fallbacks = choose_backend(
             backend, self._active.policy, version, tensorrt_settings=tensorrt_settings, golden_check=golden_check
@@ -138,6 +138,8 @@ class InferenceWorker:
         try:
             if frozen_sha256 is not None:
                 _check_trained_only(state_dict, self.rl_state_names, frozen_sha256, self.frozen_sha256)
+            else:  # a full state dict: frozen tensors it changes must stop being shared with the active copy
+                _own_changed_frozen(self._spare.policy, state_dict, self.rl_state_names)
             self._spare.policy.load_state_dict(state_dict, strict=frozen_sha256 is None)
             backend.prepare(version, files)  # e.g. a new ONNX Runtime session, a TensorRT refit
             entry["prepare_seconds"] = round(time.perf_counter() - started, 4)
@@ -217,6 +219,38 @@ class InferenceWorker:
                     after()
                 except Exception:
                     log.exception("persisting a rollout record failed")
+
+
+def _spare_copy(policy):
+    """The spare copy of ``policy``: its own copies of the tensors PI-RL trains, the frozen ones (a VLA's
+    VLM) shared with ``policy``, so a hot swap costs one extra copy of the trained set, not of the whole
+    model. Nothing writes the shared tensors: a trained-only version loads the trained ones alone, and a
+    full state dict that changes a frozen tensor gets a private copy of it first (_own_changed_frozen)."""
+    trained = set(policy.rl_state_names())
+    named = [*policy.named_parameters(), *policy.named_buffers()]
+    memo = {id(t): t for name, t in named if name not in trained}  # deepcopy keeps these as they are
+    return copy.deepcopy(policy, memo)
+
+
+def _own_changed_frozen(policy, state: dict, trained: set[str]) -> None:
+    """Give ``policy`` a private copy of every frozen tensor ``state`` changes (it may be shared with the
+    active copy, which must not change under the control loop); unchanged ones stay shared."""
+    for name, value in state.items():
+        if name in trained or not isinstance(value, torch.Tensor):
+            continue
+        module_name, _, leaf = name.rpartition(".")
+        try:
+            module = policy.get_submodule(module_name)
+        except AttributeError:
+            continue  # not one of the policy's tensors: load_state_dict refuses the dict
+        current = module._parameters.get(leaf) if leaf in module._parameters else module._buffers.get(leaf)
+        if current is None or (current.shape == value.shape and torch.equal(current, value.to(current.dtype))):
+            continue
+        private = current.detach().clone()
+        if leaf in module._parameters:
+            module._parameters[leaf] = torch.nn.Parameter(private, requires_grad=current.requires_grad)
+        else:
+            module._buffers[leaf] = private
 
 
 def _check_trained_only(state: dict, expected: set[str], frozen_sha256: str, own_frozen_sha256: str) -> None:

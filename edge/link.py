@@ -16,7 +16,8 @@ import time
 from dataclasses import dataclass
 
 import grpc
-from safetensors.torch import load as load_safetensors
+import safetensors
+from safetensors.torch import load as load_safetensors, load_file as load_safetensors_file
 
 from edge import metrics
 from edge.spool import Spool
@@ -345,15 +346,30 @@ def lower_thread_priority(nice: int = 10) -> bool:
 
 class Subscriber(_Background):
     """Receives new policy versions, checks their sha256, and hands them to the inference worker
-    (which prepares them on this thread, run at a lower CPU priority than the control loop)."""
+    (which prepares them on this thread, run at a lower CPU priority than the control loop).
+
+    A chunked version (the learner's normal path) is announced without its bytes: the subscription
+    is dropped, every artifact is downloaded in chunks into ``staging_dir`` (edge.weight_sync:
+    per-chunk and whole-file sha256, resumed from the staged offset after a disconnect or a
+    learner restart), loaded from the verified file, offered, and the subscription taken up again.
+    A version that rides inline in its announcement (one no bigger than a chunk) is applied as is."""
 
     thread_name = "pirl-subscriber"
 
-    def __init__(self, link: LearnerAddress, worker, clock: SyncClock):
+    def __init__(self, link: LearnerAddress, worker, clock: SyncClock, staging_dir=None):
         super().__init__()
         self.link, self.worker, self.clock = link, worker, clock
         self.received: list[tuple[int, float]] = []  # (version, publish -> loaded latency s)
         self.rejected = 0
+        if staging_dir is None:  # in-process use: a private folder (the edge gives one in its state dir)
+            import tempfile
+
+            staging_dir = tempfile.mkdtemp(prefix="pirl-versions-")
+        from edge.weight_sync import WeightStaging
+
+        self.staging = WeightStaging(staging_dir)
+        self.offered = -1  # newest version handed to the worker (it may not serve it until a chunk boundary)
+        self._refused: set[tuple[int, str]] = set()  # (version, manifest digest) refused: not fetched again
         metrics.SWAP_FAILURES.labels(link.robot_id)  # exported at 0, so rate() sees the first failure
 
     def _run(self):
@@ -362,23 +378,69 @@ class Subscriber(_Background):
         while not self.stop_event.is_set():
             try:
                 with self.link.channel() as channel:
-                    req = pirl_pb2.SubscribeRequest(robot_id=self.link.robot_id, have_version=self.worker.version)
-                    call = _stub(channel, "SubscribePolicy", "unary_stream")(
-                        req.SerializeToString(), metadata=self.link.metadata
-                    )
-                    for raw in call:
+                    announced = self._subscribe(channel, backoff)
+                    if announced is not None:
+                        self._fetch(channel, announced)
                         backoff.reset()
-                        self.clock.touch()
-                        self._apply(pirl_pb2.PolicyUpdate.FromString(raw))
-                        if self.stop_event.is_set():
-                            call.cancel()
-                            return
             except grpc.RpcError as e:
                 if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED):
                     log.warning("policy subscription ended: %s %s", e.code().name, e.details())
                 backoff.failed(e, self.stop_event)
 
+    def _subscribe(self, channel, backoff) -> pirl_pb2.PolicyUpdate | None:
+        """Follow the subscription until a chunked version to download arrives (returned, the call
+        ended: a download takes the subscription's place at the learner) or we are stopped (None)."""
+        have = max(self.worker.version, self.offered)
+        req = pirl_pb2.SubscribeRequest(robot_id=self.link.robot_id, have_version=have)
+        call = _stub(channel, "SubscribePolicy", "unary_stream")(req.SerializeToString(), metadata=self.link.metadata)
+        try:
+            for raw in call:
+                backoff.reset()
+                self.clock.touch()
+                update = pirl_pb2.PolicyUpdate.FromString(raw)
+                self.clock.learner_version = max(self.clock.learner_version, update.version)
+                if update.chunked:
+                    if update.version > max(self.worker.version, self.offered) and _key(update) not in self._refused:
+                        return update
+                else:
+                    self._apply(update)
+                if self.stop_event.is_set():
+                    return None
+        finally:
+            call.cancel()
+        return None
+
+    def _fetch(self, channel, update: pirl_pb2.PolicyUpdate) -> None:
+        """Download, verify and offer a chunked version; gRPC errors propagate (the staged chunks stay
+        and the next attempt resumes from them)."""
+        from edge.weight_sync import VersionRefusedError
+
+        fetch = _stub(channel, "FetchArtifact", "unary_stream")
+
+        def open_stream(name: str, offset: int):
+            req = pirl_pb2.FetchArtifactRequest(
+                robot_id=self.link.robot_id, version=update.version, name=name, offset=offset
+            )
+            return fetch(req.SerializeToString(), metadata=self.link.metadata)
+
+        try:
+            paths = self.staging.fetch(update, open_stream, on_chunk=lambda *_: self.clock.touch())
+            state = load_safetensors_file(str(paths["model.safetensors"]))  # safetensors: no code execution
+            files = {name: p.read_bytes() for name, p in paths.items() if name != "model.safetensors"}
+        except (VersionRefusedError, OSError, safetensors.SafetensorError) as e:
+            self._refuse(update, e)
+            return
+        self._offer(update, state, files)
+        self.staging.prune([self.worker.version, self.offered, update.version])
+
+    def _refuse(self, update: pirl_pb2.PolicyUpdate, why) -> None:
+        self.rejected += 1
+        self._refused.add(_key(update))
+        metrics.SWAP_FAILURES.labels(self.link.robot_id).inc()
+        log.error("policy version %d rejected: %s", update.version, why)
+
     def _apply(self, update: pirl_pb2.PolicyUpdate) -> None:
+        """A version whose bytes ride in the message: check every one against the manifest, then offer."""
         listed = {a.name: a for a in update.manifest.artifacts}
         blobs = {"model.safetensors": update.weights, **dict(update.files)}
         bad = [
@@ -389,27 +451,31 @@ class Subscriber(_Background):
             or listed[name].size_bytes != len(data)
         ]
         if bad or "model.safetensors" not in listed or update.manifest.policy_version != update.version:
-            self.rejected += 1
-            metrics.SWAP_FAILURES.labels(self.link.robot_id).inc()
-            log.error(
-                "policy version %d rejected: %s do not match the manifest",
-                update.version,
-                ", ".join(bad) or "manifest version / weights entry",
-            )
+            self._refuse(update, f"{', '.join(bad) or 'manifest version / weights entry'} do not match the manifest")
             return
         try:
             state = load_safetensors(update.weights)  # safetensors: no code execution on load
         except Exception as e:  # a corrupt blob that still hashed right: refuse, keep serving
-            self.rejected += 1
-            metrics.SWAP_FAILURES.labels(self.link.robot_id).inc()
-            log.error("policy version %d rejected: %s", update.version, e)
+            self._refuse(update, e)
             return
+        self._offer(update, state, dict(update.files))
+
+    def _offer(self, update: pirl_pb2.PolicyUpdate, state: dict, files: dict) -> None:
         self.clock.learner_version = max(self.clock.learner_version, update.version)
         frozen = update.frozen_sha256 if update.trained_only else None
-        if self.worker.offer(update.version, state, dict(update.files), frozen_sha256=frozen):
+        if self.worker.offer(update.version, state, files, frozen_sha256=frozen):
+            self.offered = max(self.offered, update.version)
             latency = max(0.0, time.time() - update.published_unix_s)
             self.received.append((update.version, latency))
             metrics.SYNC_LATENCY.labels(self.link.robot_id).observe(latency)
+        elif update.version > max(self.worker.version, self.offered):  # refused by the worker (it counted it)
+            self._refused.add(_key(update))
+
+
+def _key(update: pirl_pb2.PolicyUpdate) -> tuple[int, str]:
+    """A version and its manifest: a learner that republishes other bytes under the same number is
+    not taken for the refused one."""
+    return update.version, hashlib.sha256(update.manifest.SerializeToString(deterministic=True)).hexdigest()
 
 
 class Heartbeat(_Background):

@@ -124,7 +124,8 @@ def run(cfg: EdgeConfig) -> int:
     writer = RecordWriter(spool, robot_id, stats)
     clock = SyncClock(robot_id)
     uploader = Uploader(link, spool, clock, backend=worker.backend)
-    subscriber = Subscriber(link, worker, clock)
+    # downloaded policy versions are staged beside the spool (a download resumes there after a restart)
+    subscriber = Subscriber(link, worker, clock, staging_dir=spool_dir.parent / "policy_versions")
     if cfg.metrics.port:
         start_http_server(cfg.metrics.port, addr=cfg.metrics.address)
 

@@ -14,9 +14,11 @@ from dataclasses import dataclass, field
 from lerobot.envs.configs import EnvConfig
 
 from learner.bc_data import BCSettings, OfflineDatasetConfig
+from learner.distributed import DistributedConfig
 from learner.store import DEFAULT_MAX_SEQUENCE_AHEAD
 from learner.streams import StreamLimits
 from learner.trainer import TrainerSettings
+from learner.versions import SyncSettings
 from lerobot_policy_pi_rl.presets import BuiltinTaskAlgorithmConfig
 from lerobot_policy_pi_rl.samplers import RL_NOISE_METHODS
 from pirl.cli import MetricsConfig, require
@@ -110,6 +112,8 @@ class LearnerConfig:
     intake: IntakeConfig = field(default_factory=IntakeConfig)
     # the update loop
     trainer: TrainerSettings = field(default_factory=TrainerSettings)
+    # how published versions travel to robots (chunked, resumable, hash-checked: docs/runtime.md, Weight sync)
+    sync: SyncSettings = field(default_factory=SyncSettings)
     # the env the learner evaluates on, as lerobot-eval takes it: a LeRobot env type (--env.type=pirl_reach,
     # metaworld, libero, ... with --env.task=...; an installed lerobot_env_* plugin's type too). Set, it replaces
     # trainer.eval_env. None: trainer.eval_env
@@ -124,6 +128,8 @@ class LearnerConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     # engines built for trainer.export_tensorrt (cache default: OUTPUT_DIR/tensorrt-cache)
     tensorrt: TensorRTSettings = field(default_factory=TensorRTSettings)
+    # the learner under torchrun (torchrun --nproc_per_node N --no-python pirl-learner ...): docs/scale.md
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def __post_init__(self):
         if not self.tokens:

@@ -5,8 +5,11 @@
     pirl-learner --output_dir=outputs/learner --resume=true ...      # continue after a crash
     pirl-learner --config_path=learner.yaml --algorithm.actor_lr=5e-5   # a file, with flags on top
 
+    torchrun --nproc_per_node 8 --no-python pirl-learner --device=cuda ...   # updates on 8 GPUs
+
 Every field of learner/configuration.py's LearnerConfig is a flag (--help lists them with their
-documentation). Refuses to listen on a non-loopback address without TLS unless
+documentation). Under torchrun rank 0 is the learner robots talk to and the other ranks share its
+updates (learner/distributed.py, docs/scale.md). Refuses to listen on a non-loopback address without TLS unless
 --server.insecure=true is given.
 """
 
@@ -23,6 +26,51 @@ from pirl.cli import parse_config, run_cli
 
 
 def serve(cfg: LearnerConfig) -> int:
+    from learner.distributed import launched_by_torchrun
+
+    if not launched_by_torchrun():
+        return _serve(cfg)
+    from learner.distributed import Group, check_supported, rank_device
+
+    logging.getLogger().setLevel(logging.INFO)
+    check_supported(cfg.algorithm)  # every rank refuses it alike, before any collective
+    cfg = replace(cfg, device=rank_device(cfg.device))  # cuda -> cuda:LOCAL_RANK
+    group = Group(cfg.device, cfg.distributed.timeout_s)
+    try:
+        return _serve(cfg, group) if group.leader else _follow(cfg, group)
+    finally:
+        group.close()
+
+
+def _follow(cfg: LearnerConfig, group) -> int:
+    """Ranks 1..N-1: the same policy and optimizers as rank 0 (from the checkpoint it resumed from, or the SFT
+    checkpoint), then every update rank 0 sends, until it sends STOP. No service, store or checkpoints."""
+    import torch
+
+    from learner.distributed import attach, follow_until_stop, start_replicas
+    from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, load_checkpoint
+    from lerobot_policy_pi_rl.sft import load_policy
+
+    logging.getLogger().setLevel(logging.INFO)
+    torch.manual_seed(cfg.seed)
+    name = group.checkpoint()  # the checkpoint rank 0 resumed from (after checking it), or None
+    ckpt = Path(cfg.output_dir) / "checkpoints" / f"{name:06d}" if name is not None else None
+    overrides = {"noise_method": cfg.noise_method} if cfg.noise_method else {}
+    policy, _, _ = load_policy(
+        ckpt / "pretrained_model" if ckpt is not None else Path(cfg.policy_path), device=cfg.device, **overrides
+    )
+    algo = PiRLAlgorithm(policy, cfg.algorithm.plain())
+    attach(algo, group)
+    if ckpt is not None:
+        load_checkpoint(ckpt, algo)  # optimizer states, update counter (lr schedule, noise level), RNG
+        logging.info("rank %d: resumed from checkpoint %s, as rank 0", group.rank, ckpt.name)
+    start_replicas(algo, group)
+    updates = follow_until_stop(algo, group)
+    logging.info("rank %d: done after %d updates", group.rank, updates)
+    return 0
+
+
+def _serve(cfg: LearnerConfig, group=None) -> int:
     import torch
     from prometheus_client import start_http_server
 
@@ -82,6 +130,10 @@ def serve(cfg: LearnerConfig) -> int:
                 cfg.algorithm.bc_coef,
             )
     algo = PiRLAlgorithm(policy, cfg.algorithm.plain(), demo_iterator=None if bc_data is None else iter(bc_data))
+    if group is not None:
+        from learner.distributed import attach
+
+        attach(algo, group)  # each minibatch split over the ranks, gradients summed
     wal = RecordLog(out / "wal", fsync=cfg.intake.wal_fsync)
     store = RolloutStore(
         PolicyShapes.from_policy(policy),
@@ -91,7 +143,7 @@ def serve(cfg: LearnerConfig) -> int:
         max_sequence_ahead=cfg.intake.max_sequence_ahead,
         require_outcome=cfg.trainer.require_outcome,
     )
-    publisher = Publisher()
+    publisher = Publisher(chunk_bytes=cfg.sync.chunk_bytes)
     evaluator = choose_evaluator(cfg.trainer, policy, pre, post, env_cfg=cfg.env)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(
@@ -105,11 +157,18 @@ def serve(cfg: LearnerConfig) -> int:
         evaluator,
         tensorrt=trt_settings,
         bc_data=bc_data,
+        group=group,
     )
     if picker is not None:
         trainer.resume(picker)  # the state of the same checkpoint (or an older one if that one does not load)
     elif cfg.resume:
         logging.info("resume: no checkpoint in %s yet, starting from %s", out, policy_path)
+    if group is not None:  # the other ranks load what this rank resumed from, then take its weights
+        from learner.distributed import start_replicas
+
+        resumed = picker.current() if picker is not None else None
+        group.checkpoint(None if resumed is None else int(resumed.name))
+        start_replicas(algo, group)
 
     limits = srv.limits()
     service = LearnerService(

@@ -7,6 +7,7 @@ authenticated with the robot's token first.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -21,6 +22,7 @@ from learner import metrics
 from learner.contacts import RobotContacts
 from learner.store import RecordError, RolloutStore
 from learner.streams import StreamLimits, StreamRegistry, server_keepalive_options
+from learner.versions import DEFAULT_CHUNK_BYTES, VersionStore, check_chunk_bytes
 from pirl.logs import RateLimitedLog, bounded
 from pirl.refusals import refusal_metadata
 from pirl.security import TokenAuthenticator
@@ -32,12 +34,25 @@ HEALTH_SERVICE = "grpc.health.v1.Health"
 
 
 class Publisher:
-    """Fan-out of policy versions to every subscribed robot; keeps the latest for late joiners."""
+    """Fan-out of policy versions to every subscribed robot; keeps the latest for late joiners.
 
-    def __init__(self):
+    What it fans out is small: a chunked version's announcement (learner.versions); the bytes are
+    served by FetchArtifact from ``versions``, the store on disk the trainer publishes into."""
+
+    def __init__(self, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
         self._lock = threading.Lock()
         self._latest: pirl_pb2.PolicyUpdate | None = None
         self._subscribers: set[queue.Queue] = set()
+        self.chunk_bytes = check_chunk_bytes(chunk_bytes, "sync.chunk_bytes")
+        self.versions: VersionStore | None = None  # set by the trainer at its first publish
+
+    def version_store(self, root: Path, keep: int) -> VersionStore:
+        """The store published versions are written to and served from (opened once, at ``root``)."""
+        with self._lock:
+            if self.versions is None or self.versions.root != Path(root):
+                self.versions = VersionStore(root, keep=keep, chunk_bytes=self.chunk_bytes)
+            self.versions.keep = max(1, keep)
+            return self.versions
 
     def publish(self, update: pirl_pb2.PolicyUpdate) -> None:
         with self._lock:
@@ -212,6 +227,38 @@ class LearnerService:
             self.publisher.unsubscribe(q)
             self.streams.close(stream)
 
+    def fetch_artifact(self, data: bytes, context):
+        """The chunks of one artifact of a kept version, read from disk from the requested offset on."""
+        robot_id, req = self._request(pirl_pb2.FetchArtifactRequest, data, context)
+        versions = self.publisher.versions
+        if versions is None:
+            context.abort(grpc.StatusCode.NOT_FOUND, "the learner serves no chunked version")
+        try:
+            chunks = versions.read_chunks(req.version, req.name, req.offset)
+            first = next(chunks, None)  # the checks (version, name, offset) run here, before any yield
+        except KeyError as e:
+            context.abort(grpc.StatusCode.NOT_FOUND, bounded(str(e.args[0] if e.args else e)))
+        except ValueError as e:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, bounded(str(e)))
+        except OSError as e:  # pruned between the lookup and the open
+            context.abort(grpc.StatusCode.NOT_FOUND, bounded(f"version {req.version}: {e}"))
+        if req.offset == 0:
+            log.info("sending %s of policy version %d to %s", req.name, req.version, robot_id)
+        else:
+            log.info("resuming %s of policy version %d for %s at byte %d", req.name, req.version, robot_id, req.offset)
+        # a robot drops its subscription while it downloads (edge.weight_sync), so a download takes
+        # the subscription's place in the per-robot limit and the call slots sized for it
+        stream = self.streams.open(robot_id, "SubscribePolicy", context)
+        try:
+            for chunk in itertools.chain(() if first is None else (first,), chunks):
+                if not context.is_active() or self._stop.is_set():
+                    return
+                stream.touch()
+                yield chunk.SerializeToString()
+        finally:
+            chunks.close()
+            self.streams.close(stream)
+
     def stop(self) -> None:
         self._stop.set()
         self.streams.stop()
@@ -242,6 +289,7 @@ def build_server(
         "Heartbeat": grpc.unary_unary_rpc_method_handler(service.heartbeat, _raw, _raw),
         "StreamRollouts": grpc.stream_stream_rpc_method_handler(service.stream_rollouts, _raw, _raw),
         "SubscribePolicy": grpc.unary_stream_rpc_method_handler(service.subscribe_policy, _raw, _raw),
+        "FetchArtifact": grpc.unary_stream_rpc_method_handler(service.fetch_artifact, _raw, _raw),
     }
     options = [
         ("grpc.max_receive_message_length", max_message_bytes),

@@ -87,7 +87,10 @@ def policy_update_message(
     ONNX export of the sampler when ``export_dir`` is given (written to ``export_dir/v<version>``,
     the learner's versioned artifact store), a TensorRT engine of it when ``engines`` (a
     ``trt_engine.EnginePublisher``) is given (``engine.plan``, listed with its key fields in the
-    export's manifest), and a manifest with the sha256 of every file."""
+    export's manifest), and a manifest with the sha256 of every file.
+
+    Everything inline in one message: for in-process use and tests. The learner publishes through
+    ``learner.versions.VersionStore`` (on disk, announced, fetched by robots in chunks)."""
     blob = safetensors_bytes(policy.rl_state_dict())
     files: dict[str, bytes] = {}
     if export_dir is not None:
@@ -146,6 +149,7 @@ class Trainer:
         evaluator=None,
         tensorrt=None,  # pirl.export.trt_engine.TensorRTSettings of the engines (settings.export_tensorrt)
         bc_data=None,  # learner.bc_data.BCData: interventions of every batch join its buffer (algorithm.bc_coef > 0)
+        group=None,  # learner.distributed.Group under torchrun (this is rank 0): every batch goes to every rank
     ):
         self.algo, self.store, self.publisher = algorithm, store, publisher
         self.output_dir = Path(output_dir)
@@ -153,6 +157,7 @@ class Trainer:
         self.pre, self.post = preprocessor, postprocessor
         self.evaluator = evaluator  # callable(policy) -> success in [0, 1], or None
         self.bc_data = bc_data
+        self.group = group
         self.version = 0
         self.frozen_sha256 = algorithm.policy.frozen_sha256()  # what RL never changes: hashed once
         self.engines = None
@@ -316,6 +321,8 @@ class Trainer:
                     break
                 metrics.LEARNER_EPISODES_PENDING.set(self.store.pending_episodes())
                 if not self.store.wait_for_episodes(s.episodes_per_update, timeout=0.5):
+                    if self.group is not None:  # the other ranks wait in a collective: keep it from timing out
+                        self.group.keepalive()
                     continue
                 # all or none: when some were stale or aborted (dropped), the fresh ones wait for more
                 episodes = self.store.take_episodes(s.episodes_per_update, whole=True)
@@ -329,18 +336,25 @@ class Trainer:
             log.exception("the update loop failed")
             raise
         finally:
+            if self.group is not None:  # the other ranks leave their loop (learner/distributed.py: follow)
+                from learner.distributed import STOP
+
+                self.group.command(STOP)
             self.done.set()
             self._write_status()
 
     def _message(self) -> pirl_pb2.PolicyUpdate:
-        artifacts = self.output_dir / "artifacts" if self.settings.export_onnx else None
-        msg = policy_update_message(self.algo.policy, self.version, artifacts, self.frozen_sha256, self.engines)
-        if artifacts is not None:  # keep the artifact store bounded like the checkpoints
-            for old in sorted(p for p in artifacts.iterdir() if p.name.startswith("v"))[
-                : -self.settings.keep_checkpoints
-            ]:
-                shutil.rmtree(old, ignore_errors=True)
-        return msg
+        """The current version written to the versioned store (output_dir/artifacts/v<version>, kept
+        like the checkpoints) and its announcement: robots fetch its files in chunks from there. After
+        a restart the version already on disk is announced again, byte for byte the same."""
+        versions = self.publisher.version_store(self.output_dir / "artifacts", self.settings.keep_checkpoints)
+        return versions.publish(
+            self.algo.policy,
+            self.version,
+            frozen_sha256=self.frozen_sha256,
+            export_onnx=self.settings.export_onnx,
+            engines=self.engines,
+        )
 
     def _reached_target(self) -> bool:
         t = self.settings.target_success
@@ -351,6 +365,8 @@ class Trainer:
         if self.bc_data is not None:  # before the update: this batch's interventions are BC data at once
             self.bc_data.add_episodes(episodes)
         batch = episodes_to_batch(episodes, self.algo.policy)
+        if self.group is not None:  # every rank updates on this batch, each on its slice of every minibatch
+            self.group.update(batch)
         level = self.algo.policy.config.noise_level_at(self.algo.num_updates)
         stats = self.algo.update_on(batch)
         metrics.LEARNER_UPDATE_SECONDS.observe(time.monotonic() - start)

@@ -166,6 +166,25 @@ def _grad_norm_and_clip(params: list[nn.Parameter], max_norm: float) -> float:
     return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
 
+class WholeMinibatch:
+    """How the update sees its data-parallel group: here, one process that holds every minibatch whole.
+
+    ``learner/distributed.py``'s ``RankSlice`` has the same three methods for ``torch.distributed``: each rank
+    takes a contiguous slice of every minibatch, weights its losses by its share of it, and sums gradients and
+    diagnostics over the ranks, so that each optimizer step is the one-process step on the whole minibatch."""
+
+    def part(self, idx: Tensor) -> tuple[Tensor, float]:
+        """(the rows of minibatch ``idx`` this process evaluates, their share of the minibatch's mean)."""
+        return idx, 1.0
+
+    def sum_grads(self, params: list[nn.Parameter]) -> None:
+        """Sum every rank's (share-weighted) gradients: nothing to sum in one process."""
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Sum share-weighted diagnostics over the ranks: one process holds the whole sum."""
+        return values
+
+
 class PiRLAlgorithm(RLAlgorithm):
     config_class = PiRLAlgorithmConfig
     name = "pi_rl"
@@ -177,6 +196,7 @@ class PiRLAlgorithm(RLAlgorithm):
         self.optimizers: dict[str, Optimizer] = {}
         self._optimization_step = 0
         self.num_updates = 0
+        self.shard = WholeMinibatch()  # learner/distributed.py sets a RankSlice under torch.distributed
         disable_dropout(policy)
         if config.bc_coef > 0 and demo_iterator is None:
             raise ValueError("algorithm.bc_coef > 0 needs demonstration data (demo_iterator)")
@@ -296,7 +316,9 @@ class PiRLAlgorithm(RLAlgorithm):
         for _ in range(c.update_epochs):
             perm = torch.randperm(n)
             for start in range(0, n, mb_size):
-                idx = perm[start : start + mb_size]
+                # this process's rows of the minibatch and their share of its mean (all of it, 1.0, in one
+                # process; a slice per rank under torch.distributed: see WholeMinibatch)
+                idx, share = self.shard.part(perm[start : start + mb_size])
                 mb = {k: v[idx] for k, v in data.items() if k != "observations"}
                 obs = {k: v[idx] for k, v in data["observations"].items()}
                 ev = policy.evaluate_chains(
@@ -313,14 +335,14 @@ class PiRLAlgorithm(RLAlgorithm):
                 )
                 loss = c.ppo_coef * policy_loss
                 with torch.no_grad():
-                    approx_kl = ((ratio - 1) - log_ratio).mean().item()
-                    clip_fraction = ((ratio - 1).abs() > c.clip_eps).float().mean().item()
+                    approx_kl = ((ratio - 1) - log_ratio).mean()
+                    clip_fraction = ((ratio - 1).abs() > c.clip_eps).float().mean()
 
                 # critic: Huber loss with the value clipped around the rollout value, max of the two
+                value_loss = None
                 if c.advantage_estimator == "ppo":
                     value_loss = clipped_value_loss(ev.value, mb["values"], mb["returns"], c.value_clip, c.huber_delta)
                     loss = loss + c.value_coef * value_loss
-                    logs["value_loss"].append(value_loss.item())
 
                 # entropy bonus where the std is learned (Flow-SDE's is fixed by a: no gradient to gain)
                 entropy = ev.entropy.mean()
@@ -340,7 +362,8 @@ class PiRLAlgorithm(RLAlgorithm):
 
                 for opt in self.optimizers.values():
                     opt.zero_grad(set_to_none=True)
-                loss.backward()
+                (share * loss).backward()
+                self.shard.sum_grads([*policy.rl_actor_parameters(), *policy.rl_critic_parameters()])
                 logs["actor"].append(_grad_norm_and_clip(policy.rl_actor_parameters(), c.max_grad_norm))
                 if "critic" in self.optimizers:
                     logs["critic"].append(_grad_norm_and_clip(policy.rl_critic_parameters(), c.max_grad_norm))
@@ -348,10 +371,13 @@ class PiRLAlgorithm(RLAlgorithm):
                     opt.step()
                 self._optimization_step += 1
 
-                logs["policy_loss"].append(policy_loss.item())
-                logs["entropy"].append(entropy.item())
-                logs["approx_kl"].append(approx_kl)
-                logs["clip_fraction"].append(clip_fraction)
+                # the whole minibatch's means (share-weighted sums over the ranks under torch.distributed):
+                # every rank gets the same approx KL, so all stop (target_kl) together
+                means = {"policy_loss": policy_loss, "entropy": entropy, "approx_kl": approx_kl}
+                means.update(clip_fraction=clip_fraction, **({} if value_loss is None else {"value_loss": value_loss}))
+                for k, x in zip(means, self.shard.sum([share * v.item() for v in means.values()]), strict=True):
+                    logs[k].append(x)
+                approx_kl = logs["approx_kl"][-1]
                 if c.target_kl is not None and approx_kl > c.target_kl:
                     stop = True
                     break

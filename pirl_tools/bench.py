@@ -13,6 +13,10 @@
 
     pirl-bench schedule --out=DIR [--latency_ms=60] [--control_hz=50] [--swaps=10] [--duration_s=40]
 
+    pirl-bench fleet --out=DIR [--robots='[8,16,32]'] [--duration=60] [--rate_hz=2] [--image_side=96]
+
+    pirl-bench gpu --out=DIR [--time_budget_s=420] [--backbones='[pi0,pi05,smolvla]'] [--batch=32] [--dry=true]
+
 Each command takes a draccus config (BenchLearnConfig, BenchInferConfig below): `pirl-bench learn
 --help` lists every field with its documentation.
 
@@ -28,6 +32,12 @@ torch.compile, ONNX Runtime CUDA, and TensorRT (the backend's own strongly typed
 enqueue and CUDA-graph replay); each one that cannot run is listed under "skipped" with the reason.
 Writes DIR/infer.json.
 
+``gpu``: for a bare GPU box (``make gpu-check``, docs/gpu_check.md): real-size pi0 / pi0.5 / SmolVLA (random
+init, bf16) one-chunk latency with PyTorch eager, CUDA-graph replay and torch.compile, pi0's PPO update time and
+peak memory, and the machine, inside a time budget (what does not fit is listed under "skipped");
+``--dry=true`` is the CPU dry mode (reduced sizes) the tests run (pirl_tools/gpu_check.py); writes
+DIR/gpu_check.json.
+
 ``robot``: episodes and robot-time from few-shot SFT to a success target on ONE simulated robot with a
 scripted person labelling and taking over, learner and edge as processes (pirl_tools/bench_robot.py);
 writes DIR/robot.json and DIR/robot.png.
@@ -39,6 +49,12 @@ replayed by its version's policy (pirl_tools/bench_schedule.py); writes DIR/sche
 ``metaworld``: per MetaWorld task (MT10 by default) few-shot SFT from MetaWorld's scripted expert, then PI-RL
 per noise method on the full state observation, in process (pirl_tools/bench_metaworld.py); writes
 DIR/metaworld.json and DIR/metaworld.png.
+
+``fleet``: per robot count, one pirl-learner over TLS and that many simulated robots (the edge's spool,
+uploader and subscriber in threads of a few processes, records of one camera frame's size at ``rate_hz``):
+records/s, ack latency, publish fan-out, learner CPU per 1k records, lost and duplicated records; then a
+burst of the same records through ours and through LeRobot's ``lerobot.transport`` (``lerobot_transport_ratio``)
+(pirl_tools/bench_fleet.py); writes DIR/fleet.json and DIR/fleet.png.
 """
 
 from __future__ import annotations

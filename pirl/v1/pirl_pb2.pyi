@@ -229,7 +229,7 @@ class SubscribeRequest(_message.Message):
     def __init__(self, robot_id: _Optional[str] = ..., have_version: _Optional[int] = ...) -> None: ...
 
 class PolicyUpdate(_message.Message):
-    __slots__ = ("version", "weights", "manifest", "published_unix_s", "files", "trained_only", "frozen_sha256")
+    __slots__ = ("version", "weights", "manifest", "published_unix_s", "files", "trained_only", "frozen_sha256", "chunked", "chunk_bytes")
     class FilesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -244,6 +244,8 @@ class PolicyUpdate(_message.Message):
     FILES_FIELD_NUMBER: _ClassVar[int]
     TRAINED_ONLY_FIELD_NUMBER: _ClassVar[int]
     FROZEN_SHA256_FIELD_NUMBER: _ClassVar[int]
+    CHUNKED_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     version: int
     weights: bytes
     manifest: Manifest
@@ -251,7 +253,9 @@ class PolicyUpdate(_message.Message):
     files: _containers.ScalarMap[str, bytes]
     trained_only: bool
     frozen_sha256: str
-    def __init__(self, version: _Optional[int] = ..., weights: _Optional[bytes] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., published_unix_s: _Optional[float] = ..., files: _Optional[_Mapping[str, bytes]] = ..., trained_only: _Optional[bool] = ..., frozen_sha256: _Optional[str] = ...) -> None: ...
+    chunked: bool
+    chunk_bytes: int
+    def __init__(self, version: _Optional[int] = ..., weights: _Optional[bytes] = ..., manifest: _Optional[_Union[Manifest, _Mapping]] = ..., published_unix_s: _Optional[float] = ..., files: _Optional[_Mapping[str, bytes]] = ..., trained_only: _Optional[bool] = ..., frozen_sha256: _Optional[str] = ..., chunked: _Optional[bool] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
 
 class Manifest(_message.Message):
     __slots__ = ("policy_version", "artifacts")
@@ -262,11 +266,35 @@ class Manifest(_message.Message):
     def __init__(self, policy_version: _Optional[int] = ..., artifacts: _Optional[_Iterable[_Union[Artifact, _Mapping]]] = ...) -> None: ...
 
 class Artifact(_message.Message):
-    __slots__ = ("name", "sha256", "size_bytes")
+    __slots__ = ("name", "sha256", "size_bytes", "chunk_sha256")
     NAME_FIELD_NUMBER: _ClassVar[int]
     SHA256_FIELD_NUMBER: _ClassVar[int]
     SIZE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_SHA256_FIELD_NUMBER: _ClassVar[int]
     name: str
     sha256: str
     size_bytes: int
-    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ...) -> None: ...
+    chunk_sha256: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ..., size_bytes: _Optional[int] = ..., chunk_sha256: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FetchArtifactRequest(_message.Message):
+    __slots__ = ("robot_id", "version", "name", "offset")
+    ROBOT_ID_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    robot_id: str
+    version: int
+    name: str
+    offset: int
+    def __init__(self, robot_id: _Optional[str] = ..., version: _Optional[int] = ..., name: _Optional[str] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class ArtifactChunk(_message.Message):
+    __slots__ = ("offset", "data", "sha256")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    sha256: str
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., sha256: _Optional[str] = ...) -> None: ...

@@ -54,6 +54,11 @@ class LearnerStub:
                 request_serializer=pirl_dot_v1_dot_pirl__pb2.SubscribeRequest.SerializeToString,
                 response_deserializer=pirl_dot_v1_dot_pirl__pb2.PolicyUpdate.FromString,
                 _registered_method=True)
+        self.FetchArtifact = channel.unary_stream(
+                '/pirl.v1.Learner/FetchArtifact',
+                request_serializer=pirl_dot_v1_dot_pirl__pb2.FetchArtifactRequest.SerializeToString,
+                response_deserializer=pirl_dot_v1_dot_pirl__pb2.ArtifactChunk.FromString,
+                _registered_method=True)
 
 
 class LearnerServicer:
@@ -91,6 +96,15 @@ class LearnerServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FetchArtifact(self, request, context):
+        """The bytes of one artifact of a chunked version, from the requested offset to its end, one chunk a
+        message. NOT_FOUND: the learner no longer keeps that version (pruned) or has no such artifact;
+        INVALID_ARGUMENT: an offset that is not a chunk boundary within the artifact.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LearnerServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +127,11 @@ def add_LearnerServicer_to_server(servicer, server):
                     servicer.SubscribePolicy,
                     request_deserializer=pirl_dot_v1_dot_pirl__pb2.SubscribeRequest.FromString,
                     response_serializer=pirl_dot_v1_dot_pirl__pb2.PolicyUpdate.SerializeToString,
+            ),
+            'FetchArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.FetchArtifact,
+                    request_deserializer=pirl_dot_v1_dot_pirl__pb2.FetchArtifactRequest.FromString,
+                    response_serializer=pirl_dot_v1_dot_pirl__pb2.ArtifactChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -223,6 +242,33 @@ class Learner:
             '/pirl.v1.Learner/SubscribePolicy',
             pirl_dot_v1_dot_pirl__pb2.SubscribeRequest.SerializeToString,
             pirl_dot_v1_dot_pirl__pb2.PolicyUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FetchArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/pirl.v1.Learner/FetchArtifact',
+            pirl_dot_v1_dot_pirl__pb2.FetchArtifactRequest.SerializeToString,
+            pirl_dot_v1_dot_pirl__pb2.ArtifactChunk.FromString,
             options,
             channel_credentials,
             insecure,

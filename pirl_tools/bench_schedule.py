@@ -45,7 +45,7 @@ class BenchScheduleConfig:
     # policy versions swapped in while the loop runs (evenly spread over duration_s)
     swaps: int = 10
     # seconds of paced control
-    duration_s: float = 40.0
+    duration_s: float = 60.0
     # actions executed per chunk (the policy's n_action_steps; its chunk_size is at least this). A chunk must
     # last longer than the latency: 8 actions are 160 ms at 50 Hz and 267 ms at 30 Hz
     n_action_steps: int = 8

@@ -32,10 +32,13 @@ class Cluster:
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
         self.procs[name] = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
-    def learner(self, *extra):
+    def learner(self, *extra, launcher: tuple[str, ...] = ()):
+        """pirl-learner with this cluster's certificates and small-update settings; ``launcher``: a command
+        it runs under (e.g. torchrun ... --no-python)."""
         self._start(
             "learner",
             [
+                *launcher,
                 str(BIN / "pirl-learner"),
                 "--policy_path",
                 str(self.ckpt),

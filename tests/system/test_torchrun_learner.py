@@ -14,51 +14,21 @@ pytestmark = pytest.mark.slow  # a torchrun learner (two ranks) and an edge as r
 ROBOT = "robot-0"
 
 
-def torchrun_learner(c, *extra):
-    """Cluster.learner's command, under torchrun: 2 ranks on this machine (--standalone: a free rendezvous port)."""
-    c._start(
-        "learner",
-        [
-            str(BIN / "torchrun"),
-            "--standalone",
-            "--nproc_per_node",
-            "2",
-            "--no-python",
-            str(BIN / "pirl-learner"),
-            "--policy_path",
-            str(c.ckpt),
-            "--output_dir",
-            str(c.dir / "learner"),
-            "--server.address",
-            f"127.0.0.1:{c.port}",
-            "--tokens",
-            str(c.pki["tokens"]),
-            "--server.tls_cert",
-            str(c.pki["server_cert"]),
-            "--server.tls_key",
-            str(c.pki["server_key"]),
-            "--trainer.episodes_per_update",
-            "16",
-            "--trainer.eval_every",
-            "0",
-            "--intake.max_version_lag",
-            "3",
-            *extra,
-        ],
-    )
+# 2 ranks on this machine (--standalone: a free rendezvous port)
+TORCHRUN = (str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", "--no-python")
 
 
 def test_torchrun_two_ranks_and_an_edge_complete_versions_and_resume(cluster):
     c = cluster
     # delivery across the restart is under test, not freshness: accept any version lag
     args = ("--trainer.export_onnx", "false", "--intake.max_version_lag", "1000")
-    torchrun_learner(c, *args)
+    c.learner(*args, launcher=TORCHRUN)
     c.edge(ROBOT, "unpaced")
     c.wait_version(2)
     c.stop("learner")  # SIGTERM to torchrun, which signals both ranks: rank 0 finishes and sends STOP
     first = c.status()["version"]  # its last checkpoint
     # the same world size again, from the checkpoint (the edge spools meanwhile and sends it all afterwards)
-    torchrun_learner(c, *args, "--resume=true")
+    c.learner(*args, "--resume=true", launcher=TORCHRUN)
     c.wait_version(first + 1)
     assert c.stop(ROBOT) == 0
     c.stop("learner")

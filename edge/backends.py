@@ -10,7 +10,9 @@ golden-input check.
 ``torch``: the policy's own ``sample_chains``. ``onnxruntime``: the sampler exported to ONNX
 (``pirl.export.onnx_export``), run by ONNX Runtime with its CUDA provider when that is
 available, else on CPU; each version is the learner's export when it came with the update, else
-exported on the edge off the control thread. ``tensorrt`` (``edge.tensorrt_backend``): an engine
+exported on the edge off the control thread. The learner's export is a refit export: the graph and
+frozen data (kept by the edge's staging across versions while their sha256 stay the same) with the
+trained data file written here from the version's trained tensors (``ExportStore.refit_trained``). ``tensorrt`` (``edge.tensorrt_backend``): an engine
 built, cached or refitted from the same export.
 
 ``auto`` = TensorRT when ``tensorrt`` (with builder and ONNX parser) imports and a CUDA device is
@@ -175,9 +177,28 @@ class ExportStore:
             out.mkdir(parents=True)
             for name, data in exported.items():
                 (out / Path(name).name).write_bytes(data)
+            self.refit_trained(policy, out)
         else:
             export_onnx(policy, out, version=version)
         return out
+
+    @staticmethod
+    def refit_trained(policy, out: Path) -> bool:
+        """A refit export (graph + frozen data, which the edge keeps across versions, since their sha256
+        do not change) comes without its trained data file: write it here from the version's trained
+        tensors, already loaded from its model.safetensors into ``policy``, with the manifest's map.
+        Whoever loads the export then checks the file against the learner's sha256 like every other
+        artifact (and the golden-input check against PyTorch follows): a map or tensor that does not
+        belong to the graph is refused, never served. True when it wrote the file."""
+        from pirl.export.onnx_export import load_manifest, write_trained_data
+
+        _, manifest = load_manifest(out)
+        refit = manifest.get("refit")
+        if not refit or (out / refit["trained_data"]).is_file():
+            return False  # a full export, or the learner sent the trained data as well
+        name = Path(refit["trained_data"]).name  # a bare file name: never a path from the wire
+        write_trained_data(policy.rl_state_dict(), refit["tensors"], out / name)
+        return True
 
     def prune(self, keep: Path) -> None:
         for old in self.workdir.iterdir():
@@ -219,14 +240,24 @@ class OnnxRuntimeBackend:
     def prepare(self, version: int, files: dict[str, bytes] | None = None) -> None:
         """Load the learner's export of ``version`` when it came with the update (OnnxSampler checks the
         hashes against its manifest), else export locally; build the session and warm it up."""
-        from pirl.export.onnx_export import OnnxSampler
+        from pirl.export.onnx_export import MANIFEST, OnnxSampler
 
         out = self.exports.materialise(self.policy, version, files)
         session = OnnxSampler(out, providers=self.providers, threads=1)
         self._warm_up(session)
         self.session = session
         self.exports.prune(keep=out)
-        self.last_prepare = {"providers": list(session.providers)}
+        # "refit": the learner's graph + frozen data with the trained tensors written here from the
+        # version's safetensors; "export": the learner's files as sent; "local": exported here
+        manifest = session.manifest
+        method = "local" if not files or "onnx/" + MANIFEST not in files else "export"
+        if method == "export" and "refit" in manifest and ("onnx/" + manifest["refit"]["trained_data"]) not in files:
+            method = "refit"
+        self.last_prepare = {
+            "providers": list(session.providers),
+            "method": method,
+            "graph_structure_sha256": manifest.get("graph_structure_sha256"),
+        }
 
     def _warm_up(self, session) -> None:
         """Run the new session once here, off the control thread: ONNX Runtime finishes setting a

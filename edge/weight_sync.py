@@ -169,6 +169,7 @@ class WeightStaging:
             noted = other.with_name(other.name + DIGEST)  # written when it was verified: no hashing to rule it out
             if not noted.is_file() or noted.read_text().strip() != art.sha256 or _sha256_file(other) != art.sha256:
                 continue
+            final.parent.mkdir(parents=True, exist_ok=True)  # e.g. onnx/ of a version not staged before
             try:
                 os.link(other, final)  # same bytes, no copy; pruning the old version leaves this link
             except OSError:

@@ -10,12 +10,20 @@ learner never holds a version's bytes in memory (no second copy of a multi-GB ex
 restart (``--resume``) the same version is announced and served again from the same files, bytes
 and hashes identical, so a robot resumes a download it had half done. The newest ``keep`` versions
 are kept.
+
+The export is a refit export (``pirl.export.onnx_export.export_onnx(refit=True)``): ``onnx/model.onnx``
+(the graph, no version inside), ``onnx/frozen.onnx.data`` (every weight PI-RL does not train) and
+``onnx/manifest.json``; the trained data file is not kept nor announced (the edge writes it from the
+version's model.safetensors with the manifest's map). A file whose name and sha256 a kept version
+already has (the graph and frozen data while they do not change) is a hard link to that version's
+copy: one copy on disk, and pruning a version removes only its own link.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import re
 import shutil
 import time
@@ -155,10 +163,19 @@ class VersionStore:
         files = [partial / "model.safetensors"]
         if (partial / "onnx").is_dir():
             files += sorted(p for p in (partial / "onnx").iterdir() if p.is_file())
-        artifacts = []
+        artifacts, shared = [], 0
+        kept = {}  # (name, sha256) -> the file of a kept version holding those bytes
+        for v in self.versions():
+            old = self.announcement(v)
+            if old is not None and old.chunk_bytes == self.chunk_bytes:
+                for a in old.manifest.artifacts:
+                    kept[(a.name, a.sha256)] = self.folder(v) / a.name
         for path in files:
             sha, chunks, size = hash_file(path, self.chunk_bytes)
             name = path.relative_to(partial).as_posix()
+            same = kept.get((name, sha))
+            if name != "model.safetensors" and same is not None and _link(same, path):
+                shared += size  # e.g. the graph and frozen data of a refit export: one copy on disk
             artifacts.append(pirl_pb2.Artifact(name=name, sha256=sha, size_bytes=size, chunk_sha256=chunks))
         announce = pirl_pb2.PolicyUpdate(
             version=version,
@@ -171,10 +188,11 @@ class VersionStore:
         (partial / ANNOUNCE).write_bytes(announce.SerializeToString())  # last: it marks the version complete
         partial.rename(final)
         log.info(
-            "version %d written to %s: %s",
+            "version %d written to %s: %s (%d B shared with kept versions)",
             version,
             final,
             ", ".join(f"{a.name} {a.size_bytes} B" for a in artifacts),
+            shared,
         )
         return announce
 
@@ -217,9 +235,37 @@ def _export(policy, out: Path, version: int, engines) -> None:
     """The sampler's ONNX export (and a TensorRT engine of it when ``engines`` is given) into ``out``."""
     from pirl.export.onnx_export import export_onnx
 
-    manifest = export_onnx(policy, out, version=version)
-    if engines is None:
-        return
+    manifest = export_onnx(policy, out, version=version, refit=True)
+    refit = manifest["refit"]
+    if refit["unmatched_trained_keys"]:  # folded into other initializers: those land in the frozen data
+        log.warning(
+            "version %d: trained tensors %s are not initializers of the export as they are; the frozen "
+            "data file then changes with them and travels every version",
+            version,
+            refit["unmatched_trained_keys"],
+        )
+    try:
+        if engines is not None:
+            _publish_engine(engines, out, manifest, version)
+    finally:
+        # the edge writes the trained data from the version's model.safetensors (the same tensors,
+        # onnx_export.write_trained_data): they travel once, in the policy's dtype
+        (out / refit["trained_data"]).unlink(missing_ok=True)
+
+
+def _link(src: Path, dst: Path) -> bool:
+    """Replace ``dst`` by a hard link to ``src`` (same bytes, checked by the caller's sha256): a kept
+    version's copy is shared, not duplicated. Pruning a version removes only its own link."""
+    tmp = dst.with_name(dst.name + ".link")
+    try:
+        os.link(src, tmp)
+    except OSError:  # another file system, or no hard links: keep the copy
+        return False
+    tmp.replace(dst)
+    return True
+
+
+def _publish_engine(engines, out: Path, manifest: dict, version: int) -> None:
     try:
         entry = engines.publish(out, manifest)
         log.info(

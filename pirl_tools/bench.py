@@ -11,11 +11,13 @@
     pirl-bench infer --out=DIR [--batch=1] [--iterations=200] [--warmup=20] [--threads=1]
                      [--policy_path=PRETRAINED_DIR] [--noise_method=flow_sde] [--backends='[torch_eager]']
 
-    pirl-bench schedule --out=DIR [--latency_ms=60] [--control_hz=50] [--swaps=10] [--duration_s=40]
+    pirl-bench schedule --out=DIR [--latency_ms=60] [--control_hz=50] [--swaps=10] [--duration_s=60]
 
     pirl-bench fleet --out=DIR [--robots='[8,16,32]'] [--duration=60] [--rate_hz=2] [--image_side=96]
 
     pirl-bench gpu --out=DIR [--time_budget_s=420] [--backbones='[pi0,pi05,smolvla]'] [--batch=32] [--dry=true]
+
+    pirl-bench refit --out=DIR [--backbone=smolvla --size=reduced] [--chunk_bytes=65536]
 
 Each command takes a draccus config (BenchLearnConfig, BenchInferConfig below): `pirl-bench learn
 --help` lists every field with its documentation.
@@ -761,6 +763,7 @@ MODULE_COMMANDS = {
     "sync": ("pirl_tools.bench_sync", "BenchSyncConfig"),
     "gpu": ("pirl_tools.gpu_check", "GpuCheckConfig"),
     "fleet": ("pirl_tools.bench_fleet", "BenchFleetConfig"),
+    "refit": ("pirl_tools.bench_refit", "BenchRefitConfig"),
 }
 
 

@@ -36,7 +36,15 @@ policy type / version, opset, noise method, K, chunk size, action dims, every in
 with dtype and shape, the precision of the graph (``"fp32"``: every export is FP32) and
 ``graph_structure_sha256``, a hash of the graph with the weight *values* left out (two versions of a
 policy share it when only their weights differ: TensorRT refits instead of rebuilding then).
-``OnnxSampler`` refuses to load a directory whose files do not match it. A TensorRT engine built
+``OnnxSampler`` refuses to load a directory whose files do not match it.
+
+A *refit* export (``refit=True``, what the learner publishes per version) holds model.onnx with every
+initializer external, in two files: ``frozen.onnx.data`` (everything PI-RL does not train: its bytes,
+like model.onnx's, are the same for every version of one graph) and ``trained.onnx.data`` (the trained
+tensors, in float32, transposed where constant folding transposed them), plus a manifest whose
+``refit`` entry maps each trained initializer to its ``rl_state_dict`` key (``split_weights``). An edge
+that holds the graph and frozen data of a version writes the trained file of the next one from that
+version's model.safetensors (``write_trained_data``) and checks it against the manifest's sha256. A TensorRT engine built
 from the export (``pirl.export.trt_engine``) may be added as ``engine.plan`` with its own
 ``tensorrt_engine`` manifest entry (sha256 and cache-key fields).
 
@@ -72,6 +80,9 @@ BATCH_AXIS = "batch"
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.onnx"
 EXTERNAL_DATA_FILE = "model.onnx.data"
+# a refit export (``export_onnx(..., refit=True)``) splits the weights in two files beside model.onnx
+FROZEN_DATA_FILE = "frozen.onnx.data"  # every initializer that is not a trained tensor: same bytes every version
+TRAINED_DATA_FILE = "trained.onnx.data"  # the trained tensors, rebuilt from model.safetensors by write_trained_data
 MANIFEST_FORMAT = "pirl-onnx-sampler/1"
 MIN_OPSET, MAX_OPSET = 13, 20  # 20: the newest opset TensorRT 10.3's ONNX parser accepts
 # A protobuf message cannot exceed 2 GiB; keep the weights inline only well below that.
@@ -304,6 +315,7 @@ def export_onnx(
     noise_method: str | None = None,
     version: int | str = 0,
     external_data: bool | None = None,
+    refit: bool = False,
 ) -> dict:
     """Export ``policy``'s sampler to ``out_dir``; return the manifest (also written as manifest.json).
 
@@ -317,6 +329,12 @@ def export_onnx(
         version: policy version recorded in the manifest (and the ONNX metadata).
         external_data: store the weights in model.onnx.data. ``None`` (default) does so only when
             they would not fit the 2 GB protobuf limit.
+        refit: graph + external weights split for refitting (see ``split_weights``): frozen.onnx.data
+            (bytes that depend only on the frozen weights), trained.onnx.data (the trained tensors,
+            rebuilt from ``rl_state_dict`` by ``write_trained_data``) and the manifest's ``refit`` map;
+            model.onnx carries no version, so two versions of one graph share model.onnx byte for
+            byte. No model.safetensors / config.json: the edge has its own policy (a VLA's full
+            state dict is what must not travel every version).
     """
     import onnx
 
@@ -388,28 +406,39 @@ def export_onnx(
             "num_denoise_steps": str(c.num_denoise_steps),
             "chunk_size": str(c.chunk_size),
         }
+        if refit:
+            del meta["version"]  # per version it is in manifest.json: model.onnx stays the same bytes
         for key, value in meta.items():
             model.metadata_props.add(key=key, value=value)
         if not external_data and model.ByteSize() > MAX_INLINE_BYTES:
             external_data = True
-        data_path = out / EXTERNAL_DATA_FILE
-        data_path.unlink(missing_ok=True)
-        onnx.save_model(
-            model,
-            str(out / MODEL_FILE),
-            save_as_external_data=external_data,
-            all_tensors_to_one_file=True,
-            location=EXTERNAL_DATA_FILE,
-            size_threshold=1024,
-        )
+        for stale in (EXTERNAL_DATA_FILE, FROZEN_DATA_FILE, TRAINED_DATA_FILE):
+            (out / stale).unlink(missing_ok=True)
+        refit_map = None
+        if refit:
+            external_data = True
+            refit_map = split_weights(model, out, policy.rl_state_dict())
+            onnx.save_model(model, str(out / MODEL_FILE))  # every initializer already points to its file
+        else:
+            onnx.save_model(
+                model,
+                str(out / MODEL_FILE),
+                save_as_external_data=external_data,
+                all_tensors_to_one_file=True,
+                location=EXTERNAL_DATA_FILE,
+                size_threshold=1024,
+            )
         del model
         onnx.checker.check_model(str(out / MODEL_FILE), full_check=True)
     finally:
         policy.train(was_training)
     export_seconds = time.perf_counter() - started
 
-    policy.save_pretrained(out)  # config.json + model.safetensors
-    files = [MODEL_FILE] + ([EXTERNAL_DATA_FILE] if external_data else []) + ["model.safetensors", "config.json"]
+    if refit:
+        files = [MODEL_FILE, FROZEN_DATA_FILE, TRAINED_DATA_FILE]
+    else:
+        policy.save_pretrained(out)  # config.json + model.safetensors
+        files = [MODEL_FILE] + ([EXTERNAL_DATA_FILE] if external_data else []) + ["model.safetensors", "config.json"]
     manifest = {
         "format": MANIFEST_FORMAT,
         "policy_type": c.type,
@@ -437,8 +466,129 @@ def export_onnx(
         "export_seconds": round(export_seconds, 3),
         "artifacts": {f: {"sha256": sha256_file(out / f), "bytes": (out / f).stat().st_size} for f in files},
     }
+    if refit_map is not None:
+        manifest["refit"] = refit_map
     write_manifest(out, manifest)
     return manifest
+
+
+def _tensor_digest(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _trained_bytes(tensor: Tensor, transform: str) -> bytes:
+    """The bytes of trained tensor ``tensor`` as the exported graph holds it: float32, transposed when
+    the exporter's constant folding transposed it (a Linear applied to a 3-D input becomes MatMul
+    with the folded transpose of its weight as a new initializer)."""
+    t = tensor.detach().to("cpu", torch.float32)
+    if transform == "transpose":
+        t = t.t()
+    elif transform != "identity":
+        raise ValueError(f"unknown refit transform {transform!r}")
+    return t.contiguous().numpy().tobytes()
+
+
+def split_weights(model, out: Path, trained: dict[str, Tensor]) -> dict:
+    """Move every initializer of ``model`` (an in-memory ONNX model) to one of two external files in
+    ``out`` and return the refit map for the manifest.
+
+    An initializer whose bytes are those of a trained tensor (``trained``: ``rl_state_dict``), as is or
+    transposed, goes to TRAINED_DATA_FILE and is mapped to that tensor's key; everything else goes to
+    FROZEN_DATA_FILE in graph order, so that file's bytes depend only on the frozen weights and the
+    graph. Matching by value, not by name, is what survives the exporter's constant folding (which
+    renames a transposed weight ``onnx::MatMul_<n>``) and its merging of equal initializers; an
+    initializer folded from a trained tensor in another way would land in the frozen file, which
+    then changes every version (correct, only not saved: ``unmatched_trained_keys`` lists trained
+    tensors found nowhere, and the learner logs them). The trained file is written by
+    ``write_trained_data`` from ``trained`` itself, the very function the edge runs on a version's
+    model.safetensors, so a version's trained file is that function of its trained tensors."""
+    from onnx import TensorProto, numpy_helper
+
+    by_digest: dict[str, tuple[str, str]] = {}
+    digests: dict[str, set[str]] = {}  # key -> its digests (as is, transposed)
+    for key, tensor in trained.items():
+        if not tensor.is_floating_point():
+            continue
+        digests[key] = {_tensor_digest(_trained_bytes(tensor, "identity"))}
+        if tensor.dim() == 2:
+            t = _tensor_digest(_trained_bytes(tensor, "transpose"))
+            digests[key].add(t)
+            by_digest.setdefault(t, (key, "transpose"))
+        by_digest[_tensor_digest(_trained_bytes(tensor, "identity"))] = (key, "identity")  # preferred on a tie
+    entries, found, offset = [], set(), 0
+    with open(out / FROZEN_DATA_FILE, "wb") as frozen:
+        for init in model.graph.initializer:
+            array = numpy_helper.to_array(init)
+            if array.size == 0:
+                continue  # nothing to store: stays inline (and identical every version)
+            data = np.ascontiguousarray(array).tobytes()
+            match = by_digest.get(_tensor_digest(data)) if init.data_type == TensorProto.FLOAT else None
+            if match is not None:
+                key, transform = match
+                entries.append(
+                    {"initializer": init.name, "key": key, "transform": transform, "offset": 0, "length": len(data)}
+                )
+                found.add(_tensor_digest(data))
+                location, where = TRAINED_DATA_FILE, None
+            else:
+                location, where = FROZEN_DATA_FILE, frozen.tell()
+                frozen.write(data)
+            _point_to_file(init, location, where, len(data))
+    for entry in entries:  # trained file: the graph's order, packed
+        entry["offset"] = offset
+        offset += entry["length"]
+    by_name = {e["initializer"]: e for e in entries}
+    for init in model.graph.initializer:
+        if init.name in by_name:
+            e = by_name[init.name]
+            _point_to_file(init, TRAINED_DATA_FILE, e["offset"], e["length"])
+    sha = write_trained_data(trained, entries, out / TRAINED_DATA_FILE)
+    return {
+        "frozen_data": FROZEN_DATA_FILE,
+        "trained_data": TRAINED_DATA_FILE,
+        "trained_data_sha256": sha,
+        "tensors": entries,
+        # trained tensors whose values are in no initializer (as is or transposed): folded into others.
+        # Equal trained tensors (e.g. norm weights still at their init) are found in one shared
+        # initializer (the exporter merges equal ones); once they differ the graph changes with them.
+        "unmatched_trained_keys": sorted(k for k, d in digests.items() if not d & found),
+    }
+
+
+def _point_to_file(init, location: str, offset: int | None, length: int) -> None:
+    from onnx import TensorProto
+
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data", "string_data"):
+        init.ClearField(field)
+    del init.external_data[:]
+    init.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", location), ("offset", offset), ("length", length)):
+        if v is not None:
+            entry = init.external_data.add()
+            entry.key, entry.value = k, str(v)
+
+
+def write_trained_data(trained: dict[str, Tensor], entries: list[dict], path: str | Path) -> str:
+    """Write the trained data file of a refit export from trained tensors (``rl_state_dict`` or a
+    version's model.safetensors) and the manifest's ``refit.tensors`` map; return its sha256. A key the
+    map names but ``trained`` lacks, or a tensor of another size, is a ValueError (the version does
+    not belong to this graph)."""
+    h = hashlib.sha256()
+    tmp = Path(str(path) + ".tmp")
+    with open(tmp, "wb") as f:
+        for e in sorted(entries, key=lambda e: e["offset"]):
+            if e["key"] not in trained:
+                raise ValueError(f"refit: trained tensor {e['key']!r} (initializer {e['initializer']!r}) is missing")
+            data = _trained_bytes(trained[e["key"]], e["transform"])
+            if len(data) != e["length"] or f.tell() != e["offset"]:
+                raise ValueError(
+                    f"refit: {e['key']} gives {len(data)} bytes at {f.tell()}, the graph expects "
+                    f"{e['length']} at {e['offset']}"
+                )
+            f.write(data)
+            h.update(data)
+    tmp.replace(path)
+    return h.hexdigest()
 
 
 def load_manifest(path: str | Path) -> tuple[Path, dict]:

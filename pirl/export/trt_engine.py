@@ -53,7 +53,9 @@ import numpy as np
 
 from pirl.export.onnx_export import (
     EXTERNAL_DATA_FILE,
+    FROZEN_DATA_FILE,
     MODEL_FILE,
+    TRAINED_DATA_FILE,
     graph_structure_sha256,
     sha256_file,
     write_manifest,
@@ -217,7 +219,8 @@ class EngineKey:
 def export_onnx_sha256(manifest: dict) -> str:
     """One hash of the ONNX graph and its weights, from the manifest's (verified) artifact hashes."""
     arts = manifest["artifacts"]
-    parts = [f"{name}:{arts[name]['sha256']}" for name in (MODEL_FILE, EXTERNAL_DATA_FILE) if name in arts]
+    names = (MODEL_FILE, EXTERNAL_DATA_FILE, FROZEN_DATA_FILE, TRAINED_DATA_FILE)  # a refit export: both data files
+    parts = [f"{name}:{arts[name]['sha256']}" for name in names if name in arts]
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 

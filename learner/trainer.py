@@ -99,22 +99,9 @@ def policy_update_message(
         out = Path(export_dir) / f"v{version:06d}"
         manifest = export_onnx(policy, out, version=version)
         if engines is not None:
-            try:
-                entry = engines.publish(out, manifest)
-                log.info(
-                    "version %d: TensorRT engine %s by %s in %.1fs",
-                    version,
-                    entry["sha256"][:12],
-                    entry["method"],
-                    entry["seconds"],
-                )
-            except Exception as e:  # noqa: BLE001  the version is still published, without an engine
-                log.error(
-                    "version %d: no TensorRT engine published (%s: %s); edges build their own",
-                    version,
-                    type(e).__name__,
-                    e,
-                )
+            from learner.versions import publish_engine
+
+            publish_engine(engines, out, manifest, version)
         # every exported file (the ONNX graph embeds the weights: they are already 'weights' too, a
         # duplicate that is cheap for the small backbone; large VLAs will want a refit-only path)
         files = {f"onnx/{p.name}": p.read_bytes() for p in sorted(out.iterdir()) if p.is_file()}

@@ -246,7 +246,7 @@ def _export(policy, out: Path, version: int, engines) -> None:
         )
     try:
         if engines is not None:
-            _publish_engine(engines, out, manifest, version)
+            publish_engine(engines, out, manifest, version)
     finally:
         # the edge writes the trained data from the version's model.safetensors (the same tensors,
         # onnx_export.write_trained_data): they travel once, in the policy's dtype
@@ -265,7 +265,8 @@ def _link(src: Path, dst: Path) -> bool:
     return True
 
 
-def _publish_engine(engines, out: Path, manifest: dict, version: int) -> None:
+def publish_engine(engines, out: Path, manifest: dict, version: int) -> None:
+    """A TensorRT engine of the export in ``out`` (``trt_engine.EnginePublisher``); a failure is logged, not raised."""
     try:
         entry = engines.publish(out, manifest)
         log.info(

@@ -78,7 +78,7 @@ from pirl.cli import parse_config, require, run_cli, write_json
 from pirl_tools import bench_metaworld, bench_robot
 from pirl_tools.bench_metaworld import BenchMetaWorldConfig
 from pirl_tools.bench_robot import BenchRobotConfig
-from pirl_tools.common import cpus as _cpus, plot_curves, run_report, sft_checkpoint
+from pirl_tools.common import check_policy_choice, cpus as _cpus, plot_curves, run_report, sft_checkpoint
 
 
 def _learn(args: BenchLearnConfig, command: str) -> int:
@@ -731,12 +731,7 @@ class BenchInferConfig:
         require(self, at_least={"batch": 1, "iterations": 1, "threads": 1, "warmup": 0})
         if self.noise_method is not None and self.noise_method not in NOISE_METHODS:
             raise ValueError(f"noise_method: must be one of {NOISE_METHODS} (got {self.noise_method!r})")
-        if self.backbone not in BACKBONE_CHOICES:
-            raise ValueError(f"backbone: must be one of {BACKBONE_CHOICES} (got {self.backbone!r})")
-        if self.size not in (None, "full", "reduced"):
-            raise ValueError(f"size: must be full or reduced (got {self.size!r})")
-        if self.smolvlm_config not in ("hub", "offline"):
-            raise ValueError(f"smolvlm_config: must be hub or offline (got {self.smolvlm_config!r})")
+        check_policy_choice(self.backbone, self.size, self.smolvlm_config)
         unknown = sorted(set(self.backends or ()) - set(INFER_BACKENDS))
         if unknown:
             raise ValueError(f"backends: unknown {unknown}; choices: {', '.join(INFER_BACKENDS)}")

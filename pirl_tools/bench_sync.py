@@ -70,16 +70,11 @@ class BenchSyncConfig:
 
     def __post_init__(self):
         from learner.versions import check_chunk_bytes
-        from pirl_tools.bench import BACKBONE_CHOICES
+        from pirl_tools.common import check_policy_choice
 
         if not self.out:
             raise ValueError("out: required (the output directory)")
-        if self.backbone not in BACKBONE_CHOICES:
-            raise ValueError(f"backbone: must be one of {BACKBONE_CHOICES} (got {self.backbone!r})")
-        if self.size not in (None, "full", "reduced"):
-            raise ValueError(f"size: must be full or reduced (got {self.size!r})")
-        if self.smolvlm_config not in ("hub", "offline"):
-            raise ValueError(f"smolvlm_config: must be hub or offline (got {self.smolvlm_config!r})")
+        check_policy_choice(self.backbone, self.size, self.smolvlm_config)
         check_chunk_bytes(self.chunk_bytes, "chunk_bytes")
         if not 0 <= self.kill_at_fraction < 1:
             raise ValueError(f"kill_at_fraction: must be in [0, 1) (got {self.kill_at_fraction})")

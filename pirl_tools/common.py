@@ -159,3 +159,16 @@ def plot_curves(
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def check_policy_choice(backbone: str, size: str | None, smolvlm_config: str) -> None:
+    """The policy fields the benchmarks share (--backbone, --size, --smolvlm_config): a ValueError naming the
+    field for a value out of its choices."""
+    from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES
+
+    if backbone not in BACKBONE_CHOICES:
+        raise ValueError(f"backbone: must be one of {BACKBONE_CHOICES} (got {backbone!r})")
+    if size not in (None, "full", "reduced"):
+        raise ValueError(f"size: must be full or reduced (got {size!r})")
+    if smolvlm_config not in ("hub", "offline"):
+        raise ValueError(f"smolvlm_config: must be hub or offline (got {smolvlm_config!r})")

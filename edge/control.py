@@ -242,7 +242,9 @@ class PacedLoop:
                 raw, _ = env.reset()
                 episode, step_index = uuid.uuid4().hex, 0
                 chunk, idx, requested, outcome = self._first_chunk(raw, stop), 0, False, Outcome()
-                next_tick, last_tick = time.perf_counter(), None  # the episode starts now, on a fresh grid
+                # the episode's first tick: a period after the last one at the earliest (the env is never
+                # stepped faster than control_hz), else now, on a fresh grid
+                next_tick, last_tick = max(next_tick + self.period, time.perf_counter()), None
                 continue
             left = len(chunk.actions) - idx
             # ask for the next chunk while this one still runs: inference gets `lead` tick periods

@@ -20,6 +20,9 @@ Who does what, and why:
   ``policy.evaluate_chains``, not ``forward``, which DDP's wrapper cannot see.
 - Checkpoints are rank 0's, consolidated, in LeRobot's layout: the same files as a one-process learner's, so
   ``--resume`` works at any world size. On resume every rank loads the checkpoint rank 0 picked.
+- ``--distributed.strategy=fsdp2`` (:class:`FSDP2Slice`): the same slices, with the trained modules, their
+  gradients and optimizer states sharded by FSDP2; rank 0 keeps a plain inference copy for everything outside
+  updates, refreshed (all-gathered) after each update, and checkpoints gather the optimizer states (SAVE).
 - Rank 0 broadcasts STOP when its update loop ends (stop signal, max_updates, target reached); a keepalive
   while it waits for episodes keeps the collectives' timeout meaningful (a dead rank 0 is noticed).
 """
@@ -43,9 +46,10 @@ from lerobot_policy_pi_rl.rollout import RolloutBatch
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("ddp",)
-# commands rank 0 broadcasts to the others, one int64 each
-NOOP, UPDATE, STOP = 0, 1, 2
+STRATEGIES = ("ddp", "fsdp2")
+# commands rank 0 broadcasts to the others, one int64 each (SAVE: fsdp2 only, every rank gathers the optimizer
+# states for rank 0's checkpoint)
+NOOP, UPDATE, STOP, SAVE = 0, 1, 2, 3
 _BUCKET_BYTES = 64 << 20  # gradients are summed in flat buckets of at most this size (as DDP's buckets)
 
 
@@ -54,18 +58,15 @@ class DistributedConfig:
     """The learner under ``torchrun`` (``--distributed.<field>``); ignored when it runs as one process."""
 
     # how the update is parallelised: 'ddp' (every rank holds the whole policy and optimizers, each evaluates a
-    # slice of every minibatch, gradients summed over ranks). FSDP2 (sharded parameters) is not available yet
+    # slice of every minibatch, gradients summed over ranks) or 'fsdp2' (the same slices, but the trained modules,
+    # their gradients and optimizer states are sharded over the ranks with torch's fully_shard; rank 0 keeps one
+    # full copy of the trained tensors for publishing, evaluation and checkpoints: docs/scale.md)
     strategy: str = "ddp"
     # seconds a rank waits in one collective (the next batch, a gradient sum) before it fails; rank 0 sends a
     # keepalive every third of it while it waits for episodes, so only a dead or stuck rank reaches it
     timeout_s: float = 1800.0
 
     def __post_init__(self):
-        if self.strategy == "fsdp2":
-            raise ValueError(
-                "distributed.strategy: fsdp2 is not implemented yet (docs/scale.md says why); use 'ddp', which "
-                "needs the trained set and its optimizer state to fit one GPU"
-            )
         if self.strategy not in STRATEGIES:
             raise ValueError(f"distributed.strategy: must be one of {STRATEGIES} (got {self.strategy!r})")
         if self.timeout_s <= 0:
@@ -108,6 +109,16 @@ class Group:
 
     def close(self) -> None:
         if dist.is_initialized():
+            # every rank past its last collective before any connection closes: gloo aborts a process whose
+            # peer tears the group down under a pending operation ("terminate called without an active
+            # exception"); monitored, so a peer that died ends the wait after 30 s instead of the group timeout
+            try:
+                if self.device.type == "cpu":
+                    dist.monitored_barrier(timeout=timedelta(seconds=30))
+                else:  # nccl has no monitored barrier
+                    dist.barrier()
+            except Exception as e:  # noqa: BLE001  a peer gone already: tear down what is left
+                log.warning("rank %d: not every rank reached the end (%s)", self.rank, e)
             dist.destroy_process_group()
 
     # --- small messages -------------------------------------------------------------------------
@@ -255,6 +266,9 @@ class RankSlice:
             g.copy_(flat[offset : offset + g.numel()].view_as(g).to(g.device))
             offset += g.numel()
 
+    def after_update(self, algorithm) -> None:
+        """Every rank holds the whole updated policy already (see FSDP2Slice)."""
+
     def sum(self, values: list[float]) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.group.device)
         dist.all_reduce(t)
@@ -272,10 +286,171 @@ def check_supported(algorithm_config) -> None:
         )
 
 
-def attach(algorithm, group: Group) -> None:
-    """Make ``algorithm``'s updates data-parallel over ``group``."""
+class FSDP2Slice(RankSlice):
+    """``--distributed.strategy=fsdp2``: the slices and share weights of :class:`RankSlice`, with the trained
+    modules sharded by FSDP2 (``torch.distributed.fsdp.fully_shard``: DTensor parameters, each rank one shard of
+    every trained tensor, of its gradient and of its AdamW moments). The frozen rest of the policy (the VLM)
+    stays whole and replicated on every rank.
+
+    - Gradients are reduce-scattered by FSDP in backward, averaged over the ranks (its default). The one-process
+      gradient of the whole minibatch is the *sum* of the share-weighted slice gradients (RankSlice), so each
+      rank's loss weight is its share times the world size (:meth:`part`), and the diagnostics, summed with the
+      same weights, are divided by it again (:meth:`sum`). (A divide factor of 1 would say the same, but FSDP
+      then reduces with PREMUL_SUM, which gloo does not have.) Grad-norm clipping over the DTensor gradients
+      is the global norm.
+    - Rank 0 uses the policy outside updates (values bootstrapped in episodes_to_batch, publishing, export,
+      evaluation, save_pretrained). It does that on ``inference``: a plain copy of the policy made before the
+      sharding, that shares the frozen parameters with the sharded one (no second VLM) and whose trained tensors
+      are refreshed after every update (:meth:`after_update`: every rank all-gathers each trained tensor in
+      turn, rank 0 copies it in). Cost: rank 0 holds one full copy of the trained set; what FSDP2 saves is the
+      gradients and AdamW's two moments (3x the trained set) sharded, and the parameters sharded on ranks 1..N-1.
+    - Checkpoints: rank 0 sends SAVE; every rank all-gathers the optimizer states (:meth:`consolidated`), and
+      rank 0 writes them with the inference copy in LeRobot's layout, the files a one-process learner writes:
+      ``--resume`` works at any world size and across ddp / fsdp2. A resumed checkpoint is loaded into the plain
+      policy and optimizers before :meth:`setup` shards them."""
+
+    def __init__(self, group: Group):
+        super().__init__(group)
+        self.inference: nn.Module | None = None  # rank 0's plain copy of the policy (after setup)
+        self._view = None  # rank 0: a PiRLAlgorithm on the inference copy, what save_checkpoint writes
+
+    @staticmethod
+    def trained_modules(policy: nn.Module) -> list[nn.Module]:
+        """Every module that owns trained parameters itself (children before parents): what is sharded, one
+        FSDP unit each. Per module, not per block: FSDP gathers a unit's parameters when its own ``forward``
+        runs, and the update does not go through the blocks' ``forward`` everywhere (LeRobot's pi0 runs its
+        expert layer by layer through the layers' projections and norms). A module that owns trained and
+        frozen parameters cannot be sharded as a unit: ValueError."""
+        trained = {id(p) for p in [*policy.rl_actor_parameters(), *policy.rl_critic_parameters()]}
+        found: list[nn.Module] = []
+
+        def visit(module: nn.Module) -> None:
+            for child in module.children():
+                visit(child)
+            own = [id(p) for p in module.parameters(recurse=False)]
+            if own and all(i in trained for i in own):
+                found.append(module)
+            elif any(i in trained for i in own):
+                raise ValueError(
+                    f"distributed.strategy=fsdp2: {type(module).__name__} holds trained and frozen parameters, "
+                    "so it cannot be sharded as one unit; use distributed.strategy=ddp"
+                )
+
+        visit(policy)
+        return found
+
+    def setup(self, algorithm) -> None:
+        """Every rank, once the replicas are identical: the inference copy (rank 0), then shard the trained
+        modules and move the optimizers (and any state they resumed with) onto the shards."""
+        import copy
+
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.tensor import distribute_tensor
+
+        policy = algorithm.policy
+        trained = {id(p) for p in [*policy.rl_actor_parameters(), *policy.rl_critic_parameters()]}
+        if self.group.leader:
+            # the frozen parameters are the same objects in both (memo): only the trained set is copied
+            memo = {id(p): p for p in policy.parameters() if id(p) not in trained}
+            self.inference = copy.deepcopy(policy, memo).eval()
+        old = {name: self._states(opt) for name, opt in algorithm.optimizers.items()}
+        lrs = {name: [g["lr"] for g in opt.param_groups] for name, opt in algorithm.optimizers.items()}
+        mesh = init_device_mesh(self.group.device.type, (self.group.world,))
+        units = self.trained_modules(policy)
+        for module in units:
+            fully_shard(module, mesh=mesh)  # FSDP's default reduction: the mean over ranks (see part)
+        algorithm.make_optimizers_and_scheduler()  # over the DTensor parameters now in the modules
+        params = [p for opt in algorithm.optimizers.values() for g in opt.param_groups for p in g["params"]]
+        log.info(
+            "rank %d: fsdp2: %d trained modules sharded, this rank holds %d of their %d parameters",
+            self.group.rank,
+            len(units),
+            sum(p.to_local().numel() for p in params),
+            sum(p.numel() for p in params),
+        )
+        for name, opt in algorithm.optimizers.items():
+            for g, lr in zip(opt.param_groups, lrs[name], strict=True):
+                g["lr"] = lr
+            params = [p for g in opt.param_groups for p in g["params"]]
+            for p, state in zip(params, old[name], strict=True):
+                if state:  # resumed AdamW moments: each rank keeps its shard (the same layout as the parameter)
+                    opt.state[p] = {
+                        k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements)
+                        if isinstance(v, Tensor) and v.shape == p.shape
+                        else v
+                        for k, v in state.items()
+                    }
+
+    @staticmethod
+    def _states(opt) -> list[dict]:
+        return [dict(opt.state.get(p, {})) for g in opt.param_groups for p in g["params"]]
+
+    def part(self, idx: Tensor) -> tuple[Tensor, float]:
+        rows, share = super().part(idx)
+        return rows, share * self.group.world  # FSDP's mean over the ranks divides it by the world size again
+
+    def sum(self, values: list[float]) -> list[float]:
+        return [v / self.group.world for v in super().sum(values)]  # the same weights as part's
+
+    def sum_grads(self, params: list[nn.Parameter]) -> None:
+        """Nothing left to sum: FSDP reduce-scattered (averaged) the gradients in backward."""
+
+    def after_update(self, algorithm) -> None:
+        """Every rank, after each update: all-gather the trained tensors one at a time; rank 0 copies them into
+        the inference copy (the others drop them at once)."""
+        from torch.distributed.tensor import DTensor
+
+        target = dict(self.inference.named_parameters()) if self.group.leader else {}
+        with torch.no_grad():
+            for name, p in algorithm.policy.named_parameters():
+                if isinstance(p, DTensor):
+                    full = p.full_tensor()
+                    if self.group.leader:
+                        target[name].copy_(full)
+
+    def consolidated(self, algorithm):
+        """Every rank (rank 0 after sending SAVE): gather the trained tensors and the optimizer states. Rank 0
+        returns a plain PiRLAlgorithm on the inference copy that holds them (for ``save_checkpoint``); the
+        others None. Call :meth:`release` after writing."""
+        from torch.distributed.tensor import DTensor
+
+        from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm
+
+        self.after_update(algorithm)
+        if self.group.leader and self._view is None:
+            self._view = PiRLAlgorithm(self.inference, algorithm.config)
+        view = self._view
+        for name, opt in algorithm.optimizers.items():
+            states = self._states(opt)
+            into = [p for g in view.optimizers[name].param_groups for p in g["params"]] if view else []
+            for i, state in enumerate(states):
+                full = {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in sorted(state.items())}
+                if view is not None and full:
+                    view.optimizers[name].state[into[i]] = full
+            if view is not None:
+                for g, src in zip(view.optimizers[name].param_groups, opt.param_groups, strict=True):
+                    g["lr"] = src["lr"]
+        if view is None:
+            return None
+        view.num_updates = algorithm.num_updates
+        view._optimization_step = algorithm._optimization_step
+        return view
+
+    def release(self) -> None:
+        """Rank 0, after a checkpoint is written: drop the full optimizer states again."""
+        if self._view is not None:
+            for opt in self._view.optimizers.values():
+                opt.state.clear()
+
+
+def attach(algorithm, group: Group, strategy: str = "ddp") -> None:
+    """Make ``algorithm``'s updates data-parallel over ``group`` (``strategy``: 'ddp' or 'fsdp2'; for fsdp2 the
+    sharding itself happens in :func:`start_replicas`, after a resumed checkpoint is loaded)."""
     check_supported(algorithm.config)
-    algorithm.shard = RankSlice(group)
+    if strategy not in STRATEGIES:
+        raise ValueError(f"distributed.strategy: must be one of {STRATEGIES} (got {strategy!r})")
+    algorithm.shard = FSDP2Slice(group) if strategy == "fsdp2" else RankSlice(group)
 
 
 def follow(algorithm, group: Group, stopping: threading.Event | None = None) -> int:
@@ -290,9 +465,12 @@ def follow(algorithm, group: Group, stopping: threading.Event | None = None) -> 
             return updates
         if cmd == UPDATE:
             stats = algorithm.update_on(group.update())
+            algorithm.shard.after_update(algorithm)
             updates += 1
             if stats.extra.get("skipped"):
                 log.info("rank %d: update skipped, as on rank 0", group.rank)
+        elif cmd == SAVE:  # fsdp2: rank 0 checkpoints; this rank's shards of the optimizer states go to it
+            algorithm.shard.consolidated(algorithm)
         elif cmd != NOOP:
             raise RuntimeError(f"rank {group.rank}: unknown command {cmd} from rank 0")
         if stopping is not None and stopping.is_set() and not noted:
@@ -303,9 +481,11 @@ def follow(algorithm, group: Group, stopping: threading.Event | None = None) -> 
 def start_replicas(algorithm, group: Group) -> None:
     """Every rank, once its algorithm holds what it resumed from (rank 0 sent its checkpoint's number first,
     :meth:`Group.checkpoint`): wait for all (rank 0 prunes checkpoints only after every rank has read the one
-    it picked), then take rank 0's weights and check them."""
+    it picked), then take rank 0's weights and check them; under fsdp2, then shard the trained modules."""
     dist.barrier()
     group.sync_state(algorithm.policy)
+    if isinstance(algorithm.shard, FSDP2Slice):
+        algorithm.shard.setup(algorithm)
 
 
 def follow_until_stop(algorithm, group: Group) -> int:

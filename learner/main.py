@@ -60,7 +60,7 @@ def _follow(cfg: LearnerConfig, group) -> int:
         ckpt / "pretrained_model" if ckpt is not None else Path(cfg.policy_path), device=cfg.device, **overrides
     )
     algo = PiRLAlgorithm(policy, cfg.algorithm.plain())
-    attach(algo, group)
+    attach(algo, group, cfg.distributed.strategy)  # fsdp2: sharded in start_replicas, after the checkpoint
     if ckpt is not None:
         load_checkpoint(ckpt, algo)  # optimizer states, update counter (lr schedule, noise level), RNG
         logging.info("rank %d: resumed from checkpoint %s, as rank 0", group.rank, ckpt.name)
@@ -133,7 +133,7 @@ def _serve(cfg: LearnerConfig, group=None) -> int:
     if group is not None:
         from learner.distributed import attach
 
-        attach(algo, group)  # each minibatch split over the ranks, gradients summed
+        attach(algo, group, cfg.distributed.strategy)  # each minibatch split over the ranks, gradients summed
     wal = RecordLog(out / "wal", fsync=cfg.intake.wal_fsync)
     store = RolloutStore(
         PolicyShapes.from_policy(policy),

@@ -167,6 +167,17 @@ class Trainer:
     # --- checkpoints ------------------------------------------------------------------------------
 
     @property
+    def _fsdp2(self) -> bool:
+        return self.group is not None and getattr(self.algo.shard, "inference", None) is not None
+
+    @property
+    def policy(self):
+        """The policy used outside updates (batches' value bootstrap, publishing, evaluation): the algorithm's,
+        or under fsdp2 rank 0's plain inference copy, refreshed after every update (learner/distributed.py)."""
+        inference = getattr(self.algo.shard, "inference", None)
+        return self.algo.policy if inference is None else inference
+
+    @property
     def checkpoints_dir(self) -> Path:
         return self.output_dir / "checkpoints"
 
@@ -179,7 +190,14 @@ class Trainer:
         partial = self.checkpoints_dir / f"{name}{checkpoints.PARTIAL}"
         shutil.rmtree(partial, ignore_errors=True)
         store_state, pending = self.store.checkpoint_snapshot(self.version)
-        save_checkpoint(partial, self.algo, self.pre, self.post)
+        if self._fsdp2:  # every rank gathers its shards of the optimizer states; rank 0 writes them whole
+            from learner.distributed import SAVE
+
+            self.group.command(SAVE)
+            save_checkpoint(partial, self.algo.shard.consolidated(self.algo), self.pre, self.post)
+            self.algo.shard.release()
+        else:
+            save_checkpoint(partial, self.algo, self.pre, self.post)
         write_entries(partial / "pending_records.log", pending)  # accepted, not yet used by an update
         state = {
             "version": self.version,
@@ -336,7 +354,7 @@ class Trainer:
         a restart the version already on disk is announced again, byte for byte the same."""
         versions = self.publisher.version_store(self.output_dir / "artifacts", self.settings.keep_checkpoints)
         return versions.publish(
-            self.algo.policy,
+            self.policy,
             self.version,
             frozen_sha256=self.frozen_sha256,
             export_onnx=self.settings.export_onnx,
@@ -351,11 +369,13 @@ class Trainer:
         start = time.monotonic()
         if self.bc_data is not None:  # before the update: this batch's interventions are BC data at once
             self.bc_data.add_episodes(episodes)
-        batch = episodes_to_batch(episodes, self.algo.policy)
+        batch = episodes_to_batch(episodes, self.policy)
         if self.group is not None:  # every rank updates on this batch, each on its slice of every minibatch
             self.group.update(batch)
         level = self.algo.policy.config.noise_level_at(self.algo.num_updates)
         stats = self.algo.update_on(batch)
+        if self.group is not None:  # fsdp2: every rank gathers the trained tensors into rank 0's inference copy
+            self.algo.shard.after_update(self.algo)
         metrics.LEARNER_UPDATE_SECONDS.observe(time.monotonic() - start)
         if stats.extra.get("skipped"):
             log.warning("update skipped (%s); version stays %d", stats.extra, self.version)
@@ -409,7 +429,7 @@ class Trainer:
         self._write_status()
 
     def _evaluate(self) -> None:
-        success = float(self.evaluator(self.algo.policy))
+        success = float(self.evaluator(self.policy))
         self.eval_curve.append((self.version, self.env_steps, success))
         metrics.EVAL_SUCCESS.set(success)
         log.info("version %d: deterministic success %.3f", self.version, success)

@@ -86,11 +86,11 @@ def built(tmp_path_factory) -> dict[str, list[dict]]:
 
 
 def test_every_overlay_builds(built):
-    assert {p.name for p in OVERLAYS} == {"dev", "production"}
-    assert all(built[name] for name in ("dev", "production"))
+    assert {p.name for p in OVERLAYS} == {"dev", "multi-gpu", "production"}
+    assert all(built[name] for name in ("dev", "multi-gpu", "production"))
 
 
-@pytest.mark.parametrize("overlay", ["dev", "production"])
+@pytest.mark.parametrize("overlay", ["dev", "multi-gpu", "production"])
 def test_built_output_is_valid_against_the_schemas_crds_included(built, overlay):
     res = run([sys.executable, str(DEPLOY / "validate_k8s.py"), str(built["_dir"] / f"{overlay}.yaml")])
     assert res.returncode == 0, res.stdout + res.stderr
@@ -129,13 +129,20 @@ def objects(docs: list[dict], kind: str) -> list[dict]:
     return [d for d in docs if d["kind"] == kind]
 
 
-@pytest.mark.parametrize("overlay, release", [("dev", "kube-prometheus-stack"), ("production", "prometheus")])
-def test_what_the_cluster_gets(built, overlay, release):
+@pytest.mark.parametrize(
+    "overlay, release, gpus",
+    [
+        ("dev", "kube-prometheus-stack", "1"),
+        ("multi-gpu", "kube-prometheus-stack", "4"),
+        ("production", "prometheus", "1"),
+    ],
+)
+def test_what_the_cluster_gets(built, overlay, release, gpus):
     docs = built[overlay]
     (deploy,) = objects(docs, "Deployment")
     (container,) = deploy["spec"]["template"]["spec"]["containers"]
     assert deploy["spec"]["replicas"] == 1 and deploy["spec"]["strategy"]["type"] == "Recreate"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
     health = {p["containerPort"] for p in container["ports"] if p["name"] == "health"}
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert {container[probe]["grpc"]["port"]} == health  # the plaintext health-only port
@@ -167,6 +174,50 @@ def test_what_the_cluster_gets(built, overlay, release):
         public = next(s for s in objects(docs, "Service") if s["metadata"]["name"] == "pirl-learner-public")
         assert public["spec"]["type"] == "LoadBalancer" and [p["name"] for p in public["spec"]["ports"]] == ["grpc"]
         assert "ca.crt" in secret["data"] and config["PIRL_TLS_CLIENT_CA"] == "/etc/pirl/secrets/ca.crt"
+
+
+def test_multi_gpu_overlay_runs_the_base_learner_under_torchrun(built):
+    """One pod, N GPUs, torchrun --standalone with as many workers as GPUs, /dev/shm in memory for
+    NCCL, the PVC, and every setting of the ConfigMap passed on as the flag the image's entrypoint
+    would give pirl-learner for it (the overlay replaces the entrypoint, so nothing may be dropped)."""
+    docs = built["multi-gpu"]
+    (deploy,) = objects(docs, "Deployment")
+    pod = deploy["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    config = {
+        k: v
+        for d in objects(docs, "ConfigMap")
+        if d["metadata"]["name"] == "pirl-learner-config"
+        for k, v in d["data"].items()
+    }
+    command = container["command"]
+    assert command[0] == "torchrun" and "--standalone" in command and command[-2:] == ["--no-python", "pirl-learner"]
+    (nproc,) = [c.split("=", 1)[1] for c in command if c.startswith("--nproc_per_node=")]
+    assert nproc == "$(PIRL_NPROC_PER_NODE)"  # expanded by the kubelet from the ConfigMap
+    resources = container["resources"]
+    assert int(config["PIRL_NPROC_PER_NODE"]) > 1
+    assert resources["limits"]["nvidia.com/gpu"] == resources["requests"]["nvidia.com/gpu"]
+    assert resources["limits"]["nvidia.com/gpu"] == config["PIRL_NPROC_PER_NODE"]
+    (shm,) = [v for v in pod["volumes"] if v["name"] == "shm"]
+    assert shm["emptyDir"]["medium"] == "Memory"
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert mounts["shm"] == "/dev/shm" and mounts["data"] == "/var/lib/pirl"
+    (pvc,) = [v for v in pod["volumes"] if "persistentVolumeClaim" in v]
+    assert pvc["persistentVolumeClaim"]["claimName"] == objects(docs, "PersistentVolumeClaim")[0]["metadata"]["name"]
+    # the flags the entrypoint derives from each PIRL_* variable (`opt VAR --flag` / `switch VAR --flag`)
+    entry = (DEPLOY / "docker" / "learner-entrypoint.sh").read_text()
+    flags = dict(re.findall(r"^opt (PIRL_\w+) (--\S+)$", entry, re.MULTILINE))
+    switches = dict(re.findall(r"^switch (PIRL_\w+) (--\S+)$", entry, re.MULTILINE))
+    args = container["args"]
+    for key, value in config.items():
+        if key == "PIRL_NPROC_PER_NODE":
+            continue  # torchrun's, not pirl-learner's
+        if key in switches:
+            want = "true" if value in ("1", "true", "yes", "on") else "false"
+            assert f"{switches[key]}={want}" in args, key
+        else:
+            assert f"{flags[key]}=$({key})" in args, key
+    assert len(args) == len(config) - 1  # nothing beyond the ConfigMap's settings
 
 
 def test_generated_files_are_fresh():

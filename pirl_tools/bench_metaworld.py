@@ -1,14 +1,15 @@
 """pirl-bench metaworld: few-shot SFT then PI-RL on MetaWorld tasks (MT10 by default), per task, on this machine.
 
     pirl-bench metaworld --out=DIR [--tasks='[reach-v3,push-v3]'] [--noise_method='[flow_noise,flow_sde]']
-                         [--seeds='[0]'] [--time_limit=1800] [--num_demos=5] [--sft_steps=1000] ...
+                         [--seeds='[0]'] [--time_limit=1800] [--sft_band='[0.3,0.6]'] [--num_demos=5] ...
 
 The CPU policy (the small MLP flow policy) reads MetaWorld's full 39-dim state (``envs/metaworld.py``,
 ``pirl/MetaWorldState-v3``); LeRobot's ``--env.type=metaworld`` serves a 480x480 image plus a 4-dim state,
 which is for VLA backbones on a GPU (docs/benchmarks.md). Per task and seed: MetaWorld's scripted expert
-records ``num_demos`` successful demonstrations (action noise ``demo_noise``) as a local LeRobotDataset,
-LeRobot's train() behaviour-clones ``pi_rl`` on them (``sft_steps``); then, per noise method, PI-RL with the
-built-in task's preset runs in process until ``time_limit`` seconds or ``iterations`` updates, evaluated
+records successful demonstrations (action noise ``demo_noise``) as a local LeRobotDataset and LeRobot's
+train() behaviour-clones ``pi_rl`` on them, as many as it takes for SFT to score inside ``sft_band``
+(``pirl_tools/sft_calibration.py``: five demos give 100% on some tasks and 3% on others); then, per noise
+method, PI-RL with the built-in task's preset runs in process until ``time_limit`` seconds or ``iterations`` updates, evaluated
 deterministically (ODE, fixed seeds: the same episodes for every method) every ``eval_every`` updates.
 
 Writes DIR/metaworld.json (``runs``: task, noise_method, seed, sft_success, final_success, best_success,
@@ -28,6 +29,7 @@ from pathlib import Path
 from lerobot_policy_pi_rl.envs.metaworld import GYM_ID, MT10_TASKS, REWARDS, VARIANTS
 from lerobot_policy_pi_rl.samplers import RL_NOISE_METHODS
 from pirl.cli import require, write_json
+from pirl_tools.sft_calibration import calibrate, sft_ladder
 
 EXPERT = "lerobot_policy_pi_rl.envs.metaworld:expert"
 # the paper's MetaWorld MT50 averages (pi0 / pi0.5, few-shot SFT -> Flow-SDE / Flow-Noise), shared/PIRL_METHOD.md
@@ -59,8 +61,16 @@ class BenchMetaWorldConfig:
     # start states: 'mt1' (MetaWorld's benchmark protocol: one of the task's 50 MT1 train variants per episode) or
     # 'random' (positions drawn from the reset ranges, as LeRobot's metaworld env does)
     variants: str = "mt1"
-    # successful scripted demonstrations per task (few-shot: SFT should land at or below 60% success)
+    # successful scripted demonstrations per task to start the SFT calibration from (all tasks, when sft_band is [])
     num_demos: int = 5
+    # few-shot SFT's deterministic success band [low, high]: per task and seed the demo count (then, at one demo,
+    # the SFT steps) is searched until SFT scores inside it (pirl_tools/sft_calibration.py); the issue's protocol
+    # starts RL at or below 60%. [] turns the search off: num_demos and sft_steps for every task
+    sft_band: list[float] = field(default_factory=lambda: [0.3, 0.6])
+    # most demonstrations the calibration may record for a task
+    max_demos: int = 40
+    # fewest SFT steps the calibration may train with (tried only at one demonstration)
+    min_sft_steps: int = 250
     # std of the Gaussian noise added to the expert's actions (action units; actions are in [-1, 1])
     demo_noise: float = 0.1
     # SFT (flow-matching behaviour cloning) steps
@@ -85,6 +95,10 @@ class BenchMetaWorldConfig:
             raise ValueError("out: required (the output directory)")
         positive = ("max_episode_steps", "num_demos", "sft_steps", "iterations", "num_envs", "eval_every")
         require(self, at_least={**dict.fromkeys(positive, 1), "eval_episodes": 1, "demo_noise": 0, "time_limit": 1})
+        if self.sft_band and not (len(self.sft_band) == 2 and 0 <= self.sft_band[0] <= self.sft_band[1] <= 1):
+            raise ValueError(f"sft_band: [low, high] with 0 <= low <= high <= 1, or [] (got {self.sft_band})")
+        if self.sft_band:
+            sft_ladder(self.num_demos, self.sft_steps, self.max_demos, self.min_sft_steps)  # raises on a bad range
         if self.max_episode_steps > 500:
             raise ValueError(f"max_episode_steps: MetaWorld's limit is 500 (got {self.max_episode_steps})")
         if not self.noise_method or set(self.noise_method) - set(RL_NOISE_METHODS):
@@ -110,7 +124,6 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
     from lerobot_policy_pi_rl.learn import LearnSettings, run_pirl
     from lerobot_policy_pi_rl.presets import builtin_task_algorithm_config
     from lerobot_policy_pi_rl.sft import load_policy
-    from pirl_tools.common import env_sft_checkpoint
 
     unknown = sorted(set(cfg.tasks) - set(_known_tasks()))
     if unknown:
@@ -120,6 +133,7 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
     runs: list[dict] = json.loads(path.read_text())["runs"] if path.is_file() else []
     done = {(r["task"], r["noise_method"], r["seed"]) for r in runs}
     grid = list(itertools.product(cfg.tasks, cfg.seeds, cfg.noise_method))
+    sfts: dict[tuple[str, int], tuple[Path, dict]] = {}
     started = time.monotonic()
     for i, (task, seed, method) in enumerate(grid, 1):
         if (task, method, seed) in done:
@@ -132,21 +146,9 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
             "variants": cfg.variants,
         }
         kwargs = sim_env_kwargs(GYM_ID, extra=extra)
-        sft_started = time.monotonic()
-        ckpt = env_sft_checkpoint(
-            out / "sft" / f"{task}-seed{seed}",
-            GYM_ID,
-            kwargs,
-            f"metaworld {task}",
-            expert=EXPERT,
-            num_demos=cfg.num_demos,
-            steps=cfg.sft_steps,
-            seed=seed,
-            noise_std=cfg.demo_noise,
-            fps=80,
-            repo_id=f"local/metaworld_{task}",
-        )
-        sft_seconds = time.monotonic() - sft_started
+        if (task, seed) not in sfts:
+            sfts[(task, seed)] = _few_shot_sft(cfg, out / "sft" / f"{task}-seed{seed}", task, seed, kwargs)
+        ckpt, sft_info = sfts[(task, seed)]
         policy, pre, post = load_policy(ckpt, noise_method=method)
         print(f"[{i}/{len(grid)}] {task} {method} seed={seed}: PI-RL for at most {cfg.time_limit:.0f}s")
         settings = LearnSettings(
@@ -172,7 +174,7 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
                 "env_steps": res.env_steps,
                 "updates": res.updates,
                 "wall_seconds": round(res.wall_seconds, 1),
-                "sft_seconds": round(sft_seconds, 1),
+                **sft_info,
                 "curve": [[s, v] for s, v in res.curve],
             }
         )
@@ -185,6 +187,73 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
     plot(out / "metaworld.png", runs)
     print(f"wrote {path} and {out / 'metaworld.png'} ({time.monotonic() - started:.0f}s)")
     return 0
+
+
+def _few_shot_sft(cfg: BenchMetaWorldConfig, out: Path, task: str, seed: int, kwargs: dict) -> tuple[Path, dict]:
+    """The task's SFT checkpoint and how it was made (``num_demos``, ``sft_steps``, ``sft_seconds``, and with a
+    band the ``sft_calibration`` trail of (demos, steps, success)). With ``sft_band`` each rung tried is trained
+    under OUT/d<demos>-s<steps> and scored by the deterministic evaluation run_pirl starts with (same episodes,
+    same noise); the choice is kept in OUT/calibration.json and reused."""
+    from lerobot_policy_pi_rl.envs import open_sim_env
+    from lerobot_policy_pi_rl.learn import LearnSettings
+    from lerobot_policy_pi_rl.rollout import PolicyRunner, evaluate_success
+    from lerobot_policy_pi_rl.sft import load_policy
+    from pirl_tools.common import env_sft_checkpoint
+
+    started = time.monotonic()
+
+    def train(demos: int, steps: int, where: Path) -> Path:
+        return env_sft_checkpoint(
+            where,
+            GYM_ID,
+            kwargs,
+            f"metaworld {task}",
+            expert=EXPERT,
+            num_demos=demos,
+            steps=steps,
+            seed=seed,
+            noise_std=cfg.demo_noise,
+            fps=80,
+            repo_id=f"local/metaworld_{task}",
+        )
+
+    if not cfg.sft_band:
+        ckpt = train(cfg.num_demos, cfg.sft_steps, out)
+        return ckpt, {"num_demos": cfg.num_demos, "sft_steps": cfg.sft_steps, "sft_seconds": _since(started)}
+    band = (cfg.sft_band[0], cfg.sft_band[1])
+    ladder = sft_ladder(cfg.num_demos, cfg.sft_steps, cfg.max_demos, cfg.min_sft_steps)
+    saved = out / "calibration.json"
+    if saved.is_file():
+        info = json.loads(saved.read_text())
+        if info["band"] == list(band) and info["ladder"] == [list(r) for r in ladder]:
+            print(f"[sft] {task}: reusing the calibrated SFT in {saved} ({info['num_demos']} demos)")
+            return out / info["checkpoint"], {k: info[k] for k in ("num_demos", "sft_steps", "sft_calibration")} | {
+                "sft_seconds": info["sft_seconds"]
+            }
+    eval_settings = LearnSettings()  # run_pirl's evaluation seed: the score SFT gets there
+    eval_env = open_sim_env(GYM_ID, min(cfg.eval_episodes, 500), "env", autoreset=False, **kwargs)
+
+    def score(rung: tuple[int, int]) -> float:
+        policy, pre, post = load_policy(train(*rung, out / f"d{rung[0]}-s{rung[1]}"), noise_method=cfg.noise_method[0])
+        runner = PolicyRunner.for_env(policy, pre, post, eval_env)
+        success = evaluate_success(runner, eval_env, episodes=cfg.eval_episodes, seed=eval_settings.eval_seed)
+        print(f"[sft] {task}: {rung[0]} demos, {rung[1]} steps -> deterministic success {success:.2f} (band {band})")
+        return success
+
+    try:
+        (demos, steps), success, trail = calibrate(score, ladder, (cfg.num_demos, cfg.sft_steps), band)
+    finally:
+        eval_env.close()
+    info = {"num_demos": demos, "sft_steps": steps, "sft_calibration": trail, "sft_seconds": _since(started)}
+    checkpoint = Path(f"d{demos}-s{steps}") / "train" / "checkpoints" / "last" / "pretrained_model"
+    write_json(saved, {**info, "band": list(band), "ladder": ladder, "checkpoint": str(checkpoint)})
+    if not band[0] <= success <= band[1]:
+        print(f"[sft] {task}: no rung scores inside {band}; kept {demos} demos, {steps} steps ({success:.2f})")
+    return out / checkpoint, info
+
+
+def _since(started: float) -> float:
+    return round(time.monotonic() - started, 1)
 
 
 def _result(cfg: BenchMetaWorldConfig, command: str, runs: list[dict]) -> dict:
@@ -200,6 +269,9 @@ def _result(cfg: BenchMetaWorldConfig, command: str, runs: list[dict]) -> dict:
                 "reward",
                 "variants",
                 "num_demos",
+                "sft_band",
+                "max_demos",
+                "min_sft_steps",
                 "demo_noise",
                 "sft_steps",
                 "time_limit",

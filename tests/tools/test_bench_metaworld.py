@@ -21,7 +21,9 @@ TINY = [
     "--tasks=[reach-v3]",
     "--noise_method=[flow_sde]",
     "--num_demos=2",
+    "--max_demos=2",
     "--sft_steps=10",
+    "--min_sft_steps=10",
     "--iterations=1",
     "--num_envs=4",
     "--eval_every=1",
@@ -52,7 +54,14 @@ def test_a_tiny_metaworld_benchmark_writes_its_results_and_resumes(tmp_path, cap
     assert r["env_steps"] > 0 and r["wall_seconds"] > 0 and len(r["curve"]) == 2
     assert report["settings"]["variants"] == "mt1" and report["paper_mt50"]["pi0"]["flow_noise"] == 0.858
     assert (out / "metaworld.png").stat().st_size > 0
-    assert (out / "sft" / "reach-v3-seed0" / "data" / "meta" / "info.json").is_file()
+    # the calibration starts at 2 demos (the ladder's top: [(1, 10), (2, 10)]) and goes down only if SFT scores
+    # above the band; the chosen rung's calibration score is the SFT score run_pirl measured (same evaluation)
+    trail = r["sft_calibration"]
+    assert trail[0][:2] == [2, 10] and len(trail) <= 2 and (r["num_demos"], r["sft_steps"]) in ((1, 10), (2, 10))
+    assert {tuple(t[:2]): t[2] for t in trail}[(r["num_demos"], 10)] == pytest.approx(r["sft_success"])
+    chosen = out / "sft" / "reach-v3-seed0" / f"d{r['num_demos']}-s10"
+    assert (chosen / "data" / "meta" / "info.json").is_file()
+    assert json.loads((out / "sft" / "reach-v3-seed0" / "calibration.json").read_text())["num_demos"] == r["num_demos"]
     capsys.readouterr()
     # the same command again: the run is in metaworld.json, nothing is run twice
     assert run(cfg, "pirl-bench metaworld (test)") == 0

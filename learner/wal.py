@@ -51,17 +51,22 @@ def _entries(data: bytes) -> Iterator[tuple[int, str, bytes]]:
         rec, off = got
         (crc,) = _U32.unpack_from(data, off)
         off += 4
-        if zlib.crc32(robot + rec) != crc:
+        if zlib.crc32(rec, zlib.crc32(robot)) != crc:
             log.warning("write-ahead log entry at offset %d is corrupt: replay stops there", start)
             return
         yield off, robot.decode(), rec
 
 
-def encode_entry(robot_id: str, record: bytes) -> bytes:
+def entry_parts(robot_id: str, record: bytes) -> tuple[bytes, ...]:
+    """One entry as the pieces to write in order. The crc runs over robot id then record incrementally, and the
+    record is written as it came: no copy of a (possibly multi-MB) record on the ingest path."""
     robot = robot_id.encode()
-    return b"".join(
-        (_U32.pack(len(robot)), robot, _U32.pack(len(record)), record, _U32.pack(zlib.crc32(robot + record)))
-    )
+    crc = zlib.crc32(record, zlib.crc32(robot))
+    return _U32.pack(len(robot)), robot, _U32.pack(len(record)), record, _U32.pack(crc)
+
+
+def encode_entry(robot_id: str, record: bytes) -> bytes:
+    return b"".join(entry_parts(robot_id, record))
 
 
 def read_entries(path: Path) -> list[tuple[str, bytes]]:
@@ -113,7 +118,7 @@ class RecordLog:
         with self._lock:
             if self._file is None:
                 raise RuntimeError("RecordLog.append before start_segment")
-            self._file.write(encode_entry(robot_id, record))
+            self._file.writelines(entry_parts(robot_id, record))
             self._file.flush()
             if self.fsync:
                 os.fsync(self._file.fileno())

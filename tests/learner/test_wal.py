@@ -37,3 +37,27 @@ def test_replay_and_torn_tail(tmp_path):
     assert [r for r, _ in read_entries(seg)] == ["robot-0", "robot-1", "robot-3"]
     log.drop_before(1)
     assert not seg.exists() and log.segments() == [1]
+
+
+def test_the_entry_format_is_unchanged_by_the_incremental_crc(tmp_path):
+    """Logs written before the crc became incremental replay: the entry is still u32 len, robot id, u32 len,
+    record, u32 crc32(robot id + record), and append writes exactly encode_entry's bytes."""
+    import struct
+    import zlib
+
+    robot, rec = b"robot-7", bytes(range(256)) * 300
+    old = b"".join(
+        (
+            struct.pack("<I", len(robot)),
+            robot,
+            struct.pack("<I", len(rec)),
+            rec,
+            struct.pack("<I", zlib.crc32(robot + rec)),
+        )
+    )
+    assert encode_entry("robot-7", rec) == old
+    log = RecordLog(tmp_path)
+    log.start_segment(0)
+    log.append("robot-7", rec)
+    log.close()
+    assert (tmp_path / "after-000000.log").read_bytes() == old

@@ -9,8 +9,9 @@ which is for VLA backbones on a GPU (docs/benchmarks.md). Per task and seed: Met
 records successful demonstrations (action noise ``demo_noise``) as a local LeRobotDataset and LeRobot's
 train() behaviour-clones ``pi_rl`` on them, as many as it takes for SFT to score inside ``sft_band``
 (``pirl_tools/sft_calibration.py``: five demos give 100% on some tasks and 3% on others); then, per noise
-method, PI-RL with the built-in task's preset runs in process until ``time_limit`` seconds or ``iterations`` updates, evaluated
-deterministically (ODE, fixed seeds: the same episodes for every method) every ``eval_every`` updates.
+method, PI-RL with the built-in task's preset runs in process until ``time_limit`` seconds or ``iterations``
+updates, evaluated deterministically (ODE, fixed seeds: the same episodes for every method) every
+``eval_every`` updates.
 
 Writes DIR/metaworld.json (``runs``: task, noise_method, seed, sft_success, final_success, best_success,
 env_steps, wall_seconds, curve) after every run and DIR/metaworld.png (SFT and final success per task and

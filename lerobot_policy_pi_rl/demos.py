@@ -77,12 +77,18 @@ def record_env_demos(
     noise_std: float = 0.0,
     fps: int = 50,
     max_batches: int = 50,
+    start_states: int = 0,
     progress: Callable[[str], None] | None = print,
 ):
     """Run ``expert`` in ``env`` (``autoreset=False``) batch after batch and write its first ``num_episodes``
     successful episodes to a new LeRobotDataset at ``root``. Gaussian noise of std ``noise_std`` (in action
     units) is added to the expert's actions, which are clipped to the env's bounds. Stops with a ValueError
-    after ``max_batches`` batches without enough successes (an expert that does not solve the task)."""
+    after ``max_batches`` batches without enough successes (an expert that does not solve the task).
+
+    With ``start_states`` > 0 the env is reset that many more times and the dataset's state statistics are
+    widened to cover the observations at those start states (``input_stats.widen_stats``: a few demos leave
+    an object's start position nearly constant); the demos-only statistics and what was widened are kept in
+    ``meta/pirl_start_states.json``."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     root = Path(root)
@@ -126,4 +132,52 @@ def record_env_demos(
             ds.add_frame({**frame, "task": task})
         ds.save_episode()
     ds.finalize()
+    if start_states > 0:
+        states = _start_states(env, frame_of, start_states, seed=seed + 1_000_003, features=features)
+        _widen_dataset_stats(ds, states, seed + 1_000_003, progress)
     return ds
+
+
+def _start_states(env, frame_of, count: int, *, seed: int, features: dict) -> dict[str, np.ndarray]:
+    """The state features' observations right after ``count`` resets (seeds seed, seed + 1, ...): {key: [count, dim]}."""
+    keys = [k for k, f in features.items() if k != "action" and f["dtype"] == "float32"]
+    got: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+    n = env.num_envs
+    for first in range(0, count, n):
+        obs, _ = env.reset(seed=seed + first)
+        for i in range(min(n, count - first)):
+            frame = frame_of(obs, i)
+            for k in keys:
+                got[k].append(frame[k])
+    return {k: np.stack(v) for k, v in got.items()}
+
+
+def _widen_dataset_stats(ds, states: dict[str, np.ndarray], seed: int, progress) -> None:
+    """Widen ``ds``'s statistics (meta/stats.json, which lerobot-train normalises with) to the start states'."""
+    import json
+
+    from lerobot.datasets.io_utils import write_stats
+
+    from lerobot_policy_pi_rl.input_stats import start_state_stats, widen_stats
+
+    stats = {k: dict(v) for k, v in ds.meta.stats.items()}
+    record: dict[str, dict] = {}
+    for key, x in states.items():
+        new, dims = widen_stats(stats[key], start_state_stats(x))
+        if len(dims):
+            record[key] = {
+                "dims": dims.tolist(),
+                "demo_std": np.asarray(stats[key]["std"], dtype=np.float64).reshape(-1)[dims].tolist(),
+                "std": np.asarray(new["std"]).reshape(-1)[dims].tolist(),
+            }
+            stats[key] = {k: v.astype(np.asarray(stats[key][k]).dtype) for k, v in new.items()}
+    write_stats(stats, ds.meta.root)
+    ds.meta.stats = stats
+    info = {"start_states": len(next(iter(states.values()))), "seed": seed, "widened": record}
+    (Path(ds.meta.root) / "meta" / "pirl_start_states.json").write_text(json.dumps(info, indent=2) + "\n")
+    if progress:
+        n = sum(len(r["dims"]) for r in record.values())
+        progress(
+            f"[demos] normalisation: {n} state dims vary more across {info['start_states']} start states than in "
+            f"the demos; their spread was widened to cover them (meta/pirl_start_states.json)"
+        )

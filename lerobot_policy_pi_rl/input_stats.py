@@ -9,6 +9,12 @@ extrapolates wildly, and PPO's first updates show it as a large approx KL. Two d
   ``processor_pi_rl``);
 * a near-constant dimension is reported with a warning when SFT starts and whenever a policy is loaded, so
   the user can record more varied demos or leave the dimension out.
+
+The clamp bounds the damage but does not restore the information: with one demo, an object's start position
+has a spread of 0, so at every other start it is clamped to +-``state_clip`` and the policy cannot tell where
+the object is. Where demos are recorded in an env, the spread is also measured over the env's start states
+(``start_state_stats``) and the statistics are widened to cover it (``widen_stats``): a dimension is never
+normalised more narrowly than it varies across the situations the policy will start in.
 """
 
 from __future__ import annotations
@@ -104,3 +110,42 @@ def normalizer_stats(preprocessor) -> dict[str, dict]:
                 for k, s in step.stats.items()
             }
     return {}
+
+
+def start_state_stats(states: np.ndarray) -> dict[str, np.ndarray]:
+    """LeRobot-style statistics (min, max, mean, std, q01..q99) of ``states`` [N, dim]: observations at the env's
+    start states, one per reset."""
+    x = np.asarray(states, dtype=np.float64).reshape(len(states), -1)
+    out = {"min": x.min(0), "max": x.max(0), "mean": x.mean(0), "std": x.std(0)}
+    for q in (1, 10, 50, 90, 99):
+        out[f"q{q:02d}"] = np.quantile(x, q / 100, axis=0)
+    return out
+
+
+def widen_stats(demo: dict, start: dict[str, np.ndarray]) -> tuple[dict, np.ndarray]:
+    """``demo``'s statistics of one feature widened so that no dimension is narrower than in ``start``
+    (``start_state_stats``): std = max of the two, min / max and the outer quantiles the union of the ranges.
+    The centre (mean, q50) stays the demos': SFT learned around it. Returns (new stats, the dims whose std or
+    min-max range grew by more than 0.1 %)."""
+    new = {k: np.array(v, dtype=np.float64, copy=True) for k, v in demo.items()}
+
+    def take(name: str, pick) -> None:
+        if name in new and name in start:
+            new[name] = pick(new[name].reshape(-1), start[name]).reshape(new[name].shape)
+
+    take("std", np.maximum)
+    for name in ("min", "q01", "q10"):
+        take(name, np.minimum)
+    for name in ("max", "q90", "q99"):
+        take(name, np.maximum)
+
+    def grew(before, after) -> np.ndarray:
+        before, after = np.asarray(before, np.float64).reshape(-1), np.asarray(after, np.float64).reshape(-1)
+        return after > before * (1 + 1e-3) + 1e-9
+
+    widened = np.zeros(np.asarray(start["std"]).shape, dtype=bool)
+    if "std" in demo:
+        widened |= grew(demo["std"], new["std"])
+    if "min" in demo and "max" in demo:
+        widened |= grew(np.subtract(demo["max"], demo["min"]), new["max"] - new["min"])
+    return new, np.flatnonzero(widened)

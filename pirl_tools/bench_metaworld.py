@@ -74,6 +74,9 @@ class BenchMetaWorldConfig:
     min_sft_steps: int = 250
     # std of the Gaussian noise added to the expert's actions (action units; actions are in [-1, 1])
     demo_noise: float = 0.1
+    # env resets whose start-state observations widen the demos' state normalisation statistics (with one demo
+    # an object's start position has spread 0 and is clamped at every other start); 0: the demos' statistics only
+    start_states: int = 256
     # SFT (flow-matching behaviour cloning) steps
     sft_steps: int = 1000
     # wall-time cap of each (task, method, seed) PI-RL run, seconds (the issue's budget: 30 minutes)
@@ -95,7 +98,14 @@ class BenchMetaWorldConfig:
         if not self.out:
             raise ValueError("out: required (the output directory)")
         positive = ("max_episode_steps", "num_demos", "sft_steps", "iterations", "num_envs", "eval_every")
-        require(self, at_least={**dict.fromkeys(positive, 1), "eval_episodes": 1, "demo_noise": 0, "time_limit": 1})
+        at_least = {
+            **dict.fromkeys(positive, 1),
+            "eval_episodes": 1,
+            "demo_noise": 0,
+            "time_limit": 1,
+            "start_states": 0,
+        }
+        require(self, at_least=at_least)
         if self.sft_band and not (len(self.sft_band) == 2 and 0 <= self.sft_band[0] <= self.sft_band[1] <= 1):
             raise ValueError(f"sft_band: [low, high] with 0 <= low <= high <= 1, or [] (got {self.sft_band})")
         if self.sft_band:
@@ -216,21 +226,27 @@ def _few_shot_sft(cfg: BenchMetaWorldConfig, out: Path, task: str, seed: int, kw
             noise_std=cfg.demo_noise,
             fps=80,
             repo_id=f"local/metaworld_{task}",
+            start_states=cfg.start_states,
         )
 
     if not cfg.sft_band:
         ckpt = train(cfg.num_demos, cfg.sft_steps, out)
-        return ckpt, {"num_demos": cfg.num_demos, "sft_steps": cfg.sft_steps, "sft_seconds": _since(started)}
+        return ckpt, {
+            "num_demos": cfg.num_demos,
+            "sft_steps": cfg.sft_steps,
+            "start_states": cfg.start_states,
+            "sft_seconds": _since(started),
+        }
     band = (cfg.sft_band[0], cfg.sft_band[1])
     ladder = sft_ladder(cfg.num_demos, cfg.sft_steps, cfg.max_demos, cfg.min_sft_steps)
     saved = out / "calibration.json"
     if saved.is_file():
         info = json.loads(saved.read_text())
-        if info["band"] == list(band) and info["ladder"] == [list(r) for r in ladder]:
+        same = info["band"] == list(band) and info["ladder"] == [list(r) for r in ladder]
+        if same and info.get("start_states", 0) == cfg.start_states:
             print(f"[sft] {task}: reusing the calibrated SFT in {saved} ({info['num_demos']} demos)")
-            return out / info["checkpoint"], {k: info[k] for k in ("num_demos", "sft_steps", "sft_calibration")} | {
-                "sft_seconds": info["sft_seconds"]
-            }
+            kept = ("num_demos", "sft_steps", "start_states", "sft_calibration", "sft_seconds")
+            return out / info["checkpoint"], {k: info[k] for k in kept}
     eval_settings = LearnSettings()  # run_pirl's evaluation seed: the score SFT gets there
     eval_env = open_sim_env(GYM_ID, min(cfg.eval_episodes, 500), "env", autoreset=False, **kwargs)
 
@@ -245,7 +261,13 @@ def _few_shot_sft(cfg: BenchMetaWorldConfig, out: Path, task: str, seed: int, kw
         (demos, steps), success, trail = calibrate(score, ladder, (cfg.num_demos, cfg.sft_steps), band)
     finally:
         eval_env.close()
-    info = {"num_demos": demos, "sft_steps": steps, "sft_calibration": trail, "sft_seconds": _since(started)}
+    info = {
+        "num_demos": demos,
+        "sft_steps": steps,
+        "start_states": cfg.start_states,
+        "sft_calibration": trail,
+        "sft_seconds": _since(started),
+    }
     checkpoint = Path(f"d{demos}-s{steps}") / "train" / "checkpoints" / "last" / "pretrained_model"
     write_json(saved, {**info, "band": list(band), "ladder": ladder, "checkpoint": str(checkpoint)})
     if not band[0] <= success <= band[1]:

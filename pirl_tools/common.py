@@ -90,11 +90,14 @@ def env_sft_checkpoint(
     repo_id: str = "local/pirl_demos",
     dataset_root: Path | None = None,
     policy_overrides: dict | None = None,
+    start_states: int = 0,
 ) -> Path:
     """SFT on any env: ``expert`` (``module:callable``) records ``num_demos`` successful episodes of ``target`` (a
     LeRobot ``EnvConfig`` or a name ``make_vec_env`` takes, built with ``env_kwargs``) into OUT/data, unless a
     dataset is there or ``dataset_root`` is given; then LeRobot's train() behaviour-clones ``pi_rl`` into OUT/train.
-    A finished checkpoint is reused. ``field`` names the env in errors (``env.type=...``, ``sim_env=...``)."""
+    A finished checkpoint is reused. ``field`` names the env in errors (``env.type=...``, ``sim_env=...``). With
+    ``start_states`` > 0 a recorded dataset's state statistics are widened to cover that many env start states
+    (``demos.record_env_demos``)."""
     from lerobot_policy_pi_rl.demos import load_expert, record_env_demos
     from lerobot_policy_pi_rl.envs import open_sim_env
     from lerobot_policy_pi_rl.sft import SFTSettings, train_sft
@@ -107,9 +110,21 @@ def env_sft_checkpoint(
         env = open_sim_env(target, min(num_demos, 8), field, autoreset=False, **env_kwargs)
         print(f"[sft] recording {num_demos} demonstrations of {field} with {expert} -> {data}")
         try:
-            record_env_demos(data, env, expert_fn, num_demos, repo_id=repo_id, seed=seed, noise_std=noise_std, fps=fps)
+            record_env_demos(
+                data,
+                env,
+                expert_fn,
+                num_demos,
+                repo_id=repo_id,
+                seed=seed,
+                noise_std=noise_std,
+                fps=fps,
+                start_states=start_states,
+            )
         finally:
             env.close()
+    elif dataset_root is None:
+        _check_recorded_start_states(data, start_states)
     ckpt = out / "train" / "checkpoints" / "last" / "pretrained_model"
     if (ckpt / "model.safetensors").is_file():
         print(f"[sft] reusing {ckpt}")
@@ -117,6 +132,17 @@ def env_sft_checkpoint(
     print(f"[sft] behaviour cloning on {data} ({steps} steps)")
     settings = SFTSettings(steps=steps, seed=seed, policy_overrides=policy_overrides or {})
     return train_sft(data, out / "train", settings, repo_id)
+
+
+def _check_recorded_start_states(data: Path, start_states: int) -> None:
+    """A dataset recorded earlier in OUT is reused only with the start-state widening it was recorded with."""
+    provenance = data / "meta" / "pirl_start_states.json"
+    had = json.loads(provenance.read_text())["start_states"] if provenance.is_file() else 0
+    if had != start_states:
+        raise ValueError(
+            f"start_states: the demos in {data} were recorded with start_states={had}, not {start_states}; give a "
+            "new --out or the same setting"
+        )
 
 
 def plot_curves(

@@ -73,6 +73,7 @@ def _run_any_env(args) -> int:
         repo_id=args.dataset_repo_id,
         dataset_root=Path(args.dataset_root) if args.dataset_root else None,
         policy_overrides=builtin_policy_overrides(args.backbone),
+        start_states=args.start_states,
     )
     if target is None:
         return _report(args, ckpt, None, None)
@@ -145,6 +146,10 @@ class SFTConfig:
     dataset_repo_id: str = "local/pirl_demos"
     # frame rate written into a recorded dataset (the env's control rate)
     fps: int = 50
+    # env resets whose start-state observations widen a recorded dataset's state normalisation statistics, so
+    # that a dim the few demos never varied (an object's start position) keeps its spread (0: the demos' only;
+    # the built-in task's recorder does not use it)
+    start_states: int = 256
 
     def __post_init__(self):
         if not self.out:
@@ -158,7 +163,7 @@ class SFTConfig:
             )
         if self.expert and self.env is None and self.sim_env is None:
             raise ValueError("expert: it records on --env.type=... or --sim_env=...: give one")
-        require(self, at_least={"num_demos": 1, "steps": 1, "eval_episodes": 1, "demo_noise": 0})
+        require(self, at_least={"num_demos": 1, "steps": 1, "eval_episodes": 1, "demo_noise": 0, "start_states": 0})
         if self.backbone not in BACKBONE_CHOICES:
             raise ValueError(f"backbone: must be one of {BACKBONE_CHOICES} (got {self.backbone!r})")
 

@@ -61,6 +61,10 @@ def test_a_tiny_metaworld_benchmark_writes_its_results_and_resumes(tmp_path, cap
     assert {tuple(t[:2]): t[2] for t in trail}[(r["num_demos"], 10)] == pytest.approx(r["sft_success"])
     chosen = out / "sft" / "reach-v3-seed0" / f"d{r['num_demos']}-s10"
     assert (chosen / "data" / "meta" / "info.json").is_file()
+    # the demos' state statistics were widened to MetaWorld's start states (reach's goal position varies)
+    assert r["start_states"] == 256
+    widened = json.loads((chosen / "data" / "meta" / "pirl_start_states.json").read_text())["widened"]
+    assert widened["observation.state"]["dims"]
     assert json.loads((out / "sft" / "reach-v3-seed0" / "calibration.json").read_text())["num_demos"] == r["num_demos"]
     capsys.readouterr()
     # the same command again: the run is in metaworld.json, nothing is run twice
@@ -75,6 +79,7 @@ def test_a_tiny_metaworld_benchmark_writes_its_results_and_resumes(tmp_path, cap
         (["--noise_method=[ode]"], "noise_method: each must be one of"),
         (["--max_episode_steps=600"], "max_episode_steps: MetaWorld's limit is 500"),
         (["--variants=mt50"], "variants: 'mt1' or 'random'"),
+        (["--start_states=-1"], "start_states: must be >= 0 (got -1)"),
     ],
 )
 def test_bad_input_is_one_error_line(tmp_path, args, message):

@@ -8,8 +8,10 @@ on one BC batch (``PiRLAlgorithm.demo_iterator``). Its samples come from two sou
   up to the first tick the policy drove again, normalised with the policy's own action statistics (its
   pre-processor) and padded to ``chunk_size`` (``action_is_pad``). Samples join the buffer when their
   episode is taken for an update (complete, within the version lag, not aborted: an aborted episode is
-  never trained on); the bounded buffer keeps the newest ``bc.buffer_size`` and starts empty after a
-  restart. Such a macro-step is never a PPO sample (its chunk is not what ran).
+  never trained on); the bounded buffer keeps the newest ``bc.buffer_size``. It is saved with every
+  checkpoint (``bc_buffer.safetensors``, hashed in the manifest like the rest) and restored at ``--resume``:
+  a person's corrections are the scarcest data a robot has, and a learner restart must not throw them away.
+  Such a macro-step is never a PPO sample (its chunk is not what ran).
 * **offline demonstrations** (``--offline_dataset.root=DIR``): a local LeRobotDataset, loaded with the
   policy's delta timestamps and run through its pre-processor exactly as ``lerobot-train`` feeds SFT.
 
@@ -36,6 +38,7 @@ from pirl.cli import require
 log = logging.getLogger(__name__)
 
 ACTION, PAD = "action", "action_is_pad"
+BUFFER_FILE = "bc_buffer.safetensors"  # the buffer inside a learner checkpoint
 
 
 @dataclass
@@ -65,7 +68,8 @@ class BCSettings:
     # share of a BC batch taken from the offline dataset when both sources have data (the rest: interventions);
     # with only one source the whole batch comes from it
     offline_fraction: float = 0.5
-    # intervention samples kept for BC (the oldest are dropped first); the buffer starts empty after a restart
+    # intervention samples kept for BC (the oldest are dropped first); saved with every checkpoint and restored
+    # at --resume
     buffer_size: int = 4096
     # also imitate the policy's own successes (self-imitation, success-filtered BC): every macro-step of an
     # episode that ended in success, not intervened, joins the buffer with the chunk the policy sampled and ran
@@ -210,6 +214,54 @@ class BCData:
                     added += 1
         metrics.BC_BUFFER.set(len(self.buffer))
         return added
+
+    # --- checkpoints ----------------------------------------------------------------------------
+
+    def save(self, path: Path) -> None:
+        """The buffer as safetensors (never pickle): ``obs.<key>`` [N, ...], ``action`` [N, chunk_size,
+        action_dim], ``action_is_pad`` [N, chunk_size] and ``source`` (an index into ``metrics.BC_SOURCES``).
+        An empty buffer writes nothing."""
+        from safetensors.torch import save_file
+
+        if not self.buffer:
+            return
+        items = list(self.buffer)
+        tensors = {f"obs.{k}": torch.stack([obs[k] for obs, *_ in items]).contiguous() for k in self.obs_keys}
+        tensors[ACTION] = torch.stack([actions for _, actions, _, _ in items]).contiguous()
+        tensors[PAD] = torch.stack([pad for _, _, pad, _ in items]).contiguous()
+        tensors["source"] = torch.tensor([metrics.BC_SOURCES.index(src) for *_, src in items], dtype=torch.uint8)
+        save_file(tensors, str(path))
+
+    def read(self, path: Path) -> list[tuple[dict[str, Tensor], Tensor, Tensor, str]]:
+        """The samples ``save`` wrote to ``path``, checked against this policy's observation keys and action
+        shape; ValueError naming what does not fit (the checkpoint is then refused like any unloadable one)."""
+        from safetensors.torch import load_file
+
+        t = load_file(str(path))
+        want = {f"obs.{k}" for k in self.obs_keys} | {ACTION, PAD, "source"}
+        if set(t) != want:
+            raise ValueError(f"{path.name} holds {sorted(t)}, not this policy's {sorted(want)}")
+        n = len(t["source"])
+        shapes_fit = (
+            tuple(t[ACTION].shape) == (n, self.chunk_size, self.action_dim)
+            and tuple(t[PAD].shape) == (n, self.chunk_size)
+            and t[PAD].dtype == torch.bool
+            and all(len(t[f"obs.{k}"]) == n for k in self.obs_keys)
+            and (n == 0 or int(t["source"].max()) < len(metrics.BC_SOURCES))
+        )
+        if not shapes_fit:
+            raise ValueError(
+                f"{path.name}: its action is {tuple(t[ACTION].shape)}, not [N, {self.chunk_size}, "
+                f"{self.action_dim}], or its pads, observations or sources do not line up"
+            )
+        sources = [metrics.BC_SOURCES[i] for i in t["source"].tolist()]
+        return [({k: t[f"obs.{k}"][i] for k in self.obs_keys}, t[ACTION][i], t[PAD][i], sources[i]) for i in range(n)]
+
+    def restore(self, samples: list[tuple[dict[str, Tensor], Tensor, Tensor, str]]) -> None:
+        """Replace the buffer with ``samples`` (``read``'s); the newest ``bc.buffer_size`` are kept."""
+        self.buffer.clear()
+        self.buffer.extend(samples)
+        metrics.BC_BUFFER.set(len(self.buffer))
 
     # --- batches --------------------------------------------------------------------------------
 

@@ -16,6 +16,7 @@ import torch
 from safetensors.torch import save as safetensors_bytes
 
 from learner import checkpoints, metrics
+from learner.bc_data import BUFFER_FILE
 from learner.service import Publisher
 from learner.store import RolloutStore, episodes_to_batch
 from learner.wal import read_entries, write_entries
@@ -199,6 +200,8 @@ class Trainer:
         else:
             save_checkpoint(partial, self.algo, self.pre, self.post)
         write_entries(partial / "pending_records.log", pending)  # accepted, not yet used by an update
+        if self.bc_data is not None:  # people's corrections survive a restart
+            self.bc_data.save(partial / BUFFER_FILE)
         state = {
             "version": self.version,
             "env_steps": self.env_steps,
@@ -229,7 +232,7 @@ class Trainer:
         picker = picker or checkpoints.CheckpointPicker(self.checkpoints_dir)
         if not picker.total:
             return False
-        state, pending = picker.load(self._read_checkpoint)
+        state, pending, bc_samples = picker.load(self._read_checkpoint)
         ckpt = picker.current()
         self.version = int(state["version"])
         self.env_steps = int(state.get("env_steps", 0))
@@ -241,23 +244,29 @@ class Trainer:
         if self.store.wal is not None:
             replayed = sum(self.store.restore(r, raw, pending=False) for r, raw in self.store.wal.replay(self.version))
             self.store.wal.start_segment(max(self.version, *self.store.wal.segments()))
+        if bc_samples is not None:
+            self.bc_data.restore(bc_samples)
+            log.info("restored %d BC samples (interventions, successes) from the checkpoint", len(bc_samples))
         self._restored = self.version
         picker.set_refused_aside()
         log.info("restored %d pending records from the checkpoint and %d from the write-ahead log", restored, replayed)
         log.info("resumed from %s at policy version %d", ckpt.resolve(), self.version)
         return True
 
-    def _read_checkpoint(self, ckpt: Path) -> tuple[dict, list[tuple[str, bytes]]]:
+    def _read_checkpoint(self, ckpt: Path) -> tuple[dict, list[tuple[str, bytes]], list | None]:
         """Everything that can fail to load, before the store is touched: (learner state, pending
-        records), with the weights, optimizer states and RNG loaded in place."""
+        records, BC buffer samples or None), with the weights, optimizer states and RNG loaded in place."""
         state = json.loads((ckpt / "learner_state.json").read_text())
         if int(state["version"]) != int(ckpt.name):  # the folder's name is the version it is published as
             raise ValueError(f"learner_state.json holds version {state['version']}")
         if not isinstance(state["store"], dict):
             raise ValueError("learner_state.json holds no store state")
         pending = read_entries(ckpt / "pending_records.log")
+        bc_samples = None
+        if self.bc_data is not None and (ckpt / BUFFER_FILE).is_file():
+            bc_samples = self.bc_data.read(ckpt / BUFFER_FILE)
         load_checkpoint(ckpt, self.algo)
-        return state, pending
+        return state, pending, bc_samples
 
     def _settle_version(self) -> bool:
         """Make sure no version number is published with other weights than robots got under it.

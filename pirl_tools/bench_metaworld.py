@@ -296,6 +296,7 @@ def _result(cfg: BenchMetaWorldConfig, command: str, runs: list[dict]) -> dict:
                 "max_demos",
                 "min_sft_steps",
                 "demo_noise",
+                "start_states",
                 "sft_steps",
                 "time_limit",
                 "num_envs",

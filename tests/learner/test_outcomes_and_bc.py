@@ -426,3 +426,50 @@ def test_with_bc_successes_the_policys_own_successful_chunks_join_the_bc_buffer(
     before = REGISTRY.get_sample_value("pirl_learner_bc_samples_total", {"source": "success"}) or 0.0
     assert rows_of(bc.next_batch()[OBS]) <= set(by_obs)
     assert REGISTRY.get_sample_value("pirl_learner_bc_samples_total", {"source": "success"}) == before + 8
+
+
+def test_the_bc_buffer_is_checkpointed_and_restored_at_resume(tmp_path, decisions):
+    """A person's corrections survive a learner restart: the BC buffer goes into the checkpoint (hashed with the
+    rest) and a resumed trainer's buffer holds the same samples; a buffer that does not fit the policy is
+    refused with a message."""
+    from safetensors.torch import save_file
+
+    from learner.bc_data import BUFFER_FILE
+
+    def trainer(seed_policy: int):
+        policy, pre, _ = small_policy(seed_policy, action_std=ACTION_STD)
+        bc = BCData(policy, pre, BCSettings(batch_size=4))
+        cfg = PiRLAlgorithmConfig(update_epochs=1, num_minibatches=1, bc_coef=0.5)
+        algo = PiRLAlgorithm(policy, cfg, demo_iterator=iter(bc))
+        settings = TrainerSettings(episodes_per_update=2, eval_every=0, export_onnx=False)
+        return Trainer(algo, store_for(policy), Publisher(), tmp_path, settings, pre, None, bc_data=bc), bc
+
+    t1, bc1 = trainer(0)
+    d = decisions
+    for r in [
+        rec(0, "a", 0, d[0], intervention=teleop("TTTT", seed=5)),
+        rec(1, "a", 1, d[1], intervention=teleop("TFFF", seed=6), last=True),
+        rec(2, "b", 0, d[2]),
+        rec(3, "b", 1, d[3], last=True),
+    ]:
+        t1.store.add(ROBOT, r)
+    t1._update(t1.store.take_episodes(2))
+    assert len(bc1.buffer) == 2
+    t1.save()
+    saved = t1.checkpoints_dir / f"{t1.version:06d}"
+    assert BUFFER_FILE in (saved / "manifest.json").read_text()  # hashed: a changed buffer refuses the checkpoint
+
+    t2, bc2 = trainer(1)
+    assert not bc2.buffer and t2.resume() and t2.version == t1.version
+    assert len(bc2.buffer) == 2 and REGISTRY.get_sample_value("pirl_learner_bc_intervention_samples") == 2
+    for (o1, a1, p1, s1), (o2, a2, p2, s2) in zip(bc1.buffer, bc2.buffer, strict=True):
+        torch.testing.assert_close(o2[OBS], o1[OBS], rtol=0, atol=0)
+        torch.testing.assert_close(a2, a1, rtol=0, atol=0)
+        assert p2.tolist() == p1.tolist() and s1 == s2 == "intervention"
+
+    wrong = tmp_path / "wrong.safetensors"
+    (obs, actions, pad, _) = bc1.buffer[0]
+    save_file({f"obs.{OBS}": obs[OBS][None], "action": actions[None, :, :1].contiguous(), "action_is_pad": pad[None],
+               "source": torch.zeros(1, dtype=torch.uint8)}, str(wrong))  # fmt: skip
+    with pytest.raises(ValueError, match=r"its action is \(1, \d+, 1\)"):
+        bc2.read(wrong)

@@ -255,7 +255,7 @@ def test_every_alert_has_for_severity_runbook_and_a_firing_unit_test():
         re.sub(r"[^a-z0-9]", "", h.lower())
         for h in re.findall(r"^#+ (.+)$", (ROOT / "docs" / "deploy.md").read_text(), re.MULTILINE)
     }
-    assert len(alerts) == 18
+    assert len(alerts) == 20
     for a in alerts:
         name = a["alert"]
         assert re.fullmatch(r"\d+[smh]", a["for"]) and a["labels"]["severity"] in ("warning", "critical"), name

@@ -87,8 +87,8 @@ def record_env_demos(
 
     With ``start_states`` > 0 the env is reset that many more times and the dataset's state statistics are
     widened to cover the observations at those start states (``input_stats.widen_stats``: a few demos leave
-    an object's start position nearly constant); the demos-only statistics and what was widened are kept in
-    ``meta/pirl_start_states.json``."""
+    an object's start position nearly constant); the widened dims, with their demos-only and widened std, are
+    kept in ``meta/pirl_start_states.json``."""
     from lerobot.datasets.lerobot_dataset import LeRobotDataset
 
     root = Path(root)

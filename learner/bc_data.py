@@ -15,6 +15,13 @@ on one BC batch (``PiRLAlgorithm.demo_iterator``). Its samples come from two sou
 * **offline demonstrations** (``--offline_dataset.root=DIR``): a local LeRobotDataset, loaded with the
   policy's delta timestamps and run through its pre-processor exactly as ``lerobot-train`` feeds SFT.
 
+Under ``noise_steer`` (the flow policy frozen, a steering head choosing its initial noise x_1) the term trains the
+steering head instead: with ``bc.successes`` each macro-step of a successful episode is a sample of the x_1 its
+chunk was sampled from (the record's chain[0]), and the loss is the head's negative log-likelihood of it
+(``PiRLPolicy.steer_imitation_loss``): reward-weighted regression in noise space. Teleoperated chunks and offline
+demonstrations have no initial noise, so under ``noise_steer`` interventions are not buffered and an offline set
+is refused.
+
 Each BC batch takes ``bc.offline_fraction`` of its ``bc.batch_size`` samples from the offline set and the
 rest from the buffer when both have data; with one source, all of them from it; with none yet (no
 intervention so far, no offline set) the iterator yields None and the minibatch has no BC term.
@@ -33,6 +40,7 @@ import torch
 from torch import Tensor
 
 from learner import metrics
+from lerobot_policy_pi_rl.samplers import INITIAL_NOISE, NOISE_STEER
 from pirl.cli import require
 
 log = logging.getLogger(__name__)
@@ -73,7 +81,8 @@ class BCSettings:
     buffer_size: int = 4096
     # also imitate the policy's own successes (self-imitation, success-filtered BC): every macro-step of an
     # episode that ended in success, not intervened, joins the buffer with the chunk the policy sampled and ran
-    # (its chain's x_0, already normalised). Off: only what people did is imitated
+    # (its chain's x_0, already normalised); under noise_method=noise_steer, the initial noise x_1 it was sampled
+    # from, imitated by the steering head (required there). Off: only what people did is imitated
     successes: bool = False
 
     def __post_init__(self):
@@ -156,6 +165,19 @@ class BCData:
         self.obs_keys = list(c.observation_spec())  # what a record carries, and all the policy reads
         self.normalize = action_normalizer(preprocessor)
         self.generator = torch.Generator().manual_seed(seed)
+        # noise_steer: the samples are successful episodes' initial noises, imitated by the steering head
+        self.steered = c.noise_method == NOISE_STEER
+        if self.steered and not settings.successes:
+            raise ValueError(
+                "algorithm.bc_coef > 0 with noise_method=noise_steer: the flow policy is frozen, so the BC term can "
+                "only imitate the initial noises of the policy's own successes; set --bc.successes=true (or "
+                "algorithm.bc_coef=0)"
+            )
+        if self.steered and offline is not None and offline.root is not None:
+            raise ValueError(
+                "offline_dataset.root: under noise_method=noise_steer the BC term imitates initial noises, and "
+                "offline demonstrations have none; leave offline_dataset.root unset"
+            )
         # (observation, normalised actions [chunk_size, action_dim], action_is_pad [chunk_size], source) on the
         # CPU; source: "intervention", or "success" (bc.successes)
         self.buffer: deque[tuple[dict[str, Tensor], Tensor, Tensor, str]] = deque(maxlen=settings.buffer_size)
@@ -171,8 +193,8 @@ class BCData:
     def sample_of(self, step) -> tuple[dict[str, Tensor], Tensor, Tensor] | None:
         """The BC sample of one macro-step (``learner.store.Step``), or None when its first tick was not
         teleoperated (the observation at decision time is then not what the operator acted on)."""
-        if step.teleop is None or not step.teleop.size or not step.teleop[0]:
-            return None
+        if self.steered or step.teleop is None or not step.teleop.size or not step.teleop[0]:
+            return None  # (a teleoperated chunk has no initial noise for a steering head to imitate)
         ran = int(np.argmin(step.teleop)) if not step.teleop.all() else step.teleop.size  # up to the first policy tick
         n = min(ran, self.chunk_size)
         executed = torch.from_numpy(np.ascontiguousarray(step.executed[:n], dtype=np.float32))
@@ -187,15 +209,20 @@ class BCData:
 
     def success_sample_of(self, step) -> tuple[dict[str, Tensor], Tensor, Tensor] | None:
         """The self-imitation sample of one macro-step of a successful episode: the policy's own chunk (the
-        chain's last state, x_0, in the normalised action space) over the ticks it ran; None when intervened."""
+        chain's last state, x_0, in the normalised action space) over the ticks it ran; under ``noise_steer`` the
+        initial noise x_1 it was sampled from (chain[0], every chunk position: x_1 shapes the whole chunk).
+        None when intervened."""
         if step.intervened or step.env_steps < 1:
             return None
+        obs = {k: torch.from_numpy(step.observation[k]) for k in self.obs_keys}
+        if self.steered:
+            x_1 = torch.from_numpy(np.ascontiguousarray(step.chain[0, :, : self.action_dim], dtype=np.float32))
+            return obs, x_1, torch.zeros(self.chunk_size, dtype=torch.bool)
         n = min(int(step.env_steps), self.chunk_size)
         actions = torch.zeros(self.chunk_size, self.action_dim)
         actions[:n] = torch.from_numpy(np.ascontiguousarray(step.chain[-1, :n, : self.action_dim], dtype=np.float32))
         pad = torch.ones(self.chunk_size, dtype=torch.bool)
         pad[:n] = False
-        obs = {k: torch.from_numpy(step.observation[k]) for k in self.obs_keys}
         return obs, actions, pad
 
     def add_episodes(self, episodes) -> int:
@@ -219,7 +246,8 @@ class BCData:
 
     def save(self, path: Path) -> None:
         """The buffer as safetensors (never pickle): ``obs.<key>`` [N, ...], ``action`` [N, chunk_size,
-        action_dim], ``action_is_pad`` [N, chunk_size] and ``source`` (an index into ``metrics.BC_SOURCES``).
+        action_dim], ``action_is_pad`` [N, chunk_size] and ``source`` (an index into ``metrics.BC_SOURCES``);
+        its metadata names what ``action`` holds (``target``: actions, or initial noises under ``noise_steer``).
         An empty buffer writes nothing."""
         from safetensors.torch import save_file
 
@@ -230,13 +258,21 @@ class BCData:
         tensors[ACTION] = torch.stack([actions for _, actions, _, _ in items]).contiguous()
         tensors[PAD] = torch.stack([pad for _, _, pad, _ in items]).contiguous()
         tensors["source"] = torch.tensor([metrics.BC_SOURCES.index(src) for *_, src in items], dtype=torch.uint8)
-        save_file(tensors, str(path))
+        save_file(tensors, str(path), metadata={"target": self._target})
 
     def read(self, path: Path) -> list[tuple[dict[str, Tensor], Tensor, Tensor, str]]:
         """The samples ``save`` wrote to ``path``, checked against this policy's observation keys and action
         shape; ValueError naming what does not fit (the checkpoint is then refused like any unloadable one)."""
+        from safetensors import safe_open
         from safetensors.torch import load_file
 
+        with safe_open(str(path), framework="pt") as f:
+            target = (f.metadata() or {}).get("target", ACTION)
+        if target != self._target:
+            raise ValueError(
+                f"{path.name} holds {target} targets and this learner imitates {self._target} (noise_method "
+                "noise_steer imitates initial noises): a buffer from a run with another noise_method"
+            )
         t = load_file(str(path))
         want = {f"obs.{k}" for k in self.obs_keys} | {ACTION, PAD, "source"}
         if set(t) != want:
@@ -262,6 +298,10 @@ class BCData:
         self.buffer.clear()
         self.buffer.extend(samples)
         metrics.BC_BUFFER.set(len(self.buffer))
+
+    @property
+    def _target(self) -> str:
+        return INITIAL_NOISE if self.steered else ACTION
 
     # --- batches --------------------------------------------------------------------------------
 
@@ -292,7 +332,11 @@ class BCData:
         if n_off:
             parts.append({k: v.to(self.device) for k, v in self.offline.batch(n_off).items()})
             metrics.BC_SAMPLES.labels(source="offline").inc(n_off)
-        return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        batch = {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+        if self.steered:  # what the steering head imitates: x_1 over every position (no padding)
+            batch[INITIAL_NOISE] = batch.pop(ACTION)
+            del batch[PAD]
+        return batch
 
     def __iter__(self):
         while True:

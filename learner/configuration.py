@@ -102,7 +102,7 @@ class LearnerConfig:
     tokens: str | None = None
     # torch device of the policy and its PPO updates (cuda for a VLA)
     device: str = "cpu"
-    # override the policy's sampler (flow_sde or flow_noise; must match the edges')
+    # override the policy's sampler (flow_sde, flow_noise or noise_steer; must match the edges')
     noise_method: str | None = None
     # torch seed
     seed: int = 0

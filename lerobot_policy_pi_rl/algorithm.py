@@ -100,7 +100,8 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
     ppo_coef: float = 1.0
     # weight of a flow-matching BC loss on batches from `demo_iterator`, added to the actor loss (a batch of None:
     # no BC term for that minibatch). `run_pirl` passes no `demo_iterator`, so it only works when `PiRLAlgorithm`
-    # is built directly; `pirl-learner` builds one from teleoperator interventions and `--offline_dataset`.
+    # is built directly; `pirl-learner` builds one from teleoperator interventions and `--offline_dataset`. Under
+    # noise_steer (flow policy frozen) the term is the steering head's NLL of batches' `initial_noise` instead.
     bc_coef: float = 0.0
 
     # with the prefix frozen (`rl_train_prefix=False`), compute every sample's prefix (a VLA's KV cache) once per
@@ -200,11 +201,6 @@ class PiRLAlgorithm(RLAlgorithm):
         disable_dropout(policy)
         if config.bc_coef > 0 and demo_iterator is None:
             raise ValueError("algorithm.bc_coef > 0 needs demonstration data (demo_iterator)")
-        if config.bc_coef > 0 and policy.config.noise_method == NOISE_STEER:
-            raise ValueError(
-                "algorithm.bc_coef > 0 with noise_method=noise_steer: the flow policy is frozen under noise "
-                "steering, so flow-matching BC has nothing to train; set algorithm.bc_coef=0"
-            )
         self.make_optimizers_and_scheduler()
 
     # --- optimisers ------------------------------------------------------------------------------
@@ -351,14 +347,16 @@ class PiRLAlgorithm(RLAlgorithm):
 
                 # hybrid online + offline: flow-matching BC on demonstrations. An iterator that has no
                 # data yet (a learner before the first intervention, with no offline set) yields None:
-                # this minibatch has no BC term
+                # this minibatch has no BC term. Under noise_steer the flow policy is frozen, so the term
+                # imitates initial noises instead (the steering head's NLL of successful episodes' x_1)
                 if c.bc_coef > 0:
                     demo = next(self.demo_iterator, None)
                     if demo is not None:
-                        bc_loss = policy.flow_matching_loss(demo)
+                        steered = policy.config.noise_method == NOISE_STEER
+                        bc_loss = policy.steer_imitation_loss(demo) if steered else policy.flow_matching_loss(demo)
                         loss = loss + c.bc_coef * bc_loss
                         logs["bc_loss"].append(bc_loss.item())
-                        logs["bc_samples"].append(float(demo["action"].shape[0]))
+                        logs["bc_samples"].append(float(next(iter(demo.values())).shape[0]))
 
                 for opt in self.optimizers.values():
                     opt.zero_grad(set_to_none=True)

@@ -26,11 +26,13 @@ from lerobot_policy_pi_rl.backbones import Prefix, make_backbone
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
 from lerobot_policy_pi_rl.heads import NoiseHead, SteerHead, ValueHead
 from lerobot_policy_pi_rl.samplers import (
+    INITIAL_NOISE,
     NOISE_STEER,
     ChainSample,
     Steering,
     draw_sampling_noise,
     evaluate_chain,
+    gaussian_log_prob,
     make_action_mask,
     sample_chain,
 )
@@ -182,6 +184,21 @@ class PiRLPolicy(PreTrainedPolicy):
         if "action_is_pad" in batch:
             mask = mask * (~batch["action_is_pad"]).unsqueeze(-1).to(err.dtype)
         return (err * mask).sum() / mask.sum().clamp_min(1.0)
+
+    def steer_imitation_loss(self, batch: dict[str, Tensor]) -> Tensor:
+        """``noise_steer``'s BC term: the steering head's negative log-likelihood of ``batch[INITIAL_NOISE]``
+        (``[B, H, D]``, the x_1 each row's chunk was sampled from), per steered element. Fed with the initial
+        noises of successful episodes it is reward-weighted regression in noise space: the head's law of x_1
+        moves toward the noises that succeeded, and the frozen flow policy maps them onto its own chunks, so
+        imitation can narrow what it does but never push it off the demonstrations' manifold."""
+        if self.steer_head is None:
+            raise ValueError("steer_imitation_loss: the policy has no steering head (noise_method is not noise_steer)")
+        if INITIAL_NOISE not in batch:
+            raise KeyError(f"the steering BC term needs '{INITIAL_NOISE}' in the batch; got {sorted(batch)}")
+        steer = self.steering(self.backbone.embed_prefix(batch))
+        target = self.pad_actions(batch[INITIAL_NOISE].to(steer.mean.dtype))
+        mask = steer.mask.expand_as(target)
+        return -gaussian_log_prob(target, steer.mean, steer.std, mask).sum() / mask.sum().clamp_min(1.0)
 
     # --- PI-RL: stochastic rollouts and learner-side re-evaluation -------------------------------
 

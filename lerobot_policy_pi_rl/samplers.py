@@ -49,6 +49,8 @@ from torch import Tensor
 NOISE_STEER = "noise_steer"
 NOISE_METHODS = ("flow_ode", "flow_noise", "flow_sde", NOISE_STEER)
 RL_NOISE_METHODS = ("flow_noise", "flow_sde", NOISE_STEER)  # the stochastic ones: what rollouts for RL sample with
+# the batch key of the initial noises ``noise_steer``'s BC term imitates (PiRLPolicy.steer_imitation_loss)
+INITIAL_NOISE = "initial_noise"
 
 LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
 

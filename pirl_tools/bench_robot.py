@@ -110,6 +110,27 @@ METHODS: dict[str, dict] = {
         "edge": {"policy.noise_method": "noise_steer"},
         "interventions": False,
     },
+    "noise_steer_successes": {
+        "about": "noise-space steering trained without PPO (ppo_coef 0): the steering head imitates the initial noises "
+        "x_1 of the policy's own successful episodes (its NLL of them, reward-weighted regression in noise space; "
+        "the newest 1024 successful macro-steps), actor_lr 1e-3, 32 gradient steps per update; 16 episodes per update",
+        "learner": {
+            **_SMALL,
+            "noise_method": "noise_steer",
+            "algorithm.ppo_coef": 0.0,
+            "algorithm.bc_coef": 1.0,
+            "algorithm.actor_lr": 1e-3,
+            "algorithm.entropy_coef": 0.0,
+            "algorithm.update_epochs": 4,
+            "algorithm.num_minibatches": 8,
+            "bc.successes": "true",
+            "bc.batch_size": 64,
+            "bc.buffer_size": 1024,
+        },
+        "edge": {"policy.noise_method": "noise_steer"},
+        "interventions": False,
+        "offline_demos": False,
+    },
     "interventions_success_bc": {
         "about": "success_bc + the scripted person's takeovers as BC data",
         "learner": {**_SMALL, "algorithm.bc_coef": 1.0, "bc.successes": "true", "algorithm.target_kl": 0.05},
@@ -197,7 +218,8 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
     procs = Procs(out / "logs")
     metrics_port, operator_port = free_port(), free_port()
     learner_flags = [f"--{k}={v}" for k, v in spec["learner"].items()]
-    if float(spec["learner"].get("algorithm.bc_coef", 0)) > 0:  # the SFT demos are offline BC data
+    if float(spec["learner"].get("algorithm.bc_coef", 0)) > 0 and spec.get("offline_demos", True):
+        # the SFT demos are offline BC data
         from lerobot_robot_pirl_sim.demos import REPO_ID
 
         learner_flags += [f"--offline_dataset.root={demos}", f"--offline_dataset.repo_id={REPO_ID}"]

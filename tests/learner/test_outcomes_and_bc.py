@@ -473,3 +473,49 @@ def test_the_bc_buffer_is_checkpointed_and_restored_at_resume(tmp_path, decision
                "source": torch.zeros(1, dtype=torch.uint8)}, str(wrong))  # fmt: skip
     with pytest.raises(ValueError, match=r"its action is \(1, \d+, 1\)"):
         bc2.read(wrong)
+
+
+def test_under_noise_steering_the_bc_buffer_holds_the_initial_noises_of_successes(tmp_path):
+    """noise_steer: the flow policy is frozen, so the BC term imitates initial noises. A successful episode's
+    macro-steps add the x_1 their chunks were sampled from (every chunk position); a teleoperated chunk has none
+    and is left out; the batch carries them as `initial_noise`; the checkpointed buffer says what it holds."""
+    from learner.bc_data import BUFFER_FILE
+
+    policy, pre, _ = small_policy(0, action_std=ACTION_STD, noise_method="noise_steer")
+    d = [sampled_decision(policy, seed=200 + i) for i in range(4)]
+    store = store_for(policy)
+    for r in [
+        rec(0, "won", 0, d[0], env_steps=3),
+        rec(1, "won", 1, d[1], intervention=teleop("TTTT", seed=3)),  # a person drove it: no x_1 to imitate
+        rec(2, "won", 2, d[2], last=True, success=True),
+        rec(3, "lost", 0, d[3], last=True),
+    ]:
+        store.add(ROBOT, r)
+    bc = BCData(policy, pre, BCSettings(batch_size=6, successes=True))
+    assert bc.add_episodes(store.take_episodes(2)) == 2
+    by_obs = {obs_row(d[i]): d[i] for i in (0, 2)}
+    for obs, x_1, pad, source in bc.buffer:
+        want = torch.from_numpy(by_obs[key(obs[OBS])].chain[0, :, :ACTION_DIM])
+        torch.testing.assert_close(x_1, want, rtol=0, atol=0)
+        assert not pad.any() and source == "success"
+    batch = bc.next_batch()
+    assert set(batch) == {OBS, "initial_noise"} and batch["initial_noise"].shape == (
+        6,
+        policy.config.chunk_size,
+        ACTION_DIM,
+    )
+    assert torch.isfinite(policy.steer_imitation_loss(batch))
+
+    bc.save(tmp_path / BUFFER_FILE)
+    assert len(bc.read(tmp_path / BUFFER_FILE)) == 2
+    plain, plain_pre, _ = small_policy(0, action_std=ACTION_STD)
+    with pytest.raises(ValueError, match="holds initial_noise targets"):
+        BCData(plain, plain_pre, BCSettings(successes=True)).read(tmp_path / BUFFER_FILE)
+
+
+def test_noise_steering_bc_needs_successes_and_refuses_offline_demos(demo_dataset):
+    policy, pre, _ = small_policy(0, action_std=ACTION_STD, noise_method="noise_steer")
+    with pytest.raises(ValueError, match="bc.successes=true"):
+        BCData(policy, pre, BCSettings())
+    with pytest.raises(ValueError, match="offline demonstrations have none"):
+        BCData(policy, pre, BCSettings(successes=True), demo_dataset[0])

@@ -82,10 +82,44 @@ def test_ppo_trains_only_the_steering_head_and_the_critic():
     assert all(n.startswith(("steer_head.", "value_head.")) for n in policy.rl_state_names())
 
 
-def test_bc_is_refused_under_noise_steering():
+def test_the_bc_term_under_noise_steering_imitates_initial_noises_and_leaves_the_flow_frozen():
+    """noise_steer's BC term is the steering head's NLL of the given x_1 (reward-weighted regression in noise
+    space when they come from successes): its law moves toward them; the flow policy does not change."""
     policy, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
-    with pytest.raises(ValueError, match="bc_coef=0"):
-        PiRLAlgorithm(policy, PiRLAlgorithmConfig(bc_coef=0.1), demo_iterator=iter([]))
+    obs = _obs(32, 5)
+    target = torch.zeros(32, policy.config.chunk_size, ACTION_DIM)
+    target[..., 0] = 1.0  # every success started from x_1 = 1 in the first action dim, 0 elsewhere
+    demos = iter(lambda: {**obs, "initial_noise": target}, None)
+    T, N = 2, 16
+    with torch.no_grad():
+        noise = policy.draw_noise(T * N, generator=torch.Generator().manual_seed(1))
+        s = policy.sample_chains({"observation.state": obs["observation.state"]}, *noise)
+    batch = rollout_batch(
+        {"observation.state": obs["observation.state"].reshape(T, N, STATE_DIM)}, s, torch.zeros(T, N)
+    )
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    with torch.no_grad():
+        nll_before = policy.steer_imitation_loss({**obs, "initial_noise": target}).item()
+    cfg = PiRLAlgorithmConfig(ppo_coef=0.0, bc_coef=1.0, actor_lr=1e-2, update_epochs=4, entropy_coef=0.0)
+    algo = PiRLAlgorithm(policy, cfg, demo_iterator=demos)
+    stats = algo.update_on(batch)
+    assert stats.losses["bc_loss"] > 0 and stats.extra["bc_samples"] > 0
+    with torch.no_grad():
+        nll_after = policy.steer_imitation_loss({**obs, "initial_noise": target}).item()
+        mean, std = policy.steer_head(policy.backbone.embed_prefix(obs).features)
+    assert nll_after < nll_before - 0.1
+    assert mean[..., 0].mean() > 0.1 and std[..., :ACTION_DIM].max() < 1.0  # toward x_1 = 1, and narrower
+    changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith(("steer_head.", "value_head.")) for k in changed), changed
+
+
+def test_the_steering_bc_term_needs_initial_noises():
+    policy, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
+    with pytest.raises(KeyError, match="initial_noise"):
+        policy.steer_imitation_loss({**_obs(2, 0), "action": torch.zeros(2, policy.config.chunk_size, ACTION_DIM)})
+    plain, _, _ = builtin_policy(0, **SMALL)
+    with pytest.raises(ValueError, match="no steering head"):
+        plain.steer_imitation_loss({**_obs(2, 0), "initial_noise": torch.zeros(2, 1, ACTION_DIM)})
 
 
 def test_a_checkpoint_without_steering_loads_with_a_fresh_head(tmp_path):

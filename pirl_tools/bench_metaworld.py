@@ -64,15 +64,18 @@ class BenchMetaWorldConfig:
     variants: str = "mt1"
     # successful scripted demonstrations per task to start the SFT calibration from (all tasks, when sft_band is [])
     num_demos: int = 5
-    # few-shot SFT's deterministic success band [low, high]: per task and seed the demo count (then, at one demo,
-    # the SFT steps) is searched until SFT scores inside it (pirl_tools/sft_calibration.py); the issue's protocol
-    # starts RL at or below 60%. [] turns the search off: num_demos and sft_steps for every task
+    # few-shot SFT's deterministic success band [low, high]: per task and seed the demo count (then, at one demo or
+    # at max_demos, the SFT steps) is searched until SFT scores inside it (pirl_tools/sft_calibration.py); the
+    # issue's protocol starts RL at or below 60%. [] turns the search off: num_demos and sft_steps for every task
     sft_band: list[float] = field(default_factory=lambda: [0.3, 0.6])
     # most demonstrations the calibration may record for a task
     max_demos: int = 40
     # fewest SFT steps the calibration may train with (tried only at one demonstration; halving from sft_steps:
     # 500, 250, 125, 62 at the defaults; drawer-close with start states needs 62 to start at or below 60%)
     min_sft_steps: int = 60
+    # most SFT steps the calibration may train with (tried only at max_demos, doubling from sft_steps: 2000, 4000 at
+    # the defaults; peg-insert-side stays at 0.04 with 40 demos at 1000 steps)
+    max_sft_steps: int = 4000
     # std of the Gaussian noise added to the expert's actions (action units; actions are in [-1, 1])
     demo_noise: float = 0.1
     # env resets whose start-state observations widen the demos' state normalisation statistics (with one demo
@@ -110,7 +113,7 @@ class BenchMetaWorldConfig:
         if self.sft_band and not (len(self.sft_band) == 2 and 0 <= self.sft_band[0] <= self.sft_band[1] <= 1):
             raise ValueError(f"sft_band: [low, high] with 0 <= low <= high <= 1, or [] (got {self.sft_band})")
         if self.sft_band:
-            sft_ladder(self.num_demos, self.sft_steps, self.max_demos, self.min_sft_steps)  # raises on a bad range
+            sft_ladder(self.num_demos, self.sft_steps, self.max_demos, self.min_sft_steps, self.max_sft_steps)
         if self.max_episode_steps > 500:
             raise ValueError(f"max_episode_steps: MetaWorld's limit is 500 (got {self.max_episode_steps})")
         if not self.noise_method or set(self.noise_method) - set(RL_NOISE_METHODS):
@@ -239,7 +242,7 @@ def _few_shot_sft(cfg: BenchMetaWorldConfig, out: Path, task: str, seed: int, kw
             "sft_seconds": _since(started),
         }
     band = (cfg.sft_band[0], cfg.sft_band[1])
-    ladder = sft_ladder(cfg.num_demos, cfg.sft_steps, cfg.max_demos, cfg.min_sft_steps)
+    ladder = sft_ladder(cfg.num_demos, cfg.sft_steps, cfg.max_demos, cfg.min_sft_steps, cfg.max_sft_steps)
     saved = out / "calibration.json"
     if saved.is_file():
         info = json.loads(saved.read_text())
@@ -296,6 +299,7 @@ def _result(cfg: BenchMetaWorldConfig, command: str, runs: list[dict]) -> dict:
                 "sft_band",
                 "max_demos",
                 "min_sft_steps",
+                "max_sft_steps",
                 "demo_noise",
                 "start_states",
                 "sft_steps",

@@ -24,6 +24,7 @@ TINY = [
     "--max_demos=2",
     "--sft_steps=10",
     "--min_sft_steps=10",
+    "--max_sft_steps=10",
     "--iterations=1",
     "--num_envs=4",
     "--eval_every=1",

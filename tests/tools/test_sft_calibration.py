@@ -9,14 +9,19 @@ from pirl_tools.sft_calibration import calibrate, sft_ladder
 LADDER = sft_ladder(5, 1000, 40, 250)
 
 
-def test_the_ladder_shortens_training_only_at_one_demo():
+def test_the_ladder_shortens_training_only_at_one_demo_and_lengthens_it_only_at_max_demos():
     assert LADDER == [(1, 250), (1, 500), (1, 1000), (2, 1000), (5, 1000), (10, 1000), (20, 1000), (40, 1000)]
     assert sft_ladder(3, 100, 3, 100) == [(1, 100), (2, 100), (3, 100)]
+    assert sft_ladder(5, 1000, 40, 250, 4000)[-3:] == [(40, 1000), (40, 2000), (40, 4000)]
+    assert sft_ladder(5, 1000, 40, 1000, 3999)[-2:] == [(40, 1000), (40, 2000)]
 
 
-@pytest.mark.parametrize("args", [(0, 1000, 40, 250), (50, 1000, 40, 250), (5, 1000, 40, 2000), (5, 1000, 40, 0)])
+@pytest.mark.parametrize(
+    "args",
+    [(0, 1000, 40, 250), (50, 1000, 40, 250), (5, 1000, 40, 2000), (5, 1000, 40, 0), (5, 1000, 40, 250, 500)],
+)
 def test_a_bad_range_names_the_fields(args):
-    with pytest.raises(ValueError, match="num_demos, max_demos, min_sft_steps, sft_steps"):
+    with pytest.raises(ValueError, match="num_demos, max_demos, min_sft_steps, sft_steps, max_sft_steps"):
         sft_ladder(*args)
 
 

@@ -264,16 +264,15 @@ class BCData:
         """The samples ``save`` wrote to ``path``, checked against this policy's observation keys and action
         shape; ValueError naming what does not fit (the checkpoint is then refused like any unloadable one)."""
         from safetensors import safe_open
-        from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
+        with safe_open(str(path), framework="pt") as f:  # one read: the metadata, then the tensors
             target = (f.metadata() or {}).get("target", ACTION)
-        if target != self._target:
-            raise ValueError(
-                f"{path.name} holds {target} targets and this learner imitates {self._target} (noise_method "
-                "noise_steer imitates initial noises): a buffer from a run with another noise_method"
-            )
-        t = load_file(str(path))
+            if target != self._target:
+                raise ValueError(
+                    f"{path.name} holds {target} targets and this learner imitates {self._target} (noise_method "
+                    "noise_steer imitates initial noises): a buffer from a run with another noise_method"
+                )
+            t = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safetensors handle, not a dict)
         want = {f"obs.{k}" for k in self.obs_keys} | {ACTION, PAD, "source"}
         if set(t) != want:
             raise ValueError(f"{path.name} holds {sorted(t)}, not this policy's {sorted(want)}")

@@ -52,12 +52,17 @@ def parse_config[T](cls: type[T], *, prog: str, args: list[str] | None = None) -
     spelling other tools use for flags). A user mistake (an unknown field, a value that does
         not parse, one that a config class's validation refuses, a missing config file) prints one
         ``error:`` line naming the field and exits 2, before any work starts."""
-    import draccus
+    from draccus.argparsing import ArgumentParser
     from draccus.utils import DecodingError, ParsingError
 
     argv = [_underscored(a) for a in (sys.argv[1:] if args is None else args)]
     try:
-        return draccus.parse(cls, args=argv, prog=prog)
+        parser = ArgumentParser(config_class=cls, prog=prog, exit_on_error=True)
+        # argparse %-formats every help string, so a comment that says "60%" made --help a traceback
+        for action in parser.parser._actions:
+            if action.help:
+                action.help = action.help.replace("%", "%%")
+        return parser.parse_args(argv)
     except DecodingError as e:  # a value that does not parse, or a field a config file does not have
         _user_error(prog, str(e).replace("`", ""))
     except ParsingError as e:  # raised while building the config: its validation said why

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -21,10 +21,12 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lerobot_policy_pi_rl.advantages import compute_gae, explained_variance, grpo_advantages, normalize_advantages
+from lerobot_policy_pi_rl.noise_critic import NoiseCritic, NoiseReplay, return_to_go
 from lerobot_policy_pi_rl.rollout import NonFiniteBatchError, RolloutBatch
 from lerobot_policy_pi_rl.samplers import NOISE_STEER
 
 ADVANTAGE_ESTIMATORS = ("ppo", "grpo")
+STEER_UPDATES = ("ppo", "q")  # how noise_steer's steering head learns (PiRLAlgorithmConfig.steer_update)
 logger = logging.getLogger(__name__)
 
 
@@ -104,6 +106,30 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
     # noise_steer (flow policy frozen) the term is the steering head's NLL of batches' `initial_noise` instead.
     bc_coef: float = 0.0
 
+    # how `noise_steer`'s steering head learns. `ppo`: the clipped surrogate above, on this batch only. `q`:
+    # off-policy, as DSRL: a critic Q(o, x_1) fitted on every steered macro-step kept in a replay buffer, and the
+    # head moved to maximise it (lerobot_policy_pi_rl/noise_critic.py); no PPO surrogate, value loss or BC term.
+    steer_update: str = "ppo"
+    # `steer_update=q`: gradient steps per update (one critic step and one head step each).
+    q_steps: int = 200
+    # `steer_update=q`: macro-steps per gradient step, drawn from the replay buffer.
+    q_batch_size: int = 256
+    # `steer_update=q`: the replay buffer keeps the newest this many steered macro-steps.
+    q_replay_size: int = 50_000
+    # `steer_update=q`: the head moves only once the buffer holds this many macro-steps (the critic trains from the
+    # first update).
+    q_warmup: int = 256
+    # `steer_update=q`: AdamW learning rate of the noise critic (the head's is `actor_lr`).
+    q_lr: float = 3e-4
+    # `steer_update=q`: weight of the prior term in the head's objective: the mean log-density of its x_1 under the
+    # N(0, I) the flow policy was trained from. It keeps x_1 where the frozen policy's outputs were trained and the
+    # critic has data; 0 lets the head go wherever the critic extrapolates highest.
+    q_prior_coef: float = 0.1
+    # `steer_update=q`: critics in the ensemble; the head maximises their minimum.
+    q_ensemble: int = 2
+    # `steer_update=q`: hidden widths of each critic.
+    q_hidden_dims: list[int] = field(default_factory=lambda: [256, 256])
+
     # with the prefix frozen (`rl_train_prefix=False`), compute every sample's prefix (a VLA's KV cache) once per
     # update, in minibatch-sized chunks, and reuse it across epochs and minibatches. It holds one prefix per batch
     # sample at once (pi0 in bf16 with three cameras: about 15 MB per sample); turn it off when that does not fit.
@@ -117,7 +143,14 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
             raise bad("advantage_estimator", f"must be one of {ADVANTAGE_ESTIMATORS}")
         if self.lr_schedule not in ("constant", "cosine"):
             raise bad("lr_schedule", "must be 'constant' or 'cosine'")
-        for name in ("update_epochs", "num_minibatches", "grpo_group_size", "total_updates"):
+        if self.steer_update not in STEER_UPDATES:
+            raise bad("steer_update", f"must be one of {STEER_UPDATES}")
+        if any(d < 1 for d in self.q_hidden_dims):
+            raise bad("q_hidden_dims", "every width must be >= 1")
+        for name in (
+            *("update_epochs", "num_minibatches", "grpo_group_size", "total_updates"),
+            *("q_steps", "q_batch_size", "q_replay_size", "q_ensemble"),
+        ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
         for name in ("gamma", "gae_lambda"):
@@ -126,7 +159,17 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
         for name in ("clip_eps", "max_grad_norm"):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be > 0")
-        for name in ("actor_lr", "critic_lr", "value_clip", "entropy_coef", "bc_coef", "ppo_coef"):
+        for name in (
+            "actor_lr",
+            "critic_lr",
+            "value_clip",
+            "entropy_coef",
+            "bc_coef",
+            "ppo_coef",
+            "q_lr",
+            "q_warmup",
+            "q_prior_coef",
+        ):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
 
@@ -201,6 +244,21 @@ class PiRLAlgorithm(RLAlgorithm):
         disable_dropout(policy)
         if config.bc_coef > 0 and demo_iterator is None:
             raise ValueError("algorithm.bc_coef > 0 needs demonstration data (demo_iterator)")
+        # steer_update=q: the noise critic and its replay buffer (learner-side only: never pushed to an edge)
+        self.noise_critic: NoiseCritic | None = None
+        self.noise_replay: NoiseReplay | None = None
+        if config.steer_update == "q":
+            head = getattr(policy, "steer_head", None)
+            if head is None:
+                raise ValueError(
+                    "algorithm.steer_update=q trains a steering head: the policy's noise_method must be noise_steer"
+                )
+            steer_dim = int(head.steer_mask.sum())
+            self.noise_critic = NoiseCritic(
+                head.net[0].in_features, steer_dim, list(config.q_hidden_dims), config.q_ensemble
+            )
+            self.noise_critic.to(policy.action_mask.device)
+            self.noise_replay = NoiseReplay(config.q_replay_size)
         self.make_optimizers_and_scheduler()
 
     # --- optimisers ------------------------------------------------------------------------------
@@ -214,6 +272,8 @@ class PiRLAlgorithm(RLAlgorithm):
         self.optimizers = {"actor": adamw(self.policy.rl_actor_parameters(), c.actor_lr)}
         if c.advantage_estimator == "ppo":
             self.optimizers["critic"] = adamw(self.policy.rl_critic_parameters(), c.critic_lr)
+        if self.noise_critic is not None:
+            self.optimizers["noise_critic"] = adamw(self.noise_critic.parameters(), c.q_lr)
         return self.optimizers
 
     def get_optimizers(self) -> dict[str, Optimizer]:
@@ -226,7 +286,7 @@ class PiRLAlgorithm(RLAlgorithm):
         if c.lr_schedule == "cosine":
             frac = min(self.num_updates / c.total_updates, 1.0)
             scale = c.lr_min_ratio + (1 - c.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac))
-        base = {"actor": c.actor_lr, "critic": c.critic_lr}
+        base = {"actor": c.actor_lr, "critic": c.critic_lr, "noise_critic": c.q_lr}
         for name, opt in self.optimizers.items():
             for group in opt.param_groups:
                 group["lr"] = base[name] * scale
@@ -278,6 +338,8 @@ class PiRLAlgorithm(RLAlgorithm):
             return TrainingStats(extra={"skipped": 1.0, "skipped_nonfinite": 1.0})
 
         rollouts = rollouts.to(self.policy.action_mask.device)
+        if self.noise_critic is not None:
+            return self.noise_q_update(rollouts)
         with torch.no_grad():
             adv, ret, mask = self.compute_advantages(rollouts)
         data = rollouts.flatten(mask)
@@ -403,6 +465,76 @@ class PiRLAlgorithm(RLAlgorithm):
             stats.extra["explained_variance"] = explained_variance(data["values"], data["returns"])
         return stats
 
+    def noise_q_update(self, rollouts: RolloutBatch) -> TrainingStats:
+        """``steer_update=q`` (DSRL-style, see noise_critic.py): this batch's steered macro-steps join the replay
+        buffer; then ``q_steps`` times: one critic step toward the return-to-go of replayed macro-steps, and one
+        head step up the ensemble's minimum Q of a reparameterised x_1 = mean(o) + std * eps."""
+        c, policy = self.config, self.policy
+        if not isinstance(self.shard, WholeMinibatch):
+            raise ValueError("algorithm.steer_update=q runs in one learner process (no torch.distributed group)")
+        head, critic, replay = policy.steer_head, self.noise_critic, self.noise_replay
+        steer_mask = head.steer_mask.bool()
+        mask = rollouts.trainable  # a chunk a person's teleoperator overrode was not chosen by the head
+        returns = return_to_go(rollouts.rewards, rollouts.valid, c.gamma)
+        with torch.no_grad():
+            observations = {k: v[mask] for k, v in rollouts.observations.items()}
+            features = policy.backbone.embed_prefix(observations).features
+        replay.add(features, rollouts.chains[mask][:, 0][:, steer_mask], returns[mask])
+        stats = TrainingStats(extra={"samples": float(mask.sum()), "num_updates": float(self.num_updates)})
+        stats.extra.update(intervened=float((rollouts.valid & rollouts.intervened).sum()), replay=float(len(replay)))
+        if len(replay) == 0:
+            stats.extra["skipped"] = 1.0
+            self.num_updates += 1
+            return stats
+
+        self._set_learning_rates()
+        move_head = len(replay) >= c.q_warmup
+        logs: dict[str, list[float]] = {k: [] for k in ("q_loss", "q_target", "head_q", "actor", "noise_critic")}
+        for _ in range(c.q_steps):
+            # critic: every member regresses the replayed macro-steps' return-to-go
+            f, x1, target = replay.sample(c.q_batch_size)
+            q_loss = ((critic(f, x1) - target) ** 2).mean()
+            self.optimizers["noise_critic"].zero_grad(set_to_none=True)
+            q_loss.backward()
+            logs["noise_critic"].append(_grad_norm_and_clip(list(critic.parameters()), c.max_grad_norm))
+            self.optimizers["noise_critic"].step()
+            logs["q_loss"].append(q_loss.item())
+            logs["q_target"].append(target.mean().item())
+            if not move_head:
+                continue
+            # head: maximise min_i Q_i(o, x_1) over the head's own law of x_1 (reparameterised), plus the
+            # entropy bonus on its std; only the head's optimizer steps (the critic's grads are cleared above)
+            mean, std = head(f)
+            x = mean + std * torch.randn_like(mean)
+            steered = x[:, steer_mask]
+            head_q = critic(f, steered).min(dim=0).values.mean()
+            entropy = std[:, steer_mask].log().mean()
+            prior = -0.5 * (steered**2).mean()  # log N(x_1; 0, I) per element, up to a constant
+            head_loss = -head_q - c.q_prior_coef * prior - c.entropy_coef * entropy
+            self.optimizers["actor"].zero_grad(set_to_none=True)
+            head_loss.backward()
+            logs["actor"].append(_grad_norm_and_clip(list(head.parameters()), c.max_grad_norm))
+            self.optimizers["actor"].step()
+            logs["head_q"].append(head_q.item())
+            self._optimization_step += 1
+        self.num_updates += 1
+
+        def mean_of(xs: list[float]) -> float:
+            return float(sum(xs) / len(xs)) if xs else float("nan")
+
+        with torch.no_grad():
+            _, std = head(features[:1])
+        stats.losses = {"q_loss": mean_of(logs["q_loss"])}
+        stats.grad_norms = {k: mean_of(logs[k]) for k in ("actor", "noise_critic") if logs[k]}
+        stats.extra.update(
+            q_target=mean_of(logs["q_target"]),
+            head_q=mean_of(logs["head_q"]),
+            steer_std=float(std[0][steer_mask].mean()) if len(features) else float("nan"),
+            optimizer_steps=float(len(logs["head_q"])),
+            actor_lr=self.optimizers["actor"].param_groups[0]["lr"],
+        )
+        return stats
+
     def _frozen_prefixes(self, observations: dict[str, Tensor], n: int, chunk: int):
         """Every sample's prefix, computed once (in minibatch-sized chunks) when it is frozen."""
         if not self.config.reuse_frozen_prefix or self.policy.config.rl_train_prefix:
@@ -432,6 +564,8 @@ class PiRLAlgorithm(RLAlgorithm):
         """Algorithm-trained tensors beyond SFT: the value and noise heads, plus the update counter."""
         out = {f"value_head.{k}": v for k, v in self.policy.value_head.state_dict().items()}
         out.update({f"noise_head.{k}": v for k, v in self.policy.noise_head.state_dict().items()})
+        if self.noise_critic is not None:
+            out.update({f"noise_critic.{k}": v for k, v in self.noise_critic.state_dict().items()})
         out["num_updates"] = torch.tensor(self.num_updates, dtype=torch.int64)
         out["optimization_step"] = torch.tensor(self._optimization_step, dtype=torch.int64)
         return out
@@ -447,6 +581,12 @@ class PiRLAlgorithm(RLAlgorithm):
                     if key not in state_dict:
                         raise KeyError(f"algorithm state is missing '{key}'")
                     v.copy_(state_dict[key].to(v.device))
+        if self.noise_critic is not None:
+            saved = {k.removeprefix("noise_critic."): v for k, v in state_dict.items() if k.startswith("noise_critic.")}
+            if saved:
+                self.noise_critic.load_state_dict(saved)
+            else:  # a checkpoint of a run that steered with PPO: the critic starts fresh on new episodes
+                logger.warning("algorithm state has no noise critic (steer_update was not q): it starts untrained")
         self.num_updates = int(state_dict.get("num_updates", torch.tensor(0)))
         self._optimization_step = int(state_dict.get("optimization_step", torch.tensor(0)))
 

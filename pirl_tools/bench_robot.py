@@ -131,6 +131,22 @@ METHODS: dict[str, dict] = {
         "interventions": False,
         "offline_demos": False,
     },
+    "noise_q": {
+        "about": "noise-space steering trained off-policy (steer_update=q, as DSRL): the SFT flow policy stays frozen; a "
+        "critic Q(o, x_1) fits the return-to-go of every steered macro-step the robot ran (replay buffer), and the "
+        "steering head moves toward the x_1 it scores highest; 200 gradient steps per update, actor_lr 3e-4, no "
+        "entropy bonus; 16 episodes per update",
+        "learner": {
+            **_SMALL,
+            "noise_method": "noise_steer",
+            "algorithm.steer_update": "q",
+            "algorithm.actor_lr": 3e-4,
+            "algorithm.entropy_coef": 0.0,
+        },
+        "edge": {"policy.noise_method": "noise_steer"},
+        "interventions": False,
+        "offline_demos": False,
+    },
     "interventions_success_bc": {
         "about": "success_bc + the scripted person's takeovers as BC data",
         "learner": {**_SMALL, "algorithm.bc_coef": 1.0, "bc.successes": "true", "algorithm.target_kl": 0.05},

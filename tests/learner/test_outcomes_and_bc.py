@@ -519,3 +519,41 @@ def test_noise_steering_bc_needs_successes_and_refuses_offline_demos(demo_datase
         BCData(policy, pre, BCSettings())
     with pytest.raises(ValueError, match="offline demonstrations have none"):
         BCData(policy, pre, BCSettings(successes=True), demo_dataset[0])
+
+
+def test_off_policy_steering_replays_the_steered_steps_and_checkpoints_its_critic(tmp_path):
+    """steer_update=q through the learner: a batch's steered macro-steps join the replay buffer with the x_1
+    their chunks were sampled from and their return-to-go; a chunk a person drove does not; the version
+    advances; the noise critic goes into the checkpoint and a resumed trainer has the same critic."""
+    cfg = PiRLAlgorithmConfig(steer_update="q", q_steps=3, q_batch_size=4, q_warmup=0, q_hidden_dims=[8])
+
+    def trainer(seed_policy: int):
+        policy, pre, _ = small_policy(seed_policy, action_std=ACTION_STD, noise_method="noise_steer")
+        settings = TrainerSettings(episodes_per_update=2, eval_every=0, export_onnx=False)
+        return Trainer(PiRLAlgorithm(policy, cfg), store_for(policy), Publisher(), tmp_path, settings, pre, None)
+
+    t1 = trainer(0)
+    d = [sampled_decision(t1.algo.policy, seed=300 + i) for i in range(4)]
+    for r in [
+        rec(0, "won", 0, d[0]),
+        rec(1, "won", 1, d[1], intervention=teleop("TTTT", seed=3)),  # a person drove it: the head did not choose
+        rec(2, "won", 2, d[2], last=True, success=True),
+        rec(3, "lost", 0, d[3], last=True),
+    ]:
+        t1.store.add(ROBOT, r)
+    t1._update(t1.store.take_episodes(2))
+    assert t1.version == 1
+    replay = t1.algo.noise_replay
+    assert len(replay) == 3
+    steered = {tuple(np.round(d[i].chain[0, :, :ACTION_DIM].reshape(-1), 5)) for i in (0, 2, 3)}
+    assert {tuple(np.round(row.numpy(), 5)) for row in replay.steered} == steered
+    # rewards are 1 per macro-step (rec): "won" ran 3 steps, "lost" 1, discounted by gamma
+    g = cfg.gamma
+    assert sorted(replay.returns.tolist()) == pytest.approx(sorted([1 + g + g * g, 1.0, 1.0]))
+
+    t1.save()
+    t2 = trainer(1)
+    assert t2.resume() and t2.version == 1
+    for k, v in t1.algo.noise_critic.state_dict().items():
+        torch.testing.assert_close(t2.algo.noise_critic.state_dict()[k], v, rtol=0, atol=0)
+    assert len(t2.algo.noise_replay) == 0  # learner memory only: refilled from new episodes

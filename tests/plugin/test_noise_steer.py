@@ -147,3 +147,74 @@ def test_a_checkpoint_without_steering_loads_with_a_fresh_head(tmp_path):
 def test_steering_fields_are_validated(field, value):
     with pytest.raises(PiRLConfigError, match=f"policy.{field}"):
         builtin_policy(0, noise_method="noise_steer", **{field: value})
+
+
+# --- steer_update=q: an off-policy critic over x_1 (DSRL-style) -------------------------------------------
+
+
+def test_return_to_go_sums_discounted_rewards_to_each_episodes_end():
+    from lerobot_policy_pi_rl.noise_critic import return_to_go
+
+    rewards = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 5.0]])
+    valid = torch.tensor([[True, True], [True, True], [True, False]])  # env 1 ended at step 1
+    want = torch.tensor([[0.81, 0.9], [0.9, 1.0], [1.0, 0.0]])
+    torch.testing.assert_close(return_to_go(rewards, valid, 0.9), want)
+
+
+def _q_batch(policy, seed: int, T: int = 2, N: int = 64):
+    """Steered decisions rewarded 1 where the first steered element of x_1 is positive (a direction the head can
+    only find through the critic: the reward says nothing about the policy's actions themselves)."""
+    obs = torch.randn(T, N, STATE_DIM, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        noise = policy.draw_noise(T * N, generator=torch.Generator().manual_seed(seed + 1))
+        s = policy.sample_chains({"observation.state": obs.reshape(T * N, STATE_DIM)}, *noise)
+    rewards = (s.chain.chain[:, 0, 0, 0] > 0).float().reshape(T, N)
+    return rollout_batch({"observation.state": obs}, s, rewards), obs
+
+
+def test_the_q_update_moves_the_head_to_the_noise_the_critic_scores_highest():
+    torch.manual_seed(0)
+    policy, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    cfg = PiRLAlgorithmConfig(
+        steer_update="q", actor_lr=3e-3, q_lr=3e-3, q_steps=60, q_batch_size=64, q_warmup=0, q_hidden_dims=[32]
+    )
+    algo = PiRLAlgorithm(policy, cfg)
+    for update in range(4):
+        batch, obs = _q_batch(policy, seed=10 * update)
+        stats = algo.update_on(batch)
+    assert stats.extra["replay"] == 4 * 2 * 64 and stats.extra["optimizer_steps"] == 60
+    assert stats.losses["q_loss"] < 0.6 * float(algo.noise_replay.returns.var()), (
+        algo.noise_replay.returns.var()
+    )  # beats a constant
+    # the head now puts the rewarded element's mean above 0 on fresh observations
+    with torch.no_grad():
+        mean, _ = policy.steer_head(policy.backbone.embed_prefix(_obs(64, 99)).features)
+    assert mean[:, 0, 0].mean() > 0.3, mean[:, 0, 0].mean()
+    # only the steering head moved: the flow policy and the PPO critic stay as they were
+    changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("steer_head.") for k in changed), changed
+    # the noise critic goes into the algorithm's checkpoint tensors and comes back from them
+    state = algo.state_dict()
+    assert any(k.startswith("noise_critic.") for k in state)
+    fresh = PiRLAlgorithm(builtin_policy(0, noise_method="noise_steer", **SMALL)[0], cfg)
+    fresh.load_state_dict(state)
+    steer_dim = int(policy.steer_head.steer_mask.sum())
+    f = torch.randn(5, algo.noise_critic.norm.normalized_shape[0] - steer_dim)
+    x1 = torch.randn(5, steer_dim)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh.noise_critic(f, x1), algo.noise_critic(f, x1))
+
+
+def test_the_q_update_needs_a_steering_policy():
+    policy, _, _ = builtin_policy(0, noise_method="flow_sde", **SMALL)
+    with pytest.raises(ValueError, match="noise_method must be noise_steer"):
+        PiRLAlgorithm(policy, PiRLAlgorithmConfig(steer_update="q"))
+
+
+@pytest.mark.parametrize(
+    "field,value", [("steer_update", "sac"), ("q_steps", 0), ("q_hidden_dims", [0]), ("q_lr", -1.0)]
+)
+def test_q_fields_are_validated(field, value):
+    with pytest.raises(ValueError, match=f"algorithm.{field}"):
+        PiRLAlgorithmConfig(**{field: value})

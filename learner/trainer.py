@@ -421,6 +421,8 @@ class Trainer:
         }
         self.history.append(row)
         bc = ""
+        if "q_loss" in d:  # steer_update=q: no PPO ratio; its critic's fit and the head's Q instead
+            bc = f", q_loss {d['q_loss']:.4f}, head Q {d.get('head_q', float('nan')):.3f}, steer std {d['steer_std']:.3f}"
         if self.algo.config.bc_coef > 0:  # the BC term's loss and what it trained on (none yet: no data)
             bc = f", bc_loss {d.get('bc_loss', float('nan')):.4f} on {int(d.get('bc_samples', 0))} samples"
         log.info(

@@ -124,9 +124,9 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
     # `steer_update=q`: weight of the prior term in the head's objective: the mean log-density of its x_1 under the
     # N(0, I) the flow policy was trained from. It keeps x_1 where the frozen policy's outputs were trained and the
     # critic has data; 0 lets the head go wherever the critic extrapolates highest.
-    q_prior_coef: float = 0.1
+    q_prior_coef: float = 1.0
     # `steer_update=q`: critics in the ensemble; the head maximises their minimum.
-    q_ensemble: int = 2
+    q_ensemble: int = 5
     # `steer_update=q`: hidden widths of each critic.
     q_hidden_dims: list[int] = field(default_factory=lambda: [256, 256])
 

@@ -134,8 +134,8 @@ METHODS: dict[str, dict] = {
     "noise_q": {
         "about": "noise-space steering trained off-policy (steer_update=q, as DSRL): the SFT flow policy stays frozen; a "
         "critic Q(o, x_1) fits the return-to-go of every steered macro-step the robot ran (replay buffer), and the "
-        "steering head moves toward the x_1 it scores highest; 200 gradient steps per update, actor_lr 3e-4, no "
-        "entropy bonus; 16 episodes per update",
+        "steering head moves toward the x_1 it scores highest, held near N(0, I) by a prior term (q_prior_coef 1); "
+        "5 critics, 200 gradient steps per update, actor_lr 3e-4, no entropy bonus; 16 episodes per update",
         "learner": {
             **_SMALL,
             "noise_method": "noise_steer",
@@ -369,6 +369,35 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
     }
 
 
+NOISE_STDS = (1.0, 0.5, 0.25, 0.05)  # initial-noise stds the SFT policy is scored at (0.05: steer_std_min)
+
+
+def _sft_success_by_noise_std(ckpt: Path, episodes: int, cache: Path) -> dict[str, float]:
+    """The SFT policy's deterministic success with its initial noise x_1 ~ N(0, std^2 I), on the learner's
+    evaluation episodes: the baseline a noise-steering method has to beat, since shrinking the noise alone
+    (no learning) moves a few-shot flow policy toward its mode. Cached beside the SFT checkpoint."""
+    import math
+
+    import lerobot_robot_pirl_sim  # noqa: F401  (registers the pirl_sim vector env)
+    import torch
+
+    from learner.trainer import make_evaluator  # the learner's own evaluation: same episodes, same noise
+    from lerobot_policy_pi_rl.sft import load_policy
+
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    policy, pre, post = load_policy(ckpt, noise_method="noise_steer")
+    evaluate = make_evaluator(pre, post, episodes, policy_config=policy.config, env_name="pirl_sim")
+    scores = {}
+    for std in NOISE_STDS:
+        with torch.no_grad():
+            policy.steer_head.log_std.fill_(math.log(std))
+        scores[str(std)] = evaluate(policy)
+    evaluate.env.close()
+    write_json(cache, scores)
+    return scores
+
+
 def run(cfg: BenchRobotConfig, command: str) -> int:
     from lerobot_policy_pi_rl.presets import builtin_policy_overrides
     from pirl.security import make_dev_pki
@@ -387,6 +416,8 @@ def run(cfg: BenchRobotConfig, command: str) -> int:
         task="sim",
     )
     pki = make_dev_pki(out / "certs", [ROBOT_ID])
+    by_noise = _sft_success_by_noise_std(ckpt, cfg.eval_episodes, out / "sft" / "success_by_noise_std.json")
+    print(f"   SFT success by the std of its initial noise x_1 (1: as trained): {by_noise}", flush=True)
     runs = []
     with Signals("pirl-bench robot") as signals:
         for method in cfg.methods:
@@ -406,6 +437,7 @@ def run(cfg: BenchRobotConfig, command: str) -> int:
                     "config": asdict(cfg),
                     "machine": f"{platform.machine()} {platform.processor()}, Python {platform.python_version()}",
                     "date": time.strftime("%Y-%m-%d"),
+                    "sft_success_by_noise_std": by_noise,
                     "runs": runs,
                 }
                 write_json(out / "robot.json", report)

@@ -476,10 +476,11 @@ class PiRLAlgorithm(RLAlgorithm):
         steer_mask = head.steer_mask.bool()
         mask = rollouts.trainable  # a chunk a person's teleoperator overrode was not chosen by the head
         returns = return_to_go(rollouts.rewards, rollouts.valid, c.gamma)
-        with torch.no_grad():
-            observations = {k: v[mask] for k, v in rollouts.observations.items()}
-            features = policy.backbone.embed_prefix(observations).features
-        replay.add(features, rollouts.chains[mask][:, 0][:, steer_mask], returns[mask])
+        if mask.any():  # a batch a person drove throughout adds nothing (and a backbone is never asked for 0 rows)
+            with torch.no_grad():
+                observations = {k: v[mask] for k, v in rollouts.observations.items()}
+                features = policy.backbone.embed_prefix(observations).features
+            replay.add(features, rollouts.chains[mask][:, 0][:, steer_mask], returns[mask])
         stats = TrainingStats(extra={"samples": float(mask.sum()), "num_updates": float(self.num_updates)})
         stats.extra.update(intervened=float((rollouts.valid & rollouts.intervened).sum()), replay=float(len(replay)))
         if len(replay) == 0:
@@ -523,13 +524,13 @@ class PiRLAlgorithm(RLAlgorithm):
             return float(sum(xs) / len(xs)) if xs else float("nan")
 
         with torch.no_grad():
-            _, std = head(features[:1])
+            _, std = head(replay.features[:1])  # the std is one learned value per element, whatever the state
         stats.losses = {"q_loss": mean_of(logs["q_loss"])}
         stats.grad_norms = {k: mean_of(logs[k]) for k in ("actor", "noise_critic") if logs[k]}
         stats.extra.update(
             q_target=mean_of(logs["q_target"]),
             head_q=mean_of(logs["head_q"]),
-            steer_std=float(std[0][steer_mask].mean()) if len(features) else float("nan"),
+            steer_std=float(std[0][steer_mask].mean()),
             optimizer_steps=float(len(logs["head_q"])),
             actor_lr=self.optimizers["actor"].param_groups[0]["lr"],
         )

@@ -218,3 +218,19 @@ def test_the_q_update_needs_a_steering_policy():
 def test_q_fields_are_validated(field, value):
     with pytest.raises(ValueError, match=f"algorithm.{field}"):
         PiRLAlgorithmConfig(**{field: value})
+
+
+def test_a_batch_a_person_drove_throughout_adds_nothing_to_the_replay():
+    """Every macro-step intervened: no x_1 the head chose, so nothing joins the buffer; with an empty buffer the
+    update is skipped, and with an earlier batch in it the update trains on that."""
+    torch.manual_seed(0)
+    policy, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
+    algo = PiRLAlgorithm(policy, PiRLAlgorithmConfig(steer_update="q", q_steps=2, q_batch_size=8, q_hidden_dims=[8]))
+    driven, _ = _q_batch(policy, seed=1, N=4)
+    driven.intervened = torch.ones_like(driven.valid)
+    stats = algo.update_on(driven)
+    assert stats.extra["skipped"] == 1.0 and len(algo.noise_replay) == 0
+    algo.update_on(_q_batch(policy, seed=2, N=4)[0])
+    stats = algo.update_on(driven)
+    assert "skipped" not in stats.extra and len(algo.noise_replay) == 8 and stats.extra["intervened"] == 8
+    assert 0 < stats.extra["steer_std"] <= 1

@@ -66,6 +66,12 @@ BC_BUFFER = Gauge(
     "pirl_learner_bc_intervention_samples", "Samples in the BC buffer (interventions, and successes with bc.successes)"
 )
 PPO_BC_LOSS = Gauge("pirl_learner_bc_loss", "Flow-matching BC loss of the last update (algorithm.bc_coef > 0)")
+STEER_Q_LOSS = Gauge(
+    "pirl_learner_steer_q_loss", "steer_update=q: the noise critic's mean squared error on returns-to-go"
+)
+STEER_HEAD_Q = Gauge("pirl_learner_steer_head_q", "steer_update=q: the critics' minimum Q of the steering head's x_1")
+STEER_STD = Gauge("pirl_learner_steer_std", "steer_update=q: the steering head's mean std of x_1 (1: N(0, I))")
+STEER_REPLAY = Gauge("pirl_learner_steer_replay_macro_steps", "steer_update=q: steered macro-steps in the replay")
 PPO_APPROX_KL = Gauge("pirl_learner_approx_kl", "Approximate KL of the last update")
 PPO_CLIP_FRACTION = Gauge("pirl_learner_clip_fraction", "Clip fraction of the last update")
 PPO_ENTROPY = Gauge("pirl_learner_entropy", "Mean per-element sampler entropy (Flow-Noise)")

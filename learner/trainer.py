@@ -406,6 +406,10 @@ class Trainer:
             (metrics.PPO_EXPLAINED_VARIANCE, "explained_variance"),
             (metrics.PPO_POLICY_LOSS, "policy_loss"),
             (metrics.PPO_BC_LOSS, "bc_loss"),
+            (metrics.STEER_Q_LOSS, "q_loss"),
+            (metrics.STEER_HEAD_Q, "head_q"),
+            (metrics.STEER_STD, "steer_std"),
+            (metrics.STEER_REPLAY, "replay"),
         ):
             if key in d and d[key] == d[key]:
                 gauge.set(d[key])

@@ -21,12 +21,14 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lerobot_policy_pi_rl.advantages import compute_gae, explained_variance, grpo_advantages, normalize_advantages
+from lerobot_policy_pi_rl.backbones.base import Prefix
 from lerobot_policy_pi_rl.noise_critic import NoiseCritic, NoiseReplay, return_to_go
 from lerobot_policy_pi_rl.rollout import NonFiniteBatchError, RolloutBatch
 from lerobot_policy_pi_rl.samplers import NOISE_STEER
 
 ADVANTAGE_ESTIMATORS = ("ppo", "grpo")
 STEER_UPDATES = ("ppo", "q")  # how noise_steer's steering head learns (PiRLAlgorithmConfig.steer_update)
+Q_CRITIC_INPUTS = ("noise", "action")  # what steer_update=q's critic reads beside the observation
 logger = logging.getLogger(__name__)
 
 
@@ -129,6 +131,11 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
     q_ensemble: int = 5
     # `steer_update=q`: hidden widths of each critic.
     q_hidden_dims: list[int] = field(default_factory=lambda: [256, 256])
+    # `steer_update=q`: what the critic reads beside the observation. `noise`: the steered x_1, Q(o, x_1). `action`:
+    # the chunk the frozen flow policy made of it, its executed part, Q(o, a); the head climbs Q through the flow's
+    # ODE (x_1 -> chunk), so noises that give the same chunk share what Q learned (DSRL's noise-aliased idea). Needs a
+    # backbone whose prefix is its features (`mlp`): the replay keeps features, not a VLA's KV cache.
+    q_critic_input: str = "noise"
 
     # with the prefix frozen (`rl_train_prefix=False`), compute every sample's prefix (a VLA's KV cache) once per
     # update, in minibatch-sized chunks, and reuse it across epochs and minibatches. It holds one prefix per batch
@@ -145,6 +152,8 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
             raise bad("lr_schedule", "must be 'constant' or 'cosine'")
         if self.steer_update not in STEER_UPDATES:
             raise bad("steer_update", f"must be one of {STEER_UPDATES}")
+        if self.q_critic_input not in Q_CRITIC_INPUTS:
+            raise bad("q_critic_input", f"must be one of {Q_CRITIC_INPUTS}")
         if any(d < 1 for d in self.q_hidden_dims):
             raise bad("q_hidden_dims", "every width must be >= 1")
         for name in (
@@ -203,6 +212,11 @@ def clipped_value_loss(value: Tensor, old_value: Tensor, target: Tensor, clip: f
     ).mean()
 
 
+def _mean(xs: list[float]) -> float:
+    """A logged diagnostic's mean over an update's optimizer steps (nan when it had none)."""
+    return float(sum(xs) / len(xs)) if xs else float("nan")
+
+
 def _grad_norm_and_clip(params: list[nn.Parameter], max_norm: float) -> float:
     params = [p for p in params if p.grad is not None]
     if not params:
@@ -253,9 +267,15 @@ class PiRLAlgorithm(RLAlgorithm):
                 raise ValueError(
                     "algorithm.steer_update=q trains a steering head: the policy's noise_method must be noise_steer"
                 )
-            steer_dim = int(head.steer_mask.sum())
+            if config.q_critic_input == "action" and policy.config.backbone != "mlp":
+                raise ValueError(
+                    "algorithm.q_critic_input=action backpropagates through the frozen flow policy from the replayed"
+                    f" prefix features; the {policy.config.backbone} backbone's prefix also holds a KV cache the"
+                    " replay does not keep. Use algorithm.q_critic_input=noise"
+                )
+            decided = head.steer_mask if config.q_critic_input == "noise" else policy.action_mask
             self.noise_critic = NoiseCritic(
-                head.net[0].in_features, steer_dim, list(config.q_hidden_dims), config.q_ensemble
+                head.net[0].in_features, int(decided.sum()), list(config.q_hidden_dims), config.q_ensemble
             )
             self.noise_critic.to(policy.action_mask.device)
             self.noise_replay = NoiseReplay(config.q_replay_size)
@@ -446,15 +466,12 @@ class PiRLAlgorithm(RLAlgorithm):
         policy.eval()
         self.num_updates += 1
 
-        def mean(xs: list[float]) -> float:
-            return float(sum(xs) / len(xs)) if xs else float("nan")
-
-        stats.losses = {k: mean(logs[k]) for k in ("policy_loss", "value_loss", "bc_loss") if logs[k]}
-        stats.grad_norms = {k: mean(logs[k]) for k in ("actor", "critic") if logs[k]}
+        stats.losses = {k: _mean(logs[k]) for k in ("policy_loss", "value_loss", "bc_loss") if logs[k]}
+        stats.grad_norms = {k: _mean(logs[k]) for k in ("actor", "critic") if logs[k]}
         stats.extra.update(
-            approx_kl=mean(logs["approx_kl"]),
-            clip_fraction=mean(logs["clip_fraction"]),
-            entropy=mean(logs["entropy"]),
+            approx_kl=_mean(logs["approx_kl"]),
+            clip_fraction=_mean(logs["clip_fraction"]),
+            entropy=_mean(logs["entropy"]),
             optimizer_steps=float(len(logs["policy_loss"])),
             early_stopped=float(stop),
             actor_lr=self.optimizers["actor"].param_groups[0]["lr"],
@@ -473,14 +490,18 @@ class PiRLAlgorithm(RLAlgorithm):
         if not isinstance(self.shard, WholeMinibatch):
             raise ValueError("algorithm.steer_update=q runs in one learner process (no torch.distributed group)")
         head, critic, replay = policy.steer_head, self.noise_critic, self.noise_replay
-        steer_mask = head.steer_mask.bool()
+        steer_mask, executed = head.steer_mask.bool(), policy.action_mask.bool()
         mask = rollouts.trainable  # a chunk a person's teleoperator overrode was not chosen by the head
         returns = return_to_go(rollouts.rewards, rollouts.valid, c.gamma)
         if mask.any():  # a batch a person drove throughout adds nothing (and a backbone is never asked for 0 rows)
             with torch.no_grad():
                 observations = {k: v[mask] for k, v in rollouts.observations.items()}
                 features = policy.backbone.embed_prefix(observations).features
-            replay.add(features, rollouts.chains[mask][:, 0][:, steer_mask], returns[mask])
+            if c.q_critic_input == "noise":  # the steered x_1
+                decisions = rollouts.chains[mask][:, 0][:, steer_mask]
+            else:  # the executed part of the chunk the flow made of it (chain's last state)
+                decisions = rollouts.chains[mask][:, -1][:, executed]
+            replay.add(features, decisions, returns[mask])
         stats = TrainingStats(extra={"samples": float(mask.sum()), "num_updates": float(self.num_updates)})
         stats.extra.update(intervened=float((rollouts.valid & rollouts.intervened).sum()), replay=float(len(replay)))
         if len(replay) == 0:
@@ -490,6 +511,7 @@ class PiRLAlgorithm(RLAlgorithm):
 
         self._set_learning_rates()
         move_head = len(replay) >= c.q_warmup
+        head_params = list(head.parameters())
         logs: dict[str, list[float]] = {k: [] for k in ("q_loss", "q_target", "head_q", "actor", "noise_critic")}
         for _ in range(c.q_steps):
             # critic: every member regresses the replayed macro-steps' return-to-go
@@ -508,28 +530,29 @@ class PiRLAlgorithm(RLAlgorithm):
             mean, std = head(f)
             x = mean + std * torch.randn_like(mean)
             steered = x[:, steer_mask]
-            head_q = critic(f, steered).min(dim=0).values.mean()
+            # under `action`, the frozen flow's chunk from x (differentiable in x), its executed part
+            decisions = steered if c.q_critic_input == "noise" else policy.ode_chunk(Prefix(f), x)[:, executed]
+            head_q = critic(f, decisions).min(dim=0).values.mean()
             entropy = std[:, steer_mask].log().mean()
             prior = -0.5 * (steered**2).mean()  # log N(x_1; 0, I) per element, up to a constant
             head_loss = -head_q - c.q_prior_coef * prior - c.entropy_coef * entropy
             self.optimizers["actor"].zero_grad(set_to_none=True)
-            head_loss.backward()
-            logs["actor"].append(_grad_norm_and_clip(list(head.parameters()), c.max_grad_norm))
+            # only the head's gradients: the frozen flow and the critic are differentiated through, never trained
+            for p, g in zip(head_params, torch.autograd.grad(head_loss, head_params), strict=True):
+                p.grad = g
+            logs["actor"].append(_grad_norm_and_clip(head_params, c.max_grad_norm))
             self.optimizers["actor"].step()
             logs["head_q"].append(head_q.item())
             self._optimization_step += 1
         self.num_updates += 1
 
-        def mean_of(xs: list[float]) -> float:
-            return float(sum(xs) / len(xs)) if xs else float("nan")
-
         with torch.no_grad():
             _, std = head(replay.features[:1])  # the std is one learned value per element, whatever the state
-        stats.losses = {"q_loss": mean_of(logs["q_loss"])}
-        stats.grad_norms = {k: mean_of(logs[k]) for k in ("actor", "noise_critic") if logs[k]}
+        stats.losses = {"q_loss": _mean(logs["q_loss"])}
+        stats.grad_norms = {k: _mean(logs[k]) for k in ("actor", "noise_critic") if logs[k]}
         stats.extra.update(
-            q_target=mean_of(logs["q_target"]),
-            head_q=mean_of(logs["head_q"]),
+            q_target=_mean(logs["q_target"]),
+            head_q=_mean(logs["head_q"]),
             steer_std=float(std[0][steer_mask].mean()),
             optimizer_steps=float(len(logs["head_q"])),
             actor_lr=self.optimizers["actor"].param_groups[0]["lr"],

@@ -288,6 +288,22 @@ class PiRLPolicy(PreTrainedPolicy):
         )
         return PolicySample(chain=chain, value=self._value(prefix, chain.expert_features), noise_level=level.clone())
 
+    def ode_chunk(self, prefix: Prefix, initial_noise: Tensor) -> Tensor:
+        """The flow's deterministic (ODE) chunk ``[B, H, D]`` from the given x_1, with no steering law applied:
+        differentiable in ``initial_noise``, for a critic over chunks that steers the noise (``q_critic_input``)."""
+        c = self.config
+        batch = initial_noise.shape[0]
+        chain = sample_chain(
+            self._denoise_fn(prefix),
+            initial_noise,
+            initial_noise.new_zeros(batch, c.num_denoise_steps, *initial_noise.shape[1:]),
+            torch.zeros(batch, c.num_denoise_steps, dtype=torch.bool, device=initial_noise.device),
+            self.action_mask,
+            noise_method="flow_ode",
+            num_steps=c.num_denoise_steps,
+        )
+        return chain.actions
+
     def rl_prefix(self, batch: dict[str, Tensor]) -> Prefix:
         """The observation prefix for RL re-evaluation: without gradient when the prefix is frozen
         (``rl_train_prefix=False``, the paper's default), so no activations are kept for it."""

@@ -1,4 +1,4 @@
-"""``steer_update=q``: an off-policy critic over the steering head's initial noise (noise-space Q, as DSRL).
+"""``steer_update=q``: an off-policy critic that steers the initial noise (noise-space steering, as DSRL).
 
 Under ``noise_steer`` the flow policy is frozen and the steering head chooses x_1, so the decision of a
 macro-step is its steered x_1 (a few dozen numbers), and the prefix features of its observation never
@@ -13,6 +13,12 @@ Two choices, for a robot's sparse success reward and short episodes:
   collected the buffer, small while the head moves slowly;
 * an ensemble whose minimum the head maximises: Q is only trusted where members agree, which keeps the
   head from chasing one member's extrapolation into x_1 the buffer never saw.
+
+What the critic reads beside the observation (``q_critic_input``) is the macro-step's decision: its steered
+x_1 (``noise``), or the chunk the frozen flow policy made of it, the part the robot executed (``action``, the
+idea of DSRL's noise-aliased critic). Many noises give nearly the same chunk, so an action critic shares what
+it learns across them, and the chunk shows directly what the robot did (closing the gripper, say); the head
+then climbs Q through the frozen flow's ODE, x_1 -> chunk, by backpropagation.
 """
 
 from __future__ import annotations
@@ -24,16 +30,16 @@ from lerobot_policy_pi_rl.backbones.mlp import mlp
 
 
 class NoiseCritic(nn.Module):
-    """An ensemble of MLPs Q_i(features, steered x_1) -> ``[E, B]``. LayerNorm on the input: prefix features
+    """An ensemble of MLPs Q_i(features, decision) -> ``[E, B]`` (the decision: steered x_1 or executed chunk). LayerNorm on the input: prefix features
     of another backbone have another scale, and a normalised critic extrapolates less (as in RLPD)."""
 
-    def __init__(self, feature_dim: int, steer_dim: int, hidden_dims: list[int], ensemble: int):
+    def __init__(self, feature_dim: int, decision_dim: int, hidden_dims: list[int], ensemble: int):
         super().__init__()
-        self.norm = nn.LayerNorm(feature_dim + steer_dim)
-        self.members = nn.ModuleList(mlp([feature_dim + steer_dim, *hidden_dims, 1]) for _ in range(ensemble))
+        self.norm = nn.LayerNorm(feature_dim + decision_dim)
+        self.members = nn.ModuleList(mlp([feature_dim + decision_dim, *hidden_dims, 1]) for _ in range(ensemble))
 
-    def forward(self, features: Tensor, steered: Tensor) -> Tensor:
-        x = self.norm(torch.cat([features, steered], dim=-1))
+    def forward(self, features: Tensor, decisions: Tensor) -> Tensor:
+        x = self.norm(torch.cat([features, decisions], dim=-1))
         return torch.stack([m(x).squeeze(-1) for m in self.members])
 
 
@@ -49,30 +55,31 @@ def return_to_go(rewards: Tensor, valid: Tensor, gamma: float) -> Tensor:
 
 
 class NoiseReplay:
-    """The newest ``capacity`` steered macro-steps: prefix features ``[M, F]``, steered x_1 ``[M, S]`` and
-    return-to-go ``[M]``. Learner memory only: a restarted learner refills it from new episodes."""
+    """The newest ``capacity`` steered macro-steps: prefix features ``[M, F]``, decisions ``[M, S]`` (steered x_1
+    or executed chunk) and return-to-go ``[M]``. Learner memory only: a restarted learner refills it from new
+    episodes."""
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.features: Tensor | None = None
-        self.steered: Tensor | None = None
+        self.decisions: Tensor | None = None
         self.returns: Tensor | None = None
 
     def __len__(self) -> int:
         return 0 if self.returns is None else int(self.returns.shape[0])
 
-    def add(self, features: Tensor, steered: Tensor, returns: Tensor) -> None:
-        new = (features.detach().float(), steered.detach().float(), returns.detach().float())
+    def add(self, features: Tensor, decisions: Tensor, returns: Tensor) -> None:
+        new = (features.detach().float(), decisions.detach().float(), returns.detach().float())
         if self.returns is None:
-            self.features, self.steered, self.returns = new
+            self.features, self.decisions, self.returns = new
         else:
             self.features = torch.cat([self.features, new[0]])
-            self.steered = torch.cat([self.steered, new[1]])
+            self.decisions = torch.cat([self.decisions, new[1]])
             self.returns = torch.cat([self.returns, new[2]])
         self.features = self.features[-self.capacity :]
-        self.steered = self.steered[-self.capacity :]
+        self.decisions = self.decisions[-self.capacity :]
         self.returns = self.returns[-self.capacity :]
 
     def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
         idx = torch.randint(len(self), (batch_size,), generator=generator, device=self.returns.device)
-        return self.features[idx], self.steered[idx], self.returns[idx]
+        return self.features[idx], self.decisions[idx], self.returns[idx]

@@ -147,6 +147,22 @@ METHODS: dict[str, dict] = {
         "interventions": False,
         "offline_demos": False,
     },
+    "noise_q_action": {
+        "about": "noise_q with a critic over the executed chunk instead of the noise (q_critic_input=action, DSRL's "
+        "noise-aliased idea): Q(o, a) fits the return-to-go, and the steering head climbs it through the frozen "
+        "flow's ODE (x_1 -> chunk); otherwise as noise_q",
+        "learner": {
+            **_SMALL,
+            "noise_method": "noise_steer",
+            "algorithm.steer_update": "q",
+            "algorithm.q_critic_input": "action",
+            "algorithm.actor_lr": 3e-4,
+            "algorithm.entropy_coef": 0.0,
+        },
+        "edge": {"policy.noise_method": "noise_steer"},
+        "interventions": False,
+        "offline_demos": False,
+    },
     "interventions_success_bc": {
         "about": "success_bc + the scripted person's takeovers as BC data",
         "learner": {**_SMALL, "algorithm.bc_coef": 1.0, "bc.successes": "true", "algorithm.target_kl": 0.05},
@@ -375,7 +391,8 @@ NOISE_STDS = (1.0, 0.5, 0.25, 0.05)  # initial-noise stds the SFT policy is scor
 def _sft_success_by_noise_std(ckpt: Path, episodes: int, cache: Path) -> dict[str, float]:
     """The SFT policy's deterministic success with its initial noise x_1 ~ N(0, std^2 I), on the learner's
     evaluation episodes: the baseline a noise-steering method has to beat, since shrinking the noise alone
-    (no learning) moves a few-shot flow policy toward its mode. Cached beside the SFT checkpoint."""
+    (no learning) moves a few-shot flow policy toward its mode. Cached beside the SFT checkpoint, per number of
+    evaluation episodes (a cache scored on other episodes is scored again)."""
     import math
 
     import lerobot_robot_pirl_sim  # noqa: F401  (registers the pirl_sim vector env)
@@ -385,7 +402,9 @@ def _sft_success_by_noise_std(ckpt: Path, episodes: int, cache: Path) -> dict[st
     from lerobot_policy_pi_rl.sft import load_policy
 
     if cache.is_file():
-        return json.loads(cache.read_text())
+        saved = json.loads(cache.read_text())
+        if saved.get("eval_episodes") == episodes:
+            return saved["success"]
     policy, pre, post = load_policy(ckpt, noise_method="noise_steer")
     evaluate = make_evaluator(pre, post, episodes, policy_config=policy.config, env_name="pirl_sim")
     scores = {}
@@ -394,7 +413,7 @@ def _sft_success_by_noise_std(ckpt: Path, episodes: int, cache: Path) -> dict[st
             policy.steer_head.log_std.fill_(math.log(std))
         scores[str(std)] = evaluate(policy)
     evaluate.env.close()
-    write_json(cache, scores)
+    write_json(cache, {"eval_episodes": episodes, "success": scores})
     return scores
 
 

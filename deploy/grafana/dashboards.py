@@ -609,6 +609,18 @@ def learner() -> dict:
             w=8,
             minimum=0,
         ),
+        panel(
+            "Off-policy steering",
+            [
+                ("max(pirl_learner_steer_q_loss)", "critic loss (returns-to-go)"),
+                ("max(pirl_learner_steer_head_q)", "head Q (min over critics)"),
+                ("max(pirl_learner_steer_std)", "steering std of x_1"),
+            ],
+            w=24,
+            description="algorithm.steer_update=q: the noise critic's fit, the Q the steering head climbs (above the "
+            "returns it is fitted on means the head found x_1 the critics overrate) and the std of the head's x_1 "
+            "(1 is the N(0, I) the flow policy was trained from; it falls as the head narrows the noise).",
+        ),
         row("Success"),
         panel(
             "Success rate",

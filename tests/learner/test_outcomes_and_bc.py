@@ -546,10 +546,15 @@ def test_off_policy_steering_replays_the_steered_steps_and_checkpoints_its_criti
     replay = t1.algo.noise_replay
     assert len(replay) == 3
     steered = {tuple(np.round(d[i].chain[0, :, :ACTION_DIM].reshape(-1), 5)) for i in (0, 2, 3)}
-    assert {tuple(np.round(row.numpy(), 5)) for row in replay.steered} == steered
+    assert {tuple(np.round(row.numpy(), 5)) for row in replay.decisions} == steered
     # rewards are 1 per macro-step (rec): "won" ran 3 steps, "lost" 1, discounted by gamma
     g = cfg.gamma
     assert sorted(replay.returns.tolist()) == pytest.approx(sorted([1 + g + g * g, 1.0, 1.0]))
+    # the update's diagnostics reach Prometheus (the learner dashboard's "Off-policy steering" panel)
+    row = t1.history[-1]
+    assert REGISTRY.get_sample_value("pirl_learner_steer_replay_macro_steps") == 3
+    for gauge, key in [("q_loss", "q_loss"), ("head_q", "head_q"), ("std", "steer_std")]:
+        assert REGISTRY.get_sample_value(f"pirl_learner_steer_{gauge}") == pytest.approx(row[key])
 
     t1.save()
     t2 = trainer(1)

@@ -213,7 +213,8 @@ def test_the_q_update_needs_a_steering_policy():
 
 
 @pytest.mark.parametrize(
-    "field,value", [("steer_update", "sac"), ("q_steps", 0), ("q_hidden_dims", [0]), ("q_lr", -1.0)]
+    "field,value",
+    [("steer_update", "sac"), ("q_steps", 0), ("q_hidden_dims", [0]), ("q_lr", -1.0), ("q_critic_input", "chunk")],
 )
 def test_q_fields_are_validated(field, value):
     with pytest.raises(ValueError, match=f"algorithm.{field}"):
@@ -234,3 +235,67 @@ def test_a_batch_a_person_drove_throughout_adds_nothing_to_the_replay():
     stats = algo.update_on(driven)
     assert "skipped" not in stats.extra and len(algo.noise_replay) == 8 and stats.extra["intervened"] == 8
     assert 0 < stats.extra["steer_std"] <= 1
+
+
+def _chunk_batch(policy, seed: int, T: int = 2, N: int = 64):
+    """Steered decisions rewarded 1 where the first executed action's first dim is above the batch median: a
+    property of the chunk the frozen flow made, which the head can reach only through the flow."""
+    obs = torch.randn(T, N, STATE_DIM, generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        noise = policy.draw_noise(T * N, generator=torch.Generator().manual_seed(seed + 1))
+        s = policy.sample_chains({"observation.state": obs.reshape(T * N, STATE_DIM)}, *noise)
+    first = s.chain.actions[:, 0, 0]
+    rewards = (first > first.median()).float().reshape(T, N)
+    return rollout_batch({"observation.state": obs}, s, rewards), s
+
+
+def test_an_action_critic_replays_the_executed_chunk_and_steers_the_noise_through_the_flow():
+    """q_critic_input=action: the replay holds the executed part of each chunk (the ODE of its steered x_1), and
+    the head moves x_1 so the frozen flow's chunks score higher, while the flow itself stays untouched."""
+    torch.manual_seed(0)
+    policy, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
+    before = {k: v.clone() for k, v in policy.state_dict().items()}
+    cfg = PiRLAlgorithmConfig(
+        steer_update="q",
+        q_critic_input="action",
+        actor_lr=3e-3,
+        q_lr=3e-3,
+        q_steps=60,
+        q_batch_size=64,
+        q_warmup=0,
+        q_hidden_dims=[32],
+        q_prior_coef=0.1,
+    )
+    algo = PiRLAlgorithm(policy, cfg)
+    executed = policy.action_mask.bool()
+    assert algo.noise_critic.norm.normalized_shape[0] == policy.backbone.prefix_dim + int(executed.sum())
+    batch, sample = _chunk_batch(policy, seed=0)
+    algo.update_on(batch)
+    # what joined the replay: the executed chunk elements, the same as the flow's ODE from the steered x_1
+    with torch.no_grad():
+        prefix = policy.backbone.embed_prefix(
+            {"observation.state": batch.observations["observation.state"].flatten(0, 1)}
+        )
+        again = policy.ode_chunk(prefix, sample.chain.chain[:, 0])
+    torch.testing.assert_close(algo.noise_replay.decisions, sample.chain.actions[:, executed])
+    torch.testing.assert_close(again[:, executed], sample.chain.actions[:, executed], rtol=0, atol=1e-6)
+
+    probe = _obs(128, 99)
+    with torch.no_grad():
+        prefix = policy.backbone.embed_prefix(probe)
+        start = policy.ode_chunk(prefix, policy.steer_head(prefix.features)[0])[:, 0, 0].mean()
+    for update in range(1, 5):
+        algo.update_on(_chunk_batch(policy, seed=10 * update)[0])
+    with torch.no_grad():
+        end = policy.ode_chunk(prefix, policy.steer_head(prefix.features)[0])[:, 0, 0].mean()
+    assert end > start + 0.1, (start, end)
+    changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])}
+    assert changed and all(k.startswith("steer_head.") for k in changed), changed
+    assert all(p.grad is None for p in policy.backbone.parameters())  # differentiated through, never trained
+
+
+def test_an_action_critic_needs_a_backbone_whose_prefix_is_its_features():
+    policy, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
+    policy.config.backbone = "pi0"  # what the check reads; building a real pi0 is not needed to refuse it
+    with pytest.raises(ValueError, match="q_critic_input=noise"):
+        PiRLAlgorithm(policy, PiRLAlgorithmConfig(steer_update="q", q_critic_input="action"))

@@ -48,3 +48,34 @@ def test_a_short_run_with_interventions_writes_robot_json(tmp_path):
     # the learner trained: at least one update after the SFT evaluation, with BC data from the interventions
     logs = (out / "interventions_bc-s0" / "logs" / "learner.log").read_text()
     assert "bc_loss" in logs
+
+
+def test_the_sft_scores_by_noise_std_are_cached_per_number_of_evaluation_episodes(tmp_path, monkeypatch):
+    """The tempered-SFT baseline is scored once per number of evaluation episodes: a cache scored on other
+    episodes is scored again, not reported as if it were this run's."""
+    import math
+
+    import learner.trainer
+    import lerobot_policy_pi_rl.sft
+    from helpers.policy import builtin_policy
+    from pirl_tools.bench_robot import NOISE_STDS, _sft_success_by_noise_std
+
+    scored = []
+
+    def make_evaluator(pre, post, episodes, **kw):
+        def evaluate(policy):  # a stand-in score that shows which std and episode count it was scored at
+            scored.append(episodes)
+            return round(episodes / 1000 + math.exp(float(policy.steer_head.log_std.mean())), 6)
+
+        evaluate.env = type("Env", (), {"close": lambda self: None})()
+        return evaluate
+
+    policy = builtin_policy(0, noise_method="noise_steer")[0]
+    monkeypatch.setattr(lerobot_policy_pi_rl.sft, "load_policy", lambda *a, **kw: (policy, None, None))
+    monkeypatch.setattr(learner.trainer, "make_evaluator", make_evaluator)
+    cache = tmp_path / "success_by_noise_std.json"
+    first = _sft_success_by_noise_std(tmp_path, 200, cache)
+    assert first == {str(s): pytest.approx(0.2 + s) for s in NOISE_STDS} and len(scored) == len(NOISE_STDS)
+    assert _sft_success_by_noise_std(tmp_path, 200, cache) == first and len(scored) == len(NOISE_STDS)  # cached
+    other = _sft_success_by_noise_std(tmp_path, 50, cache)  # other episodes: scored again
+    assert other == {str(s): pytest.approx(0.05 + s) for s in NOISE_STDS} and len(scored) == 2 * len(NOISE_STDS)

@@ -47,6 +47,14 @@ ROBOT_ID = "robot-0"
 DETECTOR_CAMERA = "{front: {type: pirl_sim, width: 64, height: 64, fps: 15}}"
 
 _SMALL = {"trainer.episodes_per_update": 16, "trainer.eval_every": 2, "algorithm.actor_lr": 3e-5}
+# off-policy noise steering's learner settings (noise_q; noise_q_action adds its critic input)
+_NOISE_Q = {
+    **_SMALL,
+    "noise_method": "noise_steer",
+    "algorithm.steer_update": "q",
+    "algorithm.actor_lr": 3e-4,
+    "algorithm.entropy_coef": 0.0,
+}
 # Each method: what the learner and the edge are given beyond the common flags. "Today's PPO settings on that
 # robot" are pirl-demo's: 128 episodes per update at actor_lr 3e-5.
 METHODS: dict[str, dict] = {
@@ -136,13 +144,7 @@ METHODS: dict[str, dict] = {
         "critic Q(o, x_1) fits the return-to-go of every steered macro-step the robot ran (replay buffer), and the "
         "steering head moves toward the x_1 it scores highest, held near N(0, I) by a prior term (q_prior_coef 1); "
         "5 critics, 200 gradient steps per update, actor_lr 3e-4, no entropy bonus; 16 episodes per update",
-        "learner": {
-            **_SMALL,
-            "noise_method": "noise_steer",
-            "algorithm.steer_update": "q",
-            "algorithm.actor_lr": 3e-4,
-            "algorithm.entropy_coef": 0.0,
-        },
+        "learner": _NOISE_Q,
         "edge": {"policy.noise_method": "noise_steer"},
         "interventions": False,
         "offline_demos": False,
@@ -151,14 +153,7 @@ METHODS: dict[str, dict] = {
         "about": "noise_q with a critic over the executed chunk instead of the noise (q_critic_input=action, DSRL's "
         "noise-aliased idea): Q(o, a) fits the return-to-go, and the steering head climbs it through the frozen "
         "flow's ODE (x_1 -> chunk); otherwise as noise_q",
-        "learner": {
-            **_SMALL,
-            "noise_method": "noise_steer",
-            "algorithm.steer_update": "q",
-            "algorithm.q_critic_input": "action",
-            "algorithm.actor_lr": 3e-4,
-            "algorithm.entropy_coef": 0.0,
-        },
+        "learner": {**_NOISE_Q, "algorithm.q_critic_input": "action"},
         "edge": {"policy.noise_method": "noise_steer"},
         "interventions": False,
         "offline_demos": False,

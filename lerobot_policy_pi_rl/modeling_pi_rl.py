@@ -35,6 +35,7 @@ from lerobot_policy_pi_rl.samplers import (
     gaussian_log_prob,
     make_action_mask,
     sample_chain,
+    stochastic_step_mask,
 )
 
 
@@ -297,7 +298,7 @@ class PiRLPolicy(PreTrainedPolicy):
             self._denoise_fn(prefix),
             initial_noise,
             initial_noise.new_zeros(batch, c.num_denoise_steps, *initial_noise.shape[1:]),
-            torch.zeros(batch, c.num_denoise_steps, dtype=torch.bool, device=initial_noise.device),
+            stochastic_step_mask("flow_ode", c.num_denoise_steps, batch, device=initial_noise.device),
             self.action_mask,
             noise_method="flow_ode",
             num_steps=c.num_denoise_steps,

@@ -53,8 +53,9 @@ BUFFER_FILE = "bc_buffer.safetensors"  # the buffer inside a learner checkpoint
 class OfflineDatasetConfig:
     """Offline demonstrations for the BC term: a local LeRobotDataset (``--offline_dataset.root=DIR``)."""
 
-    # a local LeRobotDataset directory (meta/, data/) whose frames join the BC term (needs algorithm.bc_coef
-    # > 0); its features must hold the policy's inputs and its action (None: no offline demonstrations)
+    # a local LeRobotDataset directory (meta/, data/) whose frames join the BC term (algorithm.bc_coef > 0) or a
+    # chunk critic's replay (steer_update=q, q_critic_input=action); its features must hold the policy's inputs
+    # and its action (None: no offline demonstrations)
     root: str | None = None
     # the dataset's repo id, as LeRobot names it (read from ROOT only, never downloaded)
     repo_id: str = "local/offline_demos"
@@ -141,9 +142,18 @@ class OfflineDemos:
         return len(self.dataset)
 
     def batch(self, n: int) -> dict[str, Tensor]:
-        idx = torch.randint(len(self.dataset), (n,), generator=self.generator).tolist()
-        batch = self.pre(self.collate([self.dataset[i] for i in idx]))
+        return self.frames(torch.randint(len(self.dataset), (n,), generator=self.generator).tolist())
+
+    def frames(self, indices: list[int]) -> dict[str, Tensor]:
+        """These frames (dataset indices), pre-processed, with their action chunks."""
+        batch = self.pre(self.collate([self.dataset[i] for i in indices]))
         return {k: batch[k] for k in self.keys}
+
+    def episodes(self) -> list[np.ndarray]:
+        """The dataset indices of each episode's frames, in order."""
+        cols = self.dataset.hf_dataset.select_columns(["episode_index", "index"]).with_format("numpy")
+        episode, index = np.asarray(cols["episode_index"]).reshape(-1), np.asarray(cols["index"]).reshape(-1)
+        return [np.sort(index[episode == e]) for e in np.unique(episode)]
 
 
 class BCData:

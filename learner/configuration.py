@@ -122,7 +122,8 @@ class LearnerConfig:
     algorithm: BuiltinTaskAlgorithmConfig = field(default_factory=BuiltinTaskAlgorithmConfig)
     # the BC term's data (algorithm.bc_coef > 0): teleoperator interventions and offline demonstrations
     bc: BCSettings = field(default_factory=BCSettings)
-    # offline demonstrations for the BC term: a local LeRobotDataset
+    # offline demonstrations: a local LeRobotDataset, for the BC term, or under a chunk critic (steer_update=q,
+    # q_critic_input=action) the first data of its replay (learner/critic_demos.py)
     offline_dataset: OfflineDatasetConfig = field(default_factory=OfflineDatasetConfig)
     # Prometheus /metrics
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -136,8 +137,11 @@ class LearnerConfig:
             raise ValueError("tokens: required (a JSON file {robot_id: token} of the robots allowed to connect)")
         if self.noise_method is not None and self.noise_method not in RL_NOISE_METHODS:
             raise ValueError(f"noise_method: must be one of {RL_NOISE_METHODS} (got {self.noise_method!r})")
-        if self.offline_dataset.root is not None and self.algorithm.bc_coef <= 0:
+        a = self.algorithm
+        chunk_critic = a.steer_update == "q" and a.q_critic_input == "action"
+        if self.offline_dataset.root is not None and a.bc_coef <= 0 and not chunk_critic:
             raise ValueError(
-                "offline_dataset.root: offline demonstrations train only through the BC term: set "
-                "--algorithm.bc_coef > 0 (e.g. 0.1), or leave offline_dataset.root unset"
+                "offline_dataset.root: offline demonstrations train through the BC term or a chunk critic: set "
+                "--algorithm.bc_coef > 0 (e.g. 0.1), or --noise_method=noise_steer --algorithm.steer_update=q "
+                "--algorithm.q_critic_input=action, or leave offline_dataset.root unset"
             )

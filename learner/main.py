@@ -130,6 +130,14 @@ def _serve(cfg: LearnerConfig, group=None) -> int:
                 cfg.algorithm.bc_coef,
             )
     algo = PiRLAlgorithm(policy, cfg.algorithm.plain(), demo_iterator=None if bc_data is None else iter(bc_data))
+    a = cfg.algorithm
+    if cfg.offline_dataset.root is not None and a.steer_update == "q" and a.q_critic_input == "action":
+        from learner.critic_demos import demonstrated_macro_steps
+
+        n = algo.replay_demonstrations(*demonstrated_macro_steps(cfg.offline_dataset, policy, pre, a.gamma))
+        logging.info(
+            "the chunk critic's replay starts with %d demonstrated macro-steps from %s", n, cfg.offline_dataset.root
+        )
     if group is not None:
         from learner.distributed import attach
 

@@ -502,9 +502,11 @@ class RolloutStore:
             self.counts = defaultdict(int, state.get("counts", {}))
 
 
-def episodes_to_batch(episodes: list[Episode], policy) -> RolloutBatch:
+def episodes_to_batch(episodes: list[Episode], policy, normalize_actions=None) -> RolloutBatch:
     """Time-major RolloutBatch (padded with invalid steps) from complete episodes; ``intervened`` marks the
-    macro-steps a teleoperator drove (in the GAE, out of every loss)."""
+    macro-steps a teleoperator drove (in the GAE, out of every policy loss). With ``normalize_actions`` (robot
+    units -> the policy's normalised action space) the actions that ran on those steps are ``executed_actions``
+    (what the chunk critic learns takeovers from)."""
     n = len(episodes)
     T = max(len(ep.steps) for ep in episodes)
     K1, H, D = episodes[0].steps[0].chain.shape
@@ -536,6 +538,15 @@ def episodes_to_batch(episodes: list[Episode], policy) -> RolloutBatch:
                 for k in obs_keys:
                     final_obs[k].append(torch.from_numpy(s.final_observation[k]))
                 final_at.append((t, j))
+    executed_actions = None
+    taken = [(t, j, s) for j, ep in enumerate(episodes) for t, s in enumerate(ep.steps) if s.intervened]
+    if normalize_actions is not None and taken:
+        executed_actions = torch.zeros(T, n, H, D)
+        with torch.no_grad():
+            for t, j, s in taken:
+                ran = torch.from_numpy(np.ascontiguousarray(s.executed[:H], dtype=np.float32))
+                normalised = normalize_actions(ran.to(policy.action_mask.device)).float().cpu()
+                executed_actions[t, j, : ran.shape[0], : ran.shape[1]] = normalised
     if final_at:  # bootstrap V(final observation) of truncated episodes with the current critic
         with torch.no_grad():
             device = policy.action_mask.device
@@ -559,4 +570,5 @@ def episodes_to_batch(episodes: list[Episode], policy) -> RolloutBatch:
         group_ids=torch.arange(n),
         env_steps=env_steps,
         intervened=b["intervened"],
+        executed_actions=executed_actions,
     )

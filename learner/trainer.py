@@ -146,6 +146,12 @@ class Trainer:
         self.evaluator = evaluator  # callable(policy) -> success in [0, 1], or None
         self.bc_data = bc_data
         self.group = group
+        c = algorithm.config
+        self.normalize_actions = None  # the chunk critic learns from takeovers: their actions, normalised
+        if c.steer_update == "q" and c.q_critic_input == "action" and c.q_interventions and preprocessor is not None:
+            from learner.bc_data import action_normalizer
+
+            self.normalize_actions = action_normalizer(preprocessor)
         self.version = 0
         self.frozen_sha256 = algorithm.policy.frozen_sha256()  # what RL never changes: hashed once
         self.engines = None
@@ -378,7 +384,7 @@ class Trainer:
         start = time.monotonic()
         if self.bc_data is not None:  # before the update: this batch's interventions are BC data at once
             self.bc_data.add_episodes(episodes)
-        batch = episodes_to_batch(episodes, self.policy)
+        batch = episodes_to_batch(episodes, self.policy, self.normalize_actions)
         if self.group is not None:  # every rank updates on this batch, each on its slice of every minibatch
             self.group.update(batch)
         level = self.algo.policy.config.noise_level_at(self.algo.num_updates)
@@ -426,7 +432,10 @@ class Trainer:
         self.history.append(row)
         bc = ""
         if "q_loss" in d:  # steer_update=q: no PPO ratio; its critic's fit and the head's Q instead
-            bc = f", q_loss {d['q_loss']:.4f}, head Q {d.get('head_q', float('nan')):.3f}, steer std {d['steer_std']:.3f}"
+            bc = (
+                f" (of the policy loss; {int(d.get('replay_takeovers', 0))} in the critic's replay), q_loss "
+                f"{d['q_loss']:.4f}, head Q {d.get('head_q', float('nan')):.3f}, steer std {d['steer_std']:.3f}"
+            )
         if self.algo.config.bc_coef > 0:  # the BC term's loss and what it trained on (none yet: no data)
             bc = f", bc_loss {d.get('bc_loss', float('nan')):.4f} on {int(d.get('bc_samples', 0))} samples"
         log.info(

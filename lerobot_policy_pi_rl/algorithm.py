@@ -136,6 +136,11 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
     # ODE (x_1 -> chunk), so noises that give the same chunk share what Q learned (DSRL's noise-aliased idea). Needs a
     # backbone whose prefix is its features (`mlp`): the replay keeps features, not a VLA's KV cache.
     q_critic_input: str = "noise"
+    # `steer_update=q` with `q_critic_input=action`: a macro-step a person's teleoperator drove joins the replay too,
+    # with the actions that ran (RolloutBatch.executed_actions): the critic learns what the takeover was worth, and
+    # the head climbs toward chunks like it where the frozen flow can make them. Off: takeovers are left out, as
+    # under `noise` (a teleoperated chunk has no x_1).
+    q_interventions: bool = True
 
     # with the prefix frozen (`rl_train_prefix=False`), compute every sample's prefix (a VLA's KV cache) once per
     # update, in minibatch-sized chunks, and reuse it across epochs and minibatches. It holds one prefix per batch
@@ -483,8 +488,8 @@ class PiRLAlgorithm(RLAlgorithm):
         return stats
 
     def noise_q_update(self, rollouts: RolloutBatch) -> TrainingStats:
-        """``steer_update=q`` (DSRL-style, see noise_critic.py): this batch's steered macro-steps join the replay
-        buffer; then ``q_steps`` times: one critic step toward the return-to-go of replayed macro-steps, and one
+        """``steer_update=q`` (DSRL-style, see noise_critic.py): this batch's steered macro-steps (under
+        ``q_critic_input=action`` with ``q_interventions``, its takeovers too) join the replay buffer; then ``q_steps`` times: one critic step toward the return-to-go of replayed macro-steps, and one
         head step up the ensemble's minimum Q of a reparameterised x_1 = mean(o) + std * eps."""
         c, policy = self.config, self.policy
         if not isinstance(self.shard, WholeMinibatch):
@@ -502,8 +507,21 @@ class PiRLAlgorithm(RLAlgorithm):
             else:  # the executed part of the chunk the flow made of it (chain's last state)
                 decisions = rollouts.chains[mask][:, -1][:, executed]
             replay.add(features, decisions, returns[mask])
+        # a takeover is an action that ran with a return like any other: the chunk critic can learn from it
+        taken = rollouts.valid & rollouts.intervened
+        from_takeovers = c.q_critic_input == "action" and c.q_interventions and rollouts.executed_actions is not None
+        if from_takeovers and taken.any():
+            with torch.no_grad():
+                features = policy.backbone.embed_prefix(
+                    {k: v[taken] for k, v in rollouts.observations.items()}
+                ).features
+            replay.add(features, rollouts.executed_actions[taken][:, executed], returns[taken])
         stats = TrainingStats(extra={"samples": float(mask.sum()), "num_updates": float(self.num_updates)})
-        stats.extra.update(intervened=float((rollouts.valid & rollouts.intervened).sum()), replay=float(len(replay)))
+        stats.extra.update(
+            intervened=float(taken.sum()),
+            replay_takeovers=float(taken.sum()) if from_takeovers else 0.0,
+            replay=float(len(replay)),
+        )
         if len(replay) == 0:
             stats.extra["skipped"] = 1.0
             self.num_updates += 1
@@ -558,6 +576,31 @@ class PiRLAlgorithm(RLAlgorithm):
             actor_lr=self.optimizers["actor"].param_groups[0]["lr"],
         )
         return stats
+
+    def replay_demonstrations(
+        self, observations: dict[str, Tensor], actions: Tensor, action_is_pad: Tensor, returns: Tensor
+    ) -> int:
+        """Demonstrated macro-steps into the chunk critic's replay (``steer_update=q``, ``q_critic_input=action``):
+        normalised observations, normalised action chunks ``[M, chunk_size, action_dim]`` with their padding
+        ``[M, chunk_size]`` (past the episode's end: zero, as a takeover's ticks that never ran) and return-to-go
+        ``[M]``. A demonstration is an action that ran with a return like a takeover, so the critic can start
+        from it; the noise critic cannot (a demonstrated chunk has no x_1). How many joined."""
+        c, policy = self.config, self.policy
+        if c.steer_update != "q" or c.q_critic_input != "action":
+            raise ValueError(
+                "demonstrations join the replay only of a chunk critic: algorithm.steer_update=q with "
+                f"algorithm.q_critic_input=action (got steer_update={c.steer_update!r}, "
+                f"q_critic_input={c.q_critic_input!r})"
+            )
+        m = actions.shape[0]
+        device = policy.action_mask.device
+        chunks = torch.zeros(m, *policy.action_mask.shape, device=device)
+        chunks[:, : actions.shape[1], : actions.shape[2]] = actions.to(device).float()
+        chunks[:, : actions.shape[1]] *= ~action_is_pad.to(device)[..., None]
+        with torch.no_grad():
+            features = policy.backbone.embed_prefix({k: v.to(device) for k, v in observations.items()}).features
+        self.noise_replay.add(features, chunks[:, policy.action_mask.bool()], returns.to(device))
+        return m
 
     def _frozen_prefixes(self, observations: dict[str, Tensor], n: int, chunk: int):
         """Every sample's prefix, computed once (in minibatch-sized chunks) when it is frozen."""

@@ -47,6 +47,11 @@ class RolloutBatch:
     # ran: GAE runs through it (its reward and value still count) but no loss term uses it. None: all False
     # (simulation, in-process run_pirl).
     intervened: Tensor | None = None
+    # [T, N, H, D] the actions that ran on intervened macro-steps (the teleoperator's ticks and the policy's before
+    # it took over, after the safety layer), normalised as the chain's last state is and zero-padded past the
+    # ticks that ran; zeros on the other steps. Read by the chunk critic (steer_update=q, q_critic_input=action),
+    # which can learn from any action that ran. None: no intervened step carries them.
+    executed_actions: Tensor | None = None
 
     def __post_init__(self) -> None:
         if self.intervened is None:

@@ -158,6 +158,23 @@ METHODS: dict[str, dict] = {
         "interventions": False,
         "offline_demos": False,
     },
+    "noise_q_action_takeovers": {
+        "about": "noise_q_action with the scripted person taking over a drifting policy: their takeovers join the "
+        "chunk critic's replay with the actions that ran (q_interventions), so it learns what a correction was "
+        "worth; the head still only steers the frozen flow's noise",
+        "learner": {**_NOISE_Q, "algorithm.q_critic_input": "action"},
+        "edge": {"policy.noise_method": "noise_steer"},
+        "interventions": True,
+        "offline_demos": False,
+    },
+    "noise_q_action_demos": {
+        "about": "noise_q_action whose chunk critic starts from the SFT demos: their macro-steps (demonstrated "
+        "chunks, the return of a success) join its replay before the first update (--offline_dataset under "
+        "q_critic_input=action)",
+        "learner": {**_NOISE_Q, "algorithm.q_critic_input": "action"},
+        "edge": {"policy.noise_method": "noise_steer"},
+        "interventions": False,
+    },
     "interventions_success_bc": {
         "about": "success_bc + the scripted person's takeovers as BC data",
         "learner": {**_SMALL, "algorithm.bc_coef": 1.0, "bc.successes": "true", "algorithm.target_kl": 0.05},
@@ -237,6 +254,12 @@ def _scrape(port: int) -> dict[str, float]:
     return out
 
 
+def reads_demos(learner: dict) -> bool:
+    """Whether learner settings use --offline_dataset: the BC term (bc_coef > 0) or a chunk critic's replay."""
+    chunk_critic = learner.get("algorithm.steer_update") == "q" and learner.get("algorithm.q_critic_input") == "action"
+    return float(learner.get("algorithm.bc_coef", 0)) > 0 or chunk_critic
+
+
 def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path, pki, signals: Signals) -> dict:
     spec = METHODS[method]
     out = Path(cfg.out) / f"{method}-s{seed}{'-detector' if cfg.outcome == 'detector' else ''}"
@@ -245,8 +268,8 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
     procs = Procs(out / "logs")
     metrics_port, operator_port = free_port(), free_port()
     learner_flags = [f"--{k}={v}" for k, v in spec["learner"].items()]
-    if float(spec["learner"].get("algorithm.bc_coef", 0)) > 0 and spec.get("offline_demos", True):
-        # the SFT demos are offline BC data
+    if spec.get("offline_demos", True) and reads_demos(spec["learner"]):
+        # the SFT demos are offline data: of the BC term, or of a chunk critic's replay
         from lerobot_robot_pirl_sim.demos import REPO_ID
 
         learner_flags += [f"--offline_dataset.root={demos}", f"--offline_dataset.repo_id={REPO_ID}"]

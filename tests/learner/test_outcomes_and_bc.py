@@ -562,3 +562,90 @@ def test_off_policy_steering_replays_the_steered_steps_and_checkpoints_its_criti
     for k, v in t1.algo.noise_critic.state_dict().items():
         torch.testing.assert_close(t2.algo.noise_critic.state_dict()[k], v, rtol=0, atol=0)
     assert len(t2.algo.noise_replay) == 0  # learner memory only: refilled from new episodes
+
+
+@pytest.mark.parametrize("from_takeovers", [True, False])
+def test_a_chunk_critic_learns_from_a_persons_takeover(tmp_path, from_takeovers):
+    """q_critic_input=action: a macro-step a person drove joins the replay with the actions that ran (normalised
+    as the policy's chunks are: robot units / ACTION_STD) and its return-to-go, beside the steered steps'
+    executed chunks; with q_interventions off it is left out, as under the noise critic."""
+    cfg = PiRLAlgorithmConfig(
+        steer_update="q",
+        q_critic_input="action",
+        q_interventions=from_takeovers,
+        q_steps=2,
+        q_batch_size=4,
+        q_warmup=0,
+        q_hidden_dims=[8],
+    )
+    policy, pre, _ = small_policy(0, action_std=ACTION_STD, noise_method="noise_steer")
+    settings = TrainerSettings(episodes_per_update=1, eval_every=0, export_onnx=False)
+    t = Trainer(PiRLAlgorithm(policy, cfg), store_for(policy), Publisher(), tmp_path, settings, pre, None)
+    d = [sampled_decision(policy, seed=400 + i) for i in range(3)]
+    executed, flags = teleop("FTTT", seed=5)  # the policy ran one tick, then the person drove
+    for r in [
+        rec(0, "ep", 0, d[0]),
+        rec(1, "ep", 1, d[1], intervention=(executed, flags)),
+        rec(2, "ep", 2, d[2], last=True, success=True),
+    ]:
+        t.store.add(ROBOT, r)
+    t._update(t.store.take_episodes(1))
+    replay, mask = t.algo.noise_replay, policy.action_mask.bool()
+    chunks = {tuple(np.round(d[i].chain[-1][mask.numpy()], 5)) for i in (0, 2)}
+    g = cfg.gamma
+    if from_takeovers:
+        ran = np.zeros(mask.shape, dtype=np.float32)
+        ran[:4, :ACTION_DIM] = executed / ACTION_STD
+        chunks.add(tuple(np.round(ran[mask.numpy()], 5)))
+        returns = [1 + g + g * g, 1 + g, 1.0]
+    else:
+        returns = [1 + g + g * g, 1.0]
+    assert {tuple(np.round(row.numpy(), 5)) for row in replay.decisions} == chunks
+    assert sorted(replay.returns.tolist()) == pytest.approx(sorted(returns))
+    assert t.history[-1]["replay_takeovers"] == (1.0 if from_takeovers else 0.0)
+    assert t.history[-1]["intervened"] == 1.0
+
+
+def test_demonstrations_start_the_chunk_critics_replay(demo_dataset):
+    """--offline_dataset under a chunk critic: every demo episode cut into the edge's macro-steps (a decision every
+    n_action_steps frames), each with its demonstrated chunk (normalised: robot units / ACTION_STD, zero past the
+    episode's end) and the discounted return of a success at the episode's end; they join the replay. The noise
+    critic refuses them (a demonstrated chunk has no x_1)."""
+    from lerobot.datasets.lerobot_dataset import LeRobotDataset
+
+    from learner.critic_demos import demonstrated_macro_steps
+    from lerobot_policy_pi_rl.sft import REPO_ID
+
+    offline, _ = demo_dataset
+    policy, pre, _ = small_policy(0, action_std=ACTION_STD, noise_method="noise_steer")
+    cfg = PiRLAlgorithmConfig(steer_update="q", q_critic_input="action", q_hidden_dims=[8])
+    obs, actions, pad, returns = demonstrated_macro_steps(offline, policy, pre, cfg.gamma)
+
+    ds = LeRobotDataset(REPO_ID, root=offline.root)
+    episode = np.asarray(ds.hf_dataset.with_format("numpy")["episode_index"]).reshape(-1)
+    raw = np.asarray(ds.hf_dataset.with_format("numpy")["action"], dtype=np.float32)
+    n, H = policy.config.n_action_steps, policy.config.chunk_size
+    expected_returns, firsts = [], []
+    for e in np.unique(episode):
+        frames = np.flatnonzero(episode == e)
+        k = -(-len(frames) // n)  # macro-steps: ceil(frames / n_action_steps)
+        expected_returns += [cfg.gamma ** (k - 1 - i) for i in range(k)]
+        firsts += [(frames[i * n], frames[-1]) for i in range(k)]
+    assert returns.tolist() == pytest.approx(expected_returns)
+    assert obs[OBS].shape == (len(firsts), STATE_DIM) and actions.shape == (len(firsts), H, ACTION_DIM)
+    for row, (start, last) in enumerate(firsts):  # the chunk from the decision's frame, normalised, padded at the end
+        ran = min(H, last - start + 1)
+        torch.testing.assert_close(actions[row, :ran], torch.from_numpy(raw[start : start + ran] / ACTION_STD))
+        assert not pad[row, :ran].any() and pad[row, ran:].all()
+
+    algo = PiRLAlgorithm(policy, cfg)
+    assert algo.replay_demonstrations(obs, actions, pad, returns) == len(firsts) == len(algo.noise_replay)
+    mask = policy.action_mask.bool()
+    chunks = torch.zeros(len(firsts), *mask.shape)
+    chunks[:, :H, :ACTION_DIM] = actions * ~pad[..., None]
+    torch.testing.assert_close(algo.noise_replay.decisions, chunks[:, mask])
+    torch.testing.assert_close(algo.noise_replay.returns, returns)
+
+    noise_critic = PiRLAlgorithm(policy, PiRLAlgorithmConfig(steer_update="q", q_hidden_dims=[8]))
+    with pytest.raises(ValueError, match="q_critic_input=action"):
+        noise_critic.replay_demonstrations(obs, actions, pad, returns)

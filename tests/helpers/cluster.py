@@ -91,6 +91,20 @@ class Cluster:
             ],
         )
 
+    def wait_control_started(self, name: str, times: int = 1, timeout: float = 180.0) -> None:
+        """Until edge ``name``'s log (appended across restarts) says its control started ``times`` times: from
+        then on it handles SIGTERM (before, a SIGTERM on a loaded machine can land while it still imports)."""
+        deadline = time.monotonic() + timeout
+        log = self.dir / f"{name}.log"
+        while time.monotonic() < deadline:
+            if log.is_file() and log.read_text().count(" control of ") >= times:
+                return
+            assert self.procs[name].poll() is None, log.read_text()[-3000:]
+            time.sleep(0.3)
+        raise AssertionError(
+            f"{name}: control not started {times} time(s) in {timeout:.0f}s\n" + log.read_text()[-3000:]
+        )
+
     def status(self) -> dict:
         p = self.dir / "learner" / "status.json"
         return json.loads(p.read_text()) if p.is_file() else {}

@@ -84,6 +84,7 @@ def test_learner_kill9_resume_and_edge_kill9_lose_nothing(cluster):
     # an edge crashes mid-upload and comes back on the same spool
     c.stop("robot-1", signal.SIGKILL)
     c.edge("robot-1", "unpaced")
+    c.wait_control_started("robot-1", times=2)  # the restarted edge is up (a SIGTERM during its start-up kills it)
     time.sleep(3.0)
     for robot in ROBOTS:
         assert c.stop(robot) == 0

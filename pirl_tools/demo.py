@@ -1,21 +1,23 @@
 """pirl-demo: the product's shape on one machine, on the built-in task or on the simulated robot.
 
     pirl-demo [--out=outputs/demo] [--target=0.9] [--time_limit=540]
-    pirl-demo --robot=sim [--out=outputs/demo_robot] [--operator=scripted]
+    pirl-demo --robot=sim [--out=outputs/demo_robot] [--operator=scripted] [--method=NAME] [--num_envs=0]
 
 With ``--robot=sim`` the paced edge drives the simulated LeRobot robot (``lerobot_robot_pirl_sim``:
 MuJoCo physics, its camera rendered offscreen and recorded) through the Robot API, behind the safety
 layer, recording the session as a LeRobotDataset; the unpaced edge and the learner's evaluation run the
 same task's batched twin (``--control.env=pirl_sim``). The SFT demos are the robot's scripted expert. With
 ``--operator=scripted`` a scripted person labels the robot's episodes and takes over when its policy drifts
-(docs/people_in_the_loop.md); the learner adds their takeovers and the SFT demos as BC data.
+(docs/people_in_the_loop.md), and the learner runs a method of ``pirl-bench robot`` (``--method``; by default
+the one that ends highest there, ``noise_q_action_demos``) on that one robot's episodes, with no simulation
+farm: learning from few episodes, end to end.
 
 1. few-shot SFT: scripted demonstrations -> LeRobotDataset -> LeRobot's training loop (reused when
    OUT/sft already holds a finished checkpoint);
 2. a local CA, server and robot certificates and per-robot tokens (OUT/certs);
 3. a learner process (`pirl-learner`, TLS on loopback) starting from the SFT checkpoint, and two edge
    processes (`pirl-edge`): robot-0 runs one env paced at 50 Hz (what a robot does; the control-rate
-   and deadline figures come from it), robot-1 runs a vector of simulated envs flat out. In a
+   and deadline figures come from it), robot-1 (unless --num_envs=0) runs a vector of simulated envs flat out. In a
    deployment the learner and the simulation farm are other machines; here the paced robot gets
    the first core to itself and the learner and simulation share the others, at a lower CPU
    priority (nice 10 and 15);
@@ -44,14 +46,23 @@ import numpy as np
 from edge.backend_choice import BACKENDS
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides
 from pirl.cli import parse_config, require, run_cli, write_json
+from pirl_tools.bench_robot import METHODS, reads_demos
 from pirl_tools.common import plot_curves, sft_checkpoint
 from pirl_tools.processes import Interrupted, Procs, Signals, bin_path, free_port, wait_for_file
 
 ROBOTS = ("robot-0", "robot-1")
+# what --operator=scripted runs without --method: the method of `pirl-bench robot` that ends highest there
+# (BENCHMARKS.md, "Learning from few episodes")
+OPERATOR_METHOD = "noise_q_action_demos"
 
 
 def _pct(xs, q):
     return float(np.percentile(xs, q)) if len(xs) else float("nan")
+
+
+def _robots(args) -> tuple[str, ...]:
+    """The edges this run starts: the paced robot, and the simulation farm unless --num_envs=0."""
+    return ROBOTS if args.num_envs else ROBOTS[:1]
 
 
 def _cleanup(procs: Procs, signals: Signals) -> None:
@@ -84,7 +95,8 @@ def _run(args, signals: Signals) -> int:
         shutil.rmtree(out / sub, ignore_errors=True)
     (out / "learner.port").unlink(missing_ok=True)  # never read a previous run's port
     (out / "logs").mkdir(parents=True)
-    pki = make_dev_pki(out / "certs", list(ROBOTS))
+    robots = _robots(args)
+    pki = make_dev_pki(out / "certs", list(robots))
     procs = Procs(out / "logs")
     # The robot gets a core of its own, as on real hardware; the learner and the simulation farm
     # (other machines in a deployment) share the rest. With a single core everything shares it.
@@ -95,7 +107,7 @@ def _run(args, signals: Signals) -> int:
         # not enough for it; it keeps its priority over the niced learner and simulation farm instead
         robot_cpus = None
     try:
-        print("== 3/4 learner + 2 edges over gRPC with TLS on loopback", flush=True)
+        print(f"== 3/4 learner + {len(robots)} edge(s) over gRPC with TLS on loopback", flush=True)
         learner_dir = out / "learner"
         procs.start(
             "learner",
@@ -115,22 +127,16 @@ def _run(args, signals: Signals) -> int:
                 str(pki["server_cert"]),
                 "--server.tls_key",
                 str(pki["server_key"]),
-                "--trainer.episodes_per_update",
-                str(args.episodes_per_update),
-                "--trainer.eval_every",
-                str(args.eval_every),
+                *_learning_flags(args, out, sim),
                 "--trainer.eval_episodes",
                 str(args.eval_episodes),
                 "--trainer.target_success",
                 str(args.target),
-                "--algorithm.actor_lr",
-                str(args.actor_lr or (3e-5 if sim else 5e-5)),
                 "--seed",
                 str(args.seed),
                 "--intake.max_version_lag",
                 str(args.max_version_lag),
                 *(["--trainer.eval_env=pirl_sim"] if sim else []),
-                *(_operator_learner_args(out) if args.operator else []),
             ],
             nice=10,
             cpus=farm_cpus,
@@ -148,6 +154,7 @@ def _run(args, signals: Signals) -> int:
             str(ckpt),
             "--spool.drain_timeout_s",
             "60",
+            *(f"--{k}={v}" for k, v in (METHODS[args.method].get("edge", {}) if args.method else {}).items()),
         ]
         procs.start(
             "robot-0",
@@ -172,32 +179,33 @@ def _run(args, signals: Signals) -> int:
             ],
             cpus=robot_cpus,
         )
-        procs.start(
-            "robot-1",
-            [
-                bin_path("pirl-edge"),
-                *common,
-                "--link.robot_id",
+        if args.num_envs:  # the simulation farm
+            procs.start(
                 "robot-1",
-                "--control.mode",
-                "unpaced",
-                "--control.num_envs",
-                str(args.num_envs),
-                *(["--control.env=pirl_sim"] if sim else []),
-                "--spool.dir",
-                str(out / "edges/robot-1/spool"),
-                "--stats_file",
-                str(out / "edges/robot-1/stats.json"),
-                "--seed",
-                str(args.seed + 2),
-            ],
-            nice=15,
-            cpus=farm_cpus,
-        )
+                [
+                    bin_path("pirl-edge"),
+                    *common,
+                    "--link.robot_id",
+                    "robot-1",
+                    "--control.mode",
+                    "unpaced",
+                    "--control.num_envs",
+                    str(args.num_envs),
+                    *(["--control.env=pirl_sim"] if sim else []),
+                    "--spool.dir",
+                    str(out / "edges/robot-1/spool"),
+                    "--stats_file",
+                    str(out / "edges/robot-1/stats.json"),
+                    "--seed",
+                    str(args.seed + 2),
+                ],
+                nice=15,
+                cpus=farm_cpus,
+            )
         status_path = learner_dir / "status.json"
         last_print, status = 0.0, {}
         while True:
-            for name in ("learner", *ROBOTS):
+            for name in ("learner", *robots):
                 procs.check_alive(name)
             if status_path.is_file():
                 status = json.loads(status_path.read_text())
@@ -220,7 +228,7 @@ def _run(args, signals: Signals) -> int:
             time.sleep(1.0)
 
         print("== 4/4 stopping edges (they upload what they spooled), then the learner", flush=True)
-        for name in ROBOTS:
+        for name in robots:
             procs.stop(name, timeout=120)
         procs.stop("learner", timeout=60)  # it writes its final status (counts after the drain) on exit
         status = json.loads(status_path.read_text())
@@ -231,7 +239,7 @@ def _run(args, signals: Signals) -> int:
             _cleanup(procs, signals)
     signals.raise_if_received()
 
-    edges = {r: json.loads((out / f"edges/{r}/stats.json").read_text()) for r in ROBOTS}
+    edges = {r: json.loads((out / f"edges/{r}/stats.json").read_text()) for r in robots}
     counts = status.get("counts", {})
     curve = status.get("eval_curve", [])
     paced = edges["robot-0"]
@@ -263,6 +271,7 @@ def _run(args, signals: Signals) -> int:
         "episodes": sum(e["episodes"] for e in edges.values()),
         "paced_episodes": paced["episodes"],
         "operator": args.operator,
+        "method": args.method,
         "labels": paced.get("labels", {}),
         "interventions": paced.get("interventions", 0),
         # what the paced robot spent: its control time (a fleet of real robots would spend env steps / hz)
@@ -332,7 +341,7 @@ def _run(args, signals: Signals) -> int:
     plot_curves(
         out / "demo.png",
         [{"label": "learner deterministic eval", "curve": [(c[1], c[2]) for c in curve]}],
-        f"pirl-demo ({'simulated robot' if sim else args.backbone}): learner + 2 edges over gRPC",
+        f"pirl-demo ({'simulated robot' if sim else args.backbone}): learner + {len(robots)} edge(s) over gRPC",
     )
     print(f"\nwrote {out / 'demo.json'} and {out / 'demo.png'}; logs in {out / 'logs'}")
     if report["final_success"] < args.target:
@@ -370,24 +379,38 @@ def _sim_robot_args(args, out: Path, control_hz: float) -> list[str]:
             "--robot.id=sim0",
             f"--robot.operator_port={port}",
             f"--robot.operator_seed={args.seed}",
-            "--robot.operator_intervene_after_s=1.0",
             f"--safety.estop_port={port}",
             "--episode.outcome=operator",
-            "--teleop.type=pirl_sim_expert",
-            "--teleop.id=sim0",
         ]
+        spec = METHODS[args.method] if args.method else {"interventions": True}
+        if spec["interventions"]:  # the person takes over a drifting policy (as the method does in the bench)
+            flags += [
+                "--robot.operator_intervene_after_s=1.0",
+                "--teleop.type=pirl_sim_expert",
+                "--teleop.id=sim0",
+                *(["--robot.operator_intervene_on_rush=true"] if spec.get("rush") else []),
+            ]
     return flags
 
 
-def _operator_learner_args(out: Path) -> list[str]:
-    """pirl-learner flags of --operator=scripted: the person's takeovers and the SFT demos as BC data."""
-    from lerobot_robot_pirl_sim.demos import REPO_ID
+def _learning_flags(args, out: Path, sim: bool) -> list[str]:
+    """pirl-learner flags of how it learns: the demo's PPO (episodes per update, evaluation period, actor
+    learning rate), or with --method that method of `pirl-bench robot` (its settings replace those three), with
+    the SFT demos as offline BC data where it uses them."""
+    settings = {
+        "trainer.episodes_per_update": args.episodes_per_update,
+        "trainer.eval_every": args.eval_every,
+        "algorithm.actor_lr": args.actor_lr or (3e-5 if sim else 5e-5),
+    }
+    flags = []
+    if args.method:
+        spec = METHODS[args.method]
+        settings.update(spec["learner"])
+        if spec.get("offline_demos", True) and reads_demos(spec["learner"]):
+            from lerobot_robot_pirl_sim.demos import REPO_ID
 
-    return [
-        "--algorithm.bc_coef=0.1",
-        f"--offline_dataset.root={out / 'sft' / 'data'}",
-        f"--offline_dataset.repo_id={REPO_ID}",
-    ]
+            flags += [f"--offline_dataset.root={out / 'sft' / 'data'}", f"--offline_dataset.repo_id={REPO_ID}"]
+    return [f"--{k}={v}" for k, v in settings.items()] + flags
 
 
 @dataclass
@@ -413,18 +436,23 @@ class DemoConfig:
     # learner: actor learning rate (default: 5e-5 on the built-in task, the preset's 3e-5 on the simulated
     # robot's task; the rest of the algorithm is the built-in task preset)
     actor_lr: float | None = None
-    # envs of the unpaced simulated edge (robot-1)
-    num_envs: int = 128
+    # envs of the unpaced simulated edge (robot-1); 0: no simulation farm, the learner learns from the paced
+    # robot alone (default: 128; 0 with --method)
+    num_envs: int | None = None
     # control rate of the paced edge (robot-0), Hz (default: 50; the simulated robot's own 25 with --robot=sim)
     control_hz: float | None = None
     # 'sim': the paced edge drives the simulated LeRobot robot (MuJoCo, a rendered camera, the safety layer, a
     # session dataset) and the task is its reach-and-grasp; None: the built-in task as a paced env
     robot: str | None = None
     # --robot=sim: 'scripted' puts a scripted person at the simulated robot: they label its episodes over the
-    # edge's operator port (--episode.outcome=operator) and take over with the scripted expert teleoperator when
-    # the policy drifts; the learner trains on their takeovers and the SFT demos as BC data (bc_coef 0.1) beside
-    # PPO. None: the robot judges its own episodes
+    # edge's operator port (--episode.outcome=operator) and, where the method uses takeovers, take over with the
+    # scripted expert teleoperator when the policy drifts. None: the robot judges its own episodes
     operator: str | None = None
+    # --robot=sim: a method of `pirl-bench robot` (METHODS in pirl_tools/bench_robot.py: its learner and edge
+    # settings replace --episodes_per_update, --eval_every and --actor_lr). Default: noise_q_action_demos with
+    # --operator=scripted (the bench's best: noise steering with a chunk critic warmed up on the SFT demos; the
+    # person labels), else none: the demo's PPO
+    method: str | None = None
     # --robot=sim: side of the robot's square camera image, pixels (rendered, recorded, not read by the policy)
     camera_size: int = 64
     # --robot=sim: frame rate of the robot's camera (15: rendering, encoding and the robot share one of two cores)
@@ -457,12 +485,16 @@ class DemoConfig:
             self.sft_steps = 1000 if sim else 2000
         if self.time_limit is None:
             self.time_limit = 1200.0 if sim else 540.0
+        if self.method is None and self.operator == "scripted":
+            self.method = OPERATOR_METHOD
+        if self.num_envs is None:
+            self.num_envs = 0 if self.method else 128
         if not 0.0 < self.target <= 1.0:
             raise ValueError(f"target: must be in (0, 1] (got {self.target})")
-        positive = ("episodes_per_update", "eval_every", "eval_episodes", "num_envs", "num_demos", "sft_steps")
+        positive = ("episodes_per_update", "eval_every", "eval_episodes", "num_demos", "sft_steps")
         require(
             self,
-            at_least={**dict.fromkeys(positive, 1), "max_version_lag": 0},
+            at_least={**dict.fromkeys(positive, 1), "max_version_lag": 0, "num_envs": 0},
             above=dict.fromkeys(("time_limit", "actor_lr", "control_hz"), 0),
         )
         if self.backbone not in BACKBONE_CHOICES:
@@ -477,6 +509,12 @@ class DemoConfig:
             raise ValueError(f"operator: 'scripted' or unset (got {self.operator!r})")
         if self.operator is not None and self.robot != "sim":
             raise ValueError("operator: a scripted person stands at the simulated robot: give --robot=sim too")
+        if self.method is not None and self.method not in METHODS:
+            raise ValueError(f"method: one of pirl-bench robot's methods {sorted(METHODS)} (got {self.method!r})")
+        if self.method is not None and self.robot != "sim":
+            raise ValueError("method: the methods of pirl-bench robot run on the simulated robot: give --robot=sim")
+        if self.method is not None and METHODS[self.method]["interventions"] and self.operator is None:
+            raise ValueError(f"method: {self.method} learns from a person's takeovers: give --operator=scripted too")
         require(self, at_least={"camera_size": 8, "camera_fps": 1})
 
 

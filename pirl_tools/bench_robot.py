@@ -55,6 +55,7 @@ _NOISE_Q = {
     "algorithm.actor_lr": 3e-4,
     "algorithm.entropy_coef": 0.0,
 }
+_STEERED = {"policy.noise_method": "noise_steer"}  # the edge of a noise-steering method
 # Each method: what the learner and the edge are given beyond the common flags. "Today's PPO settings on that
 # robot" are pirl-demo's: 128 episodes per update at actor_lr 3e-5.
 METHODS: dict[str, dict] = {
@@ -115,7 +116,7 @@ METHODS: dict[str, dict] = {
             "algorithm.entropy_coef": 0.0,
             "algorithm.target_kl": 0.05,
         },
-        "edge": {"policy.noise_method": "noise_steer"},
+        "edge": _STEERED,
         "interventions": False,
     },
     "noise_steer_successes": {
@@ -135,7 +136,7 @@ METHODS: dict[str, dict] = {
             "bc.batch_size": 64,
             "bc.buffer_size": 1024,
         },
-        "edge": {"policy.noise_method": "noise_steer"},
+        "edge": _STEERED,
         "interventions": False,
         "offline_demos": False,
     },
@@ -145,7 +146,7 @@ METHODS: dict[str, dict] = {
         "steering head moves toward the x_1 it scores highest, held near N(0, I) by a prior term (q_prior_coef 1); "
         "5 critics, 200 gradient steps per update, actor_lr 3e-4, no entropy bonus; 16 episodes per update",
         "learner": _NOISE_Q,
-        "edge": {"policy.noise_method": "noise_steer"},
+        "edge": _STEERED,
         "interventions": False,
         "offline_demos": False,
     },
@@ -154,7 +155,7 @@ METHODS: dict[str, dict] = {
         "noise-aliased idea): Q(o, a) fits the return-to-go, and the steering head climbs it through the frozen "
         "flow's ODE (x_1 -> chunk); otherwise as noise_q",
         "learner": {**_NOISE_Q, "algorithm.q_critic_input": "action"},
-        "edge": {"policy.noise_method": "noise_steer"},
+        "edge": _STEERED,
         "interventions": False,
         "offline_demos": False,
     },
@@ -163,7 +164,7 @@ METHODS: dict[str, dict] = {
         "chunk critic's replay with the actions that ran (q_interventions), so it learns what a correction was "
         "worth; the head still only steers the frozen flow's noise",
         "learner": {**_NOISE_Q, "algorithm.q_critic_input": "action"},
-        "edge": {"policy.noise_method": "noise_steer"},
+        "edge": _STEERED,
         "interventions": True,
         "offline_demos": False,
     },
@@ -172,7 +173,7 @@ METHODS: dict[str, dict] = {
         "chunks, the return of a success) join its replay before the first update (--offline_dataset under "
         "q_critic_input=action)",
         "learner": {**_NOISE_Q, "algorithm.q_critic_input": "action"},
-        "edge": {"policy.noise_method": "noise_steer"},
+        "edge": _STEERED,
         "interventions": False,
     },
     "interventions_success_bc": {

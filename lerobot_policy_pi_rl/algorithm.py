@@ -489,7 +489,8 @@ class PiRLAlgorithm(RLAlgorithm):
 
     def noise_q_update(self, rollouts: RolloutBatch) -> TrainingStats:
         """``steer_update=q`` (DSRL-style, see noise_critic.py): this batch's steered macro-steps (under
-        ``q_critic_input=action`` with ``q_interventions``, its takeovers too) join the replay buffer; then ``q_steps`` times: one critic step toward the return-to-go of replayed macro-steps, and one
+        ``q_critic_input=action`` with ``q_interventions``, its takeovers too) join the replay buffer; then
+        ``q_steps`` times: one critic step toward the return-to-go of replayed macro-steps, and one
         head step up the ensemble's minimum Q of a reparameterised x_1 = mean(o) + std * eps."""
         c, policy = self.config, self.policy
         if not isinstance(self.shard, WholeMinibatch):

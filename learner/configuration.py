@@ -138,8 +138,7 @@ class LearnerConfig:
         if self.noise_method is not None and self.noise_method not in RL_NOISE_METHODS:
             raise ValueError(f"noise_method: must be one of {RL_NOISE_METHODS} (got {self.noise_method!r})")
         a = self.algorithm
-        chunk_critic = a.steer_update == "q" and a.q_critic_input == "action"
-        if self.offline_dataset.root is not None and a.bc_coef <= 0 and not chunk_critic:
+        if self.offline_dataset.root is not None and a.bc_coef <= 0 and not a.chunk_critic:
             raise ValueError(
                 "offline_dataset.root: offline demonstrations train through the BC term or a chunk critic: set "
                 "--algorithm.bc_coef > 0 (e.g. 0.1), or --noise_method=noise_steer --algorithm.steer_update=q "

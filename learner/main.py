@@ -131,7 +131,7 @@ def _serve(cfg: LearnerConfig, group=None) -> int:
             )
     algo = PiRLAlgorithm(policy, cfg.algorithm.plain(), demo_iterator=None if bc_data is None else iter(bc_data))
     a = cfg.algorithm
-    if cfg.offline_dataset.root is not None and a.steer_update == "q" and a.q_critic_input == "action":
+    if cfg.offline_dataset.root is not None and a.chunk_critic:
         from learner.critic_demos import demonstrated_macro_steps
 
         n = algo.replay_demonstrations(*demonstrated_macro_steps(cfg.offline_dataset, policy, pre, a.gamma))

@@ -148,7 +148,7 @@ class Trainer:
         self.group = group
         c = algorithm.config
         self.normalize_actions = None  # the chunk critic learns from takeovers: their actions, normalised
-        if c.steer_update == "q" and c.q_critic_input == "action" and c.q_interventions and preprocessor is not None:
+        if c.chunk_critic and c.q_interventions and preprocessor is not None:
             from learner.bc_data import action_normalizer
 
             self.normalize_actions = action_normalizer(preprocessor)

@@ -187,6 +187,11 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
             if getattr(self, name) < 0:
                 raise bad(name, "must be >= 0")
 
+    @property
+    def chunk_critic(self) -> bool:
+        """Off-policy steering with a critic over actions (it can learn from takeovers and demonstrations)."""
+        return self.steer_update == "q" and self.q_critic_input == "action"
+
     @classmethod
     def from_policy_config(cls, policy_cfg: Any) -> PiRLAlgorithmConfig:
         return cls()
@@ -510,7 +515,7 @@ class PiRLAlgorithm(RLAlgorithm):
             replay.add(features, decisions, returns[mask])
         # a takeover is an action that ran with a return like any other: the chunk critic can learn from it
         taken = rollouts.valid & rollouts.intervened
-        from_takeovers = c.q_critic_input == "action" and c.q_interventions and rollouts.executed_actions is not None
+        from_takeovers = c.chunk_critic and c.q_interventions and rollouts.executed_actions is not None
         if from_takeovers and taken.any():
             with torch.no_grad():
                 features = policy.backbone.embed_prefix(
@@ -587,7 +592,7 @@ class PiRLAlgorithm(RLAlgorithm):
         ``[M]``. A demonstration is an action that ran with a return like a takeover, so the critic can start
         from it; the noise critic cannot (a demonstrated chunk has no x_1). How many joined."""
         c, policy = self.config, self.policy
-        if c.steer_update != "q" or c.q_critic_input != "action":
+        if not c.chunk_critic:
             raise ValueError(
                 "demonstrations join the replay only of a chunk critic: algorithm.steer_update=q with "
                 f"algorithm.q_critic_input=action (got steer_update={c.steer_update!r}, "

@@ -255,10 +255,17 @@ def _scrape(port: int) -> dict[str, float]:
     return out
 
 
-def reads_demos(learner: dict) -> bool:
-    """Whether learner settings use --offline_dataset: the BC term (bc_coef > 0) or a chunk critic's replay."""
+def offline_demo_flags(spec: dict, demos: Path) -> list[str]:
+    """pirl-learner flags that give a method the SFT demos (the LeRobotDataset at ``demos``) as offline data, where
+    its learner settings use them (the BC term, bc_coef > 0, or a chunk critic's replay) and the method does not
+    leave them out (``offline_demos``)."""
+    learner = spec["learner"]
     chunk_critic = learner.get("algorithm.steer_update") == "q" and learner.get("algorithm.q_critic_input") == "action"
-    return float(learner.get("algorithm.bc_coef", 0)) > 0 or chunk_critic
+    if not spec.get("offline_demos", True) or not (float(learner.get("algorithm.bc_coef", 0)) > 0 or chunk_critic):
+        return []
+    from lerobot_robot_pirl_sim.demos import REPO_ID
+
+    return [f"--offline_dataset.root={demos}", f"--offline_dataset.repo_id={REPO_ID}"]
 
 
 def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path, pki, signals: Signals) -> dict:
@@ -268,12 +275,7 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
     (out / "logs").mkdir(parents=True)
     procs = Procs(out / "logs")
     metrics_port, operator_port = free_port(), free_port()
-    learner_flags = [f"--{k}={v}" for k, v in spec["learner"].items()]
-    if spec.get("offline_demos", True) and reads_demos(spec["learner"]):
-        # the SFT demos are offline data: of the BC term, or of a chunk critic's replay
-        from lerobot_robot_pirl_sim.demos import REPO_ID
-
-        learner_flags += [f"--offline_dataset.root={demos}", f"--offline_dataset.repo_id={REPO_ID}"]
+    learner_flags = [f"--{k}={v}" for k, v in spec["learner"].items()] + offline_demo_flags(spec, demos)
     started = time.monotonic()
     curve: list[dict] = []
     try:

@@ -46,7 +46,7 @@ import numpy as np
 from edge.backend_choice import BACKENDS
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides
 from pirl.cli import parse_config, require, run_cli, write_json
-from pirl_tools.bench_robot import METHODS, reads_demos
+from pirl_tools.bench_robot import METHODS, offline_demo_flags
 from pirl_tools.common import plot_curves, sft_checkpoint
 from pirl_tools.processes import Interrupted, Procs, Signals, bin_path, free_port, wait_for_file
 
@@ -406,10 +406,7 @@ def _learning_flags(args, out: Path, sim: bool) -> list[str]:
     if args.method:
         spec = METHODS[args.method]
         settings.update(spec["learner"])
-        if spec.get("offline_demos", True) and reads_demos(spec["learner"]):
-            from lerobot_robot_pirl_sim.demos import REPO_ID
-
-            flags += [f"--offline_dataset.root={out / 'sft' / 'data'}", f"--offline_dataset.repo_id={REPO_ID}"]
+        flags += offline_demo_flags(spec, out / "sft" / "data")
     return [f"--{k}={v}" for k, v in settings.items()] + flags
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from pirl_tools.bench_robot import METHODS, reads_demos
+from pirl_tools.bench_robot import METHODS, offline_demo_flags
 from pirl_tools.demo import OPERATOR_METHOD
 
 pytestmark = pytest.mark.slow
@@ -91,7 +91,7 @@ def test_demo_with_a_scripted_operator_labels_and_takes_over(tmp_path):
     assert report["method"] == OPERATOR_METHOD and set(report["edges"]) == {"robot-0"}
     log = (out / "logs" / "learner.log").read_text()
     assert "q_loss" in log, log[-2000:]
-    if spec.get("offline_demos", True) and reads_demos(spec["learner"]):  # the SFT demos seed the critic's replay
+    if offline_demo_flags(spec, out / "sft" / "data"):  # the SFT demos seed the critic's replay
         assert "demonstrated macro-steps" in log, log[-2000:]
     labels = report["labels"]
     # every episode of the robot was judged by the person (or cut by the time limit / the demo's end), except

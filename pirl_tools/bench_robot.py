@@ -184,6 +184,10 @@ METHODS: dict[str, dict] = {
 }
 
 
+# who judges an attempt, and what a run's directory and method name get appended for it (operator: nothing)
+OUTCOMES = {"operator": "", "detector": "detector", "robot": "robot verdict"}
+
+
 @dataclass
 class BenchRobotConfig:
     """pirl-bench robot: episodes and robot-time to a success target on the simulated robot (see the module)."""
@@ -213,8 +217,10 @@ class BenchRobotConfig:
     intervene_after_s: float = 1.0
     # the scripted person's reaction time before a label, seconds of robot time
     reaction_s: float = 0.3
-    # who judges the outcomes: 'operator' (the scripted person's labels) or 'detector' (a success detector at
-    # detector_path, the only success signal: the person then only takes over; the robot gets its 64x64 camera)
+    # who judges the outcomes: 'operator' (the scripted person's labels), 'detector' (a success detector at
+    # detector_path, the only success signal: the person then only takes over; the robot gets its 64x64 camera) or
+    # 'robot' (the simulated robot's own verdict at the tick the gripper closes: the simulator's reward, a control
+    # that shows what the person's labels cost)
     outcome: str = "operator"
     # a pirl-success train output (outcome=detector), trained on the simulated robot's 64x64 `front` camera
     detector_path: str | None = None
@@ -235,8 +241,8 @@ class BenchRobotConfig:
         )
         if self.reaction_s < 0:
             raise ValueError(f"reaction_s: must be >= 0 (got {self.reaction_s})")
-        if self.outcome not in ("operator", "detector"):
-            raise ValueError(f"outcome: must be 'operator' or 'detector' (got {self.outcome!r})")
+        if self.outcome not in OUTCOMES:
+            raise ValueError(f"outcome: must be one of {list(OUTCOMES)} (got {self.outcome!r})")
         if (self.outcome == "detector") != (self.detector_path is not None):
             raise ValueError("detector_path: give it exactly when outcome=detector (a pirl-success train output)")
 
@@ -270,7 +276,7 @@ def offline_demo_flags(spec: dict, demos: Path) -> list[str]:
 
 def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path, pki, signals: Signals) -> dict:
     spec = METHODS[method]
-    out = Path(cfg.out) / f"{method}-s{seed}{'-detector' if cfg.outcome == 'detector' else ''}"
+    out = Path(cfg.out) / f"{method}-s{seed}{'' if cfg.outcome == 'operator' else '-' + cfg.outcome}"
     shutil.rmtree(out, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
     procs = Procs(out / "logs")
@@ -310,7 +316,7 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
             f"--control.hz={ROBOT_HZ * cfg.speedup}",
             "--robot.type=pirl_sim",
             "--robot.id=sim0",
-            "--robot.cameras={}" if cfg.outcome == "operator" else f"--robot.cameras={DETECTOR_CAMERA}",
+            "--robot.cameras={}" if cfg.outcome != "detector" else f"--robot.cameras={DETECTOR_CAMERA}",
             "--robot.realtime=false",
             f"--robot.seed={seed + 1}",
             f"--robot.operator_port={operator_port}",
@@ -331,10 +337,9 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
             *(f"--{k}={v}" for k, v in spec.get("edge", {}).items()),
         ]
         if cfg.outcome == "detector":
-            edge += [
-                f"--detector.path={cfg.detector_path}",
-                "--robot.operator_labels=false",
-            ]
+            edge.append(f"--detector.path={cfg.detector_path}")
+        if cfg.outcome != "operator":  # the person only takes over (where the method has takeovers)
+            edge.append("--robot.operator_labels=false")
         if spec["interventions"]:
             edge += [
                 "--teleop.type=pirl_sim_expert",
@@ -388,7 +393,7 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
     reached = next((c for c in curve if c["success"] >= cfg.target), None)
     edge_stats = json.loads((out / "edge_stats.json").read_text()) if (out / "edge_stats.json").is_file() else {}
     return {
-        "method": method if cfg.outcome == "operator" else f"{method} (detector)",
+        "method": method if cfg.outcome == "operator" else f"{method} ({OUTCOMES[cfg.outcome]})",
         "about": spec["about"],
         "outcome": cfg.outcome,
         "seed": seed,

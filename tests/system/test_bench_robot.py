@@ -20,6 +20,13 @@ def test_an_unknown_method_is_one_line_and_exit_2():
     assert p.stderr.strip().splitlines()[-1].startswith("pirl-bench robot: error: methods: unknown ['nope']")
 
 
+def test_an_unknown_outcome_source_is_one_line_naming_the_choices():
+    p = subprocess.run([*BENCH, "--outcome=person"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert last.startswith("pirl-bench robot: error: outcome: must be one of ['operator', 'detector', 'robot']"), last
+
+
 @pytest.mark.slow
 def test_a_short_run_with_interventions_writes_robot_json(tmp_path):
     out = tmp_path / "bench"

@@ -20,7 +20,10 @@ with TLS. There is no vector of simulated envs: every episode the learner trains
   learner finished evaluating that version: everything the robot ran before, also episodes that were never
   trained on (stale, aborted).
 - Success is the learner's deterministic evaluation on the simulated task's batched twin (``pirl_sim``, the
-  same fixed episodes for every method), every ``eval_every`` versions.
+  same fixed episodes for every method), every ``eval_every`` versions, on the robot's terms: the edge asks
+  for each chunk ``decision_delay_ticks`` ticks before the current one runs out (``--control.lead_ticks``),
+  so the chunk that runs was decided from a state that many ticks old, and the twin delays its observations
+  by as much (``obs_delay_ticks``). A twin without the delay scores a policy in conditions it never acts in.
 
 Writes DIR/robot.json (``runs``: method, seed, sft_success, final_success, episodes_to_target,
 robot_seconds_to_target (null where a run never got there), interventions, curve; ``target``; the machine)
@@ -43,6 +46,8 @@ from pirl_tools.processes import Procs, Signals, bin_path, free_port, wait_for_f
 
 ROBOT_HZ = 25.0  # the simulated robot's control rate (lerobot_robot_pirl_sim.physics.TaskParams)
 ROBOT_ID = "robot-0"
+# ticks between the observation a chunk is decided from and its first action on the robot (see decision_delay_flags)
+DECISION_DELAY_TICKS = 1
 # the camera a detector run gives the robot: what pirl-demo --robot=sim records (and a detector is trained on)
 DETECTOR_CAMERA = "{front: {type: pirl_sim, width: 64, height: 64, fps: 15}}"
 
@@ -215,6 +220,10 @@ class BenchRobotConfig:
     # when the scripted person takes over (interventions methods): this many seconds of robot time into an
     # episode, if the gripper is still farther than 3 cm from the cube
     intervene_after_s: float = 1.0
+    # ticks between the observation a chunk is decided from and the chunk's first action: the edge asks for the
+    # next chunk this many ticks before the current one runs out (--control.lead_ticks; its inference has that
+    # long), and the learner's twin evaluation delays its observations as much (obs_delay_ticks)
+    decision_delay_ticks: int = DECISION_DELAY_TICKS
     # the scripted person's reaction time before a label, seconds of robot time
     reaction_s: float = 0.3
     # who judges the outcomes: 'operator' (the scripted person's labels), 'detector' (a success detector at
@@ -236,7 +245,7 @@ class BenchRobotConfig:
         require(
             self,
             "",
-            at_least={"max_episodes": 1, "eval_episodes": 1, "num_demos": 1, "sft_steps": 1},
+            at_least={"max_episodes": 1, "eval_episodes": 1, "num_demos": 1, "sft_steps": 1, "decision_delay_ticks": 1},
             above={"max_run_s": 0, "speedup": 0, "intervene_after_s": 0},
         )
         if self.reaction_s < 0:
@@ -254,11 +263,23 @@ def _scrape(port: int) -> dict[str, float]:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
         text = r.read().decode()
     want = {"pirl_edge_ticks": "ticks", "pirl_edge_episodes": "episodes", "pirl_edge_interventions": "interventions"}
-    out = dict.fromkeys(want.values(), 0.0)
+    out = dict.fromkeys([*want.values(), "successes"], 0.0)
     for family in text_string_to_metric_families(text):
         if family.name in want:
             out[want[family.name]] = sum(s.value for s in family.samples if s.name.endswith("_total"))
+        if family.name == "pirl_edge_episodes":  # the episodes the outcome source called a success
+            out["successes"] = sum(
+                s.value for s in family.samples if s.name.endswith("_total") and s.labels.get("reason") == "success"
+            )
     return out
+
+
+def decision_delay_flags(ticks: int) -> tuple[list[str], list[str]]:
+    """pirl-edge and pirl-learner flags for a robot whose chunks are decided ``ticks`` ticks before they run: the
+    edge asks for the next chunk that early (its inference has that long; a fixed lead, not one from measured
+    latencies, so the delay does not depend on how busy the machine is), and the learner's twin evaluation
+    delays its observations as much, so it scores the policy in the conditions it acts in on the robot."""
+    return [f"--control.lead_ticks={ticks}"], [f"--trainer.eval_env_kwargs={{obs_delay_ticks: {ticks}}}"]
 
 
 def offline_demo_flags(spec: dict, demos: Path) -> list[str]:
@@ -299,6 +320,7 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
                 f"--trainer.eval_episodes={cfg.eval_episodes}",
                 "--trainer.eval_env=pirl_sim",
                 "--trainer.require_outcome=true",
+                *decision_delay_flags(cfg.decision_delay_ticks)[1],
                 f"--seed={seed}",
                 *learner_flags,
             ],
@@ -314,6 +336,7 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
             f"--policy.path={ckpt}",
             "--policy.backend=torch",
             f"--control.hz={ROBOT_HZ * cfg.speedup}",
+            *decision_delay_flags(cfg.decision_delay_ticks)[0],
             "--robot.type=pirl_sim",
             "--robot.id=sim0",
             "--robot.cameras={}" if cfg.outcome != "detector" else f"--robot.cameras={DETECTOR_CAMERA}",
@@ -350,7 +373,8 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
                 edge.append("--robot.operator_intervene_on_rush=true")
         procs.start(ROBOT_ID, edge)
         status_path = out / "learner" / "status.json"
-        seen, last_print, robot = 0, 0.0, {"ticks": 0.0, "episodes": 0.0, "interventions": 0.0}
+        seen, last_print, robot = 0, 0.0, {"ticks": 0.0, "episodes": 0.0, "interventions": 0.0, "successes": 0.0}
+        before = (0.0, 0.0)  # the robot's episodes and successes at the previous evaluation
         while True:
             signals.raise_if_received()
             for name in ("learner", ROBOT_ID):
@@ -360,10 +384,16 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
             status = json.loads(status_path.read_text()) if status_path.is_file() else {}
             evals = status.get("eval_curve", [])
             for version, _steps, success in evals[seen:]:
+                ran = robot["episodes"] - before[0]
+                # the robot's own success rate (by its outcome source) over its episodes since the last evaluation:
+                # the policy as it ran there (its steering noise included), a check on the twin's figure
+                on_robot = round((robot["successes"] - before[1]) / ran, 3) if ran else None
+                before = (robot["episodes"], robot["successes"])
                 curve.append(
                     {
                         "version": version,
                         "success": success,
+                        "robot_success": on_robot,
                         "episodes": int(robot["episodes"]),
                         "robot_seconds": round(robot["ticks"] / ROBOT_HZ, 1),
                         "interventions": int(robot["interventions"]),
@@ -397,6 +427,7 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
         "about": spec["about"],
         "outcome": cfg.outcome,
         "seed": seed,
+        "decision_delay_ticks": cfg.decision_delay_ticks,
         "sft_success": curve[0]["success"] if curve else None,
         "final_success": curve[-1]["success"] if curve else None,
         "best_success": max((c["success"] for c in curve), default=None),
@@ -414,11 +445,11 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
 NOISE_STDS = (1.0, 0.5, 0.25, 0.05)  # initial-noise stds the SFT policy is scored at (0.05: steer_std_min)
 
 
-def _sft_success_by_noise_std(ckpt: Path, episodes: int, cache: Path) -> dict[str, float]:
+def _sft_success_by_noise_std(ckpt: Path, episodes: int, cache: Path, delay: int) -> dict[str, float]:
     """The SFT policy's deterministic success with its initial noise x_1 ~ N(0, std^2 I), on the learner's
-    evaluation episodes: the baseline a noise-steering method has to beat, since shrinking the noise alone
-    (no learning) moves a few-shot flow policy toward its mode. Cached beside the SFT checkpoint, per number of
-    evaluation episodes (a cache scored on other episodes is scored again)."""
+    evaluation episodes with the robot's decision delay: the baseline a noise-steering method has to beat, since
+    shrinking the noise alone (no learning) moves a few-shot flow policy toward its mode. Cached beside the SFT
+    checkpoint, per number of evaluation episodes and delay (a cache scored otherwise is scored again)."""
     import math
 
     import lerobot_robot_pirl_sim  # noqa: F401  (registers the pirl_sim vector env)
@@ -429,17 +460,19 @@ def _sft_success_by_noise_std(ckpt: Path, episodes: int, cache: Path) -> dict[st
 
     if cache.is_file():
         saved = json.loads(cache.read_text())
-        if saved.get("eval_episodes") == episodes:
+        if saved.get("eval_episodes") == episodes and saved.get("obs_delay_ticks", 0) == delay:
             return saved["success"]
     policy, pre, post = load_policy(ckpt, noise_method="noise_steer")
-    evaluate = make_evaluator(pre, post, episodes, policy_config=policy.config, env_name="pirl_sim")
+    evaluate = make_evaluator(
+        pre, post, episodes, policy_config=policy.config, env_name="pirl_sim", env_kwargs={"obs_delay_ticks": delay}
+    )
     scores = {}
     for std in NOISE_STDS:
         with torch.no_grad():
             policy.steer_head.log_std.fill_(math.log(std))
         scores[str(std)] = evaluate(policy)
     evaluate.env.close()
-    write_json(cache, {"eval_episodes": episodes, "success": scores})
+    write_json(cache, {"eval_episodes": episodes, "obs_delay_ticks": delay, "success": scores})
     return scores
 
 
@@ -461,7 +494,9 @@ def run(cfg: BenchRobotConfig, command: str) -> int:
         task="sim",
     )
     pki = make_dev_pki(out / "certs", [ROBOT_ID])
-    by_noise = _sft_success_by_noise_std(ckpt, cfg.eval_episodes, out / "sft" / "success_by_noise_std.json")
+    by_noise = _sft_success_by_noise_std(
+        ckpt, cfg.eval_episodes, out / "sft" / "success_by_noise_std.json", cfg.decision_delay_ticks
+    )
     print(f"   SFT success by the std of its initial noise x_1 (1: as trained): {by_noise}", flush=True)
     runs = []
     with Signals("pirl-bench robot") as signals:

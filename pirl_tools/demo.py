@@ -46,7 +46,7 @@ import numpy as np
 from edge.backend_choice import BACKENDS
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides
 from pirl.cli import parse_config, require, run_cli, write_json
-from pirl_tools.bench_robot import METHODS, offline_demo_flags
+from pirl_tools.bench_robot import DECISION_DELAY_TICKS, METHODS, decision_delay_flags, offline_demo_flags
 from pirl_tools.common import plot_curves, sft_checkpoint
 from pirl_tools.processes import Interrupted, Procs, Signals, bin_path, free_port, wait_for_file
 
@@ -373,6 +373,8 @@ def _sim_robot_args(args, out: Path, control_hz: float) -> list[str]:
         f"--episode.time_limit_s={steps / control_hz}",
         f"--dataset.root={out / 'edges/robot-0/session'}",
     ]
+    if args.method:  # a fixed decision delay, the one the learner's evaluation models (_learning_flags)
+        flags += decision_delay_flags(DECISION_DELAY_TICKS)[0]
     if args.operator == "scripted":
         port = free_port()
         flags += [
@@ -407,6 +409,8 @@ def _learning_flags(args, out: Path, sim: bool) -> list[str]:
         spec = METHODS[args.method]
         settings.update(spec["learner"])
         flags += offline_demo_flags(spec, out / "sft" / "data")
+        if sim:  # the bench's method on the bench's terms: evaluated with the robot's decision delay
+            flags += decision_delay_flags(DECISION_DELAY_TICKS)[1]
     return [f"--{k}={v}" for k, v in settings.items()] + flags
 
 

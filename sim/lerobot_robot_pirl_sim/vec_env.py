@@ -20,6 +20,13 @@ Seeding as in ``ReachGraspVecEnv``: env ``i`` owns a ``np.random.Generator``; ``
 ``default_rng(s + i)``, ``reset(seed=[s_0, ...])`` gives it ``default_rng(s_i)`` (equal seeds, identical
 starts), ``seed=None`` continues the generators. Resets are the only consumers of randomness, so env ``i``
 reset with seed ``s`` starts exactly where ``PirlSim.reset_scene(seed=s)`` puts the robot.
+
+``obs_delay_ticks=k`` models the robot's decision delay: every observation it returns (``final_obs``
+included) is the one from ``k`` control steps earlier (an episode's first observation until then), while
+the physics, rewards and success are not delayed. The edge asks for the next chunk ``lead`` ticks before
+the current one runs out, with the observation it read before sending the tick's action (edge/robot_loop.py),
+so the chunk that runs next was decided from a state ``lead`` ticks old: a policy trained on the robot
+with ``--control.lead_ticks=k`` is scored on the robot's own terms with ``obs_delay_ticks=k``.
 """
 
 from __future__ import annotations
@@ -67,6 +74,7 @@ class PirlSimVecEnv:
         seed: seed of the generators and of the initial reset (env ``i`` gets ``seed + i``).
         max_steps: control steps per episode before truncation.
         obs_type: only ``"state"`` (no rendering here; the robot has the cameras).
+        obs_delay_ticks: observations are this many control steps old (see the module); 0: current.
         **task: :class:`~lerobot_robot_pirl_sim.physics.TaskParams` fields (``success_radius``,
             ``control_hz``, ...); the defaults are the robot's.
     """
@@ -83,12 +91,15 @@ class PirlSimVecEnv:
         seed: int | None = None,
         max_steps: int = DEFAULT_MAX_STEPS,
         obs_type: str = "state",
+        obs_delay_ticks: int = 0,
         **task: Any,
     ):
         if int(num_envs) < 1:
             raise ValueError(f"num_envs must be >= 1, got {num_envs}")
         if int(max_steps) < 1:
             raise ValueError(f"max_steps must be >= 1, got {max_steps}")
+        if int(obs_delay_ticks) < 0 or int(obs_delay_ticks) != obs_delay_ticks:
+            raise ValueError(f"obs_delay_ticks must be an integer >= 0, got {obs_delay_ticks}")
         if obs_type != "state":
             raise ValueError(f"obs_type: PirlSimVecEnv has no cameras, only 'state' (got {obs_type!r})")
         unknown = set(task) - TASK_FIELDS
@@ -107,6 +118,8 @@ class PirlSimVecEnv:
         n = self.num_envs
         self._data = [self.sim.make_data() for _ in range(n)]
         self._obs = np.zeros((n, 7))  # float64 state of every env, the robot's observation order
+        # the last obs_delay_ticks + 1 states of every env, oldest first: what a delayed observation reads
+        self._past = np.zeros((int(obs_delay_ticks) + 1, n, 7))
         self._targets = np.zeros((n, 3))  # the targets each env's servos hold (NaN actions keep them)
         self._t = np.zeros(n, dtype=np.int64)
         self._done = np.zeros(n, dtype=bool)
@@ -141,12 +154,13 @@ class PirlSimVecEnv:
         d = self._data[i]
         self.sim.reset(d, ee, cube)
         self.sim.observe(d, out=self._obs[i])
+        self._past[:, i] = self._obs[i]  # an episode's first observation until k steps have run
         self._targets[i] = self.sim.targets(d)
         self._t[i] = 0
         self._done[i] = False
 
     def _observation(self, rows: np.ndarray | None = None) -> dict[str, np.ndarray]:
-        o = self._obs if rows is None else self._obs[rows]
+        o = self._past[0] if rows is None else self._past[0][rows]  # _past[-1] is the current state
         return {
             "agent_pos": o[:, : self.state_dim].astype(np.float32),
             "environment_state": o[:, self.state_dim :].astype(np.float32),
@@ -189,6 +203,8 @@ class PirlSimVecEnv:
             sim.observe(d, out=obs[i])
         self._targets[m] = targets[m]
         self._t[m] += 1
+        self._past[:-1, m] = self._past[1:, m]  # envs that stepped age their history by one step
+        self._past[-1, m] = obs[m]
 
         closed, success = sim.judge(obs)
         terminated = m & closed

@@ -156,3 +156,39 @@ def test_robot_in_lock_step_and_vec_env_follow_the_same_trajectory(tmp_path):
         assert status is not None
     finally:
         robot.disconnect()
+
+
+def test_obs_delay_ticks_returns_the_observation_from_k_steps_earlier_and_judges_the_present():
+    """The robot's decision delay: a delayed twin returns (also as final_obs) the state k control steps old, the
+    episode's first until k steps have run; the physics, success and termination are the undelayed env's."""
+    k = 2
+    now, late = PirlSimVecEnv(3, seed=5, autoreset=False), PirlSimVecEnv(3, seed=5, autoreset=False, obs_delay_ticks=k)
+    obs_now, _ = now.reset(seed=5)
+    obs_late, _ = late.reset(seed=5)
+    history = [obs_now]
+    np.testing.assert_array_equal(obs_late["agent_pos"], obs_now["agent_pos"])
+    rng = np.random.default_rng(0)
+    for t in range(1, DEFAULT_MAX_STEPS + 1):
+        actions = expert(obs_now, rng, noise=0.3)  # both envs run the same actions: the same physics
+        obs_now, rew_now, term_now, trunc_now, info_now = now.step(actions)
+        obs_late, rew_late, term_late, trunc_late, info_late = late.step(actions)
+        history.append(obs_now)
+        np.testing.assert_array_equal(rew_late, rew_now)
+        np.testing.assert_array_equal(term_late, term_now)
+        np.testing.assert_array_equal(trunc_late, trunc_now)
+        np.testing.assert_array_equal(info_late["is_success"], info_now["is_success"])
+        # envs that ended stay frozen: the stored states of every env, k steps back
+        want = history[max(0, t - k)]
+        running = ~now._done | term_now | trunc_now  # stepped this tick
+        for key in ("agent_pos", "environment_state"):
+            np.testing.assert_array_equal(obs_late[key][running], want[key][running])
+            np.testing.assert_array_equal(info_late["final_obs"][key][running], want[key][running])
+        if now._done.all():
+            break
+    assert now._done.all() and info_now["is_success"].dtype == bool
+    # a reset starts each env's history again from its new first observation
+    obs_now, _ = now.reset(seed=9)
+    obs_late, _ = late.reset(seed=9)
+    np.testing.assert_array_equal(obs_late["agent_pos"], obs_now["agent_pos"])
+    with pytest.raises(ValueError, match="obs_delay_ticks"):
+        PirlSimVecEnv(1, obs_delay_ticks=-1)

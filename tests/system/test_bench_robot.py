@@ -57,9 +57,10 @@ def test_a_short_run_with_interventions_writes_robot_json(tmp_path):
     assert "bc_loss" in logs
 
 
-def test_the_sft_scores_by_noise_std_are_cached_per_number_of_evaluation_episodes(tmp_path, monkeypatch):
-    """The tempered-SFT baseline is scored once per number of evaluation episodes: a cache scored on other
-    episodes is scored again, not reported as if it were this run's."""
+def test_the_sft_scores_by_noise_std_are_cached_per_evaluation_episodes_and_delay(tmp_path, monkeypatch):
+    """The tempered-SFT baseline is scored once per number of evaluation episodes and decision delay, on the twin
+    delayed as the robot is: a cache scored on other episodes or another delay is scored again, not reported as
+    if it were this run's."""
     import math
 
     import learner.trainer
@@ -67,9 +68,11 @@ def test_the_sft_scores_by_noise_std_are_cached_per_number_of_evaluation_episode
     from helpers.policy import builtin_policy
     from pirl_tools.bench_robot import NOISE_STDS, _sft_success_by_noise_std
 
-    scored = []
+    scored, delays = [], [1]
 
     def make_evaluator(pre, post, episodes, **kw):
+        assert kw["env_name"] == "pirl_sim" and kw["env_kwargs"] == {"obs_delay_ticks": delays[-1]}
+
         def evaluate(policy):  # a stand-in score that shows which std and episode count it was scored at
             scored.append(episodes)
             return round(episodes / 1000 + math.exp(float(policy.steer_head.log_std.mean())), 6)
@@ -81,8 +84,11 @@ def test_the_sft_scores_by_noise_std_are_cached_per_number_of_evaluation_episode
     monkeypatch.setattr(lerobot_policy_pi_rl.sft, "load_policy", lambda *a, **kw: (policy, None, None))
     monkeypatch.setattr(learner.trainer, "make_evaluator", make_evaluator)
     cache = tmp_path / "success_by_noise_std.json"
-    first = _sft_success_by_noise_std(tmp_path, 200, cache)
+    first = _sft_success_by_noise_std(tmp_path, 200, cache, 1)
     assert first == {str(s): pytest.approx(0.2 + s) for s in NOISE_STDS} and len(scored) == len(NOISE_STDS)
-    assert _sft_success_by_noise_std(tmp_path, 200, cache) == first and len(scored) == len(NOISE_STDS)  # cached
-    other = _sft_success_by_noise_std(tmp_path, 50, cache)  # other episodes: scored again
+    assert _sft_success_by_noise_std(tmp_path, 200, cache, 1) == first and len(scored) == len(NOISE_STDS)  # cached
+    other = _sft_success_by_noise_std(tmp_path, 50, cache, 1)  # other episodes: scored again
     assert other == {str(s): pytest.approx(0.05 + s) for s in NOISE_STDS} and len(scored) == 2 * len(NOISE_STDS)
+    delays.append(2)  # the same episodes with another decision delay: scored again
+    _sft_success_by_noise_std(tmp_path, 50, cache, 2)
+    assert len(scored) == 3 * len(NOISE_STDS)

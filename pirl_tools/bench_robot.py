@@ -24,6 +24,8 @@ with TLS. There is no vector of simulated envs: every episode the learner trains
   for each chunk ``decision_delay_ticks`` ticks before the current one runs out (``--control.lead_ticks``),
   so the chunk that runs was decided from a state that many ticks old, and the twin delays its observations
   by as much (``obs_delay_ticks``). A twin without the delay scores a policy in conditions it never acts in.
+  The robot's safety layer is bounded to its workspace (``--safety.action_min/max``), which is all the twin
+  clips to.
 
 Writes DIR/robot.json (``runs``: method, seed, sft_success, final_success, episodes_to_target,
 robot_seconds_to_target (null where a run never got there), interventions, curve; ``target``; the machine)
@@ -282,6 +284,17 @@ def decision_delay_flags(ticks: int) -> tuple[list[str], list[str]]:
     return [f"--control.lead_ticks={ticks}"], [f"--trainer.eval_env_kwargs={{obs_delay_ticks: {ticks}}}"]
 
 
+def workspace_bounds_flags() -> list[str]:
+    """pirl-edge flags that bound the simulated robot's safety layer to its workspace (the gantry's reach and the
+    gripper's range), as a team sets a real arm's: without them the layer takes the SFT demos' action min / max
+    (+10%), and 10 demos do not span the cube's range, so the robot could not reach some cubes (measured: 0.905 ->
+    0.815 on the twin under those bounds) and its twin, clipped only to the workspace, would not be its twin."""
+    from lerobot_robot_pirl_sim.physics import TaskParams
+
+    low, high = TaskParams().action_low.tolist(), TaskParams().action_high.tolist()
+    return [f"--safety.action_min={low}", f"--safety.action_max={high}"]
+
+
 def offline_demo_flags(spec: dict, demos: Path) -> list[str]:
     """pirl-learner flags that give a method the SFT demos (the LeRobotDataset at ``demos``) as offline data, where
     its learner settings use them (the BC term, bc_coef > 0, or a chunk critic's replay) and the method does not
@@ -337,6 +350,7 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
             "--policy.backend=torch",
             f"--control.hz={ROBOT_HZ * cfg.speedup}",
             *decision_delay_flags(cfg.decision_delay_ticks)[0],
+            *workspace_bounds_flags(),
             "--robot.type=pirl_sim",
             "--robot.id=sim0",
             "--robot.cameras={}" if cfg.outcome != "detector" else f"--robot.cameras={DETECTOR_CAMERA}",

@@ -46,7 +46,13 @@ import numpy as np
 from edge.backend_choice import BACKENDS
 from lerobot_policy_pi_rl.presets import BACKBONE_CHOICES, builtin_policy_overrides
 from pirl.cli import parse_config, require, run_cli, write_json
-from pirl_tools.bench_robot import DECISION_DELAY_TICKS, METHODS, decision_delay_flags, offline_demo_flags
+from pirl_tools.bench_robot import (
+    DECISION_DELAY_TICKS,
+    METHODS,
+    decision_delay_flags,
+    offline_demo_flags,
+    workspace_bounds_flags,
+)
 from pirl_tools.common import plot_curves, sft_checkpoint
 from pirl_tools.processes import Interrupted, Procs, Signals, bin_path, free_port, wait_for_file
 
@@ -373,8 +379,9 @@ def _sim_robot_args(args, out: Path, control_hz: float) -> list[str]:
         f"--episode.time_limit_s={steps / control_hz}",
         f"--dataset.root={out / 'edges/robot-0/session'}",
     ]
-    if args.method:  # a fixed decision delay, the one the learner's evaluation models (_learning_flags)
-        flags += decision_delay_flags(DECISION_DELAY_TICKS)[0]
+    if args.method:  # the bench's robot: a fixed decision delay, the one the learner's evaluation models
+        # (_learning_flags), and the safety layer bounded to the workspace, all the twin clips to
+        flags += decision_delay_flags(DECISION_DELAY_TICKS)[0] + workspace_bounds_flags()
     if args.operator == "scripted":
         port = free_port()
         flags += [

@@ -50,6 +50,7 @@ def test_a_short_run_with_interventions_writes_robot_json(tmp_path):
     for key in ("sft_success", "final_success", "episodes_to_target", "robot_seconds_to_target", "interventions"):
         assert key in run
     assert run["episodes"] >= 24 and run["robot_seconds"] > 0 and run["interventions"] > 0
+    assert run["decision_delay_ticks"] == 1 and run["deadline_misses"] is not None
     assert sum(run["labels"].values()) >= 24 and all(k.startswith(("OPERATOR/", "TIME_LIMIT/")) for k in run["labels"])
     assert (out / "robot.png").is_file()
     # the learner trained: at least one update after the SFT evaluation, with BC data from the interventions

@@ -35,6 +35,15 @@ def builtin_task_algorithm_config(**overrides) -> PiRLAlgorithmConfig:
     return BuiltinTaskAlgorithmConfig(**overrides).plain()
 
 
+# off-policy noise steering (DSRL-style: algorithm.steer_update=q) on a policy loaded with noise_method=noise_steer:
+# the flow policy stays frozen, a critic fits the return-to-go of every steered macro-step (replay buffer) and the
+# steering head moves toward the initial noise it scores highest; the head learns at 3e-4 with no entropy bonus (it
+# is held near N(0, I) by q_prior_coef instead). Applied on top of a preset; pirl-bench robot's and metaworld's.
+NOISE_Q = {"steer_update": "q", "actor_lr": 3e-4, "entropy_coef": 0.0}
+# NOISE_Q with the critic over the executed chunk instead of the noise (Q(o, a); the head climbs it through the
+# frozen flow's ODE): the fastest learner on the simulated robot (BENCHMARKS.md) and on MetaWorld
+NOISE_Q_ACTION = {**NOISE_Q, "q_critic_input": "action"}
+
 BACKBONE_CHOICES = ("mlp", "pi0", "pi05", "smolvla")
 
 

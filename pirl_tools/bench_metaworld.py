@@ -1,6 +1,6 @@
 """pirl-bench metaworld: few-shot SFT then PI-RL on MetaWorld tasks (MT10 by default), per task, on this machine.
 
-    pirl-bench metaworld --out=DIR [--tasks='[reach-v3,push-v3]'] [--noise_method='[flow_noise,flow_sde]']
+    pirl-bench metaworld --out=DIR [--tasks='[reach-v3,push-v3]'] [--noise_method='[flow_noise,flow_sde,noise_q_action]']
                          [--seeds='[0]'] [--time_limit=1800] [--sft_band='[0.3,0.6]'] [--num_demos=5] ...
 
 The CPU policy (the small MLP flow policy) reads MetaWorld's full 39-dim state (``envs/metaworld.py``,
@@ -8,10 +8,11 @@ The CPU policy (the small MLP flow policy) reads MetaWorld's full 39-dim state (
 which is for VLA backbones on a GPU (docs/benchmarks.md). Per task and seed: MetaWorld's scripted expert
 records successful demonstrations (action noise ``demo_noise``) as a local LeRobotDataset and LeRobot's
 train() behaviour-clones ``pi_rl`` on them, as many as it takes for SFT to score inside ``sft_band``
-(``pirl_tools/sft_calibration.py``: five demos give 100% on some tasks and 3% on others); then, per noise
-method, PI-RL with the built-in task's preset runs in process until ``time_limit`` seconds or ``iterations``
-updates, evaluated deterministically (ODE, fixed seeds: the same episodes for every method) every
-``eval_every`` updates.
+(``pirl_tools/sft_calibration.py``: five demos give 100% on some tasks and 3% on others); then, per method
+(``METHODS``), RL with the built-in task's preset runs in process until ``time_limit`` seconds or ``iterations``
+updates, evaluated deterministically (fixed seeds and initial noise: the same episodes for every method) every
+``eval_every`` updates. ``flow_noise`` and ``flow_sde`` are PI-RL (PPO on the flow policy with that sampler);
+``noise_q_action`` leaves the SFT flow policy frozen and learns, off-policy, which initial noise to hand it.
 
 Writes DIR/metaworld.json (``runs``: task, noise_method, seed, sft_success, final_success, best_success,
 env_steps, wall_seconds, curve) after every run and DIR/metaworld.png (SFT and final success per task and
@@ -28,11 +29,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lerobot_policy_pi_rl.envs.metaworld import GYM_ID, MT10_TASKS, REWARDS, VARIANTS
-from lerobot_policy_pi_rl.samplers import RL_NOISE_METHODS
+from lerobot_policy_pi_rl.presets import NOISE_Q_ACTION
+from lerobot_policy_pi_rl.samplers import NOISE_STEER
 from pirl.cli import require, write_json
 from pirl_tools.sft_calibration import calibrate, sft_ladder
 
 EXPERT = "lerobot_policy_pi_rl.envs.metaworld:expert"
+# what each --noise_method runs: (the policy's noise_method, the algorithm settings beyond the built-in preset). The
+# PPO ones fine-tune the flow policy (PI-RL); noise_q_action is off-policy noise steering (DSRL-style, presets.py)
+METHODS = {
+    "flow_noise": ("flow_noise", {}),
+    "flow_sde": ("flow_sde", {}),
+    "noise_q_action": (NOISE_STEER, NOISE_Q_ACTION),
+}
 # the paper's MetaWorld MT50 averages (pi0 / pi0.5, few-shot SFT -> Flow-SDE / Flow-Noise), shared/PIRL_METHOD.md
 PAPER_MT50 = {
     "pi0": {"sft": 0.508, "flow_sde": 0.781, "flow_noise": 0.858},
@@ -49,7 +58,8 @@ class BenchMetaWorldConfig:
     out: str | None = None
     # MetaWorld v3 tasks to run (default: the ten MT10 tasks)
     tasks: list[str] = field(default_factory=lambda: list(MT10_TASKS))
-    # samplers to fine-tune with (flow_noise, flow_sde)
+    # RL methods to run per task: flow_noise and flow_sde (PI-RL: PPO on the flow policy with that sampler), and
+    # noise_q_action (the SFT flow policy frozen; a chunk critic and a steering head over its initial noise, off-policy)
     noise_method: list[str] = field(default_factory=lambda: ["flow_noise", "flow_sde"])
     # seeds: each gets its own demos, SFT and RL runs
     seeds: list[int] = field(default_factory=lambda: [0])
@@ -95,7 +105,8 @@ class BenchMetaWorldConfig:
     eval_episodes: int = 100
     # stop a run once an evaluation reaches this success (saves time on solved tasks); None: run to the limit
     target_success: float | None = None
-    # actor learning rate (the rest: the built-in task preset, pirl-bench learn's)
+    # actor learning rate of flow_noise and flow_sde (the rest: the built-in task preset, pirl-bench learn's);
+    # noise_q_action's steering head learns at its own 3e-4 (presets.NOISE_Q)
     actor_lr: float = 3e-5
 
     def __post_init__(self):
@@ -116,8 +127,8 @@ class BenchMetaWorldConfig:
             sft_ladder(self.num_demos, self.sft_steps, self.max_demos, self.min_sft_steps, self.max_sft_steps)
         if self.max_episode_steps > 500:
             raise ValueError(f"max_episode_steps: MetaWorld's limit is 500 (got {self.max_episode_steps})")
-        if not self.noise_method or set(self.noise_method) - set(RL_NOISE_METHODS):
-            raise ValueError(f"noise_method: each must be one of {RL_NOISE_METHODS} (got {self.noise_method})")
+        if not self.noise_method or set(self.noise_method) - set(METHODS):
+            raise ValueError(f"noise_method: each must be one of {tuple(METHODS)} (got {self.noise_method})")
         if not self.tasks or not self.seeds:
             raise ValueError("tasks and seeds: give at least one of each")
         if self.target_success is not None and not 0 < self.target_success <= 1:
@@ -164,8 +175,9 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
         if (task, seed) not in sfts:
             sfts[(task, seed)] = _few_shot_sft(cfg, out / "sft" / f"{task}-seed{seed}", task, seed, kwargs)
         ckpt, sft_info = sfts[(task, seed)]
-        policy, pre, post = load_policy(ckpt, noise_method=method)
-        print(f"[{i}/{len(grid)}] {task} {method} seed={seed}: PI-RL for at most {cfg.time_limit:.0f}s")
+        sampler, algorithm = METHODS[method]
+        policy, pre, post = load_policy(ckpt, noise_method=sampler)
+        print(f"[{i}/{len(grid)}] {task} {method} seed={seed}: RL for at most {cfg.time_limit:.0f}s")
         settings = LearnSettings(
             iterations=cfg.iterations,
             num_envs=cfg.num_envs,
@@ -177,12 +189,16 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
             env=GYM_ID,
             env_kwargs=kwargs,
         )
-        res = run_pirl(policy, pre, post, builtin_task_algorithm_config(actor_lr=cfg.actor_lr), settings)
+        res = run_pirl(
+            policy, pre, post, builtin_task_algorithm_config(**{"actor_lr": cfg.actor_lr, **algorithm}), settings
+        )
         runs.append(
             {
                 "task": task,
                 "noise_method": method,
                 "seed": seed,
+                # the algorithm settings beyond the built-in task preset this run had
+                "algorithm": {"actor_lr": cfg.actor_lr, **algorithm},
                 "sft_success": res.sft_success,
                 "final_success": res.final_success,
                 "best_success": res.best_success,
@@ -255,7 +271,7 @@ def _few_shot_sft(cfg: BenchMetaWorldConfig, out: Path, task: str, seed: int, kw
     eval_env = open_sim_env(GYM_ID, min(cfg.eval_episodes, 500), "env", autoreset=False, **kwargs)
 
     def score(rung: tuple[int, int]) -> float:
-        policy, pre, post = load_policy(train(*rung, out / f"d{rung[0]}-s{rung[1]}"), noise_method=cfg.noise_method[0])
+        policy, pre, post = load_policy(train(*rung, out / f"d{rung[0]}-s{rung[1]}"))
         runner = PolicyRunner.for_env(policy, pre, post, eval_env)
         success = evaluate_success(runner, eval_env, episodes=cfg.eval_episodes, seed=eval_settings.eval_seed)
         print(f"[sft] {task}: {rung[0]} demos, {rung[1]} steps -> deterministic success {success:.2f} (band {band})")
@@ -287,6 +303,9 @@ def _result(cfg: BenchMetaWorldConfig, command: str, runs: list[dict]) -> dict:
     from pirl_tools.common import run_report
 
     finals = [r["final_success"] for r in runs]
+    by_method: dict[str, list[float]] = {}
+    for r in runs:
+        by_method.setdefault(r["noise_method"], []).append(r["final_success"])
     return {
         **run_report(command, runs),
         "settings": {
@@ -310,6 +329,7 @@ def _result(cfg: BenchMetaWorldConfig, command: str, runs: list[dict]) -> dict:
             )
         },
         "mean_final_success": round(sum(finals) / len(finals), 4) if finals else None,
+        "mean_final_success_by_method": {m: round(sum(v) / len(v), 4) for m, v in by_method.items()},
         "paper_mt50": PAPER_MT50,
     }
 
@@ -332,7 +352,7 @@ def plot(path: Path, runs: list[dict]) -> None:
         return float(np.mean(vals)) if vals else np.nan
 
     series = [("SFT", [mean("sft_success", t) for t in tasks])]
-    series += [(f"PI-RL {m}", [mean("final_success", t, m) for t in tasks]) for m in methods]
+    series += [(f"RL {m}", [mean("final_success", t, m) for t in tasks]) for m in methods]
     fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 4.2))
     width = 0.8 / len(series)
     x = np.arange(len(tasks))
@@ -341,7 +361,7 @@ def plot(path: Path, runs: list[dict]) -> None:
     ax.set_xticks(x, [t.removesuffix("-v3") for t in tasks], rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("deterministic success")
-    ax.set_title("MetaWorld (full state, small flow policy): few-shot SFT -> PI-RL")
+    ax.set_title("MetaWorld (full state, small flow policy): few-shot SFT -> RL")
     ax.legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ import urllib.request
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from lerobot_policy_pi_rl.presets import NOISE_Q, NOISE_Q_ACTION
 from pirl.cli import parse_config, require, run_cli, write_json
 from pirl_tools.processes import Procs, Signals, bin_path, free_port, wait_for_file
 
@@ -56,14 +57,9 @@ DECISION_DELAY_TICKS = 1
 DETECTOR_CAMERA = "{front: {type: pirl_sim, width: 64, height: 64, fps: 15}}"
 
 _SMALL = {"trainer.episodes_per_update": 16, "trainer.eval_every": 2, "algorithm.actor_lr": 3e-5}
-# off-policy noise steering's learner settings (noise_q; noise_q_action adds its critic input)
-_NOISE_Q = {
-    **_SMALL,
-    "noise_method": "noise_steer",
-    "algorithm.steer_update": "q",
-    "algorithm.actor_lr": 3e-4,
-    "algorithm.entropy_coef": 0.0,
-}
+# off-policy noise steering's learner settings (noise_q, noise_q_action: presets.NOISE_Q, NOISE_Q_ACTION)
+_NOISE_Q = {**_SMALL, "noise_method": "noise_steer", **{f"algorithm.{k}": v for k, v in NOISE_Q.items()}}
+_NOISE_Q_ACTION = {**_NOISE_Q, **{f"algorithm.{k}": v for k, v in NOISE_Q_ACTION.items()}}
 _STEERED = {"policy.noise_method": "noise_steer"}  # the edge of a noise-steering method
 # Each method: what the learner and the edge are given beyond the common flags. "Today's PPO settings on that
 # robot" are pirl-demo's: 128 episodes per update at actor_lr 3e-5.
@@ -163,7 +159,7 @@ METHODS: dict[str, dict] = {
         "about": "noise_q with a critic over the executed chunk instead of the noise (q_critic_input=action, DSRL's "
         "noise-aliased idea): Q(o, a) fits the return-to-go, and the steering head climbs it through the frozen "
         "flow's ODE (x_1 -> chunk); otherwise as noise_q",
-        "learner": {**_NOISE_Q, "algorithm.q_critic_input": "action"},
+        "learner": _NOISE_Q_ACTION,
         "edge": _STEERED,
         "interventions": False,
         "offline_demos": False,
@@ -172,7 +168,7 @@ METHODS: dict[str, dict] = {
         "about": "noise_q_action with the scripted person taking over a drifting policy: their takeovers join the "
         "chunk critic's replay with the actions that ran (q_interventions), so it learns what a correction was "
         "worth; the head still only steers the frozen flow's noise",
-        "learner": {**_NOISE_Q, "algorithm.q_critic_input": "action"},
+        "learner": _NOISE_Q_ACTION,
         "edge": _STEERED,
         "interventions": True,
         "offline_demos": False,
@@ -181,7 +177,7 @@ METHODS: dict[str, dict] = {
         "about": "noise_q_action whose chunk critic starts from the SFT demos: their macro-steps (demonstrated "
         "chunks, the return of a success) join its replay before the first update (--offline_dataset under "
         "q_critic_input=action)",
-        "learner": {**_NOISE_Q, "algorithm.q_critic_input": "action"},
+        "learner": _NOISE_Q_ACTION,
         "edge": _STEERED,
         "interventions": False,
     },

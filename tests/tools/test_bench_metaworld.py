@@ -19,7 +19,7 @@ from pirl_tools.bench_metaworld import BenchMetaWorldConfig, run  # noqa: E402
 
 TINY = [
     "--tasks=[reach-v3]",
-    "--noise_method=[flow_sde]",
+    "--noise_method=[flow_sde,noise_q_action]",
     "--num_demos=2",
     "--max_demos=2",
     "--sft_steps=10",
@@ -49,8 +49,19 @@ def test_a_tiny_metaworld_benchmark_writes_its_results_and_resumes(tmp_path, cap
     cfg = parse_config(BenchMetaWorldConfig, prog="pirl-bench metaworld", args=[f"--out={out}", *TINY])
     assert run(cfg, "pirl-bench metaworld (test)") == 0
     report = json.loads((out / "metaworld.json").read_text())
-    (r,) = report["runs"]
+    r, steered = report["runs"]
     assert (r["task"], r["noise_method"], r["seed"]) == ("reach-v3", "flow_sde", 0)
+    # noise_q_action: the same SFT (a fresh steering head hands the flow the same noise), DSRL-style settings
+    assert steered["noise_method"] == "noise_q_action" and steered["sft_success"] == r["sft_success"]
+    assert r["algorithm"] == {"actor_lr": 3e-5}
+    assert steered["algorithm"] == {
+        "actor_lr": 3e-4,
+        "steer_update": "q",
+        "entropy_coef": 0.0,
+        "q_critic_input": "action",
+    }
+    assert steered["updates"] == 1 and steered["env_steps"] > 0
+    assert set(report["mean_final_success_by_method"]) == {"flow_sde", "noise_q_action"}
     assert 0 <= r["sft_success"] <= 1 and 0 <= r["final_success"] <= 1 and r["updates"] == 1
     assert r["env_steps"] > 0 and r["wall_seconds"] > 0 and len(r["curve"]) == 2
     assert report["settings"]["variants"] == "mt1" and report["paper_mt50"]["pi0"]["flow_noise"] == 0.858
@@ -70,7 +81,7 @@ def test_a_tiny_metaworld_benchmark_writes_its_results_and_resumes(tmp_path, cap
     capsys.readouterr()
     # the same command again: the run is in metaworld.json, nothing is run twice
     assert run(cfg, "pirl-bench metaworld (test)") == 0
-    assert "in " in capsys.readouterr().out and len(json.loads((out / "metaworld.json").read_text())["runs"]) == 1
+    assert "in " in capsys.readouterr().out and len(json.loads((out / "metaworld.json").read_text())["runs"]) == 2
 
 
 @pytest.mark.parametrize(

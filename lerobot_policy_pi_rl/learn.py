@@ -130,9 +130,7 @@ def run_pirl(
             if progress:
                 progress(
                     f"  update {it + 1}: deterministic success {success:.3f}  rollout success "
-                    f"{batch.success_rate:.3f}  approx_kl {row.get('approx_kl', nan):.4f}  clip_frac "
-                    f"{row.get('clip_fraction', nan):.3f}  expl_var {row.get('explained_variance', nan):.2f}  "
-                    f"[{time.monotonic() - start:.0f}s]"
+                    f"{batch.success_rate:.3f}  {_diagnostics(row)}  [{time.monotonic() - start:.0f}s]"
                 )
             if settings.target_success is not None and success >= settings.target_success:
                 break
@@ -147,4 +145,16 @@ def run_pirl(
         wall_seconds=time.monotonic() - start,
         curve=curve,
         history=history,
+    )
+
+
+def _diagnostics(row: dict) -> str:
+    """The update's health at a glance: PPO's trust-region figures, or under off-policy steering
+    (``steer_update=q``, which has no ratio or value head) its critic's loss, the Q its head reaches and the
+    steered noise's std."""
+    if "q_loss" in row:
+        return f"q_loss {row['q_loss']:.4f}  head_q {row.get('head_q', nan):.3f}  steer_std {row.get('steer_std', nan):.3f}"
+    return (
+        f"approx_kl {row.get('approx_kl', nan):.4f}  clip_frac {row.get('clip_fraction', nan):.3f}  "
+        f"expl_var {row.get('explained_variance', nan):.2f}"
     )

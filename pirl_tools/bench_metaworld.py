@@ -15,8 +15,9 @@ updates, evaluated deterministically (fixed seeds and initial noise: the same ep
 ``noise_q_action`` leaves the SFT flow policy frozen and learns, off-policy, which initial noise to hand it.
 
 Writes DIR/metaworld.json (``runs``: task, noise_method, seed, sft_success, final_success, best_success,
-env_steps, wall_seconds, curve) after every run and DIR/metaworld.png (SFT and final success per task and
-method). Runs already in DIR/metaworld.json are kept and not run again, so a long benchmark can be run in
+env_steps, wall_seconds, curve, and sft_success_by_noise_std: the SFT scored with a smaller initial noise, the
+bar for noise_q_action) after every run, DIR/metaworld.png (SFT and final success per task and
+method) and DIR/metaworld_curves.png (each run's deterministic success against env steps, a panel per task). Runs already in DIR/metaworld.json are kept and not run again, so a long benchmark can be run in
 parts (``--tasks``) or resumed; SFT checkpoints under DIR/sft are reused.
 """
 
@@ -173,7 +174,10 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
         }
         kwargs = sim_env_kwargs(GYM_ID, extra=extra)
         if (task, seed) not in sfts:
-            sfts[(task, seed)] = _few_shot_sft(cfg, out / "sft" / f"{task}-seed{seed}", task, seed, kwargs)
+            where = out / "sft" / f"{task}-seed{seed}"
+            ckpt, sft_info = _few_shot_sft(cfg, where, task, seed, kwargs)
+            by_noise = _sft_success_by_noise_std(cfg, ckpt, kwargs, where / "success_by_noise_std.json")
+            sfts[(task, seed)] = ckpt, {**sft_info, "sft_success_by_noise_std": by_noise}
         ckpt, sft_info = sfts[(task, seed)]
         sampler, algorithm = METHODS[method]
         policy, pre, post = load_policy(ckpt, noise_method=sampler)
@@ -216,7 +220,10 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
         write_json(path, _result(cfg, command, runs))
     write_json(path, _result(cfg, command, runs))
     plot(out / "metaworld.png", runs)
-    print(f"wrote {path} and {out / 'metaworld.png'} ({time.monotonic() - started:.0f}s)")
+    plot_curves(out / "metaworld_curves.png", runs)
+    print(
+        f"wrote {path}, {out / 'metaworld.png'} and {out / 'metaworld_curves.png'} ({time.monotonic() - started:.0f}s)"
+    )
     return 0
 
 
@@ -295,6 +302,37 @@ def _few_shot_sft(cfg: BenchMetaWorldConfig, out: Path, task: str, seed: int, kw
     return out / checkpoint, info
 
 
+def _sft_success_by_noise_std(cfg: BenchMetaWorldConfig, ckpt: Path, kwargs: dict, cache: Path) -> dict[str, float]:
+    """The SFT policy's deterministic success on run_pirl's evaluation episodes with its initial noise x_1 ~ N(0,
+    std^2 I) per ``NOISE_STDS`` (at std 1: the SFT score itself): the bar noise_q_action has to clear. Cached beside
+    the task's SFT, per checkpoint and number of evaluation episodes."""
+    from lerobot_policy_pi_rl.envs import open_sim_env
+    from lerobot_policy_pi_rl.learn import LearnSettings
+    from lerobot_policy_pi_rl.rollout import PolicyRunner, evaluate_success
+    from lerobot_policy_pi_rl.sft import load_policy
+    from pirl_tools.common import success_by_noise_std
+
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("eval_episodes") == cfg.eval_episodes and saved.get("checkpoint") == str(ckpt):
+            return saved["success"]
+    policy, pre, post = load_policy(ckpt, noise_method=NOISE_STEER)
+    env = open_sim_env(GYM_ID, min(cfg.eval_episodes, 500), "env", autoreset=False, **kwargs)
+    try:
+        runner = PolicyRunner.for_env(policy, pre, post, env)
+        seed = LearnSettings().eval_seed  # run_pirl's evaluation: the same episodes and noise as its SFT score
+
+        def evaluate(_policy) -> float:
+            return evaluate_success(runner, env, episodes=cfg.eval_episodes, seed=seed)
+
+        scores = success_by_noise_std(policy, evaluate)
+    finally:
+        env.close()
+    print(f"[sft] deterministic success by initial-noise std: {scores}")
+    write_json(cache, {"eval_episodes": cfg.eval_episodes, "checkpoint": str(ckpt), "success": scores})
+    return scores
+
+
 def _since(started: float) -> float:
     return round(time.monotonic() - started, 1)
 
@@ -366,4 +404,40 @@ def plot(path: Path, runs: list[dict]) -> None:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_curves(path: Path, runs: list[dict]) -> None:
+    """A panel per task: each run's deterministic success against env steps (one line per method and seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if not runs:
+        return
+    tasks = list(dict.fromkeys(r["task"] for r in runs))
+    methods = list(dict.fromkeys(r["noise_method"] for r in runs))
+    cols = min(5, len(tasks))
+    rows = -(-len(tasks) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.0 * cols, 2.6 * rows), squeeze=False, sharey=True)
+    for ax, task in zip(axes.flat, tasks, strict=False):
+        for r in (r for r in runs if r["task"] == task):
+            xs = [s / 1e6 for s, _ in r["curve"]]
+            ys = [v for _, v in r["curve"]]
+            color = f"C{methods.index(r['noise_method']) + 1}"  # C0 is the SFT bar's in metaworld.png
+            ax.plot(xs, ys, color=color, label=f"{r['noise_method']} (seed {r['seed']})", marker=".")
+        ax.set_title(task.removesuffix("-v3"), fontsize=9)
+        ax.set_ylim(0, 1.02)
+        ax.grid(alpha=0.3)
+        ax.set_xlabel("env steps (M)", fontsize=8)
+    for ax in axes.flat[len(tasks) :]:
+        ax.axis("off")
+    axes[0][0].set_ylabel("deterministic success")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=max(1, len(labels)), fontsize=8)
+    fig.suptitle("MetaWorld: deterministic success during RL (first point: SFT)", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
     plt.close(fig)

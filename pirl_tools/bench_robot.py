@@ -47,6 +47,7 @@ from pathlib import Path
 
 from lerobot_policy_pi_rl.presets import NOISE_Q, NOISE_Q_ACTION
 from pirl.cli import parse_config, require, run_cli, write_json
+from pirl_tools.common import success_by_noise_std
 from pirl_tools.processes import Procs, Signals, bin_path, free_port, wait_for_file
 
 ROBOT_HZ = 25.0  # the simulated robot's control rate (lerobot_robot_pirl_sim.physics.TaskParams)
@@ -458,18 +459,12 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
     }
 
 
-NOISE_STDS = (1.0, 0.5, 0.25, 0.05)  # initial-noise stds the SFT policy is scored at (0.05: steer_std_min)
-
-
 def _sft_success_by_noise_std(ckpt: Path, episodes: int, cache: Path, delay: int) -> dict[str, float]:
     """The SFT policy's deterministic success with its initial noise x_1 ~ N(0, std^2 I), on the learner's
     evaluation episodes with the robot's decision delay: the baseline a noise-steering method has to beat, since
     shrinking the noise alone (no learning) moves a few-shot flow policy toward its mode. Cached beside the SFT
     checkpoint, per number of evaluation episodes and delay (a cache scored otherwise is scored again)."""
-    import math
-
     import lerobot_robot_pirl_sim  # noqa: F401  (registers the pirl_sim vector env)
-    import torch
 
     from learner.trainer import make_evaluator  # the learner's own evaluation: same episodes, same noise
     from lerobot_policy_pi_rl.sft import load_policy
@@ -482,11 +477,7 @@ def _sft_success_by_noise_std(ckpt: Path, episodes: int, cache: Path, delay: int
     evaluate = make_evaluator(
         pre, post, episodes, policy_config=policy.config, env_name="pirl_sim", env_kwargs={"obs_delay_ticks": delay}
     )
-    scores = {}
-    for std in NOISE_STDS:
-        with torch.no_grad():
-            policy.steer_head.log_std.fill_(math.log(std))
-        scores[str(std)] = evaluate(policy)
+    scores = success_by_noise_std(policy, evaluate)
     evaluate.env.close()
     write_json(cache, {"eval_episodes": episodes, "obs_delay_ticks": delay, "success": scores})
     return scores

@@ -1,9 +1,29 @@
-"""What the product's tools share: the SFT stage of the built-in task, and success plots."""
+"""What the product's tools share: the SFT stage of the built-in task, success plots, and the tempered-SFT bar."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+
+# initial-noise stds a few-shot SFT policy is scored at (1: as trained; 0.05: the steering head's steer_std_min)
+NOISE_STDS = (1.0, 0.5, 0.25, 0.05)
+
+
+def success_by_noise_std(policy, evaluate) -> dict[str, float]:
+    """``evaluate(policy)`` with the initial noise x_1 ~ N(0, std^2 I), for each std of NOISE_STDS: the bar a
+    noise-steering method has to clear, since shrinking the noise alone (no learning) moves a few-shot flow policy
+    toward its mode. ``policy`` was loaded with a fresh steering head (``noise_method=noise_steer``: mean 0); its
+    std is overwritten."""
+    import math
+
+    import torch
+
+    scores = {}
+    for std in NOISE_STDS:
+        with torch.no_grad():
+            policy.steer_head.log_std.fill_(math.log(std))
+        scores[str(std)] = evaluate(policy)
+    return scores
 
 
 def cpus() -> int:

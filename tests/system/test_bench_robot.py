@@ -67,7 +67,8 @@ def test_the_sft_scores_by_noise_std_are_cached_per_evaluation_episodes_and_dela
     import learner.trainer
     import lerobot_policy_pi_rl.sft
     from helpers.policy import builtin_policy
-    from pirl_tools.bench_robot import NOISE_STDS, _sft_success_by_noise_std
+    from pirl_tools.bench_robot import _sft_success_by_noise_std
+    from pirl_tools.common import NOISE_STDS
 
     scored, delays = [], [1]
 

@@ -62,10 +62,16 @@ def test_a_tiny_metaworld_benchmark_writes_its_results_and_resumes(tmp_path, cap
     }
     assert steered["updates"] == 1 and steered["env_steps"] > 0
     assert set(report["mean_final_success_by_method"]) == {"flow_sde", "noise_q_action"}
+    # the tempered-SFT bar, scored on run_pirl's evaluation: at std 1 it is the SFT score itself
+    by_noise = r["sft_success_by_noise_std"]
+    assert list(by_noise) == ["1.0", "0.5", "0.25", "0.05"] and by_noise["1.0"] == pytest.approx(r["sft_success"])
+    assert steered["sft_success_by_noise_std"] == by_noise
+    assert (out / "sft" / "reach-v3-seed0" / "success_by_noise_std.json").is_file()
     assert 0 <= r["sft_success"] <= 1 and 0 <= r["final_success"] <= 1 and r["updates"] == 1
     assert r["env_steps"] > 0 and r["wall_seconds"] > 0 and len(r["curve"]) == 2
     assert report["settings"]["variants"] == "mt1" and report["paper_mt50"]["pi0"]["flow_noise"] == 0.858
     assert (out / "metaworld.png").stat().st_size > 0
+    assert (out / "metaworld_curves.png").stat().st_size > 0
     # the calibration starts at 2 demos (the ladder's top: [(1, 10), (2, 10)]) and goes down only if SFT scores
     # above the band; the chosen rung's calibration score is the SFT score run_pirl measured (same evaluation)
     trail = r["sft_calibration"]
@@ -78,7 +84,9 @@ def test_a_tiny_metaworld_benchmark_writes_its_results_and_resumes(tmp_path, cap
     widened = json.loads((chosen / "data" / "meta" / "pirl_start_states.json").read_text())["widened"]
     assert widened["observation.state"]["dims"]
     assert json.loads((out / "sft" / "reach-v3-seed0" / "calibration.json").read_text())["num_demos"] == r["num_demos"]
-    capsys.readouterr()
+    # each method's progress lines show its own diagnostics: PPO's trust region, the steering critic's fit
+    printed = capsys.readouterr().out
+    assert "approx_kl" in printed and "q_loss" in printed and "steer_std" in printed
     # the same command again: the run is in metaworld.json, nothing is run twice
     assert run(cfg, "pirl-bench metaworld (test)") == 0
     assert "in " in capsys.readouterr().out and len(json.loads((out / "metaworld.json").read_text())["runs"]) == 2

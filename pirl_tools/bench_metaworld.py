@@ -373,7 +373,8 @@ def _result(cfg: BenchMetaWorldConfig, command: str, runs: list[dict]) -> dict:
 
 
 def plot(path: Path, runs: list[dict]) -> None:
-    """Grouped bars: per task, the SFT success and each method's final success (mean over seeds)."""
+    """Grouped bars: per task, each method's final success, with a black tick at the SFT success that method
+    started from (means over seeds; methods run by separate invocations may have calibrated different SFTs)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -385,22 +386,24 @@ def plot(path: Path, runs: list[dict]) -> None:
     tasks = list(dict.fromkeys(r["task"] for r in runs))
     methods = list(dict.fromkeys(r["noise_method"] for r in runs))
 
-    def mean(key: str, task: str, method: str | None = None) -> float:
-        vals = [r[key] for r in runs if r["task"] == task and (method is None or r["noise_method"] == method)]
+    def mean(key: str, task: str, method: str) -> float:
+        vals = [r[key] for r in runs if r["task"] == task and r["noise_method"] == method]
         return float(np.mean(vals)) if vals else np.nan
 
-    series = [("SFT", [mean("sft_success", t) for t in tasks])]
-    series += [(f"RL {m}", [mean("final_success", t, m) for t in tasks]) for m in methods]
-    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 4.2))
-    width = 0.8 / len(series)
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.1 * len(tasks) + 2), 4.4))
+    width = 0.8 / len(methods)
     x = np.arange(len(tasks))
-    for j, (label, ys) in enumerate(series):
-        ax.bar(x + (j - (len(series) - 1) / 2) * width, ys, width, label=label)
+    for j, m in enumerate(methods):
+        xs = x + (j - (len(methods) - 1) / 2) * width
+        color = f"C{j + 1}"  # the colours of metaworld_curves.png
+        ax.bar(xs, [mean("final_success", t, m) for t in tasks], width, color=color, label=f"RL {m}: final")
+        sft = [mean("sft_success", t, m) for t in tasks]
+        ax.hlines(sft, xs - width / 2, xs + width / 2, colors="black", linewidth=2, label="its SFT" if j == 0 else None)
     ax.set_xticks(x, [t.removesuffix("-v3") for t in tasks], rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_ylabel("deterministic success")
     ax.set_title("MetaWorld (full state, small flow policy): few-shot SFT -> RL")
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)

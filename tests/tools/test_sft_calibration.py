@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from pirl_tools.sft_calibration import calibrate, sft_ladder
+from pirl_tools.sft_calibration import between, calibrate, sft_ladder
 
 LADDER = sft_ladder(5, 1000, 40, 250)
 
@@ -68,3 +68,36 @@ def test_crossing_the_band_keeps_the_rung_below_its_top():
 def test_still_too_good_at_the_weakest_rung_is_returned_for_the_caller_to_report():
     score, calls = scorer(dict.fromkeys(LADDER, 0.9))
     assert calibrate(score, LADDER, (5, 1000), (0.3, 0.6))[:2] == ((1, 250), 0.9) and len(calls) == 5
+
+
+def test_a_crossing_is_bisected_in_demo_count_when_refine_allows():
+    # MetaWorld pick-place: 5 demos 0.17, 10 demos 0.61 -> 7 demos is tried and lands in the band
+    score, calls = scorer({(5, 1000): 0.17, (10, 1000): 0.61, (7, 1000): 0.45})
+    assert calibrate(score, LADDER, (5, 1000), (0.3, 0.6), refine=2)[:2] == ((7, 1000), 0.45)
+    assert calls == [(5, 1000), (10, 1000), (7, 1000)]
+
+
+def test_between_neighbouring_demo_counts_the_stronger_count_trains_shorter():
+    # window-open: 2 demos 0.88, 1 demo 0.25 -> 2 demos at 500 steps (still above), then at 250 (in the band)
+    table = {(5, 1000): 1.0, (2, 1000): 0.88, (1, 1000): 0.25, (2, 500): 0.7, (2, 250): 0.5}
+    score, calls = scorer(table)
+    assert calibrate(score, LADDER, (5, 1000), (0.3, 0.6), refine=2)[:2] == ((2, 250), 0.5)
+    assert calls[3:] == [(2, 500), (2, 250)]
+
+
+def test_an_exhausted_refinement_keeps_the_best_rung_at_or_below_the_top():
+    table = {(5, 1000): 0.17, (10, 1000): 0.61, (7, 1000): 0.2, (8, 1000): 0.7}
+    score, calls = scorer(table)
+    assert calibrate(score, LADDER, (5, 1000), (0.3, 0.6), refine=2)[:2] == ((7, 1000), 0.2)
+    assert calls == [(5, 1000), (10, 1000), (7, 1000), (8, 1000)]
+    score, calls = scorer({(5, 1000): 0.17, (10, 1000): 0.61, (7, 1000): 0.25, (8, 1000): 0.9})
+    assert calibrate(score, LADDER, (5, 1000), (0.3, 0.6), refine=1)[:2] == ((7, 1000), 0.25) and len(calls) == 3
+
+
+def test_between_picks_a_rung_strictly_inside_or_none():
+    assert between((5, 1000), (10, 1000)) == (7, 1000)
+    assert between((1, 1000), (2, 1000)) == (2, 500)
+    assert between((1, 500), (1, 1000)) == (1, 750)
+    assert between((2, 250), (2, 251)) is None
+    assert between((40, 1000), (40, 2000)) == (40, 1500)
+    assert between((1, 100), (2, 100), min_steps=60) is None

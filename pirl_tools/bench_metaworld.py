@@ -88,8 +88,8 @@ class BenchMetaWorldConfig:
     # the defaults; peg-insert-side stays at 0.04 with 40 demos at 1000 steps)
     max_sft_steps: int = 4000
     # more SFT trainings the calibration may spend between two neighbouring rungs that straddle the band (demo
-    # count halfway, or the stronger count at half its steps: pick-place 5 demos 0.17, 10 demos 0.61); 0: keep the
-    # rung below the band
+    # count halfway, or the stronger count at half its steps: pick-place 5 demos 0.17, 10 demos 0.61); 0: no
+    # bisection. Either way the best rung tried at or below the band's top is kept
     sft_refine: int = 2
     # std of the Gaussian noise added to the expert's actions (action units; actions are in [-1, 1])
     demo_noise: float = 0.1

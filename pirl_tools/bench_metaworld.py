@@ -275,8 +275,8 @@ def _few_shot_sft(cfg: BenchMetaWorldConfig, out: Path, task: str, seed: int, kw
     if saved.is_file():
         info = json.loads(saved.read_text())
         same = info["band"] == list(band) and info["ladder"] == [list(r) for r in ladder]
-        same = same and info.get("sft_refine", 0) == cfg.sft_refine  # files from before refinement: 0
-        if same and info.get("start_states", 0) == cfg.start_states:
+        # files from before start states or refinement lack them: 0
+        if same and (info.get("start_states", 0), info.get("sft_refine", 0)) == (cfg.start_states, cfg.sft_refine):
             print(f"[sft] {task}: reusing the calibrated SFT in {saved} ({info['num_demos']} demos)")
             kept = ("num_demos", "sft_steps", "start_states", "sft_calibration", "sft_seconds")
             return out / info["checkpoint"], {k: info[k] for k in kept}

@@ -62,8 +62,11 @@ class BenchMetaWorldConfig:
     # RL methods to run per task: flow_noise and flow_sde (PI-RL: PPO on the flow policy with that sampler), and
     # noise_q_action (the SFT flow policy frozen; a chunk critic and a steering head over its initial noise, off-policy)
     noise_method: list[str] = field(default_factory=lambda: ["flow_noise", "flow_sde"])
-    # seeds: each gets its own demos, SFT and RL runs
+    # seeds: each gets its own demos, SFT and RL runs (unless sft_seed is set)
     seeds: list[int] = field(default_factory=lambda: [0])
+    # every seed's RL starts from this seed's demos and SFT (so seeds differ in RL alone: its spread, with the SFT
+    # held fixed); None: each seed records its own demos and calibrates its own SFT
+    sft_seed: int | None = None
     # steps before an episode is truncated (the scripted experts solve MT10 well inside 150; MetaWorld's own
     # limit is 500)
     max_episode_steps: int = 150
@@ -178,12 +181,13 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
             "variants": cfg.variants,
         }
         kwargs = sim_env_kwargs(GYM_ID, extra=extra)
-        if (task, seed) not in sfts:
-            where = out / "sft" / f"{task}-seed{seed}"
-            ckpt, sft_info = _few_shot_sft(cfg, where, task, seed, kwargs)
+        sft_seed = seed if cfg.sft_seed is None else cfg.sft_seed
+        if (task, sft_seed) not in sfts:
+            where = out / "sft" / f"{task}-seed{sft_seed}"
+            ckpt, sft_info = _few_shot_sft(cfg, where, task, sft_seed, kwargs)
             by_noise = _sft_success_by_noise_std(cfg, ckpt, kwargs, where / "success_by_noise_std.json")
-            sfts[(task, seed)] = ckpt, {**sft_info, "sft_success_by_noise_std": by_noise}
-        ckpt, sft_info = sfts[(task, seed)]
+            sfts[(task, sft_seed)] = ckpt, {**sft_info, "sft_success_by_noise_std": by_noise}
+        ckpt, sft_info = sfts[(task, sft_seed)]
         sampler, algorithm = METHODS[method]
         policy, pre, post = load_policy(ckpt, noise_method=sampler)
         print(f"[{i}/{len(grid)}] {task} {method} seed={seed}: RL for at most {cfg.time_limit:.0f}s")
@@ -206,6 +210,8 @@ def run(cfg: BenchMetaWorldConfig, command: str) -> int:
                 "task": task,
                 "noise_method": method,
                 "seed": seed,
+                # the seed whose demos and SFT this run started from
+                "sft_seed": sft_seed,
                 # the algorithm settings beyond the built-in task preset this run had
                 "algorithm": {"actor_lr": cfg.actor_lr, **algorithm},
                 "sft_success": res.sft_success,
@@ -367,6 +373,7 @@ def _result(cfg: BenchMetaWorldConfig, command: str, runs: list[dict]) -> dict:
                 "min_sft_steps",
                 "max_sft_steps",
                 "sft_refine",
+                "sft_seed",
                 "demo_noise",
                 "start_states",
                 "sft_steps",

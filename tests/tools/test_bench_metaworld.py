@@ -90,6 +90,17 @@ def test_a_tiny_metaworld_benchmark_writes_its_results_and_resumes(tmp_path, cap
     # the same command again: the run is in metaworld.json, nothing is run twice
     assert run(cfg, "pirl-bench metaworld (test)") == 0
     assert "in " in capsys.readouterr().out and len(json.loads((out / "metaworld.json").read_text())["runs"]) == 2
+    # a second RL seed from seed 0's demos and SFT (--sft_seed=0): nothing recorded or trained again, and the run
+    # says which SFT it started from
+    steer_only = [a for a in TINY if not a.startswith("--noise_method")] + ["--noise_method=[noise_q_action]"]
+    args = [f"--out={out}", *steer_only, "--seeds=[1]", "--sft_seed=0"]
+    cfg = parse_config(BenchMetaWorldConfig, prog="pirl-bench metaworld", args=args)
+    assert run(cfg, "pirl-bench metaworld (test)") == 0
+    assert "reusing the calibrated SFT" in capsys.readouterr().out
+    runs = json.loads((out / "metaworld.json").read_text())["runs"]
+    assert [(x["seed"], x["sft_seed"]) for x in runs] == [(0, 0), (0, 0), (1, 0)]
+    assert runs[2]["sft_success"] == steered["sft_success"] and runs[2]["num_demos"] == steered["num_demos"]
+    assert not (out / "sft" / "reach-v3-seed1").exists()
 
 
 @pytest.mark.parametrize(

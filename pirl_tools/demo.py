@@ -9,7 +9,7 @@ layer, recording the session as a LeRobotDataset; the unpaced edge and the learn
 same task's batched twin (``--control.env=pirl_sim``). The SFT demos are the robot's scripted expert. With
 ``--operator=scripted`` a scripted person labels the robot's episodes and takes over when its policy drifts
 (docs/people_in_the_loop.md), and the learner runs a method of ``pirl-bench robot`` (``--method``; by default
-the one that reaches 0.9 soonest there, ``noise_q_action``) on that one robot's episodes, with no simulation
+the one that reaches 0.9 soonest there, ``noise_q_action_fast``) on that one robot's episodes, with no simulation
 farm: learning from few episodes, end to end.
 
 1. few-shot SFT: scripted demonstrations -> LeRobotDataset -> LeRobot's training loop (reused when
@@ -59,7 +59,7 @@ from pirl_tools.processes import Interrupted, Procs, Signals, bin_path, free_por
 ROBOTS = ("robot-0", "robot-1")
 # what --operator=scripted runs without --method: the method of `pirl-bench robot` that reaches 0.9 soonest there
 # (BENCHMARKS.md, "On the robot's terms")
-OPERATOR_METHOD = "noise_q_action"
+OPERATOR_METHOD = "noise_q_action_fast"
 
 
 def _pct(xs, q):
@@ -457,8 +457,9 @@ class DemoConfig:
     # scripted expert teleoperator when the policy drifts. None: the robot judges its own episodes
     operator: str | None = None
     # --robot=sim: a method of `pirl-bench robot` (METHODS in pirl_tools/bench_robot.py: its learner and edge
-    # settings replace --episodes_per_update, --eval_every and --actor_lr). Default: noise_q_action with
-    # --operator=scripted (the bench's best: off-policy noise steering with a chunk critic; the person labels),
+    # settings replace --episodes_per_update, --eval_every and --actor_lr). Default: noise_q_action_fast with
+    # --operator=scripted (the bench's best: off-policy noise steering with a chunk critic, its head's lr at 1e-3;
+    # the person labels),
     # else none: the demo's PPO
     method: str | None = None
     # --robot=sim: side of the robot's square camera image, pixels (rendered, recorded, not read by the policy)

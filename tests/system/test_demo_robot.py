@@ -2,7 +2,7 @@
 learner evaluating on its batched twin, a paced edge on the simulated robot (camera rendered and
 recorded) and an unpaced simulated edge; demo.json carries the robot's figures and its session dataset
 loads; and with a scripted person labelling and taking over (--operator=scripted: pirl-bench robot's
-best method, noise_q_action, on the robot alone). (The full runs and their figures: BENCHMARKS.md.)"""
+best method, noise_q_action_fast, on the robot alone). (The full runs and their figures: BENCHMARKS.md.)"""
 
 from __future__ import annotations
 

@@ -58,7 +58,7 @@ from pirl_tools.processes import Interrupted, Procs, Signals, bin_path, free_por
 
 ROBOTS = ("robot-0", "robot-1")
 # what --operator=scripted runs without --method: the method of `pirl-bench robot` that reaches 0.9 soonest there
-# (BENCHMARKS.md, "On the robot's terms")
+# (BENCHMARKS.md, "A faster steering head")
 OPERATOR_METHOD = "noise_q_action_fast"
 
 

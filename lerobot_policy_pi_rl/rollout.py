@@ -303,15 +303,31 @@ def evaluate_success(runner: PolicyRunner, env, *, episodes: int, seed: int) -> 
     The episodes (reset seeds) and the ODE's initial noise are both fixed by ``seed``, so the same
     policy always gets the same score and two policies are compared on the same episodes.
     """
-    done, successes, k = 0, 0.0, 0
-    generator = torch.Generator().manual_seed(seed)
+    return float(episode_successes(runner, env, episodes=episodes, seed=seed).float().mean())
+
+
+def episode_successes(
+    runner: PolicyRunner, env, *, episodes: int, seed: int, noise_seed: int | None = None
+) -> torch.Tensor:
+    """``evaluate_success``'s episodes one by one: ``[episodes]`` bool. ``noise_seed`` draws other initial
+    noises for the same episodes (default ``seed``: the evaluation's own)."""
+    done, k, parts = 0, 0, []
+    generator = torch.Generator().manual_seed(seed if noise_seed is None else noise_seed)
     while done < episodes:
         batch = collect_rollouts(runner, env, deterministic=True, seeds=seed + k * env.num_envs, generator=generator)
         take = min(env.num_envs, episodes - done)
-        successes += float(batch.episode_success[:take].float().sum())
+        parts.append(batch.episode_success[:take].bool())
         done += take
         k += 1
-    return successes / episodes
+    return torch.cat(parts)
 
 
-__all__ = ["RolloutBatch", "PolicyRunner", "collect_rollouts", "env_mismatch", "env_task", "evaluate_success"]
+__all__ = [
+    "RolloutBatch",
+    "PolicyRunner",
+    "collect_rollouts",
+    "env_mismatch",
+    "env_task",
+    "episode_successes",
+    "evaluate_success",
+]

@@ -492,6 +492,61 @@ def _sft_success_by_noise_std(ckpt: Path, episodes: int, cache: Path, delay: int
     return scores
 
 
+# random initial-noise draws per evaluation episode for the SFT's noise oracle (_sft_noise_oracle)
+ORACLE_DRAWS = 16
+
+
+def _sft_noise_oracle(ckpt: Path, episodes: int, cache: Path, delay: int) -> dict:
+    """How far steering the frozen SFT policy's initial noise could go, at best, on the learner's evaluation
+    episodes (with the robot's decision delay): each episode run with ORACLE_DRAWS random noises x_1 ~ N(0, I),
+    and the share of episodes at least one draw solves (`any_draw`). A noise-steering method picks one x_1 per
+    chunk from what it has learned, not the best of many per episode in hindsight, so it stays below that; and
+    `failing_at_0.05` counts the episodes the tempered SFT (std 0.05) fails, with how often a random draw solves
+    them (`their_success_per_draw`): what the steering head must find in those states. Cached beside the SFT."""
+    import math
+
+    import lerobot_robot_pirl_sim  # noqa: F401  (registers the pirl_sim vector env)
+    import torch
+
+    from learner.trainer import make_evaluator
+    from lerobot_policy_pi_rl.rollout import PolicyRunner, episode_successes
+    from lerobot_policy_pi_rl.sft import load_policy
+
+    if cache.is_file():
+        saved = json.loads(cache.read_text())
+        if saved.get("eval_episodes") == episodes and saved.get("obs_delay_ticks") == delay:
+            return saved
+    policy, pre, post = load_policy(ckpt, noise_method="noise_steer")
+    evaluate = make_evaluator(
+        pre, post, episodes, policy_config=policy.config, env_name="pirl_sim", env_kwargs={"obs_delay_ticks": delay}
+    )
+    env, seed = evaluate.env, 1_000_000  # make_evaluator's episodes
+    runner = PolicyRunner.for_env(policy, pre, post, env)
+
+    def at(std: float, noise_seed: int) -> torch.Tensor:
+        with torch.no_grad():
+            policy.steer_head.log_std.fill_(math.log(std))
+            return episode_successes(runner, env, episodes=episodes, seed=seed, noise_seed=noise_seed)
+
+    tempered = at(0.05, seed)
+    draws = torch.stack([at(1.0, seed + 1 + k) for k in range(ORACLE_DRAWS)]).float()
+    env.close()
+    failing = ~tempered
+    result = {
+        "eval_episodes": episodes,
+        "obs_delay_ticks": delay,
+        "draws": ORACLE_DRAWS,
+        "success_per_draw": round(float(draws.mean()), 4),
+        "any_draw": round(float(draws.max(dim=0).values.mean()), 4),
+        "tempered_success": round(float(tempered.float().mean()), 4),
+        "failing_at_0.05": int(failing.sum()),
+        "their_success_per_draw": round(float(draws[:, failing].mean()), 4) if failing.any() else None,
+        "their_any_draw": round(float(draws[:, failing].max(dim=0).values.mean()), 4) if failing.any() else None,
+    }
+    write_json(cache, result)
+    return result
+
+
 def run(cfg: BenchRobotConfig, command: str) -> int:
     from lerobot_policy_pi_rl.presets import builtin_policy_overrides
     from pirl.security import make_dev_pki
@@ -512,6 +567,12 @@ def run(cfg: BenchRobotConfig, command: str) -> int:
     pki = make_dev_pki(out / "certs", [ROBOT_ID])
     by_noise = _sft_success_by_noise_std(
         ckpt, cfg.eval_episodes, out / "sft" / "success_by_noise_std.json", cfg.decision_delay_ticks
+    )
+    oracle = _sft_noise_oracle(ckpt, cfg.eval_episodes, out / "sft" / "noise_oracle.json", cfg.decision_delay_ticks)
+    print(
+        f"   SFT noise oracle: {oracle['any_draw']} of the evaluation episodes solved by at least one of "
+        f"{oracle['draws']} random initial noises (one draw: {oracle['success_per_draw']})",
+        flush=True,
     )
     print(f"   SFT success by the std of its initial noise x_1 (1: as trained): {by_noise}", flush=True)
     runs = []
@@ -534,6 +595,7 @@ def run(cfg: BenchRobotConfig, command: str) -> int:
                     "machine": f"{platform.machine()} {platform.processor()}, Python {platform.python_version()}",
                     "date": time.strftime("%Y-%m-%d"),
                     "sft_success_by_noise_std": by_noise,
+                    "sft_noise_oracle": oracle,
                     "runs": runs,
                 }
                 write_json(out / "robot.json", report)

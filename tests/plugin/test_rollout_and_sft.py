@@ -11,7 +11,7 @@ import torch
 
 from helpers.policy import builtin_policy
 from lerobot_policy_pi_rl.envs.reach_grasp import ReachGraspVecEnv
-from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, evaluate_success
+from lerobot_policy_pi_rl.rollout import PolicyRunner, collect_rollouts, episode_successes, evaluate_success
 from lerobot_policy_pi_rl.sft import REPO_ID, SFTSettings, load_policy, record_demos, train_sft
 
 
@@ -58,6 +58,10 @@ def test_deterministic_evaluation_is_repeatable():
     assert (a.stochastic.sum() == 0) and torch.all(a.log_probs == 0)
     rate = evaluate_success(runner, env, episodes=15, seed=0)
     assert rate == evaluate_success(runner, env, episodes=15, seed=0) and 0.0 <= rate <= 1.0
+    # the same episodes one by one; another noise seed runs the same resets from other initial noises
+    each = episode_successes(runner, env, episodes=15, seed=0)
+    assert each.shape == (15,) and each.dtype == torch.bool and float(each.float().mean()) == rate
+    assert torch.equal(each, episode_successes(runner, env, episodes=15, seed=0, noise_seed=0))
 
 
 def test_deterministic_evaluation_sees_the_same_noise_whatever_the_training_sampler():

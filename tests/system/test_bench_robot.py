@@ -94,3 +94,51 @@ def test_the_sft_scores_by_noise_std_are_cached_per_evaluation_episodes_and_dela
     delays.append(2)  # the same episodes with another decision delay: scored again
     _sft_success_by_noise_std(tmp_path, 50, cache, 2)
     assert len(scored) == 3 * len(NOISE_STDS)
+
+
+def test_the_noise_oracle_counts_episodes_some_random_noise_solves(tmp_path, monkeypatch):
+    """The SFT's noise oracle runs the same evaluation episodes once at std 0.05 and ORACLE_DRAWS times with other
+    random noises at std 1, and reports per episode: solved by any draw, and how the draws do on the episodes the
+    tempered run fails. Cached per evaluation episodes and delay."""
+    import math
+
+    import torch
+
+    import learner.trainer
+    import lerobot_policy_pi_rl.rollout
+    import lerobot_policy_pi_rl.sft
+    from helpers.policy import builtin_policy
+    from pirl_tools.bench_robot import ORACLE_DRAWS, _sft_noise_oracle
+
+    calls = []
+
+    def make_evaluator(pre, post, episodes, **kw):
+        assert kw["env_name"] == "pirl_sim" and kw["env_kwargs"] == {"obs_delay_ticks": 1}
+        evaluate = lambda policy: None  # noqa: E731  (only its env is used)
+        evaluate.env = type("Env", (), {"close": lambda self: None, "num_envs": 10})()
+        return evaluate
+
+    def episode_successes(runner, env, *, episodes, seed, noise_seed=None):
+        std = math.exp(float(policy.steer_head.log_std.mean()))
+        calls.append((round(std, 2), noise_seed))
+        j = torch.arange(episodes)
+        if std < 0.5:  # tempered: the first 90% of the episodes succeed
+            return j < int(0.9 * episodes)
+        k = noise_seed - seed - 1  # draw k solves every episode j with (j + k) % 8 == 0, and episode 0 always
+        return ((j + k) % 8 == 0) | (j == 0)
+
+    policy = builtin_policy(0, noise_method="noise_steer")[0]
+    monkeypatch.setattr(lerobot_policy_pi_rl.sft, "load_policy", lambda *a, **kw: (policy, None, None))
+    monkeypatch.setattr(learner.trainer, "make_evaluator", make_evaluator)
+    monkeypatch.setattr(lerobot_policy_pi_rl.rollout.PolicyRunner, "for_env", staticmethod(lambda *a: None))
+    monkeypatch.setattr(lerobot_policy_pi_rl.rollout, "episode_successes", episode_successes)
+    cache = tmp_path / "noise_oracle.json"
+    got = _sft_noise_oracle(tmp_path, 80, cache, 1)
+    # one tempered run on the evaluation's own noise, then ORACLE_DRAWS draws with other noises, all at std 1
+    assert calls[0] == (0.05, 1_000_000) and len(calls) == 1 + ORACLE_DRAWS
+    assert {c[0] for c in calls[1:]} == {1.0} and len({c[1] for c in calls}) == len(calls)
+    assert got["tempered_success"] == 0.9 and got["failing_at_0.05"] == 8
+    assert got["any_draw"] == 1.0  # 16 draws cover every residue mod 8
+    assert got["success_per_draw"] == pytest.approx((2 * 10 + 14 * 11) / (16 * 80), abs=1e-4)
+    assert got["their_any_draw"] == 1.0 and got["their_success_per_draw"] == 0.125
+    assert _sft_noise_oracle(tmp_path, 80, cache, 1) == got and len(calls) == 1 + ORACLE_DRAWS  # cached

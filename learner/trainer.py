@@ -502,7 +502,7 @@ def make_evaluator(
                 PolicyRunner.for_env(policy, preprocessor, postprocessor, env), env, episodes=episodes, seed=seed
             )
 
-    evaluate.env = env
+    evaluate.env, evaluate.seed = env, seed  # what it runs on: its env, and the seed of its episodes and noise
     return evaluate
 
 

@@ -520,7 +520,7 @@ def _sft_noise_oracle(ckpt: Path, episodes: int, cache: Path, delay: int) -> dic
     evaluate = make_evaluator(
         pre, post, episodes, policy_config=policy.config, env_name="pirl_sim", env_kwargs={"obs_delay_ticks": delay}
     )
-    env, seed = evaluate.env, 1_000_000  # make_evaluator's episodes
+    env, seed = evaluate.env, evaluate.seed  # the learner's evaluation episodes
     runner = PolicyRunner.for_env(policy, pre, post, env)
 
     def at(std: float, noise_seed: int) -> torch.Tensor:

@@ -116,6 +116,7 @@ def test_the_noise_oracle_counts_episodes_some_random_noise_solves(tmp_path, mon
         assert kw["env_name"] == "pirl_sim" and kw["env_kwargs"] == {"obs_delay_ticks": 1}
         evaluate = lambda policy: None  # noqa: E731  (only its env is used)
         evaluate.env = type("Env", (), {"close": lambda self: None, "num_envs": 10})()
+        evaluate.seed = 1_000_000
         return evaluate
 
     def episode_successes(runner, env, *, episodes, seed, noise_seed=None):

@@ -28,6 +28,11 @@ with TLS. There is no vector of simulated envs: every episode the learner trains
   by as much (``obs_delay_ticks``). A twin without the delay scores a policy in conditions it never acts in.
   The robot's safety layer is bounded to its workspace (``--safety.action_min/max``), which is all the twin
   clips to.
+- ``--runtime=twin`` runs a method's learner settings in ONE process instead (``run_pirl``: its episodes per
+  update as that many copies of the robot's delayed twin, stepped together; no edge, no network, no person,
+  the twin's own verdict ends each attempt), scored by the same evaluation: a control that shows what the robot
+  runtime costs a method. Only methods the in-process loop can run (no takeovers, no BC data, no offline
+  demos); such a run is named ``<method> (twin)``.
 
 Writes DIR/robot.json (``runs``: method, seed, sft_success, final_success, episodes_to_target,
 robot_seconds_to_target (null where a run never got there), interventions, curve; ``target``; the machine)
@@ -201,6 +206,33 @@ METHODS: dict[str, dict] = {
 
 # who judges an attempt, and what a run's directory and method name get appended for it (operator: nothing)
 OUTCOMES = {"operator": "", "detector": "detector", "robot": "robot verdict"}
+RUNTIMES = ("robot", "twin")
+# learner flags the in-process loop (runtime=twin) takes: these two become its settings, algorithm.* its algorithm's
+TWIN_LEARNER_FLAGS = ("trainer.episodes_per_update", "trainer.eval_every")
+
+
+def twin_settings(method: str) -> tuple[str | None, dict, int, int]:
+    """What a method's learner settings are in the in-process loop (runtime=twin): (noise_method, algorithm
+    overrides, episodes per update, evaluate every this many updates). ValueError for a method it cannot run as
+    the robot does: one with takeovers, BC data or offline demos, which only the learner service gets."""
+    spec = METHODS[method]
+    learner = spec["learner"]
+    if spec["interventions"]:
+        raise ValueError(f"{method}: takeovers need the robot (runtime=robot)")
+    others = [
+        k for k in learner if k not in TWIN_LEARNER_FLAGS and k != "noise_method" and not k.startswith("algorithm.")
+    ]
+    if others:
+        raise ValueError(f"{method}: the in-process loop has no {', '.join(others)} (runtime=robot)")
+    if offline_demo_flags(spec, Path(".")) or float(learner.get("algorithm.bc_coef", 0)) > 0:
+        raise ValueError(f"{method}: the in-process loop has no BC data or offline demos (runtime=robot)")
+    algorithm = {k.removeprefix("algorithm."): v for k, v in learner.items() if k.startswith("algorithm.")}
+    return (
+        learner.get("noise_method"),
+        algorithm,
+        int(learner["trainer.episodes_per_update"]),
+        int(learner["trainer.eval_every"]),
+    )
 
 
 @dataclass
@@ -245,6 +277,10 @@ class BenchRobotConfig:
     outcome: str = "operator"
     # a pirl-success train output (outcome=detector), trained on the simulated robot's 64x64 `front` camera
     detector_path: str | None = None
+    # where each run happens: 'robot' (pirl-learner and one pirl-edge driving the simulated robot, as processes) or
+    # 'twin' (the method's learner settings in one process on copies of the robot's delayed twin, run_pirl, on one
+    # CPU thread: no edge, no network, no person; the twin's verdict ends each attempt, so outcome is not used)
+    runtime: str = "robot"
 
     def __post_init__(self):
         unknown = [m for m in self.methods if m not in METHODS]
@@ -266,6 +302,16 @@ class BenchRobotConfig:
             raise ValueError(f"outcome: must be one of {list(OUTCOMES)} (got {self.outcome!r})")
         if (self.outcome == "detector") != (self.detector_path is not None):
             raise ValueError("detector_path: give it exactly when outcome=detector (a pirl-success train output)")
+        if self.runtime not in RUNTIMES:
+            raise ValueError(f"runtime: must be one of {list(RUNTIMES)} (got {self.runtime!r})")
+        if self.runtime == "twin":
+            if self.outcome != "operator":
+                raise ValueError(f"outcome={self.outcome}: runtime=twin has no person or detector (the twin judges)")
+            for method in self.methods:
+                try:
+                    twin_settings(method)
+                except ValueError as e:
+                    raise ValueError(f"methods: runtime=twin cannot run {e}") from None
 
 
 def _scrape(port: int) -> dict[str, float]:
@@ -372,8 +418,8 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
             "--episode.start=delay",
             "--episode.start_delay_s=0",
             f"--episode.outcome={cfg.outcome}",
-            # 60 ticks (2.4 s of robot time): the robot's own 50-step limit ends an attempt that never closes the
-            # gripper; this ends one whose close nobody judged (a detector that does not fire)
+            # 60 ticks (2.4 s of robot time): the robot's own step limit (max_episode_steps, 60 as the twin's) ends
+            # an attempt that never closes the gripper; this ends one whose close nobody judged (a silent detector)
             f"--episode.time_limit_s={60 / (ROBOT_HZ * cfg.speedup)}",
             f"--safety.estop_port={operator_port}",
             "--dataset.enabled=false",
@@ -449,6 +495,7 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
     return {
         "method": method if cfg.outcome == "operator" else f"{method} ({OUTCOMES[cfg.outcome]})",
         "about": spec["about"],
+        "runtime": "robot",
         "outcome": cfg.outcome,
         "seed": seed,
         "decision_delay_ticks": cfg.decision_delay_ticks,
@@ -463,6 +510,91 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
         "labels": edge_stats.get("labels"),
         # ticks the robot held because a chunk came late (its twin never holds)
         "deadline_misses": edge_stats.get("deadline_misses"),
+        "wall_s": round(time.monotonic() - started, 1),
+        "curve": curve,
+    }
+
+
+def _run_twin(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path) -> dict:
+    """One (method, seed) run in one process (runtime=twin): run_pirl with the method's learner settings from the
+    same SFT, on its episodes per update as copies of the robot's twin with the robot's decision delay, scored by
+    the same evaluation as the learner's (its episodes, its noise); the result in the robot runs' shape.
+    Episodes and robot-time are the twin's: every episode counted, env steps / 25 Hz."""
+    import math
+
+    import lerobot_robot_pirl_sim  # noqa: F401  (registers the pirl_sim vector env)
+    import torch
+
+    from lerobot_policy_pi_rl.learn import LearnSettings, run_pirl
+    from lerobot_policy_pi_rl.presets import builtin_task_algorithm_config
+    from lerobot_policy_pi_rl.sft import load_policy
+
+    noise_method, algorithm, per_update, eval_every = twin_settings(method)
+    out = Path(cfg.out) / f"{method}-s{seed}-twin"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    # one thread: the figures do not depend on the machine's core count, and runs pinned side by side (taskset)
+    # do not contend; the learner service's own threads are not what this compares
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    started = time.monotonic()
+    try:
+        policy, pre, post = load_policy(ckpt, **({"noise_method": noise_method} if noise_method else {}))
+        settings = LearnSettings(
+            iterations=math.ceil(cfg.max_episodes / per_update),
+            num_envs=per_update,
+            eval_every=eval_every,
+            eval_episodes=cfg.eval_episodes,
+            seed=seed,
+            target_success=cfg.target,
+            time_limit_s=cfg.max_run_s,
+            env="pirl_sim",
+            env_kwargs={"obs_delay_ticks": cfg.decision_delay_ticks},
+        )
+        result = run_pirl(
+            policy,
+            pre,
+            post,
+            builtin_task_algorithm_config(**algorithm),
+            settings,
+            progress=lambda line: print(f"  [{method} (twin) s{seed}]{line}", flush=True),
+        )
+    finally:
+        torch.set_num_threads(threads)
+    write_json(out / "history.json", result.history)
+    curve = [{"version": 0, "success": result.sft_success, "robot_success": None, "episodes": 0, "robot_seconds": 0.0}]
+    rollouts: list[float] = []  # the rollouts' own success since the last evaluation (the robot's robot_success)
+    for row in result.history:
+        rollouts.append(row["rollout_success"])
+        if "eval_success" in row:
+            curve.append(
+                {
+                    "version": row["update"],
+                    "success": row["eval_success"],
+                    "robot_success": round(sum(rollouts) / len(rollouts), 3),
+                    "episodes": row["update"] * per_update,
+                    "robot_seconds": round(row["env_steps"] / ROBOT_HZ, 1),
+                }
+            )
+            rollouts = []
+    reached = next((c for c in curve if c["success"] >= cfg.target), None)
+    return {
+        "method": f"{method} (twin)",
+        "about": METHODS[method]["about"],
+        "runtime": "twin",
+        "outcome": "twin",
+        "seed": seed,
+        "decision_delay_ticks": cfg.decision_delay_ticks,
+        "sft_success": result.sft_success,
+        "final_success": result.final_success,
+        "best_success": result.best_success,
+        "episodes_to_target": reached["episodes"] if reached else None,
+        "robot_seconds_to_target": reached["robot_seconds"] if reached else None,
+        "interventions": 0,
+        "episodes": result.updates * per_update,
+        "robot_seconds": round(result.env_steps / ROBOT_HZ, 1),
+        "labels": None,
+        "deadline_misses": None,
         "wall_s": round(time.monotonic() - started, 1),
         "curve": curve,
     }
@@ -564,7 +696,7 @@ def run(cfg: BenchRobotConfig, command: str) -> int:
         policy_overrides=builtin_policy_overrides("mlp"),
         task="sim",
     )
-    pki = make_dev_pki(out / "certs", [ROBOT_ID])
+    pki = make_dev_pki(out / "certs", [ROBOT_ID]) if cfg.runtime == "robot" else None
     by_noise = _sft_success_by_noise_std(
         ckpt, cfg.eval_episodes, out / "sft" / "success_by_noise_std.json", cfg.decision_delay_ticks
     )
@@ -579,8 +711,12 @@ def run(cfg: BenchRobotConfig, command: str) -> int:
     with Signals("pirl-bench robot") as signals:
         for method in cfg.methods:
             for seed in cfg.seeds:
-                print(f"== {method} (seed {seed}): {METHODS[method]['about']}", flush=True)
-                runs.append(_run(cfg, method, seed, ckpt, out / "sft" / "data", pki, signals))
+                where = "" if cfg.runtime == "robot" else ", in one process on the robot's twin"
+                print(f"== {method} (seed {seed}{where}): {METHODS[method]['about']}", flush=True)
+                if cfg.runtime == "twin":
+                    runs.append(_run_twin(cfg, method, seed, ckpt))
+                else:
+                    runs.append(_run(cfg, method, seed, ckpt, out / "sft" / "data", pki, signals))
                 r = runs[-1]
                 print(
                     f"   {method} s{seed}: SFT {r['sft_success']} -> {r['final_success']} after {r['episodes']} "
@@ -606,7 +742,9 @@ def run(cfg: BenchRobotConfig, command: str) -> int:
             for r in runs
             if r["curve"]
         ],
-        f"pirl-bench robot: one simulated robot, scripted operator (target {cfg.target})",
+        f"pirl-bench robot: one simulated robot, scripted operator (target {cfg.target})"
+        if cfg.runtime == "robot"
+        else f"pirl-bench robot --runtime=twin: in one process on the robot's twin (target {cfg.target})",
         xlabel="robot episodes",
         target=cfg.target,
     )

@@ -143,3 +143,82 @@ def test_the_noise_oracle_counts_episodes_some_random_noise_solves(tmp_path, mon
     assert got["success_per_draw"] == pytest.approx((2 * 10 + 14 * 11) / (16 * 80), abs=1e-4)
     assert got["their_any_draw"] == 1.0 and got["their_success_per_draw"] == 0.125
     assert _sft_noise_oracle(tmp_path, 80, cache, 1) == got and len(calls) == 1 + ORACLE_DRAWS  # cached
+
+
+def test_twin_runtime_refuses_what_only_the_robot_has_in_one_line():
+    p = subprocess.run([*BENCH, "--runtime=twin", "--methods=[interventions_bc]"], capture_output=True, text=True)
+    assert p.returncode == 2
+    last = p.stderr.strip().splitlines()[-1]
+    assert (
+        last
+        == "pirl-bench robot: error: methods: runtime=twin cannot run interventions_bc: takeovers need the robot (runtime=robot)"
+    ), last
+    p = subprocess.run([*BENCH, "--runtime=twin", "--outcome=robot"], capture_output=True, text=True)
+    assert p.returncode == 2 and "runtime=twin has no person or detector" in p.stderr.strip().splitlines()[-1]
+    p = subprocess.run([*BENCH, "--runtime=process"], capture_output=True, text=True)
+    assert p.returncode == 2 and "runtime: must be one of ['robot', 'twin']" in p.stderr.strip().splitlines()[-1]
+
+
+def test_twin_settings_are_the_methods_learner_settings():
+    """runtime=twin runs exactly the flags the learner would get: episodes per update, evaluation cadence, noise
+    method and every algorithm.* value; methods with BC data, offline demos or takeovers are refused."""
+    from pirl_tools.bench_robot import METHODS, twin_settings
+
+    noise_method, algorithm, per_update, eval_every = twin_settings("noise_q_action_fast")
+    assert (noise_method, per_update, eval_every) == ("noise_steer", 16, 2)
+    assert algorithm == {
+        k.removeprefix("algorithm."): v
+        for k, v in METHODS["noise_q_action_fast"]["learner"].items()
+        if k.startswith("algorithm.")
+    }
+    assert (
+        algorithm["actor_lr"] == 1e-3 and algorithm["steer_update"] == "q" and algorithm["q_critic_input"] == "action"
+    )
+    assert twin_settings("baseline") == (None, {"actor_lr": 3e-5}, 128, 1)
+    for method, why in (
+        ("hg_dagger", "takeovers"),
+        ("success_bc", "bc.successes"),
+        ("noise_q_action_demos", "offline demos"),
+    ):
+        with pytest.raises(ValueError, match=why):
+            twin_settings(method)
+
+
+def test_a_twin_run_reports_the_robot_runs_fields(tmp_path, monkeypatch):
+    """A twin run's record has the robot runs' shape: its episodes are its updates x episodes per update, its
+    robot-time the twin's env steps at 25 Hz, robot_success the rollouts' own success since the last evaluation;
+    run_pirl gets the method's settings, the delayed twin and the target."""
+    import lerobot_policy_pi_rl.learn
+    import lerobot_policy_pi_rl.sft
+    from lerobot_policy_pi_rl.learn import LearnResult
+    from pirl_tools.bench_robot import BenchRobotConfig, _run_twin
+
+    seen = {}
+
+    def run_pirl(policy, pre, post, algo, settings, progress=None):
+        seen.update(algo=algo, settings=settings)
+        history = [
+            {"update": 1, "env_steps": 500, "rollout_success": 0.5},
+            {"update": 2, "env_steps": 1000, "rollout_success": 0.7, "eval_success": 0.8},
+            {"update": 3, "env_steps": 1400, "rollout_success": 0.9},
+            {"update": 4, "env_steps": 1800, "rollout_success": 0.8, "eval_success": 0.91},
+        ]
+        return LearnResult(0.6, 0.91, 0.91, 1800, 4, 1.0, [], history)
+
+    monkeypatch.setattr(lerobot_policy_pi_rl.sft, "load_policy", lambda *a, **kw: (kw, None, None))
+    monkeypatch.setattr(lerobot_policy_pi_rl.learn, "run_pirl", run_pirl)
+    cfg = BenchRobotConfig(out=str(tmp_path), runtime="twin", methods=["noise_q_action_fast"], max_episodes=500)
+    run = _run_twin(cfg, "noise_q_action_fast", 3, tmp_path / "sft")
+    s = seen["settings"]
+    assert (s.num_envs, s.eval_every, s.seed, s.iterations, s.target_success) == (16, 2, 3, 32, 0.9)
+    assert s.env == "pirl_sim" and s.env_kwargs == {"obs_delay_ticks": 1}
+    assert seen["algo"].actor_lr == 1e-3 and seen["algo"].steer_update == "q"
+    assert run["method"] == "noise_q_action_fast (twin)" and run["runtime"] == "twin"
+    assert [(c["episodes"], c["success"], c["robot_success"]) for c in run["curve"]] == [
+        (0, 0.6, None),
+        (32, 0.8, 0.6),
+        (64, 0.91, 0.85),
+    ]
+    assert run["episodes_to_target"] == 64 and run["robot_seconds_to_target"] == 72.0
+    assert run["episodes"] == 64 and run["robot_seconds"] == 72.0
+    assert (tmp_path / "noise_q_action_fast-s3-twin" / "history.json").is_file()

@@ -303,7 +303,8 @@ def evaluate_success(runner: PolicyRunner, env, *, episodes: int, seed: int) -> 
     The episodes (reset seeds) and the ODE's initial noise are both fixed by ``seed``, so the same
     policy always gets the same score and two policies are compared on the same episodes.
     """
-    return float(episode_successes(runner, env, episodes=episodes, seed=seed).float().mean())
+    # counted, then divided in float64: a float32 mean makes 180 of 200 0.89999998, below a 0.9 target
+    return int(episode_successes(runner, env, episodes=episodes, seed=seed).sum()) / episodes
 
 
 def episode_successes(

@@ -46,7 +46,7 @@ def state_keys(config) -> list[str]:
     return sorted(k for k, ft in (config.input_features or {}).items() if ft.type in STATE_TYPES)
 
 
-def _centre_and_spread(stats: dict, mode: NormalizationMode) -> tuple[np.ndarray, np.ndarray] | None:
+def centre_and_spread(stats: dict, mode: NormalizationMode) -> tuple[np.ndarray, np.ndarray] | None:
     def get(name):
         return None if name not in stats else np.asarray(stats[name], dtype=np.float64).reshape(-1)
 
@@ -65,7 +65,7 @@ def near_constant_dims(config, stats: dict[str, dict]) -> list[NearConstantDim]:
     for key in state_keys(config):
         ft = config.input_features[key]
         mode = config.normalization_mapping.get(ft.type.value, NormalizationMode.IDENTITY)
-        got = _centre_and_spread(stats.get(key, {}), NormalizationMode(mode))
+        got = centre_and_spread(stats.get(key, {}), NormalizationMode(mode))
         if got is None:
             continue
         centre, spread = got

@@ -492,6 +492,7 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
     signals.raise_if_received()
     reached = next((c for c in curve if c["success"] >= cfg.target), None)
     edge_stats = json.loads((out / "edge_stats.json").read_text()) if (out / "edge_stats.json").is_file() else {}
+    replay = _twin_replay(out / "learner" / "wal", ckpt, cfg.decision_delay_ticks)
     return {
         "method": method if cfg.outcome == "operator" else f"{method} ({OUTCOMES[cfg.outcome]})",
         "about": spec["about"],
@@ -510,9 +511,35 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
         "labels": edge_stats.get("labels"),
         # ticks the robot held because a chunk came late (its twin never holds)
         "deadline_misses": edge_stats.get("deadline_misses"),
+        # the robot's last recorded episodes replayed on the twin (pirl_tools.robot_replay)
+        "twin_replay": replay,
         "wall_s": round(time.monotonic() - started, 1),
         "curve": curve,
     }
+
+
+def _twin_replay(wal: Path, ckpt: Path, delay: int) -> dict:
+    """The robot's episodes still in the learner's write-ahead log, replayed on the twin (pirl_tools.robot_replay):
+    whether the records are what the twin makes of the same start and chunks. Printed; a replay that cannot run
+    (no log left) is reported as such, not raised: the run's own figures stand."""
+    from pirl_tools.robot_replay import OBS_TOLERANCE, replay_on_twin
+
+    try:
+        r = replay_on_twin(wal, ckpt, delay).as_dict()
+    except (OSError, ValueError) as e:
+        print(f"   twin replay of the robot's records: not run ({e})", flush=True)
+        return {"error": str(e)}
+    if not r["episodes"]:
+        print("   twin replay of the robot's records: no complete episode left in the learner's log", flush=True)
+        return r
+    same = r["max_obs_diff"] <= OBS_TOLERANCE
+    print(
+        f"   twin replay of the robot's last {r['episodes']} episodes: observations "
+        f"{'reproduced' if same else 'DIFFER'} (max difference {r['max_obs_diff']}), {r['outcomes_agree']} outcomes "
+        f"agree; {r['steps_after_close']} of {r['macro_steps']} macro-steps ran after the close",
+        flush=True,
+    )
+    return r
 
 
 def _run_twin(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path) -> dict:

@@ -175,3 +175,33 @@ def constant_action_vla(backbone: str, action: list[float], image_shape=(3, 480,
     }
     pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
     return PiRLPolicy(cfg).eval(), pre, post
+
+
+def sim_robot_policy(seed: int = 0, *, gripper_open: bool = False):
+    """(policy, pre, post): a small random policy with the simulated robot's shapes and statistics (pirl_sim:
+    state 5, cube 2, action 3), in eval mode. Its random gripper commands close the gripper early (an episode
+    that terminates); ``gripper_open``: its gripper statistics pin the command at 100 (never closes: every
+    episode runs to the step limit)."""
+    torch.manual_seed(seed)
+    cfg = PiRLConfig(
+        device="cpu",
+        input_features={
+            "observation.state": PolicyFeature(FeatureType.STATE, (5,)),
+            "observation.environment_state": PolicyFeature(FeatureType.ENV, (2,)),
+        },
+        output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))},
+        **SMALL_SIZES,
+    )
+    stats = {
+        "observation.state": {
+            "mean": torch.tensor([0.0, 0.0, 0.0, 0.0, 50.0]),
+            "std": torch.tensor([0.1, 0.1, 0.2, 0.2, 40.0]),
+        },
+        "observation.environment_state": {"mean": torch.zeros(2), "std": torch.full((2,), 0.1)},
+        "action": {
+            "mean": torch.tensor([0.0, 0.0, 100.0 if gripper_open else 50.0]),
+            "std": torch.tensor([0.1, 0.1, 1e-3 if gripper_open else 50.0]),
+        },
+    }
+    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
+    return PiRLPolicy(cfg).eval(), pre, post

@@ -8,13 +8,9 @@ import sys
 
 import numpy as np
 import torch
-from lerobot.configs.types import FeatureType, PolicyFeature
-from lerobot.policies.factory import make_pre_post_processors
 
-from helpers.policy import SMALL_SIZES, save_checkpoint
+from helpers.policy import save_checkpoint, sim_robot_policy
 from learner.wal import encode_entry
-from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfig
-from lerobot_policy_pi_rl.modeling_pi_rl import PiRLPolicy
 from lerobot_policy_pi_rl.rollout import PolicyRunner
 from pirl.codec import to_tensor_msg
 from pirl.v1 import pirl_pb2
@@ -22,27 +18,8 @@ from pirl_tools.robot_replay import OBS_TOLERANCE, replay_on_twin
 
 
 def sim_policy(tmp_path):
-    """A small random policy with the simulated robot's shapes and statistics (state 5, cube 2, action 3), saved."""
-    torch.manual_seed(0)
-    cfg = PiRLConfig(
-        device="cpu",
-        input_features={
-            "observation.state": PolicyFeature(FeatureType.STATE, (5,)),
-            "observation.environment_state": PolicyFeature(FeatureType.ENV, (2,)),
-        },
-        output_features={"action": PolicyFeature(FeatureType.ACTION, (3,))},
-        **SMALL_SIZES,
-    )
-    stats = {
-        "observation.state": {
-            "mean": torch.tensor([0.0, 0.0, 0.0, 0.0, 50.0]),
-            "std": torch.tensor([0.1, 0.1, 0.2, 0.2, 40.0]),
-        },
-        "observation.environment_state": {"mean": torch.zeros(2), "std": torch.full((2,), 0.1)},
-        "action": {"mean": torch.tensor([0.0, 0.0, 50.0]), "std": torch.tensor([0.1, 0.1, 50.0])},
-    }
-    pre, post = make_pre_post_processors(cfg, dataset_stats=stats)
-    policy = PiRLPolicy(cfg).eval()
+    """The simulated robot's small random policy, saved as a robot run's starting checkpoint."""
+    policy, pre, post = sim_robot_policy(0)
     return policy, pre, post, save_checkpoint(tmp_path / "policy", policy, pre, post)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 
 from edge import metrics
 from edge.chunk_schedule import LeadTime
-from edge.records import Decision, Outcome, make_record
+from edge.records import Decision, Outcome, batch_decisions, make_record
 from lerobot_policy_pi_rl.rollout import collect_rollouts
 
 log = logging.getLogger(__name__)
@@ -307,34 +307,8 @@ class UnpacedLoop:
         return self.stats
 
     def _spool(self, batch, version: int, n_exec: int) -> None:
-        T, N = batch.valid.shape
-        final = batch.info["final_observation"]
-        steps = batch.info["step_env_steps"]
-        for j in range(N):
-            episode = uuid.uuid4().hex
-            for t in range(T):
-                if not batch.valid[t, j]:
-                    break
-                d = Decision(
-                    version=version,
-                    observation={k: v[t, j].numpy() for k, v in batch.observations.items()},
-                    chain=batch.chains[t, j].numpy(),
-                    stochastic=batch.stochastic[t, j].numpy(),
-                    noise_level=float(batch.noise_level[t, j]),
-                    log_prob=float(batch.log_probs[t, j]),
-                    value=float(batch.values[t, j]),
-                    actions=np.zeros((n_exec, 0), np.float32),
-                )
-                te, tr = bool(batch.terminated[t, j]), bool(batch.truncated[t, j])
-                o = Outcome(
-                    reward=float(batch.rewards[t, j]),
-                    terminated=te,
-                    truncated=tr,
-                    success=bool(batch.episode_success[j]) and (te or tr),
-                    env_steps=int(steps[t, j]),
-                )
-                if tr:
-                    o.final_observation = {k: v[j].numpy() for k, v in final.items()}
-                self.writer.write(episode, t, d, o)
-            self.stats.episodes += 1
-            self.stats.successes += int(batch.episode_success[j])
+        ids = [uuid.uuid4().hex for _ in range(batch.valid.shape[1])]  # one episode per env of the batch
+        for j, t, d, o in batch_decisions(batch, version, n_exec):
+            self.writer.write(ids[j], t, d, o)
+        self.stats.episodes += len(ids)
+        self.stats.successes += int(batch.episode_success.sum())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -65,6 +66,40 @@ class Outcome:
     # robot mode, when a teleoperator drove any tick of this macro-step: the actions sent ([n, action_dim],
     # robot units) and which ticks the teleoperator drove ([n] bool)
     intervention: tuple[np.ndarray, np.ndarray] | None = field(default=None)
+
+
+def batch_decisions(batch, version: int, n_exec: int) -> Iterator[tuple[int, int, Decision, Outcome]]:
+    """An in-process rollout batch (``lerobot_policy_pi_rl.rollout.RolloutBatch``) as an edge's records: ``(env,
+    macro-step, Decision, Outcome)`` for every valid macro-step, env after env. The simulation farm spools these;
+    the learner's ``episodes_to_batch`` makes the same batch of them (tests/learner/test_records_to_batch.py)."""
+    T, N = batch.valid.shape
+    final = batch.info["final_observation"]
+    steps = batch.info["step_env_steps"]
+    for j in range(N):
+        for t in range(T):
+            if not batch.valid[t, j]:
+                break
+            d = Decision(
+                version=version,
+                observation={k: v[t, j].numpy() for k, v in batch.observations.items()},
+                chain=batch.chains[t, j].numpy(),
+                stochastic=batch.stochastic[t, j].numpy(),
+                noise_level=float(batch.noise_level[t, j]),
+                log_prob=float(batch.log_probs[t, j]),
+                value=float(batch.values[t, j]),
+                actions=np.zeros((n_exec, 0), np.float32),
+            )
+            te, tr = bool(batch.terminated[t, j]), bool(batch.truncated[t, j])
+            o = Outcome(
+                reward=float(batch.rewards[t, j]),
+                terminated=te,
+                truncated=tr,
+                success=bool(batch.episode_success[j]) and (te or tr),
+                env_steps=int(steps[t, j]),
+            )
+            if tr:
+                o.final_observation = {k: v[j].numpy() for k, v in final.items()}
+            yield j, t, d, o
 
 
 def make_record(robot_id: str, seq: int, episode_id: str, step_index: int, d: Decision, o: Outcome) -> bytes:

@@ -1,14 +1,13 @@
 """The learner service trains on what the in-process loop would: an in-process rollout batch, written as an edge
-writes its records (edge.records.make_record) and taken back through the learner's store, comes out of
+writes its records (edge.records.batch_decisions and make_record, as the simulation farm spools them) and taken back through the learner's store, comes out of
 episodes_to_batch as the same batch, field for field; the steered replay a chunk critic fits is the same."""
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 
-from edge.records import Decision, Outcome, make_record
+from edge.records import batch_decisions, make_record
 from helpers.policy import sim_robot_policy
 from learner.store import PolicyShapes, RolloutStore, episodes_to_batch
 from lerobot_policy_pi_rl.noise_critic import return_to_go
@@ -18,37 +17,11 @@ from pirl.v1 import pirl_pb2
 ROBOT = "robot-0"
 
 
-def as_records(batch) -> list[bytes]:
-    """The batch's macro-steps as one robot's records, episode after episode (an edge's Decision and Outcome)."""
-    n = batch.valid.shape[1]
-    last = batch.valid.long().cumsum(0).argmax(0)  # each env's last valid step
-    out, seq = [], 0
-    for j in range(n):
-        for t in range(int(last[j]) + 1):
-            d = Decision(
-                version=0,
-                observation={k: v[t, j].numpy() for k, v in batch.observations.items()},
-                chain=batch.chains[t, j].numpy(),
-                stochastic=batch.stochastic[t, j].numpy(),
-                noise_level=float(batch.noise_level[t, j]),
-                log_prob=float(batch.log_probs[t, j]),
-                value=float(batch.values[t, j]),
-                actions=np.zeros(0),
-            )
-            truncated = bool(batch.truncated[t, j])
-            o = Outcome(
-                reward=float(batch.rewards[t, j]),
-                terminated=bool(batch.terminated[t, j]),
-                truncated=truncated,
-                success=bool(batch.episode_success[j]) and t == int(last[j]),
-                env_steps=int(batch.info["step_env_steps"][t, j]),
-                final_observation={k: v[j].numpy() for k, v in batch.info["final_observation"].items()}
-                if truncated
-                else None,
-            )
-            out.append(make_record(ROBOT, seq, f"ep{j}", t, d, o))
-            seq += 1
-    return out
+def as_records(batch, n_exec: int) -> list[bytes]:
+    """The batch's macro-steps as one robot's records, written the way the edge's simulation farm writes them."""
+    return [
+        make_record(ROBOT, seq, f"ep{j}", t, d, o) for seq, (j, t, d, o) in enumerate(batch_decisions(batch, 0, n_exec))
+    ]
 
 
 @pytest.mark.parametrize("gripper_open", [False, True], ids=["episodes-that-terminate", "episodes-cut-at-the-limit"])
@@ -63,7 +36,7 @@ def test_a_batch_through_records_and_the_store_is_the_in_process_batch(gripper_o
     ends = batch.truncated if gripper_open else batch.terminated
     assert ends.sum() == 16  # each case compares one way an episode ends
     store = RolloutStore(PolicyShapes.from_policy(policy), max_version_lag=1, max_record_bytes=1 << 20)
-    for raw in as_records(batch):
+    for raw in as_records(batch, policy.config.n_action_steps):
         rec = pirl_pb2.RolloutRecord()
         rec.ParseFromString(raw)
         store.add(ROBOT, rec, raw)

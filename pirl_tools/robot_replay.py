@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import sys
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -70,13 +70,7 @@ class ReplayResult:
     macro_steps: int  # macro-steps recorded in those episodes
 
     def as_dict(self) -> dict:
-        return {
-            "episodes": self.episodes,
-            "max_obs_diff": self.max_obs_diff,
-            "outcomes_agree": self.outcomes_agree,
-            "steps_after_close": self.steps_after_close,
-            "macro_steps": self.macro_steps,
-        }
+        return asdict(self)
 
 
 def replay_on_twin(wal: Path, policy_path: Path, obs_delay_ticks: int) -> ReplayResult:

@@ -536,7 +536,7 @@ def _twin_replay(wal: Path, ckpt: Path, delay: int) -> dict:
     print(
         f"   twin replay of the robot's last {r['episodes']} episodes: observations "
         f"{'reproduced' if same else 'DIFFER'} (max difference {r['max_obs_diff']}), {r['outcomes_agree']} outcomes "
-        f"agree; {r['steps_after_close']} of {r['macro_steps']} macro-steps ran after the close",
+        f"agree with the twin's verdict; {r['steps_after_close']} of {r['macro_steps']} macro-steps ran after the close",
         flush=True,
     )
     return r

@@ -53,10 +53,10 @@ def test_a_short_run_with_interventions_writes_robot_json(tmp_path):
     assert run["decision_delay_ticks"] == 1 and run["deadline_misses"] is not None
     assert sum(run["labels"].values()) >= 24 and all(k.startswith(("OPERATOR/", "TIME_LIMIT/")) for k in run["labels"])
     assert (out / "robot.png").is_file()
-    # the robot's records, takeovers included, replayed on the twin: the same observations and outcomes
+    # the robot's records, takeovers included, replayed on the twin: the same observations (the person's labels are
+    # their own judgement, so their agreement with the simulator's verdict is reported, not required)
     replay = run["twin_replay"]
-    assert replay["episodes"] > 0 and replay["outcomes_agree"] == replay["episodes"], replay
-    assert replay["max_obs_diff"] <= 1e-3, replay
+    assert replay["episodes"] > 0 and replay["max_obs_diff"] <= 1e-3 and replay["robot_verdicts_differ"] == 0, replay
     # the learner trained: at least one update after the SFT evaluation, with BC data from the interventions
     logs = (out / "interventions_bc-s0" / "logs" / "learner.log").read_text()
     assert "bc_loss" in logs

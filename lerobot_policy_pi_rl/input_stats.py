@@ -59,13 +59,18 @@ def centre_and_spread(stats: dict, mode: NormalizationMode) -> tuple[np.ndarray,
     return None
 
 
+def input_centre_and_spread(config, stats: dict[str, dict], key: str) -> tuple[np.ndarray, np.ndarray] | None:
+    """The centre and spread the policy's normalisation gives its input ``key`` (its feature type's mode in
+    ``config.normalization_mapping``) from ``stats``; None when the mode or the statistics leave it as it is."""
+    mode = config.normalization_mapping.get(config.input_features[key].type.value, NormalizationMode.IDENTITY)
+    return centre_and_spread(stats.get(key, {}), NormalizationMode(mode))
+
+
 def near_constant_dims(config, stats: dict[str, dict]) -> list[NearConstantDim]:
     """Every state dimension whose spread in ``stats`` is below NEAR_CONSTANT_REL * max(1, |centre|)."""
     found = []
     for key in state_keys(config):
-        ft = config.input_features[key]
-        mode = config.normalization_mapping.get(ft.type.value, NormalizationMode.IDENTITY)
-        got = centre_and_spread(stats.get(key, {}), NormalizationMode(mode))
+        got = input_centre_and_spread(config, stats, key)
         if got is None:
             continue
         centre, spread = got

@@ -52,12 +52,9 @@ def _episodes(wal: Path) -> list[list]:
 
 def _unnormalise(preprocessor, config, key: str, values: np.ndarray) -> np.ndarray:
     """A normalised state input back in the robot's units (the inverse of the pre-processor's normalisation)."""
-    from lerobot.configs.types import NormalizationMode
+    from lerobot_policy_pi_rl.input_stats import input_centre_and_spread, normalizer_stats
 
-    from lerobot_policy_pi_rl.input_stats import centre_and_spread, normalizer_stats
-
-    mode = NormalizationMode(config.normalization_mapping[config.input_features[key].type.value])
-    got = centre_and_spread(normalizer_stats(preprocessor).get(key, {}), mode)
+    got = input_centre_and_spread(config, normalizer_stats(preprocessor), key)
     if got is None:
         raise ValueError(f"the policy's pre-processor has no normalisation statistics for {key}")
     centre, spread = got
@@ -101,8 +98,7 @@ def replay_on_twin(wal: Path, policy_path: Path, obs_delay_ticks: int) -> Replay
         state = _unnormalise(pre, policy.config, "observation.state", first["observation.state"])
         cube = _unnormalise(pre, policy.config, "observation.environment_state", first["observation.environment_state"])
         start = (state[:2].astype(np.float64), cube[:2].astype(np.float64))  # x.pos, y.pos; cube.x, cube.y
-        env.sim.sample_start = lambda rng, start=start: (start[0].copy(), start[1].copy())
-        raw, _ = env.reset(seed=0)
+        raw, _ = env.reset(options={"starts": [start]})
         ended, success = False, False
         for rec in recs:
             steps += 1

@@ -1,7 +1,8 @@
 """``PirlSimVecEnv``: the simulated robot's physics as a batched env for PI-RL rollouts (no rendering).
 
 It follows the project's vector-env protocol (``lerobot_policy_pi_rl.envs``'s docstring; the same as
-``ReachGraspVecEnv``): ``reset(seed=int | sequence | None, options={"reset_mask": ...})``,
+``ReachGraspVecEnv``): ``reset(seed=int | sequence | None, options={"reset_mask": ...})``
+(and ``options={"starts": ...}``: explicit start states, e.g. to replay a recorded episode),
 ``step(actions, active=None)`` with same-step autoreset, ``info["final_obs"]``, ``info["done"]``,
 ``info["is_success"]``. It holds one ``MjData`` per env and steps them in a Python loop over the shared
 ``SimModel`` (one ``mj_step`` call of ``substeps`` steps per env and control step).
@@ -62,6 +63,25 @@ def _reset_targets(
     if len(seeds) != num_envs:
         raise ValueError(f"got {len(seeds)} seeds for {num_envs} envs")
     return mask, seeds
+
+
+def _starts(num_envs: int, options: dict[str, Any] | None) -> list[tuple[np.ndarray, np.ndarray] | None]:
+    """Per-env explicit start ``(ee [2], cube [2])`` from ``options["starts"]``, or None (draw one)."""
+    given = (options or {}).get("starts")
+    if given is None:
+        return [None] * num_envs
+    if len(given) != num_envs:
+        raise ValueError(f"options['starts'] has {len(given)} entries for {num_envs} envs")
+    out: list[tuple[np.ndarray, np.ndarray] | None] = []
+    for i, start in enumerate(given):
+        if start is None:
+            out.append(None)
+            continue
+        ee, cube = (np.asarray(x, dtype=np.float64).reshape(-1) for x in start)
+        if ee.shape != (2,) or cube.shape != (2,):
+            raise ValueError(f"options['starts'][{i}] must be (ee, cube), each an x, y pair; got {start!r}")
+        out.append((ee.copy(), cube.copy()))
+    return out
 
 
 class PirlSimVecEnv:
@@ -149,8 +169,8 @@ class PirlSimVecEnv:
         return gym.spaces.Box(self.action_low, self.action_high, dtype=np.float32)
 
     # ------------------------------------------------------------------ core
-    def _reset_one(self, i: int) -> None:
-        ee, cube = self.sim.sample_start(self._rngs[i])
+    def _reset_one(self, i: int, start: tuple[np.ndarray, np.ndarray] | None = None) -> None:
+        ee, cube = self.sim.sample_start(self._rngs[i]) if start is None else start
         d = self._data[i]
         self.sim.reset(d, ee, cube)
         self.sim.observe(d, out=self._obs[i])
@@ -169,12 +189,17 @@ class PirlSimVecEnv:
     def reset(
         self, seed: int | Sequence[int | None] | None = None, options: dict[str, Any] | None = None
     ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-        """Reset envs (``options["reset_mask"]`` restricts it to some) and return ``(obs, info)``."""
+        """Reset envs (``options["reset_mask"]`` restricts it to some) and return ``(obs, info)``.
+
+        ``options["starts"]``: one start state per env, ``(ee, cube)`` (the end effector's x, y and the cube's
+        x, y, metres; as ``SimModel.sample_start`` draws them) or None to draw it as usual. An explicit start
+        consumes no randomness, so it leaves the env's generator where it was."""
         mask, seeds = _reset_targets(self.num_envs, seed, options)
+        starts = _starts(self.num_envs, options)
         for i in np.flatnonzero(mask):
             if seeds[i] is not None:
                 self._rngs[i] = np.random.default_rng(seeds[i])
-            self._reset_one(int(i))
+            self._reset_one(int(i), starts[i])
         return self._observation(), {"is_success": np.zeros(self.num_envs, dtype=bool)}
 
     def step(

@@ -113,6 +113,21 @@ def test_inactive_envs_are_frozen_and_reset_mask():
     np.testing.assert_array_equal(obs["agent_pos"][2], obs0["agent_pos"][2])  # same seed, same start
 
 
+def test_explicit_starts_put_the_arm_and_the_cube_where_given():
+    env = PirlSimVecEnv(2, seed=5)
+    seeded, _ = env.reset(seed=[11, 12])
+    ee, cube = seeded["agent_pos"][0, :2].astype(np.float64), seeded["environment_state"][0].astype(np.float64)
+    # env 0 from the first env's seeded start, env 1 drawn from its generator (seed 12 again: the same start)
+    obs, _ = env.reset(seed=[None, 12], options={"starts": [(ee, cube), None]})
+    for k in obs:
+        np.testing.assert_array_equal(obs[k], seeded[k])
+    assert obs["agent_pos"][0, 4] == 100.0  # gripper open, at rest
+    with pytest.raises(ValueError, match="2 envs"):
+        env.reset(options={"starts": [(ee, cube)]})
+    with pytest.raises(ValueError, match=r"starts'\]\[1\] must be \(ee, cube\)"):
+        env.reset(options={"starts": [None, (ee, np.zeros(3))]})
+
+
 def test_actions_are_clipped_and_nan_keeps_the_target():
     env = PirlSimVecEnv(2, seed=3, max_steps=100)
     obs, _ = env.reset(seed=3)

@@ -38,6 +38,9 @@ from lerobot_policy_pi_rl.samplers import (
     stochastic_step_mask,
 )
 
+# the seed of a fresh steering head's initial weights (PiRLPolicy.start_noise_steering)
+STEER_HEAD_INIT_SEED = 0
+
 
 @dataclass
 class PolicySample:
@@ -89,14 +92,21 @@ class PiRLPolicy(PreTrainedPolicy):
         c.noise_method = NOISE_STEER
         if self.steer_head is None:
             steer_mask = make_action_mask(c.chunk_size, c.model_action_dim, c.chunk_size, c.action_dim)
-            self.steer_head = SteerHead(
-                self.backbone.prefix_dim,
-                steer_mask,
-                list(c.steer_hidden_dims),
-                c.steer_bound,
-                c.steer_std_min,
-                c.steer_std_max,
-            ).to(self.action_mask.device)
+            # A fresh head's hidden weights come from a fixed seed, not from the process's global generator: that
+            # is seeded from entropy at import and a policy is loaded before a run seeds it, so two runs with one
+            # seed started from different heads and went apart (measured: BENCHMARKS.md). The global generator is
+            # left as it was.
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(STEER_HEAD_INIT_SEED)
+                head = SteerHead(
+                    self.backbone.prefix_dim,
+                    steer_mask,
+                    list(c.steer_hidden_dims),
+                    c.steer_bound,
+                    c.steer_std_min,
+                    c.steer_std_max,
+                )
+            self.steer_head = head.to(self.action_mask.device)
 
     def steering(self, prefix: Prefix) -> Steering | None:
         """The law of x_1 for this prefix under ``noise_steer`` (None otherwise)."""

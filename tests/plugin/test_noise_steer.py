@@ -140,6 +140,24 @@ def test_a_checkpoint_without_steering_loads_with_a_fresh_head(tmp_path):
         torch.testing.assert_close(reloaded.steer_head.state_dict()[k], v, rtol=0, atol=0)
 
 
+def test_a_fresh_steering_head_is_the_same_whatever_the_global_generator(tmp_path):
+    """Its weights come from a fixed seed (a policy is loaded before a run seeds the process), and making it leaves
+    the global generator where it was."""
+    policy, pre, post = builtin_policy(0, **SMALL)
+    ckpt = save_checkpoint(tmp_path / "sft", policy, pre, post)
+    heads = []
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        steer, _, _ = load_policy(ckpt, noise_method="noise_steer")
+        heads.append(steer.steer_head.state_dict())
+    for k, v in heads[0].items():
+        torch.testing.assert_close(heads[1][k], v, rtol=0, atol=0)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    policy.start_noise_steering()
+    assert torch.equal(torch.get_rng_state(), before)
+
+
 @pytest.mark.parametrize(
     "field,value",
     [("steer_bound", 0.0), ("steer_std_min", 2.0), ("steer_hidden_dims", [0])],

@@ -8,6 +8,7 @@ explained variance, grad norms) come back in LeRobot's ``TrainingStats``.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 from collections.abc import Iterator
@@ -22,13 +23,14 @@ from torch.optim import Optimizer
 
 from lerobot_policy_pi_rl.advantages import compute_gae, explained_variance, grpo_advantages, normalize_advantages
 from lerobot_policy_pi_rl.backbones.base import Prefix
-from lerobot_policy_pi_rl.noise_critic import NoiseCritic, NoiseReplay, return_to_go
+from lerobot_policy_pi_rl.noise_critic import NoiseCritic, NoiseReplay, next_steps, return_to_go
 from lerobot_policy_pi_rl.rollout import NonFiniteBatchError, RolloutBatch
 from lerobot_policy_pi_rl.samplers import NOISE_STEER
 
 ADVANTAGE_ESTIMATORS = ("ppo", "grpo")
 STEER_UPDATES = ("ppo", "q")  # how noise_steer's steering head learns (PiRLAlgorithmConfig.steer_update)
 Q_CRITIC_INPUTS = ("noise", "action")  # what steer_update=q's critic reads beside the observation
+Q_TARGETS = ("return", "td")  # what steer_update=q's critic regresses (PiRLAlgorithmConfig.q_target)
 logger = logging.getLogger(__name__)
 
 
@@ -141,6 +143,15 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
     # the head climbs toward chunks like it where the frozen flow can make them. Off: takeovers are left out, as
     # under `noise` (a teleoperated chunk has no x_1).
     q_interventions: bool = True
+    # `steer_update=q`: what the critic regresses. `return`: each macro-step's discounted return-to-go in its own
+    # episode (Monte Carlo). `td`: its reward plus gamma times the next observation's value under the current head,
+    # from a slowly moving copy of the critic (one-step TD, as DSRL's SAC): lower-variance targets that differ
+    # between two chunks tried in one state only through where each put the robot (noise_critic.py). An episode's
+    # end (success, failure, time limit) is not bootstrapped past, as under `return`.
+    q_target: str = "return"
+    # `steer_update=q` with `q_target=td`: each critic step moves the target copy this fraction toward the critic
+    # (Polyak averaging); 1 copies it outright.
+    q_target_tau: float = 0.005
 
     # with the prefix frozen (`rl_train_prefix=False`), compute every sample's prefix (a VLA's KV cache) once per
     # update, in minibatch-sized chunks, and reuse it across epochs and minibatches. It holds one prefix per batch
@@ -159,6 +170,10 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
             raise bad("steer_update", f"must be one of {STEER_UPDATES}")
         if self.q_critic_input not in Q_CRITIC_INPUTS:
             raise bad("q_critic_input", f"must be one of {Q_CRITIC_INPUTS}")
+        if self.q_target not in Q_TARGETS:
+            raise bad("q_target", f"must be one of {Q_TARGETS}")
+        if not 0.0 < self.q_target_tau <= 1.0:
+            raise bad("q_target_tau", "must be in (0, 1]")
         if any(d < 1 for d in self.q_hidden_dims):
             raise bad("q_hidden_dims", "every width must be >= 1")
         for name in (
@@ -270,6 +285,7 @@ class PiRLAlgorithm(RLAlgorithm):
             raise ValueError("algorithm.bc_coef > 0 needs demonstration data (demo_iterator)")
         # steer_update=q: the noise critic and its replay buffer (learner-side only: never pushed to an edge)
         self.noise_critic: NoiseCritic | None = None
+        self.noise_critic_target: NoiseCritic | None = None  # q_target=td: the slowly moving copy that bootstraps
         self.noise_replay: NoiseReplay | None = None
         if config.steer_update == "q":
             head = getattr(policy, "steer_head", None)
@@ -288,6 +304,8 @@ class PiRLAlgorithm(RLAlgorithm):
                 head.net[0].in_features, int(decided.sum()), list(config.q_hidden_dims), config.q_ensemble
             )
             self.noise_critic.to(policy.action_mask.device)
+            if config.q_target == "td":
+                self.noise_critic_target = copy.deepcopy(self.noise_critic).requires_grad_(False)
             self.noise_replay = NoiseReplay(config.q_replay_size)
         self.make_optimizers_and_scheduler()
 
@@ -495,8 +513,9 @@ class PiRLAlgorithm(RLAlgorithm):
     def noise_q_update(self, rollouts: RolloutBatch) -> TrainingStats:
         """``steer_update=q`` (DSRL-style, see noise_critic.py): this batch's steered macro-steps (under
         ``q_critic_input=action`` with ``q_interventions``, its takeovers too) join the replay buffer; then
-        ``q_steps`` times: one critic step toward the return-to-go of replayed macro-steps, and one
-        head step up the ensemble's minimum Q of a reparameterised x_1 = mean(o) + std * eps."""
+        ``q_steps`` times: one critic step toward the target of replayed macro-steps (``q_target``: their
+        return-to-go, or one-step TD), and one head step up the ensemble's minimum Q of a reparameterised
+        x_1 = mean(o) + std * eps."""
         c, policy = self.config, self.policy
         if not isinstance(self.shard, WholeMinibatch):
             raise ValueError("algorithm.steer_update=q runs in one learner process (no torch.distributed group)")
@@ -504,24 +523,37 @@ class PiRLAlgorithm(RLAlgorithm):
         steer_mask, executed = head.steer_mask.bool(), policy.action_mask.bool()
         mask = rollouts.trainable  # a chunk a person's teleoperator overrode was not chosen by the head
         returns = return_to_go(rollouts.rewards, rollouts.valid, c.gamma)
-        if mask.any():  # a batch a person drove throughout adds nothing (and a backbone is never asked for 0 rows)
+        # a takeover is an action that ran with a return like any other: the chunk critic can learn from it
+        taken = rollouts.valid & rollouts.intervened
+        from_takeovers = c.chunk_critic and c.q_interventions and rollouts.executed_actions is not None
+        if c.q_target == "td" and rollouts.valid.any():  # every valid step's features: each is some step's next
+            row, nxt = next_steps(rollouts.valid)
             with torch.no_grad():
-                observations = {k: v[mask] for k, v in rollouts.observations.items()}
-                features = policy.backbone.embed_prefix(observations).features
+                valid_features = policy.backbone.embed_prefix(
+                    {k: v[rollouts.valid] for k, v in rollouts.observations.items()}
+                ).features
+
+        def rows(where: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None]:
+            """The replay's columns of the steps ``where`` but their decisions: features, and under td the step."""
+            if c.q_target != "td":
+                with torch.no_grad():
+                    return policy.backbone.embed_prefix(
+                        {k: v[where] for k, v in rollouts.observations.items()}
+                    ).features, None
+            goes_on = nxt[where] >= 0
+            step = (rollouts.rewards[where], valid_features[nxt[where].clamp(min=0)], goes_on.float())
+            return valid_features[row[where]], step
+
+        if mask.any():  # a batch a person drove throughout adds nothing (and a backbone is never asked for 0 rows)
+            features, step = rows(mask)
             if c.q_critic_input == "noise":  # the steered x_1
                 decisions = rollouts.chains[mask][:, 0][:, steer_mask]
             else:  # the executed part of the chunk the flow made of it (chain's last state)
                 decisions = rollouts.chains[mask][:, -1][:, executed]
-            replay.add(features, decisions, returns[mask])
-        # a takeover is an action that ran with a return like any other: the chunk critic can learn from it
-        taken = rollouts.valid & rollouts.intervened
-        from_takeovers = c.chunk_critic and c.q_interventions and rollouts.executed_actions is not None
+            replay.add(features, decisions, returns[mask], step)
         if from_takeovers and taken.any():
-            with torch.no_grad():
-                features = policy.backbone.embed_prefix(
-                    {k: v[taken] for k, v in rollouts.observations.items()}
-                ).features
-            replay.add(features, rollouts.executed_actions[taken][:, executed], returns[taken])
+            features, step = rows(taken)
+            replay.add(features, rollouts.executed_actions[taken][:, executed], returns[taken], step)
         stats = TrainingStats(extra={"samples": float(mask.sum()), "num_updates": float(self.num_updates)})
         stats.extra.update(
             intervened=float(taken.sum()),
@@ -538,13 +570,19 @@ class PiRLAlgorithm(RLAlgorithm):
         head_params = list(head.parameters())
         logs: dict[str, list[float]] = {k: [] for k in ("q_loss", "q_target", "head_q", "actor", "noise_critic")}
         for _ in range(c.q_steps):
-            # critic: every member regresses the replayed macro-steps' return-to-go
-            f, x1, target = replay.sample(c.q_batch_size)
+            # critic: every member regresses the replayed macro-steps' target
+            batch = replay.sample(c.q_batch_size)
+            f, x1 = batch["features"], batch["decisions"]
+            target = batch["returns"] if c.q_target == "return" else self._td_target(batch)
             q_loss = ((critic(f, x1) - target) ** 2).mean()
             self.optimizers["noise_critic"].zero_grad(set_to_none=True)
             q_loss.backward()
             logs["noise_critic"].append(_grad_norm_and_clip(list(critic.parameters()), c.max_grad_norm))
             self.optimizers["noise_critic"].step()
+            if self.noise_critic_target is not None:
+                with torch.no_grad():
+                    for t, p in zip(self.noise_critic_target.parameters(), critic.parameters(), strict=True):
+                        t.lerp_(p, c.q_target_tau)
             logs["q_loss"].append(q_loss.item())
             logs["q_target"].append(target.mean().item())
             if not move_head:
@@ -555,7 +593,7 @@ class PiRLAlgorithm(RLAlgorithm):
             x = mean + std * torch.randn_like(mean)
             steered = x[:, steer_mask]
             # under `action`, the frozen flow's chunk from x (differentiable in x), its executed part
-            decisions = steered if c.q_critic_input == "noise" else policy.ode_chunk(Prefix(f), x)[:, executed]
+            decisions = self._steered_decisions(f, x)
             head_q = critic(f, decisions).min(dim=0).values.mean()
             entropy = std[:, steer_mask].log().mean()
             prior = -0.5 * (steered**2).mean()  # log N(x_1; 0, I) per element, up to a constant
@@ -583,6 +621,24 @@ class PiRLAlgorithm(RLAlgorithm):
         )
         return stats
 
+    def _steered_decisions(self, features: Tensor, noise: Tensor) -> Tensor:
+        """What the critic reads of a steered x_1 ``noise`` in the states of ``features``: the steered elements,
+        or (``q_critic_input=action``) the executed part of the chunk the frozen flow makes of it."""
+        policy = self.policy
+        if self.config.q_critic_input == "noise":
+            return noise[:, policy.steer_head.steer_mask.bool()]
+        return policy.ode_chunk(Prefix(features), noise)[:, policy.action_mask.bool()]
+
+    def _td_target(self, batch: dict[str, Tensor]) -> Tensor:
+        """``q_target=td``: reward + gamma * V(next), V(next) the target critics' mean Q of one x_1 the head draws
+        there (the mean, not the minimum the head climbs: a minimum of five taken at every bootstrap compounds
+        its pessimism along the episode). Rows whose episode ended there keep their reward alone."""
+        with torch.no_grad():
+            nf = batch["next_features"]
+            mean, std = self.policy.steer_head(nf)
+            value = self.noise_critic_target(nf, self._steered_decisions(nf, mean + std * torch.randn_like(mean)))
+            return batch["rewards"] + self.config.gamma * batch["continues"] * value.mean(dim=0)
+
     def replay_demonstrations(
         self, observations: dict[str, Tensor], actions: Tensor, action_is_pad: Tensor, returns: Tensor
     ) -> int:
@@ -605,7 +661,11 @@ class PiRLAlgorithm(RLAlgorithm):
         chunks[:, : actions.shape[1]] *= ~action_is_pad.to(device)[..., None]
         with torch.no_grad():
             features = policy.backbone.embed_prefix({k: v.to(device) for k, v in observations.items()}).features
-        self.noise_replay.add(features, chunks[:, policy.action_mask.bool()], returns.to(device))
+        returns = returns.to(device).float()
+        # under q_target=td a demonstration's row is a Monte Carlo one (its reward is its return, no next step):
+        # the demonstrations' next observations are not replayed
+        step = (returns, features, torch.zeros_like(returns)) if c.q_target == "td" else None
+        self.noise_replay.add(features, chunks[:, policy.action_mask.bool()], returns, step)
         return m
 
     def _frozen_prefixes(self, observations: dict[str, Tensor], n: int, chunk: int):
@@ -658,6 +718,8 @@ class PiRLAlgorithm(RLAlgorithm):
             saved = {k.removeprefix("noise_critic."): v for k, v in state_dict.items() if k.startswith("noise_critic.")}
             if saved:
                 self.noise_critic.load_state_dict(saved)
+                if self.noise_critic_target is not None:  # not saved: it restarts as a copy of the critic
+                    self.noise_critic_target.load_state_dict(saved)
             else:  # a checkpoint of a run that steered with PPO: the critic starts fresh on new episodes
                 logger.warning("algorithm state has no noise critic (steer_update was not q): it starts untrained")
         self.num_updates = int(state_dict.get("num_updates", torch.tensor(0)))

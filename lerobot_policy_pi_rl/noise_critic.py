@@ -8,9 +8,13 @@ toward the x_1 that Q scores highest. PPO uses each macro-step for one update an
 advantage; here every macro-step keeps informing the head for as long as it stays in the buffer.
 
 Two choices, for a robot's sparse success reward and short episodes:
-* the critic's target is the discounted return-to-go of the macro-step's own episode (Monte Carlo, no
-  bootstrapping): no target networks, no TD error to propagate; the price is a bias toward the policy that
-  collected the buffer, small while the head moves slowly;
+* the critic's target (``q_target``). ``return``: the discounted return-to-go of the macro-step's own episode
+  (Monte Carlo, no bootstrapping): no target networks, no TD error to propagate; the price is a bias toward the
+  policy that collected the buffer, and a target that carries the luck of every later chunk of the episode, so
+  two chunks tried in one state differ in their targets mostly by what came after them. ``td``: the macro-step's
+  reward plus the discounted value of the next observation under the current head, read from a slowly moving
+  copy of the critic (one-step TD, as DSRL's SAC): a chunk's target then changes only through where it put the
+  robot, which is what ranking chunks within a state needs;
 * an ensemble whose minimum the head maximises: Q is only trusted where members agree, which keeps the
   head from chasing one member's extrapolation into x_1 the buffer never saw.
 
@@ -54,32 +58,56 @@ def return_to_go(rewards: Tensor, valid: Tensor, gamma: float) -> Tensor:
     return out
 
 
+def next_steps(valid: Tensor) -> tuple[Tensor, Tensor]:
+    """For a ``[T, N]`` batch's valid steps: each one's row in ``observations[valid]`` (``[T, N]``, -1 where
+    invalid), and the row of the next step of its episode (``[T, N]``, -1 where there is none: its episode ended
+    there, by success, failure or the time limit; as in ``return_to_go``, nothing is bootstrapped past an end)."""
+    row = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)
+    row[valid] = torch.arange(int(valid.sum()), device=valid.device)
+    nxt = torch.full_like(row, -1)
+    nxt[:-1] = torch.where(valid[:-1] & valid[1:], row[1:], nxt[:-1])
+    return row, nxt
+
+
 class NoiseReplay:
-    """The newest ``capacity`` steered macro-steps: prefix features ``[M, F]``, decisions ``[M, S]`` (steered x_1
-    or executed chunk) and return-to-go ``[M]``. Learner memory only: a restarted learner refills it from new
-    episodes."""
+    """The newest ``capacity`` replayed macro-steps: prefix features ``[M, F]``, decisions ``[M, S]`` (steered x_1
+    or executed chunk) and return-to-go ``[M]``; under ``q_target=td`` also the macro-step's reward ``[M]``, the
+    next observation's features ``[M, F]`` and whether the episode went on after it ``[M]`` (a row that did not
+    go on, or a demonstration's, is a Monte Carlo row: its reward is its return). Learner memory only: a
+    restarted learner refills it from new episodes."""
+
+    COLUMNS = ("features", "decisions", "returns", "rewards", "next_features", "continues")
 
     def __init__(self, capacity: int):
         self.capacity = capacity
         self.features: Tensor | None = None
         self.decisions: Tensor | None = None
         self.returns: Tensor | None = None
+        self.rewards: Tensor | None = None
+        self.next_features: Tensor | None = None
+        self.continues: Tensor | None = None
 
     def __len__(self) -> int:
         return 0 if self.returns is None else int(self.returns.shape[0])
 
-    def add(self, features: Tensor, decisions: Tensor, returns: Tensor) -> None:
-        new = (features.detach().float(), decisions.detach().float(), returns.detach().float())
-        if self.returns is None:
-            self.features, self.decisions, self.returns = new
-        else:
-            self.features = torch.cat([self.features, new[0]])
-            self.decisions = torch.cat([self.decisions, new[1]])
-            self.returns = torch.cat([self.returns, new[2]])
-        self.features = self.features[-self.capacity :]
-        self.decisions = self.decisions[-self.capacity :]
-        self.returns = self.returns[-self.capacity :]
+    def add(
+        self,
+        features: Tensor,
+        decisions: Tensor,
+        returns: Tensor,
+        step: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> None:
+        """Rows of one kind: ``step`` (rewards, next features, continues) on every add, or on none."""
+        if len(self) and (step is None) != (self.rewards is None):
+            raise ValueError("a replay holds one-step rows (q_target=td) or return rows only, never both")
+        new = dict(zip(self.COLUMNS, (features, decisions, returns, *(step or (None, None, None))), strict=True))
+        for name, value in new.items():
+            if value is None:
+                continue
+            value = value.detach().float()
+            old = getattr(self, name)
+            setattr(self, name, (value if old is None else torch.cat([old, value]))[-self.capacity :])
 
-    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    def sample(self, batch_size: int, generator: torch.Generator | None = None) -> dict[str, Tensor]:
         idx = torch.randint(len(self), (batch_size,), generator=generator, device=self.returns.device)
-        return self.features[idx], self.decisions[idx], self.returns[idx]
+        return {name: getattr(self, name)[idx] for name in self.COLUMNS if getattr(self, name) is not None}

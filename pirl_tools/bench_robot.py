@@ -179,6 +179,16 @@ METHODS: dict[str, dict] = {
         "interventions": False,
         "offline_demos": False,
     },
+    "noise_q_action_td": {
+        "about": "noise_q_action_fast whose chunk critic regresses one-step TD targets (q_target=td: the reward plus "
+        "the discounted value of the next observation under the current head) instead of each macro-step's "
+        "return-to-go, which carries the luck of every later chunk and left the critic unable to rank chunks "
+        "within a state",
+        "learner": {**_NOISE_Q_ACTION, "algorithm.actor_lr": 1e-3, "algorithm.q_target": "td"},
+        "edge": _STEERED,
+        "interventions": False,
+        "offline_demos": False,
+    },
     "noise_q_action_takeovers": {
         "about": "noise_q_action with the scripted person taking over a drifting policy: their takeovers join the "
         "chunk critic's replay with the actions that ran (q_interventions), so it learns what a correction was "

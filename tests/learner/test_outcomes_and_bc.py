@@ -645,6 +645,11 @@ def test_demonstrations_start_the_chunk_critics_replay(demo_dataset):
     chunks[:, :H, :ACTION_DIM] = actions * ~pad[..., None]
     torch.testing.assert_close(algo.noise_replay.decisions, chunks[:, mask])
     torch.testing.assert_close(algo.noise_replay.returns, returns)
+    # under q_target=td a demonstrated macro-step is a Monte Carlo row: its reward is its return, no next step
+    td = PiRLAlgorithm(policy, PiRLAlgorithmConfig(**{**vars(cfg), "q_target": "td"}))
+    td.replay_demonstrations(obs, actions, pad, returns)
+    torch.testing.assert_close(td.noise_replay.rewards, returns)
+    assert not td.noise_replay.continues.any()
 
     noise_critic = PiRLAlgorithm(policy, PiRLAlgorithmConfig(steer_update="q", q_hidden_dims=[8]))
     with pytest.raises(ValueError, match="q_critic_input=action"):

@@ -10,6 +10,7 @@ import torch
 from helpers.policy import ACTION_DIM, SMALL_SIZES, STATE_DIM, builtin_policy, rollout_batch, save_checkpoint
 from lerobot_policy_pi_rl.algorithm import PiRLAlgorithm, PiRLAlgorithmConfig
 from lerobot_policy_pi_rl.configuration_pi_rl import PiRLConfigError
+from lerobot_policy_pi_rl.noise_critic import return_to_go
 from lerobot_policy_pi_rl.sft import load_policy
 
 SMALL = {**SMALL_SIZES, "steer_hidden_dims": [16]}
@@ -171,8 +172,6 @@ def test_steering_fields_are_validated(field, value):
 
 
 def test_return_to_go_sums_discounted_rewards_to_each_episodes_end():
-    from lerobot_policy_pi_rl.noise_critic import return_to_go
-
     rewards = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 5.0]])
     valid = torch.tensor([[True, True], [True, True], [True, False]])  # env 1 ended at step 1
     want = torch.tensor([[0.81, 0.9], [0.9, 1.0], [1.0, 0.0]])
@@ -232,7 +231,10 @@ def test_the_q_update_needs_a_steering_policy():
 
 @pytest.mark.parametrize(
     "field,value",
-    [("steer_update", "sac"), ("q_steps", 0), ("q_hidden_dims", [0]), ("q_lr", -1.0), ("q_critic_input", "chunk")],
+    [
+        *[("steer_update", "sac"), ("q_steps", 0), ("q_hidden_dims", [0]), ("q_lr", -1.0)],
+        *[("q_critic_input", "chunk"), ("q_target", "sarsa"), ("q_target_tau", 0.0), ("q_target_tau", 1.5)],
+    ],
 )
 def test_q_fields_are_validated(field, value):
     with pytest.raises(ValueError, match=f"algorithm.{field}"):
@@ -310,6 +312,70 @@ def test_an_action_critic_replays_the_executed_chunk_and_steers_the_noise_throug
     changed = {k for k, v in policy.state_dict().items() if not torch.equal(v, before[k])}
     assert changed and all(k.startswith("steer_head.") for k in changed), changed
     assert all(p.grad is None for p in policy.backbone.parameters())  # differentiated through, never trained
+
+
+def test_next_steps_points_each_step_at_the_next_one_of_its_episode():
+    from lerobot_policy_pi_rl.noise_critic import next_steps
+
+    valid = torch.tensor([[True, True], [True, True], [True, False]])  # env 1 ended at step 1
+    row, nxt = next_steps(valid)
+    torch.testing.assert_close(row, torch.tensor([[0, 1], [2, 3], [4, -1]]))
+    torch.testing.assert_close(nxt, torch.tensor([[2, 3], [4, -1], [-1, -1]]))
+
+
+def _td_algo(policy, **overrides):
+    cfg = {"steer_update": "q", "q_critic_input": "action", "q_target": "td", "q_steps": 2, "q_batch_size": 8}
+    return PiRLAlgorithm(policy, PiRLAlgorithmConfig(**{**cfg, "q_hidden_dims": [8], **overrides}))
+
+
+def test_a_td_replay_keeps_each_steps_reward_and_where_its_episode_went_next():
+    """q_target=td: each replayed macro-step carries its own reward, the features of its episode's next
+    observation, and whether there was one (not after its episode's last step, whatever ended it)."""
+    torch.manual_seed(0)
+    policy, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
+    algo = _td_algo(policy)
+    batch, obs = _q_batch(policy, seed=1, T=3, N=4)
+    batch.rewards = torch.arange(12.0).reshape(3, 4)
+    batch.valid[2, 3] = False  # env 3 ended at step 1
+    batch.terminated[1, 3] = True
+    algo.update_on(batch)
+    replay, valid = algo.noise_replay, batch.valid
+    with torch.no_grad():
+        features = policy.backbone.embed_prefix({"observation.state": obs[valid]}).features
+    torch.testing.assert_close(replay.features, features)
+    torch.testing.assert_close(replay.rewards, batch.rewards[valid])
+    torch.testing.assert_close(replay.continues, torch.tensor([1.0] * 7 + [0.0] * 4))
+    torch.testing.assert_close(replay.next_features[:7], features[4:])  # (t, j) -> (t + 1, j), row-major
+    torch.testing.assert_close(replay.returns, return_to_go(batch.rewards, valid, algo.config.gamma)[valid])
+    with pytest.raises(ValueError, match="never both"):  # a replay's rows are of one kind
+        replay.add(features, replay.decisions, replay.returns)
+
+
+def test_the_td_target_is_the_reward_plus_the_discounted_value_where_the_episode_goes_on():
+    torch.manual_seed(0)
+    policy, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
+    algo = _td_algo(policy, gamma=0.9)
+    with torch.no_grad():  # every target member says 2.0 of any state and chunk
+        for member in algo.noise_critic_target.members:
+            member[-1].weight.zero_()
+            member[-1].bias.fill_(2.0)
+    f = torch.randn(3, policy.backbone.prefix_dim)
+    batch = {"next_features": f, "rewards": torch.tensor([1.0, 0.0, 0.5]), "continues": torch.tensor([0.0, 1.0, 1.0])}
+    torch.testing.assert_close(algo._td_target(batch), torch.tensor([1.0, 1.8, 2.3]))
+
+
+@pytest.mark.parametrize("tau", [1.0, 0.005])
+def test_the_td_target_critic_follows_the_critic_by_tau_per_step(tau):
+    torch.manual_seed(0)
+    policy, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
+    algo = _td_algo(policy, q_target_tau=tau, q_steps=1, q_warmup=10_000)
+    start = [p.clone() for p in algo.noise_critic_target.parameters()]
+    algo.update_on(_q_batch(policy, seed=1, N=4)[0])
+    for before, target, critic in zip(
+        start, algo.noise_critic_target.parameters(), algo.noise_critic.parameters(), strict=True
+    ):
+        torch.testing.assert_close(target, before + tau * (critic - before))
+    assert not all(torch.equal(t, c) for t, c in zip(start, algo.noise_critic.parameters(), strict=True))
 
 
 def test_an_action_critic_needs_a_backbone_whose_prefix_is_its_features():

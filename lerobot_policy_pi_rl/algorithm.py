@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from lerobot_policy_pi_rl.advantages import compute_gae, explained_variance, grpo_advantages, normalize_advantages
 from lerobot_policy_pi_rl.backbones.base import Prefix
-from lerobot_policy_pi_rl.noise_critic import NoiseCritic, NoiseReplay, next_steps, return_to_go
+from lerobot_policy_pi_rl.noise_critic import NoiseCritic, NoiseReplay, n_step, return_to_go
 from lerobot_policy_pi_rl.rollout import NonFiniteBatchError, RolloutBatch
 from lerobot_policy_pi_rl.samplers import NOISE_STEER
 
@@ -152,6 +152,12 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
     # `steer_update=q` with `q_target=td`: each critic step moves the target copy this fraction toward the critic
     # (Polyak averaging); 1 copies it outright.
     q_target_tau: float = 0.005
+    # `steer_update=q` with `q_target=td`: the target sums this many macro-steps' rewards before it bootstraps
+    # (n-step TD). 1: the next observation's value. More carries an outcome back over observations that do not
+    # show what decided it: a person labels a grasp a reaction time after it, and the macro-steps recorded in
+    # between do not show the arm's speed when the gripper closed, which decided it (BENCHMARKS.md, "People in the
+    # loop").
+    q_td_steps: int = 1
 
     # with the prefix frozen (`rl_train_prefix=False`), compute every sample's prefix (a VLA's KV cache) once per
     # update, in minibatch-sized chunks, and reuse it across epochs and minibatches. It holds one prefix per batch
@@ -178,7 +184,7 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
             raise bad("q_hidden_dims", "every width must be >= 1")
         for name in (
             *("update_epochs", "num_minibatches", "grpo_group_size", "total_updates"),
-            *("q_steps", "q_batch_size", "q_replay_size", "q_ensemble"),
+            *("q_steps", "q_batch_size", "q_replay_size", "q_ensemble", "q_td_steps"),
         ):
             if getattr(self, name) < 1:
                 raise bad(name, "must be >= 1")
@@ -527,7 +533,7 @@ class PiRLAlgorithm(RLAlgorithm):
         taken = rollouts.valid & rollouts.intervened
         from_takeovers = c.chunk_critic and c.q_interventions and rollouts.executed_actions is not None
         if c.q_target == "td" and rollouts.valid.any():  # every valid step's features: each is some step's next
-            row, nxt = next_steps(rollouts.valid)
+            row, ahead, n_rewards, discounts = n_step(rollouts.rewards, rollouts.valid, c.gamma, c.q_td_steps)
             with torch.no_grad():
                 valid_features = policy.backbone.embed_prefix(
                     {k: v[rollouts.valid] for k, v in rollouts.observations.items()}
@@ -540,8 +546,7 @@ class PiRLAlgorithm(RLAlgorithm):
                     return policy.backbone.embed_prefix(
                         {k: v[where] for k, v in rollouts.observations.items()}
                     ).features, None
-            goes_on = nxt[where] >= 0
-            step = (rollouts.rewards[where], valid_features[nxt[where].clamp(min=0)], goes_on.float())
+            step = (n_rewards[where], valid_features[ahead[where].clamp(min=0)], discounts[where])
             return valid_features[row[where]], step
 
         if mask.any():  # a batch a person drove throughout adds nothing (and a backbone is never asked for 0 rows)
@@ -630,14 +635,14 @@ class PiRLAlgorithm(RLAlgorithm):
         return policy.ode_chunk(Prefix(features), noise)[:, policy.action_mask.bool()]
 
     def _td_target(self, batch: dict[str, Tensor]) -> Tensor:
-        """``q_target=td``: reward + gamma * V(next), V(next) the target critics' mean Q of one x_1 the head draws
-        there (the mean, not the minimum the head climbs: a minimum of five taken at every bootstrap compounds
-        its pessimism along the episode). Rows whose episode ended there keep their reward alone."""
+        """``q_target=td``: the n-step reward + gamma^n * V(o_{t+n}), V the target critics' mean Q of one x_1 the head
+        draws there (the mean, not the minimum the head climbs: a minimum of five taken at every bootstrap
+        compounds its pessimism along the episode). Rows whose episode ended first keep their rewards alone."""
         with torch.no_grad():
             nf = batch["next_features"]
             mean, std = self.policy.steer_head(nf)
             value = self.noise_critic_target(nf, self._steered_decisions(nf, mean + std * torch.randn_like(mean)))
-            return batch["rewards"] + self.config.gamma * batch["continues"] * value.mean(dim=0)
+            return batch["rewards"] + batch["discounts"] * value.mean(dim=0)
 
     def replay_demonstrations(
         self, observations: dict[str, Tensor], actions: Tensor, action_is_pad: Tensor, returns: Tensor

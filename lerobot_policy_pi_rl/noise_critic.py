@@ -58,25 +58,34 @@ def return_to_go(rewards: Tensor, valid: Tensor, gamma: float) -> Tensor:
     return out
 
 
-def next_steps(valid: Tensor) -> tuple[Tensor, Tensor]:
-    """For a ``[T, N]`` batch's valid steps: each one's row in ``observations[valid]`` (``[T, N]``, -1 where
-    invalid), and the row of the next step of its episode (``[T, N]``, -1 where there is none: its episode ended
-    there, by success, failure or the time limit; as in ``return_to_go``, nothing is bootstrapped past an end)."""
+def n_step(rewards: Tensor, valid: Tensor, gamma: float, n: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """For a ``[T, N]`` batch's valid steps (one episode per column, as a batch holds them), the pieces of an
+    ``n``-step TD target, each ``[T, N]``: each step's row in ``observations[valid]`` (-1 where invalid); the row
+    of the step ``n`` ahead in its episode (-1 where the episode ended before it); the discounted sum of the
+    rewards of the ``n`` steps from it (fewer where the episode ended first); and gamma^n where the episode goes
+    on to that step, else 0 (as in ``return_to_go``, nothing is bootstrapped past an episode's end, whatever
+    ended it). The target is then ``rewards + discount * V(observation n ahead)``."""
+    T = valid.shape[0]
     row = torch.full(valid.shape, -1, dtype=torch.long, device=valid.device)
     row[valid] = torch.arange(int(valid.sum()), device=valid.device)
-    nxt = torch.full_like(row, -1)
-    nxt[:-1] = torch.where(valid[:-1] & valid[1:], row[1:], nxt[:-1])
-    return row, nxt
+    summed = torch.zeros_like(rewards)
+    for k in range(min(n, T)):  # step t + k's reward, where it is in the episode
+        summed[: T - k] += torch.where(valid[k:], gamma**k * rewards[k:], torch.zeros_like(rewards[k:]))
+    ahead = torch.full_like(row, -1)
+    if n < T:
+        ahead[: T - n] = torch.where(valid[: T - n] & valid[n:], row[n:], ahead[: T - n])
+    discount = torch.where(ahead >= 0, torch.full_like(rewards, gamma**n), torch.zeros_like(rewards))
+    return row, ahead, summed, discount
 
 
 class NoiseReplay:
     """The newest ``capacity`` replayed macro-steps: prefix features ``[M, F]``, decisions ``[M, S]`` (steered x_1
-    or executed chunk) and return-to-go ``[M]``; under ``q_target=td`` also the macro-step's reward ``[M]``, the
-    next observation's features ``[M, F]`` and whether the episode went on after it ``[M]`` (a row that did not
-    go on, or a demonstration's, is a Monte Carlo row: its reward is its return). Learner memory only: a
-    restarted learner refills it from new episodes."""
+    or executed chunk) and return-to-go ``[M]``; under ``q_target=td`` also the discounted reward of the ``n``
+    steps from it ``[M]``, the features of the observation ``n`` steps ahead ``[M, F]`` and the discount of its
+    value ``[M]`` (gamma^n, 0 where the episode ended first: a demonstration's rows are all such, their reward
+    their return). Learner memory only: a restarted learner refills it from new episodes."""
 
-    COLUMNS = ("features", "decisions", "returns", "rewards", "next_features", "continues")
+    COLUMNS = ("features", "decisions", "returns", "rewards", "next_features", "discounts")
 
     def __init__(self, capacity: int):
         self.capacity = capacity
@@ -85,7 +94,7 @@ class NoiseReplay:
         self.returns: Tensor | None = None
         self.rewards: Tensor | None = None
         self.next_features: Tensor | None = None
-        self.continues: Tensor | None = None
+        self.discounts: Tensor | None = None
 
     def __len__(self) -> int:
         return 0 if self.returns is None else int(self.returns.shape[0])
@@ -97,7 +106,7 @@ class NoiseReplay:
         returns: Tensor,
         step: tuple[Tensor, Tensor, Tensor] | None = None,
     ) -> None:
-        """Rows of one kind: ``step`` (rewards, next features, continues) on every add, or on none."""
+        """Rows of one kind: ``step`` (n-step rewards, features n ahead, discounts) on every add, or on none."""
         if len(self) and (step is None) != (self.rewards is None):
             raise ValueError("a replay holds one-step rows (q_target=td) or return rows only, never both")
         new = dict(zip(self.COLUMNS, (features, decisions, returns, *(step or (None, None, None))), strict=True))

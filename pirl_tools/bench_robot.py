@@ -189,6 +189,20 @@ METHODS: dict[str, dict] = {
         "interventions": False,
         "offline_demos": False,
     },
+    "noise_q_action_td3": {
+        "about": "noise_q_action_td whose target sums three macro-steps' rewards before it bootstraps (q_td_steps=3): "
+        "a person labels a grasp about two macro-steps after it, and the steps in between do not show the arm's "
+        "speed when the gripper closed, so a one-step target cannot carry the label back to the closing chunk",
+        "learner": {
+            **_NOISE_Q_ACTION,
+            "algorithm.actor_lr": 1e-3,
+            "algorithm.q_target": "td",
+            "algorithm.q_td_steps": 3,
+        },
+        "edge": _STEERED,
+        "interventions": False,
+        "offline_demos": False,
+    },
     "noise_q_action_takeovers": {
         "about": "noise_q_action with the scripted person taking over a drifting policy: their takeovers join the "
         "chunk critic's replay with the actions that ran (q_interventions), so it learns what a correction was "

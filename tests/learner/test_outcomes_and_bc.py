@@ -649,7 +649,7 @@ def test_demonstrations_start_the_chunk_critics_replay(demo_dataset):
     td = PiRLAlgorithm(policy, PiRLAlgorithmConfig(**{**vars(cfg), "q_target": "td"}))
     td.replay_demonstrations(obs, actions, pad, returns)
     torch.testing.assert_close(td.noise_replay.rewards, returns)
-    assert not td.noise_replay.continues.any()
+    assert not td.noise_replay.discounts.any()
 
     noise_critic = PiRLAlgorithm(policy, PiRLAlgorithmConfig(steer_update="q", q_hidden_dims=[8]))
     with pytest.raises(ValueError, match="q_critic_input=action"):

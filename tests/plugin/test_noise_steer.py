@@ -234,6 +234,7 @@ def test_the_q_update_needs_a_steering_policy():
     [
         *[("steer_update", "sac"), ("q_steps", 0), ("q_hidden_dims", [0]), ("q_lr", -1.0)],
         *[("q_critic_input", "chunk"), ("q_target", "sarsa"), ("q_target_tau", 0.0), ("q_target_tau", 1.5)],
+        ("q_td_steps", 0),
     ],
 )
 def test_q_fields_are_validated(field, value):
@@ -314,13 +315,25 @@ def test_an_action_critic_replays_the_executed_chunk_and_steers_the_noise_throug
     assert all(p.grad is None for p in policy.backbone.parameters())  # differentiated through, never trained
 
 
-def test_next_steps_points_each_step_at_the_next_one_of_its_episode():
-    from lerobot_policy_pi_rl.noise_critic import next_steps
+def test_n_step_sums_rewards_up_to_n_ahead_and_bootstraps_only_where_the_episode_goes_on():
+    from lerobot_policy_pi_rl.noise_critic import n_step
 
-    valid = torch.tensor([[True, True], [True, True], [True, False]])  # env 1 ended at step 1
-    row, nxt = next_steps(valid)
-    torch.testing.assert_close(row, torch.tensor([[0, 1], [2, 3], [4, -1]]))
-    torch.testing.assert_close(nxt, torch.tensor([[2, 3], [4, -1], [-1, -1]]))
+    rewards = torch.tensor([[1.0, 0.0], [2.0, 0.0], [3.0, 1.0], [4.0, 7.0]])
+    valid = torch.tensor([[True, True], [True, True], [True, True], [True, False]])  # env 1 ended at step 2
+    row, ahead, summed, discount = n_step(rewards, valid, 0.5, 1)
+    torch.testing.assert_close(row, torch.tensor([[0, 1], [2, 3], [4, 5], [6, -1]]))
+    torch.testing.assert_close(ahead, torch.tensor([[2, 3], [4, 5], [6, -1], [-1, -1]]))
+    torch.testing.assert_close(summed, rewards * valid)
+    torch.testing.assert_close(discount, torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.5, 0.0], [0.0, 0.0]]))
+    row, ahead, summed, discount = n_step(rewards, valid, 0.5, 2)
+    torch.testing.assert_close(ahead, torch.tensor([[4, 5], [6, -1], [-1, -1], [-1, -1]]))
+    want = torch.tensor([[1 + 0.5 * 2, 0.0], [2 + 0.5 * 3, 0.5], [3 + 0.5 * 4, 1.0], [4.0, 0.0]])
+    torch.testing.assert_close(summed, want)
+    torch.testing.assert_close(discount, torch.tensor([[0.25, 0.25], [0.25, 0.0], [0.0, 0.0], [0.0, 0.0]]))
+    # n past the batch: every step keeps its return-to-go, nothing is bootstrapped
+    _, ahead, summed, discount = n_step(rewards, valid, 0.5, 9)
+    torch.testing.assert_close(summed, return_to_go(rewards, valid, 0.5))
+    assert (ahead == -1).all() and not discount.any()
 
 
 def _td_algo(policy, **overrides):
@@ -330,7 +343,7 @@ def _td_algo(policy, **overrides):
 
 def test_a_td_replay_keeps_each_steps_reward_and_where_its_episode_went_next():
     """q_target=td: each replayed macro-step carries its own reward, the features of its episode's next
-    observation, and whether there was one (not after its episode's last step, whatever ended it)."""
+    observation, and the discount of its value (0 after its episode's last step, whatever ended it)."""
     torch.manual_seed(0)
     policy, _, _ = builtin_policy(0, noise_method="noise_steer", **SMALL)
     algo = _td_algo(policy)
@@ -344,11 +357,19 @@ def test_a_td_replay_keeps_each_steps_reward_and_where_its_episode_went_next():
         features = policy.backbone.embed_prefix({"observation.state": obs[valid]}).features
     torch.testing.assert_close(replay.features, features)
     torch.testing.assert_close(replay.rewards, batch.rewards[valid])
-    torch.testing.assert_close(replay.continues, torch.tensor([1.0] * 7 + [0.0] * 4))
+    torch.testing.assert_close(replay.discounts, torch.tensor([algo.config.gamma] * 7 + [0.0] * 4))
     torch.testing.assert_close(replay.next_features[:7], features[4:])  # (t, j) -> (t + 1, j), row-major
     torch.testing.assert_close(replay.returns, return_to_go(batch.rewards, valid, algo.config.gamma)[valid])
     with pytest.raises(ValueError, match="never both"):  # a replay's rows are of one kind
         replay.add(features, replay.decisions, replay.returns)
+    # two steps ahead: the rewards of two steps, the features two ahead, gamma^2 where the episode got there
+    two = _td_algo(policy, q_td_steps=2)
+    two.update_on(batch)
+    g = two.config.gamma
+    r = batch.rewards
+    torch.testing.assert_close(two.noise_replay.rewards[:4], r[0] + g * r[1])
+    torch.testing.assert_close(two.noise_replay.next_features[:3], features[8:])
+    torch.testing.assert_close(two.noise_replay.discounts, torch.tensor([g * g] * 3 + [0.0] * 8))
 
 
 def test_the_td_target_is_the_reward_plus_the_discounted_value_where_the_episode_goes_on():
@@ -360,8 +381,8 @@ def test_the_td_target_is_the_reward_plus_the_discounted_value_where_the_episode
             member[-1].weight.zero_()
             member[-1].bias.fill_(2.0)
     f = torch.randn(3, policy.backbone.prefix_dim)
-    batch = {"next_features": f, "rewards": torch.tensor([1.0, 0.0, 0.5]), "continues": torch.tensor([0.0, 1.0, 1.0])}
-    torch.testing.assert_close(algo._td_target(batch), torch.tensor([1.0, 1.8, 2.3]))
+    batch = {"next_features": f, "rewards": torch.tensor([1.0, 0.0, 0.5]), "discounts": torch.tensor([0.0, 0.9, 0.81])}
+    torch.testing.assert_close(algo._td_target(batch), torch.tensor([1.0, 1.8, 2.12]))
 
 
 @pytest.mark.parametrize("tau", [1.0, 0.005])

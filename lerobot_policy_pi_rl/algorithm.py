@@ -153,10 +153,9 @@ class PiRLAlgorithmConfig(RLAlgorithmConfig):
     # (Polyak averaging); 1 copies it outright.
     q_target_tau: float = 0.005
     # `steer_update=q` with `q_target=td`: the target sums this many macro-steps' rewards before it bootstraps
-    # (n-step TD). 1: the next observation's value. More carries an outcome back over observations that do not
-    # show what decided it: a person labels a grasp a reaction time after it, and the macro-steps recorded in
-    # between do not show the arm's speed when the gripper closed, which decided it (BENCHMARKS.md, "People in the
-    # loop").
+    # (n-step TD). 1: the next observation's value. More carries a reward back directly over steps whose
+    # observations may not show what decided it (a person labels a grasp a reaction time after it), at the price
+    # of more of the later chunks' luck in the target (BENCHMARKS.md, "People in the loop").
     q_td_steps: int = 1
 
     # with the prefix frozen (`rl_train_prefix=False`), compute every sample's prefix (a VLA's KV cache) once per

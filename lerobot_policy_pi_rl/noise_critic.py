@@ -13,8 +13,10 @@ Two choices, for a robot's sparse success reward and short episodes:
   policy that collected the buffer, and a target that carries the luck of every later chunk of the episode, so
   two chunks tried in one state differ in their targets mostly by what came after them. ``td``: the macro-step's
   reward plus the discounted value of the next observation under the current head, read from a slowly moving
-  copy of the critic (one-step TD, as DSRL's SAC): a chunk's target then changes only through where it put the
-  robot, which is what ranking chunks within a state needs;
+  copy of the critic (one-step TD, as DSRL's SAC; ``q_td_steps`` sums more rewards first): a chunk's target then
+  changes only through where it put the robot, which is what ranking chunks within a state needs, as long as
+  that observation shows what the outcome depends on (a person's label that comes steps after the grasp is the
+  case where it did worse: BENCHMARKS.md);
 * an ensemble whose minimum the head maximises: Q is only trusted where members agree, which keeps the
   head from chasing one member's extrapolation into x_1 the buffer never saw.
 

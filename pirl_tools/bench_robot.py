@@ -190,9 +190,10 @@ METHODS: dict[str, dict] = {
         "offline_demos": False,
     },
     "noise_q_action_td3": {
-        "about": "noise_q_action_td whose target sums three macro-steps' rewards before it bootstraps (q_td_steps=3): "
-        "a person labels a grasp about two macro-steps after it, and the steps in between do not show the arm's "
-        "speed when the gripper closed, so a one-step target cannot carry the label back to the closing chunk",
+        "about": "noise_q_action_td whose target sums three macro-steps' rewards before it bootstraps (q_td_steps=3), "
+        "so that a person's label, two or three macro-steps after the grasp, reaches the closing chunk's target "
+        "directly instead of through the values of the steps in between (which do not show the arm's speed when "
+        "the gripper closed); it did not close the gap to the robot's own verdict (BENCHMARKS.md)",
         "learner": {
             **_NOISE_Q_ACTION,
             "algorithm.actor_lr": 1e-3,

@@ -519,8 +519,8 @@ class PiRLAlgorithm(RLAlgorithm):
         """``steer_update=q`` (DSRL-style, see noise_critic.py): this batch's steered macro-steps (under
         ``q_critic_input=action`` with ``q_interventions``, its takeovers too) join the replay buffer; then
         ``q_steps`` times: one critic step toward the target of replayed macro-steps (``q_target``: their
-        return-to-go, or one-step TD), and one head step up the ensemble's minimum Q of a reparameterised
-        x_1 = mean(o) + std * eps."""
+        return-to-go, or ``q_td_steps``-step TD), and one head step up the ensemble's minimum Q of a
+        reparameterised x_1 = mean(o) + std * eps."""
         c, policy = self.config, self.policy
         if not isinstance(self.shard, WholeMinibatch):
             raise ValueError("algorithm.steer_update=q runs in one learner process (no torch.distributed group)")

@@ -66,6 +66,8 @@ _SMALL = {"trainer.episodes_per_update": 16, "trainer.eval_every": 2, "algorithm
 # off-policy noise steering's learner settings (noise_q, noise_q_action: presets.NOISE_Q, NOISE_Q_ACTION)
 _NOISE_Q = {**_SMALL, "noise_method": "noise_steer", **{f"algorithm.{k}": v for k, v in NOISE_Q.items()}}
 _NOISE_Q_ACTION = {**_NOISE_Q, **{f"algorithm.{k}": v for k, v in NOISE_Q_ACTION.items()}}
+_NOISE_Q_ACTION_FAST = {**_NOISE_Q_ACTION, "algorithm.actor_lr": 1e-3}  # noise_q_action_fast's (see its "about")
+_NOISE_Q_ACTION_TD = {**_NOISE_Q_ACTION_FAST, "algorithm.q_target": "td"}  # noise_q_action_td's
 _STEERED = {"policy.noise_method": "noise_steer"}  # the edge of a noise-steering method
 # Each method: what the learner and the edge are given beyond the common flags. "Today's PPO settings on that
 # robot" are pirl-demo's: 128 episodes per update at actor_lr 3e-5.
@@ -174,7 +176,7 @@ METHODS: dict[str, dict] = {
         "about": "noise_q_action with the steering head's actor_lr at 1e-3 (from 3e-4): Adam moves the head's log-std "
         "by about actor_lr per step, so at 3e-4 and 200 steps per update its std falls from 1 to 0.2 in no fewer than "
         "27 updates (430 episodes), whatever the critic says; at 1e-3, in 8",
-        "learner": {**_NOISE_Q_ACTION, "algorithm.actor_lr": 1e-3},
+        "learner": _NOISE_Q_ACTION_FAST,
         "edge": _STEERED,
         "interventions": False,
         "offline_demos": False,
@@ -184,7 +186,7 @@ METHODS: dict[str, dict] = {
         "the discounted value of the next observation under the current head) instead of each macro-step's "
         "return-to-go, which carries the luck of every later chunk and left the critic unable to rank chunks "
         "within a state",
-        "learner": {**_NOISE_Q_ACTION, "algorithm.actor_lr": 1e-3, "algorithm.q_target": "td"},
+        "learner": _NOISE_Q_ACTION_TD,
         "edge": _STEERED,
         "interventions": False,
         "offline_demos": False,
@@ -194,12 +196,7 @@ METHODS: dict[str, dict] = {
         "so that a person's label, two or three macro-steps after the grasp, reaches the closing chunk's target "
         "directly instead of through the values of the steps in between (which do not show the arm's speed when "
         "the gripper closed); it did not close the gap to the robot's own verdict (BENCHMARKS.md)",
-        "learner": {
-            **_NOISE_Q_ACTION,
-            "algorithm.actor_lr": 1e-3,
-            "algorithm.q_target": "td",
-            "algorithm.q_td_steps": 3,
-        },
+        "learner": {**_NOISE_Q_ACTION_TD, "algorithm.q_td_steps": 3},
         "edge": _STEERED,
         "interventions": False,
         "offline_demos": False,

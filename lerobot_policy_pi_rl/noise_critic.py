@@ -110,7 +110,7 @@ class NoiseReplay:
     ) -> None:
         """Rows of one kind: ``step`` (n-step rewards, features n ahead, discounts) on every add, or on none."""
         if len(self) and (step is None) != (self.rewards is None):
-            raise ValueError("a replay holds one-step rows (q_target=td) or return rows only, never both")
+            raise ValueError("a replay holds TD rows (q_target=td) or return rows only, never both")
         new = dict(zip(self.COLUMNS, (features, decisions, returns, *(step or (None, None, None))), strict=True))
         for name, value in new.items():
             if value is None:

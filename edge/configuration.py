@@ -160,6 +160,12 @@ class EpisodeConfig:
     # learned success detector at --detector.path; an operator's label still wins). Every episode's last
     # record carries who decided (pirl.v1.EpisodeLabel)
     outcome: str = "robot"
+    # a person's reaction time, seconds: their success / failure label judges the macro-step that ran this long
+    # before it, which becomes the episode's last record (its reward, its label); the macro-steps after it ran
+    # after the outcome was decided and are not sent to the learner (still in the session dataset, counted in
+    # pirl_edge_steps_after_label_total). 0: the label lands on the step it was given in. Err short: back-dating
+    # past the decisive chunk would drop it
+    label_reaction_s: float = 0.0
 
     def __post_init__(self):
         if self.start not in START_MODES:
@@ -169,7 +175,7 @@ class EpisodeConfig:
         require(
             self,
             "episode",
-            at_least={"start_delay_s": 0, "reset_tolerance": 0},
+            at_least={"start_delay_s": 0, "reset_tolerance": 0, "label_reaction_s": 0},
             above={"reset_speed": 0, "reset_timeout_s": 0, "time_limit_s": 0},
         )
 

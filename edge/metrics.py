@@ -122,6 +122,12 @@ INTERVENED_STEPS = Counter(
     "Macro-steps a teleoperator drove any tick of (never PPO data; BC data from their first tick)",
     ["robot_id"],
 )
+STEPS_AFTER_LABEL = Counter(
+    "pirl_edge_steps_after_label_total",
+    "Macro-steps that ran after the moment a person's back-dated label judged (episode.label_reaction_s): "
+    "in the session dataset, never sent to the learner",
+    ["robot_id"],
+)
 INTERVENING = Gauge(
     "pirl_edge_intervening",
     "1 while a person drives the robot through the teleoperator",

@@ -41,6 +41,14 @@ e-stop / watchdog                      OPERATOR / ENV         FAILURE
 edge stopping mid-episode              OPERATOR               ABORT (never trained on)
 =====================================  =====================  ===========================
 
+A person's label comes a reaction time after what it judges: on a grasp, the gripper has closed and the
+policy has run a chunk or two more by the time "success" is pressed. Those later macro-steps did not decide
+the outcome; credited with it, they teach a critic that bootstraps through them (TD targets) that the states
+after a close look alike whatever happened at the close. With ``episode.label_reaction_s`` the edge keeps
+the finished macro-steps of that window unwritten, and a person's success / failure label (key, HTTP, pad)
+ends the episode's records at the macro-step that ran that long before the label; the ones after it are
+counted (``steps_after_label``) and not sent (the session dataset keeps every frame as it happened).
+
 Interventions (``--teleop.type=...``): on the operator's "intervene" (space / ``i``, ``POST /takeover``, a
 teleoperator's own intervention button) the teleoperator's action replaces the policy's from the next tick,
 through the same safety layer. The policy keeps sampling a chunk at every macro-step boundary (the
@@ -104,6 +112,7 @@ class RobotLoopStats(LoopStats):
     teleop_ticks: int = 0  # ticks a teleoperator drove
     intervened_steps: int = 0  # macro-steps a teleoperator drove any tick of (never PPO data)
     teleop_errors: int = 0  # teleoperator reads that failed (the tick held)
+    steps_after_label: int = 0  # macro-steps run after the moment a back-dated label judged (not sent)
 
     def summary(self) -> dict:
         out = super().summary()
@@ -113,6 +122,7 @@ class RobotLoopStats(LoopStats):
         out["teleop_ticks"] = self.teleop_ticks
         out["intervened_steps"] = self.intervened_steps
         out["teleop_errors"] = self.teleop_errors
+        out["steps_after_label"] = self.steps_after_label
         return out
 
 
@@ -191,6 +201,7 @@ class RobotLoop:
         metrics.INTERVENTIONS.labels(robot_id)
         metrics.TELEOP_TICKS.labels(robot_id)
         metrics.INTERVENED_STEPS.labels(robot_id)
+        metrics.STEPS_AFTER_LABEL.labels(robot_id)
         metrics.INTERVENING.labels(robot_id).set(0)
 
     def status(self) -> dict:
@@ -427,10 +438,14 @@ class RobotLoop:
         # written by the record thread, never on the control thread.
         chunk: Decision | None = None
         requested = False  # the chunk after the current one has been asked for
-        idx, outcome, marks, holds = 0, Outcome(), _marks(), 0
+        idx, outcome, marks, holds, first_tick = 0, Outcome(), _marks(), 0, 0
         ticks_sent: list[np.ndarray] = []  # what each tick of the current chunk sent, and who drove it
         ticks_teleop: list[bool] = []
-        finished: tuple | None = None  # (step_index, chunk, outcome, marks) waiting for what follows
+        # finished macro-steps not written yet, oldest first: (step_index, chunk, outcome, marks, first tick, last
+        # tick). One waits for what follows it; with episode.label_reaction_s more wait, as long as a person's
+        # label could still be back-dated into them
+        finished: list[tuple] = []
+        reaction_ticks = round(self.episode_cfg.label_reaction_s / self.period)
         limit_ticks = max(1, round(self.episode_cfg.time_limit_s / self.period))
         ticks = 0
         self._next_tick = time.perf_counter()
@@ -457,14 +472,14 @@ class RobotLoop:
             if chunk is None:
                 chunk = self._take()
                 if chunk is not None:
-                    idx, outcome, marks, requested = 0, Outcome(), _marks(), False
+                    idx, outcome, marks, requested, first_tick = 0, Outcome(), _marks(), False, ticks
                     marks["held_ticks"], holds = holds, 0
                     ticks_sent, ticks_teleop = [], []
                     if self._handback:  # a chunk boundary: the policy drives again, from this chunk on
                         self._set_intervening(False)
-                    if finished is not None:
-                        self._write(episode, *finished)
-                        finished = None
+                    # what follows them is known; a label from now on is back-dated to tick >= ticks - reaction
+                    while finished and finished[0][5] < ticks - reaction_ticks:
+                        self._write(episode, *finished.pop(0)[:4])
             if self.intervening:
                 action, teleop_tick = self._teleop_action(), True
             elif chunk is not None:
@@ -507,21 +522,34 @@ class RobotLoop:
                     requested = True
                 if left == 0:
                     self._mark_intervention(outcome, ticks_sent, ticks_teleop)
-                    finished = (step_index, chunk, outcome, marks)
+                    finished.append((step_index, chunk, outcome, marks, first_tick, ticks))
                     step_index += 1
                     chunk = None
         if end.reason in ("estop", "watchdog"):
             self._fail_safe(end)
         self._set_intervening(False)
-        # the episode's last macro-step: the chunk that ran when it ended, else the last finished one
-        last = (step_index, chunk, outcome, marks) if chunk is not None and outcome.env_steps else finished
-        if chunk is not None and outcome.env_steps:
+        if chunk is not None and outcome.env_steps:  # the chunk that ran when it ended
             self._mark_intervention(outcome, ticks_sent, ticks_teleop)
-            if finished is not None:
-                self._write(episode, *finished)
+            finished.append((step_index, chunk, outcome, marks, first_tick, ticks))
+        # the episode's last macro-step: the last one run, or, for a person's back-dated label, the one that ran
+        # label_reaction_s before it; the ones after that are not sent (see the module docstring)
+        last_at = len(finished) - 1
+        # a person's verdict on the attempt only: an e-stop, "end" or an abort lands where it happened
+        if reaction_ticks and end.label[0] == "OPERATOR" and end.reason in ("success", "failure") and finished:
+            judged = ticks - reaction_ticks
+            last_at = max([i for i, step in enumerate(finished) if step[4] <= judged] or [0])
+        for step in finished[:last_at]:
+            self._write(episode, *step[:4])
+        after = finished[last_at + 1 :] if finished else []
+        if after:
+            s.steps_after_label += len(after)
+            metrics.STEPS_AFTER_LABEL.labels(rid).inc(len(after))
+        last = finished[last_at][:4] if finished else None
         if last is not None:
             _, _, out, mk = last
-            mk["held_ticks"] += holds
+            out.reward = 1.0 if end.success else 0.0  # the label's reward, on the step it judged
+            if not after:  # ticks held after the last chunk ran out belong to it
+                mk["held_ticks"] += holds
             mk["estop"], mk["watchdog"] = end.reason == "estop", end.reason == "watchdog"
             out.terminated, out.truncated, out.success = end.terminated, not end.terminated, end.success
             out.label = end.label

@@ -292,6 +292,10 @@ class BenchRobotConfig:
     decision_delay_ticks: int = DECISION_DELAY_TICKS
     # the scripted person's reaction time before a label, seconds of robot time
     reaction_s: float = 0.3
+    # the edge's allowance for the person's reaction (--episode.label_reaction_s), seconds of robot time: their
+    # label then ends an episode's records at the macro-step that ran this long before it (outcome=operator only;
+    # 0: where the label was given, as before)
+    label_reaction_s: float = 0.0
     # who judges the outcomes: 'operator' (the scripted person's labels), 'detector' (a success detector at
     # detector_path, the only success signal: the person then only takes over; the robot gets its 64x64 camera) or
     # 'robot' (the simulated robot's own verdict at the tick the gripper closes: the simulator's reward, a control
@@ -318,8 +322,9 @@ class BenchRobotConfig:
             at_least={"max_episodes": 1, "eval_episodes": 1, "num_demos": 1, "sft_steps": 1, "decision_delay_ticks": 1},
             above={"max_run_s": 0, "speedup": 0, "intervene_after_s": 0},
         )
-        if self.reaction_s < 0:
-            raise ValueError(f"reaction_s: must be >= 0 (got {self.reaction_s})")
+        for name in ("reaction_s", "label_reaction_s"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name}: must be >= 0 (got {getattr(self, name)})")
         if self.outcome not in OUTCOMES:
             raise ValueError(f"outcome: must be one of {list(OUTCOMES)} (got {self.outcome!r})")
         if (self.outcome == "detector") != (self.detector_path is not None):
@@ -389,6 +394,9 @@ def offline_demo_flags(spec: dict, demos: Path) -> list[str]:
 def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path, pki, signals: Signals) -> dict:
     spec = METHODS[method]
     out = Path(cfg.out) / f"{method}-s{seed}{'' if cfg.outcome == 'operator' else '-' + cfg.outcome}"
+    backdated = cfg.outcome == "operator" and cfg.label_reaction_s > 0
+    if backdated:
+        out = out.with_name(f"{out.name}-backdated")
     shutil.rmtree(out, ignore_errors=True)
     (out / "logs").mkdir(parents=True)
     procs = Procs(out / "logs")
@@ -440,6 +448,7 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
             "--episode.start=delay",
             "--episode.start_delay_s=0",
             f"--episode.outcome={cfg.outcome}",
+            f"--episode.label_reaction_s={cfg.label_reaction_s / cfg.speedup if backdated else 0.0}",
             # 60 ticks (2.4 s of robot time): the robot's own step limit (max_episode_steps, 60 as the twin's) ends
             # an attempt that never closes the gripper; this ends one whose close nobody judged (a silent detector)
             f"--episode.time_limit_s={60 / (ROBOT_HZ * cfg.speedup)}",
@@ -516,10 +525,12 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
     edge_stats = json.loads((out / "edge_stats.json").read_text()) if (out / "edge_stats.json").is_file() else {}
     replay = _twin_replay(out / "learner" / "wal", ckpt, cfg.decision_delay_ticks)
     return {
-        "method": method if cfg.outcome == "operator" else f"{method} ({OUTCOMES[cfg.outcome]})",
+        "method": _label(method, cfg),
         "about": spec["about"],
         "runtime": "robot",
         "outcome": cfg.outcome,
+        "label_reaction_s": cfg.label_reaction_s if backdated else 0.0,
+        "steps_after_label": edge_stats.get("steps_after_label"),
         "seed": seed,
         "decision_delay_ticks": cfg.decision_delay_ticks,
         "sft_success": curve[0]["success"] if curve else None,
@@ -538,6 +549,15 @@ def _run(cfg: BenchRobotConfig, method: str, seed: int, ckpt: Path, demos: Path,
         "wall_s": round(time.monotonic() - started, 1),
         "curve": curve,
     }
+
+
+def _label(method: str, cfg: BenchRobotConfig) -> str:
+    """A robot run's method as robot.json names it: who judged, and whether the person's labels were back-dated."""
+    if cfg.outcome != "operator":
+        return f"{method} ({OUTCOMES[cfg.outcome]})"
+    if cfg.label_reaction_s > 0:
+        return f"{method} (labels back-dated {cfg.label_reaction_s:g} s)"
+    return method
 
 
 def _twin_replay(wal: Path, ckpt: Path, delay: int) -> dict:

@@ -111,6 +111,72 @@ def test_keyboard_labels_end_the_episode_with_that_outcome_in_its_records(tmp_pa
     assert loop.stats.labels == {f"OPERATOR/{verdict}": 1}
 
 
+def first_ticks(recs) -> list[int]:
+    """The tick each record's chunk began at (1-based): ticks held before a chunk are in its held_ticks."""
+    out, tick = [], 1
+    for r in recs:
+        tick += r.safety.held_ticks
+        out.append(tick)
+        tick += r.env_steps
+    return out
+
+
+@pytest.mark.parametrize("key", ["s", "f"])
+def test_a_back_dated_label_ends_the_records_at_the_step_that_ran_a_reaction_time_before_it(tmp_path, key):
+    # a person presses the key after the 22nd tick (taken at tick 23); their reaction time is 6 ticks (0.06 s at
+    # 100 Hz), so the outcome was decided at tick 17: the records end at the chunk that ran then
+    robot = HookedRobot({})
+    robot.hooks[22] = lambda: robot.inputs.feed(key)
+    episode = EpisodeConfig(start="delay", start_delay_s=0.0, time_limit_s=0.5, label_reaction_s=0.06)
+    recorder = FakeRecorder()
+    loop, spool, estop, _ = make_loop(
+        tmp_path, robot, ScriptedWorker(step=0.01), episode=episode, outcome="operator", recorder=recorder
+    )
+    loop.inputs = robot.inputs = quiet_inputs(estop)
+    loop.run(threading.Event(), max_episodes=1)
+    loop.close()
+    recs = records(spool)
+    assert len(robot.sent) == 23
+    starts = first_ticks(recs)
+    last = recs[-1]
+    assert starts[-1] <= 17 < starts[-1] + last.env_steps  # the step that ran at tick 17 is the last record
+    assert [r.step_index for r in recs] == list(range(len(recs)))  # none missing before it
+    assert last.terminated and last.label.source == last.label.OPERATOR
+    assert last.success == (key == "s") and last.reward == (1.0 if key == "s" else 0.0)
+    assert all(not r.HasField("label") and r.reward == 0.0 and not r.terminated for r in recs[:-1])
+    # the chunks that began after it ran (ticks 18-23), and are counted, not sent
+    ran_after = 23 - (starts[-1] + last.env_steps - 1)
+    assert ran_after > 0 and 1 <= loop.stats.steps_after_label <= -(-ran_after // CHUNK)
+    assert loop.stats.summary()["steps_after_label"] == loop.stats.steps_after_label
+    assert len(recorder.frames) == 23  # the session dataset keeps every tick, as it happened
+    assert recorder.frames[-1]["next.done"][0] and not any(f["next.done"][0] for f in recorder.frames[:-1])
+
+
+def test_only_a_persons_label_is_back_dated(tmp_path):
+    # the robot's own verdict is not a person's: it lands on the step it came in, reaction time or not
+    episode = EpisodeConfig(start="delay", start_delay_s=0.0, time_limit_s=0.5, label_reaction_s=0.06)
+    loop, spool, _, _ = make_loop(tmp_path, FakeRobot(succeed_after=22), ScriptedWorker(step=0.01), episode=episode)
+    loop.run(threading.Event(), max_episodes=1)
+    loop.close()
+    recs = records(spool)
+    starts = first_ticks(recs)
+    assert recs[-1].label.source == recs[-1].label.ENV and recs[-1].success and recs[-1].reward == 1.0
+    assert starts[-1] + recs[-1].env_steps - 1 == 22 and loop.stats.steps_after_label == 0
+
+    # nor is an e-stop, though a person pressed it: it ends the records where it happened
+    robot = HookedRobot({})
+    robot.hooks[22] = lambda: robot.inputs.post("estop", "test")
+    loop, spool, estop, _ = make_loop(
+        tmp_path / "estop", robot, ScriptedWorker(step=0.01), episode=episode, outcome="operator"
+    )
+    loop.inputs = robot.inputs = quiet_inputs(estop)
+    loop.run(threading.Event(), max_episodes=1)
+    loop.close()
+    recs = records(spool)
+    assert loop.stats.episode_ends == {"estop": 1} and recs[-1].safety.estop
+    assert first_ticks(recs)[-1] + recs[-1].env_steps - 1 == 22 and loop.stats.steps_after_label == 0
+
+
 def test_time_limit_is_a_time_limit_failure_and_the_robot_verdict_counts_only_with_outcome_robot(tmp_path):
     loop, recs, _ = run_one(tmp_path, FakeRobot(succeed_after=2))  # outcome=operator, nobody labels
     assert loop.stats.episode_ends == {"time_limit": 1}

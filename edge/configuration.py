@@ -163,8 +163,9 @@ class EpisodeConfig:
     # a person's reaction time, seconds: their success / failure label judges the macro-step that ran this long
     # before it, which becomes the episode's last record (its reward, its label); the macro-steps after it ran
     # after the outcome was decided and are not sent to the learner (still in the session dataset, counted in
-    # pirl_edge_steps_after_label_total). 0: the label lands on the step it was given in. Err short: back-dating
-    # past the decisive chunk would drop it
+    # pirl_edge_steps_after_label_total). 0: the label lands on the step it was given in. Time your operator: too
+    # short leaves a step after the deciding one in each episode (measured: costlier), too long drops the deciding
+    # chunk from some
     label_reaction_s: float = 0.0
 
     def __post_init__(self):

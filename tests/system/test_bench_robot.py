@@ -41,12 +41,14 @@ def test_a_short_run_with_interventions_writes_robot_json(tmp_path):
         "--num_demos=4",
         "--eval_episodes=20",
         "--intervene_after_s=0.2",  # an SFT of 200 steps drifts: the person takes over early and often
+        "--label_reaction_s=0.3",  # the edge back-dates the person's labels by their reaction time
     ]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
     report = json.loads((out / "robot.json").read_text())
     (run,) = report["runs"]
-    assert run["method"] == "interventions_bc" and report["target"] == 0.9
+    assert run["method"] == "interventions_bc (labels back-dated 0.3 s)" and report["target"] == 0.9
+    assert run["label_reaction_s"] == 0.3 and run["steps_after_label"] >= 1
     for key in ("sft_success", "final_success", "episodes_to_target", "robot_seconds_to_target", "interventions"):
         assert key in run
     assert run["episodes"] >= 24 and run["robot_seconds"] > 0 and run["interventions"] > 0
@@ -58,7 +60,7 @@ def test_a_short_run_with_interventions_writes_robot_json(tmp_path):
     replay = run["twin_replay"]
     assert replay["episodes"] > 0 and replay["max_obs_diff"] <= 1e-3 and replay["robot_verdicts_differ"] == 0, replay
     # the learner trained: at least one update after the SFT evaluation, with BC data from the interventions
-    logs = (out / "interventions_bc-s0" / "logs" / "learner.log").read_text()
+    logs = (out / "interventions_bc-s0-backdated" / "logs" / "learner.log").read_text()
     assert "bc_loss" in logs
 
 

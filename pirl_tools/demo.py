@@ -9,8 +9,9 @@ layer, recording the session as a LeRobotDataset; the unpaced edge and the learn
 same task's batched twin (``--control.env=pirl_sim``). The SFT demos are the robot's scripted expert. With
 ``--operator=scripted`` a scripted person labels the robot's episodes and takes over when its policy drifts
 (docs/people_in_the_loop.md), and the learner runs a method of ``pirl-bench robot`` (``--method``; by default
-the one that reaches 0.9 soonest there, ``noise_q_action_fast``) on that one robot's episodes, with no simulation
-farm: learning from few episodes, end to end.
+the one that reaches 0.9 soonest there, ``noise_q_action_td``, with the person's labels back-dated by their
+reaction time, ``--label_reaction_s``) on that one robot's episodes, with no simulation farm: learning from few
+episodes, end to end.
 
 1. few-shot SFT: scripted demonstrations -> LeRobotDataset -> LeRobot's training loop (reused when
    OUT/sft already holds a finished checkpoint);
@@ -58,8 +59,8 @@ from pirl_tools.processes import Interrupted, Procs, Signals, bin_path, free_por
 
 ROBOTS = ("robot-0", "robot-1")
 # what --operator=scripted runs without --method: the method of `pirl-bench robot` that reaches 0.9 soonest there
-# (BENCHMARKS.md, "A faster steering head")
-OPERATOR_METHOD = "noise_q_action_fast"
+# with the person's labels back-dated (BENCHMARKS.md, "The person's labels back-dated by their reaction time")
+OPERATOR_METHOD = "noise_q_action_td"
 
 
 def _pct(xs, q):
@@ -277,6 +278,7 @@ def _run(args, signals: Signals) -> int:
         "episodes": sum(e["episodes"] for e in edges.values()),
         "paced_episodes": paced["episodes"],
         "operator": args.operator,
+        "label_reaction_s": args.label_reaction_s if args.operator else None,
         "method": args.method,
         "labels": paced.get("labels", {}),
         "interventions": paced.get("interventions", 0),
@@ -390,6 +392,7 @@ def _sim_robot_args(args, out: Path, control_hz: float) -> list[str]:
             f"--robot.operator_seed={args.seed}",
             f"--safety.estop_port={port}",
             "--episode.outcome=operator",
+            f"--episode.label_reaction_s={args.label_reaction_s}",
         ]
         spec = METHODS[args.method] if args.method else {"interventions": True}
         if spec["interventions"]:  # the person takes over a drifting policy (as the method does in the bench)
@@ -457,11 +460,15 @@ class DemoConfig:
     # scripted expert teleoperator when the policy drifts. None: the robot judges its own episodes
     operator: str | None = None
     # --robot=sim: a method of `pirl-bench robot` (METHODS in pirl_tools/bench_robot.py: its learner and edge
-    # settings replace --episodes_per_update, --eval_every and --actor_lr). Default: noise_q_action_fast with
-    # --operator=scripted (the bench's best: off-policy noise steering with a chunk critic, its head's lr at 1e-3;
-    # the person labels),
+    # settings replace --episodes_per_update, --eval_every and --actor_lr). Default: noise_q_action_td with
+    # --operator=scripted (the bench's best: off-policy noise steering with a chunk critic on TD targets, its
+    # head's lr at 1e-3; the person labels),
     # else none: the demo's PPO
     method: str | None = None
+    # --operator=scripted: the edge's allowance for the person's reaction (--episode.label_reaction_s), seconds: a
+    # label ends the episode's records at the macro-step that ran this long before it (default: 0.3, the scripted
+    # person's reaction time; 0: where the label was given)
+    label_reaction_s: float = 0.3
     # --robot=sim: side of the robot's square camera image, pixels (rendered, recorded, not read by the policy)
     camera_size: int = 64
     # --robot=sim: frame rate of the robot's camera (15: rendering, encoding and the robot share one of two cores)
@@ -503,7 +510,7 @@ class DemoConfig:
         positive = ("episodes_per_update", "eval_every", "eval_episodes", "num_demos", "sft_steps")
         require(
             self,
-            at_least={**dict.fromkeys(positive, 1), "max_version_lag": 0, "num_envs": 0},
+            at_least={**dict.fromkeys(positive, 1), "max_version_lag": 0, "num_envs": 0, "label_reaction_s": 0},
             above=dict.fromkeys(("time_limit", "actor_lr", "control_hz"), 0),
         )
         if self.backbone not in BACKBONE_CHOICES:

@@ -2,7 +2,7 @@
 learner evaluating on its batched twin, a paced edge on the simulated robot (camera rendered and
 recorded) and an unpaced simulated edge; demo.json carries the robot's figures and its session dataset
 loads; and with a scripted person labelling and taking over (--operator=scripted: pirl-bench robot's
-best method, noise_q_action_fast, on the robot alone). (The full runs and their figures: BENCHMARKS.md.)"""
+best method, noise_q_action_td, on the robot alone, the person's labels back-dated by their reaction time). (The full runs and their figures: BENCHMARKS.md.)"""
 
 from __future__ import annotations
 
@@ -101,6 +101,9 @@ def test_demo_with_a_scripted_operator_labels_and_takes_over(tmp_path):
     assert labels and set(labels) <= judged | ({"ENV/FAILURE"} if watchdog_ends else set())
     assert labels.get("ENV/FAILURE", 0) == watchdog_ends
     assert sum(v for k, v in labels.items() if k.startswith("OPERATOR/")) >= 1
+    # the edge back-dated the person's labels by their reaction time (0.3 s: about two chunks)
+    if labels.get("OPERATOR/SUCCESS", 0) + labels.get("OPERATOR/FAILURE", 0):
+        assert report["label_reaction_s"] == 0.3 and report["edges"]["robot-0"]["steps_after_label"] >= 1
     if spec["interventions"]:
         # a 60-step SFT drifts: the person takes over, and the chunk critic learns from the takeovers
         assert report["interventions"] >= 1

@@ -67,6 +67,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 
@@ -93,6 +94,17 @@ class EpisodeEnd:
     def terminated(self) -> bool:
         """The episode's own end (the learner bootstraps nothing after it); the others cut it short."""
         return self.reason in ("success", "failure", "abort", "estop", "watchdog")
+
+
+class _Step(NamedTuple):
+    """A finished macro-step whose record is not written yet: what it ran and the ticks it ran them (1-based)."""
+
+    index: int
+    chunk: Decision
+    outcome: Outcome
+    marks: dict
+    first_tick: int
+    last_tick: int
 
 
 def _teleop_flag(events: dict, name: str) -> bool:
@@ -441,10 +453,9 @@ class RobotLoop:
         idx, outcome, marks, holds, first_tick = 0, Outcome(), _marks(), 0, 0
         ticks_sent: list[np.ndarray] = []  # what each tick of the current chunk sent, and who drove it
         ticks_teleop: list[bool] = []
-        # finished macro-steps not written yet, oldest first: (step_index, chunk, outcome, marks, first tick, last
-        # tick). One waits for what follows it; with episode.label_reaction_s more wait, as long as a person's
-        # label could still be back-dated into them
-        finished: list[tuple] = []
+        # finished macro-steps not written yet, oldest first. One waits for what follows it; with
+        # episode.label_reaction_s more wait, as long as a person's label could still be back-dated into them
+        finished: list[_Step] = []
         reaction_ticks = round(self.episode_cfg.label_reaction_s / self.period)
         limit_ticks = max(1, round(self.episode_cfg.time_limit_s / self.period))
         ticks = 0
@@ -478,8 +489,8 @@ class RobotLoop:
                     if self._handback:  # a chunk boundary: the policy drives again, from this chunk on
                         self._set_intervening(False)
                     # what follows them is known; a label from now on is back-dated to tick >= ticks - reaction
-                    while finished and finished[0][5] < ticks - reaction_ticks:
-                        self._write(episode, *finished.pop(0)[:4])
+                    while finished and finished[0].last_tick < ticks - reaction_ticks:
+                        self._write(episode, finished.pop(0))
             if self.intervening:
                 action, teleop_tick = self._teleop_action(), True
             elif chunk is not None:
@@ -522,7 +533,7 @@ class RobotLoop:
                     requested = True
                 if left == 0:
                     self._mark_intervention(outcome, ticks_sent, ticks_teleop)
-                    finished.append((step_index, chunk, outcome, marks, first_tick, ticks))
+                    finished.append(_Step(step_index, chunk, outcome, marks, first_tick, ticks))
                     step_index += 1
                     chunk = None
         if end.reason in ("estop", "watchdog"):
@@ -530,23 +541,23 @@ class RobotLoop:
         self._set_intervening(False)
         if chunk is not None and outcome.env_steps:  # the chunk that ran when it ended
             self._mark_intervention(outcome, ticks_sent, ticks_teleop)
-            finished.append((step_index, chunk, outcome, marks, first_tick, ticks))
+            finished.append(_Step(step_index, chunk, outcome, marks, first_tick, ticks))
         # the episode's last macro-step: the last one run, or, for a person's back-dated label, the one that ran
         # label_reaction_s before it; the ones after that are not sent (see the module docstring)
         last_at = len(finished) - 1
         # a person's verdict on the attempt only: an e-stop, "end" or an abort lands where it happened
         if reaction_ticks and end.label[0] == "OPERATOR" and end.reason in ("success", "failure") and finished:
             judged = ticks - reaction_ticks
-            last_at = max([i for i, step in enumerate(finished) if step[4] <= judged] or [0])
+            last_at = max([i for i, step in enumerate(finished) if step.first_tick <= judged] or [0])
         for step in finished[:last_at]:
-            self._write(episode, *step[:4])
+            self._write(episode, step)
         after = finished[last_at + 1 :] if finished else []
         if after:
             s.steps_after_label += len(after)
             metrics.STEPS_AFTER_LABEL.labels(rid).inc(len(after))
-        last = finished[last_at][:4] if finished else None
+        last = finished[last_at] if finished else None
         if last is not None:
-            _, _, out, mk = last
+            out, mk = last.outcome, last.marks
             out.reward = 1.0 if end.success else 0.0  # the label's reward, on the step it judged
             if not after:  # ticks held after the last chunk ran out belong to it
                 mk["held_ticks"] += holds
@@ -558,7 +569,7 @@ class RobotLoop:
                 out.final_observation = {
                     k: v[0].numpy() for k, v in self.worker.observe(io.raw_observation(cut)).items()
                 }
-            self._write(episode, *last)
+            self._write(episode, last)
         with self._lock:
             self._token += 1  # a chunk still being sampled for this episode is dropped on arrival
             self._ready, self._waiting = None, False
@@ -660,9 +671,9 @@ class RobotLoop:
             self.stats.intervened_steps += 1
             metrics.INTERVENED_STEPS.labels(self.robot_id).inc()
 
-    def _write(self, episode: str, step_index: int, chunk: Decision, outcome: Outcome, marks: dict) -> None:
-        outcome.safety = dict(marks)
-        self.writer.submit(episode, step_index, chunk, outcome)  # written off the control thread
+    def _write(self, episode: str, step: _Step) -> None:
+        step.outcome.safety = dict(step.marks)
+        self.writer.submit(episode, step.index, step.chunk, step.outcome)  # written off the control thread
 
     def close(self) -> None:
         """Write every record still queued (call after run)."""

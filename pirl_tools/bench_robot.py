@@ -319,12 +319,13 @@ class BenchRobotConfig:
         require(
             self,
             "",
-            at_least={"max_episodes": 1, "eval_episodes": 1, "num_demos": 1, "sft_steps": 1, "decision_delay_ticks": 1},
+            at_least={
+                **dict.fromkeys(("max_episodes", "eval_episodes", "num_demos", "sft_steps", "decision_delay_ticks"), 1),
+                "reaction_s": 0,
+                "label_reaction_s": 0,
+            },
             above={"max_run_s": 0, "speedup": 0, "intervene_after_s": 0},
         )
-        for name in ("reaction_s", "label_reaction_s"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name}: must be >= 0 (got {getattr(self, name)})")
         if self.outcome not in OUTCOMES:
             raise ValueError(f"outcome: must be one of {list(OUTCOMES)} (got {self.outcome!r})")
         if (self.outcome == "detector") != (self.detector_path is not None):
